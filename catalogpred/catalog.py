@@ -1,0 +1,333 @@
+"""The output format: a HATS (hats/lsdb 0.11) value-added catalog with units, rejects and a run manifest.
+
+Layout::
+
+    catalog/
+      hats.properties, properties        HATS table properties (+ catalogpred_* provenance keys)
+      partition_info.csv                 Norder,Npix of every leaf
+      run_manifest.json                  inputs, model, versions, counts, timings, accounting
+      rejects.parquet                    every input spectrum that is not in the catalog, with its reason
+      dataset/
+        _common_metadata, _metadata      schema (with VO-Parquet units/UCDs/descriptions) and row-group footers
+        Norder=K/Dir=D/Npix=N/part-<block>.parquet    one file per (prediction block, HEALPix pixel)
+      _run/                              per-block done markers and rejects (resume state)
+
+All leaves use one fixed order K (chosen from the expected row count), and leaves
+are directories (``hats_npix_suffix=/``) so that concurrent tasks each write their own
+file. Part files are written to a temporary name and renamed: a retried task
+overwrites, never duplicates. This module does no computation scheduling (no Dask).
+
+Magnitudes are **Vega** (AllWISE ``w?mpro`` system); add 2.699, 3.339, 5.174, 6.620
+(W1..W4) for AB. χ convention: χ = (m_pred − m_obs)/sqrt(σ_pred² + σ_obs²).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import CatalogError
+
+__all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_schema", "choose_order",
+           "write_fragment", "write_block_done", "read_block_done", "finalize_catalog", "REJECTS_SCHEMA",
+           "VEGA_TO_AB", "DATASET_DIR"]
+
+DATASET_DIR = "dataset"
+RUN_DIR = "_run"
+SPATIAL_INDEX_ORDER = 29
+#: m_AB − m_Vega for W1..W4 (Jarrett et al. 2011; FORMATS.md).
+VEGA_TO_AB = {"w1": 2.699, "w2": 3.339, "w3": 5.174, "w4": 6.620}
+WISE_WAVELENGTH_UM = {"w1": 3.35, "w2": 4.60, "w3": 11.56, "w4": 22.09}
+
+
+class CatalogFlag(enum.IntFlag):
+    """Bits of the catalog ``flags`` column (0 = nothing to report)."""
+
+    #: the survey's redshift warning (SDSS ZWARNING / DESI ZWARN) is non-zero
+    ZWARNING = 1
+    #: median per-pixel S/N of the spectrum below 2
+    LOW_SN = 2
+    #: the spectrum covers less than 80% of the model grid
+    PARTIAL_COVERAGE = 4
+    #: the bundle has no IR head: magnitudes are null, latents are valid
+    NO_PREDICTION = 8
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    unit: str
+    ucd: str
+    description: str
+
+
+def core_columns(n_latent: int) -> list[Column]:
+    """Columns every catalog row has, in order (survey-native columns follow, then ``_healpix_29``)."""
+    cols = [
+        Column("source_id", pa.string(), "", "meta.id;meta.main", "Unique id across surveys, e.g. sdss-PLATE-MJD-FIBER"),
+        Column("survey", pa.string(), "", "meta.dataset", "Survey of the spectrum (sdss, desi, pfs)"),
+        Column("ra", pa.float64(), "deg", "pos.eq.ra;meta.main", "Right ascension (ICRS) of the fibre"),
+        Column("dec", pa.float64(), "deg", "pos.eq.dec;meta.main", "Declination (ICRS) of the fibre"),
+        Column("z", pa.float64(), "", "src.redshift", "Spectroscopic redshift used for normalisation and the head"),
+        Column("z_err", pa.float64(), "", "stat.error;src.redshift", "Redshift error"),
+        Column("zwarning", pa.int64(), "", "meta.code.qual", "Survey redshift warning bits (0 = good)"),
+    ]
+    for b in ("w1", "w2", "w3", "w4"):
+        cols.append(Column(f"{b}_mag", pa.float32(), "mag", f"phot.mag;em.IR.{_ir_ucd(b)}",
+                           f"Predicted WISE {b.upper()} ({WISE_WAVELENGTH_UM[b]} um) magnitude, Vega system (AllWISE {b}mpro); "
+                           f"AB = Vega + {VEGA_TO_AB[b]}"))
+    for b in ("w1", "w2", "w3", "w4"):
+        cols.append(Column(f"{b}_mag_err", pa.float32(), "mag", "stat.error;phot.mag",
+                           f"Predicted 1-sigma uncertainty of {b}_mag (model only; combine with observed errors in quadrature "
+                           "for chi = (m_pred - m_obs)/sqrt(sigma_pred^2 + sigma_obs^2))"))
+    cols += [
+        Column("latent", pa.list_(pa.float32(), n_latent), "", "meta.code.class",
+               f"spender encoder latents ({n_latent} values)"),
+        Column("norm", pa.float64(), "1e-17 erg/(s cm2 Angstrom)", "phot.flux.density;em.opt",
+               "spender normalisation: lower median of F_lambda in rest-frame 5300-5850 Angstrom"),
+        Column("snr_median", pa.float32(), "", "stat.snr", "Median per-pixel S/N over good pixels"),
+        Column("flags", pa.int32(), "", "meta.code.qual",
+               "Quality bits: 1 ZWARNING, 2 LOW_SN (snr_median < 2), 4 PARTIAL_COVERAGE (< 80% of grid), 8 NO_PREDICTION"),
+        Column("model_id", pa.string(), "", "meta.version", "Model bundle that made the prediction (name-version+sha256)"),
+        Column("source_file", pa.string(), "", "meta.file", "Input file name"),
+    ]
+    return cols
+
+
+def _ir_ucd(b: str) -> str:
+    return {"w1": "3-4um", "w2": "4-8um", "w3": "8-15um", "w4": "15-30um"}[b]
+
+
+#: survey-native columns (store meta dtype code -> arrow type).
+_ARROW = {"U": pa.string(), "i4": pa.int32(), "i8": pa.int64(), "f4": pa.float32(), "f8": pa.float64(), "u1": pa.uint8()}
+_NATIVE_DOC = {
+    "plate": ("SDSS plate (or SDSS-V field)", "meta.id.part"),
+    "mjd": ("MJD of the (last) observation", "time.epoch"),
+    "fiberid": ("SDSS fibre number", "meta.id.part"),
+    "catalogid": ("SDSS-V CATALOGID", "meta.id"),
+    "specobjid": ("SDSS SPECOBJID, as a string (uint64 does not fit int64)", "meta.id"),
+    "spec_class": ("Pipeline spectral class (GALAXY, QSO, STAR)", "src.class"),
+    "subclass": ("Pipeline spectral subclass", "src.class"),
+    "sn_median_all": ("Pipeline median S/N per pixel", "stat.snr"),
+    "run2d": ("Spectroscopic reduction version", "meta.version"),
+}
+
+
+def native_columns(meta_columns: dict, core: set) -> list[Column]:
+    """Catalog columns for a survey's native metadata (those not already core)."""
+    skip = core | {"row_in_file", "source_file"}
+    out = []
+    for name, code in meta_columns.items():
+        if name in skip:
+            continue
+        desc, ucd = _NATIVE_DOC.get(name, (f"Survey column {name}", "meta"))
+        out.append(Column(name, _ARROW[code], "", ucd, desc))
+    return out
+
+
+def catalog_schema(columns: list[Column], metadata: dict | None = None) -> pa.Schema:
+    """Arrow schema with the same metadata keys (unit, ucd, description) on every field."""
+    fields = [pa.field(c.name, c.type, metadata={b"unit": c.unit.encode(), b"ucd": c.ucd.encode(),
+                                                 b"description": c.description.encode()}) for c in columns]
+    fields.append(pa.field("_healpix_29", pa.int64(), metadata={b"unit": b"", b"ucd": b"pos.healpix",
+                                                               b"description": b"HEALPix NESTED index at order 29"}))
+    return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
+
+
+def choose_order(n_rows: int, target_rows: int = 20_000, max_order: int = 7) -> int:
+    """Fixed HEALPix order K for all leaves: about ``target_rows`` per pixel for an all-sky spread, at least 1."""
+    k = int(np.ceil(np.log(max(n_rows, 1) / (12 * target_rows)) / np.log(4))) if n_rows > 12 * target_rows else 1
+    return int(min(max(k, 1), max_order))
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
+    os.replace(tmp, path)
+
+
+def pixel_dir(catalog_path, order: int, pixel: int) -> Path:
+    """``dataset/Norder=K/Dir=D/Npix=N`` (a leaf directory, HATS ``hats_npix_suffix=/``)."""
+    d = (pixel // 10_000) * 10_000
+    return Path(catalog_path) / DATASET_DIR / f"Norder={order}" / f"Dir={d}" / f"Npix={pixel}"
+
+
+def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str) -> dict[int, int]:
+    """Split ``table`` by HEALPix pixel at ``order`` and write one part file per pixel, atomically.
+
+    Returns ``{pixel: rows}``.
+    """
+    if table.num_rows == 0:
+        return {}
+    h29 = table.column("_healpix_29").to_numpy()
+    pix = h29 >> (2 * (SPATIAL_INDEX_ORDER - order))
+    order_idx = np.argsort(h29, kind="stable")
+    table = table.take(pa.array(order_idx))
+    pix = pix[order_idx]
+    out = {}
+    bounds = np.flatnonzero(np.diff(pix)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(pix)]):
+        p = int(pix[lo])
+        _atomic_write(table.slice(lo, hi - lo), pixel_dir(catalog_path, order, p) / f"part-{block_key}.parquet")
+        out[p] = int(hi - lo)
+    return out
+
+
+#: the rejects table: every input spectrum that did not make it into the catalog.
+REJECTS_SCHEMA = pa.schema([
+    ("source_id", pa.string()), ("survey", pa.string()), ("source_file", pa.string()), ("source_path", pa.string()),
+    ("row_in_file", pa.int32()), ("store_row", pa.int64()), ("stage", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+def write_block_done(catalog_path, block_key: str, summary: dict, rejects: pa.Table) -> None:
+    """Record a finished block: its rejects, then its done marker (the commit point)."""
+    run = Path(catalog_path) / RUN_DIR / "blocks"
+    _atomic_write(rejects.cast(REJECTS_SCHEMA), run / f"{block_key}.rejects.parquet")
+    tmp = run / f".{block_key}.json.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(summary))
+    os.replace(tmp, run / f"{block_key}.json")
+
+
+def read_block_done(catalog_path) -> dict[str, dict]:
+    """Done markers of finished blocks, by block key."""
+    run = Path(catalog_path) / RUN_DIR / "blocks"
+    if not run.exists():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(run.glob("*.json"))}
+
+
+def vo_table_xml(columns: list[Column]) -> str:
+    """VOTable XML (no rows) describing the columns: the IVOA VO-Parquet ``content`` value.
+
+    hats' own writer cannot describe fixed-size-list columns (``latent``), so it is built here
+    with astropy: units, UCDs and descriptions per FIELD, arraysize for the latents.
+    """
+    import io
+
+    from astropy.io.votable.tree import VOTableFile
+    from astropy.table import Table
+
+    def np_dtype(t: pa.DataType):
+        if pa.types.is_fixed_size_list(t):
+            return (t.value_type.to_pandas_dtype(), (t.list_size,))
+        if pa.types.is_string(t):
+            return "U1"
+        return t.to_pandas_dtype()
+
+    all_cols = [*columns, Column("_healpix_29", pa.int64(), "", "pos.healpix", "HEALPix NESTED index at order 29")]
+    t = Table()
+    for c in all_cols:
+        dt = np_dtype(c.type)
+        shape = (0,) + (dt[1] if isinstance(dt, tuple) else ())
+        t[c.name] = np.zeros(shape, dtype=dt[0] if isinstance(dt, tuple) else dt)
+        t[c.name].unit = c.unit or None
+        t[c.name].description = c.description
+    vot = VOTableFile.from_table(t)
+    ucds = {c.name: c.ucd for c in all_cols}
+    for f in vot.get_first_table().iter_fields_and_params():
+        if ucds.get(f.name):
+            f.ucd = ucds[f.name]
+        if f.datatype == "char":
+            f.arraysize = "*"
+    buf = io.BytesIO()
+    vot.to_xml(buf)
+    return buf.getvalue().decode("utf-8")
+
+
+def _write_vo_common_metadata(catalog_path: Path, columns: list[Column]) -> None:
+    """Add the VO-Parquet keys to ``dataset/_common_metadata`` (and keep the per-field metadata)."""
+    path = catalog_path / DATASET_DIR / "_common_metadata"
+    schema = pq.read_schema(path)
+    meta = (schema.metadata or {}) | {b"IVOA.VOTable-Parquet.version": b"1.0",
+                                      b"IVOA.VOTable-Parquet.content": vo_table_xml(columns).encode()}
+    pq.write_metadata(schema.with_metadata(meta), path)
+
+
+def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: list[str], columns: list[Column],
+                     expected_inputs: int, manifest: dict) -> dict:
+    """Write HATS metadata, the rejects table and the run manifest; check the accounting.
+
+    Raises
+    ------
+    CatalogError
+        If a block is missing, a source_id is duplicated, or catalog + rejects ≠ inputs.
+    """
+    from hats.catalog import PartitionInfo, TableProperties
+    from hats.io.parquet_metadata import write_parquet_metadata
+    from hats.pixel_math import HealpixPixel
+
+    catalog_path = Path(catalog_path)
+    done = read_block_done(catalog_path)
+    missing = [b for b in blocks if b not in done]
+    if missing:
+        raise CatalogError(f"{catalog_path}: {len(missing)} blocks have no done marker (e.g. {missing[:3]}); "
+                           "re-run predict to finish them")
+    stale = [b for b in done if b not in blocks]
+    if stale:
+        raise CatalogError(f"{catalog_path}: done markers for blocks not in this run ({stale[:3]}); use --overwrite")
+
+    rejects = [pq.read_table(catalog_path / RUN_DIR / "blocks" / f"{b}.rejects.parquet") for b in blocks]
+    rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()
+    _atomic_write(rejects, catalog_path / "rejects.parquet")
+
+    pixels = sorted({int(p) for b in blocks for p in done[b]["pixels"]})
+    n_rows = sum(done[b]["n_rows"] for b in blocks)
+    max_rows = 0
+    if pixels:
+        ds = catalog_path / DATASET_DIR
+        stray = [p for p in ds.glob("Norder=*/Dir=*/Npix=*") if int(p.name.split("=")[1]) not in pixels
+                 or int(p.parent.parent.name.split("=")[1]) != order]
+        if stray:
+            raise CatalogError(f"{catalog_path}: leaves not written by this run ({stray[:2]}); use --overwrite")
+        total = write_parquet_metadata(catalog_path)
+        if total != n_rows:
+            raise CatalogError(f"{catalog_path}: dataset holds {total} rows but the blocks reported {n_rows}; "
+                               "a part file is missing or stray: use --overwrite")
+        _write_vo_common_metadata(catalog_path, columns)
+        ids = pq.ParquetDataset(catalog_path / DATASET_DIR).read(columns=["source_id"]).column("source_id")
+        n_unique = len(pa.compute.unique(ids))
+        if n_unique != len(ids):
+            raise CatalogError(f"{catalog_path}: {len(ids) - n_unique} duplicated source_id values")
+        PartitionInfo.from_healpix([HealpixPixel(order, p) for p in pixels]).write_to_file(
+            catalog_path / "partition_info.csv")
+        per_pixel: dict[int, int] = {}
+        for b in blocks:
+            for p, k in done[b]["pixels"].items():
+                per_pixel[int(p)] = per_pixel.get(int(p), 0) + k
+        max_rows = max(per_pixel.values())
+
+    accounted = n_rows + rejects.num_rows
+    if accounted != expected_inputs:
+        raise CatalogError(f"{catalog_path}: {n_rows} catalog rows + {rejects.num_rows} rejects = {accounted}, "
+                           f"but the store holds {expected_inputs} input spectra")
+
+    props = TableProperties(
+        catalog_name=catalog_name, catalog_type="object", total_rows=n_rows, ra_column="ra", dec_column="dec",
+        healpix_column="_healpix_29", healpix_order=SPATIAL_INDEX_ORDER, npix_suffix="/", hats_max_rows=max_rows,
+        default_columns=["source_id", "survey", "ra", "dec", "z", "w1_mag", "w2_mag", "w3_mag", "w4_mag",
+                         "w1_mag_err", "w2_mag_err", "w3_mag_err", "w4_mag_err", "flags"],
+        **{"catalogpred_model_id": manifest.get("model", {}).get("model_id", ""),
+           "catalogpred_version": manifest.get("versions", {}).get("catalogpred", ""),
+           "catalogpred_magnitude_system": "Vega (AllWISE w?mpro)",
+           "catalogpred_chi_convention": "chi = (m_pred - m_obs) / sqrt(sigma_pred^2 + sigma_obs^2); chi2_N = mean chi^2",
+           "hats_order_fixed": str(order)},
+    )
+    props.to_properties_file(catalog_path)
+    counts = {"catalog_rows": n_rows, "rejects": rejects.num_rows, "inputs": expected_inputs,
+              "rejects_by_reason": {str(k): int(v) for k, v in zip(*np.unique(
+                  np.asarray(rejects.column("reason").to_pylist(), dtype=object).astype(str), return_counts=True))}
+              if rejects.num_rows else {}, "pixels": len(pixels), "order": order}
+    manifest = {**manifest, "counts": counts}
+    (catalog_path / "run_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return counts

@@ -1,0 +1,237 @@
+"""Model bundles: a self-describing directory with weights, grid, latent size, version and card.
+
+Layout::
+
+    model/
+      bundle.json      what the bundle is (schema below), validated on load
+      encoder.pt       SpectrumEncoder state dict (spender parameter names)
+      head.pt          IRHead state dict (absent for an encoder-only bundle)
+      MODEL_CARD.md    human-readable card (generated from bundle.json)
+
+``model_id`` = ``<name>-<version>+<sha256 of the weights, 8 hex>``: it goes into every catalog row,
+so a catalog always says which weights made it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BundleError
+from ..spectra import Grid
+from .encoder import SpectrumEncoder
+from .head import BANDS, IRHead, head_features
+
+__all__ = ["ModelCard", "BundleInfo", "LoadedModel", "save_bundle", "read_bundle_info", "load_bundle",
+           "cached_model", "encode", "infer", "BUNDLE_SCHEMA_VERSION"]
+
+BUNDLE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is, how it was made, what it is good for."""
+
+    kind: str  # "demo" | "published-encoder" | "trained"
+    summary: str
+    training_data: str = ""
+    metrics: dict = field(default_factory=dict)
+    limitations: str = ""
+    references: tuple = ("Melchior et al. 2023 (spender)", "Liang et al. 2023", "Jespersen et al. 2025 (arXiv 2503.03816)")
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """Contents of ``bundle.json``."""
+
+    name: str
+    version: str
+    model_id: str
+    grid: Grid
+    n_latent: int
+    head_config: dict | None
+    card: ModelCard
+    created: str
+    schema_version: int = BUNDLE_SCHEMA_VERSION
+    bands: tuple = BANDS
+    units: dict = field(default_factory=lambda: {
+        "input": "flux / norm on the grid (norm in 1e-17 erg/s/cm2/Angstrom)",
+        "output": "WISE W1-W4 Vega magnitudes (AllWISE w?mpro system) and 1-sigma errors in mag",
+    })
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grid"] = self.grid.to_dict()
+        return d
+
+
+@dataclass
+class LoadedModel:
+    info: BundleInfo
+    encoder: SpectrumEncoder
+    head: IRHead | None
+    device: str = "cpu"
+
+
+def _sha256(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def save_bundle(path: str | os.PathLike, encoder: SpectrumEncoder, head: IRHead | None, *, name: str, version: str,
+                grid: Grid, card: ModelCard, overwrite: bool = False) -> BundleInfo:
+    """Write a bundle directory; returns its :class:`BundleInfo`."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise BundleError(f"{path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+    if encoder.n_pix != grid.n_pix:
+        raise BundleError(f"encoder expects {encoder.n_pix} pixels but grid {grid.name} has {grid.n_pix}")
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(encoder.state_dict(), path / "encoder.pt")
+    weights = [path / "encoder.pt"]
+    if head is not None:
+        torch.save(head.state_dict(), path / "head.pt")
+        weights.append(path / "head.pt")
+    elif (path / "head.pt").exists():
+        (path / "head.pt").unlink()
+    model_id = f"{name}-{version}+{_sha256(weights)[:8]}"
+    info = BundleInfo(name=name, version=version, model_id=model_id, grid=grid, n_latent=encoder.n_latent,
+                      head_config=head.config() if head is not None else None, card=card,
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    (path / "bundle.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    (path / "MODEL_CARD.md").write_text(_card_markdown(info))
+    return info
+
+
+def _card_markdown(info: BundleInfo) -> str:
+    c = info.card
+    lines = [f"# Model card: {info.name} {info.version}", "", f"- model_id: `{info.model_id}`", f"- kind: **{c.kind}**",
+             f"- grid: {info.grid.name} ({info.grid.n_pix} px, {info.grid.wave[0]:.1f}-{info.grid.wave[-1]:.1f} Angstrom)",
+             f"- latents: {info.n_latent}", f"- head: {'yes' if info.head_config else 'none (encoder only)'}",
+             f"- outputs: {info.units['output']}", "", "## Summary", "", c.summary, ""]
+    if c.training_data:
+        lines += ["## Training data", "", c.training_data, ""]
+    if c.metrics:
+        lines += ["## Metrics (validation split; chi = (pred - obs)/sqrt(sigma_pred^2 + sigma_obs^2), chi2_N = mean chi^2)", "",
+                  "| band | n | chi2_N | MAE | bias | cov68 | cov95 |", "|---|---|---|---|---|---|---|"]
+        for b in info.bands:
+            m = c.metrics.get(b, {})
+            if m.get("n"):
+                lines.append(f"| {b} | {m['n']} | {m['chi2_n']:.2f} | {m['mae']:.3f} | {m['bias']:+.3f} | "
+                             f"{m['coverage_68']:.2f} | {m['coverage_95']:.2f} |")
+        lines.append("")
+    if c.limitations:
+        lines += ["## Limitations", "", c.limitations, ""]
+    lines += ["## References", ""] + [f"- {r}" for r in c.references] + [""]
+    return "\n".join(lines)
+
+
+def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
+    """Read and validate ``bundle.json``."""
+    path = Path(path)
+    f = path / "bundle.json"
+    if not f.exists():
+        raise BundleError(f"{path} is not a model bundle (no bundle.json); build one with `catalogpred demo` "
+                          "or import a spender checkpoint")
+    try:
+        d = json.loads(f.read_text())
+        if d.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+            raise BundleError(f"{f}: schema_version {d.get('schema_version')} is not {BUNDLE_SCHEMA_VERSION}")
+        card = ModelCard(**{**d["card"], "references": tuple(d["card"].get("references", ()))})
+        return BundleInfo(name=d["name"], version=d["version"], model_id=d["model_id"], grid=Grid.from_dict(d["grid"]),
+                          n_latent=int(d["n_latent"]), head_config=d.get("head_config"), card=card, created=d["created"],
+                          schema_version=d["schema_version"], bands=tuple(d.get("bands", BANDS)), units=d.get("units", {}))
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{f} is malformed: {exc}") from exc
+
+
+def load_bundle(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load a bundle's weights (eval mode) onto ``device``."""
+    path = Path(path)
+    info = read_bundle_info(path)
+    encoder = SpectrumEncoder(n_latent=info.n_latent, n_pix=info.grid.n_pix)
+    try:
+        encoder.load_state_dict(torch.load(path / "encoder.pt", map_location="cpu", weights_only=True))
+        head = None
+        if info.head_config:
+            cfg = info.head_config
+            head = IRHead(n_in=cfg["n_in"], n_hidden=tuple(cfg["n_hidden"]), n_bands=cfg["n_bands"])
+            head.load_state_dict(torch.load(path / "head.pt", map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError) as exc:
+        raise BundleError(f"{path}: cannot load weights ({exc})") from exc
+    encoder.to(device).eval()
+    if head is not None:
+        head.to(device).eval()
+    return LoadedModel(info=info, encoder=encoder, head=head, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(path: str, mtime: float, device: str) -> LoadedModel:
+    return load_bundle(path, device)
+
+
+def cached_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load a bundle once per process (keyed on path and bundle.json mtime)."""
+    p = os.path.abspath(str(path))
+    return _cached(p, os.path.getmtime(os.path.join(p, "bundle.json")), device)
+
+
+def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256, precision: str = "fp32",
+           device: str = "cpu") -> np.ndarray:
+    """Latents float32 [n, S] of normalised spectra ``flux`` float32 [n, n_pix] (see :func:`infer`)."""
+    if precision not in ("fp32", "bf16"):
+        raise BundleError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if flux.ndim != 2 or flux.shape[1] != encoder.n_pix:
+        raise BundleError(f"flux has shape {flux.shape}, the encoder expects [n, {encoder.n_pix}]")
+    out = np.empty((flux.shape[0], encoder.n_latent), np.float32)
+    dev_type = torch.device(device).type
+    with torch.inference_mode():
+        for lo in range(0, flux.shape[0], batch_size):
+            y = torch.from_numpy(np.ascontiguousarray(flux[lo:lo + batch_size], dtype=np.float32)).to(device)
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                s = encoder(y)
+            out[lo:lo + len(y)] = s.float().cpu().numpy()
+    return out
+
+
+def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray, *, batch_size: int = 256,
+          precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Run encoder and head on normalised spectra.
+
+    Parameters
+    ----------
+    flux : float32 [n, n_pix]
+        Flux / norm on the bundle's grid.
+    z : float [n]
+    norm : float [n]
+        1e-17 erg/s/cm²/Å (> 0).
+    precision : "fp32" | "bf16"
+        bf16 uses autocast (CPU or CUDA) in the encoder; latents and the head run in float32.
+
+    Returns
+    -------
+    latents : float32 [n, S]; mean, sigma : float32 [n, 4] Vega mag (None without a head)
+    """
+    if flux.ndim != 2 or flux.shape[1] != model.info.grid.n_pix:
+        raise BundleError(f"flux has shape {flux.shape}, the model expects [n, {model.info.grid.n_pix}] "
+                          f"({model.info.grid.name} grid)")
+    lat = encode(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device)
+    if model.head is None:
+        return lat, None, None
+    with torch.inference_mode():
+        x = head_features(torch.from_numpy(lat).to(model.device),
+                          torch.as_tensor(np.array(z, np.float32), device=model.device),
+                          torch.as_tensor(np.array(norm, np.float32), device=model.device))
+        mean, sigma = model.head(x)
+    return lat, mean.cpu().numpy(), sigma.cpu().numpy()

@@ -1,0 +1,371 @@
+"""Orchestration on Dask: plan the work, submit tasks with bounded concurrency, show progress, summarise.
+
+- :func:`run_ingest`: input files → store shards (one task per shard), then duplicate-id check.
+- :func:`run_predict`: store shards → catalog blocks (one task per shard), then finalize.
+
+Both are resumable: ingest skips files already in finished shards; predict skips
+blocks with a done marker. Tasks are the functions in :mod:`.tasks`. At most
+``2 × workers`` tasks are in flight, so memory stays bounded for any store size.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import catalog as cat
+from . import store
+from .errors import CatalogError, ConfigError, RejectReason
+from .surveys import get_reader
+from .tasks import block_key, detect_survey, ingest_shard, predict_block
+
+__all__ = ["expand_inputs", "run_ingest", "run_predict", "IngestSummary", "PredictSummary", "PipelineError"]
+
+log = logging.getLogger(__name__)
+
+FITS_PATTERNS = ("*.fits", "*.fits.gz", "*.fit", "*.fits.fz")
+
+
+class PipelineError(CatalogError):
+    """Some tasks failed on every retry; the run can be resumed."""
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, directories (searched recursively for FITS files), globs and ``@filelist.txt`` → sorted absolute paths.
+
+    Raises
+    ------
+    ConfigError
+        If an input matches nothing.
+    """
+    out: list[str] = []
+    for item in inputs:
+        item = str(item)
+        if item.startswith("@"):
+            lines = Path(item[1:]).read_text().splitlines()
+            out += expand_inputs([ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+        elif os.path.isdir(item):
+            found = [p for pat in FITS_PATTERNS for p in glob.glob(os.path.join(item, "**", pat), recursive=True)]
+            if not found:
+                raise ConfigError(f"directory {item} holds no FITS files ({', '.join(FITS_PATTERNS)})")
+            out += found
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            found = glob.glob(item, recursive=True)
+            if not found:
+                raise ConfigError(f"input {item!r} matches no file")
+            out += found
+    return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="task", file=sys.stderr, disable=(None if enabled is None else not enabled),
+                dynamic_ncols=True)
+
+
+def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, keys: list[str], progress,
+                 on_done=None, max_in_flight: int | None = None, weights: list[int] | None = None, unit_total=None):
+    """Submit ``fn(*args, **kwargs)`` for every args tuple, at most ``max_in_flight`` at once.
+
+    Returns ``(results by key, errors by key)``. Failed tasks (after retries) do not stop the others.
+    """
+    from distributed import as_completed
+
+    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    max_in_flight = max_in_flight or 2 * n_workers
+    results, errors = {}, {}
+    pending = list(zip(keys, arg_list))[::-1]
+    bar = _progress(len(arg_list), desc, progress)
+
+    def submit_next(ac):
+        if pending:
+            key, args = pending.pop()
+            ac.add(client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False))
+
+    ac = as_completed()
+    for _ in range(min(max_in_flight, len(pending))):
+        submit_next(ac)
+    for fut in ac:
+        try:
+            res = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
+            errors[fut.key] = f"{type(exc).__name__}: {exc}"
+            log.error("task %s failed: %s", fut.key, errors[fut.key])
+        else:
+            results[fut.key] = res
+            if on_done is not None:
+                on_done(fut.key, res)
+        fut.release()
+        bar.update(1)
+        submit_next(ac)
+    bar.close()
+    return results, errors
+
+
+# ----------------------------------------------------------------------------------------------- ingest
+
+
+@dataclass
+class IngestSummary:
+    store: str
+    files: int = 0
+    skipped_files: int = 0
+    rows: int = 0
+    ok: int = 0
+    shards: int = 0
+    by_survey: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.reasons.values())
+
+    def table(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        lines = [f"ingest summary: {self.store}",
+                 f"  input files      {self.files:>9,d}   (already in the store, skipped: {self.skipped_files:,d})",
+                 f"  spectra          {self.rows:>9,d}   ok {self.ok:,d}, rejected {self.rejected:,d}",
+                 f"  shards written   {self.shards:>9,d}",
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} spectra/s)"]
+        for s, d in self.by_survey.items():
+            lines.append(f"  survey {s:<9} {d['rows']:>9,d} spectra in {d['shards']} shards")
+        if self.reasons:
+            lines.append("  rejects by reason:")
+            lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
+        return "\n".join(lines)
+
+
+def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "auto", shard_rows: int = 4096,
+               chunk_rows: int = 256, progress: bool | None = None) -> IngestSummary:
+    """Ingest survey files into the Zarr store at ``store_path`` (created if needed, resumed if partial).
+
+    Parameters
+    ----------
+    inputs : list of str
+        Files, directories, globs, ``@filelist.txt``.
+    survey : str
+        A reader name, or ``"auto"`` to identify every file by content.
+    shard_rows, chunk_rows : int
+        Rows per shard (= per ingest task and per prediction block) and per compressed chunk.
+    """
+    t0 = time.perf_counter()
+    paths = expand_inputs(inputs)
+    summary = IngestSummary(store=str(store_path), files=len(paths))
+    file_rejects: dict[str, str] = {}
+    if survey == "auto":
+        detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
+        by_survey: dict[str, list[str]] = {}
+        for path, name, rej in detected:
+            if name is None:
+                file_rejects[path] = rej
+            else:
+                by_survey.setdefault(name, []).append(path)
+        if file_rejects:
+            # undetectable files are quarantined in the main survey's group, so the accounting still holds
+            home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
+            by_survey.setdefault(home, []).extend(file_rejects)
+    else:
+        get_reader(survey)
+        by_survey = {survey: paths}
+
+    for name, files in sorted(by_survey.items()):
+        reader = get_reader(name)
+        layout = store.SurveyLayout(survey=name, grid=reader.grid, meta_columns=reader.meta_columns,
+                                    shard_rows=shard_rows, chunk_rows=chunk_rows)
+        store.create_survey(store_path, layout)
+        _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
+        done_paths = set()
+        if len(store.done_shards(store_path, name)):
+            done_paths = set(store.read_meta(store_path, name, columns=["source_path"]).column("source_path").to_pylist())
+        todo = [p for p in files if p not in done_paths]
+        summary.skipped_files += len(files) - len(todo)
+        per_shard = max(1, layout.shard_rows // max(1, reader.spectra_per_file))
+        batches = [todo[i:i + per_shard] for i in range(0, len(todo), per_shard)]
+        if not batches:
+            continue
+        shards = store.allocate_shards(store_path, name, len(batches))
+        keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
+        key_to_shard = dict(zip(keys, shards))
+        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p in b if p in file_rejects})
+                for s, b in zip(shards, batches)]
+        finished: list[int] = []
+        results, errors = _run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
+                                       progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))
+        store.mark_shards_done(store_path, name, finished)
+        if errors:
+            raise PipelineError(f"{len(errors)} ingest tasks failed (e.g. {next(iter(errors.values()))}); "
+                                "re-run the same command to resume")
+        for r in results.values():
+            summary.rows += r["n_rows"]
+            summary.ok += r["n_ok"]
+            summary.reasons.update(r["reasons"])
+        summary.shards += len(results)
+        n_dup = _reject_duplicates(store_path, name)
+        if n_dup:
+            summary.ok -= n_dup
+            summary.reasons[RejectReason.DUPLICATE_ID.value] += n_dup
+        d = summary.by_survey.setdefault(name, {"rows": 0, "shards": 0})
+        d["rows"] += sum(r["n_rows"] for r in results.values())
+        d["shards"] += len(results)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _reject_duplicates(store_path: str, survey: str) -> int:
+    """Mark later occurrences of an already ingested source_id as REJECTED (duplicate_id); returns the count."""
+    meta = store.read_meta(store_path, survey, columns=["source_id", "status", "source_path"])
+    ok = meta.column("status").to_numpy() == store.RowStatus.OK
+    ids = np.asarray(meta.column("source_id").to_pylist(), dtype=object)[ok]
+    rows = meta.column("row").to_numpy()[ok]
+    paths = np.asarray(meta.column("source_path").to_pylist(), dtype=object)[ok]
+    if len(ids) == 0:
+        return 0
+    _, first_idx, inverse = np.unique(ids.astype(str), return_index=True, return_inverse=True)
+    dup = np.flatnonzero(first_idx[inverse] != np.arange(len(ids)))
+    if len(dup):
+        details = [f"{ids[i]} already ingested from {os.path.basename(str(paths[first_idx[inverse[i]]]))}" for i in dup]
+        store.set_rejected(store_path, survey, rows[dup], RejectReason.DUPLICATE_ID.value, details)
+        log.warning("%d duplicate source_id values in %s/%s rejected (first occurrence kept)", len(dup), store_path, survey)
+    return int(len(dup))
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictSummary:
+    catalog: str
+    model_id: str
+    blocks: int = 0
+    blocks_skipped: int = 0
+    rows: int = 0
+    rejects: int = 0
+    inputs: int = 0
+    reasons: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    seconds_model: float = 0.0
+    order: int = 0
+
+    def table(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        lines = [f"predict summary: {self.catalog}",
+                 f"  model            {self.model_id}",
+                 f"  blocks           {self.blocks:>9,d}   (already done, skipped: {self.blocks_skipped:,d})",
+                 f"  input spectra    {self.inputs:>9,d}",
+                 f"  catalog rows     {self.rows:>9,d}",
+                 f"  rejects          {self.rejects:>9,d}",
+                 f"  HEALPix order    {self.order:>9d}",
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; model {self.seconds_model:.1f} task-s)"]
+        if self.reasons:
+            lines.append("  rejects by reason:")
+            lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
+        return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"catalogpred": __version__, "python": sys.version.split()[0]}
+    for pkg in ("numpy", "torch", "dask", "distributed", "zarr", "pyarrow", "astropy", "hats", "fitsio"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_predict(store_path: str, bundle_path: str, catalog_path: str, *, client, overwrite: bool = False,
+                precision: str = "fp32", batch_size: int = 256, order: int | None = None,
+                torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
+                catalog_name: str | None = None) -> PredictSummary:
+    """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
+
+    An existing catalog made with the same model is resumed (finished blocks are
+    skipped); ``overwrite=True`` deletes it first. Raises :class:`PipelineError`
+    if blocks fail on every retry (the catalog is then left unfinalized, ready to resume).
+    """
+    from .model.bundle import read_bundle_info
+
+    t0 = time.perf_counter()
+    info = read_bundle_info(bundle_path)
+    surveys = store.list_surveys(store_path)
+    if not surveys:
+        raise ConfigError(f"{store_path} holds no ingested survey; run `catalogpred ingest` first")
+    blocks, inputs, native = [], 0, {}
+    for name in surveys:
+        g, layout = store.open_survey(store_path, name)
+        if layout.grid != info.grid:
+            raise ConfigError(f"model {info.model_id} expects the {info.grid.name} grid but {store_path}/{name} is on "
+                              f"{layout.grid.name}; use a {layout.grid.name} model bundle")
+        for s in store.done_shards(store_path, name):
+            blocks.append((name, int(s)))
+        status = g["meta"]["status"][:]
+        done_rows = np.repeat(g["shard_done"][:].astype(bool), layout.shard_rows)
+        inputs += int(((status != store.RowStatus.EMPTY) & done_rows).sum())
+        native.update(layout.meta_columns)
+    core = cat.core_columns(info.n_latent)
+    columns = core + cat.native_columns(native, {c.name for c in core})
+
+    catalog_path = str(catalog_path)
+    plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
+    if overwrite and os.path.exists(catalog_path):
+        shutil.rmtree(catalog_path)
+    if os.path.exists(catalog_path) and not plan_file.exists():
+        raise CatalogError(f"{catalog_path} exists but is not a catalogpred catalog; choose another path or --overwrite")
+    if plan_file.exists():
+        plan = json.loads(plan_file.read_text())
+        if plan["model_id"] != info.model_id:
+            raise CatalogError(f"{catalog_path} was made with model {plan['model_id']}, not {info.model_id}; "
+                               "pass --overwrite to start over")
+        order = plan["order"]
+    else:
+        order = order if order is not None else cat.choose_order(inputs)
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps({"model_id": info.model_id, "order": order, "store": os.path.abspath(store_path)}))
+    done = cat.read_block_done(catalog_path)
+    todo = [(s, sh) for s, sh in blocks if block_key(s, sh) not in done]
+    summary = PredictSummary(catalog=catalog_path, model_id=info.model_id, blocks=len(blocks),
+                             blocks_skipped=len(blocks) - len(todo), order=order, inputs=inputs)
+    if torch_threads is None and client.cluster is not None:
+        n_workers = max(1, len(client.scheduler_info()["workers"]))
+        torch_threads = max(1, (os.cpu_count() or 1) // n_workers)
+    kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads)
+    args = [(str(store_path), s, sh, os.path.abspath(bundle_path), catalog_path, order, columns) for s, sh in todo]
+    keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
+    results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress)
+    if errors:
+        raise PipelineError(f"{len(errors)} of {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
+                            "re-run the same command to resume")
+    summary.seconds_model = sum(r["seconds_model"] for r in results.values())
+    manifest = {
+        "catalogpred_run": "predict",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "store": os.path.abspath(store_path),
+        "surveys": surveys,
+        "model": {"path": os.path.abspath(bundle_path), "model_id": info.model_id, "kind": info.card.kind,
+                  "grid": info.grid.name},
+        "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
+                     "torch_threads": torch_threads},
+        "versions": _versions(),
+        "blocks": [block_key(s, sh) for s, sh in blocks],
+        "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
+    }
+    counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
+                                  blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
+    summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
+    summary.seconds = time.perf_counter() - t0
+    return summary

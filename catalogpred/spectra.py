@@ -1,0 +1,355 @@
+"""Pure science helpers: wavelength grids, pixel masks, weights, normalisation, units.
+
+Everything here is a small function on arrays. The functions take an array
+namespace from their input (``numpy`` or ``cupy``; :func:`array_namespace`),
+so the GPU path runs the same code as the CPU path. Nothing here imports Dask,
+Zarr or torch.
+
+Conventions
+-----------
+- Wavelengths are vacuum, observed frame, in Å (``wave``), unless a name says ``_nm``.
+- SDSS/DESI flux density is F_λ in 1e-17 erg s⁻¹ cm⁻² Å⁻¹ (``flux``); ivar is its inverse variance.
+- PFS flux density is F_ν in nJy; :func:`fnu_njy_to_flam17` converts.
+- A pixel is *good* when its weight ``w = ivar · (mask == 0)`` is > 0.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from .errors import RejectReason
+
+__all__ = [
+    "Grid",
+    "SDSS_GRID",
+    "DESI_GRID",
+    "GRIDS",
+    "PixelMask",
+    "NORM_WINDOW_RESTFRAME",
+    "IVAR_FLOOR",
+    "array_namespace",
+    "loglam_to_sdss_index",
+    "load_skylines",
+    "skyline_mask",
+    "pixel_weights",
+    "lower_median",
+    "normalisation",
+    "check_spectra",
+    "fnu_njy_to_flam17",
+    "flam17_to_fnu_njy",
+]
+
+#: Rest-frame window of the spender normalisation median, Å.
+NORM_WINDOW_RESTFRAME = (5300.0, 5850.0)
+#: ivar at or below this is treated as zero weight (as spender does).
+IVAR_FLOOR = 1e-6
+#: speed of light in Å/s, for F_ν ↔ F_λ.
+C_ANGSTROM_PER_S = 2.99792458e18
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A model's observed-frame wavelength grid.
+
+    Parameters
+    ----------
+    name : str
+        ``"sdss"`` or ``"desi"`` (the spender instrument the encoder was trained on).
+    kind : str
+        ``"loglam"`` (λ = 10**(loglam0 + dloglam·i)) or ``"linear"`` (λ = wave0 + dwave·i).
+    start : float
+        loglam0 (log10 Å) for ``"loglam"``, wave0 (Å) for ``"linear"``.
+    step : float
+        dex per pixel for ``"loglam"``, Å per pixel for ``"linear"``.
+    n_pix : int
+        Number of pixels.
+    """
+
+    name: str
+    kind: str
+    start: float
+    step: float
+    n_pix: int
+
+    def __post_init__(self):
+        if self.kind not in ("loglam", "linear"):
+            raise ValueError(f"Grid kind must be 'loglam' or 'linear', got {self.kind!r}")
+        if self.n_pix <= 0 or self.step <= 0:
+            raise ValueError(f"Grid {self.name!r} needs n_pix > 0 and step > 0")
+
+    @functools.cached_property
+    def wave(self) -> np.ndarray:
+        """float64 [n_pix], Å (vacuum, observed frame)."""
+        i = np.arange(self.n_pix, dtype=np.float64)
+        if self.kind == "loglam":
+            return 10.0 ** (self.start + self.step * i)
+        return self.start + self.step * i
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "start": self.start, "step": self.step, "n_pix": self.n_pix}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        return cls(name=d["name"], kind=d["kind"], start=float(d["start"]), step=float(d["step"]), n_pix=int(d["n_pix"]))
+
+
+#: spender SDSS grid: λ = 10**(3.578 + 1e-4·i), i = 0..3920 (3784.4–9332.5 Å).
+SDSS_GRID = Grid(name="sdss", kind="loglam", start=3.578, step=1e-4, n_pix=3921)
+#: spender DESI grid: linspace(3600, 9824, 7781), 0.8 Å.
+DESI_GRID = Grid(name="desi", kind="linear", start=3600.0, step=0.8, n_pix=7781)
+GRIDS = {g.name: g for g in (SDSS_GRID, DESI_GRID)}
+
+#: global SDSS log-λ pixel index of SDSS_GRID pixel 0 (round(3.578·1e4)).
+SDSS_INDEX0 = 35780
+
+
+class PixelMask(enum.IntFlag):
+    """Bits of the per-pixel ``mask`` array in the store (uint8). 0 = good."""
+
+    #: the survey pipeline flagged the pixel (SDSS and_mask != 0, DESI/PFS mask bits)
+    PIPELINE = 1
+    #: within a night-sky line (spender's skyline mask)
+    SKYLINE = 2
+    #: the spectrum does not cover this pixel of the model grid
+    NO_COVERAGE = 4
+    #: ivar <= IVAR_FLOOR
+    LOW_IVAR = 8
+    #: flux or ivar was NaN/inf in the file (flux set to 0 in the store)
+    NONFINITE = 16
+
+
+def array_namespace(*arrays):
+    """Return the array module (``numpy`` or ``cupy``) of the inputs.
+
+    Never imports cupy itself: a cupy array can only exist if cupy is imported.
+    """
+    for a in arrays:
+        mod = type(a).__module__.split(".")[0]
+        if mod == "cupy":
+            import cupy
+
+            return cupy
+    return np
+
+
+def loglam_to_sdss_index(loglam) -> np.ndarray:
+    """Pixel index on :data:`SDSS_GRID` of SDSS ``loglam`` values (log10 Å).
+
+    SDSS spectra live on a global grid with 1e-4 dex steps, so the mapping is an
+    integer: ``round(loglam·1e4) − 35780``. No interpolation. Indices may fall
+    outside [0, 3921): callers drop those pixels.
+    """
+    xp = array_namespace(loglam)
+    return xp.rint(xp.asarray(loglam, dtype=xp.float64) * 1e4).astype(xp.int64) - SDSS_INDEX0
+
+
+@functools.lru_cache(maxsize=1)
+def load_skylines() -> tuple[np.ndarray, np.ndarray]:
+    """The night-sky line list shipped with catalogpred (spender 0.3's, MIT).
+
+    Returns
+    -------
+    wave : float64 [n_lines]
+        Vacuum wavelength, Å (the file is in nm).
+    intensity : float64 [n_lines]
+        Relative intensity (arbitrary units).
+    """
+    text = resources.files("catalogpred").joinpath("data/sky-lines.txt").read_text()
+    rows = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    wave_nm = np.array([float(r[0]) for r in rows])
+    intensity = np.array([float(r[1]) for r in rows])
+    return wave_nm * 10.0, intensity
+
+
+def skyline_mask(wave, min_intensity: float = 2.0):
+    """Observed-frame pixels that spender masks for night-sky lines.
+
+    Every line with intensity > ``min_intensity`` masks pixels with
+    ``|λ − λ_line| < 5·(1 + log10(I / 2))`` Å.
+
+    Parameters
+    ----------
+    wave : float64 [n_pix]
+        Observed-frame vacuum wavelength, Å (numpy or cupy).
+
+    Returns
+    -------
+    bool [n_pix]
+        True where a sky line masks the pixel.
+    """
+    xp = array_namespace(wave)
+    line_wave, intensity = load_skylines()
+    keep = intensity > min_intensity
+    line_wave = xp.asarray(line_wave[keep])
+    half_width = xp.asarray(5.0 * (1.0 + np.log10(intensity[keep] / 2.0)))
+    # sorted lines: check the nearest few neighbours via searchsorted is overkill for ~100 lines
+    dist = xp.abs(xp.asarray(wave)[:, None] - line_wave[None, :])
+    return xp.any(dist < half_width[None, :], axis=1)
+
+
+def pixel_weights(ivar, mask):
+    """Weights ``w = ivar`` where ``mask == 0`` and ivar > IVAR_FLOOR, else 0.
+
+    ivar: float32 [n, n_pix] (any flux unit⁻²); mask: uint8 [n, n_pix] (:class:`PixelMask`).
+    """
+    xp = array_namespace(ivar)
+    good = (mask == 0) & (ivar > IVAR_FLOOR)
+    return xp.where(good, ivar, xp.zeros((), dtype=ivar.dtype))
+
+
+def lower_median(values, good):
+    """Row-wise median of ``values[good]``, taking the *lower* middle value for even counts.
+
+    This is what ``torch.median`` returns, and so what spender's normalisation uses.
+
+    Parameters
+    ----------
+    values : float [n, m]
+    good : bool [n, m]
+
+    Returns
+    -------
+    median : float64 [n]
+        NaN where a row has no good value.
+    count : int64 [n]
+        Number of good values per row.
+    """
+    xp = array_namespace(values)
+    v = xp.where(good, values.astype(xp.float64), xp.inf)
+    v = xp.sort(v, axis=1)
+    count = good.sum(axis=1).astype(xp.int64)
+    idx = xp.maximum((count - 1) // 2, 0)
+    med = xp.take_along_axis(v, idx[:, None], axis=1)[:, 0]
+    return xp.where(count > 0, med, xp.nan), count
+
+
+def normalisation(flux, weight, wave, z, window=NORM_WINDOW_RESTFRAME):
+    """spender's normalisation: lower median of good flux in a rest-frame window.
+
+    Parameters
+    ----------
+    flux : float32 [n, n_pix]
+        F_λ, 1e-17 erg/s/cm²/Å, observed frame.
+    weight : float32 [n, n_pix]
+        Pixel weights (0 = bad), e.g. from :func:`pixel_weights` with the skyline mask applied.
+    wave : float64 [n_pix]
+        Observed-frame wavelength, Å.
+    z : float64 [n]
+        Redshift.
+    window : (float, float)
+        Rest-frame window, Å. Default 5300–5850 Å.
+
+    Returns
+    -------
+    norm : float64 [n]
+        1e-17 erg/s/cm²/Å; NaN where the window has no good pixel.
+    n_window : int64 [n]
+        Good pixels in the window.
+    """
+    xp = array_namespace(flux)
+    rest = xp.asarray(wave)[None, :] / (1.0 + xp.asarray(z, dtype=xp.float64)[:, None])
+    sel = (rest > window[0]) & (rest < window[1]) & (weight > 0)
+    return lower_median(flux, sel)
+
+
+def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
+    """Validate and normalise a batch of spectra on a model grid.
+
+    Non-finite flux/ivar is a reject (survey pipelines never write NaN, so it
+    means corruption); so are spectra with no good pixel, a bad redshift, an
+    empty normalisation window, or a non-positive norm. Each reject carries a
+    :class:`~catalogpred.errors.RejectReason` and a readable detail.
+
+    Parameters
+    ----------
+    flux, ivar : float32 [n, n_pix]
+        As read (1e-17 erg/s/cm²/Å and its inverse variance).
+    mask : uint8 [n, n_pix]
+        :class:`PixelMask` bits from the reader (PIPELINE, NO_COVERAGE).
+    wave : float64 [n_pix]
+        Grid wavelength, Å.
+    z : float64 [n]
+
+    Returns
+    -------
+    flux_n : float32 [n, n_pix]
+        flux / norm, with 0 where the input was non-finite or uncovered.
+    ivar_n : float32 [n, n_pix]
+        ivar · norm² (0 where non-finite).
+    mask : uint8 [n, n_pix]
+        Input bits plus SKYLINE, LOW_IVAR and NONFINITE.
+    norm : float64 [n]
+        1e-17 erg/s/cm²/Å (NaN for rejects; their flux and ivar are returned unscaled).
+    reasons : list[RejectReason | None], details : list[str]
+        Per spectrum; None for a good spectrum.
+    """
+    xp = array_namespace(flux)
+    n = flux.shape[0]
+    covered = (mask & PixelMask.NO_COVERAGE) == 0
+    finite = xp.isfinite(flux) & xp.isfinite(ivar)
+    n_nonfinite = ((~finite) & covered).sum(axis=1)
+    mask = mask.copy()
+    mask |= xp.where(finite, 0, int(PixelMask.NONFINITE)).astype(mask.dtype)
+    flux = xp.where(finite, flux, 0).astype(xp.float32)
+    ivar = xp.where(finite, ivar, 0).astype(xp.float32)
+    mask |= xp.where(ivar > IVAR_FLOOR, 0, int(PixelMask.LOW_IVAR)).astype(mask.dtype)
+    mask |= xp.where(skyline_mask(xp.asarray(wave)), int(PixelMask.SKYLINE), 0).astype(mask.dtype)[None, :]
+
+    weight = pixel_weights(ivar, mask)
+    n_good = (weight > 0).sum(axis=1)
+    z = xp.asarray(z, dtype=xp.float64)
+    norm, n_window = normalisation(flux, weight, wave, xp.where(xp.isfinite(z), z, 0.0), window)
+
+    reasons: list = [None] * n
+    details = [""] * n
+    to_host = (lambda a: a.get()) if xp is not np else (lambda a: a)
+    h_nonfinite, h_good, h_z, h_norm, h_nwin = map(to_host, (n_nonfinite, n_good, z, norm, n_window))
+    for i in range(n):
+        if h_nonfinite[i] > 0:
+            reasons[i] = RejectReason.NONFINITE_FLUX
+            details[i] = f"{int(h_nonfinite[i])} covered pixels have NaN/inf flux or ivar"
+        elif h_good[i] == 0:
+            reasons[i] = RejectReason.NO_VALID_PIXELS
+            details[i] = "no pixel with ivar > 0 outside the pipeline and sky-line masks"
+        elif not np.isfinite(h_z[i]) or h_z[i] <= -0.01:
+            reasons[i] = RejectReason.BAD_REDSHIFT
+            details[i] = f"z = {h_z[i]!r}"
+        elif h_nwin[i] == 0:
+            lo, hi = (window[0] * (1 + h_z[i]), window[1] * (1 + h_z[i]))
+            reasons[i] = RejectReason.NORM_WINDOW_EMPTY
+            details[i] = (
+                f"no good pixel in rest-frame {window[0]:.0f}-{window[1]:.0f} Å "
+                f"(observed {lo:.0f}-{hi:.0f} Å at z={h_z[i]:.4f})"
+            )
+        elif not (np.isfinite(h_norm[i]) and h_norm[i] > 0):
+            reasons[i] = RejectReason.BAD_NORM
+            details[i] = f"median flux in the window is {h_norm[i]:.4g} (must be > 0)"
+
+    accepted = xp.asarray(np.array([r is None for r in reasons], dtype=bool))
+    ok = xp.isfinite(norm) & (norm > 0) & accepted
+    safe = xp.where(ok, norm, 1.0)
+    flux_n = (flux / safe[:, None]).astype(xp.float32)
+    ivar_n = (ivar * (safe[:, None] ** 2)).astype(xp.float32)
+    return flux_n, ivar_n, mask, xp.where(ok, norm, xp.nan), reasons, details
+
+
+def fnu_njy_to_flam17(fnu_njy, wave):
+    """F_ν in nJy → F_λ in 1e-17 erg s⁻¹ cm⁻² Å⁻¹ at vacuum wavelength ``wave`` (Å).
+
+    F_λ = c·F_ν/λ², so F_λ[1e-17 cgs/Å] = 2997.92458 · F_ν[nJy] / λ[Å]².
+    Inverse variances scale by the inverse square of the same factor.
+    """
+    xp = array_namespace(fnu_njy)
+    factor = C_ANGSTROM_PER_S * 1e-32 / 1e-17 / xp.asarray(wave, dtype=xp.float64) ** 2
+    return fnu_njy * factor
+
+
+def flam17_to_fnu_njy(flam17, wave):
+    """Inverse of :func:`fnu_njy_to_flam17`."""
+    xp = array_namespace(flam17)
+    factor = C_ANGSTROM_PER_S * 1e-32 / 1e-17 / xp.asarray(wave, dtype=xp.float64) ** 2
+    return flam17 / factor

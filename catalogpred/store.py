@@ -1,0 +1,333 @@
+"""The Zarr v3 spectra store: one group per survey, row i of every array is the same spectrum.
+
+Layout::
+
+    store.zarr/                         root group   attrs: catalogpred_store (schema version)
+      sdss/                             survey group attrs: grid, shard_rows, chunk_rows, units
+        wave        float64 [n_pix]                  Å, vacuum, observed frame
+        flux        float32 [n_rows, n_pix]          F_λ / norm (dimensionless)
+        ivar        float32 [n_rows, n_pix]          ivar · norm²
+        mask        uint8   [n_rows, n_pix]          PixelMask bits (0 = good)
+        shard_done  uint8   [n_shards]               1 once a shard's ingest task has finished
+        meta/       1-D arrays [n_rows]: source_id, survey, ra, dec, z, z_err, zwarning,
+                    source_file, row_in_file, norm (1e-17 erg/s/cm²/Å), status, reject_reason,
+                    reject_detail, source_path, then survey-native ids (plate, mjd, …)
+
+Every input spectrum gets a row, good or not: ``status`` is :class:`RowStatus`
+(``OK`` or ``REJECTED`` with ``reject_reason``/``reject_detail``; a file that could
+not be read at all gets one ``REJECTED`` row with an empty spectrum). So the
+accounting invariant is simply *catalog rows + rejects = non-empty store rows*.
+
+Rows are chunked (``chunk_rows``, default 256) inside shards (``shard_rows``,
+default 4096) with Blosc-LZ4 compression. **A writer owns whole shards**: the
+client allocates shards (resizing every array) and each ingest task fills exactly
+one shard, padding unused rows with ``status = EMPTY``. Shards are marked done by
+the client only after their task succeeded, which is what makes ingest resumable.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import StoreError
+from .spectra import Grid
+
+__all__ = [
+    "STORE_SCHEMA_VERSION",
+    "RowStatus",
+    "SurveyLayout",
+    "STORE_META",
+    "create_survey",
+    "open_survey",
+    "list_surveys",
+    "allocate_shards",
+    "write_shard",
+    "mark_shards_done",
+    "done_shards",
+    "read_meta",
+    "read_flux",
+    "set_rejected",
+]
+
+STORE_SCHEMA_VERSION = 1
+DEFAULT_SHARD_ROWS = 4096
+DEFAULT_CHUNK_ROWS = 256
+
+
+class RowStatus(enum.IntEnum):
+    """``meta/status`` values."""
+
+    EMPTY = 0  #: padding at the end of a shard (no input behind it)
+    OK = 1  #: a spectrum ready for prediction
+    REJECTED = 2  #: an input that will go to the rejects table (see reject_reason)
+
+
+#: store-level metadata columns added after the reader's columns (name -> dtype code).
+STORE_META = {
+    "norm": "f8",  # 1e-17 erg/s/cm²/Å: the spender normalisation that flux was divided by
+    "status": "u1",
+    "reject_reason": "U",
+    "reject_detail": "U",
+    "source_path": "U",  # the input path as given to ingest (for resume)
+    "snr_median": "f4",  # median per-pixel S/N = |flux|·sqrt(ivar) over good pixels
+    "coverage": "f4",  # fraction of grid pixels the spectrum covers
+}
+
+
+def _fill_value(code: str):
+    if code == "U":
+        return ""
+    if code.startswith("f"):
+        return np.nan
+    if code.startswith("u"):
+        return 0
+    return -1
+
+
+def _zarr_dtype(code: str):
+    return str if code == "U" else np.dtype(code)
+
+
+@dataclass(frozen=True)
+class SurveyLayout:
+    """What a survey group holds: grid, sharding and metadata columns (stored in its attrs)."""
+
+    survey: str
+    grid: Grid
+    meta_columns: dict
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def __post_init__(self):
+        if self.shard_rows % self.chunk_rows:
+            raise StoreError(f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
+
+    def to_attrs(self) -> dict:
+        return {
+            "catalogpred_survey": {
+                "schema_version": STORE_SCHEMA_VERSION,
+                "survey": self.survey,
+                "grid": self.grid.to_dict(),
+                "shard_rows": self.shard_rows,
+                "chunk_rows": self.chunk_rows,
+                "meta_columns": self.meta_columns,
+                "units": {
+                    "wave": "Angstrom (vacuum, observed frame)",
+                    "flux": "F_lambda / norm (dimensionless)",
+                    "ivar": "inverse variance of flux / norm",
+                    "norm": "1e-17 erg / (s cm2 Angstrom)",
+                    "ra": "deg",
+                    "dec": "deg",
+                },
+            }
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> "SurveyLayout":
+        try:
+            a = attrs["catalogpred_survey"]
+        except KeyError:
+            raise StoreError(f"{where} is not a catalogpred survey group (no 'catalogpred_survey' attribute)") from None
+        if a.get("schema_version") != STORE_SCHEMA_VERSION:
+            raise StoreError(f"{where}: store schema {a.get('schema_version')} is not {STORE_SCHEMA_VERSION}; re-ingest")
+        return cls(survey=a["survey"], grid=Grid.from_dict(a["grid"]), meta_columns=dict(a["meta_columns"]),
+                   shard_rows=int(a["shard_rows"]), chunk_rows=int(a["chunk_rows"]))
+
+
+def _compressor():
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)
+
+
+def _root(store_path, mode):
+    import zarr
+
+    try:
+        root = zarr.open_group(str(store_path), mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError) as exc:
+        raise StoreError(f"no Zarr store at {store_path}; create one with `catalogpred ingest … --store {store_path}`") from exc
+    return root
+
+
+def create_survey(store_path: str | os.PathLike, layout: SurveyLayout):
+    """Create (or open, if it exists with the same layout) the group of ``layout.survey``."""
+    root = _root(store_path, "a")
+    if "catalogpred_store" not in root.attrs:
+        root.attrs["catalogpred_store"] = {"schema_version": STORE_SCHEMA_VERSION}
+    if layout.survey in root:
+        existing = open_survey(store_path, layout.survey)[1]
+        if existing.grid != layout.grid or existing.shard_rows != layout.shard_rows:
+            raise StoreError(
+                f"{store_path}/{layout.survey} exists with grid {existing.grid.name} and shard_rows "
+                f"{existing.shard_rows}; use those or another store"
+            )
+        return root[layout.survey]
+    g = root.create_group(layout.survey, attributes=layout.to_attrs())
+    n_pix = layout.grid.n_pix
+    g.create_array("wave", shape=(n_pix,), dtype="f8", chunks=(n_pix,), compressors=None)[:] = layout.grid.wave
+    shape, chunks, shards = (0, n_pix), (layout.chunk_rows, n_pix), (layout.shard_rows, n_pix)
+    for name, dtype in (("flux", "f4"), ("ivar", "f4"), ("mask", "u1")):
+        g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0,
+                       compressors=_compressor())
+    g.create_array("shard_done", shape=(0,), chunks=(1024,), dtype="u1", fill_value=0)
+    meta = g.create_group("meta")
+    for name, code in {**layout.meta_columns, **STORE_META}.items():
+        meta.create_array(name, shape=(0,), chunks=(layout.chunk_rows,), shards=(layout.shard_rows,),
+                          dtype=_zarr_dtype(code), fill_value=_fill_value(code), compressors=_compressor()
+                          if code != "U" else "auto")
+    return g
+
+
+def list_surveys(store_path) -> list[str]:
+    """Names of the survey groups in a store."""
+    root = _root(store_path, "r")
+    return sorted(name for name, node in root.groups() if "catalogpred_survey" in node.attrs)
+
+
+def open_survey(store_path, survey: str):
+    """Open a survey group read-only: returns ``(group, SurveyLayout)``."""
+    root = _root(store_path, "r")
+    if survey not in root:
+        raise StoreError(f"{store_path} has no survey group {survey!r} (has: {', '.join(list_surveys(store_path)) or 'none'})")
+    g = root[survey]
+    return g, SurveyLayout.from_attrs(dict(g.attrs), f"{store_path}/{survey}")
+
+
+def n_shards(group) -> int:
+    return group["shard_done"].shape[0]
+
+
+def allocate_shards(store_path, survey: str, n_new: int) -> list[int]:
+    """Grow every row array by ``n_new`` shards; returns the new shard indices. Client-side only."""
+    import zarr
+
+    g = zarr.open_group(str(store_path), mode="r+")[survey]
+    layout = SurveyLayout.from_attrs(dict(g.attrs), f"{store_path}/{survey}")
+    first = g["shard_done"].shape[0]
+    total = first + n_new
+    rows = total * layout.shard_rows
+    for name in ("flux", "ivar", "mask"):
+        g[name].resize((rows, layout.grid.n_pix))
+    for name in g["meta"].array_keys():
+        g["meta"][name].resize((rows,))
+    g["shard_done"].resize((total,))
+    return list(range(first, total))
+
+
+def write_shard(store_path, survey: str, shard: int, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray,
+                meta: dict) -> None:
+    """Write one whole shard (rows beyond ``len(flux)`` are padding with status EMPTY).
+
+    Parameters
+    ----------
+    flux, ivar : float32 [n, n_pix]
+        Normalised flux and its inverse variance, n ≤ shard_rows.
+    mask : uint8 [n, n_pix]
+    meta : dict[str, ndarray [n]]
+        Every column of the layout plus :data:`STORE_META`.
+    """
+    import zarr
+
+    g = zarr.open_group(str(store_path), mode="r+")[survey]
+    layout = SurveyLayout.from_attrs(dict(g.attrs), f"{store_path}/{survey}")
+    S, n = layout.shard_rows, flux.shape[0]
+    if n > S:
+        raise StoreError(f"shard {shard} got {n} rows, more than shard_rows={S}")
+    lo, hi = shard * S, (shard + 1) * S
+    if hi > g["flux"].shape[0]:
+        raise StoreError(f"shard {shard} was not allocated in {store_path}/{survey}")
+
+    def padded(a, fill):
+        out = np.full((S,) + a.shape[1:], fill, dtype=a.dtype)
+        out[:n] = a
+        return out
+
+    g["flux"][lo:hi] = padded(flux.astype(np.float32, copy=False), 0)
+    g["ivar"][lo:hi] = padded(ivar.astype(np.float32, copy=False), 0)
+    g["mask"][lo:hi] = padded(mask.astype(np.uint8, copy=False), 0)
+    columns = {**layout.meta_columns, **STORE_META}
+    missing = set(columns) - set(meta)
+    if missing:
+        raise StoreError(f"write_shard: meta lacks {sorted(missing)}")
+    for name, code in columns.items():
+        values = np.asarray(meta[name])
+        if code == "U":
+            out = np.full(S, "", dtype=object)
+            out[:n] = values.astype(str)
+            out = out.astype(np.dtypes.StringDType())
+        else:
+            out = padded(values.astype(code), _fill_value(code))
+        g["meta"][name][lo:hi] = out
+
+
+def mark_shards_done(store_path, survey: str, shards: list[int]) -> None:
+    """Record finished shards (client-side, after their tasks succeeded)."""
+    import zarr
+
+    if not shards:
+        return
+    arr = zarr.open_group(str(store_path), mode="r+")[survey]["shard_done"]
+    done = arr[:]
+    done[np.asarray(shards, dtype=np.int64)] = 1
+    arr[:] = done
+
+
+def done_shards(store_path, survey: str) -> np.ndarray:
+    """Indices of shards whose ingest finished."""
+    g, _ = open_survey(store_path, survey)
+    return np.flatnonzero(g["shard_done"][:])
+
+
+def read_meta(store_path, survey: str, columns: list[str] | None = None, shard: int | None = None,
+              include_empty: bool = False) -> pa.Table:
+    """Per-row metadata as an Arrow table with a ``row`` column (global store row).
+
+    Only rows of finished shards, and (unless ``include_empty``) not EMPTY padding.
+    """
+    g, layout = open_survey(store_path, survey)
+    S = layout.shard_rows
+    done = g["shard_done"][:]
+    if shard is not None:
+        lo, hi = shard * S, (shard + 1) * S
+        shard_ok = np.zeros(S, bool) | bool(done[shard])
+    else:
+        lo, hi = 0, len(done) * S
+        shard_ok = np.repeat(done.astype(bool), S)
+    meta = g["meta"]
+    names = columns or list({**layout.meta_columns, **STORE_META})
+    need = list(dict.fromkeys([*names, "status"]))
+    data = {name: meta[name][lo:hi] for name in need}
+    keep = shard_ok & ((data["status"] != RowStatus.EMPTY) | include_empty)
+    cols = {"row": np.arange(lo, hi, dtype=np.int64)[keep]}
+    for name in names:
+        v = data[name][keep]
+        cols[name] = pa.array(v.astype(object) if v.dtype.kind == "T" else v, type=pa.string() if v.dtype.kind == "T" else None)
+    return pa.table(cols)
+
+
+def read_flux(store_path, survey: str, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), n_pix]: normalised flux of the given global rows (one contiguous read)."""
+    g, _ = open_survey(store_path, survey)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, g["flux"].shape[1]), np.float32)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    return g["flux"][lo:hi][rows - lo]
+
+
+def set_rejected(store_path, survey: str, rows: np.ndarray, reason: str, details: list[str]) -> None:
+    """Mark rows REJECTED after ingest (used for duplicate ids). Client-side only."""
+    import zarr
+
+    meta = zarr.open_group(str(store_path), mode="r+")[survey]["meta"]
+    for name, values in (("status", np.full(len(rows), RowStatus.REJECTED, np.uint8)),):
+        for r, v in zip(rows, values):
+            meta[name][int(r)] = v
+    for r, d in zip(rows, details):
+        meta["reject_reason"][int(r)] = reason
+        meta["reject_detail"][int(r)] = d

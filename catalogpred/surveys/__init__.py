@@ -1,0 +1,232 @@
+"""Survey readers: one module per survey, each turning files into a :class:`SpectrumBlock`.
+
+A reader is registered with :func:`register_reader` and consists of
+
+- ``identify(hdu_names) -> bool``: does this FITS file look like ours? (by content: EXTNAMEs)
+- ``read(fits, path) -> SpectrumBlock``: read an opened ``fitsio.FITS``.
+
+:func:`read_spectra` opens a file once, picks the reader by content (highest
+priority first) or by the ``survey`` argument, and raises
+:class:`~catalogpred.errors.InputFileError` with a :class:`~catalogpred.errors.RejectReason`
+for anything that cannot be read. Readers never import torch or Dask.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputFileError, RejectReason
+from ..spectra import Grid
+
+__all__ = [
+    "SpectrumBlock",
+    "Reader",
+    "register_reader",
+    "get_reader",
+    "readers",
+    "identify_survey",
+    "read_spectra",
+    "COMMON_META",
+]
+
+#: metadata columns every reader provides (name -> numpy dtype kind), in this order.
+COMMON_META = {
+    "source_id": "U",  # unique across surveys, e.g. "sdss-0266-51602-0013"
+    "survey": "U",  # "sdss", "desi", "pfs"
+    "ra": "f8",  # deg, ICRS
+    "dec": "f8",  # deg, ICRS
+    "z": "f8",  # spectroscopic redshift
+    "z_err": "f8",
+    "zwarning": "i8",  # survey redshift warning bits (SDSS ZWARNING, DESI ZWARN); 0 = good
+    "source_file": "U",  # base name of the file the spectrum came from
+    "row_in_file": "i4",  # index of the spectrum inside that file
+}
+
+
+@dataclass(frozen=True)
+class SpectrumBlock:
+    """Spectra of one file (or a batch of files) on a model grid, as read (not normalised).
+
+    Parameters
+    ----------
+    survey : str
+        Registered reader name.
+    grid : Grid
+        The wavelength grid the pixels are placed on.
+    flux : float32 [n, n_pix]
+        F_λ in 1e-17 erg/s/cm²/Å, observed frame (0 where not covered).
+    ivar : float32 [n, n_pix]
+        Inverse variance of ``flux`` (0 = no information).
+    mask : uint8 [n, n_pix]
+        :class:`~catalogpred.spectra.PixelMask` bits (``PIPELINE``, ``NO_COVERAGE``).
+    meta : dict[str, numpy.ndarray]
+        Per-spectrum columns of length n: :data:`COMMON_META` first, then survey-native ids.
+    """
+
+    survey: str
+    grid: Grid
+    flux: np.ndarray
+    ivar: np.ndarray
+    mask: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.flux.shape[0]
+        shape = (n, self.grid.n_pix)
+        for name in ("flux", "ivar", "mask"):
+            arr = getattr(self, name)
+            if arr.shape != shape:
+                raise ValueError(f"SpectrumBlock.{name} has shape {arr.shape}, expected {shape}")
+        missing = [c for c in COMMON_META if c not in self.meta]
+        if missing:
+            raise ValueError(f"SpectrumBlock.meta lacks {missing}")
+        for k, v in self.meta.items():
+            if len(v) != n:
+                raise ValueError(f"SpectrumBlock.meta[{k!r}] has {len(v)} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return self.flux.shape[0]
+
+    @staticmethod
+    def concat(blocks: list["SpectrumBlock"]) -> "SpectrumBlock":
+        """Stack blocks of the same survey and grid (metadata columns must match)."""
+        if not blocks:
+            raise ValueError("concat needs at least one block")
+        first = blocks[0]
+        for b in blocks[1:]:
+            if b.survey != first.survey or b.grid != first.grid or list(b.meta) != list(first.meta):
+                raise ValueError("cannot concatenate blocks of different surveys, grids or columns")
+        return SpectrumBlock(
+            survey=first.survey,
+            grid=first.grid,
+            flux=np.concatenate([b.flux for b in blocks]),
+            ivar=np.concatenate([b.ivar for b in blocks]),
+            mask=np.concatenate([b.mask for b in blocks]),
+            meta={k: np.concatenate([b.meta[k] for b in blocks]) for k in first.meta},
+        )
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A registered survey reader (see module docstring)."""
+
+    name: str
+    identify: Callable[[set], bool]
+    read: Callable[..., SpectrumBlock]
+    grid: Grid
+    meta_columns: dict = field(default_factory=dict)  #: COMMON_META + native columns (name -> dtype code)
+    priority: int = 0
+    description: str = ""
+    spectra_per_file: int = 1  #: typical count, used to size ingest batches
+
+
+_READERS: dict[str, Reader] = {}
+
+
+def register_reader(reader: Reader) -> None:
+    """Add a reader to the registry (a later registration with the same name replaces it)."""
+    _READERS[reader.name] = reader
+
+
+def readers() -> list[Reader]:
+    """Registered readers, highest priority first."""
+    return sorted(_READERS.values(), key=lambda r: -r.priority)
+
+
+def get_reader(name: str) -> Reader:
+    try:
+        return _READERS[name]
+    except KeyError:
+        raise InputFileError(
+            f"unknown survey {name!r}; known: {', '.join(sorted(_READERS))} (or 'auto')",
+            RejectReason.UNKNOWN_FORMAT,
+        ) from None
+
+
+def _open_fits(path):
+    import fitsio
+
+    name = os.path.basename(str(path))
+    try:
+        fits = fitsio.FITS(str(path))
+        hdu_names = {(h.get_extname() or "").upper() for h in fits}
+        end = max(h.get_offsets()["data_end"] for h in fits)
+        size = os.path.getsize(str(path))
+    except Exception as exc:  # fitsio raises OSError/ValueError/… for non-FITS and truncated files
+        raise InputFileError(
+            f"{name}: not a readable FITS file ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})",
+            RejectReason.UNREADABLE_FILE,
+        ) from exc
+    if end > size:
+        fits.close()
+        raise InputFileError(f"{name}: truncated FITS file: its headers need {end:,d} bytes, the file has {size:,d}",
+                             RejectReason.UNREADABLE_FILE)
+    return fits, hdu_names
+
+
+def identify_survey(path: str | os.PathLike) -> str:
+    """Name of the reader that recognises ``path`` by its HDUs.
+
+    Raises
+    ------
+    InputFileError
+        ``unreadable_file`` if the file is not FITS, ``unknown_format`` if no reader matches.
+    """
+    fits, hdu_names = _open_fits(path)
+    with fits:
+        return _identify(path, hdu_names)
+
+
+def _identify(path, hdu_names: set) -> str:
+    for reader in readers():
+        if reader.identify(hdu_names):
+            return reader.name
+    shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
+    raise InputFileError(
+        f"{os.path.basename(str(path))}: no reader matched (HDUs: {shown}); pass survey=… "
+        f"(one of {', '.join(sorted(_READERS))})",
+        RejectReason.UNKNOWN_FORMAT,
+    )
+
+
+def read_spectra(path: str | os.PathLike, survey: str = "auto") -> SpectrumBlock:
+    """Read one survey file into a :class:`SpectrumBlock` on the reader's grid.
+
+    Parameters
+    ----------
+    path : path-like
+        A survey file (e.g. SDSS ``spec-PLATE-MJD-FIBER.fits``).
+    survey : str
+        Reader name, or ``"auto"`` to identify the file by content.
+
+    Raises
+    ------
+    InputFileError
+        With ``.reason`` set to a :class:`~catalogpred.errors.RejectReason`.
+    """
+    fits, hdu_names = _open_fits(path)
+    with fits:
+        name = _identify(path, hdu_names) if survey == "auto" else survey
+        reader = get_reader(name)
+        if survey != "auto" and not reader.identify(hdu_names):
+            shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
+            raise InputFileError(
+                f"{os.path.basename(str(path))}: not a {name} file (HDUs: {shown})",
+                RejectReason.MISSING_HDU,
+            )
+        try:
+            return reader.read(fits, path)
+        except InputFileError:
+            raise
+        except Exception as exc:  # a truncated file often opens but fails on data access
+            raise InputFileError(
+                f"{os.path.basename(str(path))}: failed to read {name} data ({type(exc).__name__}: {exc})",
+                RejectReason.UNREADABLE_FILE,
+            ) from exc
+
+
+# registration of the built-in readers (module import registers them)
+from . import sdss  # noqa: E402,F401

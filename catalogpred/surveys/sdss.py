@@ -1,0 +1,140 @@
+"""SDSS ``spec-*.fits`` reader: legacy SDSS-I/II (lite and full), BOSS, eBOSS and SDSS-V.
+
+Format (FORMATS.md): HDU ``COADD`` holds one row per pixel (``flux``, ``loglam``,
+``ivar``, ``and_mask``; upper-case names in DR18+), HDU ``SPECOBJ`` (legacy) or
+``SPALL`` (BOSS and later) one row of object data. SDSS pixels sit on a global
+log-λ grid with 1e-4 dex steps, so each pixel goes to
+:data:`~catalogpred.spectra.SDSS_GRID` by integer index, with no interpolation.
+Pixels outside the grid (BOSS reaches 3600–10400 Å) are dropped.
+
+Ids: ``source_id = "sdss-PPPP-MMMMM-FFFF"`` (zero-padded as in the file name;
+SDSS-V uses FIELD and CATALOGID: ``"sdss-FFFFF-MMMMM-CATALOGID"``). ``specobjid``
+is kept as a string: it is a 22-char string in legacy files, int64 in BOSS v5_11
+and uint64 (via TZERO) in v5_13, so no integer type holds all of them.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import InputFileError, RejectReason
+from ..spectra import SDSS_GRID, PixelMask, loglam_to_sdss_index
+from . import COMMON_META, Reader, SpectrumBlock, register_reader
+
+__all__ = ["identify", "read", "SDSS_META"]
+
+#: survey-native columns added to :data:`~catalogpred.surveys.COMMON_META`.
+SDSS_META = {
+    "plate": "i4",  # PLATE (legacy/BOSS) or FIELD (SDSS-V)
+    "mjd": "i4",
+    "fiberid": "i4",  # -1 when absent (SDSS-V)
+    "catalogid": "U",  # SDSS-V CATALOGID as string ("" before SDSS-V)
+    "specobjid": "U",
+    "spec_class": "U",  # CLASS: GALAXY, QSO, STAR
+    "subclass": "U",
+    "sn_median_all": "f4",
+    "run2d": "U",
+}
+
+_OBJECT_HDUS = ("SPECOBJ", "SPALL")
+
+
+def identify(hdu_names: set) -> bool:
+    """True for files that carry SDSS coadd or spectro-object HDUs."""
+    return "COADD" in hdu_names or any(h in hdu_names for h in _OBJECT_HDUS)
+
+
+def _col(row, names, default=None):
+    for n in names:
+        if n in row.dtype.names:
+            return row[n][0]
+    return default
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip()
+
+
+def read(fits, path) -> SpectrumBlock:
+    """Read an opened SDSS spec file into a one-row :class:`SpectrumBlock` on the SDSS grid.
+
+    Flux is F_λ in 1e-17 erg/s/cm²/Å (the files' ``BUNIT``); the mask carries
+    ``PIPELINE`` where ``and_mask != 0`` and ``NO_COVERAGE`` outside the file's range.
+    """
+    name = os.path.basename(str(path))
+    hdu_names = {(h.get_extname() or "").upper() for h in fits}
+    if "COADD" not in hdu_names:
+        raise InputFileError(f"{name}: no COADD HDU (an SDSS spec file needs COADD + SPECOBJ/SPALL)",
+                             RejectReason.MISSING_HDU)
+    obj_hdu = next((h for h in _OBJECT_HDUS if h in hdu_names), None)
+    if obj_hdu is None:
+        raise InputFileError(f"{name}: no SPECOBJ or SPALL HDU, so no redshift or ids", RejectReason.MISSING_HDU)
+
+    coadd = fits["COADD"].read(columns=["flux", "loglam", "ivar", "and_mask"])
+    obj_cols = {c.upper() for c in fits[obj_hdu].get_colnames()}
+    wanted = [c for c in ("PLATE", "FIELD", "MJD", "FIBERID", "CATALOGID", "PLUG_RA", "PLUG_DEC", "RA", "DEC",
+                          "Z", "Z_ERR", "ZWARNING", "CLASS", "SUBCLASS", "SPECOBJID", "SN_MEDIAN_ALL", "RUN2D")
+              if c in obj_cols]
+    missing = [c for c in ("MJD", "Z") if c not in obj_cols]
+    if missing:
+        raise InputFileError(f"{name}: {obj_hdu} lacks required columns {missing}", RejectReason.MISSING_HDU)
+    obj = fits[obj_hdu].read(columns=wanted, rows=[0])
+
+    n_pix = SDSS_GRID.n_pix
+    flux = np.zeros((1, n_pix), np.float32)
+    ivar = np.zeros((1, n_pix), np.float32)
+    mask = np.full((1, n_pix), int(PixelMask.NO_COVERAGE), np.uint8)
+    idx = loglam_to_sdss_index(coadd["loglam"])
+    keep = (idx >= 0) & (idx < n_pix)
+    idx = idx[keep]
+    flux[0, idx] = coadd["flux"][keep]
+    ivar[0, idx] = coadd["ivar"][keep]
+    mask[0, idx] = np.where(coadd["and_mask"][keep] != 0, int(PixelMask.PIPELINE), 0)
+
+    plate = int(_col(obj, ("PLATE", "FIELD"), -1))
+    mjd = int(_col(obj, ("MJD",)))
+    fiber = int(_col(obj, ("FIBERID",), -1))
+    catalogid = _text(_col(obj, ("CATALOGID",), ""))
+    if "PLATE" in obj.dtype.names and fiber >= 0:
+        source_id = f"sdss-{plate:04d}-{mjd:05d}-{fiber:04d}"
+    elif catalogid:
+        source_id = f"sdss-{plate:05d}-{mjd:05d}-{catalogid}"
+    else:
+        raise InputFileError(f"{name}: {obj_hdu} has neither PLATE/FIBERID nor FIELD/CATALOGID", RejectReason.MISSING_HDU)
+
+    ra = _col(obj, ("PLUG_RA", "RA"))
+    dec = _col(obj, ("PLUG_DEC", "DEC"))
+    if ra is None or dec is None:
+        hdr = fits[0].read_header()
+        ra, dec = hdr.get("PLUG_RA", np.nan), hdr.get("PLUG_DEC", np.nan)
+    specobjid = _col(obj, ("SPECOBJID",), "")
+    meta = {
+        "source_id": np.array([source_id]),
+        "survey": np.array(["sdss"]),
+        "ra": np.array([float(ra)]),
+        "dec": np.array([float(dec)]),
+        "z": np.array([float(_col(obj, ("Z",)))]),
+        "z_err": np.array([float(_col(obj, ("Z_ERR",), np.nan))]),
+        "zwarning": np.array([int(_col(obj, ("ZWARNING",), 0))], np.int64),
+        "source_file": np.array([name]),
+        "row_in_file": np.array([0], np.int32),
+        "plate": np.array([plate], np.int32),
+        "mjd": np.array([mjd], np.int32),
+        "fiberid": np.array([fiber], np.int32),
+        "catalogid": np.array([catalogid]),
+        "specobjid": np.array([_text(specobjid)]),
+        "spec_class": np.array([_text(_col(obj, ("CLASS",), ""))]),
+        "subclass": np.array([_text(_col(obj, ("SUBCLASS",), ""))]),
+        "sn_median_all": np.array([float(_col(obj, ("SN_MEDIAN_ALL",), np.nan))], np.float32),
+        "run2d": np.array([_text(_col(obj, ("RUN2D",), ""))]),
+    }
+    assert list(meta)[: len(COMMON_META)] == list(COMMON_META)
+    return SpectrumBlock(survey="sdss", grid=SDSS_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta)
+
+
+register_reader(Reader(name="sdss", identify=identify, read=read, grid=SDSS_GRID, priority=10,
+                       meta_columns={**COMMON_META, **SDSS_META},
+                       description="SDSS spec-*.fits (legacy, BOSS, eBOSS, SDSS-V)"))

@@ -1,0 +1,234 @@
+"""Worker functions: one call = one shard of ingest or one block of predict.
+
+They take paths and scalars, do their I/O through :mod:`.store` and :mod:`.catalog`,
+and return a small summary dict. No Dask here: :mod:`.pipeline` schedules them,
+and tests can call them directly. Each is idempotent: re-running a shard or block
+rewrites the same files (atomic renames), so retries never duplicate rows.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from . import catalog as cat
+from . import store
+from .errors import InputFileError, RejectReason
+from .spectra import PixelMask, check_spectra, pixel_weights
+from .surveys import SpectrumBlock, get_reader, identify_survey, read_spectra
+
+__all__ = ["detect_survey", "ingest_shard", "predict_block", "block_key"]
+
+log = logging.getLogger(__name__)
+
+
+def detect_survey(path: str) -> tuple[str, str | None, str | None]:
+    """``(path, survey or None, reject reason or None)`` for one input file (never raises)."""
+    try:
+        return path, identify_survey(path), None
+    except InputFileError as exc:
+        return path, None, f"{exc.reason.value}\t{exc}"
+
+
+def _empty_block(survey: str, path: str, n_meta: dict) -> SpectrumBlock:
+    reader = get_reader(survey)
+    n_pix = reader.grid.n_pix
+    meta = {}
+    for name, code in n_meta.items():
+        if code == "U":
+            meta[name] = np.array([""], dtype=object)
+        elif code.startswith("f"):
+            meta[name] = np.array([np.nan], dtype=code)
+        else:
+            meta[name] = np.array([-1], dtype=code)
+    meta["source_id"] = np.array([f"file:{os.path.basename(path)}"], dtype=object)
+    meta["survey"] = np.array([survey], dtype=object)
+    meta["source_file"] = np.array([os.path.basename(path)], dtype=object)
+    meta["row_in_file"] = np.array([-1], np.int32)
+    return SpectrumBlock(survey=survey, grid=reader.grid, flux=np.zeros((1, n_pix), np.float32),
+                         ivar=np.zeros((1, n_pix), np.float32),
+                         mask=np.full((1, n_pix), int(PixelMask.NO_COVERAGE), np.uint8), meta=meta)
+
+
+def ingest_shard(store_path: str, survey: str, shard: int, paths: list[str],
+                 file_rejects: dict[str, str] | None = None) -> dict:
+    """Read ``paths`` (files of ``survey``), normalise, and write store shard ``shard``.
+
+    ``file_rejects`` maps paths already known to be bad (from detection) to
+    ``"reason\\tdetail"``; they get a REJECTED row like files that fail here.
+    Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    _, layout = store.open_survey(store_path, survey)
+    file_rejects = dict(file_rejects or {})
+    blocks, reasons, details, src_paths = [], [], [], []
+    for path in paths:
+        if path in file_rejects:
+            reason, detail = file_rejects[path].split("\t", 1)
+            blk = _empty_block(survey, path, layout.meta_columns)
+            blocks.append(blk), reasons.append(reason), details.append(detail), src_paths.append(path)
+            continue
+        try:
+            blk = read_spectra(path, survey)
+        except InputFileError as exc:
+            blk = _empty_block(survey, path, layout.meta_columns)
+            reasons.append(exc.reason.value), details.append(str(exc))
+        else:
+            reasons.extend([None] * len(blk)), details.extend([""] * len(blk))
+        blocks.append(blk)
+        src_paths.extend([path] * len(blk))
+    if not blocks:
+        return {"shard": shard, "n_rows": 0, "n_ok": 0, "reasons": {}, "seconds": 0.0}
+    block = SpectrumBlock.concat(blocks)
+    flux_n, ivar_n, mask, norm, check_reasons, check_details = check_spectra(
+        block.flux, block.ivar, block.mask, block.grid.wave, block.meta["z"])
+    status = np.full(len(block), store.RowStatus.OK, np.uint8)
+    reason_col = np.array([""] * len(block), dtype=object)
+    detail_col = np.array([""] * len(block), dtype=object)
+    for i in range(len(block)):
+        r, d = (reasons[i], details[i]) if reasons[i] else (
+            (check_reasons[i].value, check_details[i]) if check_reasons[i] else (None, ""))
+        if r:
+            status[i], reason_col[i], detail_col[i] = store.RowStatus.REJECTED, r, d
+    weight = pixel_weights(ivar_n, mask)
+    good = weight > 0
+    snr = np.where(good, flux_n * np.sqrt(np.maximum(ivar_n, 0)), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are rejects already
+        snr_median = np.nanmedian(snr, axis=1)
+    coverage = ((mask & PixelMask.NO_COVERAGE) == 0).mean(axis=1)
+    meta = {name: block.meta[name] for name in layout.meta_columns}
+    meta.update(norm=norm, status=status, reject_reason=reason_col, reject_detail=detail_col,
+                source_path=np.array(src_paths, dtype=object), snr_median=snr_median.astype(np.float32),
+                coverage=coverage.astype(np.float32))
+    store.write_shard(store_path, survey, shard, flux_n, ivar_n, mask, meta)
+    counts = Counter(r for r in reason_col if r)
+    dt = time.perf_counter() - t0
+    log.info("stage=ingest survey=%s shard=%d files=%d rows=%d ok=%d s=%.2f", survey, shard, len(paths), len(block),
+             int((status == store.RowStatus.OK).sum()), dt)
+    return {"shard": shard, "n_rows": len(block), "n_ok": int((status == store.RowStatus.OK).sum()),
+            "reasons": dict(counts), "seconds": dt}
+
+
+def block_key(survey: str, shard: int) -> str:
+    """Name of a prediction block (and of its part files): ``<survey>-<shard:06d>``."""
+    return f"{survey}-{shard:06d}"
+
+
+_TORCH_THREADS: list[int] = []
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(columns: tuple) -> pa.Schema:
+    """Catalog schema with the VO-Parquet description, so every part file carries its units."""
+    return cat.catalog_schema(list(columns), {"IVOA.VOTable-Parquet.version": "1.0",
+                                              "IVOA.VOTable-Parquet.content": cat.vo_table_xml(list(columns))})
+
+
+def _set_torch_threads(n: int | None) -> None:
+    import torch
+
+    if n and _TORCH_THREADS != [n]:
+        torch.set_num_threads(n)
+        _TORCH_THREADS[:] = [n]
+
+
+def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, catalog_path: str, order: int,
+                  schema_columns: list, *, precision: str = "fp32", batch_size: int = 256, device: str = "cpu",
+                  torch_threads: int | None = None) -> dict:
+    """Predict one store shard and write its catalog part files, rejects and done marker.
+
+    Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model"}``.
+    """
+    from hats.pixel_math.spatial_index import compute_spatial_index
+
+    from .model.bundle import cached_model, infer
+
+    t0 = time.perf_counter()
+    _set_torch_threads(torch_threads)
+    key = block_key(survey, shard)
+    meta = store.read_meta(store_path, survey, shard=shard)
+    status = meta.column("status").to_numpy()
+    ok = status == store.RowStatus.OK
+    rejected = meta.filter(pa.array(~ok))
+    rej = {
+        "source_id": rejected.column("source_id"), "survey": rejected.column("survey"),
+        "source_file": rejected.column("source_file"), "source_path": rejected.column("source_path"),
+        "row_in_file": rejected.column("row_in_file"), "store_row": rejected.column("row"),
+        "stage": pa.array(["ingest"] * rejected.num_rows, pa.string()),
+        "reason": rejected.column("reject_reason"), "detail": rejected.column("reject_detail"),
+    }
+    rejects = [pa.table(rej)]
+    good = meta.filter(pa.array(ok))
+    pixels: dict[int, int] = {}
+    t_model = 0.0
+    n_rows = 0
+    if good.num_rows:
+        rows = good.column("row").to_numpy()
+        flux = store.read_flux(store_path, survey, rows)
+        model = cached_model(bundle_path, device)
+        z = good.column("z").to_numpy()
+        norm = good.column("norm").to_numpy()
+        tm = time.perf_counter()
+        latents, mean, sigma = infer(model, flux, z, norm, batch_size=batch_size, precision=precision)
+        t_model = time.perf_counter() - tm
+        n = good.num_rows
+        flags = np.zeros(n, np.int32)
+        flags |= np.where(good.column("zwarning").to_numpy() != 0, int(cat.CatalogFlag.ZWARNING), 0).astype(np.int32)
+        snr = good.column("snr_median").to_numpy()
+        flags |= np.where(~(snr >= 2), int(cat.CatalogFlag.LOW_SN), 0).astype(np.int32)
+        flags |= np.where(good.column("coverage").to_numpy() < 0.8, int(cat.CatalogFlag.PARTIAL_COVERAGE), 0).astype(np.int32)
+        finite = np.isfinite(latents).all(1)
+        if mean is None:
+            flags |= int(cat.CatalogFlag.NO_PREDICTION)
+        else:
+            finite &= np.isfinite(mean).all(1) & np.isfinite(sigma).all(1)
+        if (~finite).any():
+            bad = good.filter(pa.array(~finite))
+            rejects.append(pa.table({
+                "source_id": bad.column("source_id"), "survey": bad.column("survey"),
+                "source_file": bad.column("source_file"), "source_path": bad.column("source_path"),
+                "row_in_file": bad.column("row_in_file"), "store_row": bad.column("row"),
+                "stage": pa.array(["predict"] * bad.num_rows, pa.string()),
+                "reason": pa.array([RejectReason.NONFINITE_PREDICTION.value] * bad.num_rows, pa.string()),
+                "detail": pa.array(["model output is NaN/inf"] * bad.num_rows, pa.string())}))
+        sel = np.flatnonzero(finite)
+        g = good.take(pa.array(sel))
+        cols = {}
+        for c in schema_columns:
+            name = c.name
+            if name in g.column_names:
+                cols[name] = g.column(name).cast(c.type)
+            elif name.endswith("_mag") or name.endswith("_mag_err"):
+                j = ("w1", "w2", "w3", "w4").index(name[:2])
+                src = mean if name.endswith("_mag") else sigma
+                cols[name] = pa.array(src[sel, j] if src is not None else np.full(len(sel), np.nan, np.float32),
+                                      pa.float32(), mask=None if src is not None else np.ones(len(sel), bool))
+            elif name == "latent":
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(latents[sel].ravel(), pa.float32()),
+                                                               latents.shape[1])
+            elif name == "flags":
+                cols[name] = pa.array(flags[sel], pa.int32())
+            elif name == "model_id":
+                cols[name] = pa.array([model.info.model_id] * len(sel), pa.string())
+            else:
+                cols[name] = pa.nulls(len(sel), c.type)
+        ra, dec = g.column("ra").to_numpy(), g.column("dec").to_numpy()
+        cols["_healpix_29"] = pa.array(compute_spatial_index(ra, dec).astype(np.int64))
+        schema = _schema(tuple(schema_columns))
+        table = pa.Table.from_pydict(cols, schema=schema)
+        pixels = cat.write_fragment(catalog_path, table, order, key)
+        n_rows = table.num_rows
+    rejects_table = pa.concat_tables([t.cast(cat.REJECTS_SCHEMA) for t in rejects])
+    dt = time.perf_counter() - t0
+    summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
+               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": t_model}
+    cat.write_block_done(catalog_path, key, summary, rejects_table)
+    log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt, t_model)
+    return summary
