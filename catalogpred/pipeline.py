@@ -184,10 +184,15 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
 
     for name, files in sorted(by_survey.items()):
         reader = get_reader(name)
-        layout = store.SurveyLayout(survey=name, grid=reader.grid, meta_columns=reader.meta_columns,
-                                    shard_rows=shard_rows, chunk_rows=chunk_rows)
-        store.create_survey(store_path, layout)
-        _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
+        if os.path.exists(store_path) and name in store.list_surveys(store_path):
+            _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
+            if (layout.shard_rows, layout.chunk_rows) != (shard_rows, chunk_rows):
+                log.info("%s/%s exists: appending with its shard_rows=%d, chunk_rows=%d", store_path, name,
+                         layout.shard_rows, layout.chunk_rows)
+        else:
+            layout = store.SurveyLayout(survey=name, grid=reader.grid, meta_columns=reader.meta_columns,
+                                        shard_rows=shard_rows, chunk_rows=min(chunk_rows, shard_rows))
+            store.create_survey(store_path, layout)
         done_paths = set()
         if len(store.done_shards(store_path, name)):
             done_paths = set(store.read_meta(store_path, name, columns=["source_path"]).column("source_path").to_pylist())

@@ -1,6 +1,7 @@
 """Shared fixtures: real data from ../shared (skipped with a reason when absent) and a real LocalCluster."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -50,7 +51,7 @@ def client():
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs="error")
+                           silence_logs=logging.ERROR)
     c = Client(cluster)
     yield c
     c.close()
