@@ -26,9 +26,9 @@ def _valid(mag, err):
     return np.isfinite(mag) & np.isfinite(err) & (err > 0) & (err < NONDETECTION_SIGMA)
 
 
-def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(64, 64), epochs: int = 600,
-             lr: float = 3e-3, weight_decay: float = 1e-5, val_fraction: float = 0.2, patience: int = 60,
-             seed: int = 0) -> tuple[IRHead, dict]:
+def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(64, 64), epochs: int = 300,
+             batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-5, val_fraction: float = 0.2,
+             patience: int = 20, seed: int = 0) -> tuple[IRHead, dict]:
     """Fit an :class:`IRHead` on features ``x`` and observed magnitudes.
 
     Parameters
@@ -37,7 +37,8 @@ def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(6
         Head features (:func:`~catalogpred.model.head.head_features`).
     mag, mag_err : float [N, 4]
         Observed W1–W4 Vega magnitudes and 1σ errors (NaN or ≥ 99 = missing).
-    epochs, lr, weight_decay, patience : training settings (full-batch Adam, early stopping on validation NLL)
+    epochs, batch_size, lr, weight_decay, patience : training settings (mini-batch Adam, learning rate halved
+        on plateaus, early stopping on the validation NLL after ``patience`` epochs without improvement)
     seed : int
         Fixes the split and the initial weights.
 
@@ -77,24 +78,29 @@ def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(6
         return (wb * (0.5 * torch.log(var) + 0.5 * (mean - yb) ** 2 / var)).sum() / wb.sum().clamp(min=1)
 
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, patience // 4))
     best, best_state, since = np.inf, None, 0
+    n_tr = len(tr)
     for epoch in range(epochs):
         head.train()
-        opt.zero_grad()
-        loss = nll(xt, yt, et, wt)
-        loss.backward()
-        opt.step()
+        order = torch.randperm(n_tr, generator=g)
+        for lo in range(0, n_tr, batch_size):
+            idx = order[lo:lo + batch_size]
+            opt.zero_grad()
+            loss = nll(xt[idx], yt[idx], et[idx], wt[idx])
+            loss.backward()
+            opt.step()
         head.eval()
         with torch.no_grad():
             v = float(nll(xv, yv, ev, wv))
-        if v < best - 1e-5:
+        sched.step(v)
+        if v < best - 1e-4:
             best, since = v, 0
             best_state = {k: t.clone() for k, t in head.state_dict().items()}
         else:
             since += 1
             if since > patience:
                 break
-    del g
     head.load_state_dict(best_state)
     head.eval()
     log.info("head fit: %d train, %d validation rows, stopped at epoch %d, val NLL %.4f", len(tr), len(val), epoch, best)
