@@ -341,6 +341,8 @@ def run_predict(store_path: str, bundle_path: str, catalog_path: str, *, client,
         order = order if order is not None else cat.choose_order(inputs)
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(json.dumps({"model_id": info.model_id, "order": order, "store": os.path.abspath(store_path)}))
+    for stale in Path(catalog_path).glob("**/.*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
     done = cat.read_block_done(catalog_path)
     todo = [(s, sh) for s, sh in blocks if block_key(s, sh) not in done]
     summary = PredictSummary(catalog=catalog_path, model_id=info.model_id, blocks=len(blocks),

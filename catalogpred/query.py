@@ -187,7 +187,13 @@ def write_table(table: pa.Table, dest, fmt: str | None = None) -> None:
     if fmt == ".parquet":
         pq.write_table(table, dest)
     elif fmt == ".fits":
-        arrow_to_astropy(table).write(dest, format="fits", overwrite=True)
+        import warnings
+
+        from astropy.units import UnitsWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
+            arrow_to_astropy(table).write(dest, format="fits", overwrite=True)
     elif fmt == ".csv":
         flat = {}
         for field, col in zip(table.schema, table.columns):
@@ -197,13 +203,6 @@ def write_table(table: pa.Table, dest, fmt: str | None = None) -> None:
                     flat[f"{field.name}_{j}"] = vals[:, j]
             else:
                 flat[field.name] = col
-        import pyarrow.csv as pacsv
-
-        t = pa.table(flat)
-        if hasattr(dest, "write") and not hasattr(dest, "buffer"):
-            dest.write(t.to_pandas().to_csv(index=False))
-        else:
-            sink = dest.buffer if hasattr(dest, "buffer") else dest
-            pacsv.write_csv(t, sink)
+        pa.table(flat).to_pandas().to_csv(dest, index=False)
     else:
         raise ConfigError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")

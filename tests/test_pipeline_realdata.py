@@ -139,3 +139,41 @@ def test_duplicate_ids_rejected(tmp_path, sdss_files, client):
     meta = store.read_meta(str(tmp_path / "s.zarr"), "sdss").to_pandas()
     dup = meta[meta.status == store.RowStatus.REJECTED]
     assert len(dup) == 1 and "already ingested" in dup.reject_detail.iloc[0]
+
+
+def test_killed_predict_resumes_to_identical_catalog(tmp_path, sdss_files, client, random_bundle):
+    """Kill `catalogpred predict` (whole process group) after its first block, re-run, compare with a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sdss_files:
+        shutil.copy(p, inputs / p.name)
+    st = str(tmp_path / "s.zarr")
+    run_ingest([str(inputs)], st, client=client, shard_rows=1, chunk_rows=1, progress=False)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "catalogpred.cli", "predict", "--store", st, "--model", str(random_bundle),
+           "--catalog", str(killed), "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    blocks = killed / "_run" / "blocks"
+    while time.time() < deadline and len(list(blocks.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(blocks.glob("*.json")))
+    assert 2 <= n_done < 14, "the kill must land mid-run"
+    assert not (killed / "hats.properties").exists()
+    rc = subprocess.run(cmd, capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    clean = run_predict(st, str(random_bundle), str(tmp_path / "clean"), client=client, progress=False)
+    a = pq.ParquetDataset(killed / "dataset").read().to_pandas().sort_values("source_id").reset_index(drop=True)
+    b = pq.ParquetDataset(tmp_path / "clean" / "dataset").read().to_pandas().sort_values("source_id").reset_index(drop=True)
+    assert len(a) == len(b) == clean.rows == 13 and a["source_id"].is_unique
+    assert list(a["source_id"]) == list(b["source_id"])
+    np.testing.assert_allclose(a["w1_mag"], b["w1_mag"], rtol=1e-6)
+    assert pq.read_table(killed / "rejects.parquet").num_rows == 1

@@ -1,0 +1,75 @@
+"""The command line: --help everywhere, data on stdout, errors as one line and exit 1."""
+import io
+import subprocess
+import sys
+
+import pytest
+
+from catalogpred.cli import COMMANDS, main
+
+
+def test_help_everywhere(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "example" in out, cmd
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "catalogpred.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "catalogpred" in out.stdout
+
+
+def test_missing_store_is_one_line_error(tmp_path, capsys, random_bundle):
+    rc = main(["predict", "--store", str(tmp_path / "nope.zarr"), "--model", str(random_bundle),
+               "--catalog", str(tmp_path / "cat"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error:" in err and "nope.zarr" in err and "Traceback" not in err
+
+
+def test_ingest_dry_run_lists_files(sdss_files, capsys):
+    rc = main(["ingest", str(sdss_files[0].parent), "--store", "unused.zarr", "--dry-run"])
+    out = capsys.readouterr().out.split()
+    assert rc == 0 and len(out) == 14 and all(p.endswith(".fits") for p in out)
+
+
+def test_bad_input_glob(capsys):
+    rc = main(["ingest", "/nonexistent/spec-*.fits", "--store", "x.zarr", "--dry-run"])
+    assert rc == 1 and "matches no file" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_ingest_predict_query_cli(tmp_path, sdss_files, random_bundle, capsys):
+    import shutil
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for p in sdss_files[:4]:
+        shutil.copy(p, inp)
+    st, cat = str(tmp_path / "s.zarr"), str(tmp_path / "cat")
+    assert main(["ingest", str(inp), "--store", st, "--workers", "1", "--shard-rows", "4", "--chunk-rows", "4",
+                 "--no-progress", "--strict"]) == 0
+    assert main(["predict", "--store", st, "--model", str(random_bundle), "--catalog", cat, "--workers", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    # CSV on stdout, nothing else
+    assert main(["query", cat, "--cone", "146.9", "-0.7", "7200", "--columns", "source_id,ra,dec,w1_mag"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "source_id,ra,dec,w1_mag" and len(out) == 1 + 4  # plate 266 is near (146.9, -0.7)
+    # FITS export keeps units
+    assert main(["query", cat, "--cone", "146.9", "-0.7", "7200", "--where", "z < 0.2", "-o", str(tmp_path / "o.fits")]) == 0
+    from astropy.table import Table
+
+    t = Table.read(tmp_path / "o.fits")
+    assert str(t["w1_mag"].unit) == "mag" and str(t["ra"].unit) == "deg" and (t["z"] < 0.2).all() and len(t) >= 1
+    assert t["latent"].shape[1] == 6
+    assert main(["info", cat]) == 0
+    assert "w1_mag" in capsys.readouterr().out
+    # unknown column: clear error
+    assert main(["query", cat, "--columns", "nope"]) == 1
+    assert "unknown columns" in capsys.readouterr().err
