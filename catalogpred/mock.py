@@ -1018,6 +1018,10 @@ def _write_fits(path: pathlib.Path, rendered: dict[str, Any], with_hdu2: bool = 
     os.replace(tmp, path)
 
 
+_DEFECTS = frozenset({"", "truncated", "random_bytes", "nonfinite_flux", "no_valid_pixels", "missing_hdu",
+                      "norm_window_empty"})
+
+
 def write_sdss_spec(obj: MockObject, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write one mock ``spec-PPPP-MMMMM-FFFF.fits`` file.
 
@@ -1038,6 +1042,8 @@ def write_sdss_spec(obj: MockObject, out_dir: str | os.PathLike) -> pathlib.Path
     pathlib.Path
         Path of the written file.
     """
+    if obj.defect not in _DEFECTS:
+        raise ValueError(f"unknown MockObject.defect {obj.defect!r}; expected one of {sorted(_DEFECTS)}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / obj.filename
