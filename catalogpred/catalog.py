@@ -233,7 +233,13 @@ def vo_table_xml(columns: list[Column]) -> str:
         t[c.name] = np.zeros(shape, dtype=dt[0] if isinstance(dt, tuple) else dt)
         t[c.name].unit = c.unit or None
         t[c.name].description = c.description
-    vot = VOTableFile.from_table(t)
+    import warnings
+
+    from astropy.units import UnitsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # 'erg', 'Angstrom' are valid FITS/CDS units; VOUnit prefers SI
+        vot = VOTableFile.from_table(t)
     ucds = {c.name: c.ucd for c in all_cols}
     for f in vot.get_first_table().iter_fields_and_params():
         if ucds.get(f.name):
@@ -241,7 +247,9 @@ def vo_table_xml(columns: list[Column]) -> str:
         if f.datatype == "char":
             f.arraysize = "*"
     buf = io.BytesIO()
-    vot.to_xml(buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)
+        vot.to_xml(buf)
     return buf.getvalue().decode("utf-8")
 
 

@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_dask(args) -> None:
+    """distributed configures its own loggers on import; keep them at WARNING unless -vv."""
+    import distributed  # noqa: F401
+
+    for noisy in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core", "distributed.worker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose < 2 else logging.INFO)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
@@ -121,6 +129,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def _client(args):
     from .cluster import dask_client
+
+    _quiet_dask(args)
 
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file)
 
@@ -216,6 +226,8 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+
+    _quiet_dask(args)
 
     run_demo(args.output, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
              progress=False if args.no_progress else None)

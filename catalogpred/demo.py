@@ -27,44 +27,52 @@ __all__ = ["run_demo", "build_demo_bundle", "plot_colour_colour"]
 log = logging.getLogger(__name__)
 
 DEMO_BAD_INPUTS = 7
-N_TRAIN_MAX = 1200
+N_TRAIN_MAX = 1000
 
 
-def build_demo_bundle(store_path, photometry_path, out, *, seed: int = 42, n_train_max: int = N_TRAIN_MAX):
+def build_demo_bundle(store_path, photometry_path, out, *, client, seed: int = 42, n_train_max: int = N_TRAIN_MAX):
     """Seeded encoder + head fitted on mock photometry; returns the :class:`~.model.bundle.BundleInfo`.
 
     The photometry table is matched to the store on (plate, mjd, fiberid), like a
-    real SDSS × AllWISE match on SPECOBJID.
+    real SDSS × AllWISE match. The encoder is first saved as an encoder-only bundle
+    so the workers compute the training latents in parallel (:func:`.tasks.encode_rows`).
     """
     import torch
 
-    from .model.bundle import ModelCard, encode, save_bundle
+    from .model.bundle import ModelCard, save_bundle
     from .model.encoder import SpectrumEncoder
     from .model.head import head_features
     from .model.train import fit_head
+    from .tasks import encode_rows
 
     torch.manual_seed(seed)
     encoder = SpectrumEncoder(n_latent=6, n_pix=SDSS_GRID.n_pix).eval()
+    summary = ("DEMO bundle made by `catalogpred demo`. The encoder has the spender architecture but SEEDED RANDOM "
+               f"weights (torch seed {seed}); the IR head was fitted in seconds on a MOCK survey. It is not the "
+               "published spender model and its predictions have no scientific value on real data.")
+    save_bundle(out, encoder, None, name="catalogpred-demo-encoder", version="1", grid=SDSS_GRID, overwrite=True,
+                card=ModelCard(kind="demo", summary=summary))
     meta = store.read_meta(store_path, "sdss", columns=["plate", "mjd", "fiberid", "z", "norm", "status"])
     meta = meta.filter(pa.compute.equal(meta.column("status"), store.RowStatus.OK))
     phot = pq.read_table(photometry_path).to_pandas()
     m = meta.to_pandas().merge(phot, on=["plate", "mjd", "fiberid"], how="inner", suffixes=("", "_phot"))
     rng = np.random.default_rng(seed)
     m = m.iloc[np.sort(rng.permutation(len(m))[:n_train_max])]
-    flux = store.read_flux(store_path, "sdss", m["row"].to_numpy())
     t0 = time.perf_counter()
-    latents = encode(encoder, flux)
-    x = head_features(torch.as_tensor(latents), torch.as_tensor(m["z"].to_numpy(), dtype=torch.float32),
-                      torch.as_tensor(m["norm"].to_numpy(), dtype=torch.float32)).numpy()
+    rows = m["row"].to_numpy()
+    chunks = np.array_split(rows, max(1, len(client.scheduler_info()["workers"])))
+    futures = [client.submit(encode_rows, str(store_path), "sdss", c, str(Path(out).resolve()), pure=False)
+               for c in chunks if len(c)]
+    latents = np.concatenate(client.gather(futures))
+    x = head_features(torch.as_tensor(latents), torch.tensor(m["z"].to_numpy(), dtype=torch.float32),
+                      torch.tensor(m["norm"].to_numpy(), dtype=torch.float32)).numpy()
     mags = m[[f"w{i}mpro" for i in range(1, 5)]].to_numpy(np.float64)
     errs = m[[f"w{i}sigmpro" for i in range(1, 5)]].to_numpy(np.float64)
     head, metrics = fit_head(x, mags, errs, seed=seed)
     log.info("demo head fitted on %d mock spectra in %.1f s", len(m), time.perf_counter() - t0)
     card = ModelCard(
         kind="demo",
-        summary=("DEMO bundle made by `catalogpred demo`. The encoder has the spender architecture but SEEDED RANDOM "
-                 f"weights (torch seed {seed}); the IR head was fitted in seconds on a MOCK survey. It is not the "
-                 "published spender model and its predictions have no scientific value on real data."),
+        summary=summary,
         training_data=f"{len(m)} mock SDSS spectra matched to mock AllWISE photometry ({photometry_path}).",
         metrics=metrics,
         limitations="Demonstration only. Use `catalogpred models import-spender` (published encoder) and "
@@ -73,8 +81,11 @@ def build_demo_bundle(store_path, photometry_path, out, *, seed: int = 42, n_tra
     return save_bundle(out, encoder, head, name="catalogpred-demo", version="1", grid=SDSS_GRID, card=card, overwrite=True)
 
 
-def plot_colour_colour(catalog_path, png_path) -> Path:
-    """Predicted W1−W2 vs W2−W3 (Vega) with the Jarrett et al. (2011) AGN box; returns the PNG path."""
+def plot_colour_colour(catalog_path, png_path, photometry_path=None) -> Path:
+    """Predicted W1−W2 vs W2−W3 (Vega) with the Jarrett et al. (2011) AGN box; returns the PNG path.
+
+    With ``photometry_path`` (a table with ``w1mpro..w3mpro``), the observed colours are drawn behind.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +96,14 @@ def plot_colour_colour(catalog_path, png_path) -> Path:
     t = open_catalog(catalog_path).select(["w1_mag", "w2_mag", "w3_mag"]).to_pandas()
     x, y = t["w2_mag"] - t["w3_mag"], t["w1_mag"] - t["w2_mag"]
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    ax.scatter(x, y, s=4, alpha=0.5, color="C0", label=f"predicted ({len(t)})")
-    bx = np.array([2.2, 2.2, 4.2, 4.2])
-    ax.plot(bx, [1.7, 0.1 * 2.2 + 0.38, 0.1 * 4.2 + 0.38, 1.7], color="C3", lw=1.2, label="Jarrett+11 AGN box")
+    if photometry_path is not None:
+        o = pq.read_table(photometry_path, columns=["w1mpro", "w2mpro", "w3mpro"]).to_pandas()
+        ax.scatter(o["w2mpro"] - o["w3mpro"], o["w1mpro"] - o["w2mpro"], s=3, alpha=0.35, color="0.6",
+                   label=f"observed (mock AllWISE, {len(o)})")
+    ax.scatter(x, y, s=4, alpha=0.6, color="C0", label=f"predicted ({len(t)})")
+    bx = [2.2, 2.2, 4.2, 4.2, 2.2]
+    by = [1.7, 0.1 * 2.2 + 0.38, 0.1 * 4.2 + 0.38, 1.7, 1.7]
+    ax.plot(bx, by, color="C3", lw=1.2, label="Jarrett+11 AGN box")
     ax.set_xlabel("W2 − W3 [Vega mag]")
     ax.set_ylabel("W1 − W2 [Vega mag]")
     ax.set_title("catalogpred DEMO predictions (mock survey)")
@@ -130,12 +146,12 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
                          chunk_rows=min(256, shard_rows), progress=progress)
         print(ing.table(), file=sys.stderr)
         t = time.perf_counter()
-        info = build_demo_bundle(out / "store.zarr", survey.photometry_path, out / "model", seed=seed)
+        info = build_demo_bundle(out / "store.zarr", survey.photometry_path, out / "model", client=client, seed=seed)
         log.info("demo bundle %s written to %s (%.1f s)", info.model_id, out / "model", time.perf_counter() - t)
         pred = run_predict(str(out / "store.zarr"), str(out / "model"), str(out / "catalog"), client=client,
                            progress=progress, catalog_name="catalogpred_demo")
         print(pred.table(), file=sys.stderr)
-    png = plot_colour_colour(out / "catalog", out / "colour_colour.png")
+    png = plot_colour_colour(out / "catalog", out / "colour_colour.png", survey.photometry_path)
     cat = open_catalog(out / "catalog")
     obj = survey.objects[0]
     cone = cat.cone(obj.plate_ra, obj.plate_dec, radius_arcsec=600).select(

@@ -23,7 +23,7 @@ from .errors import InputFileError, RejectReason
 from .spectra import PixelMask, check_spectra, pixel_weights
 from .surveys import SpectrumBlock, get_reader, identify_survey, read_spectra
 
-__all__ = ["detect_survey", "ingest_shard", "predict_block", "block_key"]
+__all__ = ["detect_survey", "ingest_shard", "predict_block", "encode_rows", "block_key"]
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +232,13 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     cat.write_block_done(catalog_path, key, summary, rejects_table)
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt, t_model)
     return summary
+
+
+def encode_rows(store_path: str, survey: str, rows, bundle_path: str, *, torch_threads: int | None = None,
+                precision: str = "fp32") -> np.ndarray:
+    """Latents float32 [len(rows), S] of store rows, with the bundle's encoder (e.g. to build head training sets)."""
+    from .model.bundle import cached_model, encode
+
+    _set_torch_threads(torch_threads)
+    model = cached_model(bundle_path)
+    return encode(model.encoder, store.read_flux(store_path, survey, np.asarray(rows)), precision=precision)
