@@ -74,6 +74,20 @@ class RejectReason(str, enum.Enum):
     NORM_WINDOW_EMPTY = "norm_window_empty"
     #: the normalisation median is <= 0 or not finite
     BAD_NORM = "bad_norm"
+    #: no redshift for the spectrum (no matching redshift file or table row)
+    NO_REDSHIFT = "no_redshift"
+    #: a sky fibre (excluded by the selection)
+    SKY_FIBRE = "sky_fibre"
+    #: an unassigned fibre (DESI negative TARGETID / blank OBJTYPE)
+    UNASSIGNED_FIBRE = "unassigned_fibre"
+    #: a flux-standard star (PFS FLUXSTD), excluded by the selection
+    FLUX_STANDARD = "flux_standard"
+    #: fibre status non-zero (DESI COADD_FIBERSTATUS)
+    BAD_FIBERSTATUS = "bad_fiberstatus"
+    #: the redshift fit has warning bits set (DESI ZWARN)
+    ZWARN = "zwarn"
+    #: the redshift fit's class is not an accepted SPECTYPE (default: GALAXY only)
+    NOT_GALAXY = "not_galaxy"
     #: the source_id was already ingested (first occurrence kept)
     DUPLICATE_ID = "duplicate_id"
     #: a prediction block failed on every retry; the error text is in ``detail``

@@ -122,6 +122,7 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
 class IngestSummary:
     store: str
     files: int = 0
+    auxiliary_files: int = 0
     skipped_files: int = 0
     rows: int = 0
     ok: int = 0
@@ -137,7 +138,8 @@ class IngestSummary:
     def table(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
         lines = [f"ingest summary: {self.store}",
-                 f"  input files      {self.files:>9,d}   (already in the store, skipped: {self.skipped_files:,d})",
+                 f"  input files      {self.files:>9,d}   (already in the store, skipped: {self.skipped_files:,d}; "
+                 f"redshift-only files used: {self.auxiliary_files:,d})",
                  f"  spectra          {self.rows:>9,d}   ok {self.ok:,d}, rejected {self.rejected:,d}",
                  f"  shards written   {self.shards:>9,d}",
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} spectra/s)"]
@@ -149,8 +151,33 @@ class IngestSummary:
         return "\n".join(lines)
 
 
+def plan_pieces(files: list[tuple[str, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
+    """Pack ``(path, n_spectra)`` into shards of at most ``shard_rows`` spectra.
+
+    Returns one list of ``(path, lo, hi)`` pieces per shard; a file larger than a shard is
+    split across consecutive shards. Pure function (tested directly).
+    """
+    shards: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = shard_rows
+    for path, n in files:
+        n = max(1, int(n))
+        lo = 0
+        while lo < n:
+            take = min(room, n - lo)
+            current.append((path, lo, lo + take))
+            lo += take
+            room -= take
+            if room == 0:
+                shards.append(current)
+                current, room = [], shard_rows
+    if current:
+        shards.append(current)
+    return shards
+
+
 def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "auto", shard_rows: int = 4096,
-               chunk_rows: int = 256, progress: bool | None = None) -> IngestSummary:
+               chunk_rows: int = 256, progress: bool | None = None, options=None) -> IngestSummary:
     """Ingest survey files into the Zarr store at ``store_path`` (created if needed, resumed if partial).
 
     Parameters
@@ -158,29 +185,37 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     inputs : list of str
         Files, directories, globs, ``@filelist.txt``.
     survey : str
-        A reader name, or ``"auto"`` to identify every file by content.
+        A reader name, or ``"auto"`` to identify every file by content. Redshift-only files
+        (DESI ``redrock-*``) are recognised either way and used by the readers, not ingested.
     shard_rows, chunk_rows : int
         Rows per shard (= per ingest task and per prediction block) and per compressed chunk.
+    options : ReadOptions, optional
+        External redshift table and target selection for multi-object surveys.
     """
+    from .surveys import ReadOptions
+
+    options = options or ReadOptions()
     t0 = time.perf_counter()
     paths = expand_inputs(inputs)
-    summary = IngestSummary(store=str(store_path), files=len(paths))
+    summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
-    if survey == "auto":
-        detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
-        by_survey: dict[str, list[str]] = {}
-        for path, name, rej in detected:
-            if name is None:
-                file_rejects[path] = rej
-            else:
-                by_survey.setdefault(name, []).append(path)
-        if file_rejects:
-            # undetectable files are quarantined in the main survey's group, so the accounting still holds
-            home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
-            by_survey.setdefault(home, []).extend(file_rejects)
-    else:
-        get_reader(survey)
-        by_survey = {survey: paths}
+    detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
+    by_survey: dict[str, list[tuple[str, int]]] = {}
+    for path, name, n, rej in detected:
+        if name is not None and name.startswith("aux:"):
+            summary.auxiliary_files += 1
+            continue
+        summary.files += 1
+        if survey != "auto":
+            by_survey.setdefault(survey, []).append((path, n))
+        elif name is None:
+            file_rejects[path] = rej
+        else:
+            by_survey.setdefault(name, []).append((path, n))
+    if file_rejects:
+        # undetectable files are quarantined in the main survey's group, so the accounting still holds
+        home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
+        by_survey.setdefault(home, []).extend((p, 1) for p in file_rejects)
 
     for name, files in sorted(by_survey.items()):
         reader = get_reader(name)
@@ -193,20 +228,37 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
             layout = store.SurveyLayout(survey=name, grid=reader.grid, meta_columns=reader.meta_columns,
                                         shard_rows=shard_rows, chunk_rows=min(chunk_rows, shard_rows))
             store.create_survey(store_path, layout)
-        done_paths = set()
+        pieces = plan_pieces(files, layout.shard_rows)
         if len(store.done_shards(store_path, name)):
-            done_paths = set(store.read_meta(store_path, name, columns=["source_path"]).column("source_path").to_pylist())
-        todo = [p for p in files if p not in done_paths]
-        summary.skipped_files += len(files) - len(todo)
-        per_shard = max(1, layout.shard_rows // max(1, reader.spectra_per_file))
-        batches = [todo[i:i + per_shard] for i in range(0, len(todo), per_shard)]
-        if not batches:
+            done = store.read_meta(store_path, name, columns=["source_path", "row_in_file"])
+            done_keys = set(zip(done.column("source_path").to_pylist(), done.column("row_in_file").to_pylist()))
+            n_before = sum(len(b) for b in pieces)
+
+            def is_done(path, lo):
+                return (path, lo) in done_keys or (lo == 0 and (path, -1) in done_keys)
+
+            todo = [(p, n) for p, n in files]
+            todo_pieces = [pc for b in pieces for pc in b if not is_done(pc[0], pc[1])]
+            summary.skipped_files += len({p for p, _ in todo} - {pc[0] for pc in todo_pieces})
+            # re-pack what is left (resumed pieces keep their row ranges)
+            pieces, cur, room = [], [], layout.shard_rows
+            for pc in todo_pieces:
+                if pc[2] - pc[1] > room:
+                    pieces.append(cur)
+                    cur, room = [], layout.shard_rows
+                cur.append(pc)
+                room -= pc[2] - pc[1]
+            if cur:
+                pieces.append(cur)
+            log.info("resuming %s/%s: %d of %d file pieces already ingested", store_path, name,
+                     n_before - len(todo_pieces), n_before)
+        if not pieces:
             continue
-        shards = store.allocate_shards(store_path, name, len(batches))
+        shards = store.allocate_shards(store_path, name, len(pieces))
         keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
         key_to_shard = dict(zip(keys, shards))
-        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p in b if p in file_rejects})
-                for s, b in zip(shards, batches)]
+        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options)
+                for s, b in zip(shards, pieces)]
         finished: list[int] = []
         results, errors = _run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
                                        progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))

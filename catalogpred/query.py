@@ -1,31 +1,48 @@
-"""Queries on a catalogpred catalog: cone searches, column filters, exports.
+"""Queries on a catalogpred catalog: cone and box searches, filters, id lookup, SQL, exports.
 
->>> cat = open_catalog("demo-output/catalog")                 # doctest: +SKIP
->>> t = cat.cone(150.1, 2.2, radius_arcsec=600).where("w1_mag - w2_mag > 0.8").to_pandas()  # doctest: +SKIP
+>>> cat = open_catalog("demo-output/catalog")                                    # doctest: +SKIP
+>>> t = cat.cone(150.1, 2.2, 600).where("w1_mag - w2_mag > 0.8").to_astropy()  # doctest: +SKIP
+>>> cat.box(350, 10, -5, 5).sql("SELECT survey, count(*) AS n FROM catalog GROUP BY survey")  # doctest: +SKIP
 
-Spatial queries first select the HEALPix leaves (fixed order K) that overlap the
-region (cdshealpix, the library hats uses), read only those part files, then
-apply the exact great-circle cut. Filters use pandas' expression syntax on column
-names (``"z < 0.1 and flags == 0"``).
+A :class:`CatalogQuery` is lazy and immutable: each method returns a new query, and
+``to_arrow``/``to_pandas``/``to_astropy``/``sql`` run it. Spatial queries first select the
+HEALPix leaves (fixed order K) that overlap the region (cdshealpix, the library hats
+uses), read only those part files, then apply the exact cut (great-circle distance for a
+cone, RA/Dec ranges for a box). Several spatial calls combine with AND. Filters use pandas'
+expression syntax on column names (``"z < 0.1 and flags == 0"``); ``sql`` uses DuckDB's SQL
+with the query registered as a view named ``catalog``.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .catalog import DATASET_DIR
+from .catalog import DATASET_DIR, SPATIAL_INDEX_ORDER, pixel_dir
 from .errors import CatalogError, ConfigError
 
-__all__ = ["open_catalog", "CatalogQuery", "angular_separation_deg", "write_table", "OUTPUT_FORMATS"]
+__all__ = ["open_catalog", "CatalogQuery", "Cone", "Box", "angular_separation_deg", "write_table", "arrow_to_astropy",
+           "astropy_to_arrow", "format_table", "catalog_info", "format_info", "OUTPUT_FORMATS"]
 
-OUTPUT_FORMATS = (".csv", ".parquet", ".fits")
+log = logging.getLogger(__name__)
+
+#: output formats of :func:`write_table` (by file extension).
+OUTPUT_FORMATS = (".csv", ".parquet", ".fits", ".vot")
+_FORMAT_ALIASES = {".fit": ".fits", ".fts": ".fits", ".votable": ".vot", ".xml": ".vot", ".pq": ".parquet"}
+#: full sky in square degrees (4π sr).
+SKY_AREA_DEG2 = 4 * math.pi * (180 / math.pi) ** 2
+#: margin (deg) added to spatial regions when choosing leaves, so rounding never drops a leaf.
+_COVER_MARGIN_DEG = 1e-7
 
 
 def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
@@ -35,133 +52,584 @@ def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
 
 
+def _deg(value, name: str) -> float:
+    """A float in degrees from a number or an astropy angle Quantity."""
+    if hasattr(value, "unit"):
+        import astropy.units as u
+
+        return float(value.to_value(u.deg))
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a number in degrees or an astropy angle, got {value!r}") from exc
+
+
+# --------------------------------------------------------------------------- regions
+@dataclass(frozen=True)
+class Cone:
+    """All points within ``radius_deg`` (great circle) of (``ra``, ``dec``), degrees."""
+
+    ra: float
+    dec: float
+    radius_deg: float
+
+    @property
+    def radius_arcsec(self) -> float:
+        return self.radius_deg * 3600.0
+
+    def contains(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        return angular_separation_deg(self.ra, self.dec, ra, dec) <= self.radius_deg
+
+    def cover(self, order: int) -> set[int] | None:
+        """HEALPix pixels at ``order`` that overlap the cone (None: the whole sky)."""
+        if self.radius_deg + _COVER_MARGIN_DEG >= 180:
+            return None
+        import astropy.units as u
+        from astropy.coordinates import Latitude, Longitude
+        from cdshealpix.nested import cone_search
+
+        ipix, _, _ = cone_search(Longitude(self.ra * u.deg), Latitude(self.dec * u.deg),
+                                 (self.radius_deg + _COVER_MARGIN_DEG) * u.deg, depth=order, flat=True)
+        return {int(p) for p in ipix}
+
+    def sql(self, ra: str = "ra", dec: str = "dec") -> str:
+        """The same haversine cut as :meth:`contains`, as a DuckDB SQL condition."""
+        s = (f"pow(sin(radians({dec} - ({self.dec!r})) / 2), 2) + cos(radians({self.dec!r})) * cos(radians({dec})) "
+             f"* pow(sin(radians({ra} - ({self.ra!r})) / 2), 2)")
+        return f"degrees(2 * asin(sqrt(least(greatest({s}, 0), 1)))) <= {self.radius_deg!r}"
+
+    def lsdb_search(self):
+        import lsdb
+
+        return lsdb.ConeSearch(ra=self.ra, dec=self.dec, radius_arcsec=self.radius_arcsec)
+
+    def __str__(self) -> str:
+        return f"cone(ra={self.ra:g}, dec={self.dec:g}, radius={self.radius_arcsec:g} arcsec)"
+
+
+@dataclass(frozen=True)
+class Box:
+    """RA/Dec ranges in degrees, boundaries included.
+
+    ``ra_min > ra_max`` wraps through RA = 0 (``Box(350, 10, ...)`` is 350..360 and 0..10);
+    ``ra_max - ra_min == 360`` is every RA.
+    """
+
+    ra_min: float
+    ra_max: float
+    dec_min: float
+    dec_max: float
+
+    @property
+    def full_ra(self) -> bool:
+        return self.ra_max - self.ra_min >= 360
+
+    @property
+    def wraps(self) -> bool:
+        return self.ra_min > self.ra_max
+
+    def contains(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        in_dec = (dec >= self.dec_min) & (dec <= self.dec_max)
+        if self.full_ra:
+            return in_dec
+        ra = np.mod(ra, 360.0)
+        if self.wraps:
+            return in_dec & ((ra >= self.ra_min) | (ra <= self.ra_max))
+        return in_dec & (ra >= self.ra_min) & (ra <= self.ra_max)
+
+    def cover(self, order: int) -> set[int] | None:
+        """HEALPix pixels at ``order`` that overlap the box (None: the whole sky)."""
+        import astropy.units as u
+        from astropy.coordinates import Latitude, Longitude
+        from cdshealpix.nested import zone_search
+
+        m = _COVER_MARGIN_DEG
+        d0, d1 = max(self.dec_min - m, -90.0), min(self.dec_max + m, 90.0)
+        if self.full_ra and d0 <= -90 and d1 >= 90:
+            return None
+        if self.full_ra:
+            spans = [(0.0, 360.0)]
+        elif self.wraps:
+            spans = [(self.ra_min - m, 360.0), (0.0, self.ra_max + m)]
+        else:
+            spans = [(self.ra_min - m, self.ra_max + m)]
+        out: set[int] = set()
+        for a, b in spans:
+            a, b = max(a, 0.0), min(b, 360.0 - 1e-9)  # Longitude(360) wraps to 0
+            ipix, _, _ = zone_search(Longitude(a * u.deg), Latitude(d0 * u.deg), Longitude(b * u.deg),
+                                     Latitude(d1 * u.deg), depth=order, flat=True)
+            out |= {int(p) for p in ipix}
+        return out
+
+    def sql(self, ra: str = "ra", dec: str = "dec") -> str:
+        c = f"{dec} >= {self.dec_min!r} AND {dec} <= {self.dec_max!r}"
+        if self.full_ra:
+            return c
+        op = "OR" if self.wraps else "AND"
+        return f"{c} AND ({ra} >= {self.ra_min!r} {op} {ra} <= {self.ra_max!r})"
+
+    def lsdb_search(self):
+        import lsdb
+
+        return lsdb.BoxSearch(ra=(self.ra_min, self.ra_max if not self.full_ra else 360.0),
+                              dec=(self.dec_min, self.dec_max))
+
+    def __str__(self) -> str:
+        return f"box(ra={self.ra_min:g}..{self.ra_max:g}, dec={self.dec_min:g}..{self.dec_max:g})"
+
+
+_IDENT = re.compile(r"`([^`]+)`|\b([A-Za-z_][A-Za-z0-9_]*)\b")
+
+
+def _referenced_columns(expr: str, names) -> set[str]:
+    """Column names that appear in a pandas expression (a superset is fine: they are only read)."""
+    names = set(names)
+    found = set()
+    for quoted, bare in _IDENT.findall(expr):
+        n = quoted or bare
+        if n in names:
+            found.add(n)
+    return found
+
+
+# --------------------------------------------------------------------------- the query
 @dataclass(frozen=True)
 class CatalogQuery:
-    """A lazy query on a catalog; each method returns a new query, ``to_*`` runs it."""
+    """A lazy query on a catalog; each method returns a new query, ``to_*`` and ``sql`` run it.
+
+    Build one with :func:`open_catalog`. Spatial regions (:meth:`cone`, :meth:`box`), filters
+    (:meth:`where`) and id lookups (:meth:`id`) combine with AND; :meth:`select` and
+    :meth:`limit` shape the output.
+
+    Examples
+    --------
+    >>> cat = open_catalog("demo-output/catalog")                          # doctest: +SKIP
+    >>> cat.cone(192.5, 7.0, 600).select("source_id,ra,dec,w1_mag").limit(5).to_pandas()  # doctest: +SKIP
+    """
 
     path: Path
     order: int
     pixels: tuple
-    cone_deg: tuple | None = None  # (ra, dec, radius) in degrees
+    regions: tuple = ()
     filters: tuple = ()
     columns: tuple | None = None
+    ids: tuple | None = None
+    max_rows: int | None = None
+    properties: dict = field(default_factory=dict, compare=False, repr=False)
 
     # --- building
-    def cone(self, ra: float, dec: float, radius_arcsec=None, *, radius=None) -> "CatalogQuery":
-        """Rows within ``radius_arcsec`` (or an astropy ``radius`` Quantity) of (ra, dec) in degrees."""
-        if radius is not None:
-            import astropy.units as u
+    def cone(self, ra, dec, radius_arcsec=None, *, radius=None) -> "CatalogQuery":
+        """Rows within a radius of (ra, dec).
 
-            radius_arcsec = radius.to_value(u.arcsec)
-        if radius_arcsec is None or radius_arcsec <= 0:
-            raise ConfigError("cone needs a positive radius (arcsec)")
+        Parameters
+        ----------
+        ra, dec : float or astropy Quantity
+            Centre, degrees (ICRS).
+        radius_arcsec : float or astropy Quantity
+            Radius in arcsec, or any angle Quantity (``0.5 * u.deg``).
+        radius : astropy Quantity, optional
+            Same as a Quantity ``radius_arcsec`` (keyword form).
+        """
+        import astropy.units as u
+
+        r = radius if radius is not None else radius_arcsec
+        if r is None:
+            raise ConfigError("cone needs a radius: cone(ra, dec, 60) in arcsec or cone(ra, dec, 1 * u.deg)")
+        r_arcsec = float(r.to_value(u.arcsec)) if hasattr(r, "unit") else float(r)
+        ra, dec = _deg(ra, "ra"), _deg(dec, "dec")
+        if not r_arcsec > 0:
+            raise ConfigError(f"cone needs a positive radius (arcsec), got {r_arcsec}")
         if not (-90 <= dec <= 90):
             raise ConfigError(f"dec must be in [-90, 90] deg, got {dec}")
-        return replace(self, cone_deg=(float(ra) % 360.0, float(dec), float(radius_arcsec) / 3600.0))
+        return replace(self, regions=self.regions + (Cone(ra % 360.0, dec, r_arcsec / 3600.0),))
+
+    def box(self, ra_min, ra_max, dec_min, dec_max) -> "CatalogQuery":
+        """Rows with ``ra_min <= ra <= ra_max`` and ``dec_min <= dec <= dec_max`` (degrees or Quantities).
+
+        ``ra_min > ra_max`` wraps through RA = 0: ``box(350, 10, -5, 5)`` covers 20 degrees of RA.
+        """
+        ra_min, ra_max = _deg(ra_min, "ra_min"), _deg(ra_max, "ra_max")
+        dec_min, dec_max = _deg(dec_min, "dec_min"), _deg(dec_max, "dec_max")
+        if not (-90 <= dec_min <= dec_max <= 90):
+            raise ConfigError(f"box needs -90 <= dec_min <= dec_max <= 90, got dec {dec_min}..{dec_max}")
+        if ra_max - ra_min >= 360:
+            region = Box(0.0, 360.0, dec_min, dec_max)
+        else:
+            region = Box(ra_min % 360.0, ra_max % 360.0, dec_min, dec_max)
+        return replace(self, regions=self.regions + (region,))
 
     def where(self, expr: str) -> "CatalogQuery":
         """Keep rows for which the pandas expression is true, e.g. ``"w1_mag - w2_mag > 0.8"``."""
+        if not isinstance(expr, str) or not expr.strip():
+            raise ConfigError(f"where needs an expression string such as 'z < 0.1', got {expr!r}")
         return replace(self, filters=self.filters + (expr,))
 
     def select(self, columns) -> "CatalogQuery":
-        """Only these columns in the output (spatial and filter columns are read as needed)."""
+        """Only these columns in the output, in this order (region and filter columns are read as needed)."""
         cols = tuple(columns.split(",")) if isinstance(columns, str) else tuple(columns)
-        return replace(self, columns=tuple(c.strip() for c in cols if c.strip()))
+        cols = tuple(c.strip() for c in cols if c.strip())
+        unknown = [c for c in cols if c not in self.schema.names]
+        if unknown:
+            raise ConfigError(f"unknown columns {unknown}; available: {', '.join(self.schema.names)}")
+        return replace(self, columns=cols)
 
-    # --- running
+    def limit(self, n: int) -> "CatalogQuery":
+        """At most ``n`` rows (reading stops once they are found)."""
+        if n is None or int(n) < 0:
+            raise ConfigError(f"limit needs a count >= 0, got {n!r}")
+        return replace(self, max_rows=int(n))
+
+    def id(self, source_id) -> "CatalogQuery":
+        """Rows whose ``source_id`` is ``source_id`` (a string, or several in a list)."""
+        ids = (source_id,) if isinstance(source_id, str) else tuple(str(s) for s in source_id)
+        if not ids:
+            raise ConfigError("id needs at least one source_id")
+        return replace(self, ids=ids if self.ids is None else tuple(i for i in self.ids if i in set(ids)))
+
+    # --- what it will read
+    @property
+    def schema(self) -> pa.Schema:
+        """Arrow schema of the catalog, with units, UCDs and descriptions in the field metadata."""
+        return pq.read_schema(self.path / DATASET_DIR / "_common_metadata")
+
+    @property
+    def cone_deg(self) -> tuple | None:
+        """(ra, dec, radius) in degrees of the first cone, or None (kept for older callers)."""
+        for r in self.regions:
+            if isinstance(r, Cone):
+                return (r.ra, r.dec, r.radius_deg)
+        return None
+
     def _leaf_pixels(self) -> list[int]:
-        if self.cone_deg is None:
-            return list(self.pixels)
-        from astropy.coordinates import Latitude, Longitude
-        import astropy.units as u
-        from cdshealpix.nested import cone_search
-
-        ra, dec, r = self.cone_deg
-        ipix, _, _ = cone_search(Longitude(ra * u.deg), Latitude(dec * u.deg), r * u.deg, depth=self.order, flat=True)
-        return sorted(set(int(p) for p in ipix) & set(self.pixels))
+        keep = set(self.pixels)
+        for region in self.regions:
+            cover = region.cover(self.order)
+            if cover is not None:
+                keep &= cover
+        return sorted(keep)
 
     def files(self) -> list[str]:
         """Part files this query will read (after HEALPix pruning)."""
         out = []
         for p in self._leaf_pixels():
-            d = self.path / DATASET_DIR / f"Norder={self.order}" / f"Dir={(p // 10000) * 10000}" / f"Npix={p}"
-            out += sorted(str(f) for f in d.glob("*.parquet"))
+            out += sorted(str(f) for f in pixel_dir(self.path, self.order, p).glob("*.parquet"))
         return out
 
+    def _output_columns(self, schema: pa.Schema) -> list[str]:
+        return list(self.columns) if self.columns else schema.names
+
+    def _read_columns(self, schema: pa.Schema) -> list[str] | None:
+        if not self.columns:
+            return None
+        need = list(self.columns)
+        extra = set()
+        if self.regions:
+            extra |= {"ra", "dec"}
+        if self.ids is not None:
+            extra.add("source_id")
+        for expr in self.filters:
+            extra |= _referenced_columns(expr, schema.names)
+        return need + [c for c in schema.names if c in extra and c not in need]
+
+    def _check_filters(self, schema: pa.Schema) -> None:
+        if not self.filters:
+            return
+        empty = _flat_frame(schema.empty_table())
+        for expr in self.filters:
+            _eval_filter(empty, expr)
+
+    # --- running
     def to_arrow(self) -> pa.Table:
+        """Run the query; a :class:`pyarrow.Table` whose fields carry unit/ucd/description metadata."""
+        schema = self.schema
+        self._check_filters(schema)
+        out_cols = self._output_columns(schema)
+        read_cols = self._read_columns(schema)
         files = self.files()
-        schema = pq.read_schema(self.path / DATASET_DIR / "_common_metadata")
-        if not files:
-            table = schema.empty_table()
+        parts: list[pa.Table] = []
+        n = 0
+        if files and self.max_rows != 0:
+            dataset = pads.dataset(files, schema=schema, format="parquet")
+            flt = pc.field("source_id").isin(pa.array(self.ids, pa.string())) if self.ids is not None else None
+            for batch in dataset.to_batches(columns=read_cols, filter=flt):
+                if batch.num_rows == 0:
+                    continue
+                t = self._apply_cuts(pa.Table.from_batches([batch]))
+                if t.num_rows:
+                    parts.append(t)
+                    n += t.num_rows
+                    if self.max_rows is not None and n >= self.max_rows:
+                        break
+        if parts:
+            table = pa.concat_tables(parts)
         else:
-            table = pads.dataset(files, schema=schema, format="parquet").to_table()
-        if self.cone_deg is not None and table.num_rows:
-            ra, dec, r = self.cone_deg
-            sep = angular_separation_deg(ra, dec, table.column("ra").to_numpy(), table.column("dec").to_numpy())
-            table = table.filter(pa.array(sep <= r))
-        if self.filters and table.num_rows:
-            flat = table.drop_columns([c for c in table.column_names if pa.types.is_fixed_size_list(table.schema.field(c).type)])
-            df = flat.to_pandas()
-            mask = np.ones(len(df), bool)
+            table = schema.empty_table() if read_cols is None else schema.empty_table().select(read_cols)
+        if self.max_rows is not None and table.num_rows > self.max_rows:
+            table = table.slice(0, self.max_rows)
+        return table.select(out_cols)
+
+    def _apply_cuts(self, table: pa.Table) -> pa.Table:
+        mask = None
+        if self.regions:
+            ra, dec = table.column("ra").to_numpy(), table.column("dec").to_numpy()
+            mask = np.ones(table.num_rows, bool)
+            for region in self.regions:
+                mask &= region.contains(ra, dec)
+            if not mask.any():
+                return table.slice(0, 0)
+        if self.filters:
+            df = _flat_frame(table if mask is None else table.filter(pa.array(mask)))
+            if mask is not None:
+                table = table.filter(pa.array(mask))
+            fmask = np.ones(len(df), bool)
             for expr in self.filters:
-                try:
-                    mask &= df.eval(expr).to_numpy(dtype=bool)
-                except Exception as exc:
-                    raise ConfigError(f"cannot evaluate --where {expr!r}: {exc}; columns: {', '.join(flat.column_names)}") from exc
-            table = table.filter(pa.array(mask))
-        elif self.filters:
-            table = table.slice(0, 0)
-        if self.columns:
-            unknown = [c for c in self.columns if c not in table.column_names]
-            if unknown:
-                raise ConfigError(f"unknown columns {unknown}; available: {', '.join(table.column_names)}")
-            table = table.select(list(self.columns))
-        return table
+                fmask &= _eval_filter(df, expr)
+            return table.filter(pa.array(fmask))
+        return table if mask is None else table.filter(pa.array(mask))
 
     def to_pandas(self):
+        """Run the query into a pandas DataFrame (``latent`` as arrays)."""
         return self.to_arrow().to_pandas()
 
     def to_astropy(self):
-        """An astropy QTable with units from the catalog's column metadata."""
+        """Run the query into an astropy QTable with units (and descriptions) from the column metadata."""
         return arrow_to_astropy(self.to_arrow())
 
     def count(self) -> int:
-        return self.to_arrow().num_rows
+        """Number of rows the query returns."""
+        return self.select(["ra"] if not self.columns else self.columns[:1]).to_arrow().num_rows
+
+    def to_lsdb(self):
+        """The same query as a lazy :class:`lsdb.Catalog` (lsdb's own cone/box search on this catalog).
+
+        Regions become lsdb search filters, :meth:`where` becomes ``Catalog.query`` and :meth:`id`
+        a ``source_id in [...]`` query; :meth:`select` picks the columns. lsdb has no lazy row limit,
+        so :meth:`limit` is not applied (use ``.head(n)`` on the result).
+        """
+        try:
+            import lsdb
+        except ImportError as exc:  # pragma: no cover - lsdb is in the test extra
+            raise ConfigError("to_lsdb needs lsdb: pip install 'lsdb>=0.11,<0.12'") from exc
+        schema = self.schema
+        read_cols = self._read_columns(schema)
+        kwargs = {"columns": read_cols} if read_cols else {"columns": "all"}
+        search = self.regions[0].lsdb_search() if self.regions else None
+        cat = lsdb.open_catalog(str(self.path), search_filter=search, error_empty_filter=False, **kwargs)
+        for region in self.regions[1:]:
+            cat = cat.search(region.lsdb_search())
+        for expr in self.filters:
+            cat = cat.query(expr)
+        if self.ids is not None:
+            cat = cat.query(f"source_id in {list(self.ids)!r}")
+        if self.columns and list(self.columns) != list(read_cols or []):
+            cat = cat[list(self.columns)]
+        if self.max_rows is not None:
+            log.warning("to_lsdb: limit(%d) is not applied to the lazy lsdb catalog; use .head(n)", self.max_rows)
+        return cat
+
+    def sql(self, query: str) -> pa.Table:
+        """Run DuckDB SQL with this query registered as the view ``catalog``; returns a pyarrow Table.
+
+        Only the part files left after HEALPix pruning are read, and the view already holds the
+        exact region cut, :meth:`id` and :meth:`select` (``where`` filters are pandas expressions,
+        so with them the query is run first and its result is the view). Result columns named like
+        catalog columns keep their units.
+
+        Examples
+        --------
+        >>> cat.cone(150, 2, 3600).sql("SELECT survey, avg(w1_mag - w2_mag) AS w12 FROM catalog GROUP BY 1")  # doctest: +SKIP
+        """
+        try:
+            import duckdb
+        except ImportError as exc:  # pragma: no cover
+            raise ConfigError("sql needs duckdb: pip install duckdb") from exc
+        schema = self.schema
+        con = duckdb.connect()
+        try:
+            if self.filters:
+                view = self.to_arrow()
+                con.register("catalog", view)
+            else:
+                files = self.files()
+                cols = self._output_columns(schema)
+                if not files:
+                    con.register("catalog", schema.empty_table().select(cols))
+                else:
+                    conds = [r.sql() for r in self.regions]
+                    if self.ids is not None:
+                        conds.append("source_id IN (" + ", ".join(_sql_str(i) for i in self.ids) + ")")
+                    where = (" WHERE " + " AND ".join(f"({c})" for c in conds)) if conds else ""
+                    lim = f" LIMIT {self.max_rows}" if self.max_rows is not None else ""
+                    col_sql = ", ".join(_sql_ident(c) for c in cols)
+                    file_sql = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+                    con.execute(f"CREATE VIEW catalog AS SELECT {col_sql} FROM read_parquet({file_sql}, "
+                                f"hive_partitioning = false){where}{lim}")
+            try:
+                res = con.execute(query)
+            except duckdb.Error as exc:
+                raise ConfigError(f"SQL failed: {exc}; the view is named 'catalog', columns: "
+                                  f"{', '.join(self._output_columns(schema))}") from exc
+            if res.description is None:
+                return pa.table({})
+            table = res.to_arrow_table() if hasattr(res, "to_arrow_table") else res.fetch_arrow_table()
+        finally:
+            con.close()
+        return _restore_metadata(table, schema)
+
+    def __repr__(self) -> str:
+        parts = [f"{str(self.path)!r}", f"order={self.order}", f"leaves={len(self._leaf_pixels())}/{len(self.pixels)}"]
+        parts += [str(r) for r in self.regions]
+        parts += [f"where({f!r})" for f in self.filters]
+        if self.ids is not None:
+            parts.append(f"id({', '.join(self.ids[:3])}{', ...' if len(self.ids) > 3 else ''})")
+        if self.columns:
+            parts.append(f"select({', '.join(self.columns)})")
+        if self.max_rows is not None:
+            parts.append(f"limit({self.max_rows})")
+        return f"CatalogQuery({', '.join(parts)})"
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _sql_ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _flat_frame(table: pa.Table):
+    """pandas frame of the scalar columns (list columns cannot appear in expressions)."""
+    drop = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+    return table.drop_columns(drop).to_pandas()
+
+
+def _eval_filter(df, expr: str) -> np.ndarray:
+    try:
+        res = df.eval(expr)
+    except Exception as exc:
+        raise ConfigError(f"cannot evaluate --where {expr!r}: {exc}; columns: {', '.join(df.columns)}") from exc
+    try:
+        return np.asarray(res.fillna(False) if hasattr(res, "fillna") else res, dtype=bool).reshape(len(df))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--where {expr!r} is not a true/false condition (e.g. 'z < 0.1')") from exc
+
+
+def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Give result columns that are catalog columns (same name and type) their unit/ucd/description back."""
+    fields = []
+    for f in table.schema:
+        i = schema.get_field_index(f.name)
+        if i >= 0 and schema.field(i).metadata and (schema.field(i).type == f.type or
+                                                    (_is_list(f.type) and _is_list(schema.field(i).type))):
+            f = f.with_metadata(schema.field(i).metadata)
+        fields.append(f)
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields))
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)
+
+
+# --------------------------------------------------------------------------- arrow <-> astropy
+def _field_meta(field: pa.Field) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
 
 
 def arrow_to_astropy(table: pa.Table):
+    """An astropy QTable with the units (and descriptions, UCDs) from the Arrow field metadata.
+
+    List columns (``latent``) become 2-D columns; nulls become masked values (NaN for floats).
+    """
     import astropy.units as u
-    from astropy.table import QTable
+    from astropy.table import MaskedColumn, QTable
 
     out = QTable()
-    for field, col in zip(table.schema, table.columns):
-        if pa.types.is_fixed_size_list(field.type):
-            values = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(col), field.type.list_size)
+    for fld, col in zip(table.schema, table.columns):
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        mask = None
+        if _is_list(fld.type):
+            if pa.types.is_fixed_size_list(fld.type):
+                size = fld.type.list_size
+            else:
+                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                size = int(lengths.max()) if len(lengths) else 0
+            values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), size)
+        elif pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type):
+            mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
+            values = np.asarray(col.fill_null("").to_pylist(), dtype=str) if len(col) else np.array([], dtype="U1")
+        elif pa.types.is_floating(fld.type):
+            values = col.to_numpy(zero_copy_only=False)
+        elif col.null_count:
+            mask = col.is_null().to_numpy(zero_copy_only=False)
+            values = col.fill_null(0).to_numpy(zero_copy_only=False)
         else:
             values = col.to_numpy(zero_copy_only=False)
-            if pa.types.is_string(field.type):
-                values = values.astype(str)
-        unit = (field.metadata or {}).get(b"unit", b"").decode()
-        desc = (field.metadata or {}).get(b"description", b"").decode()
+        md = _field_meta(fld)
+        unit = md.get("unit", "")
         if unit:
-            out[field.name] = values * u.Unit(unit.replace("Angstrom", "AA"), parse_strict="silent")
+            out[fld.name] = values * u.Unit(unit.replace("Angstrom", "AA"), parse_strict="silent")
+        elif mask is not None:
+            out[fld.name] = MaskedColumn(values, mask=mask)
         else:
-            out[field.name] = values
-        out[field.name].info.description = desc
+            out[fld.name] = values
+        out[fld.name].info.description = md.get("description", "")
+        if md.get("ucd"):
+            out[fld.name].info.meta = {**(out[fld.name].info.meta or {}), "ucd": md["ucd"]}
     return out
 
 
+def astropy_to_arrow(t) -> pa.Table:
+    """An astropy Table as Arrow, units and descriptions into the field metadata (inverse of :func:`arrow_to_astropy`)."""
+    arrays, fields = [], []
+    for name in t.colnames:
+        col = t[name]
+        unit = getattr(col, "unit", None)
+        values = col.value if hasattr(col, "value") and unit is not None else col
+        data = np.asarray(values)
+        mask = np.asarray(getattr(col, "mask", np.zeros(len(data), bool)))
+        if data.dtype.kind == "S":
+            data = np.char.decode(data, "utf-8")
+        if data.dtype.kind == "U":
+            data = np.char.strip(data)
+        if data.ndim > 1:
+            inner = pa.array(data.reshape(len(data), -1).ravel())
+            arr = pa.FixedSizeListArray.from_arrays(inner, int(np.prod(data.shape[1:])))
+        else:
+            m = mask if mask.shape == data.shape and mask.any() else None
+            if data.dtype.kind == "f":
+                m = (m if m is not None else np.zeros(len(data), bool)) | ~np.isfinite(data)
+                m = m if m.any() else None
+            arr = pa.array(data.tolist() if data.dtype.kind == "U" else data, mask=m)
+        md = {b"unit": (unit.to_string() if unit is not None else "").encode(),
+              b"description": (getattr(col.info, "description", None) or "").encode()}
+        ucd = (getattr(col.info, "meta", None) or {}).get("ucd")
+        if ucd:
+            md[b"ucd"] = str(ucd).encode()
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type, metadata=md))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+# --------------------------------------------------------------------------- opening
 def open_catalog(path: str | os.PathLike) -> CatalogQuery:
-    """Open a catalog written by ``catalogpred predict`` (reads only its small metadata files)."""
+    """Open a catalog written by ``catalogpred predict`` (reads only its small metadata files).
+
+    Raises
+    ------
+    CatalogError
+        If ``path`` is not a finished catalog (no ``hats.properties``).
+    """
     path = Path(path)
     props = path / "hats.properties"
     if not props.exists():
         raise CatalogError(f"{path} is not a finished catalog (no hats.properties); run `catalogpred predict` "
                            "(or re-run it to finish an interrupted one)")
-    order = None
+    properties = {}
     for line in props.read_text().splitlines():
-        if line.startswith("hats_order_fixed="):
-            order = int(line.split("=", 1)[1])
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            properties[k.strip()] = v.strip()
+    order = int(properties["hats_order_fixed"]) if "hats_order_fixed" in properties else None
     pixels = []
     info = path / "partition_info.csv"
     if info.exists():
@@ -174,35 +642,223 @@ def open_catalog(path: str | os.PathLike) -> CatalogQuery:
     if order is None:
         manifest = json.loads((path / "run_manifest.json").read_text())
         order = manifest["settings"]["order"]
-    return CatalogQuery(path=path, order=order, pixels=tuple(sorted(pixels)))
+    return CatalogQuery(path=path, order=order, pixels=tuple(sorted(pixels)), properties=properties)
 
 
-def write_table(table: pa.Table, dest, fmt: str | None = None) -> None:
-    """Write a query result: ``.csv`` (latents as latent_0..), ``.parquet`` (as is), ``.fits`` (units kept).
-
-    ``dest`` may be a path or a text stream (CSV only).
-    """
+# --------------------------------------------------------------------------- output
+def _normalise_format(dest, fmt: str | None) -> str:
     if fmt is None:
-        fmt = os.path.splitext(str(dest))[1].lower()
+        name = str(dest).lower()
+        fmt = os.path.splitext(name[:-3] if name.endswith(".gz") else name)[1]
+    fmt = fmt.lower() if fmt.startswith(".") else "." + fmt.lower()
+    fmt = _FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in OUTPUT_FORMATS:
+        raise ConfigError(f"unknown output format {fmt!r} for {dest}; use one of {', '.join(OUTPUT_FORMATS)} "
+                          "(by file extension)")
+    return fmt
+
+
+def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: bool = True) -> None:
+    """Write a query result: ``.csv`` (latents as latent_0..), ``.parquet`` (as is, with the field metadata),
+    ``.fits`` or ``.vot`` (VOTable; both with units, descriptions and, for VOTable, UCDs).
+
+    ``dest`` may be a path or a text stream (CSV only). ``overwrite=False`` refuses an existing file.
+    """
+    fmt = _normalise_format(dest, fmt)
+    if isinstance(dest, (str, os.PathLike)) and not overwrite and os.path.exists(dest):
+        raise CatalogError(f"{dest} exists; pass --overwrite (overwrite=True) to replace it")
     if fmt == ".parquet":
         pq.write_table(table, dest)
-    elif fmt == ".fits":
+    elif fmt in (".fits", ".vot"):
         import warnings
 
         from astropy.units import UnitsWarning
 
+        t = arrow_to_astropy(table)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
-            arrow_to_astropy(table).write(dest, format="fits", overwrite=True)
-    elif fmt == ".csv":
-        flat = {}
-        for field, col in zip(table.schema, table.columns):
-            if pa.types.is_fixed_size_list(field.type):
-                vals = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(col), field.type.list_size)
-                for j in range(field.type.list_size):
-                    flat[f"{field.name}_{j}"] = vals[:, j]
+            if fmt == ".fits":
+                t.write(dest, format="fits", overwrite=True)
             else:
-                flat[field.name] = col
-        pa.table(flat).to_pandas().to_csv(dest, index=False)
+                from astropy.io.votable import from_table
+
+                vot = from_table(t)
+                for f in vot.get_first_table().iter_fields_and_params():
+                    ucd = (t[f.name].info.meta or {}).get("ucd") if f.name in t.colnames else None
+                    if ucd:
+                        f.ucd = ucd.split(";")[0] if ";" in ucd and not _valid_ucd(ucd) else ucd
+                vot.to_xml(str(dest))
     else:
-        raise ConfigError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+        _flatten_lists(table).to_pandas().to_csv(dest, index=False)
+
+
+def _valid_ucd(ucd: str) -> bool:
+    from astropy.io.votable import ucd as vucd
+
+    try:
+        return vucd.check_ucd(ucd, check_controlled_vocabulary=False)
+    except Exception:
+        return False
+
+
+def _flatten_lists(table: pa.Table) -> pa.Table:
+    """List columns as ``name_0, name_1, ...`` (CSV and terminal output)."""
+    cols, fields = [], []
+    for fld, col in zip(table.schema, table.columns):
+        if pa.types.is_fixed_size_list(fld.type):
+            vals = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(col), fld.type.list_size)
+            for j in range(fld.type.list_size):
+                cols.append(pa.array(vals[:, j]))
+                fields.append(pa.field(f"{fld.name}_{j}", cols[-1].type, metadata=fld.metadata))
+        else:
+            cols.append(col)
+            fields.append(fld)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def _format_value(v, unit: str, is_float: bool) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(f"{x:.3g}" for x in list(v)[:3]) + (", …]" if len(v) > 3 else "]")
+    if is_float:
+        if not math.isfinite(v):
+            return str(v)
+        if unit == "deg":
+            return f"{v:.6f}"
+        if unit == "mag":
+            return f"{v:.3f}"
+        if unit == "arcsec":
+            return f"{v:.3f}"
+        return f"{v:.6g}"
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    return str(v)
+
+
+def format_table(table: pa.Table, max_rows: int | None = None) -> str:
+    """An aligned text table for a terminal: header, a units line, and the rows (numbers right-aligned)."""
+    shown = table if max_rows is None else table.slice(0, max_rows)
+    cols = []
+    for fld, col in zip(shown.schema, shown.columns):
+        unit = _field_meta(fld).get("unit", "")
+        is_float = pa.types.is_floating(fld.type)
+        right = pa.types.is_integer(fld.type) or is_float
+        cells = [_format_value(v, unit, is_float) for v in col.to_pylist()]
+        width = max([len(fld.name), len(unit)] + [len(c) for c in cells])
+        cols.append((fld.name, unit, cells, width, right))
+    if not cols:
+        return ""
+    lines = ["  ".join(n.ljust(w) if not r else n.rjust(w) for n, _, _, w, r in cols).rstrip()]
+    if any(u for _, u, _, _, _ in cols):
+        lines.append("  ".join(u.ljust(w) if not r else u.rjust(w) for _, u, _, w, r in cols).rstrip())
+    lines.append("  ".join("-" * w for *_, w, _ in cols))
+    for i in range(shown.num_rows):
+        lines.append("  ".join(c[i].rjust(w) if r else c[i].ljust(w) for _, _, c, w, r in cols).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- info
+def catalog_info(path, *, moc_order: int = 8) -> dict:
+    """Everything ``catalogpred info`` reports, as a dict (JSON-serialisable).
+
+    Rows per survey, sky area (leaves, and a MOC of the rows at ``moc_order``), model and card,
+    run manifest counts and the columns with units and descriptions.
+    """
+    q = open_catalog(path)
+    path = q.path
+    manifest_path = path / "run_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    t = q.select(["survey", "_healpix_29"]).to_arrow()
+    surveys = {}
+    if t.num_rows:
+        vc = pc.value_counts(t.column("survey"))
+        surveys = {str(s["values"]): int(s["counts"]) for s in vc.to_pylist()}
+    h29 = t.column("_healpix_29").to_numpy()
+    moc_cells = len(np.unique(h29 >> (2 * (SPATIAL_INDEX_ORDER - moc_order)))) if len(h29) else 0
+    model = dict(manifest.get("model", {}))
+    bundle = Path(model["path"]) / "bundle.json" if model.get("path") else None
+    if bundle is not None and bundle.exists():
+        try:
+            b = json.loads(bundle.read_text())
+            card = b.get("card", {})
+            model["card"] = {k: card.get(k) for k in ("kind", "summary", "training_data", "limitations") if card.get(k)}
+            metrics = card.get("metrics") or {}
+            model["card"]["metrics"] = {bnd: {k: metrics[bnd][k] for k in ("chi2_n", "mae", "bias", "coverage_68")
+                                              if k in metrics[bnd]}
+                                        for bnd in ("w1", "w2", "w3", "w4") if isinstance(metrics.get(bnd), dict)}
+            model["n_latent"] = b.get("n_latent")
+        except (OSError, ValueError) as exc:
+            model["card_error"] = f"cannot read {bundle}: {exc}"
+    elif bundle is not None:
+        model["card_error"] = f"{bundle} not found (the model bundle moved?)"
+    columns = []
+    for f in q.schema:
+        md = _field_meta(f)
+        columns.append({"name": f.name, "type": str(f.type), "unit": md.get("unit", ""), "ucd": md.get("ucd", ""),
+                        "description": md.get("description", "")})
+    return {
+        "path": str(path),
+        "name": q.properties.get("obs_collection", path.name),
+        "rows": int(t.num_rows),
+        "rows_per_survey": surveys,
+        "order": q.order,
+        "leaves": len(q.pixels),
+        "area_deg2": {"leaves": len(q.pixels) * SKY_AREA_DEG2 / (12 * 4 ** q.order),
+                      "moc": moc_cells * SKY_AREA_DEG2 / (12 * 4 ** moc_order), "moc_order": moc_order,
+                      "moc_cells": moc_cells},
+        "model": model,
+        "manifest": {k: manifest.get(k) for k in ("created", "catalogpred_run", "store", "surveys", "settings", "counts",
+                                                  "versions") if k in manifest},
+        "magnitude_system": q.properties.get("catalogpred_magnitude_system", ""),
+        "columns": columns,
+    }
+
+
+def format_info(info: dict, width: int = 70) -> str:
+    """The text report of :func:`catalog_info`."""
+    m, man, a = info["model"], info["manifest"], info["area_deg2"]
+    counts = man.get("counts", {})
+    out = [f"catalog   {info['path']}  ({info['name']})",
+           f"  rows      {info['rows']:,d}" + (f"   rejects {counts['rejects']:,d}   inputs {counts['inputs']:,d}"
+                                               if "rejects" in counts else "")]
+    for s, n in sorted(info["rows_per_survey"].items()):
+        out.append(f"    {s:<12} {n:,d}")
+    out.append(f"  sky       {a['moc']:.2f} deg2 covered (MOC of the rows at order {a['moc_order']}, "
+               f"{a['moc_cells']} cells); leaves {info['leaves']} HEALPix pixels at order {info['order']} "
+               f"= {a['leaves']:.1f} deg2")
+    if m:
+        out.append(f"  model     {m.get('model_id', '?')} (kind {m.get('kind', '?')}, grid {m.get('grid', '?')})")
+        out.append(f"    path    {m.get('path', '?')}")
+        card = m.get("card") or {}
+        for k in ("summary", "training_data", "limitations"):
+            if card.get(k):
+                out.append(f"    {k + ':':<15}" + _wrap(card[k], width, 20))
+        for bnd, mt in (card.get("metrics") or {}).items():
+            out.append(f"    {bnd} validation: " + ", ".join(f"{k} {v:.3g}" for k, v in mt.items()))
+        if m.get("card_error"):
+            out.append(f"    card: {m['card_error']}")
+    if man:
+        out.append(f"  run       {man.get('catalogpred_run', '?')} {man.get('created', '')}; store {man.get('store', '?')}")
+        reasons = counts.get("rejects_by_reason") or {}
+        if reasons:
+            out.append("    rejects by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+        settings = man.get("settings") or {}
+        if settings:
+            out.append("    settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    if info.get("magnitude_system"):
+        out.append(f"  magnitudes {info['magnitude_system']}")
+    out.append("  columns:")
+    wn = max(len(c["name"]) for c in info["columns"])
+    wt = max(len(c["type"]) for c in info["columns"])
+    wu = max([len(c["unit"]) for c in info["columns"]] + [4])
+    out.append(f"    {'name':<{wn}}  {'type':<{wt}}  {'unit':<{wu}}  description")
+    for c in info["columns"]:
+        out.append(f"    {c['name']:<{wn}}  {c['type']:<{wt}}  {c['unit']:<{wu}}  {c['description']}")
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int, indent: int) -> str:
+    import textwrap
+
+    return ("\n" + " " * indent).join(textwrap.wrap(text, width)) or ""

@@ -21,22 +21,26 @@ from . import catalog as cat
 from . import store
 from .errors import InputFileError, RejectReason
 from .spectra import PixelMask, check_spectra, pixel_weights
-from .surveys import SpectrumBlock, get_reader, identify_survey, read_spectra
+from .surveys import ReadOptions, SpectrumBlock, get_reader, identify_survey, read_spectra
 
 __all__ = ["detect_survey", "ingest_shard", "predict_block", "encode_rows", "block_key"]
 
 log = logging.getLogger(__name__)
 
 
-def detect_survey(path: str) -> tuple[str, str | None, str | None]:
-    """``(path, survey or None, reject reason or None)`` for one input file (never raises)."""
+def detect_survey(path: str) -> tuple[str, str | None, int, str | None]:
+    """``(path, survey or None, n_spectra, reject or None)`` for one input file (never raises).
+
+    ``survey`` is ``"aux:<name>"`` for redshift-only files; ``reject`` is ``"reason\tdetail"``.
+    """
     try:
-        return path, identify_survey(path), None
+        name, n = identify_survey(path, with_count=True)
+        return path, name, n, None
     except InputFileError as exc:
-        return path, None, f"{exc.reason.value}\t{exc}"
+        return path, None, 1, f"{exc.reason.value}\t{exc}"
 
 
-def _empty_block(survey: str, path: str, n_meta: dict) -> SpectrumBlock:
+def _empty_block(survey: str, path: str, n_meta: dict, row: int = -1) -> SpectrumBlock:
     reader = get_reader(survey)
     n_pix = reader.grid.n_pix
     meta = {}
@@ -50,37 +54,42 @@ def _empty_block(survey: str, path: str, n_meta: dict) -> SpectrumBlock:
     meta["source_id"] = np.array([f"file:{os.path.basename(path)}"], dtype=object)
     meta["survey"] = np.array([survey], dtype=object)
     meta["source_file"] = np.array([os.path.basename(path)], dtype=object)
-    meta["row_in_file"] = np.array([-1], np.int32)
+    meta["row_in_file"] = np.array([row], np.int32)
     return SpectrumBlock(survey=survey, grid=reader.grid, flux=np.zeros((1, n_pix), np.float32),
                          ivar=np.zeros((1, n_pix), np.float32),
                          mask=np.full((1, n_pix), int(PixelMask.NO_COVERAGE), np.uint8), meta=meta)
 
 
-def ingest_shard(store_path: str, survey: str, shard: int, paths: list[str],
-                 file_rejects: dict[str, str] | None = None) -> dict:
-    """Read ``paths`` (files of ``survey``), normalise, and write store shard ``shard``.
+def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_rejects: dict[str, str] | None = None,
+                 options: ReadOptions | None = None) -> dict:
+    """Read ``pieces`` of files of ``survey``, normalise, and write store shard ``shard``.
 
-    ``file_rejects`` maps paths already known to be bad (from detection) to
-    ``"reason\\tdetail"``; they get a REJECTED row like files that fail here.
+    ``pieces`` are paths or ``(path, lo, hi)``: spectra ``lo..hi-1`` of a file (large
+    multi-object files are split across shards). ``file_rejects`` maps paths already
+    known to be bad (from detection) to ``"reason\\tdetail"``; they get a REJECTED row
+    like files that fail here. ``options`` (redshift table, selection) go to the reader.
     Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds"}``.
     """
     t0 = time.perf_counter()
     _, layout = store.open_survey(store_path, survey)
     file_rejects = dict(file_rejects or {})
     blocks, reasons, details, src_paths = [], [], [], []
-    for path in paths:
+    for piece in pieces:
+        path, lo, hi = (piece, 0, None) if isinstance(piece, str) else piece
         if path in file_rejects:
             reason, detail = file_rejects[path].split("\t", 1)
-            blk = _empty_block(survey, path, layout.meta_columns)
+            blk = _empty_block(survey, path, layout.meta_columns, lo if hi is not None else -1)
             blocks.append(blk), reasons.append(reason), details.append(detail), src_paths.append(path)
             continue
         try:
-            blk = read_spectra(path, survey)
+            blk = read_spectra(path, survey, options)
         except InputFileError as exc:
-            blk = _empty_block(survey, path, layout.meta_columns)
+            blk = _empty_block(survey, path, layout.meta_columns, lo if hi is not None else -1)
             reasons.append(exc.reason.value), details.append(str(exc))
         else:
-            reasons.extend([None] * len(blk)), details.extend([""] * len(blk))
+            if hi is not None:
+                blk = blk.slice(lo, hi)
+            reasons.extend([r or None for r in blk.reject_reason]), details.extend(list(blk.reject_detail))
         blocks.append(blk)
         src_paths.extend([path] * len(blk))
     if not blocks:
@@ -110,7 +119,7 @@ def ingest_shard(store_path: str, survey: str, shard: int, paths: list[str],
     store.write_shard(store_path, survey, shard, flux_n, ivar_n, mask, meta)
     counts = Counter(r for r in reason_col if r)
     dt = time.perf_counter() - t0
-    log.info("stage=ingest survey=%s shard=%d files=%d rows=%d ok=%d s=%.2f", survey, shard, len(paths), len(block),
+    log.info("stage=ingest survey=%s shard=%d pieces=%d rows=%d ok=%d s=%.2f", survey, shard, len(pieces), len(block),
              int((status == store.RowStatus.OK).sum()), dt)
     return {"shard": shard, "n_rows": len(block), "n_ok": int((status == store.RowStatus.OK).sum()),
             "reasons": dict(counts), "seconds": dt}

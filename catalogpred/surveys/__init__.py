@@ -3,7 +3,17 @@
 A reader is registered with :func:`register_reader` and consists of
 
 - ``identify(hdu_names) -> bool``: does this FITS file look like ours? (by content: EXTNAMEs)
-- ``read(fits, path) -> SpectrumBlock``: read an opened ``fitsio.FITS``.
+- ``read(fits, path, options) -> SpectrumBlock``: read an opened ``fitsio.FITS``;
+  ``options`` is a :class:`ReadOptions` (external redshifts, target selection).
+
+Multi-object files (DESI, PFS) return every spectrum they hold; the ones that
+the selection excludes (sky fibres, unassigned fibres, bad fibre status, redshift
+warnings, non-galaxies) carry a reject reason in ``SpectrumBlock.reject_reason``,
+so they reach the rejects table instead of disappearing.
+
+Files that hold redshifts but no spectra (DESI ``redrock-*``/``zpix-*``, PFS
+``pfsCoZCandidates``) are *auxiliary*: :func:`identify_survey` names them so that
+ingest uses them for redshifts and does not count them as inputs.
 
 :func:`read_spectra` opens a file once, picks the reader by content (highest
 priority first) or by the ``survey`` argument, and raises
@@ -23,6 +33,9 @@ from ..spectra import Grid
 
 __all__ = [
     "SpectrumBlock",
+    "ReadOptions",
+    "Selection",
+    "AUXILIARY",
     "Reader",
     "register_reader",
     "get_reader",
@@ -46,6 +59,44 @@ COMMON_META = {
 }
 
 
+#: prefix of identify_survey() results for files with redshifts but no spectra, e.g. "aux:desi-redshifts"
+AUXILIARY = "aux:"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which spectra of multi-object files go on to prediction (the rest are rejects, with a reason).
+
+    Recorded in the run manifest. Defaults keep science targets with a good galaxy redshift.
+    """
+
+    keep_sky: bool = False  #: sky fibres (DESI OBJTYPE SKY / TARGETID bit 59; PFS targetType SKY)
+    keep_unassigned: bool = False  #: unassigned fibres (DESI negative TARGETID or blank OBJTYPE)
+    keep_bad_fiberstatus: bool = False  #: DESI COADD_FIBERSTATUS != 0
+    keep_zwarn: bool = False  #: redshift warning bits set (DESI ZWARN)
+    spectypes: tuple = ("GALAXY",)  #: accepted SPECTYPE values; empty = any
+    keep_fluxstd: bool = False  #: PFS flux standards
+
+    def to_manifest(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Per-run reader options.
+
+    Parameters
+    ----------
+    redshifts : str, optional
+        Path of a redshift table (FITS/Parquet/CSV; see :mod:`catalogpred.redshifts`) that overrides
+        the redshifts found next to the spectra.
+    selection : Selection
+    """
+
+    redshifts: str | None = None
+    selection: Selection = field(default_factory=Selection)
+
+
 @dataclass(frozen=True)
 class SpectrumBlock:
     """Spectra of one file (or a batch of files) on a model grid, as read (not normalised).
@@ -64,6 +115,9 @@ class SpectrumBlock:
         :class:`~catalogpred.spectra.PixelMask` bits (``PIPELINE``, ``NO_COVERAGE``).
     meta : dict[str, numpy.ndarray]
         Per-spectrum columns of length n: :data:`COMMON_META` first, then survey-native ids.
+    reject_reason, reject_detail : object [n], optional
+        A :class:`~catalogpred.errors.RejectReason` value (``""`` = keep) and a readable detail,
+        for spectra the reader's selection excludes.
     """
 
     survey: str
@@ -72,6 +126,8 @@ class SpectrumBlock:
     ivar: np.ndarray
     mask: np.ndarray
     meta: dict = field(default_factory=dict)
+    reject_reason: np.ndarray | None = None
+    reject_detail: np.ndarray | None = None
 
     def __post_init__(self):
         n = self.flux.shape[0]
@@ -86,9 +142,18 @@ class SpectrumBlock:
         for k, v in self.meta.items():
             if len(v) != n:
                 raise ValueError(f"SpectrumBlock.meta[{k!r}] has {len(v)} rows, expected {n}")
+        if self.reject_reason is None:
+            object.__setattr__(self, "reject_reason", np.full(n, "", dtype=object))
+            object.__setattr__(self, "reject_detail", np.full(n, "", dtype=object))
 
     def __len__(self) -> int:
         return self.flux.shape[0]
+
+    def slice(self, lo: int, hi: int) -> "SpectrumBlock":
+        """Spectra ``lo..hi-1`` (a copy)."""
+        return SpectrumBlock(survey=self.survey, grid=self.grid, flux=self.flux[lo:hi].copy(), ivar=self.ivar[lo:hi].copy(),
+                             mask=self.mask[lo:hi].copy(), meta={k: v[lo:hi] for k, v in self.meta.items()},
+                             reject_reason=self.reject_reason[lo:hi], reject_detail=self.reject_detail[lo:hi])
 
     @staticmethod
     def concat(blocks: list["SpectrumBlock"]) -> "SpectrumBlock":
@@ -106,6 +171,8 @@ class SpectrumBlock:
             ivar=np.concatenate([b.ivar for b in blocks]),
             mask=np.concatenate([b.mask for b in blocks]),
             meta={k: np.concatenate([b.meta[k] for b in blocks]) for k in first.meta},
+            reject_reason=np.concatenate([b.reject_reason for b in blocks]),
+            reject_detail=np.concatenate([b.reject_detail for b in blocks]),
         )
 
 
@@ -115,12 +182,12 @@ class Reader:
 
     name: str
     identify: Callable[[set], bool]
-    read: Callable[..., SpectrumBlock]
+    read: Callable[..., SpectrumBlock]  #: read(fits, path, options: ReadOptions)
     grid: Grid
     meta_columns: dict = field(default_factory=dict)  #: COMMON_META + native columns (name -> dtype code)
     priority: int = 0
     description: str = ""
-    spectra_per_file: int = 1  #: typical count, used to size ingest batches
+    count: Callable[..., int] | None = None  #: count(fits) -> spectra in the file (None: one per file)
 
 
 _READERS: dict[str, Reader] = {}
@@ -167,8 +234,19 @@ def _open_fits(path):
     return fits, hdu_names
 
 
-def identify_survey(path: str | os.PathLike) -> str:
-    """Name of the reader that recognises ``path`` by its HDUs.
+#: auxiliary (redshift-only) formats: name -> identify(hdu_names)
+_AUXILIARY: dict[str, Callable[[set], bool]] = {}
+
+
+def register_auxiliary(name: str, identify: Callable[[set], bool]) -> None:
+    """Register a redshift-only file format, reported by :func:`identify_survey` as ``"aux:<name>"``."""
+    _AUXILIARY[name] = identify
+
+
+def identify_survey(path: str | os.PathLike, with_count: bool = False):
+    """Name of the reader that recognises ``path`` by its HDUs (``"aux:<name>"`` for redshift-only files).
+
+    With ``with_count``, returns ``(name, n_spectra)`` (0 for auxiliary files).
 
     Raises
     ------
@@ -177,13 +255,27 @@ def identify_survey(path: str | os.PathLike) -> str:
     """
     fits, hdu_names = _open_fits(path)
     with fits:
-        return _identify(path, hdu_names)
+        name = _identify(path, hdu_names)
+        if not with_count:
+            return name
+        if name.startswith(AUXILIARY):
+            return name, 0
+        reader = _READERS[name]
+        try:
+            n = 1 if reader.count is None else int(reader.count(fits))
+        except Exception as exc:
+            raise InputFileError(f"{os.path.basename(str(path))}: cannot count spectra ({exc})",
+                                 RejectReason.UNREADABLE_FILE) from exc
+        return name, n
 
 
 def _identify(path, hdu_names: set) -> str:
     for reader in readers():
         if reader.identify(hdu_names):
             return reader.name
+    for name, ident in _AUXILIARY.items():
+        if ident(hdu_names):
+            return AUXILIARY + name
     shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
     raise InputFileError(
         f"{os.path.basename(str(path))}: no reader matched (HDUs: {shown}); pass survey=… "
@@ -192,7 +284,7 @@ def _identify(path, hdu_names: set) -> str:
     )
 
 
-def read_spectra(path: str | os.PathLike, survey: str = "auto") -> SpectrumBlock:
+def read_spectra(path: str | os.PathLike, survey: str = "auto", options: ReadOptions | None = None) -> SpectrumBlock:
     """Read one survey file into a :class:`SpectrumBlock` on the reader's grid.
 
     Parameters
@@ -201,6 +293,8 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto") -> SpectrumBlock
         A survey file (e.g. SDSS ``spec-PLATE-MJD-FIBER.fits``).
     survey : str
         Reader name, or ``"auto"`` to identify the file by content.
+    options : ReadOptions, optional
+        External redshifts and target selection (default: :class:`ReadOptions()`).
 
     Raises
     ------
@@ -210,6 +304,9 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto") -> SpectrumBlock
     fits, hdu_names = _open_fits(path)
     with fits:
         name = _identify(path, hdu_names) if survey == "auto" else survey
+        if name.startswith(AUXILIARY):
+            raise InputFileError(f"{os.path.basename(str(path))}: a redshift file ({name[len(AUXILIARY):]}), "
+                                 "not spectra", RejectReason.UNKNOWN_FORMAT)
         reader = get_reader(name)
         if survey != "auto" and not reader.identify(hdu_names):
             shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
@@ -218,7 +315,7 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto") -> SpectrumBlock
                 RejectReason.MISSING_HDU,
             )
         try:
-            return reader.read(fits, path)
+            return reader.read(fits, path, options or ReadOptions())
         except InputFileError:
             raise
         except Exception as exc:  # a truncated file often opens but fails on data access

@@ -58,7 +58,7 @@ def _text(value) -> str:
     return str(value).strip()
 
 
-def read(fits, path) -> SpectrumBlock:
+def read(fits, path, options=None) -> SpectrumBlock:
     """Read an opened SDSS spec file into a one-row :class:`SpectrumBlock` on the SDSS grid.
 
     Flux is F_λ in 1e-17 erg/s/cm²/Å (the files' ``BUNIT``); the mask carries
