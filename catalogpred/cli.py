@@ -29,16 +29,51 @@ EPILOGS = {
     "query": """\
         examples:
           catalogpred query catalog/ --cone 150.0 2.0 60 --columns source_id,ra,dec,w1_mag,w1_mag_err
-          catalogpred query catalog/ --cone 150.0 2.0 3600 --where 'w1_mag - w2_mag > 0.8' -o agn.fits
-        Magnitudes are Vega (AllWISE w?mpro); CSV goes to stdout unless -o is given.""",
+          catalogpred query catalog/ --cone 150.0 2.0 1deg --where 'w1_mag - w2_mag > 0.8' -o agn.fits
+          catalogpred query catalog/ --box 350 10 -5 5 --limit 20          # RA 350..360 and 0..10
+          catalogpred query catalog/ --id sdss-0266-51602-0013
+          catalogpred query catalog/ --cone 150 2 3600 --sql 'SELECT survey, count(*) AS n FROM catalog GROUP BY survey'
+        Magnitudes are Vega (AllWISE w?mpro). On a terminal the result is an aligned table (first 50
+        rows unless --limit); piped, it is CSV. -o writes .csv, .parquet, .fits or .vot (VOTable), with
+        units. --where takes pandas expressions; --sql DuckDB SQL on the view `catalog` (after the
+        --cone/--box/--id/--where cuts).""",
+    "crossmatch": """\
+        examples:
+          catalogpred crossmatch catalog/ allwise.parquet --radius 1.5 -o matched.fits
+          catalogpred crossmatch catalog/ targets.csv --ra-col RAJ2000 --dec-col DEJ2000 --excess-only
+        Nearest catalog row within --radius arcsec of each external row; adds separation_arcsec.
+        With observed W1-W4 (w1mpro/w1sigmpro, w1_mag/w1_mag_err or W1mag/e_W1mag; Vega) it adds
+        w?_excess = m_pred - m_obs and w?_excess_sigma = (m_pred - m_obs)/sqrt(s_pred^2 + s_obs^2):
+        positive = brighter in the IR than the optical predicts. ir_excess flags any band above
+        --excess-threshold (default 3 sigma); non-detections (sigma null or >= 99) give null.""",
+    "plot": """\
+        examples:
+          catalogpred plot demo-output/catalog -o plots/
+          catalogpred plot demo-output/catalog -o plots/ --external demo-output/mock/allwise_photometry.parquet
+        Writes sky_density.png (Mollweide, HEALPix), colour_colour.png (W1-W2 vs W2-W3 with the
+        Jarrett+11 AGN box), magnitudes.png and, with --external, predicted_vs_observed.png;
+        prints their paths.""",
     "demo": """\
         example:
           catalogpred demo --output demo-output --n-spectra 2000
         Writes a mock SDSS survey, ingests it, builds a clearly labelled DEMO model bundle,
         predicts, and prints a summary and a cone query.""",
     "info": """\
-        example:
-          catalogpred info demo-output/catalog""",
+        examples:
+          catalogpred info demo-output/catalog
+          catalogpred info demo-output/catalog --json
+        Rows per survey, sky area, model and its card, run manifest, columns with units.""",
+    "submit": """\
+        examples:
+          catalogpred submit slurm --jobs 4 --cores 16 --memory 64GB --dry-run -- predict --store s.zarr --model m/ --catalog c/
+          catalogpred submit slurm --config deploy/slurm/jobqueue.yaml --jobs 4 --gpus-per-job 1 \\
+              -- predict --store /shared/s.zarr --model /shared/model --catalog /shared/catalog
+          catalogpred submit pbs --jobs 8 --cores 32 --memory 128GB --queue workq -- ingest /shared/sdss --store /shared/s.zarr
+        Starts a Dask scheduler here, submits N batch jobs of workers (dask-jobqueue), waits for
+        them, then runs the command after `--` on that cluster; the jobs are cancelled at the end.
+        GPU jobs run `dask cuda worker --resources GPU=1`. Paths must be on a shared filesystem.
+        --dry-run prints the job script and submits nothing. Settings: flags > --config YAML
+        (jobqueue.slurm.* / jobqueue.pbs.* keys) > ~/.config/dask/*.yaml.""",
 }
 
 
@@ -47,7 +82,19 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     g.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
     g.add_argument("--scheduler-file", default=None, help="scheduler file of an existing Dask cluster")
+    g.add_argument("--wait-workers", type=int, default=None, metavar="N",
+                   help="with --scheduler/--scheduler-file: wait until N workers are connected (default 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+
+
+def _add_output_args(p: argparse.ArgumentParser, columns_help: str = "comma-separated output columns") -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--columns", default=None, help=columns_help)
+    g.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    g.add_argument("-o", "--output", default=None, help="write .csv, .parquet, .fits or .vot (units kept) instead of stdout")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    g.add_argument("--format", choices=("auto", "table", "csv"), default="auto",
+                   help="stdout format: aligned table on a terminal, CSV when piped (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("ingest", "Read survey files into a chunked, compressed Zarr store.")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, or @filelist.txt")
     s.add_argument("--store", required=True, help="Zarr store directory (created if missing)")
-    s.add_argument("--survey", default="auto", help="reader to use (sdss) or 'auto' to detect by content (default)")
+    s.add_argument("--survey", default="auto", help="reader to use (sdss, desi, pfs) or 'auto' to detect by content (default)")
+    s.add_argument("--redshifts", default=None,
+                   help="redshift table (FITS/Parquet/CSV with TARGETID or catId/objId and Z) overriding redrock/"
+                        "pfsCoZCandidates files; e.g. a DESI zpix catalog")
+    sel = s.add_argument_group("selection (multi-object surveys; excluded spectra go to the rejects table)")
+    sel.add_argument("--keep-sky", action="store_true", help="keep sky fibres")
+    sel.add_argument("--keep-unassigned", action="store_true", help="keep unassigned fibres (negative TARGETID)")
+    sel.add_argument("--keep-bad-fiberstatus", action="store_true", help="keep COADD_FIBERSTATUS != 0")
+    sel.add_argument("--keep-zwarn", action="store_true", help="keep redshifts with ZWARN != 0")
+    sel.add_argument("--spectypes", default="GALAXY", help="accepted SPECTYPEs, comma-separated; 'any' for all (default GALAXY)")
     s.add_argument("--shard-rows", type=int, default=4096, help="spectra per shard = per task (default 4096)")
     s.add_argument("--chunk-rows", type=int, default=256, help="spectra per compressed chunk (default 256)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -74,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("predict", "Run encoder + IR head over a store and write a HATS catalog.")
     s.add_argument("--store", required=True, help="Zarr store made by `catalogpred ingest`")
-    s.add_argument("--model", required=True, help="model bundle directory")
+    s.add_argument("--model", required=True, action="append",
+                   help="model bundle directory; repeat for stores with several grids (SDSS + DESI/PFS)")
+    s.add_argument("--surveys", default=None, help="comma-separated survey groups to predict (default: all)")
     s.add_argument("--catalog", required=True, help="output catalog directory")
     s.add_argument("--overwrite", action="store_true", help="delete an existing catalog first (default: resume)")
     s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="inference precision (default fp32)")
@@ -85,16 +143,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan (blocks, model, order) and exit")
     _add_cluster_args(s)
 
-    s = add("query", "Cone searches and column filters on a catalog; CSV to stdout or a file.")
+    s = add("query", "Cone, box, id, filter and SQL queries on a catalog; a table, CSV or a file.")
     s.add_argument("catalog", help="catalog directory")
-    s.add_argument("--cone", nargs=3, type=float, metavar=("RA", "DEC", "RADIUS_ARCSEC"), help="cone (deg, deg, arcsec)")
+    s.add_argument("--cone", nargs=3, metavar=("RA", "DEC", "RADIUS"),
+                   help="cone: RA, Dec in deg, radius in arcsec or with a unit (1deg, 30arcmin)")
+    s.add_argument("--box", nargs=4, type=float, metavar=("RA_MIN", "RA_MAX", "DEC_MIN", "DEC_MAX"),
+                   help="RA/Dec ranges in deg; RA_MIN > RA_MAX wraps through RA 0")
+    s.add_argument("--id", action="append", default=[], metavar="SOURCE_ID", help="rows with this source_id (repeatable)")
     s.add_argument("--where", action="append", default=[], help="filter expression on columns, e.g. 'z < 0.1' (repeatable)")
-    s.add_argument("--columns", default=None, help="comma-separated output columns")
-    s.add_argument("--limit", type=int, default=None, help="at most this many rows")
-    s.add_argument("-o", "--output", default=None, help="write .csv, .parquet or .fits instead of CSV on stdout")
+    s.add_argument("--sql", default=None, help="DuckDB SQL on the view `catalog`, e.g. 'SELECT count(*) FROM catalog'")
+    _add_output_args(s)
 
-    s = add("info", "Summarise a catalog: rows, model, columns with units.")
+    s = add("crossmatch", "Match an external table (CSV/Parquet/FITS/VOTable) to the catalog; IR excess.")
     s.add_argument("catalog", help="catalog directory")
+    s.add_argument("external", help="external table: CSV, Parquet, FITS or VOTable (identified by content)")
+    s.add_argument("--radius", type=float, default=1.5, help="match radius in arcsec (default 1.5)")
+    s.add_argument("--ra-col", default=None, help="external RA column in deg (default: guessed, e.g. ra, RAJ2000)")
+    s.add_argument("--dec-col", default=None, help="external Dec column in deg (default: guessed, e.g. dec, DEJ2000)")
+    s.add_argument("--excess-threshold", type=float, default=3.0,
+                   help="flag ir_excess where any band's excess_sigma exceeds this (default 3)")
+    s.add_argument("--excess-only", action="store_true", help="only rows flagged ir_excess")
+    s.add_argument("--keep-unmatched", action="store_true", help="keep external rows without a match (catalog columns empty)")
+    s.add_argument("--where", action="append", default=[], help="filter on catalog columns before matching (repeatable)")
+    _add_output_args(s, columns_help="catalog columns in the output, comma-separated, or 'all' "
+                                     "(default: the catalog's default columns)")
+
+    s = add("plot", "PNG figures of a catalog: sky density, WISE colours, magnitudes, predicted vs observed.")
+    s.add_argument("catalog", help="catalog directory")
+    s.add_argument("-o", "--output", default="plots", metavar="DIR", help="output directory (default plots/)")
+    s.add_argument("--external", default=None, help="table with observed W1-W4 (e.g. AllWISE) for predicted vs observed")
+    s.add_argument("--radius", type=float, default=1.5, help="crossmatch radius for --external, arcsec (default 1.5)")
+    s.add_argument("--ra-col", default=None, help="external RA column (default: guessed)")
+    s.add_argument("--dec-col", default=None, help="external Dec column (default: guessed)")
+    s.add_argument("--order", type=int, default=None, help="HEALPix order of the density map (default: from the data)")
+
+    s = add("info", "Summarise a catalog: rows per survey, sky area, model and card, manifest, columns.")
+    s.add_argument("catalog", help="catalog directory")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     s = add("demo", "End to end on a mock SDSS survey (what `make demo` runs).")
     s.add_argument("--output", default="demo-output", help="output directory (default demo-output)")
@@ -102,6 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     s.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = add("submit", "Start Dask workers as SLURM/PBS batch jobs (dask-jobqueue) and run ingest or predict on them.")
+    systems = s.add_subparsers(dest="system", required=True, metavar="SYSTEM")
+    for name, label in (("slurm", "SLURM (sbatch)"), ("pbs", "PBS (qsub)")):
+        q = systems.add_parser(name, help=f"workers as {label} jobs", description=f"Workers as {label} jobs, then run "
+                               "`catalogpred ingest|predict` on them.", epilog=textwrap.dedent(EPILOGS["submit"]),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.add_argument("--jobs", type=int, required=True, help="batch jobs to submit (each starts its worker processes)")
+        q.add_argument("--cores", type=int, default=None, help=f"cores per job (jobqueue.{name}.cores)")
+        q.add_argument("--memory", default=None, help=f"memory per job, e.g. 64GB (jobqueue.{name}.memory)")
+        q.add_argument("--processes", type=int, default=None,
+                       help="worker processes per job (default: jobqueue's; with GPUs one per GPU)")
+        q.add_argument("--walltime", default=None, help="job walltime, e.g. 02:00:00")
+        q.add_argument("--queue", default=None, help="partition (SLURM) or queue (PBS)")
+        q.add_argument("--account", default=None, help="account/project to charge")
+        q.add_argument("--gpus-per-job", type=int, default=0, metavar="G",
+                       help="GPUs per job: workers become `dask cuda worker --resources GPU=1`, one per GPU")
+        q.add_argument("--config", default=None, metavar="YAML", help=f"dask-jobqueue config, e.g. deploy/{name}/jobqueue.yaml")
+        q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="export in the job script (repeatable)")
+        q.add_argument("--wait-workers", type=int, default=None, metavar="N",
+                       help="start the command once N workers are connected (default: all of them)")
+        q.add_argument("--dry-run", action="store_true", help="print the job script and exit; submits nothing")
+        q.add_argument("run_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                       help="the catalogpred command to run on the cluster (ingest or predict) with its arguments")
     return p
 
 
@@ -132,11 +241,24 @@ def _client(args):
 
     _quiet_dask(args)
 
-    return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file)
+    return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
+                       wait_workers=args.wait_workers)
 
 
 def _progress(args):
     return False if args.no_progress else None
+
+
+def _read_options(args):
+    import os
+
+    from .surveys import ReadOptions, Selection
+
+    spectypes = () if args.spectypes.lower() == "any" else tuple(t.strip().upper() for t in args.spectypes.split(","))
+    return ReadOptions(redshifts=os.path.abspath(args.redshifts) if args.redshifts else None,
+                       selection=Selection(keep_sky=args.keep_sky, keep_unassigned=args.keep_unassigned,
+                                           keep_bad_fiberstatus=args.keep_bad_fiberstatus, keep_zwarn=args.keep_zwarn,
+                                           spectypes=spectypes))
 
 
 def cmd_ingest(args) -> int:
@@ -150,7 +272,7 @@ def cmd_ingest(args) -> int:
         return 0
     with _client(args) as client:
         summary = run_ingest(args.inputs, args.store, client=client, survey=args.survey, shard_rows=args.shard_rows,
-                             chunk_rows=args.chunk_rows, progress=_progress(args))
+                             chunk_rows=args.chunk_rows, progress=_progress(args), options=_read_options(args))
     print(summary.table(), file=sys.stderr)
     if args.strict and summary.rejected:
         log.error("--strict: %d spectra rejected", summary.rejected)
@@ -165,8 +287,8 @@ def cmd_predict(args) -> int:
         from . import store
         from .model.bundle import read_bundle_info
 
-        info = read_bundle_info(args.model)
-        plan = {"model_id": info.model_id, "grid": info.grid.name, "store": args.store,
+        infos = [read_bundle_info(m) for m in args.model]
+        plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
                 "catalog": args.catalog}
         print(json.dumps(plan, indent=2))
@@ -174,7 +296,8 @@ def cmd_predict(args) -> int:
     with _client(args) as client:
         summary = run_predict(args.store, args.model, args.catalog, client=client, overwrite=args.overwrite,
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
-                              torch_threads=args.torch_threads, progress=_progress(args))
+                              torch_threads=args.torch_threads, progress=_progress(args),
+                              surveys=args.surveys.split(",") if args.surveys else None)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:
@@ -183,44 +306,114 @@ def cmd_predict(args) -> int:
     return 0
 
 
+#: rows shown on a terminal when no --limit is given
+TTY_ROWS = 50
+
+
+def _angle(text: str, unit: str) -> float:
+    """A number in ``unit``, or a value with its own unit ('1deg', '30arcmin', '2.5 arcsec')."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import astropy.units as u
+
+    from .errors import ConfigError
+
+    try:
+        return float(u.Quantity(text).to_value(u.Unit(unit)))
+    except (TypeError, ValueError, u.UnitsError) as exc:
+        raise ConfigError(f"cannot read {text!r} as an angle; give a number ({unit}) or e.g. 1deg, 30arcmin") from exc
+
+
+def _emit(table, args) -> None:
+    """Data to stdout (aligned table on a terminal, CSV when piped) or to the -o file."""
+    from .query import format_table, write_table
+
+    if args.output:
+        write_table(table, args.output, overwrite=args.overwrite)
+        log.info("%d rows written to %s", table.num_rows, args.output)
+        return
+    tty = sys.stdout.isatty()
+    fmt = args.format if args.format != "auto" else ("table" if tty else "csv")
+    if fmt == "table":
+        n = table.num_rows if args.limit is not None or not tty else min(table.num_rows, TTY_ROWS)
+        print(format_table(table, n))
+        if n < table.num_rows:
+            log.info("%d of %d rows shown; --limit N for more, pipe or -o for all", n, table.num_rows)
+    else:
+        write_table(table, sys.stdout, ".csv")
+
+
 def cmd_query(args) -> int:
-    from .query import open_catalog, write_table
+    from .errors import CatalogError
+    from .query import open_catalog
 
     q = open_catalog(args.catalog)
     if args.cone:
-        q = q.cone(*args.cone)
+        q = q.cone(_angle(args.cone[0], "deg"), _angle(args.cone[1], "deg"), _angle(args.cone[2], "arcsec"))
+    if args.box:
+        q = q.box(*args.box)
+    if args.id:
+        q = q.id(args.id)
     for w in args.where:
         q = q.where(w)
     if args.columns:
         q = q.select(args.columns)
-    table = q.to_arrow()
+    if args.sql:
+        table = q.sql(args.sql)
+        if args.limit is not None:
+            table = table.slice(0, args.limit)
+    else:
+        table = (q.limit(args.limit) if args.limit is not None else q).to_arrow()
+        if args.id and table.num_rows == 0:
+            raise CatalogError(f"no row with source_id {', '.join(args.id)} in {args.catalog}"
+                               + (" within the --cone/--box/--where cuts" if q.regions or q.filters else "")
+                               + "; ids look like sdss-0266-51602-0013")
+    _emit(table, args)
+    return 0
+
+
+def cmd_crossmatch(args) -> int:
+    import pyarrow.compute as pc
+
+    from .crossmatch import crossmatch
+    from .errors import ConfigError
+    from .query import open_catalog
+
+    q = open_catalog(args.catalog)
+    for w in args.where:
+        q = q.where(w)
+    table = crossmatch(q, args.external, radius_arcsec=args.radius, ra_col=args.ra_col, dec_col=args.dec_col,
+                       columns=args.columns, excess_threshold=args.excess_threshold, keep_unmatched=args.keep_unmatched)
+    if "ir_excess" in table.column_names:
+        log.info("%d matches flagged ir_excess (> %g sigma in any band)",
+                 pc.sum(pc.fill_null(table.column("ir_excess"), False)).as_py() or 0, args.excess_threshold)
+    if args.excess_only:
+        if "ir_excess" not in table.column_names:
+            raise ConfigError(f"--excess-only needs observed W1-W4 with errors in {args.external} "
+                              "(columns like w1mpro/w1sigmpro or w1_mag/w1_mag_err)")
+        table = table.filter(pc.fill_null(table.column("ir_excess"), False))
     if args.limit is not None:
         table = table.slice(0, args.limit)
-    if args.output:
-        write_table(table, args.output)
-        log.info("%d rows written to %s", table.num_rows, args.output)
-    else:
-        write_table(table, sys.stdout, ".csv")
+    _emit(table, args)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_catalog
+
+    for path in plot_catalog(args.catalog, args.output, external=args.external, radius_arcsec=args.radius,
+                             ra_col=args.ra_col, dec_col=args.dec_col, order=args.order):
+        print(path)
     return 0
 
 
 def cmd_info(args) -> int:
-    import pyarrow.parquet as pq
-    from pathlib import Path
+    from .query import catalog_info, format_info
 
-    path = Path(args.catalog)
-    from .query import open_catalog
-
-    q = open_catalog(path)
-    manifest = json.loads((path / "run_manifest.json").read_text())
-    schema = pq.read_schema(path / "dataset" / "_common_metadata")
-    out = [f"catalog {path}", f"  model     {manifest['model']['model_id']} ({manifest['model']['kind']})",
-           f"  rows      {manifest['counts']['catalog_rows']:,d}   rejects {manifest['counts']['rejects']:,d}",
-           f"  leaves    {len(q.pixels)} HEALPix pixels at order {q.order}", "  columns:"]
-    for f in schema:
-        md = f.metadata or {}
-        out.append(f"    {f.name:<16} {str(f.type):<28} {md.get(b'unit', b'').decode():<26} {md.get(b'description', b'').decode()[:70]}")
-    print("\n".join(out))
+    info = catalog_info(args.catalog)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
     return 0
 
 
@@ -234,7 +427,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": cmd_ingest, "predict": cmd_predict, "query": cmd_query, "info": cmd_info, "demo": cmd_demo}
+def cmd_submit(args) -> int:
+    from .submit import run_submit
+
+    _quiet_dask(args)
+    return run_submit(args)
+
+
+COMMANDS = {"ingest": cmd_ingest, "predict": cmd_predict, "query": cmd_query, "info": cmd_info, "demo": cmd_demo,
+            "crossmatch": cmd_crossmatch, "plot": cmd_plot,
+            "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:

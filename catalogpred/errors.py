@@ -62,6 +62,8 @@ class RejectReason(str, enum.Enum):
     UNREADABLE_FILE = "unreadable_file"
     #: FITS, but a required HDU (e.g. SDSS ``COADD``, ``SPECOBJ``/``SPALL``) is missing
     MISSING_HDU = "missing_hdu"
+    #: the HDUs contradict each other (e.g. FIBERMAP rows != flux rows)
+    INCONSISTENT_FILE = "inconsistent_file"
     #: FITS, but no survey reader recognises its HDUs
     UNKNOWN_FORMAT = "unknown_format"
     #: flux or ivar holds NaN or inf on pixels with ivar > 0

@@ -25,6 +25,7 @@ import numpy as np
 from . import __version__
 from . import catalog as cat
 from . import store
+from .cluster import check_workers, default_torch_threads, shared_path
 from .errors import CatalogError, ConfigError, RejectReason
 from .surveys import get_reader
 from .tasks import block_key, detect_survey, ingest_shard, predict_block
@@ -196,7 +197,9 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
 
     options = options or ReadOptions()
     t0 = time.perf_counter()
+    store_path = shared_path(store_path)  # workers get absolute paths (their cwd differs)
     paths = expand_inputs(inputs)
+    check_workers(client, paths[:1] + [store_path])
     summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
     detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
@@ -278,6 +281,15 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         d = summary.by_survey.setdefault(name, {"rows": 0, "shards": 0})
         d["rows"] += sum(r["n_rows"] for r in results.values())
         d["shards"] += len(results)
+        reasons = Counter()
+        for r in results.values():
+            reasons.update(r["reasons"])
+        store.record_ingest(store_path, name, {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "catalogpred": __version__,
+            "files": len({p for b in pieces for p, _, _ in b}), "rows": d["rows"], "shards": len(results),
+            "redshifts": options.redshifts, "selection": options.selection.to_manifest(),
+            "rejects_by_reason": dict(reasons) | ({"duplicate_id": n_dup} if n_dup else {}),
+        })
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -345,39 +357,62 @@ def _versions() -> dict:
     return out
 
 
-def run_predict(store_path: str, bundle_path: str, catalog_path: str, *, client, overwrite: bool = False,
+def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
                 precision: str = "fp32", batch_size: int = 256, order: int | None = None,
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
-                catalog_name: str | None = None) -> PredictSummary:
+                catalog_name: str | None = None, surveys: list[str] | None = None) -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
 
-    An existing catalog made with the same model is resumed (finished blocks are
-    skipped); ``overwrite=True`` deletes it first. Raises :class:`PipelineError`
-    if blocks fail on every retry (the catalog is then left unfinalized, ready to resume).
+    ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
+    on (SDSS → an SDSS-grid bundle; DESI and PFS → a DESI-grid bundle). ``surveys`` restricts the
+    run to some survey groups. An existing catalog made with the same models is resumed
+    (finished blocks are skipped); ``overwrite=True`` deletes it first. Raises
+    :class:`PipelineError` if blocks fail on every retry (the catalog is then left unfinalized,
+    ready to resume).
     """
     from .model.bundle import read_bundle_info
 
     t0 = time.perf_counter()
-    info = read_bundle_info(bundle_path)
-    surveys = store.list_surveys(store_path)
-    if not surveys:
+    # workers get absolute paths (their cwd differs); URLs are refused until store/catalog use fsspec
+    bundle_paths = [bundle_path] if isinstance(bundle_path, (str, os.PathLike)) else list(bundle_path)
+    store_path, catalog_path = shared_path(store_path), shared_path(catalog_path)
+    bundle_paths = [shared_path(b) for b in bundle_paths]
+    infos = {}
+    for bp in bundle_paths:
+        binfo = read_bundle_info(bp)
+        if binfo.grid.name in infos:
+            raise ConfigError(f"two bundles for the {binfo.grid.name} grid: {infos[binfo.grid.name][0]} and {bp}")
+        infos[binfo.grid.name] = (bp, binfo)
+    n_latent = {i.n_latent for _, i in infos.values()}
+    if len(n_latent) > 1:
+        raise ConfigError(f"bundles have different latent sizes {sorted(n_latent)}; one catalog needs one size")
+    all_surveys = store.list_surveys(store_path)
+    if not all_surveys:
         raise ConfigError(f"{store_path} holds no ingested survey; run `catalogpred ingest` first")
-    blocks, inputs, native = [], 0, {}
-    for name in surveys:
+    chosen = list(surveys) if surveys else all_surveys
+    unknown = [s for s in chosen if s not in all_surveys]
+    if unknown:
+        raise ConfigError(f"{store_path} has no survey {unknown}; it has {all_surveys}")
+    blocks, inputs, native, survey_bundle, survey_model = [], 0, {}, {}, {}
+    for name in chosen:
         g, layout = store.open_survey(store_path, name)
-        if layout.grid != info.grid:
-            raise ConfigError(f"model {info.model_id} expects the {info.grid.name} grid but {store_path}/{name} is on "
-                              f"{layout.grid.name}; use a {layout.grid.name} model bundle")
+        if layout.grid.name not in infos:
+            raise ConfigError(f"{store_path}/{name} is on the {layout.grid.name} grid but no --model bundle is "
+                              f"(given: {', '.join(f'{k}: {v[1].model_id}' for k, v in infos.items())}); add a "
+                              f"{layout.grid.name} bundle or restrict with --surveys")
+        survey_bundle[name], survey_model[name] = infos[layout.grid.name][0], infos[layout.grid.name][1].model_id
         for s in store.done_shards(store_path, name):
             blocks.append((name, int(s)))
         status = g["meta"]["status"][:]
         done_rows = np.repeat(g["shard_done"][:].astype(bool), layout.shard_rows)
         inputs += int(((status != store.RowStatus.EMPTY) & done_rows).sum())
         native.update(layout.meta_columns)
+    info = infos[store.open_survey(store_path, chosen[0])[1].grid.name][1]
+    model_ids = sorted(i.model_id for _, i in infos.values())
     core = cat.core_columns(info.n_latent)
     columns = core + cat.native_columns(native, {c.name for c in core})
 
-    catalog_path = str(catalog_path)
+    check_workers(client, [store_path, *bundle_paths, catalog_path])
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if overwrite and os.path.exists(catalog_path):
         shutil.rmtree(catalog_path)
@@ -385,25 +420,24 @@ def run_predict(store_path: str, bundle_path: str, catalog_path: str, *, client,
         raise CatalogError(f"{catalog_path} exists but is not a catalogpred catalog; choose another path or --overwrite")
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
-        if plan["model_id"] != info.model_id:
-            raise CatalogError(f"{catalog_path} was made with model {plan['model_id']}, not {info.model_id}; "
+        if plan.get("model_ids") != model_ids:
+            raise CatalogError(f"{catalog_path} was made with models {plan.get('model_ids')}, not {model_ids}; "
                                "pass --overwrite to start over")
         order = plan["order"]
     else:
         order = order if order is not None else cat.choose_order(inputs)
         plan_file.parent.mkdir(parents=True, exist_ok=True)
-        plan_file.write_text(json.dumps({"model_id": info.model_id, "order": order, "store": os.path.abspath(store_path)}))
+        plan_file.write_text(json.dumps({"model_ids": model_ids, "order": order, "store": os.path.abspath(store_path)}))
     for stale in Path(catalog_path).glob("**/.*.tmp"):  # left by a run killed mid-write
         stale.unlink()
     done = cat.read_block_done(catalog_path)
     todo = [(s, sh) for s, sh in blocks if block_key(s, sh) not in done]
-    summary = PredictSummary(catalog=catalog_path, model_id=info.model_id, blocks=len(blocks),
+    summary = PredictSummary(catalog=catalog_path, model_id=", ".join(model_ids), blocks=len(blocks),
                              blocks_skipped=len(blocks) - len(todo), order=order, inputs=inputs)
-    if torch_threads is None and client.cluster is not None:
-        n_workers = max(1, len(client.scheduler_info()["workers"]))
-        torch_threads = max(1, (os.cpu_count() or 1) // n_workers)
+    if torch_threads is None:  # local: cores / workers; remote: from each worker's nthreads
+        torch_threads = default_torch_threads(client)
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads)
-    args = [(str(store_path), s, sh, os.path.abspath(bundle_path), catalog_path, order, columns) for s, sh in todo]
+    args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
     results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress)
     if errors:
@@ -414,12 +448,14 @@ def run_predict(store_path: str, bundle_path: str, catalog_path: str, *, client,
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "store": os.path.abspath(store_path),
-        "surveys": surveys,
-        "model": {"path": os.path.abspath(bundle_path), "model_id": info.model_id, "kind": info.card.kind,
+        "surveys": chosen,
+        "model": {"path": infos[info.grid.name][0], "model_id": info.model_id, "kind": info.card.kind,
                   "grid": info.grid.name},
+        "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
                      "torch_threads": torch_threads},
         "versions": _versions(),
+        "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }

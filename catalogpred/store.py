@@ -48,6 +48,8 @@ __all__ = [
     "write_shard",
     "mark_shards_done",
     "done_shards",
+    "record_ingest",
+    "ingest_history",
     "read_meta",
     "read_flux",
     "set_rejected",
@@ -275,6 +277,22 @@ def mark_shards_done(store_path, survey: str, shards: list[int]) -> None:
     done = arr[:]
     done[np.asarray(shards, dtype=np.int64)] = 1
     arr[:] = done
+
+
+def record_ingest(store_path, survey: str, entry: dict) -> None:
+    """Append an ingest run (inputs, selection, redshift source, counts) to the survey group's history."""
+    import zarr
+
+    g = zarr.open_group(str(store_path), mode="r+")[survey]
+    runs = list(g.attrs.get("catalogpred_ingest_runs", []))
+    runs.append(entry)
+    g.attrs["catalogpred_ingest_runs"] = runs
+
+
+def ingest_history(store_path, survey: str) -> list[dict]:
+    """The ingest runs recorded by :func:`record_ingest`."""
+    g, _ = open_survey(store_path, survey)
+    return list(g.attrs.get("catalogpred_ingest_runs", []))
 
 
 def done_shards(store_path, survey: str) -> np.ndarray:

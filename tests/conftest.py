@@ -87,3 +87,32 @@ def random_bundle(tmp_path_factory):
     save_bundle(path, SpectrumEncoder(), IRHead(), name="test", version="0", grid=SDSS_GRID,
                 card=ModelCard(kind="demo", summary="seeded test bundle"))
     return path
+
+
+DESI_DIR = REALDATA / "desi"
+
+
+@pytest.fixture(scope="session")
+def desi_files() -> list[Path]:
+    """The 7 real DESI files (coadd, spectra, redrock) in ../shared/realdata/desi."""
+    files = sorted(DESI_DIR.glob("*.fits"))
+    if len(files) != 7:
+        pytest.skip(f"real DESI files not found at {DESI_DIR} (a fresh clone has no ../shared; CI does)")
+    return files
+
+
+@pytest.fixture(scope="session")
+def desi_bundle(tmp_path_factory):
+    """A seeded (untrained) DESI-grid bundle with a head (serves DESI and PFS)."""
+    import torch
+
+    from catalogpred.model.bundle import ModelCard, save_bundle
+    from catalogpred.model.encoder import SpectrumEncoder
+    from catalogpred.model.head import IRHead
+    from catalogpred.spectra import DESI_GRID
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("desi-bundle") / "model"
+    save_bundle(path, SpectrumEncoder(n_pix=DESI_GRID.n_pix), IRHead(), name="test-desi", version="0", grid=DESI_GRID,
+                card=ModelCard(kind="demo", summary="seeded DESI test bundle"))
+    return path

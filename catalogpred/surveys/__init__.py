@@ -326,4 +326,4 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto", options: ReadOpt
 
 
 # registration of the built-in readers (module import registers them)
-from . import sdss  # noqa: E402,F401
+from . import desi, sdss  # noqa: E402,F401

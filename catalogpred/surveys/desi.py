@@ -1,0 +1,272 @@
+"""DESI ``coadd-*.fits`` and ``spectra-*.fits`` reader (healpix and tile coadds), with redrock redshifts.
+
+Format (FORMATS.md): ``FIBERMAP`` (one row per target) and, for each arm X in B, R, Z,
+``X_WAVELENGTH`` (Å, vacuum), ``X_FLUX``/``X_IVAR`` [n, n_wave] (1e-17 erg/s/cm²/Å) and
+``X_MASK`` (int32, or uint32 via BZERO in fuji). HDUs are addressed by EXTNAME only.
+
+**Arm merge** onto :data:`~catalogpred.spectra.DESI_GRID` (3600–9824 Å, 0.8 Å, 7781 px), as
+desispec's ``coadd_cameras``: every arm pixel maps to the global pixel
+``round((λ − 3600)/0.8)`` (λ compared with a tolerance, never ``==``: the last B value is
+5800.0000000005). Where arms overlap, flux is the mean weighted by ``ivar·(mask == 0)``;
+where every contribution is masked, the flux value falls back to the plain-ivar-weighted mean
+(so the encoder sees a sensible value), but the merged ivar stays the sum of *good* ivar, 0
+there. The merged mask is the OR of the arm masks, cleared where the merged ivar > 0.
+
+**Redshifts** come from the matching ``redrock-*.fits`` (HDU ``REDSHIFTS``) next to the file
+(``coadd-X.fits`` → ``redrock-X.fits``, or the older ``zbest-X.fits``), joined on TARGETID,
+or from a user table (``ReadOptions.redshifts``, e.g. a survey-wide ``zpix`` catalog).
+
+**Selection** (:class:`~catalogpred.surveys.Selection`): unassigned fibres (negative TARGETID or
+blank OBJTYPE), sky fibres (OBJTYPE SKY or TARGETID bit 59), COADD_FIBERSTATUS ≠ 0, missing
+redshift, ZWARN ≠ 0 and non-GALAXY SPECTYPE become rejects with their reason.
+
+Ids: ``source_id`` is ``desi-{survey}-{program}-{targetid}`` for healpix coadds and
+``desi-{spgrp}-{tileid}-{spgrpval}-{targetid}`` for tile coadds (``-e{expid}`` is appended for
+per-exposure ``spectra-*`` rows), so the same target in two coadds stays two rows.
+The header's SURVEY (sv3, main, …) goes to ``desi_survey``: ``survey`` is ``"desi"``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import InputFileError, RejectReason
+from ..redshifts import load_redshift_table
+from ..spectra import DESI_GRID, PixelMask
+from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+
+__all__ = ["identify", "read", "merge_arms", "DESI_META", "ARMS"]
+
+ARMS = ("B", "R", "Z")
+#: TARGETID bit 59 marks sky fibres.
+SKY_TARGETID_BIT = 59
+
+DESI_META = {
+    "targetid": "i8",
+    "desi_survey": "U",  # header SURVEY (sv1, sv3, main, special); "" for tile coadds
+    "program": "U",  # header PROGRAM (dark, bright, backup, other)
+    "healpix": "i4",  # HPXPIXEL (nside 64, nested); -1 for tile coadds
+    "tileid": "i4",  # -1 for healpix coadds
+    "petal": "i4",
+    "fiber": "i4",
+    "expid": "i4",  # per-exposure spectra only; -1 for coadds
+    "objtype": "U",
+    "coadd_fiberstatus": "i8",
+    "spectype": "U",
+    "deltachi2": "f8",
+    "flux_w1": "f4",  # Legacy Surveys unWISE forced photometry, nanomaggies (AB: m = 22.5 - 2.5 log10 f)
+    "flux_ivar_w1": "f4",
+    "flux_w2": "f4",
+    "flux_ivar_w2": "f4",
+}
+
+
+def identify(hdu_names: set) -> bool:
+    """DESI spectra: FIBERMAP plus arm wavelength HDUs."""
+    return "FIBERMAP" in hdu_names and any(f"{a}_WAVELENGTH" in hdu_names or f"{a}_FLUX" in hdu_names for a in ARMS)
+
+
+def identify_redshifts(hdu_names: set) -> bool:
+    """redrock / zbest / zpix files: redshifts, no spectra."""
+    return ("REDSHIFTS" in hdu_names or "ZCATALOG" in hdu_names or "ZBEST" in hdu_names) and not identify(hdu_names)
+
+
+def count(fits) -> int:
+    return int(fits["FIBERMAP"].get_nrows())
+
+
+def merge_arms(waves: list, fluxes: list, ivars: list, masks: list, grid=DESI_GRID):
+    """Merge camera arms onto a linear grid (see module docstring).
+
+    Parameters
+    ----------
+    waves : list of float64 [n_wave_arm]
+        Arm wavelengths, Å.
+    fluxes, ivars : list of float32 [n, n_wave_arm]
+    masks : list of int [n, n_wave_arm]
+        DESI SPECMASK bits (0 = good).
+
+    Returns
+    -------
+    flux, ivar : float32 [n, n_pix]; mask : uint32 [n, n_pix] (OR of arm bits, 0 where ivar > 0);
+    covered : bool [n_pix]
+    """
+    n = fluxes[0].shape[0]
+    sw = np.zeros((n, grid.n_pix))
+    swf = np.zeros((n, grid.n_pix))
+    sw_all = np.zeros((n, grid.n_pix))
+    swf_all = np.zeros((n, grid.n_pix))
+    mask_or = np.zeros((n, grid.n_pix), np.uint32)
+    covered = np.zeros(grid.n_pix, bool)
+    for wave, flux, ivar, mask in zip(waves, fluxes, ivars, masks):
+        idx = np.rint((np.asarray(wave, np.float64) - grid.start) / grid.step).astype(np.int64)
+        if np.max(np.abs(grid.start + grid.step * idx - wave)) > 1e-3:
+            raise ValueError("arm wavelengths are not on the 0.8 Å grid from 3600 Å")
+        keep = (idx >= 0) & (idx < grid.n_pix)
+        idx, flux, ivar, mask = idx[keep], flux[:, keep], ivar[:, keep], mask[:, keep]
+        good = np.where(mask == 0, ivar, 0.0)
+        np.add.at(sw.T, idx, good.T)
+        np.add.at(swf.T, idx, (good * flux).T)
+        np.add.at(sw_all.T, idx, ivar.T)
+        np.add.at(swf_all.T, idx, (ivar * flux).T)
+        np.bitwise_or.at(mask_or.T, idx, mask.astype(np.uint32).T)
+        covered[idx] = True
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(sw > 0, swf / sw, np.where(sw_all > 0, swf_all / sw_all, 0.0))
+    mask_out = np.where(sw > 0, 0, mask_or).astype(np.uint32)
+    return out.astype(np.float32), sw.astype(np.float32), mask_out, covered
+
+
+def _redshift_path(path: str) -> str | None:
+    d, base = os.path.split(path)
+    for prefix in ("coadd-", "spectra-"):
+        if base.startswith(prefix):
+            for rprefix in ("redrock-", "zbest-"):
+                cand = os.path.join(d, rprefix + base[len(prefix):])
+                if os.path.exists(cand):
+                    return cand
+    return None
+
+
+def _text(a) -> np.ndarray:
+    return np.array([(x.decode() if isinstance(x, bytes) else str(x)).strip() for x in a], dtype=object)
+
+
+def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
+    """Read an opened DESI coadd/spectra file; see the module docstring."""
+    options = options or ReadOptions()
+    sel = options.selection
+    name = os.path.basename(str(path))
+    hdus = {(h.get_extname() or "").upper() for h in fits}
+    missing = [h for a in ARMS for h in (f"{a}_WAVELENGTH", f"{a}_FLUX", f"{a}_IVAR") if h not in hdus]
+    if missing:
+        raise InputFileError(f"{name}: missing arm HDUs {missing}", RejectReason.MISSING_HDU)
+    fm = fits["FIBERMAP"].read()
+    cols = {c.upper(): c for c in fm.dtype.names}
+    n = len(fm)
+    waves, fluxes, ivars, masks = [], [], [], []
+    for a in ARMS:
+        flux = fits[f"{a}_FLUX"].read()
+        ivar = fits[f"{a}_IVAR"].read()
+        mask = fits[f"{a}_MASK"].read() if f"{a}_MASK" in hdus else np.zeros(flux.shape, np.int32)
+        wave = fits[f"{a}_WAVELENGTH"].read()
+        if flux.ndim == 1:
+            flux, ivar, mask = flux[None], ivar[None], mask[None]
+        if flux.shape[0] != n or ivar.shape != flux.shape or mask.shape != flux.shape or flux.shape[1] != len(wave):
+            raise InputFileError(f"{name}: FIBERMAP has {n} rows but {a}_FLUX/IVAR/MASK have shapes "
+                                 f"{flux.shape}/{ivar.shape}/{mask.shape} and {a}_WAVELENGTH {wave.shape}",
+                                 RejectReason.INCONSISTENT_FILE)
+        waves.append(wave), fluxes.append(flux), ivars.append(ivar), masks.append(mask)
+    flux, ivar, arm_mask, covered = merge_arms(waves, fluxes, ivars, masks)
+    mask = np.where(arm_mask != 0, int(PixelMask.PIPELINE), 0).astype(np.uint8)
+    mask[:, ~covered] |= int(PixelMask.NO_COVERAGE)
+
+    hdr = fits[0].read_header()
+
+    def col(c, default, dtype=None):
+        v = fm[cols[c]] if c in cols else np.full(n, default)
+        return np.asarray(v, dtype=dtype) if dtype else v
+
+    targetid = col("TARGETID", -1, np.int64)
+    objtype = _text(col("OBJTYPE", ""))
+    fiberstatus = col("COADD_FIBERSTATUS", 0, np.int64) if "COADD_FIBERSTATUS" in cols else col("FIBERSTATUS", 0, np.int64)
+    expid = col("EXPID", -1, np.int32)
+    tileid = col("TILEID", hdr.get("TILEID", -1) if hdr.get("TILEID") is not None else -1, np.int32)
+    spgrp = str(hdr.get("SPGRP", "") or "").strip()
+    desi_survey = str(hdr.get("SURVEY", "") or "").strip()
+    program = str(hdr.get("PROGRAM", "") or "").strip()
+    healpix = int(hdr.get("HPXPIXEL", -1) if hdr.get("HPXPIXEL") is not None else -1)
+    per_exposure = name.startswith("spectra-") and "EXPID" in cols
+    if spgrp == "healpix" or healpix >= 0:
+        prefix = f"desi-{desi_survey}-{program}"
+    else:
+        prefix = f"desi-{spgrp or 'tile'}-{int(hdr.get('TILEID', tileid[0] if n else -1))}-{hdr.get('SPGRPVAL', '')}"
+    source_id = np.array([f"{prefix}-{t}" + (f"-e{e}" if per_exposure else "") for t, e in zip(targetid, expid)],
+                         dtype=object)
+
+    # redshifts: user table first, else the redrock file beside the spectra
+    z = np.full(n, np.nan)
+    z_err = np.full(n, np.nan)
+    zwarn = np.zeros(n, np.int64)
+    spectype = np.full(n, "", dtype=object)
+    deltachi2 = np.full(n, np.nan)
+    found = np.zeros(n, bool)
+    zsource = options.redshifts or _redshift_path(str(path))
+    if zsource is not None:
+        rs = load_redshift_table(zsource)
+        got = rs.lookup(targetid)
+        found, z, z_err, zwarn, spectype = got["found"], got["z"], got["z_err"], got["zwarn"].astype(np.int64), got["spectype"]
+        if not options.redshifts:
+            import fitsio
+
+            with fitsio.FITS(zsource) as zf:
+                zh = {(h.get_extname() or "").upper() for h in zf}
+                hdu = "REDSHIFTS" if "REDSHIFTS" in zh else "ZBEST"
+                zc = {c.upper() for c in zf[hdu].get_colnames()}
+                if "DELTACHI2" in zc:
+                    zd = zf[hdu].read(columns=["TARGETID", "DELTACHI2"])
+                    lut = dict(zip(zd["TARGETID"].tolist(), zd["DELTACHI2"].tolist()))
+                    deltachi2 = np.array([lut.get(t, np.nan) for t in targetid.tolist()])
+
+    reason = np.full(n, "", dtype=object)
+    detail = np.full(n, "", dtype=object)
+
+    def reject(cond, why: RejectReason, text):
+        hit = cond & (reason == "")
+        reason[hit] = why.value
+        for i in np.flatnonzero(hit):
+            detail[i] = text(i)
+
+    unassigned = (targetid < 0) | (objtype == "")
+    sky = (objtype == "SKY") | ((targetid > 0) & (((targetid >> SKY_TARGETID_BIT) & 1) == 1))
+    if not sel.keep_unassigned:
+        reject(unassigned, RejectReason.UNASSIGNED_FIBRE, lambda i: f"TARGETID {targetid[i]}, OBJTYPE '{objtype[i]}'")
+    if not sel.keep_sky:
+        reject(sky, RejectReason.SKY_FIBRE, lambda i: f"TARGETID {targetid[i]}, OBJTYPE '{objtype[i]}'")
+    if not sel.keep_bad_fiberstatus:
+        reject(fiberstatus != 0, RejectReason.BAD_FIBERSTATUS, lambda i: f"COADD_FIBERSTATUS = {fiberstatus[i]}")
+    reject(~found, RejectReason.NO_REDSHIFT,
+           lambda i: f"TARGETID {targetid[i]} not in {os.path.basename(zsource)}" if zsource else
+           "no redrock file beside the spectra and no --redshifts table")
+    if not sel.keep_zwarn:
+        reject(zwarn != 0, RejectReason.ZWARN, lambda i: f"ZWARN = {zwarn[i]}")
+    if sel.spectypes:
+        reject(~np.isin(spectype.astype(str), list(sel.spectypes)), RejectReason.NOT_GALAXY,
+               lambda i: f"SPECTYPE '{spectype[i]}' not in {list(sel.spectypes)}")
+
+    meta = {
+        "source_id": source_id,
+        "survey": np.full(n, "desi", dtype=object),
+        "ra": col("TARGET_RA", np.nan, np.float64),
+        "dec": col("TARGET_DEC", np.nan, np.float64),
+        "z": np.asarray(z, np.float64),
+        "z_err": np.asarray(z_err, np.float64),
+        "zwarning": zwarn,
+        "source_file": np.full(n, name, dtype=object),
+        "row_in_file": np.arange(n, dtype=np.int32),
+        "targetid": targetid,
+        "desi_survey": np.full(n, desi_survey, dtype=object),
+        "program": np.full(n, program, dtype=object),
+        "healpix": np.full(n, healpix, np.int32),
+        "tileid": tileid,
+        "petal": col("PETAL_LOC", hdr.get("PETAL", -1) if hdr.get("PETAL") is not None else -1, np.int32),
+        "fiber": col("FIBER", -1, np.int32),
+        "expid": expid if per_exposure else np.full(n, -1, np.int32),
+        "objtype": objtype,
+        "coadd_fiberstatus": fiberstatus,
+        "spectype": np.asarray(spectype, dtype=object),
+        "deltachi2": deltachi2,
+        "flux_w1": col("FLUX_W1", np.nan, np.float32),
+        "flux_ivar_w1": col("FLUX_IVAR_W1", np.nan, np.float32),
+        "flux_w2": col("FLUX_W2", np.nan, np.float32),
+        "flux_ivar_w2": col("FLUX_IVAR_W2", np.nan, np.float32),
+    }
+    return SpectrumBlock(survey="desi", grid=DESI_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
+                         reject_reason=reason, reject_detail=detail)
+
+
+register_reader(Reader(name="desi", identify=identify, read=read, grid=DESI_GRID, priority=20,
+                       meta_columns={**COMMON_META, **DESI_META}, count=count,
+                       description="DESI coadd-*/spectra-*.fits (healpix and tile), redshifts from redrock"))
+register_auxiliary("desi-redshifts", identify_redshifts)
