@@ -58,6 +58,8 @@ class CatalogFlag(enum.IntFlag):
     PARTIAL_COVERAGE = 4
     #: the bundle has no IR head: magnitudes are null, latents are valid
     NO_PREDICTION = 8
+    #: latents outside the training distribution: ood_score above the bundle's threshold
+    OUT_OF_DISTRIBUTION = 16
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,12 @@ def core_columns(n_latent: int) -> list[Column]:
         Column("norm", pa.float64(), "1e-17 erg/(s cm2 Angstrom)", "phot.flux.density;em.opt",
                "spender normalisation: lower median of F_lambda in rest-frame 5300-5850 Angstrom"),
         Column("snr_median", pa.float32(), "", "stat.snr", "Median per-pixel S/N over good pixels"),
+        Column("ood_score", pa.float32(), "", "stat.fit.goodness",
+               "Squared Mahalanobis distance of the latents from the training latents (chi2 with n_latent dof "
+               "for training-like spectra); null when the bundle has no latent density"),
         Column("flags", pa.int32(), "", "meta.code.qual",
-               "Quality bits: 1 ZWARNING, 2 LOW_SN (snr_median < 2), 4 PARTIAL_COVERAGE (< 80% of grid), 8 NO_PREDICTION"),
+               "Quality bits: 1 ZWARNING, 2 LOW_SN (snr_median < 2), 4 PARTIAL_COVERAGE (< 80% of grid), "
+               "8 NO_PREDICTION (encoder-only bundle), 16 OUT_OF_DISTRIBUTION (ood_score above the bundle threshold)"),
         Column("model_id", pa.string(), "", "meta.version", "Model bundle that made the prediction (name-version+sha256)"),
         Column("source_file", pa.string(), "", "meta.file", "Input file name"),
     ]

@@ -3,7 +3,21 @@
 The local default is a ``distributed.LocalCluster`` with one single-threaded worker
 process per core (torch gets its threads explicitly from the tasks, since Dask
 workers start with ``OMP_NUM_THREADS=1``). ``scheduler`` / ``scheduler_file``
-connect to a cluster that already exists (SLURM, Kubernetes, …; see ``deploy/``).
+connect to a cluster that already exists (SLURM, PBS, Kubernetes, …; see ``deploy/``
+and :mod:`catalogpred.submit`).
+
+Remote workers open the store, the model bundle and the catalog by path, so those
+paths must mean the same thing on the client and on every worker:
+
+- :func:`shared_path` makes local paths absolute on the client (a worker's working
+  directory is wherever it was started) and is the one place where URLs are handled.
+  Today only local paths work, on a filesystem every worker mounts at the same place
+  (NFS, Lustre, GPFS, a Kubernetes ReadWriteMany volume). ``file://`` URLs become
+  paths; other fsspec URLs (``s3://``, ``gs://``, …) are refused with a clear error,
+  because the store, catalog and bundle are still written with local file I/O.
+- :func:`check_workers` asks every connected worker whether it runs the same
+  catalogpred version and sees those paths, so a missing mount or an outdated
+  environment fails before any task runs instead of in every task.
 """
 from __future__ import annotations
 
@@ -11,9 +25,15 @@ import contextlib
 import logging
 import os
 
-__all__ = ["default_n_workers", "dask_client"]
+from .errors import ConfigError
+
+__all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
+           "TASKS_IN_FLIGHT_PER_WORKER"]
 
 log = logging.getLogger(__name__)
+
+#: tasks the pipeline keeps in flight per worker (``pipeline._run_bounded`` submits at most 2 × workers)
+TASKS_IN_FLIGHT_PER_WORKER = 2
 
 
 def default_n_workers() -> int:
@@ -26,7 +46,7 @@ def default_n_workers() -> int:
 
 @contextlib.contextmanager
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
-                scheduler_file: str | None = None, memory_limit: str | None = "auto"):
+                scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None):
     """Yield a ``distributed.Client``; a local cluster is started and closed around it.
 
     Parameters
@@ -37,13 +57,37 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         Address of an existing scheduler, e.g. ``tcp://host:8786``.
     scheduler_file : str, optional
         A scheduler file written by ``dask scheduler --scheduler-file``.
+    wait_workers : int, optional
+        With a scheduler: block until this many workers are connected (batch jobs
+        and pods start over minutes; the pipeline sizes its task window from the
+        workers present when it starts). Default: at least one.
+
+    Raises
+    ------
+    ConfigError
+        If both ``scheduler`` and ``scheduler_file`` are given, or the scheduler file is missing.
+
+    Examples
+    --------
+    >>> with dask_client(scheduler="tcp://10.0.0.5:8786", wait_workers=8) as client:  # doctest: +SKIP
+    ...     run_predict("/shared/store.zarr", "/shared/model", "/shared/catalog", client=client)
     """
     from distributed import Client, LocalCluster
 
+    if scheduler and scheduler_file:
+        raise ConfigError("give either --scheduler or --scheduler-file, not both")
     if scheduler or scheduler_file:
+        if scheduler_file and not os.path.exists(scheduler_file):
+            raise ConfigError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
+                              f"`dask scheduler --scheduler-file {scheduler_file}` first")
         client = Client(address=scheduler, scheduler_file=scheduler_file)
-        log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
         try:
+            want = max(1, wait_workers or 1)
+            have = len(client.scheduler_info()["workers"])
+            if have < want:
+                log.info("waiting for %d Dask workers at %s (%d connected)", want, client.scheduler.address, have)
+                client.wait_for_workers(want)
+            log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
             yield client
         finally:
             client.close()
@@ -58,3 +102,97 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     finally:
         client.close()
         cluster.close()
+
+
+def shared_path(path: str | os.PathLike) -> str:
+    """The form of ``path`` to hand to workers: an absolute local path.
+
+    Relative paths are resolved against the client's working directory (workers
+    have their own), ``~`` is expanded, and ``file://`` URLs become paths.
+
+    Raises
+    ------
+    ConfigError
+        For other URLs (``s3://``, ``gs://``, ``https://``, …): the store, catalog and
+        bundle are read and written with local file I/O, so object stores do not work yet.
+
+    Examples
+    --------
+    >>> shared_path("file:///scratch/store.zarr")
+    '/scratch/store.zarr'
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme.lower() != "file":
+            raise ConfigError(f"{text}: {scheme}:// URLs are not supported yet (store, catalog and model bundle use "
+                              "local file I/O); put them on a filesystem that the client and every worker mount at "
+                              "the same path, e.g. /shared/project/store.zarr (see deploy/README.md)")
+        text = rest if rest.startswith("/") else "/" + rest.split("/", 1)[-1]  # file:///p or file://host/p
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` itself if it exists here, else its closest existing parent (an output that is not written yet)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return p
+
+
+def check_workers(client, paths=()) -> None:
+    """Check that every connected worker runs this catalogpred version and sees ``paths``.
+
+    A path that does not exist yet on the client (an output) is checked through
+    its closest existing parent directory. Workers that have not connected yet are
+    not checked; with none connected this does nothing.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first worker without catalogpred, with another version, or without a path.
+    """
+    import importlib.metadata as md
+
+    from . import __version__
+
+    workers = client.scheduler_info()["workers"]
+    if not workers:
+        return
+    versions = client.run(md.version, "catalogpred", on_error="return")
+    for addr, v in sorted(versions.items()):
+        if isinstance(v, BaseException):
+            raise ConfigError(f"Dask worker {addr} cannot find catalogpred ({type(v).__name__}: {v}); start the workers "
+                              "from an environment with catalogpred installed (deploy/README.md)")
+        if v != __version__:
+            raise ConfigError(f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, scheduler "
+                              "and workers must run the same versions (deploy/README.md, version table)")
+    for path in dict.fromkeys(_nearest_existing(os.fspath(p)) for p in paths):
+        seen = client.run(os.path.exists, path, on_error="return")
+        missing = sorted(addr for addr, ok in seen.items() if ok is not True)
+        if missing:
+            raise ConfigError(f"{path} is not visible on Dask worker {missing[0]}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: store, catalog and "
+                              "model must be on a filesystem that the client and every worker mount at the same path")
+    log.debug("%d workers run catalogpred %s and see %s", len(versions), __version__, list(paths))
+
+
+def default_torch_threads(client) -> int | None:
+    """Torch threads per prediction task when ``--torch-threads`` is not given.
+
+    On a ``LocalCluster`` this machine's cores are split between the worker processes.
+    On any other cluster each worker's ``nthreads`` is the CPU budget it was started
+    with (``dask worker --nthreads``, ``jobqueue cores / processes``); the pipeline keeps
+    up to :data:`TASKS_IN_FLIGHT_PER_WORKER` tasks on each worker, so each task gets
+    ``nthreads // min(nthreads, TASKS_IN_FLIGHT_PER_WORKER)`` threads (the smallest worker
+    decides). ``None`` when no worker is connected (torch keeps its default).
+    """
+    from distributed import LocalCluster
+
+    workers = list(client.scheduler_info()["workers"].values())
+    if isinstance(client.cluster, LocalCluster):
+        return max(1, (os.cpu_count() or 1) // max(1, len(workers)))
+    if not workers:
+        return None
+    nthreads = max(1, min(int(w.get("nthreads") or 1) for w in workers))
+    return max(1, nthreads // min(nthreads, TASKS_IN_FLIGHT_PER_WORKER))

@@ -187,7 +187,9 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         Files, directories, globs, ``@filelist.txt``.
     survey : str
         A reader name, or ``"auto"`` to identify every file by content. Redshift-only files
-        (DESI ``redrock-*``) are recognised either way and used by the readers, not ingested.
+        (DESI ``redrock-*``, SDSS ``specObj``/``spAll``) are recognised either way and used by the
+        readers, not ingested. Files go to their reader's store group (:attr:`Reader.group`), so
+        SDSS ``spec-*`` and ``spPlate-*`` files land in one ``sdss`` group.
     shard_rows, chunk_rows : int
         Rows per shard (= per ingest task and per prediction block) and per compressed chunk.
     options : ReadOptions, optional
@@ -203,25 +205,31 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
     detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
-    by_survey: dict[str, list[tuple[str, int]]] = {}
+    by_survey: dict[str, list[tuple[str, int]]] = {}  # store group -> files
+    reader_of: dict[str, str] = {}  # path -> reader name, where it differs from its group's name
+    group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
     for path, name, n, rej in detected:
         if name is not None and name.startswith("aux:"):
             summary.auxiliary_files += 1
             continue
         summary.files += 1
         if survey != "auto":
-            by_survey.setdefault(survey, []).append((path, n))
+            name = survey
         elif name is None:
             file_rejects[path] = rej
-        else:
-            by_survey.setdefault(name, []).append((path, n))
+            continue
+        group = get_reader(name).group  # e.g. spPlate files ("sdss-plate") go to the "sdss" group
+        by_survey.setdefault(group, []).append((path, n))
+        group_reader.setdefault(group, name)
+        if name != group:
+            reader_of[path] = name
     if file_rejects:
         # undetectable files are quarantined in the main survey's group, so the accounting still holds
         home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
         by_survey.setdefault(home, []).extend((p, 1) for p in file_rejects)
 
     for name, files in sorted(by_survey.items()):
-        reader = get_reader(name)
+        reader = get_reader(group_reader.get(name, name))
         if os.path.exists(store_path) and name in store.list_surveys(store_path):
             _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
             if (layout.shard_rows, layout.chunk_rows) != (shard_rows, chunk_rows):
@@ -260,7 +268,8 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         shards = store.allocate_shards(store_path, name, len(pieces))
         keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
         key_to_shard = dict(zip(keys, shards))
-        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options)
+        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options,
+                 {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
                 for s, b in zip(shards, pieces)]
         finished: list[int] = []
         results, errors = _run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,

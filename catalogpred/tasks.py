@@ -61,13 +61,15 @@ def _empty_block(survey: str, path: str, n_meta: dict, row: int = -1) -> Spectru
 
 
 def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_rejects: dict[str, str] | None = None,
-                 options: ReadOptions | None = None) -> dict:
+                 options: ReadOptions | None = None, readers: dict[str, str] | None = None) -> dict:
     """Read ``pieces`` of files of ``survey``, normalise, and write store shard ``shard``.
 
     ``pieces`` are paths or ``(path, lo, hi)``: spectra ``lo..hi-1`` of a file (large
     multi-object files are split across shards). ``file_rejects`` maps paths already
     known to be bad (from detection) to ``"reason\\tdetail"``; they get a REJECTED row
     like files that fail here. ``options`` (redshift table, selection) go to the reader.
+    ``readers`` maps paths to the reader to use where it is not the one named ``survey``
+    (a store group can take several formats, e.g. SDSS spec and spPlate files).
     Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds"}``.
     """
     t0 = time.perf_counter()
@@ -82,7 +84,7 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
             blocks.append(blk), reasons.append(reason), details.append(detail), src_paths.append(path)
             continue
         try:
-            blk = read_spectra(path, survey, options)
+            blk = read_spectra(path, readers.get(path, survey) if readers else survey, options)
         except InputFileError as exc:
             blk = _empty_block(survey, path, layout.meta_columns, lo if hi is not None else -1)
             reasons.append(exc.reason.value), details.append(str(exc))
@@ -185,7 +187,8 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         z = good.column("z").to_numpy()
         norm = good.column("norm").to_numpy()
         tm = time.perf_counter()
-        latents, mean, sigma = infer(model, flux, z, norm, batch_size=batch_size, precision=precision)
+        latents, mean, sigma, ood = infer(model, flux, z, norm, batch_size=batch_size, precision=precision,
+                                          with_ood=True)
         t_model = time.perf_counter() - tm
         n = good.num_rows
         flags = np.zeros(n, np.int32)
@@ -194,6 +197,8 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         flags |= np.where(~(snr >= 2), int(cat.CatalogFlag.LOW_SN), 0).astype(np.int32)
         flags |= np.where(good.column("coverage").to_numpy() < 0.8, int(cat.CatalogFlag.PARTIAL_COVERAGE), 0).astype(np.int32)
         finite = np.isfinite(latents).all(1)
+        if ood is not None:
+            flags |= np.where(ood > model.info.ood["threshold"], int(cat.CatalogFlag.OUT_OF_DISTRIBUTION), 0).astype(np.int32)
         if mean is None:
             flags |= int(cat.CatalogFlag.NO_PREDICTION)
         else:
@@ -224,6 +229,8 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
                                                                latents.shape[1])
             elif name == "flags":
                 cols[name] = pa.array(flags[sel], pa.int32())
+            elif name == "ood_score":
+                cols[name] = (pa.array(ood[sel], pa.float32()) if ood is not None else pa.nulls(len(sel), pa.float32()))
             elif name == "model_id":
                 cols[name] = pa.array([model.info.model_id] * len(sel), pa.string())
             else:

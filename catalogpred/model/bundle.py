@@ -27,7 +27,8 @@ import torch
 from ..errors import BundleError
 from ..spectra import Grid
 from .encoder import SpectrumEncoder
-from .head import BANDS, IRHead, head_features
+from .head import BANDS, build_head, head_features
+from .ood import ood_score
 
 __all__ = ["ModelCard", "BundleInfo", "LoadedModel", "save_bundle", "read_bundle_info", "load_bundle",
            "cached_model", "encode", "infer", "BUNDLE_SCHEMA_VERSION"]
@@ -60,6 +61,8 @@ class BundleInfo:
     card: ModelCard
     created: str
     schema_version: int = BUNDLE_SCHEMA_VERSION
+    ood: dict | None = None  #: training-latent density for ood_score (see model/ood.py)
+    features: str = "latents, z, log10(norm / 1e-17 erg/s/cm2/Angstrom)"
     bands: tuple = BANDS
     units: dict = field(default_factory=lambda: {
         "input": "flux / norm on the grid (norm in 1e-17 erg/s/cm2/Angstrom)",
@@ -76,7 +79,7 @@ class BundleInfo:
 class LoadedModel:
     info: BundleInfo
     encoder: SpectrumEncoder
-    head: IRHead | None
+    head: "torch.nn.Module | None"  # IRHead or HeadEnsemble: forward(x) -> (mean, sigma)
     device: str = "cpu"
 
 
@@ -87,9 +90,13 @@ def _sha256(paths) -> str:
     return h.hexdigest()
 
 
-def save_bundle(path: str | os.PathLike, encoder: SpectrumEncoder, head: IRHead | None, *, name: str, version: str,
-                grid: Grid, card: ModelCard, overwrite: bool = False) -> BundleInfo:
-    """Write a bundle directory; returns its :class:`BundleInfo`."""
+def save_bundle(path: str | os.PathLike, encoder: SpectrumEncoder, head, *, name: str, version: str,
+                grid: Grid, card: ModelCard, overwrite: bool = False, ood: dict | None = None) -> BundleInfo:
+    """Write a bundle directory; returns its :class:`BundleInfo`.
+
+    ``head`` is an :class:`~.head.IRHead`, a :class:`~.head.HeadEnsemble` or None (encoder only);
+    ``ood`` the training-latent density from :func:`~.ood.fit_latent_density`.
+    """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise BundleError(f"{path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
@@ -105,7 +112,7 @@ def save_bundle(path: str | os.PathLike, encoder: SpectrumEncoder, head: IRHead 
         (path / "head.pt").unlink()
     model_id = f"{name}-{version}+{_sha256(weights)[:8]}"
     info = BundleInfo(name=name, version=version, model_id=model_id, grid=grid, n_latent=encoder.n_latent,
-                      head_config=head.config() if head is not None else None, card=card,
+                      head_config=head.config() if head is not None else None, card=card, ood=ood,
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     (path / "bundle.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
     (path / "MODEL_CARD.md").write_text(_card_markdown(info))
@@ -116,7 +123,9 @@ def _card_markdown(info: BundleInfo) -> str:
     c = info.card
     lines = [f"# Model card: {info.name} {info.version}", "", f"- model_id: `{info.model_id}`", f"- kind: **{c.kind}**",
              f"- grid: {info.grid.name} ({info.grid.n_pix} px, {info.grid.wave[0]:.1f}-{info.grid.wave[-1]:.1f} Angstrom)",
-             f"- latents: {info.n_latent}", f"- head: {'yes' if info.head_config else 'none (encoder only)'}",
+             f"- latents: {info.n_latent}",
+             f"- head: {_head_text(info.head_config)}",
+             f"- out-of-distribution score: {'Mahalanobis distance^2 in latent space, flag above ' + format(info.ood['threshold'], '.1f') + ' (chi2 quantile ' + str(info.ood['quantile']) + ')' if info.ood else 'none'}",
              f"- outputs: {info.units['output']}", "", "## Summary", "", c.summary, ""]
     if c.training_data:
         lines += ["## Training data", "", c.training_data, ""]
@@ -135,6 +144,14 @@ def _card_markdown(info: BundleInfo) -> str:
     return "\n".join(lines)
 
 
+def _head_text(cfg: dict | None) -> str:
+    if not cfg:
+        return "none (encoder only: the catalog carries latents, magnitudes are null)"
+    members = cfg.get("n_members", 1)
+    return (f"heteroscedastic MLP {cfg['n_in']}->{'->'.join(map(str, cfg['n_hidden']))}->2x{cfg['n_bands']}"
+            + (f", deep ensemble of {members}" if members > 1 else ""))
+
+
 def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
     """Read and validate ``bundle.json``."""
     path = Path(path)
@@ -149,7 +166,8 @@ def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
         card = ModelCard(**{**d["card"], "references": tuple(d["card"].get("references", ()))})
         return BundleInfo(name=d["name"], version=d["version"], model_id=d["model_id"], grid=Grid.from_dict(d["grid"]),
                           n_latent=int(d["n_latent"]), head_config=d.get("head_config"), card=card, created=d["created"],
-                          schema_version=d["schema_version"], bands=tuple(d.get("bands", BANDS)), units=d.get("units", {}))
+                          schema_version=d["schema_version"], bands=tuple(d.get("bands", BANDS)), units=d.get("units", {}),
+                          ood=d.get("ood"))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -165,8 +183,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         encoder.load_state_dict(torch.load(path / "encoder.pt", map_location="cpu", weights_only=True))
         head = None
         if info.head_config:
-            cfg = info.head_config
-            head = IRHead(n_in=cfg["n_in"], n_hidden=tuple(cfg["n_hidden"]), n_bands=cfg["n_bands"])
+            head = build_head(info.head_config)
             head.load_state_dict(torch.load(path / "head.pt", map_location="cpu", weights_only=True))
     except (OSError, RuntimeError) as exc:
         raise BundleError(f"{path}: cannot load weights ({exc})") from exc
@@ -206,7 +223,7 @@ def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256,
 
 
 def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray, *, batch_size: int = 256,
-          precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+          precision: str = "fp32", with_ood: bool = False):
     """Run encoder and head on normalised spectra.
 
     Parameters
@@ -221,17 +238,21 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
 
     Returns
     -------
-    latents : float32 [n, S]; mean, sigma : float32 [n, 4] Vega mag (None without a head)
+    latents : float32 [n, S]; mean, sigma : float32 [n, 4] Vega mag (None without a head);
+    with ``with_ood`` also ood : float32 [n] (None when the bundle has no latent density)
     """
     if flux.ndim != 2 or flux.shape[1] != model.info.grid.n_pix:
         raise BundleError(f"flux has shape {flux.shape}, the model expects [n, {model.info.grid.n_pix}] "
                           f"({model.info.grid.name} grid)")
     lat = encode(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device)
+    ood = ood_score(lat, model.info.ood) if (with_ood and model.info.ood) else None
     if model.head is None:
-        return lat, None, None
+        return (lat, None, None, ood) if with_ood else (lat, None, None)
     with torch.inference_mode():
         x = head_features(torch.from_numpy(lat).to(model.device),
                           torch.as_tensor(np.array(z, np.float32), device=model.device),
                           torch.as_tensor(np.array(norm, np.float32), device=model.device))
         mean, sigma = model.head(x)
+    if with_ood:
+        return lat, mean.cpu().numpy(), sigma.cpu().numpy(), ood
     return lat, mean.cpu().numpy(), sigma.cpu().numpy()

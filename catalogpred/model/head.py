@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["IRHead", "head_features", "BANDS", "SIGMA_FLOOR_MAG"]
+__all__ = ["IRHead", "HeadEnsemble", "build_head", "head_features", "BANDS", "SIGMA_FLOOR_MAG"]
 
 #: WISE bands predicted, in output order.
 BANDS = ("w1", "w2", "w3", "w4")
@@ -65,3 +65,36 @@ class IRHead(nn.Module):
         mean = out[:, : self.n_bands] * self.y_std + self.y_mean
         sigma = F.softplus(out[:, self.n_bands:]) * self.y_std + SIGMA_FLOOR_MAG
         return mean, sigma
+
+
+class HeadEnsemble(nn.Module):
+    """A deep ensemble of :class:`IRHead` members, combined as a Gaussian mixture.
+
+    mean = ⟨μ_i⟩, σ² = ⟨σ_i² + μ_i²⟩ − mean²: the spread of the members adds the
+    epistemic part to each member's aleatoric σ.
+    """
+
+    def __init__(self, members: list[IRHead]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def config(self) -> dict:
+        return {**self.members[0].config(), "n_members": len(self.members)}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(x) for m in self.members]
+        mu = torch.stack([o[0] for o in outs])
+        sg = torch.stack([o[1] for o in outs])
+        mean = mu.mean(0)
+        var = (sg**2 + mu**2).mean(0) - mean**2
+        return mean, torch.sqrt(var.clamp(min=SIGMA_FLOOR_MAG**2))
+
+
+def build_head(config: dict) -> nn.Module:
+    """An untrained head of a bundle's ``head_config`` (an :class:`IRHead` or a :class:`HeadEnsemble`)."""
+    kw = dict(n_in=config["n_in"], n_hidden=tuple(config["n_hidden"]), n_bands=config["n_bands"])
+    if "n_members" in config:
+        return HeadEnsemble([IRHead(**kw) for _ in range(int(config["n_members"]))])
+    return IRHead(**kw)

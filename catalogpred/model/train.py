@@ -27,8 +27,9 @@ def _valid(mag, err):
 
 
 def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(64, 64), epochs: int = 300,
-             batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-5, val_fraction: float = 0.2,
-             patience: int = 20, seed: int = 0) -> tuple[IRHead, dict]:
+             batch_size: int | None = None, lr: float = 3e-3, weight_decay: float = 1e-5, val_fraction: float = 0.2,
+             patience: int = 20, seed: int = 0, train_idx=None, val_idx=None,
+             progress: bool = False) -> tuple[IRHead, dict]:
     """Fit an :class:`IRHead` on features ``x`` and observed magnitudes.
 
     Parameters
@@ -41,19 +42,27 @@ def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(6
         on plateaus, early stopping on the validation NLL after ``patience`` epochs without improvement)
     seed : int
         Fixes the split and the initial weights.
+    train_idx, val_idx : int arrays, optional
+        An explicit split (e.g. :func:`split_by_hash`); default: a random ``val_fraction`` split.
+    batch_size : int, optional
+        Default max(256, n/200), so that 500k rows train in minutes on a CPU.
 
     Returns
     -------
     head : IRHead (best validation epoch), metrics : dict with per-band ``chi2_n``, ``mae``, ``bias``,
     ``coverage_68``, ``coverage_95`` on the validation split.
     """
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n, n_in = x.shape
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_val = max(1, int(round(val_fraction * n)))
-    val, tr = perm[:n_val], perm[n_val:]
+    if train_idx is not None and val_idx is not None:
+        tr, val = np.asarray(train_idx), np.asarray(val_idx)
+    else:
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        n_val = max(1, int(round(val_fraction * n)))
+        val, tr = perm[:n_val], perm[n_val:]
+    batch_size = batch_size or max(256, len(tr) // 200)
+    g = torch.Generator().manual_seed(seed)
     valid = _valid(mag, mag_err)
     head = IRHead(n_in=n_in, n_hidden=tuple(n_hidden), n_bands=mag.shape[1])
     with torch.no_grad():
@@ -81,7 +90,11 @@ def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(6
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, patience // 4))
     best, best_state, since = np.inf, None, 0
     n_tr = len(tr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=epochs, desc=f"head seed {seed}", unit="epoch", disable=not progress, leave=False)
     for epoch in range(epochs):
+        bar.update(1)
         head.train()
         order = torch.randperm(n_tr, generator=g)
         for lo in range(0, n_tr, batch_size):
@@ -101,6 +114,7 @@ def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(6
             since += 1
             if since > patience:
                 break
+    bar.close()
     head.load_state_dict(best_state)
     head.eval()
     log.info("head fit: %d train, %d validation rows, stopped at epoch %d, val NLL %.4f", len(tr), len(val), epoch, best)
@@ -133,3 +147,101 @@ def evaluate_head(pred: np.ndarray, pred_sigma: np.ndarray, mag: np.ndarray, mag
             "coverage_95": float(np.mean(np.abs(chi) < 1.959964)),
         }
     return out
+
+
+# ---------------------------------------------------------------------------------------------- tables → bundles
+
+BAND_NAMES = ("w1", "w2", "w3", "w4")
+
+
+def split_by_hash(ids, fractions=(0.8, 0.1, 0.1), salt: str = "catalogpred") -> np.ndarray:
+    """Deterministic train/validation/test labels (0/1/2) from a hash of each id (stable across runs and machines)."""
+    import hashlib
+
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{salt}:{i}".encode(), digest_size=8).digest(), "little") / 2**64
+                  for i in ids])
+    c = np.cumsum(fractions) / np.sum(fractions)
+    return np.searchsorted(c, u, side="right").clip(0, 2)
+
+
+def read_training_table(path) -> dict:
+    """Read a training table: latents, z, normalisation feature, WISE mags and errors.
+
+    Accepted layouts (case-insensitive):
+
+    - the reference work's CSV: ``spender_0..S-1, Z, reg, w1mpro..w4mpro, w1sigmpro..w4sigmpro``
+      (``reg`` is taken as the normalisation feature, i.e. log10(norm) — an assumption recorded in the card);
+    - catalogpred's: ``latent_0..`` (or a ``latent`` list column), ``z``, ``norm`` (1e-17 erg/s/cm²/Å),
+      ``w1mpro..``/``w1sigmpro..`` or ``w1_mag_obs``/``w1_mag_obs_err``.
+
+    Returns dict with ``ids``, ``latents`` [n, S], ``z`` [n], ``log_norm`` [n], ``mag``/``mag_err`` [n, 4], ``layout``.
+    """
+    import pyarrow as pa
+
+    from ..query import read_table_any
+
+    t = read_table_any(str(path))
+    cols = {c.lower(): c for c in t.column_names}
+
+    def col(name):
+        return t.column(cols[name]).to_numpy(zero_copy_only=False)
+
+    if "latent" in cols and pa.types.is_fixed_size_list(t.schema.field(cols["latent"]).type):
+        arr = t.column(cols["latent"]).combine_chunks()
+        latents = arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
+        layout = "catalogpred"
+    else:
+        for prefix, lay in (("spender_", "reference"), ("latent_", "catalogpred")):
+            names = sorted((c for c in cols if c.startswith(prefix) and c[len(prefix):].isdigit()),
+                           key=lambda c: int(c[len(prefix):]))
+            if names:
+                latents = np.stack([col(c) for c in names], 1).astype(np.float32)
+                layout = lay
+                break
+        else:
+            raise ValueError(f"{path}: no latent columns (spender_0.. / latent_0.. / latent)")
+    if "z" not in cols:
+        raise ValueError(f"{path}: no z column")
+    if "norm" in cols:
+        log_norm = np.log10(col("norm").astype(np.float64))
+    elif "reg" in cols:
+        log_norm = col("reg").astype(np.float64)
+    else:
+        raise ValueError(f"{path}: no normalisation column (norm, or reg in the reference layout)")
+    mags, errs = [], []
+    for b in BAND_NAMES:
+        for m_name, e_name in ((f"{b}mpro", f"{b}sigmpro"), (f"{b}_mag_obs", f"{b}_mag_obs_err"), (f"{b}_obs", f"{b}_obs_err")):
+            if m_name in cols:
+                mags.append(col(m_name).astype(np.float64))
+                errs.append(col(e_name).astype(np.float64) if e_name in cols else np.full(t.num_rows, np.nan))
+                break
+        else:
+            mags.append(np.full(t.num_rows, np.nan))
+            errs.append(np.full(t.num_rows, np.nan))
+    id_col = next((cols[c] for c in ("source_id", "specobjid", "targetid", "id", "objid") if c in cols), None)
+    ids = t.column(id_col).to_pylist() if id_col else list(range(t.num_rows))
+    return {"ids": ids, "latents": latents, "z": col("z").astype(np.float64), "log_norm": log_norm,
+            "mag": np.stack(mags, 1), "mag_err": np.stack(errs, 1), "layout": layout}
+
+
+def fit_ensemble(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, split: np.ndarray, *, n_members: int = 5,
+                 seed: int = 0, **kw):
+    """Train ``n_members`` heads (different seeds, same split: 0 train, 1 validation) into a HeadEnsemble.
+
+    Returns ``(ensemble, metrics on the test rows (split == 2), or on validation if there is no test row)``.
+    """
+    from .head import HeadEnsemble
+
+    members = []
+    idx_tr, idx_va, idx_te = (np.flatnonzero(split == k) for k in (0, 1, 2))
+    for m in range(n_members):
+        head, _ = fit_head(x, mag, mag_err, seed=seed + m, train_idx=idx_tr, val_idx=idx_va, **kw)
+        members.append(head)
+    ens = HeadEnsemble(members).eval()
+    ev = idx_te if len(idx_te) else idx_va
+    with torch.no_grad():
+        mean, sigma = ens(torch.as_tensor(x[ev], dtype=torch.float32))
+    metrics = evaluate_head(mean.numpy(), sigma.numpy(), mag[ev], mag_err[ev])
+    metrics.update({"n_train": int(len(idx_tr)), "n_validation": int(len(idx_va)), "n_test": int(len(idx_te)),
+                    "n_members": n_members, "evaluated_on": "test" if len(idx_te) else "validation"})
+    return ens, metrics

@@ -1,0 +1,266 @@
+"""``catalogpred submit``: Dask workers as SLURM or PBS batch jobs (dask-jobqueue), then ingest/predict on them.
+
+The scheduler runs in this process (on the login node, or wherever ``submit`` runs);
+each batch job starts worker processes that connect back to it. Once the workers
+are up, the given ``catalogpred ingest|predict`` command runs through
+:func:`catalogpred.cli.main` with ``--scheduler <address>``, and the jobs are
+cancelled when it returns.
+
+Settings use dask-jobqueue's own keys (``jobqueue.slurm.cores``, ``jobqueue.pbs.queue``,
+…): command-line flags win over a ``--config`` YAML file, which wins over the user's
+``~/.config/dask/*.yaml`` and jobqueue's defaults.
+
+GPU jobs (``gpus_per_job=G``) start ``dask cuda worker`` (dask-cuda: one worker per
+visible GPU) with ``--resources GPU=1``, request the GPUs from the batch system
+(SLURM ``--gres=gpu:G``, PBS ``ngpus=G``), and split the job's cores and memory
+between the G workers. CPU jobs use jobqueue's default worker command
+(``python -m distributed.cli.dask_worker``, what ``dask worker`` runs).
+
+Examples
+--------
+>>> from catalogpred.submit import job_kwargs, render_job_script
+>>> print(render_job_script("slurm", job_kwargs("slurm", cores=8, memory="32GB", gpus_per_job=1)))  # doctest: +SKIP
+#!/usr/bin/env bash
+<BLANKLINE>
+#SBATCH -J catalogpred
+...
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import re
+import shlex
+import sys
+
+from .errors import ConfigError
+
+__all__ = ["SYSTEMS", "RUNNABLE", "job_kwargs", "render_job_script", "jobqueue_config", "run_submit"]
+
+log = logging.getLogger(__name__)
+
+#: batch system → (dask_jobqueue cluster class, its job class)
+SYSTEMS = {"slurm": ("SLURMCluster", "SLURMJob"), "pbs": ("PBSCluster", "PBSJob")}
+#: catalogpred commands that can run on a submitted cluster
+RUNNABLE = ("ingest", "predict")
+#: the scheduler address shown in a dry-run job script (a real run fills in the address of its scheduler)
+PLACEHOLDER_ADDRESS = "tcp://<scheduler-address>:8786"
+GPU_WORKER_COMMAND = "dask cuda worker"  # jobqueue runs `<python> -m <worker_command>`: python -m dask cuda worker
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _canon(key: str) -> str:
+    return key.replace("_", "-")
+
+
+@contextlib.contextmanager
+def jobqueue_config(path: str | os.PathLike | None, system: str | None = None):
+    """Apply a dask-jobqueue YAML file (``jobqueue: {slurm: {...}, pbs: {...}}``) to ``dask.config`` inside the block.
+
+    Keys are merged into the defaults one by one (a file that sets only ``cores``
+    keeps every other default). With ``system``, unknown keys under
+    ``jobqueue.<system>`` raise :class:`ConfigError` with the closest known key.
+    """
+    import dask
+    import dask_jobqueue  # noqa: F401 - registers jobqueue's defaults with dask.config
+    import yaml
+
+    if path is None:
+        yield
+        return
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read jobqueue config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("jobqueue"), dict):
+        raise ConfigError(f"{path}: expected a top-level 'jobqueue:' mapping with dask-jobqueue keys "
+                          "(see deploy/slurm/jobqueue.yaml)")
+    if system is not None and isinstance(data["jobqueue"].get(system), dict):
+        known = {_canon(k) for k in dask.config.get(f"jobqueue.{system}")}
+        for key in data["jobqueue"][system]:
+            if _canon(key) not in known:
+                close = difflib.get_close_matches(_canon(key), sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{path}: unknown key jobqueue.{system}.{key}{hint}")
+    with dask.config.set(dict(_flatten(data))):
+        yield
+
+
+def _activate_lines() -> list[str]:
+    """Job-script lines that put this environment first on PATH (workers import the same catalogpred)."""
+    if sys.prefix != sys.base_prefix and os.path.exists(os.path.join(sys.prefix, "bin", "activate")):
+        return [f"source {shlex.quote(os.path.join(sys.prefix, 'bin', 'activate'))}"]
+    return []
+
+
+def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = None, processes: int | None = None,
+               walltime: str | None = None, queue: str | None = None, account: str | None = None,
+               gpus_per_job: int = 0, env: list[str] | tuple = ()) -> dict:
+    """Keyword arguments for ``SLURMCluster``/``PBSCluster`` (and their job classes).
+
+    ``None`` leaves a setting to ``dask.config`` (``jobqueue.<system>.<key>``), so call
+    this inside :func:`jobqueue_config` to honour a config file.
+
+    Parameters
+    ----------
+    cores, memory : int, str
+        Per job, e.g. ``16`` and ``"64GB"``; required here or in the config.
+    processes : int, optional
+        Worker processes per job (jobqueue's default is about sqrt(cores)). With GPUs
+        it is the GPU count: dask-cuda starts one worker per GPU.
+    gpus_per_job : int
+        GPUs per job; 0 for CPU workers.
+    env : list of str
+        ``NAME=VALUE`` pairs exported in the job script.
+
+    Raises
+    ------
+    ConfigError
+        Missing cores/memory, a GPU job whose ``processes`` differs from its GPU count,
+        or a malformed ``NAME=VALUE``.
+    """
+    import dask
+
+    if system not in SYSTEMS:
+        raise ConfigError(f"unknown batch system {system!r}; choose one of {', '.join(SYSTEMS)}")
+
+    def conf(key, default=None):
+        return dask.config.get(f"jobqueue.{system}.{key}", default)
+
+    cores = cores if cores is not None else conf("cores")
+    memory = memory if memory is not None else conf("memory")
+    if cores is None or memory is None:
+        raise ConfigError(f"cores and memory per job are not set: pass e.g. --cores 16 --memory 64GB, or set "
+                          f"jobqueue.{system}.cores and jobqueue.{system}.memory in --config (deploy/{system}/jobqueue.yaml)")
+    kw: dict = {"cores": int(cores), "memory": str(memory)}
+    for key, value in (("walltime", walltime), ("queue", queue), ("account", account), ("processes", processes)):
+        if value is not None:
+            kw[key] = value
+    if conf("name") in (None, "dask-worker"):  # jobqueue's default job name; ours says what the jobs are
+        kw["job_name"] = "catalogpred"
+
+    prologue = list(conf("job-script-prologue") or [])
+    if conf("python") is None:  # workers run this interpreter; activate its environment for PATH too
+        prologue += [line for line in _activate_lines() if line not in prologue]
+    for item in env:
+        name, sep, value = item.partition("=")
+        if not sep or not _ENV_NAME.match(name):
+            raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
+        prologue.append(f"export {name}={shlex.quote(value)}")
+    kw["job_script_prologue"] = prologue
+
+    extra_args = list(conf("worker-extra-args") or [])
+    if gpus_per_job:
+        gpus = int(gpus_per_job)
+        if processes is not None and processes != gpus:
+            raise ConfigError(f"--processes {processes} with --gpus-per-job {gpus}: GPU jobs run one worker per GPU")
+        if kw["cores"] < gpus:
+            raise ConfigError(f"--cores {kw['cores']} is less than --gpus-per-job {gpus}; give each GPU worker a core")
+        kw["processes"] = gpus  # nthreads and memory-limit per worker = job cores and memory / GPUs
+        kw["worker_command"] = GPU_WORKER_COMMAND
+        if "--resources" not in extra_args:
+            extra_args += ["--resources", "GPU=1"]
+        if system == "slurm":
+            directives = list(conf("job-extra-directives") or [])
+            if not any("gpu" in str(d) or "gres" in str(d) for d in directives):
+                directives.append(f"--gres=gpu:{gpus}")
+            kw["job_extra_directives"] = directives
+        elif conf("resource-spec") is None:
+            from dask.utils import parse_bytes
+            from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+            kw["resource_spec"] = (f"select=1:ncpus={kw['cores']}:ngpus={gpus}:"
+                                   f"mem={pbs_format_bytes_ceil(parse_bytes(kw['memory']))}")
+    kw["worker_extra_args"] = extra_args
+    return kw
+
+
+def _classes(system: str):
+    import dask_jobqueue
+
+    cluster_cls = getattr(dask_jobqueue, SYSTEMS[system][0])
+    return cluster_cls, cluster_cls.job_cls
+
+
+def render_job_script(system: str, kwargs: dict, scheduler_address: str = PLACEHOLDER_ADDRESS) -> str:
+    """The batch script one job of ``SLURMCluster(**kwargs)``/``PBSCluster(**kwargs)`` would submit.
+
+    Built from jobqueue's job class directly (what ``cluster.job_script()`` does), so no
+    scheduler is started and no batch command is called.
+    """
+    _, job_cls = _classes(system)
+    try:
+        job = job_cls(scheduler=scheduler_address, name="dummy-name", **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"dask-jobqueue rejected the {system} settings: {exc}") from exc
+    return job.job_script()
+
+
+def _split_command(command: list[str]) -> list[str]:
+    cmd = list(command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    sub = next((c for c in cmd if not c.startswith("-")), None)
+    if sub not in RUNNABLE:
+        raise ConfigError(f"submit runs `catalogpred ingest ...` or `catalogpred predict ...` on the new cluster; "
+                          f"put it after `--`, e.g. `catalogpred submit slurm --jobs 4 -- predict --store ...` "
+                          f"(got {' '.join(cmd) or 'nothing'})")
+    for flag in ("--scheduler", "--scheduler-file", "--workers"):
+        if any(c == flag or c.startswith(flag + "=") for c in cmd):
+            raise ConfigError(f"{flag} cannot be used after `--` in submit: the command runs on the submitted cluster")
+    return cmd
+
+
+def run_submit(args) -> int:
+    """``catalogpred submit``: see the module docstring. Returns the exit code of the command it ran."""
+    want_command = not args.dry_run or args.run_args not in ([], ["--"])
+    cmd = _split_command(args.run_args) if want_command else []
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    with jobqueue_config(args.config, args.system):
+        kw = job_kwargs(args.system, cores=args.cores, memory=args.memory, processes=args.processes,
+                        walltime=args.walltime, queue=args.queue, account=args.account,
+                        gpus_per_job=args.gpus_per_job, env=args.env)
+        if args.dry_run:
+            print(render_job_script(args.system, kw), end="")
+            log.info("dry run: would submit %d %s jobs like this one%s", args.jobs, args.system,
+                     f", then run `catalogpred {' '.join(cmd)}` on them" if cmd else "")
+            return 0
+        return _run_on_jobs(args, kw, cmd)
+
+
+def _run_on_jobs(args, kw: dict, cmd: list[str]) -> int:
+    from .cli import main
+
+    cluster_cls, _ = _classes(args.system)
+    try:
+        cluster = cluster_cls(**kw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"dask-jobqueue rejected the {args.system} settings: {exc}") from exc
+    with cluster:
+        log.debug("job script:\n%s", cluster.job_script())
+        cluster.scale(jobs=args.jobs)
+        n_workers = len(cluster.plan)  # worker names the submitted jobs will bring (jobs x processes per job)
+        log.info("Dask scheduler at %s; submitted %d %s jobs for %d workers", cluster.scheduler_address, args.jobs,
+                 args.system, n_workers)
+        argv = ["-v"] * args.verbose + (["-q"] if args.quiet else []) + cmd + ["--scheduler", cluster.scheduler_address]
+        if "--wait-workers" not in cmd:
+            argv += ["--wait-workers", str(min(n_workers, args.wait_workers or n_workers))]
+        try:
+            return main(argv)
+        finally:
+            log.info("cancelling the %s jobs", args.system)

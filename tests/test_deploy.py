@@ -1,0 +1,422 @@
+"""deploy/ and `catalogpred submit`: job scripts rendered by dask-jobqueue, manifests, scripts, image files.
+
+No batch system, Kubernetes or Docker daemon is needed: job scripts are rendered with
+`submit --dry-run` (a stand-in `sbatch`/`qsub` on PATH proves nothing is submitted), the Dask
+operator manifests are checked against the CRD fields listed below, and the batch scripts in
+deploy/slurm and deploy/pbs run for real on this machine with stand-ins for `srun`/`pbs_tmrsh`
+(marked slow: `pytest --runslow`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from catalogpred.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+LEGACY = ("dask" + "-worker", "dask" + "-scheduler", "dask" + "-cuda-worker")  # executables gone in distributed >= 2026.6
+DASK_API = "kubernetes.dask.org/v1"
+IN_VENV = sys.prefix != sys.base_prefix
+
+
+def _deploy_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+
+
+def _yaml_docs(path: Path) -> list:
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+# ------------------------------------------------------------------------- submit: job script rendering
+
+
+@pytest.fixture
+def no_batch_system(tmp_path, monkeypatch):
+    """Stand-ins for the batch commands that record any call: a dry run must not make one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "batch-calls"
+    for name in ("sbatch", "scancel", "squeue", "qsub", "qdel", "qstat"):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} \"$@\" >> {calls}\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    yield
+    assert not calls.exists(), f"a dry run called the batch system: {calls.read_text()}"
+
+
+def _dry_run(capsys, *argv) -> str:
+    rc = main(["submit", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.startswith("#!/usr/bin/env bash\n"), "stdout holds only the job script (logs go to stderr)"
+    return out
+
+
+def _worker_line(script: str) -> str:
+    lines = [ln for ln in script.splitlines() if " -m " in ln and "tcp://" in ln]
+    assert len(lines) == 1, script
+    return lines[0]
+
+
+def _bash_n(text: str, tmp_path: Path) -> None:
+    f = tmp_path / "script.sh"
+    f.write_text(text)
+    subprocess.run(["bash", "-n", str(f)], check=True)
+
+
+def test_slurm_gpu_job_script(capsys, tmp_path, no_batch_system):
+    script = _dry_run(capsys, "slurm", "--dry-run", "--jobs", "2", "--cores", "8", "--memory", "32GB", "--gpus-per-job",
+                      "1", "--walltime", "02:00:00", "--queue", "gpu", "--account", "astro", "--env", "FOO=bar baz",
+                      "--", "predict", "--store", "s.zarr", "--model", "m", "--catalog", "c")
+    header = [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    assert header == ["#SBATCH -J catalogpred", "#SBATCH -p gpu", "#SBATCH -A astro", "#SBATCH -n 1",
+                      "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G", "#SBATCH -t 02:00:00", "#SBATCH --gres=gpu:1"]
+    worker = _worker_line(script)
+    assert worker.startswith(f"{sys.executable} -m dask cuda worker tcp://<scheduler-address>:8786 ")
+    assert "--resources GPU=1" in worker
+    assert "--nthreads 8 " in worker and "--memory-limit 29.80GiB" in worker  # one GPU: the whole job
+    assert "--nworkers" not in worker and "--nanny" not in worker  # dask cuda worker has neither
+    assert "export FOO='bar baz'" in script.splitlines()
+    if IN_VENV:
+        assert f"source {sys.prefix}/bin/activate" in script.splitlines()
+    assert script.index("export FOO") < script.index(worker)
+    assert not any(name in script for name in LEGACY)
+    _bash_n(script, tmp_path)
+
+
+def test_slurm_cpu_job_script(capsys, tmp_path, no_batch_system):
+    script = _dry_run(capsys, "slurm", "--dry-run", "--jobs", "4", "--cores", "16", "--memory", "64GB",
+                      "--processes", "4", "--", "ingest", "/shared/spectra", "--store", "s.zarr")
+    assert "#SBATCH --cpus-per-task=16" in script and "#SBATCH --mem=60G" in script
+    assert "gres" not in script and "gpu" not in script.lower()
+    worker = _worker_line(script)
+    assert worker.startswith(f"{sys.executable} -m distributed.cli.dask_worker tcp://<scheduler-address>:8786 ")
+    assert "--nthreads 4 " in worker and "--nworkers 4" in worker and "--nanny" in worker
+    assert "--memory-limit 14.90GiB" in worker and "--resources" not in worker
+    _bash_n(script, tmp_path)
+
+
+def test_pbs_gpu_and_cpu_job_scripts(capsys, tmp_path, no_batch_system):
+    script = _dry_run(capsys, "pbs", "--dry-run", "--jobs", "2", "--cores", "8", "--memory", "32GB", "--gpus-per-job", "2",
+                      "--walltime", "01:00:00", "--queue", "gpuq", "--account", "astro", "--", "predict", "--store", "s")
+    header = [ln for ln in script.splitlines() if ln.startswith("#PBS")]
+    assert header == ["#PBS -N catalogpred", "#PBS -q gpuq", "#PBS -A astro", "#PBS -l select=1:ncpus=8:ngpus=2:mem=30GB",
+                      "#PBS -l walltime=01:00:00"]
+    worker = _worker_line(script)
+    assert " -m dask cuda worker tcp://<scheduler-address>:8786 " in worker and "--resources GPU=1" in worker
+    assert "--nthreads 4 " in worker and "--memory-limit 14.90GiB" in worker  # per GPU worker
+    _bash_n(script, tmp_path)
+
+    cpu = _dry_run(capsys, "pbs", "--dry-run", "--jobs", "1", "--cores", "8", "--memory", "32GB")
+    assert "#PBS -l select=1:ncpus=8:mem=30GB" in cpu and "ngpus" not in cpu
+    assert " -m distributed.cli.dask_worker " in _worker_line(cpu) and "--resources" not in cpu
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs"])
+def test_config_file_values_and_flag_precedence(system, capsys, no_batch_system):
+    cfg = DEPLOY / system / "jobqueue.yaml"
+    script = _dry_run(capsys, system, "--config", str(cfg), "--dry-run", "--jobs", "3")
+    worker = _worker_line(script)
+    assert "--nthreads 4 " in worker and "--nworkers 4" in worker  # cores 16, processes 4
+    assert "--death-timeout 120" in worker and "--local-directory ${TMPDIR:-/tmp}" in worker
+    assert ("#SBATCH -t 04:00:00" if system == "slurm" else "#PBS -l walltime=04:00:00") in script
+    script = _dry_run(capsys, system, "--config", str(cfg), "--dry-run", "--jobs", "3", "--cores", "8",
+                      "--gpus-per-job", "2")
+    worker = _worker_line(script)
+    assert "--nthreads 4 " in worker and "dask cuda worker" in worker and "--nworkers" not in worker
+
+
+def test_submit_errors_are_one_line(tmp_path, capsys, no_batch_system):
+    def err(*argv):
+        rc = main(["submit", *argv])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1, lines
+        return lines[0]
+
+    assert "--cores 16 --memory 64GB" in err("slurm", "--jobs", "1", "--dry-run")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("jobqueue:\n  slurm:\n    corse: 8\n")
+    assert "did you mean 'cores'" in err("slurm", "--config", str(typo), "--jobs", "1", "--dry-run")
+    assert "one worker per GPU" in err("slurm", "--jobs", "1", "--cores", "8", "--memory", "8GB", "--gpus-per-job", "2",
+                                       "--processes", "4", "--dry-run")
+    assert "put it after `--`" in err("pbs", "--jobs", "1", "--cores", "8", "--memory", "8GB", "--", "query", "c")
+    assert "--scheduler cannot be used" in err("slurm", "--jobs", "1", "--cores", "8", "--memory", "8GB", "--",
+                                               "predict", "--scheduler", "tcp://x:8786")
+    assert "NAME=VALUE" in err("slurm", "--jobs", "1", "--cores", "1", "--memory", "1GB", "--env", "oops", "--dry-run")
+
+
+def test_submit_help_has_an_example(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["submit", "slurm", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "catalogpred submit slurm" in out and "--gpus-per-job" in out
+
+
+# ----------------------------------------------------------------------------------- static deploy/ checks
+
+
+def test_every_yaml_file_parses():
+    files = [p for p in _deploy_files() if p.suffix in (".yaml", ".yml")]
+    assert len(files) >= 8
+    for p in files:
+        assert _yaml_docs(p), f"{p} is empty"
+
+
+def test_no_legacy_dask_executables_anywhere_in_deploy():
+    for p in _deploy_files():
+        text = p.read_text()
+        for name in LEGACY:
+            assert name not in text, f"{p.relative_to(REPO)} mentions {name}"
+
+
+def test_shell_scripts_pass_bash_n():
+    scripts = [p for p in _deploy_files()
+               if p.suffix in (".sh", ".sbatch", ".pbs") or p.read_text().startswith("#!/usr/bin/env bash")]
+    assert {p.name for p in scripts} >= {"catalog-build.sbatch", "catalog-build.pbs", "entrypoint.sh"}
+    for p in scripts:
+        subprocess.run(["bash", "-n", str(p)], check=True)
+
+
+def _k8s_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in _yaml_docs(p)]
+
+
+def _get(doc: dict, dotted: str):
+    node = doc
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"missing {dotted}"
+        node = node[part]
+    return node
+
+
+def _check_pod_spec(spec: dict, role: str, pvc_names: set[str]) -> list[dict]:
+    containers = spec["containers"]
+    assert isinstance(containers, list) and containers and all("name" in c and "image" in c for c in containers)
+    if role != "scheduler":
+        mounts = {m["name"]: m["mountPath"] for c in containers for m in c.get("volumeMounts", [])}
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        assert claims and set(claims.values()) <= pvc_names, f"{role} pods need the PVC volume"
+        assert {mounts.get(name) for name in claims} == {"/data"}, f"{role} pods mount the data volume at /data"
+    return containers
+
+
+def _check_dask_cluster_spec(spec: dict, cluster_name: str, pvc_names: set[str]) -> None:
+    """Fields of DaskCluster.spec in the operator's CRD: scheduler.{spec,service}, worker.{replicas,spec}."""
+    sched = _check_pod_spec(_get(spec, "scheduler.spec"), "scheduler", pvc_names)
+    assert sched[0]["args"][:2] == ["dask", "scheduler"]
+    service = _get(spec, "scheduler.service")
+    assert service["selector"] == {"dask.org/cluster-name": cluster_name, "dask.org/component": "scheduler"}
+    assert {(p["name"], p["port"]) for p in service["ports"]} >= {("tcp-comm", 8786)}
+    assert isinstance(_get(spec, "worker.replicas"), int)
+    _check_worker(_check_pod_spec(_get(spec, "worker.spec"), "worker", pvc_names)[0])
+
+
+def _check_worker(container: dict, gpu: bool | None = True) -> None:
+    args = container["args"]
+    if gpu:
+        assert args[:3] == ["dask", "cuda", "worker"], args
+        assert args[args.index("--resources") + 1] == "GPU=1"
+        for kind in ("requests", "limits"):
+            assert int(container["resources"][kind]["nvidia.com/gpu"]) >= 1
+    else:
+        assert args[:2] == ["dask", "worker"], args
+        assert "nvidia.com/gpu" not in str(container.get("resources"))
+    assert "$(DASK_SCHEDULER_ADDRESS)" in args and "$(DASK_WORKER_NAME)" in args  # set by the operator
+
+
+def test_k8s_manifests_have_the_fields_their_kind_needs():
+    docs = _k8s_docs()
+    by_kind: dict[str, list[dict]] = {}
+    for p, d in docs:
+        for key in ("apiVersion", "kind", "metadata"):
+            assert key in d, f"{p.name}: no {key}"
+        assert d["metadata"].get("name"), f"{p.name}: no metadata.name"
+        by_kind.setdefault(d["kind"], []).append(d)
+    assert set(by_kind) == {"DaskJob", "DaskCluster", "DaskAutoscaler", "DaskWorkerGroup", "PersistentVolumeClaim", "Pod"}
+    for kind in ("DaskJob", "DaskCluster", "DaskAutoscaler", "DaskWorkerGroup"):
+        assert all(d["apiVersion"] == DASK_API for d in by_kind[kind])
+    pvcs = {d["metadata"]["name"] for d in by_kind["PersistentVolumeClaim"]}
+    for d in by_kind["PersistentVolumeClaim"]:
+        assert d["apiVersion"] == "v1" and "ReadWriteMany" in d["spec"]["accessModes"]
+        assert _get(d, "spec.resources.requests.storage")
+    clusters = {d["metadata"]["name"] for d in by_kind["DaskCluster"]}
+
+    for d in by_kind["DaskCluster"]:
+        _check_dask_cluster_spec(d["spec"], d["metadata"]["name"], pvcs)
+    for d in by_kind["DaskJob"]:
+        job = _check_pod_spec(_get(d, "spec.job.spec"), "job", pvcs)[0]
+        script = " ".join(job["args"])
+        assert "catalogpred ingest" in script and "catalogpred predict" in script
+        assert '--scheduler "$DASK_SCHEDULER_ADDRESS"' in script and "--wait-workers" in script
+        workers = {e["value"] for e in job["env"] if e["name"] == "CATALOGPRED_WORKERS"}
+        assert workers == {str(_get(d, "spec.cluster.spec.worker.replicas"))}
+        _check_dask_cluster_spec(_get(d, "spec.cluster.spec"), d["metadata"]["name"], pvcs)
+    for d in by_kind["DaskAutoscaler"]:
+        assert _get(d, "spec.cluster") in clusters
+        assert 0 <= _get(d, "spec.minimum") <= _get(d, "spec.maximum")
+    for d in by_kind["DaskWorkerGroup"]:
+        assert _get(d, "spec.cluster") in clusters
+        assert isinstance(_get(d, "spec.worker.replicas"), int)
+        _check_worker(_check_pod_spec(_get(d, "spec.worker.spec"), "worker", pvcs)[0], gpu=False)
+    for d in by_kind["Pod"]:
+        _check_pod_spec(d["spec"], "client", pvcs)
+        env = {e["name"]: e["value"] for e in d["spec"]["containers"][0]["env"]}
+        assert env["DASK_SCHEDULER_ADDRESS"] == f"tcp://{next(iter(clusters))}-scheduler:8786"
+
+
+def test_one_image_everywhere_and_helm_values():
+    def walk(node):
+        if isinstance(node, dict):
+            yield from ([node["image"]] if isinstance(node.get("image"), str) else [])
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+
+    images = {img for _, d in _k8s_docs() for img in walk(d)}
+    values = _yaml_docs(DEPLOY / "helm" / "values.yaml")[0]
+    for part in ("scheduler", "worker"):
+        images.add(f"{values[part]['image']['repository']}:{values[part]['image']['tag']}")
+    assert len(images) == 1, images  # client, scheduler and workers run the same versions
+    worker = values["worker"]
+    assert worker["image"]["dask_worker"] == "dask cuda worker"  # one argument, split by the image's entry point
+    assert worker["extraArgs"][worker["extraArgs"].index("--resources") + 1] == "GPU=1"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pvc = _yaml_docs(DEPLOY / "k8s" / "pvc.yaml")[0]["metadata"]["name"]
+    assert worker["mounts"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc
+    assert worker["mounts"]["volumeMounts"][0]["mountPath"] == "/data"
+    assert values["fullnameOverride"] == "catalogpred" and values["jupyter"]["enabled"] is False
+
+
+def test_dockerfile_pins_match_the_version_table():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+    arg = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert arg["CUDA_IMAGE"].startswith("nvidia/cuda:13.")
+    assert arg["TORCH_VERSION"] == pins["torch"] and arg["DASK_VERSION"] == pins["dask"] == pins["distributed"]
+    assert arg["DASK_CUDA_VERSION"].startswith("26.10")
+    assert '"/src[gpu]"' in text and "dask-cuda[cu13]" in text
+    assert re.search(r'^ENTRYPOINT \[.*"/usr/local/bin/catalogpred-entrypoint"\]$', text, re.M)
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    readme = (DEPLOY / "README.md").read_text()
+    for version in (pins["dask"], pins["torch"], "26.10"):
+        assert version in readme, f"deploy/README.md version table lacks {version}"
+
+
+def test_readme_names_every_deploy_file():
+    readme = (DEPLOY / "README.md").read_text()
+    for p in _deploy_files():
+        if p.name != "README.md":
+            assert str(p.relative_to(DEPLOY)) in readme, f"deploy/README.md does not say when to use {p.relative_to(DEPLOY)}"
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["predict", "--store", "s"], "catalogpred:predict --store s"),
+    (["--version"], "catalogpred:--version"),
+    ([], "catalogpred:--help"),
+    (["dask", "scheduler", "--port", "8786"], "dask:scheduler --port 8786"),
+    (["dask", "cuda", "worker", "tcp://s:8786"], "dask:cuda worker tcp://s:8786"),
+    (["dask cuda worker", "tcp://s:8786", "--nthreads", "4"], "dask:cuda worker tcp://s:8786 --nthreads 4"),
+    (["dask" + "-scheduler", "--port=8786"], "dask:scheduler --port=8786"),
+    (["dask" + "-cuda-worker", "tcp://s:8786"], "dask:cuda worker tcp://s:8786"),
+    (["bash", "-c", "echo other"], "other"),
+])
+def test_image_entrypoint_dispatch(argv, expect, tmp_path):
+    for name in ("dask", "catalogpred"):
+        (tmp_path / name).write_text(f'#!/usr/bin/env bash\necho "{name}:$*"\n')
+        (tmp_path / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(["bash", str(DEPLOY / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == expect
+
+
+# ------------------------------------------------------------------ the batch scripts, run on this machine
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stand-in for srun inside a one-node allocation: drop srun's options, run the step here
+while [[ $# -gt 0 && $1 == -* ]]; do shift; done
+exec "$@"
+"""
+FAKE_TMRSH = """#!/usr/bin/env bash
+# stand-in for pbs_tmrsh: ignore the host, run the command here
+shift
+exec "$@"
+"""
+
+
+def _run_batch_script(script: Path, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run a batch script as the batch system would (own process group), tear the group down whatever happens."""
+    log = tmp_path / "job.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=out,
+                                text=True, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=400)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, log.read_text())
+
+
+def _batch_env(tmp_path: Path, sdss_files, bundle, fake: dict[str, str]) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in fake.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "scratch").mkdir()
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CATALOGPRED_VENV=sys.prefix,
+                CATALOGPRED_INPUTS=str(sdss_files[0].parent), CATALOGPRED_STORE=str(tmp_path / "store.zarr"),
+                CATALOGPRED_MODEL=str(bundle), CATALOGPRED_CATALOG=str(tmp_path / "catalog"), CATALOGPRED_WORKER="cpu",
+                CATALOGPRED_SCHEDULER_ARGS="--host 127.0.0.1 --port 0 --no-dashboard",
+                CATALOGPRED_WORKER_ARGS="--host 127.0.0.1 --no-dashboard", TMPDIR=str(tmp_path / "scratch"))
+
+
+def _check_built_catalog(result, tmp_path: Path, run_dir: Path) -> None:
+    assert result.returncode == 0, result.stderr[-4000:] + "".join(
+        f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(run_dir.glob("*.log")))
+    assert "Scheduler at:" in (run_dir / "scheduler.log").read_text()  # the file itself is removed at shutdown
+    rows = pq.ParquetDataset(tmp_path / "catalog" / "dataset").read().num_rows
+    rejects = pq.read_table(tmp_path / "catalog" / "rejects.parquet").num_rows
+    assert rows + rejects == 14 and rows == 13  # the z = 1.19 quasar is a reject
+    assert "rows" in result.stdout and "13" in result.stdout  # `catalogpred info` at the end
+
+
+@pytest.mark.realdata
+@pytest.mark.slow  # about a minute each on 2 cores: run with --runslow
+def test_slurm_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle):
+    env = _batch_env(tmp_path, sdss_files, random_bundle, {"srun": FAKE_SRUN})
+    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="2", SLURM_SUBMIT_DIR=str(tmp_path))
+    result = _run_batch_script(DEPLOY / "slurm" / "catalog-build.sbatch", env, tmp_path)
+    _check_built_catalog(result, tmp_path, tmp_path / "catalogpred-run-4242")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow  # about a minute each on 2 cores: run with --runslow
+def test_pbs_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle):
+    env = _batch_env(tmp_path, sdss_files, random_bundle, {"pbs_tmrsh": FAKE_TMRSH})
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\nlocalhost\n")
+    env.update(PBS_JOBID="77.fake", PBS_NODEFILE=str(nodefile), NCPUS="2", PBS_O_WORKDIR=str(tmp_path))
+    result = _run_batch_script(DEPLOY / "pbs" / "catalog-build.pbs", env, tmp_path)
+    _check_built_catalog(result, tmp_path, tmp_path / "catalogpred-run-77.fake")

@@ -1,0 +1,293 @@
+"""catalogpred on a real multi-process Dask deployment on localhost.
+
+`dask scheduler` and two `dask worker` processes are started with subprocess (each in its own
+process group, working directory elsewhere, listening on 127.0.0.1 only) and torn down at the end.
+The real SDSS files are ingested through that scheduler, `catalogpred predict --scheduler` and
+`--scheduler-file` run on it, and the catalogs are compared with a LocalCluster run on the same store.
+`catalogpred submit slurm` is run for real too, against a stand-in `sbatch`/`scancel` that starts
+the generated job scripts as local processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from catalogpred.cli import main
+from catalogpred.cluster import check_workers, dask_client, default_torch_threads, shared_path
+from catalogpred.errors import ConfigError
+from catalogpred.pipeline import run_predict
+
+pytestmark = pytest.mark.realdata
+
+DASK = Path(sys.executable).parent / "dask"
+PRED_COLUMNS = [f"w{i}_mag" for i in range(1, 5)] + [f"w{i}_mag_err" for i in range(1, 5)]
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _start(cmd: list[str], log: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """A child in its own process group (so the group can be torn down with everything it spawned)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=cwd, env=env, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after 15 s."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the group may outlive its leader (nanny children)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def _tail(*logs: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """`dask scheduler --scheduler-file` + two single-threaded `dask worker` processes on 127.0.0.1."""
+    from distributed import Client
+
+    d = tmp_path_factory.mktemp("deployment")
+    worker_cwd = d / "worker-cwd"  # not the client's cwd: relative paths would break here
+    worker_cwd.mkdir()
+    sched_file = d / "scheduler.json"
+    logs = [d / "scheduler.log", d / "worker-0.log", d / "worker-1.log"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                             "--scheduler-file", sched_file], logs[0], d))
+        deadline = time.monotonic() + 60
+        while not (sched_file.exists() and sched_file.stat().st_size) and time.monotonic() < deadline:
+            assert procs[0].poll() is None, _tail(logs[0])
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:"), address
+        for i in range(2):
+            procs.append(_start([DASK, "worker", "--scheduler-file", sched_file, "--host", "127.0.0.1", "--nthreads", "1",
+                                 "--no-dashboard", "--name", f"external-{i}", "--local-directory", d / f"w{i}",
+                                 "--death-timeout", "60"], logs[i + 1], worker_cwd))
+        with Client(address, timeout="30s") as c:
+            try:
+                c.wait_for_workers(2, timeout=90)
+            except Exception:
+                pytest.fail("workers did not connect\n" + _tail(*logs))
+        yield {"address": address, "scheduler_file": str(sched_file), "dir": d, "worker_cwd": worker_cwd, "logs": logs}
+    finally:
+        _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def remote_store(deployment, sdss_files):
+    """The 14 real SDSS files ingested through the external scheduler, with a relative --store from another cwd."""
+    client_cwd = deployment["dir"] / "client"
+    client_cwd.mkdir()
+    old = os.getcwd()
+    os.chdir(client_cwd)
+    try:
+        rc = main(["-q", "ingest", *map(str, sdss_files), "--store", "store.zarr", "--shard-rows", "4",
+                   "--scheduler", deployment["address"], "--no-progress"])
+    finally:
+        os.chdir(old)
+    assert rc == 0, _tail(*deployment["logs"])
+    assert not any(deployment["worker_cwd"].iterdir()), "workers wrote relative to their own cwd"
+    return client_cwd / "store.zarr"
+
+
+@pytest.fixture(scope="module")
+def local_reference(remote_store, random_bundle, tmp_path_factory):
+    """The same store predicted on a LocalCluster (torch_threads=1, as the single-threaded remote workers get)."""
+    out = tmp_path_factory.mktemp("local-ref") / "catalog"
+    with dask_client(2) as client:
+        run_predict(str(remote_store), str(random_bundle), str(out), client=client, progress=False, torch_threads=1)
+    return out
+
+
+def _catalog(path: Path):
+    t = pq.ParquetDataset(Path(path) / "dataset").read().to_pandas().sort_values("source_id").reset_index(drop=True)
+    rejects = sorted(pq.read_table(Path(path) / "rejects.parquet").column("source_id").to_pylist())
+    return t, rejects
+
+
+def _assert_same_catalog(a: Path, b: Path) -> None:
+    ta, ra = _catalog(a)
+    tb, rb = _catalog(b)
+    assert len(ta) > 0
+    assert ta["source_id"].tolist() == tb["source_id"].tolist()
+    assert ra == rb
+    for col in PRED_COLUMNS:
+        np.testing.assert_allclose(ta[col].to_numpy(), tb[col].to_numpy(), rtol=0, atol=1e-6, err_msg=col)
+    np.testing.assert_allclose(np.stack(ta["latent"].to_numpy()), np.stack(tb["latent"].to_numpy()), rtol=0, atol=1e-6)
+
+
+def _ran_catalogpred_tasks(address: str) -> dict:
+    from distributed import Client
+
+    with Client(address, timeout="30s") as c:
+        # eval is a builtin, so it travels by reference: the workers need no test code
+        return c.run(eval, "'catalogpred.tasks' in __import__('sys').modules")
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_predict_on_external_scheduler_matches_local_cluster(deployment, remote_store, local_reference, random_bundle):
+    client_cwd = remote_store.parent
+    old = os.getcwd()
+    os.chdir(client_cwd)
+    try:
+        rc = main(["-q", "predict", "--store", "store.zarr", "--model", str(random_bundle), "--catalog", "cat-remote",
+                   "--scheduler", deployment["address"], "--wait-workers", "2", "--no-progress"])
+    finally:
+        os.chdir(old)
+    assert rc == 0, _tail(*deployment["logs"])
+    remote = client_cwd / "cat-remote"
+    _assert_same_catalog(remote, local_reference)
+    assert not any(deployment["worker_cwd"].iterdir())
+    assert all(_ran_catalogpred_tasks(deployment["address"]).values()), "both external workers ran catalogpred tasks"
+    manifest = json.loads((remote / "run_manifest.json").read_text())
+    assert manifest["store"] == str(remote_store) and manifest["model"]["path"] == str(random_bundle)
+    assert manifest["settings"]["torch_threads"] == 1  # from the workers' --nthreads 1
+
+
+def test_predict_with_scheduler_file(deployment, remote_store, local_reference, random_bundle, tmp_path):
+    rc = main(["-q", "predict", "--store", str(remote_store), "--model", str(random_bundle),
+               "--catalog", str(tmp_path / "cat"), "--scheduler-file", deployment["scheduler_file"], "--no-progress"])
+    assert rc == 0, _tail(*deployment["logs"])
+    _assert_same_catalog(tmp_path / "cat", local_reference)
+
+
+def test_object_store_urls_are_refused_with_a_fix(deployment, random_bundle, capsys):
+    rc = main(["predict", "--store", "s3://bucket/store.zarr", "--model", str(random_bundle), "--catalog", "cat",
+               "--scheduler", deployment["address"], "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("catalogpred predict: error: s3://bucket/store.zarr: s3:// URLs are not supported yet")
+    assert "shared" in err[-1] and "deploy/README.md" in err[-1]
+
+
+def test_scheduler_and_scheduler_file_together_is_an_error(deployment, random_bundle, capsys):
+    rc = main(["predict", "--store", "s.zarr", "--model", str(random_bundle), "--catalog", "c",
+               "--scheduler", deployment["address"], "--scheduler-file", deployment["scheduler_file"]])
+    assert rc == 1 and "not both" in capsys.readouterr().err
+
+
+def test_shared_path():
+    assert shared_path("file:///scratch/store.zarr") == "/scratch/store.zarr"
+    assert shared_path("rel/store.zarr") == os.path.join(os.getcwd(), "rel", "store.zarr")
+    assert shared_path(Path("/a/../b")) == "/b"
+    with pytest.raises(ConfigError, match="gs:// URLs are not supported yet"):
+        shared_path("gs://bucket/catalog")
+
+
+def test_check_workers_versions_paths_and_threads(deployment, remote_store, monkeypatch):
+    import catalogpred
+    from distributed import Client
+
+    with Client(deployment["address"], timeout="30s") as c:
+        check_workers(c, [remote_store, remote_store.parent / "not-written-yet" / "catalog"])
+        assert default_torch_threads(c) == 1  # nthreads 1 per worker
+        monkeypatch.setattr(catalogpred, "__version__", "9.9.9")
+        with pytest.raises(ConfigError, match=r"runs catalogpred 0\.1\.0, this client 9\.9\.9"):
+            check_workers(c, [])
+
+
+# ----------------------------------------------------------------------------- submit on fake sbatch
+
+FAKE_SBATCH = """\
+#!/usr/bin/env bash
+# stand-in for sbatch: run the job script here, in its own session, and answer like sbatch
+set -euo pipefail
+job=$FAKE_BATCH_DIR/job-$$
+cp "$1" "$job.sh"
+setsid bash "$job.sh" >"$job.log" 2>&1 </dev/null &
+echo "$!" >"$job.pid"
+echo "Submitted batch job $!"
+"""
+FAKE_SCANCEL = """\
+#!/usr/bin/env bash
+# stand-in for scancel: end the job's process group
+echo "$1" >>"$FAKE_BATCH_DIR/cancelled"
+kill -TERM -- "-$1" 2>/dev/null || true
+"""
+
+
+def _kill_fake_jobs(batch_dir: Path) -> None:
+    """SIGKILL the process group of every fake job that is still a bash running our job script."""
+    for pid_file in batch_dir.glob("job-*.pid"):
+        pid = int(pid_file.read_text())
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid_file.with_suffix(".sh").name.encode() in cmdline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_submit_slurm_runs_predict_on_batch_jobs(tmp_path, monkeypatch, remote_store, local_reference, random_bundle):
+    bin_dir, batch_dir = tmp_path / "bin", tmp_path / "batch"
+    bin_dir.mkdir()
+    batch_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        jobqueue:
+          slurm:
+            death-timeout: 30
+            local-directory: {tmp_path / "scratch"}
+            worker-extra-args: ["--host", "127.0.0.1", "--no-dashboard"]
+            scheduler-options:
+              host: 127.0.0.1
+              dashboard_address: "127.0.0.1:0"
+        """))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_BATCH_DIR", str(batch_dir))
+    catalog = tmp_path / "cat-submit"
+    try:
+        rc = main(["-q", "submit", "slurm", "--config", str(config), "--jobs", "2", "--cores", "1", "--memory", "2GB",
+                   "--walltime", "00:10:00", "--", "predict", "--store", str(remote_store), "--model", str(random_bundle),
+                   "--catalog", str(catalog), "--no-progress"])
+    finally:
+        time.sleep(1)  # let the scancel'ed workers exit on their own first
+        _kill_fake_jobs(batch_dir)
+    logs = _tail(*sorted(batch_dir.glob("job-*.log")))
+    assert rc == 0, logs
+    _assert_same_catalog(catalog, local_reference)
+    scripts = sorted(batch_dir.glob("job-*.sh"))
+    assert len(scripts) == 2
+    for s in scripts:
+        text = s.read_text()
+        assert "#SBATCH -J catalogpred" in text and "#SBATCH --cpus-per-task=1" in text and "#SBATCH -t 00:10:00" in text
+        assert f"{sys.executable} -m distributed.cli.dask_worker tcp://127.0.0.1:" in text
+    cancelled = (batch_dir / "cancelled").read_text().split()
+    assert sorted(cancelled) == sorted(p.read_text().strip() for p in batch_dir.glob("job-*.pid"))
