@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--keep-unassigned", action="store_true", help="keep unassigned fibres (negative TARGETID)")
     sel.add_argument("--keep-bad-fiberstatus", action="store_true", help="keep COADD_FIBERSTATUS != 0")
     sel.add_argument("--keep-zwarn", action="store_true", help="keep redshifts with ZWARN != 0")
+    sel.add_argument("--keep-fluxstd", action="store_true", help="keep PFS flux-standard targets")
     sel.add_argument("--spectypes", default="GALAXY", help="accepted SPECTYPEs, comma-separated; 'any' for all (default GALAXY)")
     s.add_argument("--shard-rows", type=int, default=4096, help="spectra per shard = per task (default 4096)")
     s.add_argument("--chunk-rows", type=int, default=256, help="spectra per compressed chunk (default 256)")
@@ -255,10 +256,14 @@ def _read_options(args):
     from .surveys import ReadOptions, Selection
 
     spectypes = () if args.spectypes.lower() == "any" else tuple(t.strip().upper() for t in args.spectypes.split(","))
+    if args.redshifts:
+        from .redshifts import load_redshift_table
+
+        load_redshift_table(args.redshifts)  # fail the run now, not every file later
     return ReadOptions(redshifts=os.path.abspath(args.redshifts) if args.redshifts else None,
                        selection=Selection(keep_sky=args.keep_sky, keep_unassigned=args.keep_unassigned,
                                            keep_bad_fiberstatus=args.keep_bad_fiberstatus, keep_zwarn=args.keep_zwarn,
-                                           spectypes=spectypes))
+                                           keep_fluxstd=args.keep_fluxstd, spectypes=spectypes))
 
 
 def cmd_ingest(args) -> int:

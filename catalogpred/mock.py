@@ -1281,3 +1281,6 @@ def write_sdss_survey(
     phot_path = out / PHOTOMETRY_FILENAME
     pq.write_table(photometry_table(objs), phot_path)
     return MockSurvey(paths=paths, photometry_path=phot_path, objects=objs, bad=bad)
+
+
+from .mock_pfs import write_pfs_coadd, write_pfs_cozcandidates, write_pfs_object, write_pfs_survey  # noqa: E402,F401

@@ -104,7 +104,7 @@ class SpectrumBlock:
     Parameters
     ----------
     survey : str
-        Registered reader name.
+        The store group (survey) the spectra belong to: the reader's :attr:`Reader.group`.
     grid : Grid
         The wavelength grid the pixels are placed on.
     flux : float32 [n, n_pix]
@@ -188,6 +188,16 @@ class Reader:
     priority: int = 0
     description: str = ""
     count: Callable[..., int] | None = None  #: count(fits) -> spectra in the file (None: one per file)
+    #: identify_fits(fits) -> bool: a content check (headers, columns) made only when identify(hdu_names) is True
+    identify_fits: Callable[..., bool] | None = None
+    #: store group its spectra go to (default: ``name``). Readers of one survey's formats (SDSS spec-*.fits
+    #: and spPlate) share a group, so their rows, ids and grid stay comparable.
+    store_survey: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The store group (survey) this reader writes to."""
+        return self.store_survey or self.name
 
 
 _READERS: dict[str, Reader] = {}
@@ -236,11 +246,29 @@ def _open_fits(path):
 
 #: auxiliary (redshift-only) formats: name -> identify(hdu_names)
 _AUXILIARY: dict[str, Callable[[set], bool]] = {}
+#: optional content checks of auxiliary formats: name -> identify_fits(fits)
+_AUXILIARY_FITS: dict[str, Callable[..., bool]] = {}
 
 
-def register_auxiliary(name: str, identify: Callable[[set], bool]) -> None:
-    """Register a redshift-only file format, reported by :func:`identify_survey` as ``"aux:<name>"``."""
+def register_auxiliary(name: str, identify: Callable[[set], bool],
+                       identify_fits: Callable[..., bool] | None = None) -> None:
+    """Register a redshift-only file format, reported by :func:`identify_survey` as ``"aux:<name>"``.
+
+    ``identify_fits(fits)``, when given, is a content check made after ``identify(hdu_names)`` matched
+    (for tables without a telling EXTNAME, e.g. SDSS ``specObj``/``spAll``).
+    """
     _AUXILIARY[name] = identify
+    if identify_fits is not None:
+        _AUXILIARY_FITS[name] = identify_fits
+
+
+def _content_check(check, fits) -> bool:
+    if check is None or fits is None:
+        return True
+    try:
+        return bool(check(fits))
+    except Exception:  # noqa: BLE001 - a file that breaks a content check is not that format
+        return False
 
 
 def identify_survey(path: str | os.PathLike, with_count: bool = False):
@@ -255,7 +283,7 @@ def identify_survey(path: str | os.PathLike, with_count: bool = False):
     """
     fits, hdu_names = _open_fits(path)
     with fits:
-        name = _identify(path, hdu_names)
+        name = _identify(path, hdu_names, fits)
         if not with_count:
             return name
         if name.startswith(AUXILIARY):
@@ -269,12 +297,12 @@ def identify_survey(path: str | os.PathLike, with_count: bool = False):
         return name, n
 
 
-def _identify(path, hdu_names: set) -> str:
+def _identify(path, hdu_names: set, fits=None) -> str:
     for reader in readers():
-        if reader.identify(hdu_names):
+        if reader.identify(hdu_names) and _content_check(reader.identify_fits, fits):
             return reader.name
     for name, ident in _AUXILIARY.items():
-        if ident(hdu_names):
+        if ident(hdu_names) and _content_check(_AUXILIARY_FITS.get(name), fits):
             return AUXILIARY + name
     shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
     raise InputFileError(
@@ -303,12 +331,12 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto", options: ReadOpt
     """
     fits, hdu_names = _open_fits(path)
     with fits:
-        name = _identify(path, hdu_names) if survey == "auto" else survey
+        name = _identify(path, hdu_names, fits) if survey == "auto" else survey
         if name.startswith(AUXILIARY):
             raise InputFileError(f"{os.path.basename(str(path))}: a redshift file ({name[len(AUXILIARY):]}), "
                                  "not spectra", RejectReason.UNKNOWN_FORMAT)
         reader = get_reader(name)
-        if survey != "auto" and not reader.identify(hdu_names):
+        if survey != "auto" and not (reader.identify(hdu_names) and _content_check(reader.identify_fits, fits)):
             shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
             raise InputFileError(
                 f"{os.path.basename(str(path))}: not a {name} file (HDUs: {shown})",
@@ -326,4 +354,5 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto", options: ReadOpt
 
 
 # registration of the built-in readers (module import registers them)
-from . import desi, sdss  # noqa: E402,F401
+from . import desi, sdss, spplate  # noqa: E402,F401
+from . import pfs  # noqa: E402,F401

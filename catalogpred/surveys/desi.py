@@ -93,6 +93,9 @@ def merge_arms(waves: list, fluxes: list, ivars: list, masks: list, grid=DESI_GR
     covered : bool [n_pix]
     """
     n = fluxes[0].shape[0]
+    fast = _merge_contiguous(waves, fluxes, ivars, masks, grid)
+    if fast is not None:
+        return fast
     sw = np.zeros((n, grid.n_pix))
     swf = np.zeros((n, grid.n_pix))
     sw_all = np.zeros((n, grid.n_pix))
@@ -106,16 +109,73 @@ def merge_arms(waves: list, fluxes: list, ivars: list, masks: list, grid=DESI_GR
         keep = (idx >= 0) & (idx < grid.n_pix)
         idx, flux, ivar, mask = idx[keep], flux[:, keep], ivar[:, keep], mask[:, keep]
         good = np.where(mask == 0, ivar, 0.0)
-        np.add.at(sw.T, idx, good.T)
-        np.add.at(swf.T, idx, (good * flux).T)
-        np.add.at(sw_all.T, idx, ivar.T)
-        np.add.at(swf_all.T, idx, (ivar * flux).T)
-        np.bitwise_or.at(mask_or.T, idx, mask.astype(np.uint32).T)
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and np.all(np.diff(idx) == 1):
+            # an arm is a contiguous run of grid pixels: slice adds (same sums, same order as add.at, ~30x faster)
+            sl = slice(int(idx[0]), int(idx[-1]) + 1)
+            sw[:, sl] += good
+            swf[:, sl] += good * flux
+            sw_all[:, sl] += ivar
+            swf_all[:, sl] += ivar * flux
+            mask_or[:, sl] |= mask.astype(np.uint32)
+        else:
+            np.add.at(sw.T, idx, good.T)
+            np.add.at(swf.T, idx, (good * flux).T)
+            np.add.at(sw_all.T, idx, ivar.T)
+            np.add.at(swf_all.T, idx, (ivar * flux).T)
+            np.bitwise_or.at(mask_or.T, idx, mask.astype(np.uint32).T)
         covered[idx] = True
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(sw > 0, swf / sw, np.where(sw_all > 0, swf_all / sw_all, 0.0))
     mask_out = np.where(sw > 0, 0, mask_or).astype(np.uint32)
     return out.astype(np.float32), sw.astype(np.float32), mask_out, covered
+
+
+def _merge_contiguous(waves, fluxes, ivars, masks, grid):
+    """:func:`merge_arms` for arms that are contiguous runs of grid pixels (every DESI file), or None.
+
+    Bit-identical to the general path, segment by segment: where one arm covers a pixel the sums are
+    that arm's terms, where arms overlap they are added in arm order, in float64, as there. It never
+    builds the five full-grid float64 accumulators, so it is several times faster.
+    """
+    n = fluxes[0].shape[0]
+    arms = []
+    for wave, flux, ivar, mask in zip(waves, fluxes, ivars, masks):
+        idx = np.rint((np.asarray(wave, np.float64) - grid.start) / grid.step).astype(np.int64)
+        if np.max(np.abs(grid.start + grid.step * idx - wave)) > 1e-3:
+            raise ValueError("arm wavelengths are not on the 0.8 Å grid from 3600 Å")
+        keep = np.flatnonzero((idx >= 0) & (idx < grid.n_pix))
+        if len(keep) == 0 or keep[-1] - keep[0] + 1 != len(keep):
+            return None
+        idx = idx[keep[0]:keep[-1] + 1]
+        if len(idx) > 1 and not np.all(np.diff(idx) == 1):
+            return None
+        cols = slice(int(keep[0]), int(keep[-1]) + 1)
+        arms.append((int(idx[0]), int(idx[-1]) + 1, flux[:, cols], ivar[:, cols], mask[:, cols]))
+    out = np.zeros((n, grid.n_pix), np.float32)
+    ivar_out = np.zeros((n, grid.n_pix), np.float32)
+    mask_out = np.zeros((n, grid.n_pix), np.uint32)
+    covered = np.zeros(grid.n_pix, bool)
+    edges = sorted({0, grid.n_pix, *(a[0] for a in arms), *(a[1] for a in arms)})
+    zero = np.float64(0.0)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sums, mask_or = None, None
+        for a0, a1, flux, ivar, mask in arms:
+            if a0 <= lo and hi <= a1:
+                f, iv, m = flux[:, lo - a0:hi - a0], ivar[:, lo - a0:hi - a0], mask[:, lo - a0:hi - a0]
+                good = np.where(m == 0, iv, 0.0)
+                terms = (good, good * f, iv, iv * f)
+                # 0.0 + t first, as the accumulators of the general path start at 0.0
+                sums = [zero + t for t in terms] if sums is None else [s_ + t for s_, t in zip(sums, terms)]
+                mask_or = m.astype(np.uint32) if mask_or is None else mask_or | m.astype(np.uint32)
+        if sums is None:
+            continue
+        sw, swf, sw_all, swf_all = sums
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, lo:hi] = np.where(sw > 0, swf / sw, np.where(sw_all > 0, swf_all / sw_all, 0.0))
+        ivar_out[:, lo:hi] = sw
+        mask_out[:, lo:hi] = np.where(sw > 0, 0, mask_or)
+        covered[lo:hi] = True
+    return out, ivar_out, mask_out, covered
 
 
 def _redshift_path(path: str) -> str | None:
@@ -232,7 +292,8 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     if not sel.keep_zwarn:
         reject(zwarn != 0, RejectReason.ZWARN, lambda i: f"ZWARN = {zwarn[i]}")
     if sel.spectypes:
-        reject(~np.isin(spectype.astype(str), list(sel.spectypes)), RejectReason.NOT_GALAXY,
+        known = spectype.astype(str) != ""  # a user table without a class column: no class cut
+        reject(known & ~np.isin(spectype.astype(str), list(sel.spectypes)), RejectReason.NOT_GALAXY,
                lambda i: f"SPECTYPE '{spectype[i]}' not in {list(sel.spectypes)}")
 
     meta = {

@@ -1,0 +1,594 @@
+"""PFS reader: multi-object ``pfsCoadd`` / ``pfsCalibrated`` and legacy single-object ``pfsObject`` files.
+
+Format (FORMATS.md, ``../shared/realdata/pfs/PROVENANCE.md``; PFS datamodel, DAMD_VER=1):
+
+- ``pfsCoadd``/``pfsCalibrated`` (same layout): ``TARGET`` (targetId, catId, tract, patch, objId, ra,
+  dec, targetType), ``OBSERVATIONS``, ``WAVELENGTH`` (nm; one shared row, or a ``value`` table
+  when spectra differ), ``FLUX`` [nobj, nwave] (F_ν, nJy), ``MASK`` (CompImageHDU, planes declared
+  as ``MP_<NAME> = bit`` keywords), ``COVAR`` (table; ``row_0`` = variance in nJy²), ….
+- ``pfsObject``: ``FLUX`` [nwave] with a linear wavelength WCS (``CTYPE1 = 'WAVE'``, ``CUNIT1``
+  nm — Å and m are accepted too), ``MASK``, ``COVAR`` (image 3 × nwave), and the ids as
+  ``TARGET`` header keywords (CATID, TRACT, PATCH, OBJID, RA, DEC, TARGETTYPE).
+
+Every spectrum is put on :data:`~catalogpred.spectra.DESI_GRID` so the DESI encoder can serve
+(MODEL.md; until a PFS encoder exists, PFS predictions come from a DESI-trained encoder):
+
+1. nm → Å; F_ν [nJy] → F_λ [1e-17 erg/s/cm²/Å] per pixel with
+   :func:`~catalogpred.spectra.fnu_njy_to_flam17` (ivar = 1/COVAR row_0, scaled by the inverse square).
+2. Pixels with a *bad* mask bit, NaN/inf flux, or variance ≤ 0 / non-finite get ivar 0 (NaN flux
+   on NO_DATA pixels is masked data, not corruption). Bad = every bit except the informational
+   planes :data:`INFO_PLANES` (DETECTED, DETECTED_NEGATIVE, OVERLAP, FIBERTRACE, REFLINE), read
+   from the ``MP_*`` keywords (MASK header, else METADATA YAML, else FLUX/primary header), never
+   hard-coded; bits no keyword declares count as bad.
+3. :func:`~catalogpred.spectra.resample_flux_conserving` onto the DESI grid. Output pixels outside
+   the PFS range (3600–3700 Å for the 370–1270 nm grid) get ``NO_COVERAGE``; covered pixels without
+   any good input get ``PIPELINE`` (both with ivar 0). The pfsCoadd grid (0.8 Å from 3700 Å) is
+   pixel-aligned with DESI's, so there the resampling keeps each pixel's value.
+
+Redshifts: from a user table (``ReadOptions.redshifts``; columns ``catId``/``objId`` or
+``cat_id``/``obj_id`` and ``z``, or a ``pfsCoZCandidates`` file) when it is keyed by (catId, objId),
+which then is the only source; otherwise from ``pfsCoZCandidates-%05d.fits`` (per catId, also
+spelled ``pfsCoZcandidates``) next to the spectrum: the GALAXY candidate with the lowest ``cRank``
+(ties: highest ``redshiftProba``), linked to TARGET by targetId, with ``galaxyZWarning`` as
+``zwarning`` and the CLASSIFICATION ``class`` as ``spectype``.
+
+Selection (:class:`~catalogpred.surveys.Selection`): SKY → ``sky_fibre``, FLUXSTD → ``flux_standard``,
+other non-science types (UNASSIGNED, ENGINEERING, SUNSS) → ``unassigned_fibre``, no redshift →
+``no_redshift``, a class not in ``Selection.spectypes`` → ``not_galaxy``. PFS redshift warnings
+(drp_1d ZLWarning flags) do not reject.
+
+Ids: ``source_id = "pfs-%05d-%016x" % (catId, objId)`` (as in PFS file names), unique across surveys.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+
+import numpy as np
+
+from ..errors import ConfigError, InputFileError, RejectReason
+from ..redshifts import RedshiftTable, load_redshift_table
+from ..spectra import DESI_GRID, PixelMask, fnu_njy_to_flam17, resample_flux_conserving
+from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+
+__all__ = ["identify", "identify_redshifts", "read", "count", "PFS_META", "INFO_PLANES", "mask_planes",
+           "bad_mask_bits", "load_cozcandidates", "find_cozcandidates", "wcs_wavelength_angstrom"]
+
+log = logging.getLogger(__name__)
+
+#: survey-native columns added to :data:`~catalogpred.surveys.COMMON_META`.
+PFS_META = {
+    "cat_id": "i8",  # catId: catalogue of the objId
+    "obj_id": "i8",  # objId (64-bit, e.g. HSC object id)
+    "tract": "i4",
+    "patch": "U",  # "m,n"
+    "target_type": "i4",  # 1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...
+    "n_visit": "i4",  # visits in the coadd (OBSERVATIONS rows)
+    "spectype": "U",  # redshift-fit class (GALAXY, QSO, STAR); "" if unknown
+}
+
+#: datamodel TargetType values.
+TARGET_TYPE_NAMES = {1: "SCIENCE", 2: "SKY", 3: "FLUXSTD", 4: "UNASSIGNED", 5: "ENGINEERING",
+                     6: "SUNSS_IMAGING", 7: "SUNSS_DIFFUSE"}
+SCIENCE, SKY, FLUXSTD = 1, 2, 3
+
+#: mask planes that describe good data (everything else is bad).
+INFO_PLANES = frozenset({"DETECTED", "DETECTED_NEGATIVE", "OVERLAP", "FIBERTRACE", "REFLINE"})
+
+#: HDUs that only PFS spectrum files have together; a file with ≥ 4 of them (and COVAR or
+#: OBSERVATIONS) is claimed, so a PFS file missing FLUX or TARGET is reported as missing_hdu.
+_PFS_HDUS = frozenset({"TARGET", "TARGETFLUX", "OBSERVATIONS", "WAVELENGTH", "FLUX", "MASK", "SKY", "COVAR",
+                       "COVAR2", "METADATA", "FLUXTABLE", "FLUX_TABLE", "NOTES"})
+_REDSHIFT_HDUS = ("GALAXY_CANDIDATES",)
+_UNIT_TO_ANGSTROM = {"nm": 10.0, "angstrom": 1.0, "a": 1.0, "aa": 1.0, "m": 1e10, "um": 1e4, "micron": 1e4,
+                     "cm": 1e8}
+_OBJECT_NAME = re.compile(r"^pfsObject-(\d{5})-(\d{5})-(.*)-([0-9a-f]{16})-(\d{3})-0x([0-9a-f]{16})\.fits", re.I)
+_CHUNK = 256  # spectra resampled at once (bounds memory for 2394-fibre files)
+_UINT64 = (1 << 64) - 1
+
+
+def identify(hdu_names: set) -> bool:
+    """PFS spectra: TARGET + FLUX + OBSERVATIONS (pfsCoadd/pfsCalibrated/pfsObject), or most of their HDUs."""
+    if any(h in hdu_names for h in _REDSHIFT_HDUS):
+        return False
+    found = _PFS_HDUS & hdu_names
+    return len(found) >= 4 and ("COVAR" in found or "OBSERVATIONS" in found) and ("FLUX" in found or "TARGET" in found)
+
+
+def identify_redshifts(hdu_names: set) -> bool:
+    """pfsCoZCandidates (drp_1dpipe): GALAXY_CANDIDATES with TARGET or CLASSIFICATION, no spectra."""
+    return "GALAXY_CANDIDATES" in hdu_names and ("TARGET" in hdu_names or "CLASSIFICATION" in hdu_names)
+
+
+def _hdu_names(fits) -> set:
+    return {(h.get_extname() or "").upper() for h in fits}
+
+
+def count(fits) -> int:
+    """Spectra in the file: TARGET rows (FLUX rows if TARGET is missing); 1 for pfsObject. Never raises."""
+    try:
+        names = _hdu_names(fits)
+        image = "FLUX" in names and fits["FLUX"].get_exttype() == "IMAGE_HDU"
+        dims = list(fits["FLUX"].get_dims()) if image else []
+        if "WAVELENGTH" not in names and image and len(dims) == 1:
+            return 1  # pfsObject
+        if "TARGET" in names:
+            return max(1, int(fits["TARGET"].get_nrows()))
+        if image and len(dims) == 2:
+            return max(1, int(dims[0]))
+        if "FLUX" in names and not image:
+            return max(1, int(fits["FLUX"].get_nrows()))
+    except Exception:  # noqa: BLE001 - read() reports what is wrong
+        pass
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def mask_planes(*headers) -> dict:
+    """Mask plane name -> bit from ``MP_<NAME>`` keywords (also ``HIERARCH MP_<NAME>``), first header that has any."""
+    for header in headers:
+        if header is None:
+            continue
+        planes = {}
+        for key in header.keys() if hasattr(header, "keys") else header:
+            k = str(key).upper()
+            if k.startswith("HIERARCH "):
+                k = k[len("HIERARCH "):]
+            if k.startswith("MP_"):
+                try:
+                    planes[k[3:]] = int(header[key])
+                except (TypeError, ValueError):
+                    continue
+        if planes:
+            return planes
+    return {}
+
+
+def bad_mask_bits(planes: dict) -> np.int64:
+    """Bits that make a pixel bad: every bit (0..62) except those of :data:`INFO_PLANES`.
+
+    An ``np.int64``, so ``mask & bad_mask_bits(planes)`` works on int32 masks too (it upcasts).
+    """
+    info = 0
+    for name, bit in planes.items():
+        if name in INFO_PLANES and 0 <= bit < 63:
+            info |= 1 << bit
+    return np.int64(((1 << 63) - 1) & ~info)
+
+
+# ----------------------------------------------------------------------------------------------- redshifts
+
+
+def _text(values) -> np.ndarray:
+    out = []
+    for v in values:
+        if isinstance(v, bytes):
+            v = v.decode("ascii", "replace")
+        elif isinstance(v, np.ndarray):  # var-length char arrays read as arrays of characters
+            v = "".join(x.decode() if isinstance(x, bytes) else str(x) for x in v.ravel())
+        out.append(str(v).strip())
+    return np.array(out, dtype=object)
+
+
+def _cols(data) -> dict:
+    return {c.lower(): c for c in (data.dtype.names or ())}
+
+
+@functools.lru_cache(maxsize=32)
+def _load_coz(path: str, mtime: float) -> RedshiftTable:
+    import fitsio
+
+    name = os.path.basename(path)
+    with fitsio.FITS(path) as f:
+        names = _hdu_names(f)
+        if "TARGET" not in names or "GALAXY_CANDIDATES" not in names:
+            raise ConfigError(f"{name}: a pfsCoZCandidates file needs TARGET and GALAXY_CANDIDATES HDUs")
+        tgt = f["TARGET"].read()
+        tc = _cols(tgt)
+        if not {"targetid", "catid", "objid"} <= set(tc):
+            raise ConfigError(f"{name}: TARGET lacks targetId/catId/objId")
+        cand = f["GALAXY_CANDIDATES"].read() if f["GALAXY_CANDIDATES"].get_nrows() else None
+        warn = f["WARNINGS"].read() if "WARNINGS" in names and f["WARNINGS"].get_nrows() else None
+        err = f["ERRORS"].read() if "ERRORS" in names and f["ERRORS"].get_nrows() else None
+        cls = f["CLASSIFICATION"].read() if "CLASSIFICATION" in names and f["CLASSIFICATION"].get_nrows() else None
+    tid = np.asarray(tgt[tc["targetid"]], np.int64)
+    n = len(tid)
+    row_of = {int(t): i for i, t in enumerate(tid)}
+    z = np.full(n, np.nan)
+    zerr = np.full(n, np.nan)
+    best = np.full(n, np.inf)
+    best_p = np.full(n, -np.inf)
+    if cand is not None:
+        cc = _cols(cand)
+        ctid = np.asarray(cand[cc["targetid"]], np.int64)
+        rank = np.asarray(cand[cc["crank"]], np.float64) if "crank" in cc else np.zeros(len(cand))
+        proba = np.asarray(cand[cc["redshiftproba"]], np.float64) if "redshiftproba" in cc else np.zeros(len(cand))
+        zc = np.asarray(cand[cc.get("redshift", cc.get("z"))], np.float64)
+        ze = np.asarray(cand[cc["redshifterror"]], np.float64) if "redshifterror" in cc else np.full(len(cand), np.nan)
+        for k in range(len(cand)):
+            i = row_of.get(int(ctid[k]))
+            if i is None or not np.isfinite(zc[k]):
+                continue
+            if (rank[k], -proba[k]) < (best[i], -best_p[i]):
+                best[i], best_p[i], z[i], zerr[i] = rank[k], proba[k], zc[k], ze[k]
+
+    def per_target(table, column, default, dtype):
+        out = np.full(n, default, dtype=dtype)
+        if table is not None:
+            c = _cols(table)
+            if column in c and "targetid" in c:
+                vals = table[c[column]] if dtype is not object else _text(table[c[column]])
+                for t, v in zip(np.asarray(table[c["targetid"]], np.int64), vals):
+                    if int(t) in row_of:
+                        out[row_of[int(t)]] = v
+        return out
+
+    zwarn = per_target(warn, "galaxyzwarning", 0, np.int64)
+    zerror = per_target(err, "galaxyzerror", 0, np.int64)
+    spectype = per_target(cls, "class", "", object)
+    ok = np.isfinite(z) & (zerror == 0)
+    columns = {"cat_id": np.asarray(tgt[tc["catid"]], np.int64)[ok],
+               "obj_id": np.asarray(tgt[tc["objid"]], np.int64)[ok],
+               "z": z[ok], "z_err": zerr[ok], "zwarn": zwarn[ok], "spectype": spectype[ok]}
+    return RedshiftTable(columns, source=name)
+
+
+def load_cozcandidates(path: str | os.PathLike) -> RedshiftTable:
+    """Best GALAXY redshift per (catId, objId) of a ``pfsCoZCandidates`` file (cached per process).
+
+    The best candidate has the lowest ``cRank`` (ties: highest ``redshiftProba``). Targets whose galaxy
+    solver reports an error (ERRORS.galaxyZError ≠ 0) or that have no GALAXY candidate are left out.
+    ``zwarn`` is WARNINGS.galaxyZWarning and ``spectype`` the CLASSIFICATION class.
+
+    Raises
+    ------
+    ConfigError
+        If the file lacks TARGET/GALAXY_CANDIDATES or repeats a (catId, objId).
+    """
+    path = os.path.abspath(str(path))
+    return _load_coz(path, os.path.getmtime(path))
+
+
+def find_cozcandidates(directory: str, cat_id: int) -> str | None:
+    """``pfsCoZCandidates-%05d.fits`` (or drp_1dpipe's ``pfsCoZcandidates-…``) for ``cat_id`` in ``directory``."""
+    for stem in ("pfsCoZCandidates", "pfsCoZcandidates"):
+        p = os.path.join(directory, f"{stem}-{int(cat_id):05d}.fits")
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _is_coz_file(path: str) -> bool:
+    if not str(path).lower().endswith((".fits", ".fit", ".fits.gz", ".fits.fz")):
+        return False
+    import fitsio
+
+    try:
+        with fitsio.FITS(str(path)) as f:
+            return identify_redshifts(_hdu_names(f))
+    except Exception:  # noqa: BLE001 - not FITS: let load_redshift_table report it
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _user_table(path: str, mtime: float) -> RedshiftTable:
+    return load_cozcandidates(path) if _is_coz_file(path) else load_redshift_table(path)
+
+
+def _redshifts(path: str, options: ReadOptions, cat_id: np.ndarray, obj_id: np.ndarray) -> dict:
+    """found, z, z_err, zwarn, spectype and a miss detail per spectrum."""
+    n = len(cat_id)
+    out = {"found": np.zeros(n, bool), "z": np.full(n, np.nan), "z_err": np.full(n, np.nan),
+           "zwarn": np.zeros(n, np.int64), "spectype": np.full(n, "", dtype=object),
+           "detail": np.full(n, "", dtype=object)}
+    if options.redshifts:
+        upath = os.path.abspath(str(options.redshifts))
+        if not os.path.exists(upath):
+            raise ConfigError(f"redshift table {upath} does not exist")
+        table = _user_table(upath, os.path.getmtime(upath))
+        if table.id_columns == ("cat_id", "obj_id"):
+            got = table.lookup(cat_id, obj_id)
+            for k in ("found", "z", "z_err", "spectype"):
+                out[k] = np.asarray(got[k], dtype=out[k].dtype)
+            out["zwarn"] = np.asarray(got["zwarn"], np.int64)
+            out["detail"][:] = f"(catId, objId) not in {table.source}"
+            return out
+        log.debug("%s is keyed by %s, not (catId, objId): PFS redshifts come from pfsCoZCandidates files",
+                  table.source, table.id_columns)
+    directory = os.path.dirname(os.path.abspath(str(path)))
+    for cid in np.unique(cat_id):
+        sel = cat_id == cid
+        zpath = find_cozcandidates(directory, int(cid))
+        if zpath is None:
+            out["detail"][sel] = f"no pfsCoZCandidates-{int(cid):05d}.fits beside the file and no --redshifts table"
+            continue
+        try:
+            table = load_cozcandidates(zpath)
+        except (ConfigError, OSError, ValueError) as exc:
+            out["detail"][sel] = f"cannot use {os.path.basename(zpath)}: {exc}"
+            continue
+        got = table.lookup(cat_id[sel], obj_id[sel])
+        for k in ("found", "z", "z_err", "spectype"):
+            out[k][sel] = got[k]
+        out["zwarn"][sel] = np.asarray(got["zwarn"], np.int64)
+        out["detail"][sel] = f"no GALAXY redshift for this objId in {os.path.basename(zpath)}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def wcs_wavelength_angstrom(header, n: int, name: str = "") -> np.ndarray:
+    """Vacuum λ (Å) of pixels 1..n from a linear ``WAVE`` WCS: ``CRVAL1 + (p − CRPIX1)·CDELT1`` in CUNIT1."""
+    keys = {str(k).upper(): k for k in header.keys()}
+    missing = [k for k in ("CRVAL1", "CRPIX1") if k not in keys] + ([] if ("CDELT1" in keys or "CD1_1" in keys)
+                                                                    else ["CDELT1"])
+    if missing:
+        raise InputFileError(f"{name}: no WAVELENGTH HDU and no wavelength WCS in the FLUX header (missing {missing})",
+                             RejectReason.MISSING_HDU)
+    ctype = str(header[keys["CTYPE1"]]).strip().upper() if "CTYPE1" in keys else "WAVE"
+    if not ctype.startswith("WAVE"):
+        raise InputFileError(f"{name}: FLUX CTYPE1 = {ctype!r}, expected a linear WAVE axis",
+                             RejectReason.UNKNOWN_FORMAT)
+    unit = str(header[keys["CUNIT1"]]).strip() if "CUNIT1" in keys else "nm"
+    scale = _UNIT_TO_ANGSTROM.get(unit.lower())
+    if scale is None:
+        raise InputFileError(f"{name}: FLUX CUNIT1 = {unit!r}; expected nm, Angstrom or m", RejectReason.UNKNOWN_FORMAT)
+    cdelt = float(header[keys["CDELT1"]] if "CDELT1" in keys else header[keys["CD1_1"]])
+    p = np.arange(1, n + 1, dtype=np.float64)
+    return (float(header[keys["CRVAL1"]]) + (p - float(header[keys["CRPIX1"]])) * cdelt) * scale
+
+
+def _component(fits, hdu: str, n_rows: int | None, name: str) -> list | np.ndarray:
+    """FLUX/MASK/SKY/WAVELENGTH: an image [n, nwave] (or [nwave]) or a ``value`` table of per-row arrays."""
+    h = fits[hdu]
+    if h.get_exttype() == "IMAGE_HDU":
+        return h.read()
+    data = h.read(vstorage="object")
+    c = _cols(data)
+    if "value" not in c:
+        raise InputFileError(f"{name}: {hdu} is a table without a 'value' column", RejectReason.UNREADABLE_FILE)
+    return [np.asarray(v) for v in data[c["value"]]]
+
+
+def _variance(fits, name: str) -> list | np.ndarray:
+    """COVAR row 0 (variance) per spectrum: the table's ``row_0`` column, or the image's first row."""
+    h = fits["COVAR"]
+    if h.get_exttype() == "IMAGE_HDU":
+        c = h.read()
+        if c.ndim == 3:  # [nobj, 3, nwave]
+            return c[:, 0, :]
+        if c.ndim == 2:  # pfsObject [3, nwave]
+            return c[0][None, :]
+        raise InputFileError(f"{name}: COVAR image has shape {c.shape}", RejectReason.INCONSISTENT_FILE)
+    data = h.read(columns=["row_0"], vstorage="object") if "row_0" in h.get_colnames() else None
+    if data is None:
+        raise InputFileError(f"{name}: COVAR table has no row_0 (variance) column", RejectReason.MISSING_HDU)
+    return [np.asarray(v) for v in data["row_0"]]
+
+
+def _rows(x) -> list:
+    if isinstance(x, np.ndarray):
+        return list(x[None, :] if x.ndim == 1 else x)
+    return list(x)
+
+
+def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: int):
+    """nm/nJy arrays per spectrum → flux, ivar (1e-17 erg/s/cm²/Å) and PixelMask on the DESI grid."""
+    n = len(fluxes)
+    out_flux = np.zeros((n, DESI_GRID.n_pix), np.float32)
+    out_ivar = np.zeros((n, DESI_GRID.n_pix), np.float32)
+    out_mask = np.zeros((n, DESI_GRID.n_pix), np.uint8)
+    groups: dict = {}
+    for i, w in enumerate(waves):  # spectra sharing one wavelength array are resampled together
+        groups.setdefault(id(w), []).append(i)
+    for idx in groups.values():
+        wave_aa = np.asarray(waves[idx[0]], np.float64) * 10.0
+        factor = fnu_njy_to_flam17(np.ones(1), wave_aa)  # [nwave]
+        for lo in range(0, len(idx), _CHUNK):
+            rows = idx[lo:lo + _CHUNK]
+            flux = np.stack([np.asarray(fluxes[i], np.float64) for i in rows])
+            var = np.stack([np.asarray(variances[i], np.float64) for i in rows])
+            mask = np.stack([np.asarray(masks[i], np.int64) for i in rows])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                good = ((mask & bad_bits) == 0) & np.isfinite(flux) & np.isfinite(var) & (var > 0)
+                ivar = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0) / factor**2
+            flam = np.where(good, flux, 0.0) * factor
+            f_out, iv_out, covered = resample_flux_conserving(wave_aa, flam, ivar, DESI_GRID.wave)
+            m = np.where(covered, 0, int(PixelMask.NO_COVERAGE)).astype(np.uint8)[None, :]
+            m = m | np.where(covered[None, :] & (iv_out <= 0), int(PixelMask.PIPELINE), 0).astype(np.uint8)
+            out_flux[rows], out_ivar[rows], out_mask[rows] = f_out, iv_out, m
+    return out_flux, out_ivar, out_mask
+
+
+def _read_multi(fits, name: str, names: set) -> dict:
+    """pfsCoadd / pfsCalibrated: per-spectrum arrays and TARGET columns."""
+    for h in ("TARGET", "FLUX", "COVAR"):
+        if h not in names:
+            raise InputFileError(f"{name}: no {h} HDU (a pfsCoadd/pfsCalibrated file needs TARGET, WAVELENGTH, FLUX, "
+                                 "MASK, COVAR)", RejectReason.MISSING_HDU)
+    target = fits["TARGET"].read()
+    tc = _cols(target)
+    missing = [c for c in ("catid", "objid") if c not in tc]
+    if missing:
+        raise InputFileError(f"{name}: TARGET lacks columns {missing}", RejectReason.MISSING_HDU)
+    n = len(target)
+    flux = _rows(_component(fits, "FLUX", n, name))
+    var = _rows(_variance(fits, name))
+    mask = _rows(_component(fits, "MASK", n, name)) if "MASK" in names else [np.zeros(len(f), np.int64) for f in flux]
+    wave = _rows(_component(fits, "WAVELENGTH", n, name))
+    if len(wave) == 1 and n > 1:
+        wave = wave * n
+    shapes = {"FLUX": len(flux), "MASK": len(mask), "COVAR": len(var), "WAVELENGTH": len(wave)}
+    if any(v != n for v in shapes.values()):
+        raise InputFileError(f"{name}: TARGET has {n} rows but " + ", ".join(f"{k} {v}" for k, v in shapes.items()),
+                             RejectReason.INCONSISTENT_FILE)
+    for i in range(n):
+        lens = {len(wave[i]), len(flux[i]), len(var[i]), len(mask[i])}
+        if len(lens) != 1:
+            raise InputFileError(f"{name}: spectrum {i} has WAVELENGTH/FLUX/COVAR/MASK lengths "
+                                 f"{len(wave[i])}/{len(flux[i])}/{len(var[i])}/{len(mask[i])}",
+                                 RejectReason.INCONSISTENT_FILE)
+    headers = [fits["MASK"].read_header() if "MASK" in names else None]
+    if "METADATA" in names and fits["METADATA"].get_nrows():
+        headers.append(_metadata_header(fits, name))
+    headers += [fits["FLUX"].read_header(), fits[0].read_header()]
+    n_visit = np.zeros(n, np.int32)
+    if "OBSERVATIONS" in names and "targetid" in tc:
+        obs = fits["OBSERVATIONS"].read(columns=[c for c in fits["OBSERVATIONS"].get_colnames()
+                                                 if c.lower() == "targetid"])
+        if len(obs):
+            tid_obs = np.asarray(obs[obs.dtype.names[0]], np.int64)
+            counts = dict(zip(*np.unique(tid_obs, return_counts=True)))
+            n_visit = np.array([counts.get(int(t), 0) for t in target[tc["targetid"]]], np.int32)
+
+    def col(c, default, dtype):
+        return np.asarray(target[tc[c]], dtype) if c in tc else np.full(n, default, dtype)
+
+    return {"n": n, "wave": wave, "flux": flux, "var": var, "mask": mask, "planes": mask_planes(*headers),
+            "cat_id": col("catid", -1, np.int64), "obj_id": col("objid", -1, np.int64),
+            "tract": col("tract", -1, np.int32), "patch": _text(target[tc["patch"]]) if "patch" in tc else
+            np.full(n, "", dtype=object), "ra": col("ra", np.nan, np.float64), "dec": col("dec", np.nan, np.float64),
+            "target_type": col("targettype", SCIENCE, np.int32), "n_visit": n_visit}
+
+
+def _metadata_header(fits, name: str) -> dict | None:
+    """MP_ keys of METADATA row 0 (YAML), or None."""
+    try:
+        import yaml
+
+        md = fits["METADATA"].read(rows=[0])
+        c = _cols(md)
+        text = _text(md[c["metadata"]])[0] if "metadata" in c else ""
+        d = yaml.safe_load(text) if text else None
+        return d if isinstance(d, dict) else None
+    except Exception:  # noqa: BLE001 - the MASK header is the primary source; this is a fallback
+        log.debug("%s: METADATA is not YAML", name)
+        return None
+
+
+def _read_object(fits, name: str, names: set) -> dict:
+    """Legacy pfsObject: one spectrum, wavelength from the FLUX WCS, ids from TARGET header keywords."""
+    flux = np.asarray(fits["FLUX"].read(), np.float64).ravel()
+    fhdr = fits["FLUX"].read_header()
+    wave_aa = wcs_wavelength_angstrom(fhdr, flux.size, name)
+    var = _rows(_variance(fits, name)) if "COVAR" in names else None
+    if var is None:
+        raise InputFileError(f"{name}: no COVAR HDU (variance)", RejectReason.MISSING_HDU)
+    mask = np.asarray(fits["MASK"].read(), np.int64).ravel() if "MASK" in names else np.zeros(flux.size, np.int64)
+    if len(var[0]) != flux.size or mask.size != flux.size:
+        raise InputFileError(f"{name}: FLUX has {flux.size} pixels, COVAR {len(var[0])}, MASK {mask.size}",
+                             RejectReason.INCONSISTENT_FILE)
+    thdr = fits["TARGET"].read_header() if "TARGET" in names else {}
+    tkeys = {str(k).upper().replace("HIERARCH ", ""): k for k in (thdr.keys() if thdr else [])}
+
+    def key(k, default=None):
+        return thdr[tkeys[k]] if k in tkeys else default
+
+    m = _OBJECT_NAME.match(name)
+    cat_id, obj_id = key("CATID"), key("OBJID")
+    if (cat_id is None or obj_id is None) and m:
+        cat_id, obj_id = int(m.group(1)), int(m.group(4), 16)
+    if cat_id is None or obj_id is None:
+        raise InputFileError(f"{name}: no TARGET header keywords CATID/OBJID and no pfsObject file name to take "
+                             "them from", RejectReason.MISSING_HDU)
+    obj_id = int(obj_id)
+    if obj_id > (1 << 63) - 1:  # a %016x id above int64: two's complement
+        obj_id -= 1 << 64
+    n_visit = int(fits["OBSERVATIONS"].get_nrows()) if "OBSERVATIONS" in names else (int(m.group(5)) if m else 0)
+    headers = [fits["MASK"].read_header() if "MASK" in names else None, fhdr, fits[0].read_header()]
+    patch = key("PATCH", m.group(3) if m else "")
+    return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "mask": [mask],
+            "planes": mask_planes(*headers),
+            "cat_id": np.array([int(cat_id)], np.int64), "obj_id": np.array([obj_id], np.int64),
+            "tract": np.array([int(key("TRACT", m.group(2) if m else -1))], np.int32),
+            "patch": np.array([str(patch).strip()], dtype=object),
+            "ra": np.array([float(key("RA", np.nan))]), "dec": np.array([float(key("DEC", np.nan))]),
+            "target_type": np.array([int(key("TARGETTYPE", SCIENCE))], np.int32),
+            "n_visit": np.array([n_visit], np.int32)}
+
+
+def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
+    """Read an opened PFS file into a :class:`SpectrumBlock` on the DESI grid (see the module docstring).
+
+    Raises
+    ------
+    InputFileError
+        ``missing_hdu`` (no FLUX/TARGET/COVAR, no wavelength), ``inconsistent_file`` (FLUX rows ≠
+        TARGET rows, lengths that disagree), ``unknown_format`` (a non-wavelength WCS).
+    """
+    options = options or ReadOptions()
+    sel = options.selection
+    name = os.path.basename(str(path))
+    names = _hdu_names(fits)
+    if "FLUX" not in names:
+        raise InputFileError(f"{name}: no FLUX HDU (PFS spectra need FLUX, TARGET and COVAR)", RejectReason.MISSING_HDU)
+    flux_hdu = fits["FLUX"]
+    single = ("WAVELENGTH" not in names and flux_hdu.get_exttype() == "IMAGE_HDU"
+              and len(flux_hdu.get_dims()) == 1)
+    if not single and "WAVELENGTH" not in names:
+        raise InputFileError(f"{name}: no WAVELENGTH HDU (pfsCoadd/pfsCalibrated)", RejectReason.MISSING_HDU)
+    if not single and "TARGET" not in names:
+        raise InputFileError(f"{name}: no TARGET HDU, so no ids or positions", RejectReason.MISSING_HDU)
+    d = _read_object(fits, name, names) if single else _read_multi(fits, name, names)
+    n = d["n"]
+    flux, ivar, mask = _to_desi(d["wave"], d["flux"], d["var"], d["mask"], bad_mask_bits(d["planes"]))
+
+    cat_id, obj_id, ttype = d["cat_id"], d["obj_id"], d["target_type"]
+    zs = _redshifts(str(path), options, cat_id, obj_id)
+    reason = np.full(n, "", dtype=object)
+    detail = np.full(n, "", dtype=object)
+
+    def reject(cond, why: RejectReason, text):
+        hit = np.asarray(cond, bool) & (reason == "")
+        reason[hit] = why.value
+        for i in np.flatnonzero(hit):
+            detail[i] = text(i)
+
+    tname = [TARGET_TYPE_NAMES.get(int(t), str(int(t))) for t in ttype]
+    if not sel.keep_sky:
+        reject(ttype == SKY, RejectReason.SKY_FIBRE, lambda i: "targetType SKY")
+    if not sel.keep_fluxstd:
+        reject(ttype == FLUXSTD, RejectReason.FLUX_STANDARD, lambda i: "targetType FLUXSTD")
+    if not sel.keep_unassigned:
+        reject(~np.isin(ttype, [SCIENCE, SKY, FLUXSTD]), RejectReason.UNASSIGNED_FIBRE,
+               lambda i: f"targetType {tname[i]} ({int(ttype[i])})")
+    reject(~zs["found"], RejectReason.NO_REDSHIFT,
+           lambda i: f"catId {int(cat_id[i])} objId {int(obj_id[i]) & _UINT64:016x}: {zs['detail'][i]}")
+    if sel.spectypes:
+        spectype = zs["spectype"].astype(str)
+        reject((spectype != "") & ~np.isin(spectype, list(sel.spectypes)), RejectReason.NOT_GALAXY,
+               lambda i: f"class '{spectype[i]}' not in {list(sel.spectypes)}")
+
+    meta = {
+        "source_id": np.array([f"pfs-{int(c):05d}-{int(o) & _UINT64:016x}" for c, o in zip(cat_id, obj_id)],
+                              dtype=object),
+        "survey": np.full(n, "pfs", dtype=object),
+        "ra": np.asarray(d["ra"], np.float64),
+        "dec": np.asarray(d["dec"], np.float64),
+        "z": np.asarray(zs["z"], np.float64),
+        "z_err": np.asarray(zs["z_err"], np.float64),
+        "zwarning": np.asarray(zs["zwarn"], np.int64),
+        "source_file": np.full(n, name, dtype=object),
+        "row_in_file": np.arange(n, dtype=np.int32),
+        "cat_id": cat_id,
+        "obj_id": obj_id,
+        "tract": np.asarray(d["tract"], np.int32),
+        "patch": np.asarray(d["patch"], dtype=object),
+        "target_type": np.asarray(ttype, np.int32),
+        "n_visit": np.asarray(d["n_visit"], np.int32),
+        "spectype": np.asarray(zs["spectype"], dtype=object),
+    }
+    assert list(meta) == list({**COMMON_META, **PFS_META})
+    return SpectrumBlock(survey="pfs", grid=DESI_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
+                         reject_reason=reason, reject_detail=detail)
+
+
+register_reader(Reader(name="pfs", identify=identify, read=read, grid=DESI_GRID, priority=15,
+                       meta_columns={**COMMON_META, **PFS_META}, count=count,
+                       description="PFS pfsCoadd/pfsCalibrated (multi-object) and pfsObject, on the DESI grid"))
+register_auxiliary("pfs-redshifts", identify_redshifts)

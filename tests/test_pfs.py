@@ -1,0 +1,595 @@
+"""PFS: fixture files vs the datamodel, the reader (units, masks, redshifts, selection, corrupt files),
+flux-conserving resampling, and an end-to-end ingest + predict on a real LocalCluster."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from catalogpred.errors import InputFileError, RejectReason
+from catalogpred.mock_pfs import (MASK_PLANES, plan_pfs_targets, write_pfs_coadd, write_pfs_cozcandidates,
+                                  write_pfs_survey)
+from catalogpred.spectra import (DESI_GRID, PixelMask, check_spectra, fnu_njy_to_flam17, pixel_edges,
+                                 resample_flux_conserving)
+from catalogpred.surveys import ReadOptions, Selection, identify_survey, read_spectra
+from catalogpred.surveys.pfs import bad_mask_bits, mask_planes
+
+COADD_HDUS = ["PRIMARY", "TARGET", "TARGETFLUX", "OBSERVATIONS", "WAVELENGTH", "FLUX", "MASK", "SKY", "COVAR", "COVAR2",
+              "METADATA", "FLUXTABLE", "NOTES"]
+OBJECT_HDUS = ["PRIMARY", "FLUX", "MASK", "TARGET", "SKY", "COVAR", "COVAR2", "OBSERVATIONS", "NOTES", "FLUX_TABLE"]
+#: DESI pixel j sits on pfsCoadd pixel j - 125 (both 0.8 Å; 3600 vs 3700 Å starts)
+OFFSET = 125
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pfs-survey")
+    return write_pfs_survey(d, n_objects=20, seed=11, n_bad=4)
+
+
+@pytest.fixture(scope="module")
+def coadd(survey):
+    return next(p for p in survey.paths if p.name.startswith("pfsCoadd-00001"))
+
+
+def _truth(survey, name):
+    t = survey.truth.to_pandas()
+    return t[t.source_file == name].sort_values("row_in_file").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def test_coadd_layout_matches_datamodel(coadd):
+    with fits.open(coadd) as h:
+        assert [x.name for x in h] == COADD_HDUS
+        assert h[0].header["DAMD_VER"] == 1
+        assert isinstance(h["MASK"], fits.CompImageHDU) and h["MASK"].data.dtype == np.int32
+        for name in ("TARGET", "TARGETFLUX", "OBSERVATIONS", "COVAR", "METADATA", "FLUXTABLE", "NOTES"):
+            assert isinstance(h[name], fits.BinTableHDU), name
+        for name in ("WAVELENGTH", "FLUX", "SKY", "COVAR2"):
+            assert type(h[name]) is fits.ImageHDU, name
+        tgt = h["TARGET"].columns
+        assert tgt.names == ["targetId", "catId", "tract", "patch", "objId", "ra", "dec", "targetType"]
+        codes = [f[:2] if f.startswith("P") else f[0] for f in tgt.formats]
+        assert codes == ["I", "J", "J", "PA", "K", "D", "D", "I"]
+        assert h["TARGETFLUX"].columns.names == ["targetId", "filterName", "fiberFlux"]
+        assert h["OBSERVATIONS"].columns.names == ["targetId", "visit", "arm", "spectrograph", "pfsDesignId", "fiberId",
+                                                  "pfiNominal", "pfiCenter", "obsTime", "expTime"]
+        assert h["OBSERVATIONS"].columns["pfiNominal"].format == "2D"
+        n = len(h["TARGET"].data)
+        wave = h["WAVELENGTH"].data
+        assert wave.dtype == np.dtype(">f8") and wave.shape == (11251,)
+        np.testing.assert_array_equal(wave, np.linspace(370.0, 1270.0, 11251))  # nm
+        assert h["FLUX"].data.dtype == np.dtype(">f4") and h["FLUX"].data.shape == (n, 11251)
+        assert h["FLUX"].header["BUNIT"] == "nJy" and h["WAVELENGTH"].header["BUNIT"] == "nm"
+        assert h["SKY"].data.shape == (n, 11251) and h["COVAR2"].data.shape == (n, 10, 10)
+        cov = h["COVAR"]
+        assert cov.columns.names == ["row_0", "row_1", "row_2"]
+        assert all(f.startswith("PE") for f in cov.columns.formats)
+        assert len(cov.data) == n and len(cov.data["row_0"][0]) == 11251
+        ft = h["FLUXTABLE"].columns
+        assert ft.names == ["targetId", "wavelength", "flux", "error", "mask"]
+        assert [f[:2] for f in ft.formats[1:]] == ["QD", "QE", "QE", "QJ"]
+        assert len(h["NOTES"].data) == n
+        # mask planes declared as keywords (HIERARCH for long names), also in the METADATA YAML
+        mh = h["MASK"].header
+        assert mh["MP_BAD"] == 0 and mh["MP_NO_DATA"] == 8 and mh["MP_CR"] == 3
+        assert "HIERARCH MP_NO_DATA" in repr(mh)
+        import yaml
+
+        md = yaml.safe_load("".join(np.char.decode(h["METADATA"].data["metadata"][0].astype("S"))))  # as the datamodel
+        assert md["MP_NO_DATA"] == 8
+        # NO_DATA (e.g. below 380 nm, no arm) has NaN or 0 flux
+        flux, mask = h["FLUX"].data, h["MASK"].data
+        nodata = (mask & (1 << 8)) != 0
+        assert nodata[:, wave < 380.0].all() and nodata[:, wave > 1260.0].all()
+        assert np.all(np.isnan(flux[nodata]) | (flux[nodata] == 0))
+        assert set(h["TARGET"].data["targetType"]) == {1, 2, 3}
+        assert np.isnan(flux[nodata]).any() and (flux[nodata] == 0).any()  # both conventions occur
+        # galaxy continuum is 1e2-1e5 nJy
+        sci = h["TARGET"].data["targetType"] == 1
+        med = np.nanmedian(np.where(nodata, np.nan, flux)[sci], axis=1)
+        assert np.all((med > 30) & (med < 1e5))
+
+
+def test_pfs_object_layout(survey):
+    path = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    m = re.match(r"^pfsObject-(\d{5})-(\d{5})-(.*)-([0-9a-f]{16})-(\d{3})-0x([0-9a-f]{16})\.fits$", path.name)
+    assert m
+    with fits.open(path) as h:
+        assert [x.name for x in h] == OBJECT_HDUS
+        assert isinstance(h["MASK"], fits.CompImageHDU)
+        fh = h["FLUX"].header
+        assert fh["CTYPE1"] == "WAVE" and fh["CUNIT1"] == "nm"
+        n = h["FLUX"].data.size
+        assert fh["CRPIX1"] == 0.5 * n + 1.5
+        th = h["TARGET"].header
+        assert th["CATID"] == int(m.group(1)) and th["TRACT"] == int(m.group(2)) and th["PATCH"] == m.group(3)
+        assert f"{th['OBJID']:016x}" == m.group(4) and th["TARGETTYPE"] == 1
+        assert h["TARGET"].columns.names == ["filterName", "fiberFlux"]
+        assert h["COVAR"].data.shape == (3, n)
+        assert h["MASK"].header["MP_NO_DATA"] == 8
+        assert int(m.group(5)) == len(h["OBSERVATIONS"].data)
+
+
+def test_cozcandidates_layout(survey):
+    z = survey.redshift_paths[0]
+    assert z.name == "pfsCoZCandidates-00001.fits"
+    with fits.open(z) as h:
+        names = [x.name for x in h]
+        assert names[:6] == ["PRIMARY", "TARGET", "WARNINGS", "ERRORS", "CLASSIFICATION", "GALAXY_CANDIDATES"]
+        for o in ("GALAXY", "QSO"):
+            assert {f"{o}_CANDIDATES", f"{o}_MODELS", f"{o}_REDSHIFT_GRID", f"{o}_LN_PDF", f"{o}_LINES"} <= set(names)
+        assert {"STAR_CANDIDATES", "STAR_MODELS", "STAR_VELOCITY_GRID", "STAR_LN_PDF"} <= set(names)
+        gc = h["GALAXY_CANDIDATES"].data
+        assert gc.columns.names == ["targetId", "cRank", "redshift", "redshiftError", "redshiftProba", "subClass",
+                                    "continuumFile", "lineCatalogRatioFile", "modelId"]
+        tgt = h["TARGET"].data
+        truth = survey.truth.to_pandas().set_index("obj_id")
+        best = {}
+        for row in gc:
+            if row["cRank"] == 0:
+                best[int(tgt["objId"][row["targetId"]])] = float(row["redshift"])
+        assert best and all(abs(best[o] - truth.loc[o, "z"]) < 1e-6 for o in best)
+        assert list(gc["cRank"]) != sorted(gc["cRank"])  # shuffled: readers must use cRank
+    assert identify_survey(z) == "aux:pfs-redshifts"
+
+
+def test_fixture_is_deterministic(tmp_path):
+    a = write_pfs_survey(tmp_path / "a", n_objects=6, seed=3, n_files=1, n_pfs_objects=1, fluxtable=False)
+    b = write_pfs_survey(tmp_path / "b", n_objects=6, seed=3, n_files=1, n_pfs_objects=1, fluxtable=False)
+    assert [p.name for p in a.paths] == [p.name for p in b.paths]
+    for pa_, pb in zip(a.paths + a.redshift_paths, b.paths + b.redshift_paths):
+        assert pa_.read_bytes() == pb.read_bytes(), pa_.name
+    assert a.truth.to_pandas().equals(b.truth.to_pandas())
+
+
+# ----------------------------------------------------------------------------------------------- units
+
+
+def test_fnu_to_flam_against_astropy():
+    import astropy.units as u
+
+    for lam in (3700.0, 5500.0, 9000.0, 12000.0):
+        expected = (1234.5 * u.nJy).to(u.erg / u.s / u.cm**2 / u.AA, equivalencies=u.spectral_density(lam * u.AA))
+        assert fnu_njy_to_flam17(1234.5, lam) == pytest.approx(expected.value / 1e-17, rel=1e-10)
+
+
+def test_reader_flux_is_unit_conversion_of_file_njy(coadd):
+    blk = read_spectra(coadd)
+    assert blk.survey == "pfs" and blk.grid == DESI_GRID and len(blk) == blk.flux.shape[0]
+    with fits.open(coadd) as h:
+        wave_aa = h["WAVELENGTH"].data * 10.0
+        flux = h["FLUX"].data.astype(np.float64)
+        var = np.array([r for r in h["COVAR"].data["row_0"]], np.float64)
+        mask = h["MASK"].data
+    np.testing.assert_allclose(wave_aa[: DESI_GRID.n_pix - OFFSET], DESI_GRID.wave[OFFSET:], rtol=0, atol=1e-6)
+    bad = bad_mask_bits(MASK_PLANES)
+    checked = 0
+    for lam in (3900.0, 4500.0, 5500.0, 6400.0, 7500.0, 8600.0, 9700.0):
+        j = int(np.argmin(np.abs(DESI_GRID.wave - lam)))
+        for i in range(len(blk)):
+            k = j - OFFSET
+            if (int(mask[i, k]) & bad) or not np.isfinite(flux[i, k]):
+                assert blk.ivar[i, j] == 0
+                continue
+            expected = fnu_njy_to_flam17(flux[i, k], wave_aa[k])
+            assert blk.flux[i, j] == pytest.approx(expected, rel=1e-5, abs=1e-30)
+            fac = fnu_njy_to_flam17(1.0, wave_aa[k])
+            assert blk.ivar[i, j] == pytest.approx(1.0 / var[i, k] / fac**2, rel=1e-5)
+            checked += 1
+    assert checked > 40
+    # blue of 3700 Å the DESI grid is not covered; NO_DATA (370-380 nm) is masked by the pipeline
+    nocov = (blk.mask & PixelMask.NO_COVERAGE) != 0
+    assert nocov[:, :OFFSET].all() and not nocov[:, OFFSET:].any()
+    assert (blk.ivar[:, :OFFSET] == 0).all() and (blk.flux[:, :OFFSET] == 0).all()
+    j380 = DESI_GRID.wave < 3799.0
+    assert ((blk.mask[:, OFFSET:][:, j380[OFFSET:]] & PixelMask.PIPELINE) != 0).all()
+
+
+def test_nan_flux_is_masked_not_corruption(coadd):
+    blk = read_spectra(coadd)
+    assert np.isfinite(blk.flux).all() and np.isfinite(blk.ivar).all()
+    _, _, _, norm, reasons, _ = check_spectra(blk.flux, blk.ivar, blk.mask, DESI_GRID.wave, blk.meta["z"])
+    kept = blk.reject_reason == ""
+    assert kept.sum() >= 3
+    assert all(reasons[i] is None for i in np.flatnonzero(kept)), reasons
+    assert RejectReason.NONFINITE_FLUX not in reasons
+
+
+def test_informational_mask_planes_do_not_mask(coadd):
+    blk = read_spectra(coadd)
+    with fits.open(coadd) as h:
+        mask = h["MASK"].data
+        flux = h["FLUX"].data
+    overlap = 1 << MASK_PLANES["OVERLAP"]
+    only_overlap = (mask == overlap) & np.isfinite(flux)
+    i, k = np.argwhere(only_overlap)[0]
+    assert blk.ivar[i, k + OFFSET] > 0 and blk.mask[i, k + OFFSET] == 0
+    cr = np.argwhere((mask & (1 << MASK_PLANES["CR"])) != 0)[0]
+    assert blk.ivar[cr[0], cr[1] + OFFSET] == 0 and blk.mask[cr[0], cr[1] + OFFSET] & PixelMask.PIPELINE
+
+
+def test_mask_bits_come_from_keywords_not_constants(tmp_path):
+    ts = plan_pfs_targets(3, seed=5, n_sky=1)
+    a = write_pfs_coadd(tmp_path / "a" / "pfsCoadd-a.fits", ts, fluxtable=False)
+    planes = {name: (bit + 7) % 20 for name, bit in MASK_PLANES.items()}  # another numbering
+    b = write_pfs_coadd(tmp_path / "b" / "pfsCoadd-b.fits", ts, mask_planes=planes, fluxtable=False)
+    with fits.open(a) as ha, fits.open(b) as hb:
+        assert not np.array_equal(ha["MASK"].data, hb["MASK"].data)
+        assert mask_planes(hb["MASK"].header) == planes
+    ba, bb = read_spectra(a), read_spectra(b)
+    np.testing.assert_array_equal(ba.flux, bb.flux)
+    np.testing.assert_array_equal(ba.ivar, bb.ivar)
+    np.testing.assert_array_equal(ba.mask, bb.mask)
+
+
+# ----------------------------------------------------------------------------------------------- resampling
+
+
+def _brute_resample(w_in, f, iv, w_out):
+    """Loop implementation: overlap-weighted mean of good pixels and its variance."""
+    def edges(w):
+        return np.concatenate([[w[0] - (w[1] - w[0]) / 2], (w[1:] + w[:-1]) / 2, [w[-1] + (w[-1] - w[-2]) / 2]])
+
+    ei, eo = edges(np.asarray(w_in, float)), edges(np.asarray(w_out, float))
+    for k in range(len(eo)):  # resample_flux_conserving snaps edges within 1e-6 pixel of an input edge
+        width = min(eo[max(k, 1)] - eo[max(k, 1) - 1], eo[min(k + 1, len(eo) - 1)] - eo[min(k + 1, len(eo) - 1) - 1])
+        near = ei[np.argmin(np.abs(ei - eo[k]))]
+        if abs(near - eo[k]) <= 1e-6 * width:
+            eo[k] = near
+    fo, vo, cov = np.zeros(len(w_out)), np.zeros(len(w_out)), np.zeros(len(w_out), bool)
+    for j in range(len(w_out)):
+        lo, hi = eo[j], eo[j + 1]
+        cov[j] = lo >= ei[0] and hi <= ei[-1]
+        num = den = var = 0.0
+        for i in range(len(w_in)):
+            o = max(0.0, min(hi, ei[i + 1]) - max(lo, ei[i]))
+            if o > 0 and iv[i] > 0:
+                num += o * f[i]
+                den += o
+                var += o * o / iv[i]
+        if den > 0:
+            fo[j], vo[j] = num / den, var / den**2
+    return fo, vo, cov
+
+
+@st.composite
+def _grids(draw):
+    n_in = draw(st.integers(3, 40))
+    widths = np.array(draw(st.lists(st.floats(0.2, 3.0), min_size=n_in, max_size=n_in)))
+    start = draw(st.floats(3000.0, 9000.0))
+    w_in = start + np.cumsum(widths) - widths / 2  # irregular centres
+    flux = np.array(draw(st.lists(st.floats(-50.0, 500.0), min_size=n_in, max_size=n_in)))
+    n_out = draw(st.integers(2, 30))
+    return w_in, flux, n_out
+
+
+@settings(max_examples=60, deadline=None)
+@given(g=_grids())
+def test_resampling_conserves_flux(g):
+    w_in, flux, n_out = g
+    e_in = pixel_edges(w_in)
+    ivar = np.ones_like(flux)
+    # an output grid spanning exactly the input range: total flux is conserved
+    width = (e_in[-1] - e_in[0]) / n_out
+    w_out = e_in[0] + width * (np.arange(n_out) + 0.5)
+    f_out, iv_out, cov = resample_flux_conserving(w_in, flux, ivar, w_out)
+    assert cov.all()
+    total_in = np.sum(flux * np.diff(e_in))
+    # (to snap_tol = 1e-6: an output edge within 1e-6 pixel of an input edge is moved onto it)
+    scale = np.sum(np.abs(flux) * np.diff(e_in))
+    assert np.sum(f_out * width) == pytest.approx(total_in, rel=0, abs=2e-6 * scale + 1e-12)
+    # any output grid: each covered pixel integrates the input over its bin (loop implementation)
+    w_sub = np.linspace(e_in[0] + 0.3, e_in[-1] - 0.1, n_out + 3)
+    f2, iv2, cov2 = resample_flux_conserving(w_in, flux, ivar, w_sub)
+    fb, vb, covb = _brute_resample(w_in, flux, ivar, w_sub)
+    np.testing.assert_array_equal(cov2, covb)
+    np.testing.assert_allclose(f2[cov2], fb[cov2], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(1.0 / iv2[cov2], vb[cov2], rtol=1e-9)
+    assert np.all(f2[~cov2] == 0) and np.all(iv2[~cov2] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=_grids(), data=st.data())
+def test_masked_pixels_contribute_nothing(g, data):
+    w_in, flux, n_out = g
+    masked = np.array(data.draw(st.lists(st.booleans(), min_size=len(w_in), max_size=len(w_in))))
+    ivar = np.where(masked, 0.0, 2.0)
+    e = pixel_edges(w_in)
+    w_out = np.linspace(e[0] + 0.05, e[-1] - 0.05, n_out + 2)
+    a = resample_flux_conserving(w_in, np.where(masked, np.nan, flux), ivar, w_out)
+    b = resample_flux_conserving(w_in, np.where(masked, 1e30, flux), ivar, w_out)
+    c = _brute_resample(w_in, flux, ivar, w_out)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert np.isfinite(a[0]).all()
+    np.testing.assert_allclose(a[0], np.where(a[1] > 0, c[0], 0.0), rtol=1e-9, atol=1e-9)
+
+
+def test_resample_constant_linear_and_aligned():
+    w_in = np.linspace(3700.0, 12700.0, 11251)
+    # constant F_λ stays constant on any covered output grid
+    f, iv, cov = resample_flux_conserving(w_in, np.full(w_in.size, 3.5), np.full(w_in.size, 4.0), DESI_GRID.wave)
+    assert cov.sum() == DESI_GRID.n_pix - OFFSET
+    np.testing.assert_allclose(f[cov], 3.5, rtol=1e-12)
+    np.testing.assert_allclose(iv[cov], 4.0, rtol=1e-9)  # aligned pixels: one input pixel each
+    # a linear spectrum on aligned pixels comes back unchanged, masked pixels stay masked
+    lin = 0.01 * w_in - 20.0
+    ivar = np.ones_like(lin)
+    ivar[[2000, 2001, 5000]] = 0
+    f, iv, cov = resample_flux_conserving(w_in, lin, ivar, DESI_GRID.wave)
+    j = np.arange(OFFSET, DESI_GRID.n_pix)
+    good = ivar[j - OFFSET] > 0
+    np.testing.assert_allclose(f[j][good], lin[j - OFFSET][good], rtol=1e-10)
+    assert (iv[j][~good] == 0).all() and (f[j][~good] == 0).all()
+    # a linear spectrum on a coarser grid: the bin mean is the value at the bin centre
+    w_out = np.arange(4000.0, 9000.0, 2.4)
+    f, iv, cov = resample_flux_conserving(w_in, lin, np.ones_like(lin), w_out)
+    np.testing.assert_allclose(f, 0.01 * w_out - 20.0, rtol=1e-9)
+
+
+def test_resampled_ivar_gives_unit_chi2():
+    rng = np.random.default_rng(42)
+    w_in = np.arange(4000.0, 4300.0, 1.0)
+    sigma = rng.uniform(0.5, 2.0, w_in.size)
+    noise = rng.standard_normal((3000, w_in.size)) * sigma
+    ivar = np.broadcast_to(1.0 / sigma**2, noise.shape)
+    for w_out in (np.arange(4010.3, 4290.0, 0.8), np.arange(4010.0, 4290.0, 2.7)):
+        f, iv, cov = resample_flux_conserving(w_in, noise, ivar, w_out)
+        chi2 = (f[:, cov] ** 2 * iv[:, cov])
+        assert chi2.mean() == pytest.approx(1.0, abs=0.02)
+        ratio = f[:, cov].var(axis=0) * iv[0, cov]  # per-pixel empirical variance vs 1/ivar
+        assert np.median(ratio) == pytest.approx(1.0, abs=0.05)
+
+
+def test_resample_rejects_bad_input():
+    with pytest.raises(ValueError, match="increasing"):
+        resample_flux_conserving(np.array([2.0, 1.0, 3.0]), np.ones(3), np.ones(3), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="n_in"):
+        resample_flux_conserving(np.array([1.0, 2.0, 3.0]), np.ones(4), np.ones(4), np.array([1.0, 2.0]))
+
+
+# ----------------------------------------------------------------------------------------------- pfsObject
+
+
+def test_pfs_object_reads_wcs_and_resamples(survey):
+    path = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    blk = read_spectra(path)
+    with fits.open(path) as h:
+        n = h["FLUX"].data.size
+        hd = h["FLUX"].header
+        wave_aa = (hd["CRVAL1"] + (np.arange(1, n + 1) - hd["CRPIX1"]) * hd["CDELT1"]) * 10.0
+        flux = h["FLUX"].data.astype(np.float64)
+        var = h["COVAR"].data[0].astype(np.float64)
+        bad = (h["MASK"].data & bad_mask_bits(mask_planes(h["MASK"].header))) != 0
+        t = h["TARGET"].header
+    assert wave_aa[0] == pytest.approx(3499.0) and wave_aa[1] - wave_aa[0] == pytest.approx(1.0)
+    fac = fnu_njy_to_flam17(1.0, wave_aa)
+    good = ~bad & np.isfinite(flux) & np.isfinite(var) & (var > 0)
+    fl = np.where(good, flux * fac, 0.0)
+    iv = np.where(good, 1.0 / np.where(good, var, 1.0) / fac**2, 0.0)
+    for lam in (4000.0, 5000.0, 6600.0, 8000.0, 9500.0):
+        j = int(np.argmin(np.abs(DESI_GRID.wave - lam)))
+        k = int(np.argmin(np.abs(wave_aa - DESI_GRID.wave[j])))
+        sl = slice(k - 4, k + 5)
+        fb, vb, _ = _brute_resample(wave_aa[sl], fl[sl], iv[sl], DESI_GRID.wave[j - 1:j + 2])
+        assert blk.flux[0, j] == pytest.approx(fb[1], rel=1e-5)
+        if vb[1] > 0:
+            assert blk.ivar[0, j] == pytest.approx(1.0 / vb[1], rel=1e-5)
+    assert not ((blk.mask & PixelMask.NO_COVERAGE) != 0).any()  # 350-1260 nm covers the DESI grid
+    m = blk.meta
+    assert m["cat_id"][0] == t["CATID"] and m["obj_id"][0] == t["OBJID"] and m["patch"][0] == t["PATCH"]
+    assert m["source_id"][0] == f"pfs-{t['CATID']:05d}-{t['OBJID']:016x}"
+    assert m["ra"][0] == t["RA"] and m["z"][0] == pytest.approx(_truth(survey, path.name).z[0], rel=1e-6)
+
+
+def test_pfs_object_wcs_in_metres_reads_the_same(survey, tmp_path):
+    src = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    dst = tmp_path / src.name
+    with fits.open(src) as h:
+        for ext in ("FLUX", "MASK", "SKY", "COVAR"):
+            hd = h[ext].header
+            hd["CRVAL1"], hd["CDELT1"], hd["CUNIT1"] = hd["CRVAL1"] * 1e-9, hd["CDELT1"] * 1e-9, "m"
+        h.writeto(dst)
+    for z in survey.redshift_paths:
+        (tmp_path / z.name).write_bytes(z.read_bytes())
+    a, b = read_spectra(src), read_spectra(dst)
+    np.testing.assert_allclose(b.flux, a.flux, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(b.mask, a.mask)
+
+
+def test_ragged_coadd_reads_per_spectrum_grids(tmp_path):
+    ts = plan_pfs_targets(3, seed=8)
+    path = write_pfs_coadd(tmp_path / "pfsCoadd-00001-00009.fits", ts, ragged=True, fluxtable=False)
+    with fits.open(path) as h:
+        assert isinstance(h["WAVELENGTH"], fits.BinTableHDU) and h["WAVELENGTH"].columns.formats[0].startswith("PD")
+        lens = [len(v) for v in h["FLUX"].data["value"]]
+        assert len(set(lens)) == 3
+        w2 = h["WAVELENGTH"].data["value"][2] * 10.0
+        f2 = h["FLUX"].data["value"][2].astype(float)
+        m2 = h["MASK"].data["value"][2]
+    blk = read_spectra(path)
+    j = int(np.argmin(np.abs(DESI_GRID.wave - 7000.0)))
+    k = j - OFFSET
+    assert m2[k] == 0 or (m2[k] & bad_mask_bits(MASK_PLANES)) == 0
+    assert blk.flux[2, j] == pytest.approx(fnu_njy_to_flam17(f2[k], w2[k]), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- redshifts, selection
+
+
+def test_selection_reasons_and_redshifts_from_cozcandidates(survey):
+    for path in [p for p in survey.paths if not p.name.startswith("pfsObject")]:
+        blk = read_spectra(path)
+        t = _truth(survey, path.name)
+        assert list(blk.meta["source_id"]) == list(t.source_id)
+        assert list(blk.reject_reason) == list(t.expected_reason)
+        ok = (t.expected_reason == "") | (t.expected_reason == "not_galaxy")
+        np.testing.assert_allclose(blk.meta["z"][ok], t.z[ok], rtol=1e-6)
+        assert np.isnan(blk.meta["z"][(t.expected_reason == "no_redshift").to_numpy()]).all()
+        np.testing.assert_array_equal(blk.meta["cat_id"], t.cat_id)
+        np.testing.assert_array_equal(blk.meta["obj_id"], t.obj_id)
+        np.testing.assert_array_equal(blk.meta["target_type"], t.target_type)
+        np.testing.assert_array_equal(blk.meta["tract"], t.tract)
+        assert list(blk.meta["patch"]) == list(t.patch)
+        np.testing.assert_array_equal(blk.meta["ra"], t.ra)
+        assert (blk.meta["n_visit"] >= 2).all()
+        for r, d in zip(blk.reject_reason, blk.reject_detail):
+            assert bool(r) == bool(d)
+    reasons = survey.truth.column("expected_reason").to_pylist()
+    assert {"sky_fibre", "flux_standard", "no_redshift", "not_galaxy", ""} <= set(reasons)
+
+
+def test_selection_can_keep_sky_fluxstd_and_any_class(coadd, survey):
+    t = _truth(survey, coadd.name)
+    sel = Selection(keep_sky=True, keep_fluxstd=True, spectypes=())
+    blk = read_spectra(coadd, options=ReadOptions(selection=sel))
+    sky = (t.target_type == 2).to_numpy()
+    assert set(blk.reject_reason[sky]) == {RejectReason.NO_REDSHIFT.value}  # kept, but no galaxy redshift
+    qso = (t.expected_reason == "not_galaxy").to_numpy()
+    assert qso.any() and set(blk.reject_reason[qso]) == {""} and set(blk.meta["spectype"][qso]) == {"QSO"}
+    detail = dict(zip(blk.meta["source_id"], blk.reject_detail))
+    absent = t.source_id[t.expected_reason == "no_redshift"]
+    assert all("pfsCoZCandidates-00001.fits" in detail[s] for s in absent)
+
+
+def test_redshifts_from_user_tables(coadd, survey, tmp_path):
+    t = _truth(survey, coadd.name)
+    rng = np.random.default_rng(0)
+    z_user = rng.uniform(0.05, 0.5, len(t))
+    # camelCase CSV (as the datamodel spells the ids)
+    csv = tmp_path / "z.csv"
+    lines = ["catId,objId,z"] + [f"{c},{o},{float(z)!r}" for c, o, z in zip(t.cat_id, t.obj_id, z_user)]
+    csv.write_text("\n".join(lines[:-1]) + "\n")  # the last target is left out
+    blk = read_spectra(coadd, options=ReadOptions(redshifts=str(csv)))
+    np.testing.assert_allclose(blk.meta["z"][:-1], z_user[:-1], rtol=1e-12)
+    assert np.isnan(blk.meta["z"][-1])
+    sci = (t.target_type == 1).to_numpy()
+    if sci[-1]:
+        assert blk.reject_reason[-1] == RejectReason.NO_REDSHIFT.value and "z.csv" in blk.reject_detail[-1]
+    assert blk.reject_reason[sci][:-1].tolist().count("no_redshift") == 0  # absent/failed ones now have z
+    # snake_case Parquet, with a targetId column that must not be taken for an id
+    pqf = tmp_path / "z.parquet"
+    pq.write_table(pa.table({"targetId": np.arange(len(t), dtype=np.int16), "cat_id": t.cat_id.to_numpy(),
+                             "obj_id": t.obj_id.to_numpy(), "z": z_user, "z_err": np.full(len(t), 1e-4)}), pqf)
+    blk = read_spectra(coadd, options=ReadOptions(redshifts=str(pqf)))
+    np.testing.assert_allclose(blk.meta["z"], z_user, rtol=1e-12)
+    np.testing.assert_allclose(blk.meta["z_err"], 1e-4)
+    # the pfsCoZCandidates file itself as the table gives the same as the one found beside the spectra
+    beside = read_spectra(coadd)
+    given_ = read_spectra(coadd, options=ReadOptions(redshifts=str(survey.redshift_paths[0])))
+    np.testing.assert_array_equal(beside.meta["z"], given_.meta["z"])
+    # a DESI-keyed table (TARGETID) does not apply to PFS: the pfsCoZCandidates beside are used
+    desi = tmp_path / "zpix.parquet"
+    pq.write_table(pa.table({"TARGETID": np.arange(5, dtype=np.int64), "Z": np.full(5, 0.3)}), desi)
+    other = read_spectra(coadd, options=ReadOptions(redshifts=str(desi)))
+    np.testing.assert_array_equal(other.meta["z"], beside.meta["z"])
+
+
+def test_no_redshift_file_means_no_redshift(tmp_path):
+    ts = plan_pfs_targets(2, seed=4)
+    path = write_pfs_coadd(tmp_path / "pfsCoadd-00001-00000.fits", ts, fluxtable=False)
+    blk = read_spectra(path)
+    assert set(blk.reject_reason) == {"no_redshift"}
+    assert "no pfsCoZCandidates-00001.fits" in blk.reject_detail[0]
+    write_pfs_cozcandidates(tmp_path, 1, ts)
+    (tmp_path / "pfsCoZCandidates-00001.fits").rename(tmp_path / "pfsCoZcandidates-00001.fits")  # drp_1dpipe's spelling
+    blk = read_spectra(path)
+    assert set(blk.reject_reason) == {""}
+
+
+# ----------------------------------------------------------------------------------------------- corrupt files
+
+
+def test_corrupt_files_get_clear_reasons(survey):
+    assert len(survey.bad) == 4
+    for name, reason in survey.bad.items():
+        path = survey.paths[0].parent / name
+        with pytest.raises(InputFileError) as exc:
+            read_spectra(path)
+        assert exc.value.reason.value == reason, (name, str(exc.value))
+        assert name in str(exc.value)
+    assert set(survey.bad.values()) == {"missing_hdu", "inconsistent_file", "unreadable_file"}
+
+
+def test_identify_and_count(survey, coadd):
+    assert identify_survey(coadd, with_count=True) == ("pfs", len(_truth(survey, coadd.name)))
+    obj = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    assert identify_survey(obj, with_count=True) == ("pfs", 1)
+    for name in survey.bad:
+        if survey.bad[name] != "unreadable_file":
+            assert identify_survey(survey.paths[0].parent / name) == "pfs"  # claimed, then rejected with a reason
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def pfs_bundle(tmp_path_factory):
+    """A seeded (untrained) bundle on the DESI grid, which serves PFS."""
+    import torch
+
+    from catalogpred.model.bundle import ModelCard, save_bundle
+    from catalogpred.model.encoder import SpectrumEncoder
+    from catalogpred.model.head import IRHead
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pfs-bundle") / "model"
+    save_bundle(path, SpectrumEncoder(n_pix=DESI_GRID.n_pix), IRHead(), name="test-desi", version="0", grid=DESI_GRID,
+                card=ModelCard(kind="demo", summary="seeded DESI-grid test bundle"))
+    return path
+
+
+def test_end_to_end_ingest_and_predict(survey, client, pfs_bundle, tmp_path):
+    from catalogpred import store
+    from catalogpred.pipeline import run_ingest, run_predict
+
+    inputs = survey.paths[0].parent
+    st_path = str(tmp_path / "store.zarr")
+    # 16-row shards: multi-object files are split across shards (and read in pieces)
+    ing = run_ingest([str(inputs)], st_path, client=client, shard_rows=16, chunk_rows=8, progress=False)
+    truth = survey.truth.to_pandas()
+    assert ing.auxiliary_files == len(survey.redshift_paths)
+    assert ing.files == len(survey.paths) + len(survey.bad)
+    meta = store.read_meta(st_path, "pfs").to_pandas()
+    # a corrupt file is quarantined as one row per piece it was planned in
+    bad_rows = meta[meta.source_file.isin(list(survey.bad))]
+    assert set(bad_rows.source_file) == set(survey.bad)
+    assert all(r == survey.bad[f] for f, r in zip(bad_rows.source_file, bad_rows.reject_reason))
+    n_inputs = len(truth) + len(bad_rows)
+    assert ing.rows == n_inputs == len(meta) and ing.by_survey["pfs"]["rows"] == n_inputs
+    assert ing.ok == int((truth.expected_reason == "").sum())
+    expected = truth.expected_reason[truth.expected_reason != ""].value_counts().to_dict()
+    for reason in bad_rows.reject_reason:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(ing.reasons) == expected
+    good_rows = meta[~meta.source_file.isin(list(survey.bad))].set_index("source_id")
+    assert sorted(good_rows.index) == sorted(truth.source_id)
+    np.testing.assert_array_equal(good_rows.loc[truth.source_id, "row_in_file"].to_numpy(), truth.row_in_file)
+    rej = meta[meta.status == store.RowStatus.REJECTED]
+    assert (rej.reject_reason != "").all() and (rej.reject_detail != "").all()
+
+    cat = tmp_path / "catalog"
+    pred = run_predict(st_path, str(pfs_bundle), str(cat), client=client, progress=False)
+    rows = pq.ParquetDataset(cat / "dataset").read().to_pandas()
+    rejects = pq.read_table(cat / "rejects.parquet").to_pandas()
+    assert len(rows) + len(rejects) == n_inputs == pred.inputs
+    assert sorted(rows.source_id) == sorted(truth.source_id[truth.expected_reason == ""])
+    assert {"cat_id", "obj_id", "tract", "patch", "target_type"} <= set(rows.columns)
+    good = truth.set_index("source_id").loc[rows.source_id]
+    np.testing.assert_array_equal(rows.obj_id.to_numpy(), good.obj_id.to_numpy())
+    np.testing.assert_allclose(rows.z.to_numpy(), good.z.to_numpy(), rtol=1e-6)
+    assert np.isfinite(rows[[f"w{i}_mag" for i in range(1, 5)]].to_numpy()).all()
+    assert rejects.reason.value_counts().to_dict() == expected
+    by_id = dict(zip(rejects.source_id, rejects.reason))
+    for sid, reason in zip(truth.source_id, truth.expected_reason):
+        if reason:
+            assert by_id[sid] == reason
