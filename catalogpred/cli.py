@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 from . import __version__
-from .errors import CatalogpredError
+from .errors import CatalogpredError, ConfigError
 
 log = logging.getLogger("catalogpred")
 
@@ -58,6 +58,17 @@ EPILOGS = {
           catalogpred demo --output demo-output --n-spectra 2000
         Writes a mock SDSS survey, ingests it, builds a clearly labelled DEMO model bundle,
         predicts, and prints a summary and a cone query.""",
+    "train": """\
+        examples:
+          catalogpred train --table reference.csv --encoder sdss_II/ -o sdss_II-ir/
+          catalogpred train --store sdss.zarr --photometry allwise.parquet --join-on specobjid --encoder sdss_II/ -o m/
+          catalogpred train --store sdss.zarr --photometry allwise.fits --match-radius 1.5 --encoder sdss_II/ -o m/
+        chi = (m_pred - m_obs)/sqrt(sigma_pred^2 + sigma_obs^2); the card gets per-band chi2_N and coverage.""",
+    "models": """\
+        examples:
+          catalogpred models import-spender spender.sdss.paperII-c273bb69.pt --survey sdss -o sdss_II/
+          catalogpred models fetch sdss_II
+          catalogpred models evaluate m/ heldout.csv --png eval.png""",
     "info": """\
         examples:
           catalogpred info demo-output/catalog
@@ -75,6 +86,13 @@ EPILOGS = {
         --dry-run prints the job script and submits nothing. Settings: flags > --config YAML
         (jobqueue.slurm.* / jobqueue.pbs.* keys) > ~/.config/dask/*.yaml.""",
 }
+
+
+def _add_cluster_args_only(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (for --store)")
+    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    g.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    g.add_argument("--scheduler-file", default=None, help="scheduler file of an existing Dask cluster")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -177,6 +195,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ra-col", default=None, help="external RA column (default: guessed)")
     s.add_argument("--dec-col", default=None, help="external Dec column (default: guessed)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the density map (default: from the data)")
+
+    s = add("train", "Fit the IR head (deep ensemble, calibrated sigma) and write encoder + head as a bundle.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--table", help="latents table: reference CSV (spender_0.., Z, reg, w1mpro.., w1sigmpro..) or "
+                                     "catalogpred layout (latent_0.. or latent, z, norm, w1mpro..)")
+    src.add_argument("--store", help="spectra store; with --photometry, latents are computed by the encoder")
+    s.add_argument("--photometry", help="WISE photometry table (w1mpro..w4mpro, w1sigmpro..) for --store")
+    s.add_argument("--join-on", default=None, help="id column shared by store and photometry (e.g. specobjid, targetid)")
+    s.add_argument("--match-radius", type=float, default=None, help="or: positional crossmatch radius, arcsec")
+    s.add_argument("--encoder", required=True, help="bundle whose encoder made (or makes) the latents")
+    s.add_argument("-o", "--output", required=True, help="output bundle directory")
+    s.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--name", default="catalogpred-ir", help="bundle name")
+    s.add_argument("--version", dest="model_version", default="1", help="bundle version")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_cluster_args_only(s)
+
+    s = add("models", "Model bundles: import published spender encoders, fetch them, evaluate heads.")
+    msub = s.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    m = msub.add_parser("import-spender", help="spender checkpoint (.pt) -> encoder-only bundle",
+                        description="Read a spender checkpoint (['model'] state dict with encoder.* keys) into a bundle.",
+                        epilog="example:\n  catalogpred models import-spender spender.sdss.paperII-c273bb69.pt --survey sdss -o sdss_II/",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("checkpoint")
+    m.add_argument("--survey", required=True, choices=("sdss", "desi"), help="grid the encoder was trained on")
+    m.add_argument("-o", "--output", required=True, help="output bundle directory")
+    m.add_argument("--name", default=None)
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--allow-pickle", action="store_true", help="load non-tensor pickles (only for files you trust)")
+    m = msub.add_parser("fetch", help="download a published spender checkpoint (needs a network)",
+                        description="Download sdss_II or desi_edr_galaxy from HuggingFace with huggingface_hub.",
+                        epilog="example:\n  catalogpred models fetch sdss_II --dest checkpoints/",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("model", choices=("sdss_II", "desi_edr_galaxy"))
+    m.add_argument("--dest", default="checkpoints", help="download directory (default checkpoints/)")
+    m = msub.add_parser("evaluate", help="chi2_N, MAE, bias, coverage of a bundle's head on a latents table",
+                        description="Evaluate a head on a table in the `train --table` layouts; writes a PNG and the card.",
+                        epilog="example:\n  catalogpred models evaluate model/ heldout.csv --png eval.png",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("bundle")
+    m.add_argument("table")
+    m.add_argument("--png", default=None, help="predicted vs observed plot with chi residuals")
+    m.add_argument("--no-update-card", action="store_true", help="do not write the metrics into the card")
 
     s = add("info", "Summarise a catalog: rows per survey, sky area, model and card, manifest, columns.")
     s.add_argument("catalog", help="catalog directory")
@@ -414,6 +477,50 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .model.train import read_training_table, train_bundle
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.table:
+        data = read_training_table(args.table)
+        source = args.table
+    else:
+        if not args.photometry or not (args.join_on or args.match_radius):
+            raise ConfigError("--store needs --photometry and --join-on COLUMN or --match-radius ARCSEC")
+        from .pipeline import training_table_from_store
+
+        args.wait_workers = None
+        with _client(args) as client:
+            data = training_table_from_store(args.store, args.photometry, args.encoder, client=client,
+                                             join_on=args.join_on, match_radius_arcsec=args.match_radius)
+        source = f"{args.store} x {args.photometry}"
+    info, metrics = train_bundle(data, args.encoder, args.output, n_members=args.members, seed=args.seed, name=args.name,
+                                 version=args.model_version, source=source, overwrite=args.overwrite, progress=progress)
+    print(json.dumps({"model_id": info.model_id, "bundle": args.output, "metrics": metrics}, indent=2))
+    return 0
+
+
+def cmd_models(args) -> int:
+    if args.models_command == "import-spender":
+        from .model.spender_import import import_spender
+
+        info = import_spender(args.checkpoint, args.survey, args.output, name=args.name, overwrite=args.overwrite,
+                              allow_pickle=args.allow_pickle)
+        print(json.dumps({"model_id": info.model_id, "bundle": args.output, "grid": info.grid.name,
+                          "n_latent": info.n_latent}, indent=2))
+    elif args.models_command == "fetch":
+        from .model.spender_import import fetch_published
+
+        print(fetch_published(args.model, args.dest))
+    else:
+        from .model.train import evaluate_bundle, read_training_table
+
+        metrics = evaluate_bundle(args.bundle, read_training_table(args.table), png=args.png,
+                                  update_card=not args.no_update_card)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def cmd_info(args) -> int:
     from .query import catalog_info, format_info
 
@@ -441,7 +548,7 @@ def cmd_submit(args) -> int:
 
 COMMANDS = {"ingest": cmd_ingest, "predict": cmd_predict, "query": cmd_query, "info": cmd_info, "demo": cmd_demo,
             "crossmatch": cmd_crossmatch, "plot": cmd_plot,
-            "submit": cmd_submit}
+            "submit": cmd_submit, "train": cmd_train, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

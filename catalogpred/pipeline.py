@@ -473,3 +473,91 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- training data
+
+
+def training_table_from_store(store_path: str, photometry_path: str, encoder_bundle: str, *, client,
+                              join_on: str | None = None, match_radius_arcsec: float | None = None,
+                              surveys: list[str] | None = None) -> dict:
+    """Latents (computed on the cluster), z, norm and matched WISE photometry for the head, as
+    :func:`~catalogpred.model.train.read_training_table` returns them.
+
+    Photometry is joined on an id column (``join_on``, compared as strings, e.g. ``specobjid``)
+    or matched on the sky (nearest within ``match_radius_arcsec``). Non-detections keep their σ
+    (≥ 99 means no weight in training).
+    """
+    from .model.bundle import read_bundle_info
+    from .tables import read_table_any
+    from .tasks import encode_rows
+
+    encoder_bundle = shared_path(encoder_bundle)
+    store_path = shared_path(store_path)
+    info = read_bundle_info(encoder_bundle)
+    phot = read_table_any(photometry_path)
+    pcols = {c.lower(): c for c in phot.column_names}
+    parts = []
+    for name in surveys or store.list_surveys(store_path):
+        g, layout = store.open_survey(store_path, name)
+        if layout.grid != info.grid:
+            continue
+        want = ["source_id", "ra", "dec", "z", "norm", "status"] + ([join_on] if join_on and join_on in layout.meta_columns else [])
+        meta = store.read_meta(store_path, name, columns=list(dict.fromkeys(want)))
+        meta = meta.filter(pa_equal(meta.column("status"), store.RowStatus.OK)).to_pandas()
+        meta["survey_group"] = name
+        parts.append(meta)
+    if not parts:
+        raise ConfigError(f"{store_path} has no survey on the {info.grid.name} grid of {encoder_bundle}")
+    import pandas as pd
+
+    meta = pd.concat(parts, ignore_index=True)
+    if join_on:
+        if join_on.lower() not in pcols or join_on not in meta.columns:
+            raise ConfigError(f"--join-on {join_on}: needs the column in both the store metadata and {photometry_path}")
+        p = phot.to_pandas()
+        p["_key"] = p[pcols[join_on.lower()]].astype(str).str.strip()
+        meta["_key"] = meta[join_on].astype(str).str.strip()
+        m = meta.merge(p, on="_key", how="inner", suffixes=("", "_phot"))
+    else:
+        from astropy import units as u
+        from astropy.coordinates import SkyCoord
+
+        rc = next((pcols[c] for c in ("ra", "raj2000", "ra_deg") if c in pcols), None)
+        dc = next((pcols[c] for c in ("dec", "dej2000", "dec_deg") if c in pcols), None)
+        if rc is None or dc is None:
+            raise ConfigError(f"{photometry_path} has no ra/dec columns for a positional match")
+        p = phot.to_pandas()
+        idx, sep, _ = SkyCoord(meta["ra"].to_numpy() * u.deg, meta["dec"].to_numpy() * u.deg).match_to_catalog_sky(
+            SkyCoord(p[rc].to_numpy() * u.deg, p[dc].to_numpy() * u.deg))
+        ok = sep.to_value(u.arcsec) <= match_radius_arcsec
+        m = pd.concat([meta[ok].reset_index(drop=True), p.iloc[idx[ok]].reset_index(drop=True).add_suffix("_phot")], axis=1)
+        m = m.rename(columns={f"{pcols[f'w{i}{k}']}_phot": f"w{i}{k}" for i in range(1, 5) for k in ("mpro", "sigmpro")
+                              if f"w{i}{k}" in pcols})
+    if len(m) == 0:
+        raise ConfigError("no spectrum matched the photometry; check --join-on / --match-radius")
+    log.info("training set: %d spectra matched to %s", len(m), photometry_path)
+    futures = []
+    for (name,), grp in m.groupby(["survey_group"]):
+        rows = grp["row"].to_numpy()
+        for chunk in np.array_split(rows, max(1, len(rows) // 2048)):
+            futures.append((grp.index[np.isin(rows, chunk)],
+                            client.submit(encode_rows, store_path, name, chunk, encoder_bundle, pure=False)))
+    latents = np.zeros((len(m), info.n_latent), np.float32)
+    for index, fut in futures:
+        latents[m.index.get_indexer(index)] = fut.result()
+    cols = {c.lower(): c for c in m.columns}
+
+    def band(name):
+        return m[cols[name]].to_numpy(np.float64) if name in cols else np.full(len(m), np.nan)
+
+    return {"ids": m["source_id"].tolist(), "latents": latents, "z": m["z"].to_numpy(np.float64),
+            "log_norm": np.log10(m["norm"].to_numpy(np.float64)),
+            "mag": np.stack([band(f"w{i}mpro") for i in range(1, 5)], 1),
+            "mag_err": np.stack([band(f"w{i}sigmpro") for i in range(1, 5)], 1), "layout": "store"}
+
+
+def pa_equal(column, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(column, value)

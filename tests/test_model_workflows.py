@@ -1,0 +1,118 @@
+"""Issue 4 workflows: spender checkpoint import (parity with spender 0.3), encoder-only predict,
+train -> evaluate calibration on the synthetic benchmark, train from a store, offline fetch."""
+import json
+import os
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from catalogpred.cli import main
+from catalogpred.model.bundle import encode, load_bundle
+from catalogpred.spectra import SDSS_GRID, check_spectra
+from catalogpred.surveys import read_spectra
+
+
+def _spender_checkpoint(path, legacy=False):
+    spender = pytest.importorskip("spender", reason="spender==0.3 is a test-only dependency (pip install '.[test]')")
+    from spender.instrument import Instrument
+
+    torch.manual_seed(7)
+    enc = spender.SpectrumEncoder(Instrument(torch.tensor(SDSS_GRID.wave, dtype=torch.float32)), 6).eval()
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    state["decoder.wave_rest"] = torch.linspace(3000, 9000, 100)
+    if legacy:  # old layout: mlp.mlp.* keys and a 257-wide first layer (z appended)
+        state = {k.replace("encoder.mlp.", "encoder.mlp.mlp."): v for k, v in state.items()}
+        w = state["encoder.mlp.mlp.0.weight"]
+        state["encoder.mlp.mlp.0.weight"] = torch.cat([w, torch.randn(w.shape[0], 1)], 1)
+    torch.save({"model": state, "losses": []}, path)
+    return enc
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("legacy", [False, True])
+def test_import_spender_parity_on_real_sdss(tmp_path, sdss_files, capsys, legacy):
+    ref = _spender_checkpoint(tmp_path / "ckpt.pt", legacy=legacy)
+    assert main(["models", "import-spender", str(tmp_path / "ckpt.pt"), "--survey", "sdss", "-o", str(tmp_path / "b")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_latent"] == 6 and out["grid"] == "sdss"
+    ours = load_bundle(tmp_path / "b")
+    assert ours.head is None and ours.info.card.kind == "published-encoder"
+    ys = []
+    for p in sdss_files:
+        b = read_spectra(p)
+        fn, _, _, norm, reasons, _ = check_spectra(b.flux, b.ivar, b.mask, SDSS_GRID.wave, b.meta["z"])
+        if reasons[0] is None:
+            ys.append(fn[0])
+    y = np.stack(ys)
+    with torch.inference_mode():
+        expected = ref(torch.from_numpy(y)).numpy()
+    got = encode(ours.encoder, y)
+    rel = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+    assert rel <= 1e-5, rel
+
+
+def test_fetch_offline_says_where_to_put_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["models", "fetch", "sdss_II", "--dest", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "spender.sdss.paperII-c273bb69.pt" in err and "import-spender" in err
+
+
+def test_train_evaluate_calibrated_on_synthetic_benchmark(tmp_path, capsys, random_bundle):
+    from catalogpred.model.synthetic import synthetic_reference_table
+
+    pacsv.write_csv(synthetic_reference_table(20000, seed=0), tmp_path / "train.csv")
+    pacsv.write_csv(synthetic_reference_table(20000, seed=1), tmp_path / "heldout.csv")
+    assert main(["train", "--table", str(tmp_path / "train.csv"), "--encoder", str(random_bundle),
+                 "-o", str(tmp_path / "m"), "--members", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "heldout.csv"),
+                 "--png", str(tmp_path / "eval.png")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for b in ("w1", "w2", "w3", "w4"):
+        assert metrics[b]["chi2_n"] == pytest.approx(1.0, abs=0.1), (b, metrics[b])
+        assert metrics[b]["coverage_68"] == pytest.approx(0.6827, abs=0.02), (b, metrics[b])
+        assert metrics[b]["coverage_95"] == pytest.approx(0.9545, abs=0.02), (b, metrics[b])
+    assert metrics["w4"]["n"] < metrics["w1"]["n"]  # non-detections (sigma = 9999) carry no weight
+    card = json.loads((tmp_path / "m" / "bundle.json").read_text())
+    assert card["head_config"]["n_members"] == 3 and card["ood"]["threshold"] > 0
+    assert "evaluation" in card["card"]["metrics"] and (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
+    from catalogpred.mock import write_sdss_survey
+    from catalogpred.model.bundle import save_bundle
+    from catalogpred.pipeline import run_ingest, run_predict, training_table_from_store
+    from catalogpred.model.train import train_bundle
+
+    survey = write_sdss_survey(tmp_path / "mock", 160, seed=3)
+    st = str(tmp_path / "s.zarr")
+    run_ingest([str(tmp_path / "mock")], st, client=client, shard_rows=64, chunk_rows=32, progress=False)
+    enc = load_bundle(random_bundle)
+    from catalogpred.model.bundle import ModelCard
+
+    save_bundle(tmp_path / "enc", enc.encoder, None, name="enc", version="0", grid=SDSS_GRID,
+                card=ModelCard(kind="demo", summary="encoder only"))
+    # an encoder-only bundle still predicts: latents, NO_PREDICTION flag, null magnitudes
+    run_predict(st, str(tmp_path / "enc"), str(tmp_path / "cat0"), client=client, progress=False)
+    t0 = pq.ParquetDataset(tmp_path / "cat0" / "dataset").read()
+    assert t0.num_rows == 160 and t0.column("w1_mag").null_count == 160
+    assert all(f & 8 for f in t0.column("flags").to_pylist())
+    data = training_table_from_store(st, str(survey.photometry_path), str(tmp_path / "enc"), client=client,
+                                     join_on="specobjid")
+    assert len(data["ids"]) == 160 and np.isfinite(data["latents"]).all()
+    info, _ = train_bundle(data, tmp_path / "enc", tmp_path / "m", n_members=2)
+    run_predict(st, str(tmp_path / "m"), str(tmp_path / "cat"), client=client, progress=False)
+    t = pq.ParquetDataset(tmp_path / "cat" / "dataset").read().to_pandas()
+    assert t["w1_mag"].notna().all() and (t["w1_mag_err"] > 0).all() and t["ood_score"].notna().all()
+    # latents equal the encoder-only run's: the head does not change the encoder
+    a = t0.to_pandas().set_index("source_id").sort_index()
+    b = t.set_index("source_id").sort_index()
+    np.testing.assert_allclose(np.stack(a["latent"]), np.stack(b["latent"]), rtol=1e-6)
+    # positional match finds the same training rows
+    data2 = training_table_from_store(st, str(survey.photometry_path), str(tmp_path / "enc"), client=client,
+                                      match_radius_arcsec=1.0)
+    assert sorted(data2["ids"]) == sorted(data["ids"])
