@@ -85,34 +85,11 @@ def plot_colour_colour(catalog_path, png_path, photometry_path=None) -> Path:
     """Predicted W1−W2 vs W2−W3 (Vega) with the Jarrett et al. (2011) AGN box; returns the PNG path.
 
     With ``photometry_path`` (a table with ``w1mpro..w3mpro``), the observed colours are drawn behind.
+    The figure is :func:`catalogpred.plots.plot_colour_colour`.
     """
-    import matplotlib
+    from .plots import plot_colour_colour as _plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .query import open_catalog
-
-    t = open_catalog(catalog_path).select(["w1_mag", "w2_mag", "w3_mag"]).to_pandas()
-    x, y = t["w2_mag"] - t["w3_mag"], t["w1_mag"] - t["w2_mag"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    if photometry_path is not None:
-        o = pq.read_table(photometry_path, columns=["w1mpro", "w2mpro", "w3mpro"]).to_pandas()
-        ax.scatter(o["w2mpro"] - o["w3mpro"], o["w1mpro"] - o["w2mpro"], s=3, alpha=0.35, color="0.6",
-                   label=f"observed (mock AllWISE, {len(o)})")
-    ax.scatter(x, y, s=4, alpha=0.6, color="C0", label=f"predicted ({len(t)})")
-    bx = [2.2, 2.2, 4.2, 4.2, 2.2]
-    by = [1.7, 0.1 * 2.2 + 0.38, 0.1 * 4.2 + 0.38, 1.7, 1.7]
-    ax.plot(bx, by, color="C3", lw=1.2, label="Jarrett+11 AGN box")
-    ax.set_xlabel("W2 − W3 [Vega mag]")
-    ax.set_ylabel("W1 − W2 [Vega mag]")
-    ax.set_title("catalogpred DEMO predictions (mock survey)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return _plot(catalog_path, png_path, photometry_path, title="catalogpred DEMO predictions (mock survey)")
 
 
 def _dask_mapper(client):

@@ -14,6 +14,8 @@ with the query registered as a view named ``catalog``.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
@@ -41,6 +43,8 @@ OUTPUT_FORMATS = (".csv", ".parquet", ".fits", ".vot")
 _FORMAT_ALIASES = {".fit": ".fits", ".fts": ".fits", ".votable": ".vot", ".xml": ".vot", ".pq": ".parquet"}
 #: full sky in square degrees (4π sr).
 SKY_AREA_DEG2 = 4 * math.pi * (180 / math.pi) ** 2
+#: rows gathered from the part files before the exact cuts run on them.
+_CHUNK_ROWS = 65_536
 #: margin (deg) added to spatial regions when choosing leaves, so rounding never drops a leaf.
 _COVER_MARGIN_DEG = 1e-7
 
@@ -80,17 +84,22 @@ class Cone:
     def contains(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         return angular_separation_deg(self.ra, self.dec, ra, dec) <= self.radius_deg
 
-    def cover(self, order: int) -> set[int] | None:
-        """HEALPix pixels at ``order`` that overlap the cone (None: the whole sky)."""
-        if self.radius_deg + _COVER_MARGIN_DEG >= 180:
-            return None
-        import astropy.units as u
-        from astropy.coordinates import Latitude, Longitude
-        from cdshealpix.nested import cone_search
-
-        ipix, _, _ = cone_search(Longitude(self.ra * u.deg), Latitude(self.dec * u.deg),
-                                 (self.radius_deg + _COVER_MARGIN_DEG) * u.deg, depth=order, flat=True)
-        return {int(p) for p in ipix}
+    def cover(self, order: int, pixels) -> set[int]:
+        """The ``pixels`` (HEALPix nested, at ``order``) that may hold points of the cone (a superset)."""
+        pix = np.asarray(sorted(pixels), np.int64)
+        if self.radius_deg + _COVER_MARGIN_DEG >= 180 or len(pix) == 0:
+            return set(pix.tolist())
+        lon, lat = _pixel_centres(order, tuple(pix.tolist()))
+        near = angular_separation_deg(self.ra, self.dec, lon, lat) <= (
+            self.radius_deg + _max_pixel_radius_deg(order) + _COVER_MARGIN_DEG)
+        cand = pix[near]
+        if len(cand) == 0:
+            return set()
+        vlon, vlat, spacing = _pixel_boundaries(order, cand)
+        dmin = angular_separation_deg(self.ra, self.dec, vlon, vlat).min(1)
+        keep = (dmin - 0.6 * spacing - _COVER_MARGIN_DEG <= self.radius_deg) | (
+            cand == _healpix_of(self.ra, self.dec, order))
+        return set(cand[keep].tolist())
 
     def sql(self, ra: str = "ra", dec: str = "dec") -> str:
         """The same haversine cut as :meth:`contains`, as a DuckDB SQL condition."""
@@ -137,29 +146,36 @@ class Box:
             return in_dec & ((ra >= self.ra_min) | (ra <= self.ra_max))
         return in_dec & (ra >= self.ra_min) & (ra <= self.ra_max)
 
-    def cover(self, order: int) -> set[int] | None:
-        """HEALPix pixels at ``order`` that overlap the box (None: the whole sky)."""
-        import astropy.units as u
-        from astropy.coordinates import Latitude, Longitude
-        from cdshealpix.nested import zone_search
+    @property
+    def ra_length(self) -> float:
+        """RA extent in degrees (through RA 0 when the box wraps)."""
+        return 360.0 if self.full_ra else (self.ra_max - self.ra_min) % 360.0
 
+    def cover(self, order: int, pixels) -> set[int]:
+        """The ``pixels`` (HEALPix nested, at ``order``) that may hold points of the box (a superset)."""
+        pix = np.asarray(sorted(pixels), np.int64)
         m = _COVER_MARGIN_DEG
-        d0, d1 = max(self.dec_min - m, -90.0), min(self.dec_max + m, 90.0)
-        if self.full_ra and d0 <= -90 and d1 >= 90:
-            return None
-        if self.full_ra:
-            spans = [(0.0, 360.0)]
-        elif self.wraps:
-            spans = [(self.ra_min - m, 360.0), (0.0, self.ra_max + m)]
-        else:
-            spans = [(self.ra_min - m, self.ra_max + m)]
-        out: set[int] = set()
-        for a, b in spans:
-            a, b = max(a, 0.0), min(b, 360.0 - 1e-9)  # Longitude(360) wraps to 0
-            ipix, _, _ = zone_search(Longitude(a * u.deg), Latitude(d0 * u.deg), Longitude(b * u.deg),
-                                     Latitude(d1 * u.deg), depth=order, flat=True)
-            out |= {int(p) for p in ipix}
-        return out
+        if len(pix) == 0 or (self.full_ra and self.dec_min <= -90 and self.dec_max >= 90):
+            return set(pix.tolist())
+        # 1. each pixel lies in a cap of radius R around its centre: keep caps that meet the box
+        lon, lat = _pixel_centres(order, tuple(pix.tolist()))
+        big_r = _max_pixel_radius_deg(order)
+        keep = (lat - big_r <= self.dec_max + m) & (lat + big_r >= self.dec_min - m)
+        if not self.full_ra:
+            half = _ra_half_width(lat, big_r)
+            keep &= _arcs_overlap(lon - half, 2 * half, self.ra_min, self.ra_length)
+        cand = pix[keep]
+        if len(cand) == 0:
+            return set()
+        # 2. a pixel meets the box iff a boundary point is in it, or the box lies inside the pixel
+        vlon, vlat, spacing = _pixel_boundaries(order, cand)
+        pad = 0.6 * spacing[:, None] + m
+        hit = (vlat - pad <= self.dec_max) & (vlat + pad >= self.dec_min)
+        if not self.full_ra:
+            half = _ra_half_width(vlat, pad)
+            hit &= _arcs_overlap(vlon - half, 2 * half, self.ra_min, self.ra_length)
+        inside = cand == _healpix_of(self.ra_min, self.dec_min, order)
+        return set(cand[hit.any(1) | inside].tolist())
 
     def sql(self, ra: str = "ra", dec: str = "dec") -> str:
         c = f"{dec} >= {self.dec_min!r} AND {dec} <= {self.dec_max!r}"
@@ -176,6 +192,66 @@ class Box:
 
     def __str__(self) -> str:
         return f"box(ra={self.ra_min:g}..{self.ra_max:g}, dec={self.dec_min:g}..{self.dec_max:g})"
+
+
+def _healpix_of(ra: float, dec: float, order: int) -> int:
+    import astropy.units as u
+    from astropy.coordinates import Latitude, Longitude
+    from cdshealpix.nested import lonlat_to_healpix
+
+    return int(lonlat_to_healpix(Longitude(np.atleast_1d(ra) * u.deg), Latitude(np.atleast_1d(dec) * u.deg), order)[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(order: int, pixels: tuple) -> tuple[np.ndarray, np.ndarray]:
+    from cdshealpix.nested import healpix_to_lonlat
+
+    lon, lat = healpix_to_lonlat(np.asarray(pixels, np.uint64), order)
+    return lon.deg, lat.deg
+
+
+@functools.lru_cache(maxsize=32)
+def _max_pixel_radius_deg(order: int) -> float:
+    """Upper bound (deg) of the distance from a pixel's centre to any of its points at ``order``.
+
+    Measured on every pixel at min(order, 6) from 16 boundary points each; scaled by 2^-Δorder
+    above that, with a 10% allowance (edges bulge a little between samples; the scaling is not exact).
+    """
+    from cdshealpix.nested import healpix_to_lonlat, vertices
+
+    k = min(order, 6)
+    ipix = np.arange(12 * 4 ** k, dtype=np.uint64)
+    lon, lat = healpix_to_lonlat(ipix, k)
+    vlon, vlat = vertices(ipix, k, step=4)
+    d = angular_separation_deg(lon.deg[:, None], lat.deg[:, None], vlon.deg, vlat.deg).max()
+    return float(d) * 1.1 * 2.0 ** (k - order)
+
+
+def _pixel_boundaries(order: int, pixels: np.ndarray):
+    """32 boundary points per pixel (deg) and, per pixel, the largest gap between neighbouring points."""
+    from cdshealpix.nested import vertices
+
+    vlon, vlat = vertices(np.asarray(pixels, np.uint64), order, step=8)
+    vlon, vlat = vlon.deg, vlat.deg
+    gaps = angular_separation_deg(vlon, vlat, np.roll(vlon, -1, 1), np.roll(vlat, -1, 1))
+    return vlon, vlat, gaps.max(1)
+
+
+def _ra_half_width(dec, radius):
+    """Half the RA extent (deg) of caps of ``radius`` centred at ``dec``; 180 when a cap holds a pole."""
+    dec, radius = np.broadcast_arrays(np.asarray(dec, float), np.asarray(radius, float))
+    polar = np.abs(dec) + radius >= 90
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.sin(np.radians(radius)) / np.cos(np.radians(dec))
+    half = np.degrees(np.arcsin(np.clip(np.where(polar, 1.0, ratio), 0, 1)))
+    return np.where(polar, 180.0, half)
+
+
+def _arcs_overlap(a, len_a, b, len_b):
+    """Whether RA arcs [a, a + len_a] and [b, b + len_b] (deg, any start) share a point."""
+    eps = 1e-9
+    return ((np.mod(b - a, 360.0) <= len_a + eps) | (np.mod(a - b, 360.0) <= len_b + eps)
+            | (len_a >= 360) | (len_b >= 360))
 
 
 _IDENT = re.compile(r"`([^`]+)`|\b([A-Za-z_][A-Za-z0-9_]*)\b")
@@ -303,9 +379,7 @@ class CatalogQuery:
     def _leaf_pixels(self) -> list[int]:
         keep = set(self.pixels)
         for region in self.regions:
-            cover = region.cover(self.order)
-            if cover is not None:
-                keep &= cover
+            keep = region.cover(self.order, keep)
         return sorted(keep)
 
     def files(self) -> list[str]:
@@ -351,10 +425,20 @@ class CatalogQuery:
         if files and self.max_rows != 0:
             dataset = pads.dataset(files, schema=schema, format="parquet")
             flt = pc.field("source_id").isin(pa.array(self.ids, pa.string())) if self.ids is not None else None
-            for batch in dataset.to_batches(columns=read_cols, filter=flt):
-                if batch.num_rows == 0:
+            pending: list[pa.RecordBatch] = []
+            n_pending = 0
+            # pandas filters run on chunks (few calls over many small files), growing so a limit stops early
+            chunk = 4096 if self.filters else 1
+            batches = dataset.to_batches(columns=read_cols, filter=flt)
+            for batch in itertools.chain(batches, [None]):
+                if batch is not None and batch.num_rows:
+                    pending.append(batch)
+                    n_pending += batch.num_rows
+                if not pending or (batch is not None and n_pending < chunk):
                     continue
-                t = self._apply_cuts(pa.Table.from_batches([batch]))
+                t = self._apply_cuts(pa.Table.from_batches(pending))
+                pending, n_pending = [], 0
+                chunk = min(2 * chunk, _CHUNK_ROWS)
                 if t.num_rows:
                     parts.append(t)
                     n += t.num_rows
@@ -465,13 +549,15 @@ class CatalogQuery:
                     con.execute(f"CREATE VIEW catalog AS SELECT {col_sql} FROM read_parquet({file_sql}, "
                                 f"hive_partitioning = false){where}{lim}")
             try:
-                res = con.execute(query)
+                rel = con.sql(query)
+                if rel is None:  # a statement without a result (SET, CREATE ...)
+                    return pa.table({})
+                fetch = getattr(rel, "to_arrow_table", None) or getattr(rel, "fetch_arrow_table", None) or rel.arrow
+                table = fetch()
             except duckdb.Error as exc:
-                raise ConfigError(f"SQL failed: {exc}; the view is named 'catalog', columns: "
+                msg = " ".join(str(exc).split())
+                raise ConfigError(f"SQL failed: {msg}; the view is named 'catalog', columns: "
                                   f"{', '.join(self._output_columns(schema))}") from exc
-            if res.description is None:
-                return pa.table({})
-            table = res.to_arrow_table() if hasattr(res, "to_arrow_table") else res.fetch_arrow_table()
         finally:
             con.close()
         return _restore_metadata(table, schema)
@@ -561,7 +647,8 @@ def arrow_to_astropy(table: pa.Table):
             values = col.to_numpy(zero_copy_only=False)
         elif col.null_count:
             mask = col.is_null().to_numpy(zero_copy_only=False)
-            values = col.fill_null(0).to_numpy(zero_copy_only=False)
+            values = col.fill_null(pa.scalar(False if pa.types.is_boolean(fld.type) else 0).cast(fld.type)) \
+                .to_numpy(zero_copy_only=False)
         else:
             values = col.to_numpy(zero_copy_only=False)
         md = _field_meta(fld)
@@ -587,6 +674,8 @@ def astropy_to_arrow(t) -> pa.Table:
         values = col.value if hasattr(col, "value") and unit is not None else col
         data = np.asarray(values)
         mask = np.asarray(getattr(col, "mask", np.zeros(len(data), bool)))
+        if data.dtype.byteorder not in ("=", "|"):  # FITS is big-endian; Arrow wants native order
+            data = data.astype(data.dtype.newbyteorder("="))
         if data.dtype.kind == "S":
             data = np.char.decode(data, "utf-8")
         if data.dtype.kind == "U":
@@ -663,6 +752,7 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
     ``.fits`` or ``.vot`` (VOTable; both with units, descriptions and, for VOTable, UCDs).
 
     ``dest`` may be a path or a text stream (CSV only). ``overwrite=False`` refuses an existing file.
+    FITS logicals have no null: a null boolean (e.g. ``ir_excess``) is written to FITS as False.
     """
     fmt = _normalise_format(dest, fmt)
     if isinstance(dest, (str, os.PathLike)) and not overwrite and os.path.exists(dest):
@@ -675,40 +765,27 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
         from astropy.units import UnitsWarning
 
         t = arrow_to_astropy(table)
+        if fmt == ".fits":  # FITS logicals have no usable null: a null boolean is written as False
+            for name in t.colnames:
+                if t[name].dtype == bool and hasattr(t[name], "mask"):
+                    t[name] = np.asarray(t[name].filled(False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
-            if fmt == ".fits":
-                t.write(dest, format="fits", overwrite=True)
-            else:
-                from astropy.io.votable import from_table
-
-                vot = from_table(t)
-                for f in vot.get_first_table().iter_fields_and_params():
-                    ucd = (t[f.name].info.meta or {}).get("ucd") if f.name in t.colnames else None
-                    if ucd:
-                        f.ucd = ucd.split(";")[0] if ";" in ucd and not _valid_ucd(ucd) else ucd
-                vot.to_xml(str(dest))
+            t.write(dest, format="fits" if fmt == ".fits" else "votable", overwrite=True)  # VOTable: UCDs from meta
     else:
         _flatten_lists(table).to_pandas().to_csv(dest, index=False)
-
-
-def _valid_ucd(ucd: str) -> bool:
-    from astropy.io.votable import ucd as vucd
-
-    try:
-        return vucd.check_ucd(ucd, check_controlled_vocabulary=False)
-    except Exception:
-        return False
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:
     """List columns as ``name_0, name_1, ...`` (CSV and terminal output)."""
     cols, fields = [], []
     for fld, col in zip(table.schema, table.columns):
-        if pa.types.is_fixed_size_list(fld.type):
-            vals = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(col), fld.type.list_size)
-            for j in range(fld.type.list_size):
-                cols.append(pa.array(vals[:, j]))
+        if _is_list(fld.type):
+            col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            size = fld.type.list_size if pa.types.is_fixed_size_list(fld.type) else \
+                int(pc.max(pc.list_value_length(col)).as_py() or 0)
+            for j in range(size):
+                cols.append(pc.list_element(col, j) if size else pa.nulls(len(col)))
                 fields.append(pa.field(f"{fld.name}_{j}", cols[-1].type, metadata=fld.metadata))
         else:
             cols.append(col)
@@ -776,26 +853,11 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
         surveys = {str(s["values"]): int(s["counts"]) for s in vc.to_pylist()}
     h29 = t.column("_healpix_29").to_numpy()
     moc_cells = len(np.unique(h29 >> (2 * (SPATIAL_INDEX_ORDER - moc_order)))) if len(h29) else 0
-    model = dict(manifest.get("model", {}))
-    bundle = Path(model["path"]) / "bundle.json" if model.get("path") else None
-    if bundle is not None and bundle.exists():
-        try:
-            b = json.loads(bundle.read_text())
-            card = b.get("card", {})
-            model["card"] = {k: card.get(k) for k in ("kind", "summary", "training_data", "limitations") if card.get(k)}
-            metrics = card.get("metrics") or {}
-            model["card"]["metrics"] = {bnd: {k: metrics[bnd][k] for k in ("chi2_n", "mae", "bias", "coverage_68")
-                                              if k in metrics[bnd]}
-                                        for bnd in ("w1", "w2", "w3", "w4") if isinstance(metrics.get(bnd), dict)}
-            model["n_latent"] = b.get("n_latent")
-        except (OSError, ValueError) as exc:
-            model["card_error"] = f"cannot read {bundle}: {exc}"
-    elif bundle is not None:
-        model["card_error"] = f"{bundle} not found (the model bundle moved?)"
+    models = [_model_summary(m) for m in _manifest_models(manifest)]
     columns = []
     for f in q.schema:
         md = _field_meta(f)
-        columns.append({"name": f.name, "type": str(f.type), "unit": md.get("unit", ""), "ucd": md.get("ucd", ""),
+        columns.append({"name": f.name, "type": _type_name(f.type), "unit": md.get("unit", ""), "ucd": md.get("ucd", ""),
                         "description": md.get("description", "")})
     return {
         "path": str(path),
@@ -807,7 +869,7 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
         "area_deg2": {"leaves": len(q.pixels) * SKY_AREA_DEG2 / (12 * 4 ** q.order),
                       "moc": moc_cells * SKY_AREA_DEG2 / (12 * 4 ** moc_order), "moc_order": moc_order,
                       "moc_cells": moc_cells},
-        "model": model,
+        "models": models,
         "manifest": {k: manifest.get(k) for k in ("created", "catalogpred_run", "store", "surveys", "settings", "counts",
                                                   "versions") if k in manifest},
         "magnitude_system": q.properties.get("catalogpred_magnitude_system", ""),
@@ -815,9 +877,61 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
     }
 
 
+def _type_name(t: pa.DataType) -> str:
+    """Short type names: ``float32[6]`` for the latents, ``string``, ``float64``."""
+    names = {pa.float32(): "float32", pa.float64(): "float64", pa.string(): "string"}
+    if pa.types.is_fixed_size_list(t):
+        return f"{_type_name(t.value_type)}[{t.list_size}]"
+    return names.get(t, str(t))
+
+
+def _manifest_models(manifest: dict) -> list[dict]:
+    """Model entries of a run manifest: ``models`` (by grid) merged with the single ``model`` entry."""
+    entries = []
+    models = manifest.get("models")
+    if isinstance(models, dict):
+        entries = [{"grid": grid, **m} for grid, m in models.items() if isinstance(m, dict)]
+    elif isinstance(models, list):
+        entries = [dict(m) for m in models if isinstance(m, dict)]
+    single = manifest.get("model")
+    if isinstance(single, dict):
+        same = [e for e in entries if e.get("model_id") == single.get("model_id")]
+        for e in same:
+            for k, v in single.items():
+                e.setdefault(k, v)
+        if not same:
+            entries.insert(0, dict(single))
+    return entries
+
+
+def _model_summary(model: dict) -> dict:
+    """A manifest model entry plus its card (from ``bundle.json`` next to ``model.path``, when it still exists)."""
+    model = dict(model)
+    bundle = Path(model["path"]) / "bundle.json" if model.get("path") else None
+    if bundle is None:
+        return model
+    if not bundle.exists():
+        model["card_error"] = f"{bundle} not found (the model bundle moved?)"
+        return model
+    try:
+        b = json.loads(bundle.read_text())
+    except (OSError, ValueError) as exc:
+        model["card_error"] = f"cannot read {bundle}: {exc}"
+        return model
+    card = b.get("card") or {}
+    metrics = card.get("metrics") or {}
+    model["n_latent"] = b.get("n_latent")
+    model["card"] = {k: card[k] for k in ("kind", "summary", "training_data", "limitations") if card.get(k)}
+    model.setdefault("kind", card.get("kind", "?"))
+    model["card"]["metrics"] = {bnd: {k: metrics[bnd][k] for k in ("chi2_n", "mae", "bias", "coverage_68")
+                                      if k in metrics[bnd]}
+                                for bnd in ("w1", "w2", "w3", "w4") if isinstance(metrics.get(bnd), dict)}
+    return model
+
+
 def format_info(info: dict, width: int = 70) -> str:
     """The text report of :func:`catalog_info`."""
-    m, man, a = info["model"], info["manifest"], info["area_deg2"]
+    man, a = info["manifest"], info["area_deg2"]
     counts = man.get("counts", {})
     out = [f"catalog   {info['path']}  ({info['name']})",
            f"  rows      {info['rows']:,d}" + (f"   rejects {counts['rejects']:,d}   inputs {counts['inputs']:,d}"
@@ -827,13 +941,13 @@ def format_info(info: dict, width: int = 70) -> str:
     out.append(f"  sky       {a['moc']:.2f} deg2 covered (MOC of the rows at order {a['moc_order']}, "
                f"{a['moc_cells']} cells); leaves {info['leaves']} HEALPix pixels at order {info['order']} "
                f"= {a['leaves']:.1f} deg2")
-    if m:
+    for m in info["models"]:
         out.append(f"  model     {m.get('model_id', '?')} (kind {m.get('kind', '?')}, grid {m.get('grid', '?')})")
         out.append(f"    path    {m.get('path', '?')}")
         card = m.get("card") or {}
         for k in ("summary", "training_data", "limitations"):
             if card.get(k):
-                out.append(f"    {k + ':':<15}" + _wrap(card[k], width, 20))
+                out.append(f"    {k + ':':<15}" + _wrap(card[k], width, 19))
         for bnd, mt in (card.get("metrics") or {}).items():
             out.append(f"    {bnd} validation: " + ", ".join(f"{k} {v:.3g}" for k, v in mt.items()))
         if m.get("card_error"):

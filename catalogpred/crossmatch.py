@@ -1,0 +1,338 @@
+"""Crossmatch a catalogpred catalog with an external table, and find infrared excess.
+
+For every row of the external table (CSV, Parquet, FITS or VOTable, identified by content) the
+nearest catalog row within ``radius_arcsec`` is found (astropy ``match_to_catalog_sky``). Only
+the HEALPix leaves around the external positions are read.
+
+When the external table has observed W1–W4 magnitudes with errors (AllWISE ``w1mpro``/``w1sigmpro``,
+``w1_mag``/``w1_mag_err`` or VizieR ``W1mag``/``e_W1mag``; any case), each band gets::
+
+    w1_excess       = m_pred - m_obs                                  [mag]
+    w1_excess_sigma = (m_pred - m_obs) / sqrt(sigma_pred^2 + sigma_obs^2)
+
+A **positive** excess means the object is *brighter* in the infrared than its optical spectrum
+predicts (obscured AGN, dusty starbursts). This is the catalog's χ convention (``catalog.py``).
+``ir_excess`` is true when any band's ``excess_sigma`` exceeds the threshold (default 3), null when
+no band could be compared; ``ir_excess_bands`` lists those bands, ``chi2_n`` is the mean χ² of the
+compared bands. Observed magnitudes must be Vega (AllWISE ``w?mpro``); non-detections (σ null, NaN
+or ≥ 99, as in AllWISE upper limits) give null excess.
+
+>>> t = crossmatch("demo-output/catalog", "allwise.parquet", radius_arcsec=1.5)   # doctest: +SKIP
+>>> t.filter(t["ir_excess"]).num_rows                                              # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import ConfigError, InputFileError, RejectReason
+from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
+
+__all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "BANDS",
+           "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
+
+log = logging.getLogger(__name__)
+
+BANDS = ("w1", "w2", "w3", "w4")
+#: suffix of external columns whose name is also a catalog column.
+EXTERNAL_SUFFIX = "_ext"
+#: an observed error at or above this (mag) marks a non-detection.
+NON_DETECTION_SIGMA = 99.0
+_RA_NAMES = ("ra", "ra_deg", "radeg", "ra_icrs", "raj2000", "_raj2000", "ra_j2000", "plug_ra", "target_ra", "alpha")
+_DEC_NAMES = ("dec", "dec_deg", "decdeg", "de_icrs", "dec_icrs", "dej2000", "_dej2000", "decj2000", "dec_j2000",
+              "plug_dec", "target_dec", "delta")
+#: (magnitude, error) column name patterns, lower case, ``{b}`` = w1..w4.
+_PHOT_PATTERNS = (("{b}mpro", "{b}sigmpro"), ("{b}_mag", "{b}_mag_err"), ("{b}mag", "e_{b}mag"),
+                  ("{b}_mpro", "{b}_sigmpro"), ("{b}mag", "{b}magerr"), ("{b}", "{b}_err"))
+
+
+# --------------------------------------------------------------------------- reading
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"SIMPLE  ="):
+        return "fits"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"\x1f\x8b"):
+        return "fits" if ".fit" in path.name.lower() else "csv"
+    text = head.lstrip().lower()
+    if text.startswith(b"<?xml") or text.startswith(b"<votable"):
+        return "votable"
+    return "csv"
+
+
+def read_external(path, format: str | None = None) -> pa.Table:
+    """Read an external table into Arrow (units in the field metadata where the file has them).
+
+    The format is identified by content (FITS signature, Parquet magic, XML), else CSV;
+    ``format`` ("csv", "parquet", "fits", "votable") overrides.
+
+    Raises
+    ------
+    InputFileError
+        If the file is missing or cannot be read as that format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file", RejectReason.UNREADABLE_FILE)
+    fmt = (format or _sniff(path)).lower()
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if fmt in ("fits", "votable"):
+            import warnings
+
+            from astropy.table import Table
+            from astropy.units import UnitsWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UnitsWarning)
+                t = Table.read(path, format="fits" if fmt == "fits" else "votable")
+            return astropy_to_arrow(t)
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            return pacsv.read_csv(path, read_options=pacsv.ReadOptions(), parse_options=pacsv.ParseOptions(
+                delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    except Exception as exc:
+        raise InputFileError(f"{path}: cannot read as {fmt}: {exc}", RejectReason.UNREADABLE_FILE) from exc
+    raise ConfigError(f"unknown external format {format!r}; use csv, parquet, fits or votable")
+
+
+def _to_arrow(external) -> pa.Table:
+    if isinstance(external, pa.Table):
+        return external
+    if isinstance(external, (str, os.PathLike)):
+        return read_external(external)
+    if hasattr(external, "colnames"):  # astropy Table
+        return astropy_to_arrow(external)
+    if hasattr(external, "to_numpy") and hasattr(external, "columns"):  # pandas
+        return pa.Table.from_pandas(external, preserve_index=False)
+    raise ConfigError(f"external must be a path, pyarrow/astropy Table or pandas DataFrame, got {type(external).__name__}")
+
+
+def find_radec_columns(names, ra_col: str | None = None, dec_col: str | None = None) -> tuple[str, str]:
+    """The RA and Dec column names (given, or guessed case-insensitively from common names)."""
+    lower = {n.lower(): n for n in names}
+
+    def pick(given, candidates, what):
+        if given is not None:
+            if given in names:
+                return given
+            if given.lower() in lower:
+                return lower[given.lower()]
+            raise ConfigError(f"external table has no column {given!r}; columns: {', '.join(names)}")
+        for c in candidates:
+            if c in lower:
+                return lower[c]
+        raise ConfigError(f"cannot tell which external column is {what}; pass --{what}-col "
+                          f"(columns: {', '.join(names)})")
+
+    return pick(ra_col, _RA_NAMES, "ra"), pick(dec_col, _DEC_NAMES, "dec")
+
+
+def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
+    """Observed WISE magnitude and error columns per band: ``{"w1": ("w1mpro", "w1sigmpro"), ...}``."""
+    lower = {n.lower(): n for n in names}
+    out = {}
+    for b in BANDS:
+        for mag, err in _PHOT_PATTERNS:
+            m, e = mag.format(b=b), err.format(b=b)
+            if m in lower and e in lower:
+                out[b] = (lower[m], lower[e])
+                break
+    return out
+
+
+# --------------------------------------------------------------------------- matching
+def _pixels_near(ra: np.ndarray, dec: np.ndarray, radius_deg: float, order: int, all_pixels) -> set[int] | None:
+    """Leaves that may hold a catalog row within ``radius_deg`` of any point (None: read all)."""
+    if len(ra) == 0:
+        return set()
+    import astropy.units as u
+    from astropy.coordinates import Latitude, Longitude
+    from cdshealpix.nested import lonlat_to_healpix, neighbours
+
+    cell_deg = math.degrees(math.sqrt(4 * math.pi / (12 * 4 ** order)))
+    if radius_deg < 0.1 * cell_deg:
+        # a row within the radius lies in the point's cell or one of its neighbours
+        pix = lonlat_to_healpix(Longitude(ra * u.deg), Latitude(dec * u.deg), order).astype(np.int64)
+        nb = neighbours(np.unique(pix).astype(np.uint64), order).astype(np.int64)
+        return {int(p) for p in np.unique(nb) if p >= 0}
+    if len(ra) <= 2000:
+        out: set[int] = set()
+        for a, d in zip(ra, dec):
+            out |= Cone(float(a), float(d), radius_deg).cover(order, all_pixels)
+        return out
+    return None
+
+
+def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | None = None,
+               dec_col: str | None = None, columns=None, excess_threshold: float = 3.0,
+               keep_unmatched: bool = False) -> pa.Table:
+    """Nearest catalog row within ``radius_arcsec`` of each external row, with IR-excess columns.
+
+    Parameters
+    ----------
+    catalog : path or CatalogQuery
+        A catalog (or a query on one: its cone/box/where cuts apply to the candidates).
+    external : path, pyarrow Table, astropy Table or pandas DataFrame
+        The external table; a path may be CSV, Parquet, FITS or VOTable.
+    radius_arcsec : float
+        Match radius, arcsec.
+    ra_col, dec_col : str, optional
+        External position columns (degrees, ICRS); guessed from common names when omitted.
+    columns : list of str or "all", optional
+        Catalog columns in the output (default: the catalog's default columns).
+    excess_threshold : float
+        ``ir_excess`` is true where any band's ``w?_excess_sigma`` exceeds this.
+    keep_unmatched : bool
+        Keep external rows without a match (catalog columns null).
+
+    Returns
+    -------
+    pyarrow.Table
+        Catalog columns, then external columns (``_ext`` appended to names the catalog also has),
+        ``ext_row`` (row number in the external table), ``separation_arcsec`` and, when the external
+        table has W1–W4 photometry, ``w?_excess``, ``w?_excess_sigma``, ``chi2_n``, ``ir_excess``,
+        ``ir_excess_bands``. Units are in the field metadata.
+    """
+    if not radius_arcsec > 0:
+        raise ConfigError(f"crossmatch needs a positive radius (arcsec), got {radius_arcsec}")
+    q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
+    ext = _to_arrow(external)
+    rcol, dcol = find_radec_columns(ext.column_names, ra_col, dec_col)
+    ext_ra = pc.cast(ext.column(rcol), pa.float64()).to_numpy(zero_copy_only=False)
+    ext_dec = pc.cast(ext.column(dcol), pa.float64()).to_numpy(zero_copy_only=False)
+    ok = np.isfinite(ext_ra) & np.isfinite(ext_dec) & (np.abs(ext_dec) <= 90)
+    if (~ok).any():
+        log.warning("crossmatch: %d external rows have no valid position (%s, %s) and cannot match",
+                    int((~ok).sum()), rcol, dcol)
+    radius_deg = radius_arcsec / 3600.0
+
+    schema = q.schema
+    if columns is None:
+        default = q.properties.get("hats_cols_default", "").split()
+        out_cols = [c for c in default if c in schema.names] or [c for c in schema.names if c != "latent"]
+    elif columns == "all" or columns == ["all"]:
+        out_cols = list(schema.names)
+    else:
+        out_cols = list(columns.split(",") if isinstance(columns, str) else columns)
+        out_cols = [c.strip() for c in out_cols if c.strip()]
+    phot = find_photometry_columns(ext.column_names)
+    need = ["ra", "dec"] + [f"{b}_mag{s}" for b in phot for s in ("", "_err")]
+    read_cols = out_cols + [c for c in need if c not in out_cols]
+
+    near = _pixels_near(np.mod(ext_ra[ok], 360.0), ext_dec[ok], radius_deg, q.order, q.pixels)
+    cq = replace(q, max_rows=None).select(read_cols)  # a limit applies to the output, not the candidates
+    if near is not None:
+        cq = replace(cq, pixels=tuple(sorted(near & set(q.pixels))))
+    cat = cq.to_arrow()
+    log.info("%d external rows against %d catalog rows from %d leaves", ext.num_rows, cat.num_rows,
+             len(cq._leaf_pixels()))
+
+    n = ext.num_rows
+    idx = np.zeros(n, np.int64)
+    sep = np.full(n, np.nan)
+    matched = np.zeros(n, bool)
+    if cat.num_rows and ok.any():
+        import astropy.units as u
+        from astropy.coordinates import SkyCoord
+
+        cat_c = SkyCoord(cat.column("ra").to_numpy() * u.deg, cat.column("dec").to_numpy() * u.deg)
+        ext_c = SkyCoord(ext_ra[ok] * u.deg, ext_dec[ok] * u.deg)
+        i, d2, _ = ext_c.match_to_catalog_sky(cat_c)
+        idx[ok] = i
+        sep[ok] = d2.to_value(u.arcsec)
+        matched[ok] = sep[ok] <= radius_arcsec
+    rows = np.flatnonzero(matched | keep_unmatched)
+    take = pa.array(idx[rows], mask=~matched[rows])
+    log.info("%d of %d external rows matched within %g arcsec", int(matched.sum()), n, radius_arcsec)
+
+    arrays, fields = [], []
+    cat_m = cat.take(take)
+    for name in out_cols:
+        arrays.append(cat_m.column(name))
+        fields.append(cat.schema.field(name))
+    ext_m = ext.take(pa.array(rows))
+    taken = set(out_cols)
+    for fld in ext.schema:
+        name = fld.name if fld.name not in taken else fld.name + EXTERNAL_SUFFIX
+        taken.add(name)
+        arrays.append(ext_m.column(fld.name))
+        fields.append(fld.with_name(name))
+    arrays.append(pa.array(rows, pa.int64()))
+    fields.append(_field("ext_row", pa.int64(), "", "meta.id", "Row number (0-based) in the external table"))
+    sep_out = sep[rows]
+    arrays.append(pa.array(sep_out, pa.float64(), mask=~matched[rows]))
+    fields.append(_field("separation_arcsec", pa.float64(), "arcsec", "pos.angDistance",
+                         "Great-circle distance between the catalog and external positions"))
+    if phot:
+        a, f = _excess_columns(cat_m, ext_m, phot, excess_threshold)
+        arrays += a
+        fields += f
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _field(name, type_, unit, ucd, description) -> pa.Field:
+    return pa.field(name, type_, metadata={b"unit": unit.encode(), b"ucd": ucd.encode(),
+                                           b"description": description.encode()})
+
+
+def _float(col) -> np.ndarray:
+    col = pc.cast(col, pa.float64())
+    return col.to_numpy(zero_copy_only=False) if col.null_count == 0 else col.fill_null(np.nan).to_numpy(
+        zero_copy_only=False)
+
+
+def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: float):
+    arrays, fields = [], []
+    chi2 = []
+    over = []
+    n = cat_m.num_rows
+    for b, (mcol, ecol) in phot.items():
+        m_pred, s_pred = _float(cat_m.column(f"{b}_mag")), _float(cat_m.column(f"{b}_mag_err"))
+        m_obs, s_obs = _float(ext_m.column(mcol)), _float(ext_m.column(ecol))
+        valid = (np.isfinite(m_pred) & np.isfinite(s_pred) & np.isfinite(m_obs) & np.isfinite(s_obs)
+                 & (s_obs < NON_DETECTION_SIGMA) & (s_obs >= 0) & (m_obs < NON_DETECTION_SIGMA))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ex = m_pred - m_obs
+            sig = ex / np.sqrt(s_pred ** 2 + s_obs ** 2)
+        valid &= np.isfinite(sig)
+        arrays.append(pa.array(np.where(valid, ex, 0.0), pa.float64(), mask=~valid))
+        fields.append(_field(f"{b}_excess", pa.float64(), "mag", "phot.mag;arith.diff",
+                             f"{b}_mag - {mcol}: predicted minus observed {b.upper()} (Vega); positive = brighter "
+                             "in the IR than predicted"))
+        arrays.append(pa.array(np.where(valid, sig, 0.0), pa.float64(), mask=~valid))
+        fields.append(_field(f"{b}_excess_sigma", pa.float64(), "", "stat.value;arith.ratio",
+                             f"({b}_mag - {mcol}) / sqrt({b}_mag_err^2 + {ecol}^2); positive = IR excess"))
+        chi2.append(np.where(valid, sig ** 2, np.nan))
+        over.append(np.where(valid, sig > threshold, False))
+    chi2 = np.vstack(chi2) if chi2 else np.zeros((0, n))
+    n_valid = np.isfinite(chi2).sum(0)
+    with np.errstate(invalid="ignore"):
+        chi2_n = np.where(n_valid > 0, np.nansum(chi2, 0) / np.maximum(n_valid, 1), np.nan)
+    arrays.append(pa.array(chi2_n, pa.float64(), mask=n_valid == 0))
+    fields.append(_field("chi2_n", pa.float64(), "", "stat.fit.chi2",
+                         "Mean chi^2 over the compared bands, chi = (m_pred - m_obs)/sqrt(sigma_pred^2 + sigma_obs^2)"))
+    over = np.vstack(over) if over else np.zeros((0, n), bool)
+    flag = over.any(0)
+    arrays.append(pa.array(flag, pa.bool_(), mask=n_valid == 0))
+    fields.append(_field("ir_excess", pa.bool_(), "", "meta.code",
+                         f"True if any band has excess_sigma > {threshold:g} (more IR than the optical predicts); "
+                         "null if no band could be compared"))
+    bands = list(phot)
+    names = [",".join(b for b, o in zip(bands, over[:, i]) if o) for i in range(n)]
+    arrays.append(pa.array(names, pa.string()))
+    fields.append(_field("ir_excess_bands", pa.string(), "", "meta.note",
+                         f"Bands with excess_sigma > {threshold:g}, e.g. 'w3,w4' (empty if none)"))
+    return arrays, fields

@@ -1,0 +1,228 @@
+"""Crossmatch and IR excess on a constructed case: external positions moved by known offsets,
+observed magnitudes shifted by known amounts from the predictions. Also ``catalogpred plot``."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astropy.coordinates import SkyCoord
+
+from catalogpred.cli import main
+from catalogpred.crossmatch import crossmatch, find_photometry_columns, find_radec_columns, read_external
+from catalogpred.errors import ConfigError, InputFileError
+from catalogpred.query import open_catalog, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+N_ROWS = 4000
+OFFSETS = [0.0, 0.4, 1.0, 1.49, 1.51, 2.0, 5.0]  # arcsec; radius 1.5 matches the first four
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("bench_query", REPO / "bench" / "bench_query.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path_factory.mktemp("xmatch") / "catalog"
+    bench.build_catalog(path, N_ROWS, order=2, block_rows=N_ROWS, seed=8)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows(catalog):
+    """The whole catalog (plain pyarrow), and rows chosen for the constructed case."""
+    t = pq.ParquetDataset(catalog / "dataset", partitioning=None).read()
+    return t
+
+
+def moved(ra, dec, offset_arcsec, pa_deg):
+    c = SkyCoord(ra * u.deg, dec * u.deg).directional_offset_by(pa_deg * u.deg, offset_arcsec * u.arcsec)
+    return c.ra.deg, c.dec.deg
+
+
+@pytest.fixture(scope="module")
+def constructed(rows):
+    """External table: row i is catalog row picks[i] moved by OFFSETS[i] at a random position angle."""
+    rng = np.random.default_rng(4)
+    picks = rng.choice(rows.num_rows, len(OFFSETS), replace=False)
+    ra0, dec0 = rows.column("ra").to_numpy()[picks], rows.column("dec").to_numpy()[picks]
+    ra, dec = moved(ra0, dec0, np.array(OFFSETS), rng.uniform(0, 360, len(OFFSETS)))
+    ext = {"name": [f"ext{i}" for i in range(len(OFFSETS))] + ["no-position"],
+           "ra": np.r_[ra, np.nan], "dec": np.r_[dec, np.nan]}
+    return pa.table(ext), picks
+
+
+def test_constructed_offsets(catalog, rows, constructed):
+    ext, picks = constructed
+    t = crossmatch(catalog, ext, radius_arcsec=1.5)
+    n_match = sum(o <= 1.5 for o in OFFSETS)
+    assert t.num_rows == n_match == 4
+    assert t.column("ext_row").to_pylist() == list(range(n_match))
+    want_ids = [rows.column("source_id")[int(p)].as_py() for p in picks[:n_match]]
+    assert t.column("source_id").to_pylist() == want_ids
+    np.testing.assert_allclose(t.column("separation_arcsec").to_numpy(), OFFSETS[:n_match], atol=1e-6)
+    assert t.schema.field("separation_arcsec").metadata[b"unit"] == b"arcsec"
+    assert "ra_ext" in t.column_names and "name" in t.column_names  # clashing external names get _ext
+    assert "w1_excess" not in t.column_names  # no photometry, no excess columns
+    # larger radius: all seven; keep_unmatched: every external row, unmatched with null catalog columns
+    assert crossmatch(catalog, ext, radius_arcsec=5.01).num_rows == 7
+    k = crossmatch(catalog, ext, radius_arcsec=1.5, keep_unmatched=True)
+    assert k.num_rows == len(OFFSETS) + 1 and k.column("source_id").null_count == len(OFFSETS) + 1 - n_match
+    assert k.column("separation_arcsec").to_pylist()[4:] == [None] * 4
+
+
+def test_pruned_match_equals_brute_force(catalog, rows):
+    """Positions around leaf boundaries, radii on both pruning paths: same as a match on every row."""
+    rng = np.random.default_rng(9)
+    cat_ra, cat_dec = rows.column("ra").to_numpy(), rows.column("dec").to_numpy()
+    picks = rng.choice(rows.num_rows, 300)
+    ra, dec = moved(cat_ra[picks], cat_dec[picks], rng.uniform(0, 3, 300), rng.uniform(0, 360, 300))
+    ra = np.r_[ra, rng.uniform(0, 360, 300)]
+    dec = np.r_[dec, np.degrees(np.arcsin(rng.uniform(-1, 1, 300)))]
+    ext = pa.table({"RAJ2000": ra, "DEJ2000": dec})
+    all_c = SkyCoord(cat_ra * u.deg, cat_dec * u.deg)
+    idx, d2, _ = SkyCoord(ra * u.deg, dec * u.deg).match_to_catalog_sky(all_c)
+    for radius in (2.0, 2 * 3600.0):  # neighbour-cell path, and per-source cone covers
+        t = crossmatch(catalog, ext, radius_arcsec=radius, columns="all")
+        ok = d2.to_value(u.arcsec) <= radius
+        assert t.column("ext_row").to_pylist() == np.flatnonzero(ok).tolist()
+        assert t.column("source_id").to_pylist() == rows.column("source_id").take(pa.array(idx[ok])).to_pylist()
+        assert "latent" in t.column_names
+
+
+def photometry_case(rows, picks, kind="allwise"):
+    """Observed = predicted - delta, so w?_excess = delta; known errors; some non-detections."""
+    pred = {b: rows.column(f"{b}_mag").to_numpy()[picks].astype(float) for b in ("w1", "w2", "w3", "w4")}
+    n = len(picks)
+    delta = {"w1": np.zeros(n), "w2": np.full(n, 0.1), "w3": np.r_[3.0, -3.0, 0.5, 1.0], "w4": np.r_[0.0, 0, 0, 2.5]}
+    sig = {"w1": np.full(n, 0.03), "w2": np.full(n, 0.05), "w3": np.r_[0.1, 0.1, 0.2, 0.2],
+           "w4": np.r_[99.0, np.nan, 0.3, 0.3]}
+    obs = {b: pred[b] - delta[b] for b in pred}
+    obs["w1"][2], sig["w1"][2] = np.nan, np.nan  # not detected in W1 either
+    if kind == "allwise":
+        cols = {**{f"{b}mpro": obs[b] for b in obs}, **{f"{b}sigmpro": sig[b] for b in sig}}
+    elif kind == "mag":
+        cols = {**{f"W{b[1]}_MAG": obs[b] for b in obs}, **{f"W{b[1]}_MAG_ERR": sig[b] for b in sig}}
+    else:  # VizieR II/328
+        cols = {**{f"W{b[1]}mag": obs[b] for b in obs}, **{f"e_W{b[1]}mag": sig[b] for b in sig}}
+    return cols, delta, sig
+
+
+@pytest.mark.parametrize("kind", ["allwise", "mag", "vizier"])
+def test_ir_excess_known_offsets(catalog, rows, kind):
+    picks = np.array([10, 20, 30, 40])
+    cols, delta, sig = photometry_case(rows, picks, kind)
+    ext = pa.table({"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks], **cols})
+    t = crossmatch(catalog, ext, radius_arcsec=1.0, excess_threshold=3.0)
+    assert t.column("source_id").to_pylist() == rows.column("source_id").take(pa.array(picks)).to_pylist()
+    for b in ("w1", "w2", "w3", "w4"):
+        s_pred = rows.column(f"{b}_mag_err").to_numpy()[picks].astype(float)
+        want = np.where(np.isfinite(sig[b]) & (sig[b] < 99), delta[b], np.nan)
+        if b == "w1":
+            want[2] = np.nan
+        got = np.array([np.nan if v is None else v for v in t.column(f"{b}_excess").to_pylist()])
+        np.testing.assert_allclose(got, want, atol=1e-5)  # float32 predictions
+        got_s = np.array([np.nan if v is None else v for v in t.column(f"{b}_excess_sigma").to_pylist()])
+        np.testing.assert_allclose(got_s, want / np.sqrt(s_pred ** 2 + sig[b] ** 2), rtol=1e-5)
+    # positive = brighter than predicted: row 0 (W3 3 mag brighter, sigma ~0.3-0.6) is an IR excess,
+    # row 1 (3 mag fainter) is not; the flag lists the bands beyond the threshold
+    flags = t.column("ir_excess").to_pylist()
+    chi = np.array(t.column("w3_excess_sigma").to_pylist(), float)
+    assert flags[0] is True and chi[0] > 3 and flags[1] is False and chi[1] < -3
+    assert t.column("ir_excess_bands").to_pylist()[0].startswith("w3")
+    assert t.schema.field("w3_excess").metadata[b"unit"] == b"mag"
+    assert all(v is not None for v in t.column("chi2_n").to_pylist())
+    if kind == "mag":
+        assert "w1_mag_ext" not in t.column_names and "W1_MAG" in t.column_names  # case kept, no clash
+    assert t.column("w4_excess").null_count == 2  # sigma 99 and NaN are non-detections
+
+
+def test_all_bands_missing_gives_null_flag(catalog, rows):
+    ext = pa.table({"ra": rows.column("ra").to_numpy()[:2], "dec": rows.column("dec").to_numpy()[:2],
+                    **{f"w{i}mpro": [np.nan, 15.0] for i in range(1, 5)},
+                    **{f"w{i}sigmpro": [np.nan, 0.1] for i in range(1, 5)}})
+    t = crossmatch(catalog, ext, radius_arcsec=1.0)
+    assert t.column("ir_excess").to_pylist()[0] is None and t.column("chi2_n").to_pylist()[0] is None
+    assert t.column("ir_excess").to_pylist()[1] is not None
+
+
+def test_read_external_formats(tmp_path, catalog, rows, constructed):
+    ext, _ = constructed
+    ext = ext.slice(0, len(OFFSETS))  # FITS/VOTable need no-null strings; NaN positions stay in CSV/Parquet
+    base = crossmatch(catalog, ext, radius_arcsec=1.5)
+    for name in ("ext.csv", "ext.parquet", "ext.fits", "ext.vot", "ext.data"):
+        path = tmp_path / name
+        write_table(ext, path if not name.endswith(".data") else path, ".csv" if name.endswith(".data") else None)
+        back = read_external(path)
+        assert back.num_rows == ext.num_rows
+        t = crossmatch(catalog, path, radius_arcsec=1.5)
+        assert t.column("source_id").to_pylist() == base.column("source_id").to_pylist(), name
+    with pytest.raises(InputFileError, match="no such file"):
+        read_external(tmp_path / "missing.csv")
+
+
+def test_column_guessing():
+    assert find_radec_columns(["RAJ2000", "DEJ2000", "x"]) == ("RAJ2000", "DEJ2000")
+    assert find_radec_columns(["PLUG_RA", "PLUG_DEC"]) == ("PLUG_RA", "PLUG_DEC")
+    assert find_radec_columns(["a", "b"], "A", "b") == ("a", "b")
+    with pytest.raises(ConfigError, match="--ra-col"):
+        find_radec_columns(["x", "y"])
+    assert find_photometry_columns(["W1MPRO", "W1SIGMPRO", "w2mpro"]) == {"w1": ("W1MPRO", "W1SIGMPRO")}
+    assert set(find_photometry_columns(["w3_mag", "w3_mag_err", "W4mag", "e_W4mag"])) == {"w3", "w4"}
+
+
+def test_cli_crossmatch(catalog, rows, tmp_path, capsys):
+    from astropy.table import QTable
+
+    picks = np.array([10, 20, 30, 40])
+    cols, _, _ = photometry_case(rows, picks)
+    ext = pa.table({"RA_deg": rows.column("ra").to_numpy()[picks], "Dec_deg": rows.column("dec").to_numpy()[picks],
+                    **cols})
+    src = tmp_path / "allwise.parquet"
+    pq.write_table(ext, src)
+    out = tmp_path / "matched.fits"
+    assert main(["crossmatch", str(catalog), str(src), "--radius", "1.5", "-o", str(out)]) == 0
+    t = QTable.read(out)
+    assert len(t) == 4 and t["separation_arcsec"].unit == u.arcsec and t["w1_mag"].unit == u.mag
+    assert t["w3_excess"].unit == u.mag and bool(t["ir_excess"][0])
+    capsys.readouterr()
+    assert main(["crossmatch", str(catalog), str(src), "--excess-only", "--columns", "source_id,w3_mag"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("source_id,w3_mag,RA_deg") and len(lines) == 1 + 1
+    assert main(["crossmatch", str(catalog), str(src), "--excess-threshold", "100", "--excess-only"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1  # header only
+    nopos = tmp_path / "nopos.csv"
+    nopos.write_text("x,y\n1,2\n")
+    assert main(["crossmatch", str(catalog), str(nopos)]) == 1
+    assert "--ra-col" in capsys.readouterr().err
+    assert main(["crossmatch", str(catalog), str(nopos), "--ra-col", "x", "--dec-col", "y", "--excess-only"]) == 1
+    assert "--excess-only needs observed W1-W4" in capsys.readouterr().err
+
+
+def test_cli_plot(catalog, rows, tmp_path, capsys):
+    picks = np.arange(0, 400, 3)
+    cols, _, _ = photometry_case(rows, np.resize(picks, 4))
+    ext = pa.table({"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks],
+                    **{k: np.resize(v, len(picks)) for k, v in cols.items()}})
+    src = tmp_path / "obs.parquet"
+    pq.write_table(ext, src)
+    assert main(["plot", str(catalog), "-o", str(tmp_path / "plots"), "--external", str(src)]) == 0
+    paths = capsys.readouterr().out.split()
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["colour_colour.png", "magnitudes.png", "predicted_vs_observed.png", "sky_density.png"]
+    for p in paths:
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_query_object_is_the_candidate_set(catalog, rows):
+    """A CatalogQuery passed to crossmatch restricts the candidates (its where applies)."""
+    picks = np.arange(50)
+    ext = pa.table({"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks]})
+    t = crossmatch(open_catalog(catalog).where("z < 0.2"), ext, radius_arcsec=0.5)
+    z = rows.column("z").to_numpy()[picks]
+    assert t.column("ext_row").to_pylist() == np.flatnonzero(z < 0.2).tolist()

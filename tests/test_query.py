@@ -1,0 +1,314 @@
+"""Queries on a real (synthetic) HATS catalog written by the catalog code: results equal brute force.
+
+The catalog is built once per module with ``bench/bench_query.py::build_catalog`` (the same
+``write_fragment`` + ``finalize_catalog`` path as ``predict``), at HEALPix order 3 so that leaf
+pruning matters, with rows crowded around RA 0/360, the poles and leaf corners.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catalogpred.cli import COMMANDS, main
+from catalogpred.errors import CatalogError, ConfigError
+from catalogpred.query import Box, Cone, angular_separation_deg, format_table, open_catalog, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+N_ROWS = 12_000
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_query", REPO / "bench" / "bench_query.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def synthetic_positions(n: int, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    k = n // 4
+    ra = np.r_[rng.uniform(0, 360, n - 3 * k), rng.normal(0, 2, k) % 360, rng.uniform(0, 360, k),
+               rng.normal(45, 1.0, k) % 360]
+    dec = np.r_[np.degrees(np.arcsin(rng.uniform(-1, 1, n - 3 * k))), rng.uniform(-10, 10, k),
+                np.where(rng.random(k) < 0.5, 1, -1) * rng.uniform(80, 90, k), rng.normal(0, 1.0, k)]
+    return ra, np.clip(dec, -90, 90)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    path = tmp_path_factory.mktemp("query") / "catalog"
+    ra, dec = synthetic_positions(N_ROWS)
+    load_bench().build_catalog(path, N_ROWS, order=3, block_rows=N_ROWS, ra=ra, dec=dec)
+    return path
+
+
+@pytest.fixture(scope="module")
+def everything(catalog) -> pa.Table:
+    """The whole catalog, read with plain pyarrow (the brute-force reference)."""
+    return pq.ParquetDataset(catalog / "dataset", partitioning=None).read()
+
+
+def ids(table) -> list[str]:
+    return sorted(table.column("source_id").to_pylist())
+
+
+def brute_cone(t, ra, dec, r_deg):
+    sep = angular_separation_deg(ra, dec, t.column("ra").to_numpy(), t.column("dec").to_numpy())
+    return t.filter(pa.array(sep <= r_deg))
+
+
+def brute_box(t, ra0, ra1, d0, d1):
+    ra, dec = t.column("ra").to_numpy(), t.column("dec").to_numpy()
+    in_ra = (ra >= ra0) & (ra <= ra1) if ra0 <= ra1 else (ra >= ra0) | (ra <= ra1)
+    return t.filter(pa.array(in_ra & (dec >= d0) & (dec <= d1)))
+
+
+CONES = [(0.0, 0.0, 3600), (359.5, 1.0, 7200), (0.3, -5.0, 600), (45.0, 0.0, 1800), (123.0, 89.9, 3 * 3600),
+         (10.0, -90.0, 5 * 3600), (200.0, 30.0, 20 * 3600), (45.0, 0.0, 10.0), (300.0, -60.0, 100 * 3600),
+         (12.0, 5.0, 185 * 3600)]
+
+
+@pytest.mark.parametrize("ra,dec,r", CONES)
+def test_cone_equals_brute_force(catalog, everything, ra, dec, r):
+    q = open_catalog(catalog).cone(ra, dec, r)
+    got = q.to_arrow()
+    want = brute_cone(everything, ra, dec, r / 3600)
+    assert ids(got) == ids(want)
+    if r < 180 * 3600:
+        assert len(q.files()) <= len(open_catalog(catalog).files())
+    if r <= 7200:  # small cones read few leaves
+        assert len(q._leaf_pixels()) < len(q.pixels) / 4
+
+
+def test_cone_random_many(catalog, everything):
+    rng = np.random.default_rng(11)
+    cat = open_catalog(catalog)
+    for _ in range(25):
+        ra, dec, r = rng.uniform(0, 360), np.degrees(np.arcsin(rng.uniform(-1, 1))), rng.uniform(1, 8 * 3600)
+        assert ids(cat.cone(ra, dec, r).select("source_id,ra").to_arrow()) == ids(brute_cone(everything, ra, dec, r / 3600))
+
+
+def test_cone_quantity_radius_and_centre(catalog):
+    cat = open_catalog(catalog)
+    a = cat.cone(45.0, 0.0, 1800).to_arrow()
+    assert ids(cat.cone(45 * u.deg, 0 * u.deg, 0.5 * u.deg).to_arrow()) == ids(a)
+    assert ids(cat.cone(45.0, 0.0, radius=30 * u.arcmin).to_arrow()) == ids(a)
+    assert ids(cat.cone(405.0, 0.0, 1800).to_arrow()) == ids(a)  # RA wraps
+    assert a.num_rows > 20
+
+
+@pytest.mark.parametrize("box", [(10, 50, -20, 20), (350, 10, -5, 5), (355, 2, -90, 90), (0, 360, 80, 90),
+                                 (-10, 10, -3, 3), (44, 46, -1, 1), (170, 190, -90, -85), (0, 360, -90, 90),
+                                 (359.9, 0.1, -10, 10), (120, 121, 0, 0.5)])
+def test_box_equals_brute_force(catalog, everything, box):
+    ra0, ra1, d0, d1 = box
+    q = open_catalog(catalog).box(*box)
+    want = brute_box(everything, ra0 % 360 if ra1 - ra0 < 360 else 0, ra1 % 360 if ra1 - ra0 < 360 else 360, d0, d1)
+    assert ids(q.to_arrow()) == ids(want)
+    if (ra1 - ra0) % 360 <= 20 and d1 - d0 <= 20:
+        assert len(q._leaf_pixels()) < len(q.pixels) / 2
+
+
+def test_box_wraps_through_zero(catalog, everything):
+    t = open_catalog(catalog).box(350, 10, -5, 5).select("ra,dec").to_arrow()
+    ra = t.column("ra").to_numpy()
+    assert t.num_rows > 100 and ((ra >= 350) | (ra <= 10)).all() and (ra > 355).any() and (ra < 5).any()
+
+
+def test_where_equals_brute_force(catalog, everything):
+    cat = open_catalog(catalog)
+    df = everything.to_pandas()
+    got = cat.where("w1_mag - w2_mag > 0.2").where("flags == 0 and survey == 'sdss'").to_arrow()
+    want = df[(df.w1_mag - df.w2_mag > 0.2) & (df["flags"] == 0) & (df.survey == "sdss")]
+    assert ids(got) == sorted(want.source_id) and len(want) > 100
+    # cone + box + where together, only some columns: still the brute-force rows
+    q = cat.cone(0.0, 0.0, 4 * 3600).box(355, 3, -3, 3).where("z < 0.2").select(["source_id", "w3_mag"])
+    ref = brute_box(brute_cone(everything, 0, 0, 4), 355, 3, -3, 3).to_pandas()
+    got = q.to_arrow()
+    assert got.column_names == ["source_id", "w3_mag"]
+    assert ids(got) == sorted(ref[ref.z < 0.2].source_id) and got.num_rows > 5
+
+
+def test_select_limit_count_id(catalog, everything):
+    cat = open_catalog(catalog)
+    t = cat.select("source_id, ra ,w1_mag").limit(7).to_arrow()
+    assert t.column_names == ["source_id", "ra", "w1_mag"] and t.num_rows == 7
+    assert cat.limit(0).to_arrow().num_rows == 0
+    assert cat.where("z < 0.1").count() == int((everything.column("z").to_numpy() < 0.1).sum())
+    some = everything.column("source_id").to_pylist()[::997][:5]
+    got = cat.id(some).to_arrow()
+    assert ids(got) == sorted(some) and got.column_names == everything.column_names
+    assert cat.id(some[0]).select("source_id,z").to_arrow().num_rows == 1
+    assert cat.id("sdss-nope").to_arrow().num_rows == 0
+    with pytest.raises(ConfigError, match="unknown columns"):
+        cat.select("nope")
+    with pytest.raises(ConfigError, match="cannot evaluate"):
+        cat.cone(10, 89, 1).where("nope > 1").to_arrow()  # checked even when the region is empty
+    with pytest.raises(ConfigError, match="radius"):
+        cat.cone(10, 0, -1)
+    with pytest.raises(ConfigError, match="dec"):
+        cat.box(0, 10, 20, 10)
+    with pytest.raises(CatalogError, match="hats.properties"):
+        open_catalog(catalog.parent)
+
+
+def test_units_survive_selection(catalog):
+    t = open_catalog(catalog).cone(0, 0, 3600).select("ra,w1_mag,norm").to_astropy()
+    assert t["ra"].unit == u.deg and t["w1_mag"].unit == u.mag
+    assert "Vega" in t["w1_mag"].info.description
+
+
+def test_sql_equals_brute_force(catalog, everything):
+    cat = open_catalog(catalog)
+    n = cat.sql("SELECT count(*) AS n FROM catalog").column("n")[0].as_py()
+    assert n == everything.num_rows
+    q = cat.cone(359.5, 1.0, 7200)
+    got = q.sql("SELECT source_id, w1_mag FROM catalog ORDER BY source_id")
+    assert got.column("source_id").to_pylist() == ids(brute_cone(everything, 359.5, 1.0, 2))
+    assert got.schema.field("w1_mag").metadata[b"unit"] == b"mag"  # units come back on catalog columns
+    q = cat.box(350, 10, -5, 5).where("flags == 0")
+    assert sorted(q.sql("SELECT source_id FROM catalog").column("source_id").to_pylist()) == ids(q.to_arrow())
+    agg = cat.sql("SELECT survey, count(*) AS n FROM catalog GROUP BY survey ORDER BY survey").to_pylist()
+    assert [r["survey"] for r in agg] == ["desi", "sdss"] and sum(r["n"] for r in agg) == N_ROWS
+    # the view holds only the pruned files: a cone's SQL reads a fraction of them
+    assert len(q.files()) < len(cat.files())
+    assert cat.cone(10, 89, 1).sql("SELECT count(*) AS n FROM catalog").column("n")[0].as_py() == 0
+    with pytest.raises(ConfigError, match="SQL failed"):
+        cat.sql("SELECT nope FROM catalog")
+
+
+def test_to_lsdb_matches(catalog):
+    pytest.importorskip("lsdb")
+    cat = open_catalog(catalog)
+    for q in (cat.cone(0.3, -1.0, 3 * 3600), cat.box(350, 10, -5, 5).where("z < 0.3").select("source_id,z")):
+        lz = q.to_lsdb().compute()
+        assert sorted(lz["source_id"]) == ids(q.to_arrow())
+    assert list(cat.select("source_id,z").to_lsdb().columns)[:2] == ["source_id", "z"]
+
+
+@pytest.mark.parametrize("ext", [".fits", ".vot", ".parquet", ".csv"])
+def test_exports_keep_units(catalog, tmp_path, ext):
+    from astropy.table import QTable
+
+    t = open_catalog(catalog).cone(45.0, 0.0, 1800).to_arrow()
+    dest = tmp_path / f"out{ext}"
+    write_table(t, dest)
+    with pytest.raises(CatalogError, match="overwrite"):
+        write_table(t, dest, overwrite=False)
+    if ext == ".csv":
+        lines = dest.read_text().splitlines()
+        assert lines[0].split(",")[:4] == ["source_id", "survey", "ra", "dec"] and "latent_5" in lines[0]
+        assert len(lines) == t.num_rows + 1
+        return
+    if ext == ".parquet":
+        back = pq.read_table(dest)
+        assert back.schema.field("w1_mag").metadata[b"unit"] == b"mag" and back.num_rows == t.num_rows
+        return
+    back = QTable.read(dest)
+    assert len(back) == t.num_rows
+    assert back["ra"].unit == u.deg and back["w1_mag"].unit == u.mag and back["w4_mag_err"].unit == u.mag
+    assert back["norm"].unit.is_equivalent(u.erg / u.s / u.cm ** 2 / u.AA)
+    assert back["latent"].shape == (t.num_rows, 6)
+    np.testing.assert_allclose(back["ra"].value, t.column("ra").to_numpy())
+    assert list(back["source_id"]) == t.column("source_id").to_pylist()
+    if ext == ".vot":
+        from astropy.io.votable import parse_single_table
+
+        fields = {f.name: f for f in parse_single_table(dest).fields}
+        assert fields["ra"].ucd == "pos.eq.ra;meta.main" and "Vega" in fields["w1_mag"].description
+
+
+def test_format_table_aligned(catalog):
+    t = open_catalog(catalog).select("source_id,ra,dec,w1_mag,latent,flags").limit(3).to_arrow()
+    lines = format_table(t).splitlines()
+    assert lines[0].split() == ["source_id", "ra", "dec", "w1_mag", "latent", "flags"]
+    assert lines[1].split() == ["deg", "deg", "mag"] and set(lines[2]) <= {"-", " "}
+    assert len(lines) == 6 and len({len(x) for x in lines[2:]}) <= 3
+    assert lines[3].index(f"{t.column('ra')[0].as_py():.6f}") + len(f"{t.column('ra')[0].as_py():.6f}") \
+        == lines[0].index("ra") + 2  # numbers are right-aligned under their header
+
+
+def test_regions_are_plain_values():
+    assert Cone(10, 20, 1.0).contains(np.array([10.0, 12.0]), np.array([20.5, 20.0])).tolist() == [True, False]
+    assert Box(350, 10, -1, 1).contains(np.array([355.0, 5.0, 20.0]), np.zeros(3)).tolist() == [True, True, False]
+    assert Box(0, 360, 60, 90).cover(0, range(12)) == {0, 1, 2, 3}  # the northern base pixels
+    assert Cone(0, 0, 181).cover(2, range(192)) == set(range(192))
+    assert Cone(0, 0, 0.1).cover(0, range(12)) == {4} and Box(40, 50, -1, 1).cover(1, []) == set()
+
+
+# --------------------------------------------------------------------------- CLI
+def test_every_command_has_help_with_example(capsys):
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "example" in out and f"catalogpred {cmd}" in out, cmd
+
+
+def test_cli_query_csv_when_piped(catalog, everything, capsys):
+    assert main(["query", str(catalog), "--cone", "0", "0", "1deg", "--columns", "source_id,ra,dec,w1_mag"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "source_id,ra,dec,w1_mag"
+    assert sorted(line.split(",")[0] for line in out[1:]) == ids(brute_cone(everything, 0, 0, 1))
+    assert main(["query", str(catalog), "--box", "350", "10", "-5", "5", "--limit", "4", "--columns", "ra"]) == 0
+    ra = [float(x) for x in capsys.readouterr().out.splitlines()[1:]]
+    assert len(ra) == 4 and all(r >= 350 or r <= 10 for r in ra)
+
+
+def test_cli_query_table_sql_id(catalog, everything, capsys):
+    some = everything.column("source_id")[5].as_py()
+    assert main(["query", str(catalog), "--id", some, "--columns", "source_id,z", "--format", "table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["source_id", "z"] and lines[2].split()[0] == some and len(lines) == 3
+    assert main(["query", str(catalog), "--cone", "45", "0", "1800", "--sql",
+                 "SELECT survey, count(*) AS n FROM catalog GROUP BY survey ORDER BY survey"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "survey,n"
+    assert sum(int(x.split(",")[1]) for x in out[1:]) == brute_cone(everything, 45, 0, 0.5).num_rows
+    assert main(["query", str(catalog), "--id", "sdss-nope"]) == 1
+    assert "no row with source_id sdss-nope" in capsys.readouterr().err
+    assert main(["query", str(catalog), "--where", "nope > 1"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "columns:" in err and "Traceback" not in err
+    assert main(["query", str(catalog), "--cone", "1", "2", "big"]) == 1
+    assert "angle" in capsys.readouterr().err
+
+
+def test_cli_query_outputs(catalog, tmp_path, capsys):
+    from astropy.table import QTable
+
+    for ext in (".fits", ".vot", ".parquet", ".csv"):
+        dest = tmp_path / f"agn{ext}"
+        assert main(["query", str(catalog), "--cone", "0", "0", "3600", "--where", "w1_mag - w2_mag > 0.1",
+                     "-o", str(dest)]) == 0
+        assert dest.exists()
+        if ext in (".fits", ".vot"):
+            t = QTable.read(dest)
+            assert t["w1_mag"].unit == u.mag and ((t["w1_mag"] - t["w2_mag"]).value > 0.1).all()
+    assert main(["query", str(catalog), "-o", str(tmp_path / "agn.fits")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["query", str(catalog), "--limit", "3", "-o", str(tmp_path / "agn.fits"), "--overwrite"]) == 0
+    assert main(["query", str(catalog), "-o", str(tmp_path / "x.txt")]) == 1
+    assert "unknown output format" in capsys.readouterr().err
+
+
+def test_cli_info(catalog, capsys):
+    assert main(["info", str(catalog), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == N_ROWS and set(info["rows_per_survey"]) == {"sdss", "desi"}
+    assert sum(info["rows_per_survey"].values()) == N_ROWS
+    assert info["order"] == 3 and 0 < info["area_deg2"]["moc"] <= 41253 and info["area_deg2"]["moc_order"] == 8
+    cols = {c["name"]: c for c in info["columns"]}
+    assert cols["w1_mag"]["unit"] == "mag" and "Vega" in cols["w1_mag"]["description"]
+    assert cols["latent"]["type"] == "float32[6]"
+    assert main(["info", str(catalog)]) == 0
+    out = capsys.readouterr().out
+    assert "rows      12,000" in out and "desi" in out and "deg2" in out and "w1_mag" in out
