@@ -207,18 +207,25 @@ def cached_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
 def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256, precision: str = "fp32",
            device: str = "cpu") -> np.ndarray:
     """Latents float32 [n, S] of normalised spectra ``flux`` float32 [n, n_pix] (see :func:`infer`)."""
+    return _encode_on_device(encoder, flux, batch_size=batch_size, precision=precision, device=device).cpu().numpy()
+
+
+def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int, precision: str,
+                      device: str) -> torch.Tensor:
+    """Latents as a float32 tensor on ``device``: the block moves there once (one host-to-device copy
+    on CUDA; on the CPU the batches are views of ``flux``), then batches are slices of it."""
     if precision not in ("fp32", "bf16"):
         raise BundleError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if flux.ndim != 2 or flux.shape[1] != encoder.n_pix:
         raise BundleError(f"flux has shape {flux.shape}, the encoder expects [n, {encoder.n_pix}]")
-    out = np.empty((flux.shape[0], encoder.n_latent), np.float32)
     dev_type = torch.device(device).type
+    x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32)).to(device)
     with torch.inference_mode():
+        out = torch.empty((flux.shape[0], encoder.n_latent), dtype=torch.float32, device=x.device)
         for lo in range(0, flux.shape[0], batch_size):
-            y = torch.from_numpy(np.ascontiguousarray(flux[lo:lo + batch_size], dtype=np.float32)).to(device)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                s = encoder(y)
-            out[lo:lo + len(y)] = s.float().cpu().numpy()
+                s = encoder(x[lo:lo + batch_size])
+            out[lo:lo + len(s)] = s.float()
     return out
 
 
@@ -244,12 +251,13 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
     if flux.ndim != 2 or flux.shape[1] != model.info.grid.n_pix:
         raise BundleError(f"flux has shape {flux.shape}, the model expects [n, {model.info.grid.n_pix}] "
                           f"({model.info.grid.name} grid)")
-    lat = encode(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device)
+    lat_dev = _encode_on_device(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device)
+    lat = lat_dev.cpu().numpy()
     ood = ood_score(lat, model.info.ood) if (with_ood and model.info.ood) else None
     if model.head is None:
         return (lat, None, None, ood) if with_ood else (lat, None, None)
     with torch.inference_mode():
-        x = head_features(torch.from_numpy(lat).to(model.device),
+        x = head_features(lat_dev,  # latents stay on the device for the head
                           torch.as_tensor(np.array(z, np.float32), device=model.device),
                           torch.as_tensor(np.array(norm, np.float32), device=model.device))
         mean, sigma = model.head(x)

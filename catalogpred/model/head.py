@@ -79,6 +79,8 @@ class HeadEnsemble(nn.Module):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
+        #: per-band factor on σ fitted on the validation split (post-hoc calibration; 1 = none)
+        self.register_buffer("sigma_scale", torch.ones(members[0].n_bands))
 
     def config(self) -> dict:
         return {**self.members[0].config(), "n_members": len(self.members)}
@@ -89,7 +91,7 @@ class HeadEnsemble(nn.Module):
         sg = torch.stack([o[1] for o in outs])
         mean = mu.mean(0)
         var = (sg**2 + mu**2).mean(0) - mean**2
-        return mean, torch.sqrt(var.clamp(min=SIGMA_FLOOR_MAG**2))
+        return mean, torch.sqrt(var.clamp(min=SIGMA_FLOOR_MAG**2)) * self.sigma_scale
 
 
 def build_head(config: dict) -> nn.Module:

@@ -1,0 +1,145 @@
+"""Encoder inference speed: catalogpred's fp32 and bf16 paths against the reference eager fp32 pass.
+
+    python bench/bench_model.py            # 1,024 SDSS-grid spectra per measurement, 3 repeats
+    python bench/bench_model.py --quick    # 256 spectra, 1 repeat
+
+Reference (issue 4): the straightforward fp32 eager forward pass of the same architecture, batch 256,
+``torch.inference_mode`` — spender 0.3's own ``SpectrumEncoder`` when the package is installed (the
+test extra installs it), else catalogpred's module in plain eager mode. Same weights, same inputs,
+same thread count, measured in the same run (interleaved, best of the repeats).
+
+Reported: spectra/s, ratio to the reference, latent max relative error against the reference,
+predicted-magnitude difference bf16 vs fp32 (through a head), and achieved GFLOP/s against a nominal
+peak of this CPU (cores × clock × 32 fp32 FLOP/cycle for AVX2 with two FMA units; a rough upper bound).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from catalogpred.model.bundle import encode  # noqa: E402
+from catalogpred.model.encoder import SpectrumEncoder, encoder_flops  # noqa: E402
+from catalogpred.model.head import IRHead, head_features  # noqa: E402
+from catalogpred.spectra import SDSS_GRID  # noqa: E402
+
+BATCH = 256
+
+
+def _reference(ours: SpectrumEncoder):
+    try:
+        import spender
+        from spender.instrument import Instrument
+
+        ref = spender.SpectrumEncoder(Instrument(torch.tensor(SDSS_GRID.wave, dtype=torch.float32)), ours.n_latent)
+        ref.load_state_dict(ours.state_dict(), strict=False)
+        return ref.eval(), "spender 0.3 SpectrumEncoder, eager fp32"
+    except ImportError:
+        ref = SpectrumEncoder(n_latent=ours.n_latent, n_pix=ours.n_pix)
+        ref.load_state_dict(ours.state_dict())
+        return ref.eval(), "catalogpred SpectrumEncoder, plain eager fp32 (spender not installed)"
+
+
+def _ref_encode(model, y):
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(y), BATCH):
+            out.append(model(torch.from_numpy(y[lo:lo + BATCH])).numpy())
+    return np.concatenate(out)
+
+
+def _nominal_peak_gflops(threads: int) -> tuple[float, str]:
+    mhz = None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.lower().startswith("cpu mhz"):
+                mhz = float(line.split(":")[1])
+                break
+    except OSError:
+        pass
+    mhz = mhz or 2500.0
+    return threads * mhz / 1e3 * 32, f"{threads} cores x {mhz / 1e3:.2f} GHz x 32 FLOP/cycle (AVX2, 2 FMA)"
+
+
+def run(quick: bool = False) -> list[dict]:
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    n = 256 if quick else 1024
+    repeats = 1 if quick else 3
+    rng = np.random.default_rng(0)
+    # spectrum-like inputs: smooth continuum + lines + noise, normalised to ~1
+    lam = SDSS_GRID.wave
+    y = (1 + 0.3 * np.sin(lam[None, :] / rng.uniform(300, 900, (n, 1))) + rng.normal(0, 0.1, (n, lam.size))).astype(np.float32)
+    ours = SpectrumEncoder().eval()
+    ref, ref_name = _reference(ours)
+    head = IRHead().eval()
+    _ref_encode(ref, y[:BATCH]), encode(ours, y[:BATCH]), encode(ours, y[:BATCH], precision="bf16")  # warm up
+    times = {"ref": [], "fp32": [], "bf16": []}
+    for _ in range(repeats):
+        t = time.perf_counter(); lat_ref = _ref_encode(ref, y); times["ref"].append(time.perf_counter() - t)
+        t = time.perf_counter(); lat32 = encode(ours, y, batch_size=BATCH); times["fp32"].append(time.perf_counter() - t)
+        t = time.perf_counter(); lat16 = encode(ours, y, batch_size=BATCH, precision="bf16"); times["bf16"].append(time.perf_counter() - t)
+    rate = {k: n / min(v) for k, v in times.items()}
+    scale = np.max(np.abs(lat_ref))
+    err32 = float(np.max(np.abs(lat32 - lat_ref)) / scale)
+    err16 = float(np.max(np.abs(lat16 - lat_ref)) / scale)
+    z = torch.full((n,), 0.1)
+    norm = torch.full((n,), 10.0)
+    with torch.inference_mode():
+        m32, _ = head(head_features(torch.from_numpy(lat32), z, norm))
+        m16, _ = head(head_features(torch.from_numpy(lat16), z, norm))
+    dmag = float((m32 - m16).abs().max())
+    flops = encoder_flops(SDSS_GRID.n_pix)
+    peak, peak_note = _nominal_peak_gflops(threads)
+    rows = [
+        {"name": "encoder reference (eager fp32)", "value": rate["ref"], "unit": "spectra/s", "baseline": None,
+         "ratio": None, "target": None, "note": ref_name},
+        {"name": "encoder fp32 (catalogpred)", "value": rate["fp32"], "unit": "spectra/s", "baseline": rate["ref"],
+         "ratio": rate["fp32"] / rate["ref"], "target": ">= 1.0x, latents = ref to 1e-5",
+         "pass": rate["fp32"] / rate["ref"] >= 0.95 and err32 <= 1e-5, "note": f"latent max rel err {err32:.1e}"},
+        {"name": "encoder bf16 autocast", "value": rate["bf16"], "unit": "spectra/s", "baseline": rate["ref"],
+         "ratio": rate["bf16"] / rate["ref"], "target": ">= 1.8x, err <= 1%, dmag <= 0.02",
+         "pass": rate["bf16"] / rate["ref"] >= 1.8 and err16 <= 0.01 and dmag <= 0.02,
+         "note": f"latent max rel err {err16:.2%}, max |dmag| {dmag:.3f}"},
+        {"name": "achieved fp32 GFLOP/s", "value": rate["fp32"] * flops / 1e9, "unit": "GFLOP/s", "baseline": peak,
+         "ratio": rate["fp32"] * flops / 1e9 / peak, "target": None, "note": f"nominal peak: {peak_note}"},
+    ]
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    def f(v):
+        if v is None:
+            return ""
+        if isinstance(v, bool):
+            return "yes" if v else "NO"
+        return f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 100 else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    head = ["benchmark", "value", "unit", "baseline", "ratio", "target", "pass", "note"]
+    body = [[r["name"], f(r["value"]), r["unit"], f(r.get("baseline")), f(r.get("ratio")), r.get("target") or "",
+             f(r.get("pass")), r.get("note", "")] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    args = p.parse_args(argv)
+    print(format_rows(run(args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
