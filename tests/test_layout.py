@@ -10,6 +10,10 @@ CASES = {
     "catalogpred.store": ["dask", "distributed", "torch"],
     "catalogpred.catalog": ["dask", "distributed", "torch"],
     "catalogpred.query": ["distributed", "torch"],
+    "catalogpred.crossmatch": ["distributed", "torch"],
+    "catalogpred.plots": ["distributed", "torch"],
+    "catalogpred.redshifts": ["dask", "distributed", "torch"],
+    "catalogpred.model.ood": ["dask", "distributed", "torch"],
     "catalogpred.model.bundle": ["dask", "distributed"],
     "catalogpred.cli": ["torch", "distributed", "zarr"],  # the CLI starts fast: heavy imports happen in commands
 }
