@@ -130,10 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("ingest", "Read survey files into a chunked, compressed Zarr store.")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, or @filelist.txt")
     s.add_argument("--store", required=True, help="Zarr store directory (created if missing)")
-    s.add_argument("--survey", default="auto", help="reader to use (sdss, desi, pfs) or 'auto' to detect by content (default)")
+    s.add_argument("--survey", default="auto",
+                   help="reader to use (sdss, sdss-plate, desi, pfs) or 'auto' to detect by content (default); "
+                        "SDSS spec and spPlate files share the store group 'sdss'")
     s.add_argument("--redshifts", default=None,
                    help="redshift table (FITS/Parquet/CSV with TARGETID or catId/objId and Z) overriding redrock/"
-                        "pfsCoZCandidates files; e.g. a DESI zpix catalog")
+                        "pfsCoZCandidates files; e.g. a DESI zpix catalog; for spPlate files a specObj/spAll table "
+                        "(PLATE, MJD, FIBERID, Z), else the one beside the plates is used")
     sel = s.add_argument_group("selection (multi-object surveys; excluded spectra go to the rejects table)")
     sel.add_argument("--keep-sky", action="store_true", help="keep sky fibres")
     sel.add_argument("--keep-unassigned", action="store_true", help="keep unassigned fibres (negative TARGETID)")
@@ -154,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--surveys", default=None, help="comma-separated survey groups to predict (default: all)")
     s.add_argument("--catalog", required=True, help="output catalog directory")
     s.add_argument("--overwrite", action="store_true", help="delete an existing catalog first (default: resume)")
-    s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="inference precision (default fp32)")
-    s.add_argument("--batch-size", type=int, default=256, help="spectra per forward pass (default 256)")
+    s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="inference precision: bf16 = autocast in the encoder, the fast choice on GPUs (default fp32)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when NVML sees a GPU here (or, with --scheduler, when workers offer the GPU "
+                        "resource), else cpu; cuda starts one dask-cuda worker per GPU (needs the [gpu] extra)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="spectra per forward pass (default 64 on CPUs, where it bounds worker memory; 2048 on GPUs)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -247,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("demo", "End to end on a mock SDSS survey (what `make demo` runs).")
     s.add_argument("--output", default="demo-output", help="output directory (default demo-output)")
-    s.add_argument("--n-spectra", type=int, default=2000, help="mock spectra to generate (default 2000)")
+    s.add_argument("--n-spectra", type=int, default=2000, help="mock SDSS spectra to generate (default 2000)")
+    s.add_argument("--surveys", default="sdss,desi,pfs", help="mock surveys: any of sdss,desi,pfs (default all three)")
     s.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     s.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -300,13 +309,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
 
-def _client(args):
+def _client(args, device: str = "cpu"):
     from .cluster import dask_client
 
     _quiet_dask(args)
 
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                       wait_workers=args.wait_workers)
+                       wait_workers=args.wait_workers, device=device)
 
 
 def _progress(args):
@@ -349,7 +358,12 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .cluster import resolve_device
     from .pipeline import run_predict
+
+    # local cluster: auto -> cuda if NVML (no CUDA context) sees a GPU; an existing cluster: from its workers' resources
+    local = not (args.scheduler or args.scheduler_file)
+    device = resolve_device(args.device) if local else args.device
 
     if args.dry_run:
         from . import store
@@ -358,18 +372,19 @@ def cmd_predict(args) -> int:
         infos = [read_bundle_info(m) for m in args.model]
         plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
-                "catalog": args.catalog}
+                "catalog": args.catalog, "device": device}
         print(json.dumps(plan, indent=2))
         return 0
-    with _client(args) as client:
+    with _client(args, device=device if local else "cpu") as client:
         summary = run_predict(args.store, args.model, args.catalog, client=client, overwrite=args.overwrite,
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
-                              torch_threads=args.torch_threads, progress=_progress(args),
+                              torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=args.surveys.split(",") if args.surveys else None)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:
-        log.error("--strict: %d spectra rejected", summary.rejects)
+        log.error("--strict: %d spectra rejected%s", summary.rejects,
+                  f" ({summary.blocks_failed} blocks failed on every retry: predict_error)" if summary.blocks_failed else "")
         return 1
     return 0
 
@@ -535,6 +550,7 @@ def cmd_demo(args) -> int:
     _quiet_dask(args)
 
     run_demo(args.output, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
+             surveys=tuple(x.strip() for x in args.surveys.split(",")),
              progress=False if args.no_progress else None)
     return 0
 

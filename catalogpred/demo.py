@@ -100,9 +100,53 @@ def _dask_mapper(client):
     return mapper
 
 
+def _desi_demo_photometry(desi, path) -> Path:
+    """Mock AllWISE photometry of the DESI mock galaxies, keyed by TARGETID."""
+    from .mock import photometry_table
+
+    objs, tids = [], []
+    for plan in desi.files:
+        for obj, role, tid in zip(plan.objects, plan.roles, plan.targetids):
+            if role == "galaxy" and obj is not None:
+                objs.append(obj)
+                tids.append(int(tid))
+    t = photometry_table(objs).drop_columns(["plate", "mjd", "fiberid", "specobjid"])
+    t = t.append_column("targetid", pa.array(tids, pa.int64()))
+    pq.write_table(t, path)
+    return Path(path)
+
+
+def build_desi_demo_bundle(store_path, photometry_path, out, *, client, seed: int = 42):
+    """A DEMO bundle for the DESI grid (DESI and PFS): seeded encoder, head fitted on mock DESI photometry."""
+    import torch
+
+    from .model.bundle import ModelCard, save_bundle
+    from .model.encoder import SpectrumEncoder
+    from .model.train import train_bundle
+    from .pipeline import training_table_from_store
+    from .spectra import DESI_GRID
+
+    torch.manual_seed(seed + 1)
+    summary = ("DEMO bundle (DESI grid, serves DESI and resampled PFS) made by `catalogpred demo`: spender architecture "
+               f"with SEEDED RANDOM weights (torch seed {seed + 1}), head fitted on a MOCK DESI survey. Not a published "
+               "model; no scientific value on real data.")
+    save_bundle(out, SpectrumEncoder(n_pix=DESI_GRID.n_pix).eval(), None, name="catalogpred-demo-desi-encoder",
+                version="1", grid=DESI_GRID, card=ModelCard(kind="demo", summary=summary), overwrite=True)
+    data = training_table_from_store(store_path, str(photometry_path), str(out), client=client, join_on="targetid",
+                                     surveys=["desi"])
+    info, _ = train_bundle(data, out, out, n_members=1, seed=seed, name="catalogpred-demo-desi",
+                           source=f"mock DESI survey x {photometry_path}", overwrite=True)
+    return info
+
+
 def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_workers: int | None = None,
-             progress: bool | None = None, shard_rows: int = 512) -> dict:
-    """Run the demo end to end; returns paths and summaries. Prints the results (stdout) and logs (stderr)."""
+             progress: bool | None = None, shard_rows: int = 512, surveys=("sdss", "desi", "pfs"),
+             n_desi_files: int = 2, n_pfs_objects: int = 60) -> dict:
+    """Run the demo end to end; returns paths and summaries. Prints the results (stdout) and logs (stderr).
+
+    ``surveys`` picks the mock surveys: SDSS spec files (``n_spectra``), DESI healpix coadds with redrock
+    files (``n_desi_files`` × 150 fibres) and PFS pfsCoadd/pfsObject files (``n_pfs_objects``), all in one store.
+    """
     from .cluster import dask_client
     from .mock import write_sdss_survey
     from .pipeline import run_ingest, run_predict
@@ -110,25 +154,49 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
 
     t0 = time.perf_counter()
     out = Path(output)
-    for sub in ("mock", "store.zarr", "model", "catalog"):
+    for sub in ("mock", "store.zarr", "model", "model-desi", "catalog"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     with dask_client(n_workers) as client:
         t = time.perf_counter()
-        survey = write_sdss_survey(out / "mock", n_spectra, seed=seed, mapper=_dask_mapper(client), n_bad=DEMO_BAD_INPUTS)
-        log.info("mock survey: %d spec files (+%d bad inputs) in %.1f s", len(survey.objects), len(survey.bad),
+        survey = write_sdss_survey(out / "mock" / "sdss", n_spectra, seed=seed, mapper=_dask_mapper(client),
+                                   n_bad=DEMO_BAD_INPUTS)
+        log.info("mock SDSS survey: %d spec files (+%d bad inputs) in %.1f s", len(survey.objects), len(survey.bad),
                  time.perf_counter() - t)
+        desi = None
+        if "desi" in surveys:
+            from .mock_survey import write_desi_survey
+
+            desi = write_desi_survey(out / "mock" / "desi", n_desi_files, spectra_per_file=150, seed=seed,
+                                     resolution=False, mapper=_dask_mapper(client))
+            desi_phot = _desi_demo_photometry(desi, out / "mock" / "desi_allwise_photometry.parquet")
+            log.info("mock DESI survey: %d coadd + redrock files", len(desi.coadd_paths))
+        if "pfs" in surveys:
+            from .mock_pfs import write_pfs_survey
+
+            pfs = write_pfs_survey(out / "mock" / "pfs", n_pfs_objects, seed=seed)
+            log.info("mock PFS survey: %d files", len(pfs.paths))
         ing = run_ingest([str(out / "mock")], str(out / "store.zarr"), client=client, shard_rows=shard_rows,
                          chunk_rows=min(256, shard_rows), progress=progress)
         print(ing.table(), file=sys.stderr)
         t = time.perf_counter()
         info = build_demo_bundle(out / "store.zarr", survey.photometry_path, out / "model", client=client, seed=seed)
         log.info("demo bundle %s written to %s (%.1f s)", info.model_id, out / "model", time.perf_counter() - t)
-        pred = run_predict(str(out / "store.zarr"), str(out / "model"), str(out / "catalog"), client=client,
+        models = [str(out / "model")]
+        if desi is not None or "pfs" in surveys:
+            if desi is None:
+                raise ValueError("the PFS demo needs the DESI demo (PFS uses the DESI-grid bundle)")
+            dinfo = build_desi_demo_bundle(out / "store.zarr", desi_phot, out / "model-desi", client=client, seed=seed)
+            log.info("DESI-grid demo bundle %s written to %s", dinfo.model_id, out / "model-desi")
+            models.append(str(out / "model-desi"))
+        pred = run_predict(str(out / "store.zarr"), models, str(out / "catalog"), client=client,
                            progress=progress, catalog_name="catalogpred_demo")
         print(pred.table(), file=sys.stderr)
     png = plot_colour_colour(out / "catalog", out / "colour_colour.png", survey.photometry_path)
+    counts = open_catalog(out / "catalog").sql("SELECT survey, count(*) AS n FROM catalog GROUP BY survey ORDER BY survey")
+    print("rows per survey: " + ", ".join(f"{s} {n}" for s, n in zip(counts.column("survey").to_pylist(),
+                                                                        counts.column("n").to_pylist())))
     cat = open_catalog(out / "catalog")
     obj = survey.objects[0]
     cone = cat.cone(obj.plate_ra, obj.plate_dec, radius_arcsec=600).select(
@@ -139,6 +207,7 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
     write_table(res.slice(0, 10), sys.stdout, ".csv")
     dt = time.perf_counter() - t0
     print(f"\ndemo finished in {dt:.0f} s\n  catalog: {out / 'catalog'}\n  store:   {out / 'store.zarr'}\n"
-          f"  model:   {out / 'model'} (DEMO bundle, see MODEL_CARD.md)\n  plot:    {png}\n"
+          f"  models:  {out / 'model'} (SDSS), {out / 'model-desi'} (DESI + PFS): DEMO bundles, see MODEL_CARD.md\n"
+          f"  plot:    {png}\n"
           f"try: catalogpred query {out / 'catalog'} --cone {obj.plate_ra:.4f} {obj.plate_dec:.4f} 600 --where 'w1_mag - w2_mag > 0.8'")
     return {"ingest": ing, "predict": pred, "survey": survey, "png": png, "seconds": dt}

@@ -10,24 +10,32 @@ from catalogpred.cli import main
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--n-spectra", "300", "--workers", "2", "--no-progress"]) == 0
+    assert main(["demo", "--output", str(out), "--n-spectra", "300", "--workers", "2", "--no-progress",
+                 "--surveys", "sdss,desi,pfs"]) == 0
     captured = capsys.readouterr()
     assert "cone query" in captured.out and str(out / "catalog") in captured.out
-    for p in ("store.zarr/zarr.json", "model/bundle.json", "model/MODEL_CARD.md", "catalog/hats.properties",
+    for p in ("store.zarr/zarr.json", "model/bundle.json", "model/MODEL_CARD.md", "model-desi/bundle.json",
+              "catalog/hats.properties",
               "catalog/rejects.parquet", "catalog/run_manifest.json", "colour_colour.png"):
         assert (out / p).exists(), p
     card = json.loads((out / "model" / "bundle.json").read_text())["card"]
     assert card["kind"] == "demo" and "not the published spender model" in card["summary"]
     manifest = json.loads((out / "catalog" / "run_manifest.json").read_text())
-    assert manifest["counts"]["catalog_rows"] == 300 and manifest["counts"]["rejects"] == 7
-    assert manifest["counts"]["inputs"] == 307
-    assert set(manifest["counts"]["rejects_by_reason"]) == {"duplicate_id", "missing_hdu", "no_valid_pixels",
-                                                             "nonfinite_flux", "norm_window_empty", "unreadable_file"}
+    assert manifest["counts"]["catalog_rows"] + manifest["counts"]["rejects"] == manifest["counts"]["inputs"]
+    assert {"duplicate_id", "missing_hdu", "no_valid_pixels", "nonfinite_flux", "norm_window_empty", "unreadable_file",
+            "sky_fibre", "unassigned_fibre", "flux_standard"} <= set(manifest["counts"]["rejects_by_reason"])
+    rej = pq.read_table(out / "catalog" / "rejects.parquet").to_pandas()
+    assert (rej.survey == "sdss").sum() == 7
     # the head learned the optical-IR coupling of the mock: predictions track the mock photometry
     cat = pq.ParquetDataset(out / "catalog" / "dataset").read().to_pandas()
-    phot = pq.read_table(out / "mock" / "allwise_photometry.parquet").to_pandas()
+    assert set(cat.survey) == {"sdss", "desi", "pfs"}
+    for survey in ("desi", "pfs"):  # the DESI-grid bundle predicts DESI and resampled PFS spectra
+        part = cat[cat.survey == survey]
+        assert len(part) > 0 and part["w1_mag"].notna().all() and part.model_id.str.startswith("catalogpred-demo-desi").all()
+    cat = cat[cat.survey == "sdss"]
+    phot = pq.read_table(out / "mock" / "sdss" / "allwise_photometry.parquet").to_pandas()
     m = cat.merge(phot, on=["plate", "mjd", "fiberid"])
     assert len(m) == 300
     assert np.corrcoef(m["w1_mag"], m["w1mpro"])[0, 1] > 0.7
     lsdb = pytest.importorskip("lsdb")
-    assert len(lsdb.open_catalog(str(out / "catalog")).compute()) == 300
+    assert len(lsdb.open_catalog(str(out / "catalog")).compute()) == manifest["counts"]["catalog_rows"]

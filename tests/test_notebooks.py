@@ -19,7 +19,7 @@ def demo(tmp_path_factory):
     from catalogpred.demo import run_demo
 
     out = tmp_path_factory.mktemp("nbdemo") / "demo-output"
-    run_demo(out, n_spectra=200, n_workers=2, progress=False)
+    run_demo(out, n_spectra=200, n_workers=2, progress=False, surveys=("sdss",))
     return out
 
 
@@ -46,7 +46,7 @@ def test_commands_on_demo(demo, tmp_path, capsys):
 
     from catalogpred.cli import main
 
-    cat, phot = str(demo / "catalog"), str(demo / "mock" / "allwise_photometry.parquet")
+    cat, phot = str(demo / "catalog"), str(demo / "mock" / "sdss" / "allwise_photometry.parquet")
     assert main(["info", cat, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 200 and info["rows_per_survey"] == {"sdss": 200}
