@@ -25,7 +25,9 @@ EPILOGS = {
         examples:
           catalogpred predict --store store.zarr --model model/ --catalog catalog/
           catalogpred predict --store store.zarr --model model/ --catalog catalog/ --overwrite
-        Re-running into an existing catalog resumes (finished blocks are skipped).""",
+          catalogpred predict --store store.zarr --model model/ --catalog catalog/ --device cuda --precision bf16
+        Re-running into an existing catalog resumes (finished blocks are skipped; blocks that failed
+        on every retry, whose spectra went to rejects as predict_error, are tried again).""",
     "query": """\
         examples:
           catalogpred query catalog/ --cone 150.0 2.0 60 --columns source_id,ra,dec,w1_mag,w1_mag_err

@@ -28,12 +28,60 @@ import os
 from .errors import ConfigError
 
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
-           "TASKS_IN_FLIGHT_PER_WORKER"]
+           "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE"]
 
 log = logging.getLogger(__name__)
 
 #: tasks the pipeline keeps in flight per worker (``pipeline._run_bounded`` submits at most 2 × workers)
 TASKS_IN_FLIGHT_PER_WORKER = 2
+#: the Dask worker resource a CUDA prediction task asks for (``client.submit(..., resources=GPU_RESOURCE)``)
+GPU_RESOURCE = {"GPU": 1}
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs on this machine, from NVML (``nvidia-ml-py``/``pynvml``); 0 without NVML or a driver.
+
+    Never creates a CUDA context (no torch, no CuPy): the client process stays GPU-free, and
+    workers started afterwards still choose their own device with ``CUDA_VISIBLE_DEVICES``.
+    """
+    try:
+        import pynvml  # provided by nvidia-ml-py (a dask-cuda dependency)
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - NVMLError: no driver / no device
+        return 0
+    try:
+        n = int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001
+        n = 0
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # "" hides every GPU; "0,1" shows two
+        n = min(n, len([d for d in visible.split(",") if d.strip()]))
+    return n
+
+
+def resolve_device(device: str, client=None) -> str:
+    """``"cpu"`` or ``"cuda"`` for ``--device auto|cpu|cuda``.
+
+    ``auto`` is ``cuda`` when the connected workers offer the ``GPU`` resource (an existing
+    cluster) or, without a client, when NVML reports a GPU on this machine (a local cluster);
+    else ``cpu``.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device != "auto":
+        return device
+    if client is not None:
+        workers = client.scheduler_info()["workers"].values()
+        return "cuda" if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers) else "cpu"
+    return "cuda" if gpu_count() > 0 else "cpu"
 
 
 def default_n_workers() -> int:
@@ -46,7 +94,8 @@ def default_n_workers() -> int:
 
 @contextlib.contextmanager
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
-                scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None):
+                scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None,
+                device: str = "cpu"):
     """Yield a ``distributed.Client``; a local cluster is started and closed around it.
 
     Parameters
@@ -61,11 +110,17 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         With a scheduler: block until this many workers are connected (batch jobs
         and pods start over minutes; the pipeline sizes its task window from the
         workers present when it starts). Default: at least one.
+    device : "cpu" | "cuda"
+        Local cluster only: ``cuda`` starts a ``dask_cuda.LocalCUDACluster`` with one worker per
+        GPU (``n_workers`` caps it), each pinned to its GPU by ``CUDA_VISIBLE_DEVICES`` (it sees
+        it as ``cuda:0``), with one thread and the worker resource ``GPU=1`` that prediction tasks
+        ask for (so one block at a time per GPU). Needs the ``[gpu]`` extra.
 
     Raises
     ------
     ConfigError
-        If both ``scheduler`` and ``scheduler_file`` are given, or the scheduler file is missing.
+        If both ``scheduler`` and ``scheduler_file`` are given, or the scheduler file is missing;
+        with ``device="cuda"``, if dask-cuda is not installed or NVML sees no GPU.
 
     Examples
     --------
@@ -92,16 +147,37 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         finally:
             client.close()
         return
-    n = n_workers or default_n_workers()
-    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           dashboard_address=None, memory_limit=memory_limit, silence_logs=logging.WARNING)
+    if device == "cuda":
+        cluster = _local_cuda_cluster(n_workers, memory_limit)
+        n = len(cluster.workers)
+    else:
+        n = n_workers or default_n_workers()
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None, memory_limit=memory_limit, silence_logs=logging.WARNING)
     client = Client(cluster)
-    log.info("local Dask cluster: %d worker processes × %d thread(s)", n, threads_per_worker)
+    log.info("local Dask %scluster: %d worker processes × %d thread(s)", "CUDA " if device == "cuda" else "", n,
+             threads_per_worker)
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+def _local_cuda_cluster(n_workers: int | None, memory_limit):
+    """A ``LocalCUDACluster``: one worker per GPU, ``resources={"GPU": 1}``; dask_cuda imported only here."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError("--device cuda needs dask-cuda: pip install 'catalogpred[gpu]' (with a CUDA build of "
+                          "torch; see README, Running on GPUs)") from exc
+    n_gpu = gpu_count()
+    if n_gpu == 0:
+        raise ConfigError("--device cuda: NVML reports no GPU on this machine (check nvidia-smi and "
+                          "CUDA_VISIBLE_DEVICES), or use --device cpu")
+    n = min(n_gpu, n_workers) if n_workers else n_gpu
+    return LocalCUDACluster(n_workers=n, threads_per_worker=1, memory_limit=memory_limit, resources=dict(GPU_RESOURCE),
+                            dashboard_address=None, silence_logs=logging.WARNING)
 
 
 def shared_path(path: str | os.PathLike) -> str:

@@ -25,7 +25,8 @@ import numpy as np
 from . import __version__
 from . import catalog as cat
 from . import store
-from .cluster import check_workers, default_torch_threads, shared_path
+from .cluster import (GPU_RESOURCE, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads, resolve_device,
+                      shared_path)
 from .errors import CatalogError, ConfigError, RejectReason
 from .surveys import get_reader
 from .tasks import block_key, detect_survey, ingest_shard, predict_block
@@ -77,29 +78,53 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 dynamic_ncols=True)
 
 
+def _n_workers(client, resources: dict | None = None) -> int:
+    """Connected workers (those offering ``resources``, when given)."""
+    workers = client.scheduler_info()["workers"].values()
+    if not resources:
+        return len(workers)
+    return sum(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers)
+
+
 def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, keys: list[str], progress,
-                 on_done=None, max_in_flight: int | None = None, weights: list[int] | None = None, unit_total=None):
+                 on_done=None, max_in_flight: int | None = None, weights: list[int] | None = None, unit_total=None,
+                 resources: dict | None = None, recount_s: float = 1.0):
     """Submit ``fn(*args, **kwargs)`` for every args tuple, at most ``max_in_flight`` at once.
 
+    The default window is :data:`~.cluster.TASKS_IN_FLIGHT_PER_WORKER` × workers, recounted (at
+    most every ``recount_s``) as tasks finish, so workers that join later get work and lost ones
+    stop counting. ``resources`` (e.g. ``{"GPU": 1}``) goes on every ``client.submit``. Only the
+    futures in flight are held; a result is handed to ``on_done`` and kept (small dicts only).
     Returns ``(results by key, errors by key)``. Failed tasks (after retries) do not stop the others.
     """
     from distributed import as_completed
 
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
-    max_in_flight = max_in_flight or 2 * n_workers
     results, errors = {}, {}
     pending = list(zip(keys, arg_list))[::-1]
     bar = _progress(len(arg_list), desc, progress)
+    window = {"n": 0, "at": float("-inf")}
+    in_flight = 0
 
-    def submit_next(ac):
-        if pending:
+    def limit() -> int:
+        if max_in_flight:
+            return max_in_flight
+        now = time.monotonic()
+        if now - window["at"] >= recount_s:
+            window["n"], window["at"] = TASKS_IN_FLIGHT_PER_WORKER * max(1, _n_workers(client, resources)), now
+        return window["n"]
+
+    def fill(ac):
+        nonlocal in_flight
+        n = limit()
+        while pending and in_flight < n:
             key, args = pending.pop()
-            ac.add(client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False))
+            ac.add(client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False, resources=resources))
+            in_flight += 1
 
     ac = as_completed()
-    for _ in range(min(max_in_flight, len(pending))):
-        submit_next(ac)
+    fill(ac)
     for fut in ac:
+        in_flight -= 1
         try:
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
@@ -111,7 +136,7 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
                 on_done(fut.key, res)
         fut.release()
         bar.update(1)
-        submit_next(ac)
+        fill(ac)
     bar.close()
     return results, errors
 
@@ -337,12 +362,14 @@ class PredictSummary:
     seconds: float = 0.0
     seconds_model: float = 0.0
     order: int = 0
+    blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
 
     def table(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
         lines = [f"predict summary: {self.catalog}",
                  f"  model            {self.model_id}",
-                 f"  blocks           {self.blocks:>9,d}   (already done, skipped: {self.blocks_skipped:,d})",
+                 f"  blocks           {self.blocks:>9,d}   (already done, skipped: {self.blocks_skipped:,d}"
+                 + (f"; FAILED on every retry: {self.blocks_failed:,d}, see rejects)" if self.blocks_failed else ")"),
                  f"  input spectra    {self.inputs:>9,d}",
                  f"  catalog rows     {self.rows:>9,d}",
                  f"  rejects          {self.rejects:>9,d}",
@@ -366,8 +393,45 @@ def _versions() -> dict:
     return out
 
 
+#: spectra per forward pass when none is given. On CPUs a batch's activations dominate a worker's
+#: memory (batch × 128 channels × n_pix × 4 B per tensor, about three alive: 0.5 GB each at 256 SDSS
+#: spectra) and a smaller batch is no slower; GPUs want large batches.
+DEFAULT_BATCH = {"cpu": 64, "cuda": 2048}
+
+
+def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path: str, error: str) -> int:
+    """Close a block whose task failed on every retry (client side); returns its rejects count.
+
+    Its OK rows become ``predict_error`` rejects with ``error`` as detail (ingest rejects keep their
+    reason), part files it may have left are removed, and its done marker records the error, so the
+    accounting holds and a re-run of ``predict`` tries the block again.
+    """
+    import pyarrow as pa
+
+    key = block_key(survey, shard)
+    for part in Path(catalog_path, cat.DATASET_DIR).glob(f"Norder=*/Dir=*/Npix=*/part-{key}.parquet"):
+        part.unlink()
+    meta = store.read_meta(store_path, survey, shard=shard, columns=[
+        "source_id", "survey", "source_file", "source_path", "row_in_file", "status", "reject_reason", "reject_detail"])
+    ok = meta.column("status").to_numpy() == store.RowStatus.OK
+    detail = error if len(error) <= 2000 else error[:2000] + " …"
+    rejects = pa.table({
+        "source_id": meta.column("source_id"), "survey": meta.column("survey"),
+        "source_file": meta.column("source_file"), "source_path": meta.column("source_path"),
+        "row_in_file": meta.column("row_in_file"), "store_row": meta.column("row"),
+        "stage": pa.array(np.where(ok, "predict", "ingest").tolist(), pa.string()),
+        "reason": pa.array(np.where(ok, RejectReason.PREDICT_ERROR.value,
+                                    np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)).tolist(), pa.string()),
+        "detail": pa.array(np.where(ok, detail, np.asarray(meta.column("reject_detail").to_pylist(), dtype=object)).tolist(),
+                           pa.string()),
+    })
+    cat.write_block_done(catalog_path, key, {"block": key, "n_rows": 0, "n_rejects": rejects.num_rows, "pixels": {},
+                                             "seconds": 0.0, "seconds_model": 0.0, "error": detail}, rejects)
+    return rejects.num_rows
+
+
 def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
-                precision: str = "fp32", batch_size: int = 256, order: int | None = None,
+                precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                 catalog_name: str | None = None, surveys: list[str] | None = None) -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
@@ -375,9 +439,17 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
     on (SDSS → an SDSS-grid bundle; DESI and PFS → a DESI-grid bundle). ``surveys`` restricts the
     run to some survey groups. An existing catalog made with the same models is resumed
-    (finished blocks are skipped); ``overwrite=True`` deletes it first. Raises
-    :class:`PipelineError` if blocks fail on every retry (the catalog is then left unfinalized,
-    ready to resume).
+    (finished blocks are skipped); ``overwrite=True`` deletes it first.
+
+    A block that fails on every retry (e.g. a corrupted shard) does not stop the run: its spectra
+    go to the rejects table as ``predict_error`` with the error text, the summary counts the
+    failed blocks, and re-running the same command tries those blocks again. Raises
+    :class:`PipelineError` only when every block of a run of two or more failed (that is not the
+    data; the catalog is left unfinalized, ready to resume).
+
+    ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when the workers offer the ``GPU`` resource);
+    with cuda every task is submitted with ``resources={"GPU": 1}``. ``batch_size`` (spectra per
+    forward pass) defaults to :data:`DEFAULT_BATCH` for the device.
     """
     from .model.bundle import read_bundle_info
 
@@ -422,6 +494,12 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     columns = core + cat.native_columns(native, {c.name for c in core})
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
+    device = resolve_device(device, client)
+    resources = dict(GPU_RESOURCE) if device == "cuda" else None
+    batch_size = batch_size or DEFAULT_BATCH[device]
+    if resources and client.scheduler_info()["workers"] and not _n_workers(client, resources):
+        raise ConfigError("--device cuda: no Dask worker offers the GPU resource; start GPU workers with "
+                          "`dask worker ... --resources GPU=1` (or `dask cuda worker`), or use --device cpu")
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if overwrite and os.path.exists(catalog_path):
         shutil.rmtree(catalog_path)
@@ -440,7 +518,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     for stale in Path(catalog_path).glob("**/.*.tmp"):  # left by a run killed mid-write
         stale.unlink()
     done = cat.read_block_done(catalog_path)
-    todo = [(s, sh) for s, sh in blocks if block_key(s, sh) not in done]
+    # blocks that failed on every retry last time (predict_error rejects) are tried again
+    todo = [(s, sh) for s, sh in blocks if block_key(s, sh) not in done or done[block_key(s, sh)].get("error")]
     summary = PredictSummary(catalog=catalog_path, model_id=", ".join(model_ids), blocks=len(blocks),
                              blocks_skipped=len(blocks) - len(todo), order=order, inputs=inputs)
     if torch_threads is None:  # local: cores / workers; remote: from each worker's nthreads
@@ -448,10 +527,20 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
-    results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress)
-    if errors:
-        raise PipelineError(f"{len(errors)} of {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
+    results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
+                                   resources=resources)
+    if errors and not results and len(todo) > 1:
+        raise PipelineError(f"all {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
                             "re-run the same command to resume")
+    key_block = dict(zip(keys, todo))
+    failed = {}
+    for k, err in sorted(errors.items()):
+        s, sh = key_block[k]
+        n_rej = _reject_failed_block(str(store_path), s, sh, catalog_path, err)
+        failed[block_key(s, sh)] = err
+        log.error("block %s failed on every retry: its %d spectra go to rejects as %s (%s); re-run to retry it",
+                  block_key(s, sh), n_rej, RejectReason.PREDICT_ERROR.value, err)
+    summary.blocks_failed = len(failed)
     summary.seconds_model = sum(r["seconds_model"] for r in results.values())
     manifest = {
         "catalogpred_run": "predict",
@@ -466,6 +555,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
+        "failed_blocks": failed,
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,

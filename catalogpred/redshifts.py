@@ -147,8 +147,12 @@ def _read_columns(path: str, hdu: str | None) -> dict:
         if hdu is None:
             hdu = next(i for i, h in enumerate(f) if h.get_exttype() in ("BINARY_TBL", "ASCII_TBL"))
         dtype = f[hdu].get_rec_dtype()[0]
-        scalar = [c for c in dtype.names if dtype[c].shape == ()]  # skip array columns: wide tables (specObj) stay small
-        data = f[hdu].read(columns=scalar)
+        # only the scalar columns RedshiftTable uses: a survey-wide specObj/spAll has ~200 columns and millions of rows
+        used = set(_ALIASES.values()) | set(SDSS_ID_COLUMNS) | set(EXTRA_COLUMNS)
+        wanted = [c for c in dtype.names if dtype[c].shape == () and normalise_name(c) in used]
+        if not wanted:
+            return {}
+        data = f[hdu].read(columns=wanted)
     return {normalise_name(c): data[c] for c in data.dtype.names if data[c].ndim == 1}
 
 

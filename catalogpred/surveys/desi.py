@@ -158,23 +158,35 @@ def _merge_contiguous(waves, fluxes, ivars, masks, grid):
     edges = sorted({0, grid.n_pix, *(a[0] for a in arms), *(a[1] for a in arms)})
     zero = np.float64(0.0)
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sums, mask_or = None, None
-        for a0, a1, flux, ivar, mask in arms:
-            if a0 <= lo and hi <= a1:
-                f, iv, m = flux[:, lo - a0:hi - a0], ivar[:, lo - a0:hi - a0], mask[:, lo - a0:hi - a0]
-                good = np.where(m == 0, iv, 0.0)
-                terms = (good, good * f, iv, iv * f)
-                # 0.0 + t first, as the accumulators of the general path start at 0.0
-                sums = [zero + t for t in terms] if sums is None else [s_ + t for s_, t in zip(sums, terms)]
-                mask_or = m.astype(np.uint32) if mask_or is None else mask_or | m.astype(np.uint32)
-        if sums is None:
+        segs = [(a0, flux, ivar, mask) for a0, a1, flux, ivar, mask in arms if a0 <= lo and hi <= a1]
+        if not segs:
             continue
-        sw, swf, sw_all, swf_all = sums
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, lo:hi] = np.where(sw > 0, swf / sw, np.where(sw_all > 0, swf_all / sw_all, 0.0))
-        ivar_out[:, lo:hi] = sw
-        mask_out[:, lo:hi] = np.where(sw > 0, 0, mask_or)
         covered[lo:hi] = True
+        for r0 in range(0, n, 64):  # row chunks that stay in cache
+            rows = slice(r0, min(n, r0 + 64))
+            parts = [(f[rows, lo - a0:hi - a0], iv[rows, lo - a0:hi - a0], m[rows, lo - a0:hi - a0])
+                     for a0, f, iv, m in segs]
+            sw = swf = None
+            for f, iv, m in parts:
+                good = np.where(m == 0, iv, 0.0)
+                # 0.0 + t first, as the accumulators of the general path start at 0.0
+                sw = zero + good if sw is None else sw + good
+                swf = zero + good * f if swf is None else swf + good * f
+            pos = sw > 0
+            res = np.divide(swf, sw, out=np.empty(sw.shape), where=pos)  # the rest is set just below
+            fb = ~pos
+            if fb.any():  # no good ivar: plain-ivar-weighted mean there, and the OR of the arm masks
+                sw_all = swf_all = mask_or = None
+                for f, iv, m in parts:
+                    ivf, ff = iv[fb], f[fb]
+                    sw_all = zero + ivf if sw_all is None else sw_all + ivf
+                    swf_all = zero + ivf * ff if swf_all is None else swf_all + ivf * ff
+                    mask_or = m[fb].astype(np.uint32) if mask_or is None else mask_or | m[fb].astype(np.uint32)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    res[fb] = np.where(sw_all > 0, swf_all / sw_all, 0.0)
+                mask_out[rows, lo:hi][fb] = mask_or
+            out[rows, lo:hi] = res
+            ivar_out[rows, lo:hi] = sw
     return out, ivar_out, mask_out, covered
 
 
