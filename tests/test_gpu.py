@@ -1,0 +1,280 @@
+"""The GPU path: device choice (NVML, no CUDA context in the client), the dask-cuda cluster, GPU resources
+on submit, the device-resident encoder, and the [gpu] extra.
+
+Every GPU code path has a CPU twin here that runs without a GPU (the same functions with
+``device="cpu"``, or dask-cuda/NVML replaced by stand-ins that start ordinary worker processes).
+Tests marked ``gpu`` run the CUDA path itself and skip without a CUDA device (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catalogpred.cluster import GPU_RESOURCE, dask_client, default_torch_threads, gpu_count, resolve_device
+from catalogpred.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_pynvml(count: int | None):
+    """A stand-in for nvidia-ml-py's ``pynvml``: ``count`` GPUs, or no driver (init fails) for None."""
+    mod = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        if count is None:
+            raise NVMLError("NVML Shared Library Not Found")
+
+    mod.NVMLError = NVMLError
+    mod.nvmlInit = init
+    mod.nvmlShutdown = lambda: None
+    mod.nvmlDeviceGetCount = lambda: count
+    return mod
+
+
+# ------------------------------------------------------------------------------------ device choice
+
+
+def test_resolve_device_from_nvml(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(2))
+    assert gpu_count() == 2 and resolve_device("auto") == "cuda"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert gpu_count() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU
+    assert gpu_count() == 0 and resolve_device("auto") == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(None))  # no driver
+    assert gpu_count() == 0 and resolve_device("auto") == "cpu"
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    assert gpu_count() == 0 and resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
+    with pytest.raises(ConfigError, match="auto, cpu or cuda"):
+        resolve_device("gpu")
+
+
+def test_device_choice_imports_no_gpu_library():
+    """The client decides with NVML only: no torch, CuPy or dask-cuda, so no CUDA context can exist."""
+    code = ("import sys; from catalogpred.cluster import resolve_device, gpu_count; import catalogpred.pipeline; "
+            "d = resolve_device('auto'); print(d, gpu_count(), *(m in sys.modules for m in ('torch', 'cupy', 'dask_cuda')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    device, n, *imported = out.stdout.split()
+    assert device == ("cuda" if int(n) else "cpu")
+    assert imported == ["False", "False", "False"], out.stdout
+
+
+# ------------------------------------------------------------------------------------ the CUDA cluster (CPU twin)
+
+
+def _gpu_task(i):
+    from distributed import get_worker
+
+    w = get_worker()
+    return i, w.address, dict(w.state.available_resources), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
+    """dask_client(device="cuda") with dask-cuda and NVML stood in by ordinary LocalCluster workers."""
+    from distributed import LocalCluster
+
+    from catalogpred.pipeline import _n_workers, _run_bounded
+
+    calls = []
+
+    class StandInLocalCUDACluster(LocalCluster):
+        def __init__(self, n_workers=None, threads_per_worker=1, memory_limit="auto", **kwargs):
+            calls.append(dict(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs))
+            super().__init__(n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                             processes=True, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=StandInLocalCUDACluster))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(2))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with dask_client(device="cuda") as client:
+        assert calls == [dict(n_workers=2, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None,
+                              silence_logs=logging.WARNING)]
+        workers = client.scheduler_info()["workers"].values()
+        assert len(workers) == 2 and all(w["resources"] == {"GPU": 1} for w in workers)
+        assert resolve_device("auto", client) == "cuda" and _n_workers(client, GPU_RESOURCE) == 2
+        assert default_torch_threads(client) == max(1, (os.cpu_count() or 1) // 2)
+        # tasks carry resources={"GPU": 1} on submit: each holds its worker's one GPU while it runs
+        n = 6
+        results, errors = _run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
+                                       keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                       resources=dict(GPU_RESOURCE))
+    assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
+    assert all(r[2] == {"GPU": 0} for r in results.values())
+
+
+def test_cuda_without_dask_cuda_or_gpu_workers_is_a_clear_error(monkeypatch, random_bundle, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from catalogpred.pipeline import run_predict
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed
+    with pytest.raises(ConfigError, match=r"\[gpu\]"):
+        with dask_client(device="cuda"):
+            pass
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=None))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(0))
+    with pytest.raises(ConfigError, match="no GPU"):
+        with dask_client(device="cuda"):
+            pass
+    # an existing cluster whose workers offer no GPU resource: refused before any task runs
+    st = tmp_path / "store.zarr"
+    load_bench().write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        assert resolve_device("auto", client) == "cpu"
+        with pytest.raises(ConfigError, match="no Dask worker offers the GPU resource"):
+            run_predict(str(st), random_bundle, str(tmp_path / "catalog"), client=client, device="cuda", progress=False)
+    assert not (tmp_path / "catalog").exists()
+
+
+def test_cli_device_flag(random_bundle, tmp_path, capsys):
+    from catalogpred.cli import main
+
+    st = tmp_path / "store.zarr"
+    load_bench().write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
+    base = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "cat")]
+    assert main(base + ["--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["device"] == ("cuda" if gpu_count() else "cpu")
+    if importlib.util.find_spec("dask_cuda") is None:
+        assert main(base + ["--device", "cuda"]) == 1
+        assert "pip install 'catalogpred[gpu]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--device", "tpu"])
+
+
+# ------------------------------------------------------------------------------------ the encoder on a device
+
+
+def _reference_infer(model, flux, z, norm, batch_size):
+    """What infer computed before the block moved to the device once: per-batch host tensors."""
+    import torch
+
+    from catalogpred.model.head import head_features
+
+    with torch.inference_mode():
+        lat = torch.cat([model.encoder(torch.from_numpy(flux[lo:lo + batch_size]))
+                         for lo in range(0, len(flux), batch_size)])
+        mean, sigma = model.head(head_features(lat, torch.as_tensor(z, dtype=torch.float32),
+                                               torch.as_tensor(norm, dtype=torch.float32)))
+    return lat.numpy(), mean.numpy(), sigma.numpy()
+
+
+def _inputs(n=12, seed=0):
+    from catalogpred.spectra import SDSS_GRID
+
+    d = load_bench().synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)
+    return np.ascontiguousarray(d["flux"]), d["z"], d["norm"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_infer_moves_block_once_and_returns_host_arrays(random_bundle, device):
+    """CPU twin (device="cpu") and the CUDA path: same results as the per-batch reference on the host."""
+    from catalogpred.model.bundle import encode, infer, load_bundle
+
+    flux, z, norm = _inputs()
+    ref = _reference_infer(load_bundle(random_bundle, "cpu"), flux, z, norm, batch_size=5)
+    model = load_bundle(random_bundle, device)
+    lat, mean, sigma = infer(model, flux, z, norm, batch_size=5)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in (lat, mean, sigma))
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # cuDNN may use TF32
+    np.testing.assert_allclose(lat, ref[0], **tol)
+    np.testing.assert_allclose(mean, ref[1], **tol)
+    np.testing.assert_allclose(sigma, ref[2], **tol)
+    np.testing.assert_allclose(encode(model.encoder, flux, batch_size=7, device=device), ref[0],
+                               **(dict(rtol=1e-6, atol=1e-6) if device == "cpu" else tol))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_close_to_fp32(random_bundle, device):
+    from catalogpred.model.bundle import infer, load_bundle
+
+    flux, z, norm = _inputs(n=6, seed=1)  # bf16 autocast is slow on CPUs
+    model = load_bundle(random_bundle, device)
+    _, m32, s32 = infer(model, flux, z, norm, precision="fp32")
+    _, m16, s16 = infer(model, flux, z, norm, precision="bf16")
+    assert np.isfinite(m16).all() and np.isfinite(s16).all()
+    assert np.abs(m16 - m32).max() < 0.1  # mag
+
+
+@pytest.mark.gpu
+def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, client):
+    """End to end on dask-cuda (bf16) against the CPU run; the client never creates a CUDA context."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from catalogpred.pipeline import run_predict
+
+    st = tmp_path / "store.zarr"
+    load_bench().write_synthetic_store(st, 256, shard_rows=64, chunk_rows=64)
+    cpu = run_predict(str(st), random_bundle, str(tmp_path / "cpu"), client=client, progress=False, device="cpu")
+    with dask_client(device="cuda") as gclient:
+        gpu = run_predict(str(st), random_bundle, str(tmp_path / "gpu"), client=gclient, progress=False,
+                          device="auto", precision="bf16", batch_size=64)
+        assert not torch.cuda.is_initialized()
+    assert gpu.rows == cpu.rows == 256
+    manifest = json.loads((tmp_path / "gpu" / "run_manifest.json").read_text())
+    assert manifest["settings"]["device"] == "cuda"
+    a = pq.ParquetDataset(tmp_path / "cpu" / "dataset").read().sort_by("source_id")
+    b = pq.ParquetDataset(tmp_path / "gpu" / "dataset").read().sort_by("source_id")
+    assert a.column("source_id").to_pylist() == b.column("source_id").to_pylist()
+    assert np.abs(a.column("w1_mag").to_numpy() - b.column("w1_mag").to_numpy()).max() < 0.1
+
+
+# ------------------------------------------------------------------------------------ the [gpu] extra
+
+
+def _index_reachable() -> tuple[bool, str]:
+    cfg = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True,
+                         text=True)
+    url = os.environ.get("PIP_INDEX_URL") or (cfg.stdout.strip() if cfg.returncode == 0 else "") \
+        or "https://pypi.org/simple"
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/dask-cuda/", timeout=15).close()
+        return True, url
+    except Exception as exc:  # noqa: BLE001
+        return False, f"{url}: {type(exc).__name__}: {exc}"
+
+
+def test_gpu_extra_resolves_with_pinned_base(tmp_path):
+    """``pip install --dry-run '.[gpu]'`` resolves under constraints.txt and changes no pinned package.
+
+    Nothing is installed. 15-60 s here (metadata of the CUDA wheels from the index), so it is not
+    marked slow and runs in CI; it skips when pip's index cannot be reached.
+    """
+    ok, where = _index_reachable()
+    if not ok:
+        pytest.skip(f"pip cannot reach its package index ({where})")
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                           "-c", "constraints.txt", ".[gpu]"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    would_install = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                     for i in json.loads(report.read_text())["install"]}
+    assert {"dask-cuda", "cupy-cuda13x"} <= set(would_install), would_install
+    pins = dict(line.split("#")[0].strip().split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line.split("#")[0])
+    for name, version in pins.items():
+        assert would_install.get(name.lower(), version) == version, (name, would_install.get(name.lower()))

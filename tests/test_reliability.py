@@ -1,0 +1,281 @@
+"""Reliability of predict on a real multi-process LocalCluster: a worker killed mid-run, a shard that
+fails on every retry, and the bounded task window of ``pipeline._run_bounded``.
+
+Stores are synthetic (``bench/bench_pipeline.py::write_synthetic_store``: written straight through
+:mod:`catalogpred.store`, no FITS), small enough that a whole predict takes seconds on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from catalogpred import catalog as cat
+from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_ROWS = 8
+N_SHARDS = 12
+N_REJECTED = 3  # ingest rejects in the last shard
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def syn_store(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("reliability") / "store.zarr"
+    load_bench().write_synthetic_store(path, SHARD_ROWS * N_SHARDS, shard_rows=SHARD_ROWS, chunk_rows=4,
+                                       n_rejected=N_REJECTED)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A 2-process LocalCluster with nannies of its own (its workers get killed here)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        yield cluster, client
+
+
+@pytest.fixture(scope="module")
+def reference(syn_store, random_bundle, cluster_client, tmp_path_factory) -> str:
+    """An undisturbed run."""
+    path = str(tmp_path_factory.mktemp("ref") / "catalog")
+    run_predict(syn_store, random_bundle, path, client=cluster_client[1], progress=False, torch_threads=1)
+    return path
+
+
+def read_catalog(path) -> "object":
+    table = pq.ParquetDataset(Path(path) / cat.DATASET_DIR).read()
+    return table.sort_by("source_id")
+
+
+def assert_same_catalog(path, ref_path):
+    got, ref = read_catalog(path), read_catalog(ref_path)
+    ids = got.column("source_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicated source_id"
+    assert ids == ref.column("source_id").to_pylist()
+    for name in ("w1_mag", "w2_mag", "w3_mag", "w4_mag", "w1_mag_err", "ra", "dec", "z", "flags", "_healpix_29"):
+        np.testing.assert_array_equal(got.column(name).to_numpy(), ref.column(name).to_numpy(), err_msg=name)
+    np.testing.assert_array_equal(np.stack(got.column("latent").to_numpy(zero_copy_only=False)),
+                                  np.stack(ref.column("latent").to_numpy(zero_copy_only=False)))
+
+
+def wait_for(cond, timeout: float, every: float = 0.05):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+# ------------------------------------------------------------------------------------ worker loss
+
+
+def run_and_kill_a_worker(syn_store, random_bundle, client, path: Path) -> tuple:
+    """run_predict, and SIGKILL a worker process running a predict task once the first block is done."""
+    blocks_dir = path / cat.RUN_DIR / "blocks"
+    assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, every=0.2)
+    pids = client.run(os.getpid)
+    killed = {}
+
+    def killer():
+        if not wait_for(lambda: len(list(blocks_dir.glob("*.json"))) >= 1, timeout=120, every=0.01):
+            return
+        busy = [addr for addr, keys in client.processing().items() if any(str(k).startswith("predict-") for k in keys)]
+        if busy and busy[0] in pids:
+            killed.update(addr=busy[0], pid=pids[busy[0]], done_at_kill=len(list(blocks_dir.glob("*.json"))))
+            os.kill(pids[busy[0]], signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run_predict(syn_store, random_bundle, str(path), client=client, progress=False, torch_threads=1)
+    t.join(timeout=5)
+    return summary, killed
+
+
+def test_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path):
+    cluster, client = cluster_client
+    for attempt in range(3):  # a fast machine may finish before the kill lands; then run again
+        path = tmp_path / f"catalog-{attempt}"
+        summary, killed = run_and_kill_a_worker(syn_store, random_bundle, client, path)
+        if killed and killed["done_at_kill"] < N_SHARDS:
+            break
+    assert killed and killed["done_at_kill"] < N_SHARDS, f"kill did not land mid-run: {killed}"
+    # complete, duplicate-free, the same as the undisturbed run
+    assert summary.blocks_failed == 0
+    assert summary.rows + summary.rejects == summary.inputs == SHARD_ROWS * N_SHARDS
+    assert summary.reasons == {"bad_redshift": N_REJECTED}
+    assert_same_catalog(path, reference)
+    manifest = json.loads((path / "run_manifest.json").read_text())
+    assert manifest["counts"]["catalog_rows"] == SHARD_ROWS * N_SHARDS - N_REJECTED
+    assert manifest["failed_blocks"] == {}
+    # the nanny restarted the killed worker
+    assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, every=0.2)
+    assert killed["pid"] not in client.run(os.getpid).values()
+
+
+# ------------------------------------------------------------------------------------ bad data
+
+
+def corrupt_shard(store_path: str, shard: int, survey: str = "sdss") -> Path:
+    """Overwrite the middle of a flux shard file with random bytes (its chunks fail Blosc decompression)."""
+    f = Path(store_path) / survey / "flux" / "c" / str(shard) / "0"
+    b = bytearray(f.read_bytes())
+    n = len(b) // 2
+    b[64:64 + n] = np.random.default_rng(shard).integers(0, 256, n, dtype=np.uint8).tobytes()
+    f.write_bytes(bytes(b))
+    return f
+
+
+def test_block_failing_on_every_retry_goes_to_rejects_then_resume_retries_it(
+        syn_store, random_bundle, cluster_client, reference, tmp_path):
+    client = cluster_client[1]
+    bad_store = tmp_path / "store.zarr"
+    shutil.copytree(syn_store, bad_store)
+    bad_shard = 2
+    shard_file = corrupt_shard(str(bad_store), bad_shard)
+    path = tmp_path / "catalog"
+    summary = run_predict(str(bad_store), random_bundle, str(path), client=client, progress=False, torch_threads=1)
+    key = f"sdss-{bad_shard:06d}"
+    # the run finished and accounted for every spectrum
+    assert summary.blocks_failed == 1
+    assert summary.reasons == {"predict_error": SHARD_ROWS, "bad_redshift": N_REJECTED}
+    assert summary.rows == SHARD_ROWS * (N_SHARDS - 1) - N_REJECTED
+    rejects = pq.read_table(path / "rejects.parquet").to_pylist()
+    errs = [r for r in rejects if r["reason"] == "predict_error"]
+    assert len(errs) == SHARD_ROWS and {r["stage"] for r in errs} == {"predict"}
+    assert {r["store_row"] // SHARD_ROWS for r in errs} == {bad_shard}
+    assert all("blosc" in r["detail"].lower() or "checksum" in r["detail"].lower() for r in errs), errs[0]["detail"]
+    manifest = json.loads((path / "run_manifest.json").read_text())
+    assert list(manifest["failed_blocks"]) == [key]
+    assert manifest["counts"]["rejects_by_reason"]["predict_error"] == SHARD_ROWS
+    assert not list((path / cat.DATASET_DIR).glob(f"**/part-{key}.parquet"))
+    ref_ids = set(read_catalog(reference).column("source_id").to_pylist())
+    got_ids = set(read_catalog(path).column("source_id").to_pylist())
+    assert got_ids == ref_ids - {r["source_id"] for r in errs}
+
+    # the data is repaired: re-running retries only the failed block and completes the catalog
+    shutil.copyfile(Path(syn_store) / "sdss" / "flux" / "c" / str(bad_shard) / "0", shard_file)
+    again = run_predict(str(bad_store), random_bundle, str(path), client=client, progress=False, torch_threads=1)
+    assert again.blocks_skipped == N_SHARDS - 1 and again.blocks_failed == 0
+    assert again.reasons == {"bad_redshift": N_REJECTED}
+    assert_same_catalog(path, reference)
+    assert json.loads((path / "run_manifest.json").read_text())["failed_blocks"] == {}
+
+
+def test_every_block_failing_raises(random_bundle, cluster_client, tmp_path):
+    bench = load_bench()
+    st = tmp_path / "store.zarr"
+    bench.write_synthetic_store(st, 8, shard_rows=4, chunk_rows=4)
+    for shard in (0, 1):
+        corrupt_shard(str(st), shard)
+    with pytest.raises(PipelineError, match="all 2 prediction blocks failed"):
+        run_predict(str(st), random_bundle, str(tmp_path / "catalog"), client=cluster_client[1], progress=False)
+
+
+def test_cli_strict_exits_1_on_predict_errors(random_bundle, tmp_path, capsys):
+    from catalogpred.cli import main
+
+    bench = load_bench()
+    st = tmp_path / "store.zarr"
+    bench.write_synthetic_store(st, 6, shard_rows=3, chunk_rows=3)
+    corrupt_shard(str(st), 1)
+    argv = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "catalog"),
+            "--workers", "1", "--no-progress", "--device", "cpu", "--strict"]
+    assert main(argv) == 1  # the run finished (finalized catalog), but --strict fails it
+    err = capsys.readouterr().err
+    assert "predict_error" in err and "failed on every retry" in err
+    rejects = pq.read_table(tmp_path / "catalog" / "rejects.parquet")
+    assert rejects.column("reason").to_pylist() == ["predict_error"] * 3
+    assert json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())["counts"]["catalog_rows"] == 3
+
+
+# ------------------------------------------------------------------------------------ bounded window
+
+
+class _CountingAsCompleted:
+    """Wraps distributed.as_completed to measure futures submitted but not yet handed back."""
+
+    live = 0
+    peak = 0
+    history: list = []
+
+    def __init__(self, real):
+        self.real = real
+
+    def add(self, fut):
+        type(self).live += 1
+        type(self).peak = max(type(self).peak, type(self).live)
+        type(self).history.append(type(self).live)
+        self.real.add(fut)
+
+    def __iter__(self):
+        for fut in self.real:
+            type(self).live -= 1
+            yield fut
+
+
+def _slow_identity(i, delay):
+    time.sleep(delay)
+    from distributed import get_worker
+
+    return i, get_worker().address
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    import distributed
+
+    real = distributed.as_completed
+    _CountingAsCompleted.live, _CountingAsCompleted.peak, _CountingAsCompleted.history = 0, 0, []
+    monkeypatch.setattr(distributed, "as_completed", lambda: _CountingAsCompleted(real()))
+    return _CountingAsCompleted
+
+
+def test_run_bounded_keeps_at_most_two_tasks_per_worker(cluster_client, counting):
+    client = cluster_client[1]
+    n = 12
+    results, errors = _run_bounded(client, _slow_identity, [(i, 0.05) for i in range(n)], {}, desc="t",
+                                   keys=[f"bounded-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False)
+    assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
+    assert counting.peak == 2 * len(client.scheduler_info()["workers"]) == 4
+
+
+def test_run_bounded_gives_work_to_workers_that_join_later(counting):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        n = 24
+        done = []
+
+        def on_done(key, res):
+            done.append(res)
+            if len(done) == 2:
+                cluster.scale(2)  # a worker joins mid-run
+
+        results, errors = _run_bounded(client, _slow_identity, [(i, 0.3) for i in range(n)], {}, desc="t",
+                                       keys=[f"join-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                       on_done=on_done, recount_s=0)
+    assert not errors and len(results) == n
+    assert counting.history[:2] == [1, 2] and counting.peak == 4  # the window grew with the second worker
+    assert len({addr for _, addr in results.values()}) == 2  # and the new worker got tasks
