@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import format_rows  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -128,21 +131,6 @@ def run(quick: bool = False) -> list[dict]:
          "ratio": rate["fp32"] * flops / 1e9 / peak, "target": None, "note": f"nominal peak: {peak_note}"},
     ]
     return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    def f(v):
-        if v is None:
-            return ""
-        if isinstance(v, bool):
-            return "yes" if v else "NO"
-        return f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 100 else (f"{v:.3g}" if isinstance(v, float) else str(v))
-
-    head = ["benchmark", "value", "unit", "baseline", "ratio", "target", "pass", "note"]
-    body = [[r["name"], f(r["value"]), r["unit"], f(r.get("baseline")), f(r.get("ratio")), r.get("target") or "",
-             f(r.get("pass")), r.get("note", "")] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import format_rows  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
@@ -350,23 +353,6 @@ def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
          "unit": "GB", "baseline": None, "ratio": large["peak_sampled"] / small["peak_sampled"], "target": None,
          "pass": None},
     ]
-
-
-def format_rows(rows: list[dict]) -> str:
-    def f(v):
-        if v is None:
-            return ""
-        if isinstance(v, bool):
-            return "yes" if v else "NO"
-        return f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 100 else (f"{v:.3g}" if isinstance(v, float) else str(v))
-
-    head = ("name", "value", "unit", "baseline", "ratio", "target", "pass")
-    cells = [[f(r.get(k)) for k in head] for r in rows]
-    w = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
-    lines += ["  ".join(c[i].ljust(w[i]) if i in (0, 2, 5) else c[i].rjust(w[i]) for i in range(len(head)))
-              for c in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

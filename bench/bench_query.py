@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import format_rows  # noqa: E402
 import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,20 +199,6 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})
     return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    def f(v):
-        if v is None:
-            return ""
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    head = ("name", "value", "unit", "baseline", "ratio", "target")
-    cells = [[f(r[k]) for k in head] for r in rows]
-    w = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
-    lines += ["  ".join(c[i].ljust(w[i]) if i in (0, 2, 5) else c[i].rjust(w[i]) for i in range(len(head))) for c in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small smoke runs")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default: {','.join(PARTS)})")
     args = p.parse_args(argv)
-    from bench_model import format_rows
+    from _table import format_rows
 
     rows, failed = [], []
     for part in args.only.split(","):

@@ -533,19 +533,9 @@ def test_identify_and_count(survey, coadd):
 
 
 @pytest.fixture(scope="module")
-def pfs_bundle(tmp_path_factory):
-    """A seeded (untrained) bundle on the DESI grid, which serves PFS."""
-    import torch
-
-    from catalogpred.model.bundle import ModelCard, save_bundle
-    from catalogpred.model.encoder import SpectrumEncoder
-    from catalogpred.model.head import IRHead
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("pfs-bundle") / "model"
-    save_bundle(path, SpectrumEncoder(n_pix=DESI_GRID.n_pix), IRHead(), name="test-desi", version="0", grid=DESI_GRID,
-                card=ModelCard(kind="demo", summary="seeded DESI-grid test bundle"))
-    return path
+def pfs_bundle(desi_bundle):
+    """A seeded (untrained) bundle on the DESI grid, which serves PFS (the shared conftest fixture)."""
+    return desi_bundle
 
 
 def test_end_to_end_ingest_and_predict(survey, client, pfs_bundle, tmp_path):
