@@ -343,13 +343,13 @@ def read_flux(store_path, survey: str, rows: np.ndarray) -> np.ndarray:
 
 
 def set_rejected(store_path, survey: str, rows: np.ndarray, reason: str, details: list[str]) -> None:
-    """Mark rows REJECTED after ingest (used for duplicate ids). Client-side only."""
+    """Mark rows REJECTED after ingest (used for duplicate ids). Client-side only: one write per array."""
     import zarr
 
     meta = zarr.open_group(str(store_path), mode="r+")[survey]["meta"]
-    for name, values in (("status", np.full(len(rows), RowStatus.REJECTED, np.uint8)),):
-        for r, v in zip(rows, values):
-            meta[name][int(r)] = v
-    for r, d in zip(rows, details):
-        meta["reject_reason"][int(r)] = reason
-        meta["reject_detail"][int(r)] = d
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return
+    meta["status"].vindex[rows] = np.full(rows.size, RowStatus.REJECTED, np.uint8)
+    meta["reject_reason"].vindex[rows] = np.array([reason] * rows.size, dtype=np.dtypes.StringDType())
+    meta["reject_detail"].vindex[rows] = np.array(list(details), dtype=np.dtypes.StringDType())

@@ -33,6 +33,7 @@ from ..spectra import Grid
 
 __all__ = [
     "SpectrumBlock",
+    "SelectionRejects",
     "ReadOptions",
     "Selection",
     "AUXILIARY",
@@ -57,6 +58,28 @@ COMMON_META = {
     "source_file": "U",  # base name of the file the spectrum came from
     "row_in_file": "i4",  # index of the spectrum inside that file
 }
+
+
+class SelectionRejects:
+    """Per-spectrum reject reasons of a multi-object file: the first rule that hits a row wins.
+
+    >>> r = SelectionRejects(3)
+    >>> r.add(np.array([True, False, True]), RejectReason.SKY_FIBRE, lambda i: f"row {i}")
+    >>> r.add(np.array([True, True, False]), RejectReason.NO_REDSHIFT, lambda i: "no z")
+    >>> list(r.reason), list(r.detail)
+    (['sky_fibre', 'no_redshift', 'sky_fibre'], ['row 0', 'no z', 'row 2'])
+    """
+
+    def __init__(self, n: int):
+        self.reason = np.full(n, "", dtype=object)
+        self.detail = np.full(n, "", dtype=object)
+
+    def add(self, cond, why: RejectReason, text) -> None:
+        """Reject rows where ``cond`` holds and no earlier rule did; ``text(i)`` gives the detail."""
+        hit = np.asarray(cond, bool) & (self.reason == "")
+        self.reason[hit] = why.value
+        for i in np.flatnonzero(hit):
+            self.detail[i] = text(i)
 
 
 #: prefix of identify_survey() results for files with redshifts but no spectra, e.g. "aux:desi-redshifts"

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import InputFileError, RejectReason
 from ..redshifts import load_redshift_table
 from ..spectra import DESI_GRID, PixelMask
-from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import COMMON_META, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
 
 __all__ = ["identify", "read", "merge_arms", "DESI_META", "ARMS"]
 
@@ -281,14 +281,8 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
                     lut = dict(zip(zd["TARGETID"].tolist(), zd["DELTACHI2"].tolist()))
                     deltachi2 = np.array([lut.get(t, np.nan) for t in targetid.tolist()])
 
-    reason = np.full(n, "", dtype=object)
-    detail = np.full(n, "", dtype=object)
-
-    def reject(cond, why: RejectReason, text):
-        hit = cond & (reason == "")
-        reason[hit] = why.value
-        for i in np.flatnonzero(hit):
-            detail[i] = text(i)
+    rejects = SelectionRejects(n)
+    reject = rejects.add
 
     unassigned = (targetid < 0) | (objtype == "")
     sky = (objtype == "SKY") | ((targetid > 0) & (((targetid >> SKY_TARGETID_BIT) & 1) == 1))
@@ -336,7 +330,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
         "flux_ivar_w2": col("FLUX_IVAR_W2", np.nan, np.float32),
     }
     return SpectrumBlock(survey="desi", grid=DESI_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
-                         reject_reason=reason, reject_detail=detail)
+                         reject_reason=rejects.reason, reject_detail=rejects.detail)
 
 
 register_reader(Reader(name="desi", identify=identify, read=read, grid=DESI_GRID, priority=20,

@@ -51,7 +51,7 @@ import numpy as np
 from ..errors import ConfigError, InputFileError, RejectReason
 from ..redshifts import RedshiftTable, load_redshift_table
 from ..spectra import DESI_GRID, PixelMask, fnu_njy_to_flam17, resample_flux_conserving
-from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import COMMON_META, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
 
 __all__ = ["identify", "identify_redshifts", "read", "count", "PFS_META", "INFO_PLANES", "mask_planes",
            "bad_mask_bits", "load_cozcandidates", "find_cozcandidates", "wcs_wavelength_angstrom"]
@@ -540,14 +540,8 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
     cat_id, obj_id, ttype = d["cat_id"], d["obj_id"], d["target_type"]
     zs = _redshifts(str(path), options, cat_id, obj_id)
-    reason = np.full(n, "", dtype=object)
-    detail = np.full(n, "", dtype=object)
-
-    def reject(cond, why: RejectReason, text):
-        hit = np.asarray(cond, bool) & (reason == "")
-        reason[hit] = why.value
-        for i in np.flatnonzero(hit):
-            detail[i] = text(i)
+    rejects = SelectionRejects(n)
+    reject = rejects.add
 
     tname = [TARGET_TYPE_NAMES.get(int(t), str(int(t))) for t in ttype]
     if not sel.keep_sky:
@@ -585,7 +579,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     }
     assert list(meta) == list({**COMMON_META, **PFS_META})
     return SpectrumBlock(survey="pfs", grid=DESI_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
-                         reject_reason=reason, reject_detail=detail)
+                         reject_reason=rejects.reason, reject_detail=rejects.detail)
 
 
 register_reader(Reader(name="pfs", identify=identify, read=read, grid=DESI_GRID, priority=15,
