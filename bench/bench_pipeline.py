@@ -89,14 +89,17 @@ def synthetic_rows(rng: np.random.Generator, n: int, wave: np.ndarray) -> dict:
 
 
 def write_synthetic_store(path, n_rows: int, *, survey: str = "sdss", shard_rows: int = 4096, chunk_rows: int = 256,
-                          seed: int = SEED, n_rejected: int = 0) -> dict:
+                          seed: int = SEED, n_rejected: int = 0, processes: int = 1) -> dict:
     """Write a finished SDSS-grid store group of ``n_rows`` synthetic spectra (the last ``n_rejected`` of
     them marked REJECTED at ingest with reason ``bad_redshift``); returns ``{"rows", "shards", "seconds"}``.
 
     Row ``i`` is ``source_id = f"syn-{survey}-{i:08d}"``; the content depends only on ``seed`` and ``i // shard_rows``.
     Positions come in "plates" of 640 consecutive rows within 1.5 deg of a random centre, as SDSS spec
     files arrive in ingest order (so a block touches a few HEALPix pixels, not all of them).
+    ``processes`` > 1 writes shards in parallel (each process owns whole shards, as ingest tasks do).
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from catalogpred import store
     from catalogpred.spectra import SDSS_GRID
     from catalogpred.surveys import get_reader
@@ -107,41 +110,54 @@ def write_synthetic_store(path, n_rows: int, *, survey: str = "sdss", shard_rows
     store.create_survey(path, layout)
     n_shards = -(-n_rows // shard_rows)
     shards = store.allocate_shards(path, survey, n_shards)
-    wave = SDSS_GRID.wave
-    for k, shard in enumerate(shards):
-        lo, hi = k * shard_rows, min(n_rows, (k + 1) * shard_rows)
-        n = hi - lo
-        rng = np.random.default_rng([seed, k])
-        d = synthetic_rows(rng, n, wave)
-        rows = np.arange(lo, hi)
-        plate = rows // PLATE_ROWS
-        centre = np.random.default_rng([seed, 10**6]).uniform(size=(int(plate.max()) + 1, 2))[plate]
-        r, phi = 1.5 * np.sqrt(rng.uniform(size=n)), rng.uniform(0, 2 * np.pi, n)
-        d["dec"] = np.clip(np.degrees(np.arcsin(2 * centre[:, 1] - 1)) * 0.9 + r * np.sin(phi), -89.9, 89.9)
-        d["ra"] = (360 * centre[:, 0] + r * np.cos(phi) / np.cos(np.radians(d["dec"]))) % 360
-        status = np.where(rows >= n_rows - n_rejected, store.RowStatus.REJECTED, store.RowStatus.OK).astype(np.uint8)
-        rejected = status == store.RowStatus.REJECTED
-        meta = {
-            "source_id": np.array([f"syn-{survey}-{i:08d}" for i in rows], dtype=object),
-            "survey": np.array([survey] * n, dtype=object), "ra": d["ra"], "dec": d["dec"], "z": d["z"],
-            "z_err": np.full(n, 1e-4), "zwarning": (rng.uniform(size=n) < 0.05).astype(np.int64),
-            "source_file": np.array([f"syn-{k:06d}.fits"] * n, dtype=object), "row_in_file": (rows - lo).astype(np.int32),
-            "plate": np.full(n, 1000 + k, np.int32), "mjd": np.full(n, 55000, np.int32),
-            "fiberid": (rows - lo).astype(np.int32), "catalogid": np.array([""] * n, dtype=object),
-            "specobjid": np.array([str(10 ** 15 + i) for i in rows], dtype=object),
-            "spec_class": np.array(["GALAXY"] * n, dtype=object), "subclass": np.array([""] * n, dtype=object),
-            "sn_median_all": np.full(n, 10.0, np.float32), "run2d": np.array(["v5_13_2"] * n, dtype=object),
-            "norm": d["norm"], "status": status,
-            "reject_reason": np.where(rejected, "bad_redshift", "").astype(object),
-            "reject_detail": np.where(rejected, "synthetic reject", "").astype(object),
-            "source_path": np.array([f"/synthetic/syn-{k:06d}.fits"] * n, dtype=object),
-            "snr_median": np.full(n, 5.0, np.float32),
-            "coverage": np.ones(n, np.float32),
-        }
-        store.write_shard(path, survey, shard, d["flux"], np.ascontiguousarray(d["ivar"]),
-                          np.zeros(d["flux"].shape, np.uint8), meta)
+    jobs = [(str(path), survey, k, shard, n_rows, shard_rows, seed, n_rejected) for k, shard in enumerate(shards)]
+    if processes > 1:
+        with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_write_synthetic_shard, *zip(*jobs)))
+    else:
+        for job in jobs:
+            _write_synthetic_shard(*job)
     store.mark_shards_done(path, survey, shards)
     return {"rows": n_rows, "shards": n_shards, "seconds": time.perf_counter() - t0}
+
+
+def _write_synthetic_shard(path: str, survey: str, k: int, shard: int, n_rows: int, shard_rows: int, seed: int,
+                           n_rejected: int) -> None:
+    """Shard ``shard`` of :func:`write_synthetic_store`: rows ``k * shard_rows`` onwards."""
+    from catalogpred import store
+    from catalogpred.spectra import SDSS_GRID
+
+    lo, hi = k * shard_rows, min(n_rows, (k + 1) * shard_rows)
+    n = hi - lo
+    rng = np.random.default_rng([seed, k])
+    d = synthetic_rows(rng, n, SDSS_GRID.wave)
+    rows = np.arange(lo, hi)
+    plate = rows // PLATE_ROWS
+    centre = np.random.default_rng([seed, 10**6]).uniform(size=(int(plate.max()) + 1, 2))[plate]
+    r, phi = 1.5 * np.sqrt(rng.uniform(size=n)), rng.uniform(0, 2 * np.pi, n)
+    d["dec"] = np.clip(np.degrees(np.arcsin(2 * centre[:, 1] - 1)) * 0.9 + r * np.sin(phi), -89.9, 89.9)
+    d["ra"] = (360 * centre[:, 0] + r * np.cos(phi) / np.cos(np.radians(d["dec"]))) % 360
+    status = np.where(rows >= n_rows - n_rejected, store.RowStatus.REJECTED, store.RowStatus.OK).astype(np.uint8)
+    rejected = status == store.RowStatus.REJECTED
+    meta = {
+        "source_id": np.array([f"syn-{survey}-{i:08d}" for i in rows], dtype=object),
+        "survey": np.array([survey] * n, dtype=object), "ra": d["ra"], "dec": d["dec"], "z": d["z"],
+        "z_err": np.full(n, 1e-4), "zwarning": (rng.uniform(size=n) < 0.05).astype(np.int64),
+        "source_file": np.array([f"syn-{k:06d}.fits"] * n, dtype=object), "row_in_file": (rows - lo).astype(np.int32),
+        "plate": np.full(n, 1000 + k, np.int32), "mjd": np.full(n, 55000, np.int32),
+        "fiberid": (rows - lo).astype(np.int32), "catalogid": np.array([""] * n, dtype=object),
+        "specobjid": np.array([str(10 ** 15 + i) for i in rows], dtype=object),
+        "spec_class": np.array(["GALAXY"] * n, dtype=object), "subclass": np.array([""] * n, dtype=object),
+        "sn_median_all": np.full(n, 10.0, np.float32), "run2d": np.array(["v5_13_2"] * n, dtype=object),
+        "norm": d["norm"], "status": status,
+        "reject_reason": np.where(rejected, "bad_redshift", "").astype(object),
+        "reject_detail": np.where(rejected, "synthetic reject", "").astype(object),
+        "source_path": np.array([f"/synthetic/syn-{k:06d}.fits"] * n, dtype=object),
+        "snr_median": np.full(n, 5.0, np.float32),
+        "coverage": np.ones(n, np.float32),
+    }
+    store.write_shard(path, survey, shard, d["flux"], np.ascontiguousarray(d["ivar"]),
+                      np.zeros(d["flux"].shape, np.uint8), meta)
 
 
 def write_bundle(path) -> str:

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from . import __version__
+from .cluster import BLOCKS_PER_GPU
 from .errors import CatalogpredError, ConfigError
 
 log = logging.getLogger("catalogpred")
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resource), else cpu; cuda starts one dask-cuda worker per GPU (needs the [gpu] extra)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="spectra per forward pass (default 64 on CPUs, where it bounds worker memory; 2048 on GPUs)")
+    s.add_argument("--blocks-per-gpu", type=int, default=None,
+                   help="blocks that share one GPU, so that reading and writing overlap GPU work (default "
+                        f"{BLOCKS_PER_GPU}; GPU workers need at least this many threads)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -317,7 +321,8 @@ def _client(args, device: str = "cpu"):
     _quiet_dask(args)
 
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                       wait_workers=args.wait_workers, device=device)
+                       wait_workers=args.wait_workers, device=device,
+                       blocks_per_gpu=getattr(args, "blocks_per_gpu", None) or BLOCKS_PER_GPU)
 
 
 def _progress(args):
@@ -381,7 +386,8 @@ def cmd_predict(args) -> int:
         summary = run_predict(args.store, args.model, args.catalog, client=client, overwrite=args.overwrite,
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
-                              surveys=args.surveys.split(",") if args.surveys else None)
+                              surveys=args.surveys.split(",") if args.surveys else None,
+                              blocks_per_gpu=args.blocks_per_gpu or BLOCKS_PER_GPU)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:

@@ -28,14 +28,27 @@ import os
 from .errors import ConfigError
 
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
-           "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE"]
+           "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
+           "gpu_task_resources"]
 
 log = logging.getLogger(__name__)
 
 #: tasks the pipeline keeps in flight per worker (``pipeline._run_bounded`` submits at most 2 × workers)
 TASKS_IN_FLIGHT_PER_WORKER = 2
-#: the Dask worker resource a CUDA prediction task asks for (``client.submit(..., resources=GPU_RESOURCE)``)
+#: the Dask worker resource a GPU worker offers: one per GPU (``dask cuda worker --resources GPU=1``)
 GPU_RESOURCE = {"GPU": 1}
+#: prediction blocks that share one GPU by default. A block spends most of its time on the CPU (reading
+#: its shard from Zarr, writing Parquet) and little on the GPU, so with 2 blocks in flight one reads or
+#: writes while the other runs on the GPU (kernels of both queue on the same device). Each task asks for
+#: ``GPU = 1 / BLOCKS_PER_GPU`` of its worker's ``GPU=1``; the worker needs that many threads.
+BLOCKS_PER_GPU = 2
+
+
+def gpu_task_resources(blocks_per_gpu: int = BLOCKS_PER_GPU) -> dict:
+    """``resources=`` for one prediction task: ``{"GPU": 1 / blocks_per_gpu}`` (a share of a worker's GPU)."""
+    if blocks_per_gpu < 1:
+        raise ConfigError(f"blocks per GPU must be >= 1, not {blocks_per_gpu}")
+    return {"GPU": GPU_RESOURCE["GPU"] / blocks_per_gpu}
 
 
 def gpu_count() -> int:
@@ -95,7 +108,7 @@ def default_n_workers() -> int:
 @contextlib.contextmanager
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
                 scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None,
-                device: str = "cpu"):
+                device: str = "cpu", blocks_per_gpu: int = BLOCKS_PER_GPU):
     """Yield a ``distributed.Client``; a local cluster is started and closed around it.
 
     Parameters
@@ -113,8 +126,9 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     device : "cpu" | "cuda"
         Local cluster only: ``cuda`` starts a ``dask_cuda.LocalCUDACluster`` with one worker per
         GPU (``n_workers`` caps it), each pinned to its GPU by ``CUDA_VISIBLE_DEVICES`` (it sees
-        it as ``cuda:0``), with one thread and the worker resource ``GPU=1`` that prediction tasks
-        ask for (so one block at a time per GPU). Needs the ``[gpu]`` extra.
+        it as ``cuda:0``), with the worker resource ``GPU=1`` and ``blocks_per_gpu`` threads:
+        prediction tasks each ask for ``GPU=1/blocks_per_gpu`` (:func:`gpu_task_resources`), so that
+        many blocks share a GPU. Needs the ``[gpu]`` extra.
 
     Raises
     ------
@@ -148,8 +162,8 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
             client.close()
         return
     if device == "cuda":
-        cluster = _local_cuda_cluster(n_workers, memory_limit)
-        n = len(cluster.workers)
+        cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu)
+        n, threads_per_worker = len(cluster.workers), blocks_per_gpu
     else:
         n = n_workers or default_n_workers()
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
@@ -164,8 +178,10 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         cluster.close()
 
 
-def _local_cuda_cluster(n_workers: int | None, memory_limit):
-    """A ``LocalCUDACluster``: one worker per GPU, ``resources={"GPU": 1}``; dask_cuda imported only here."""
+def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int = BLOCKS_PER_GPU):
+    """A ``LocalCUDACluster``: one worker per GPU with ``blocks_per_gpu`` threads and ``resources={"GPU": 1}``;
+    dask_cuda is imported only here."""
+    gpu_task_resources(blocks_per_gpu)  # validates
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
@@ -176,7 +192,8 @@ def _local_cuda_cluster(n_workers: int | None, memory_limit):
         raise ConfigError("--device cuda: NVML reports no GPU on this machine (check nvidia-smi and "
                           "CUDA_VISIBLE_DEVICES), or use --device cpu")
     n = min(n_gpu, n_workers) if n_workers else n_gpu
-    return LocalCUDACluster(n_workers=n, threads_per_worker=1, memory_limit=memory_limit, resources=dict(GPU_RESOURCE),
+    return LocalCUDACluster(n_workers=n, threads_per_worker=blocks_per_gpu, memory_limit=memory_limit,
+                            resources=dict(GPU_RESOURCE),
                             dashboard_address=None, silence_logs=logging.WARNING)
 
 

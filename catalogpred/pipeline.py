@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__
 from . import catalog as cat
 from . import store
-from .cluster import (GPU_RESOURCE, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads, resolve_device,
+from .cluster import (BLOCKS_PER_GPU, TASKS_IN_FLIGHT_PER_WORKER, gpu_task_resources, check_workers, default_torch_threads, resolve_device,
                       shared_path)
 from .errors import CatalogError, ConfigError, RejectReason
 from .surveys import get_reader
@@ -88,10 +88,11 @@ def _n_workers(client, resources: dict | None = None) -> int:
 
 def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, keys: list[str], progress,
                  on_done=None, max_in_flight: int | None = None, weights: list[int] | None = None, unit_total=None,
-                 resources: dict | None = None, recount_s: float = 1.0):
+                 resources: dict | None = None, recount_s: float = 1.0, tasks_per_worker: int = 1):
     """Submit ``fn(*args, **kwargs)`` for every args tuple, at most ``max_in_flight`` at once.
 
-    The default window is :data:`~.cluster.TASKS_IN_FLIGHT_PER_WORKER` × workers, recounted (at
+    The default window is :data:`~.cluster.TASKS_IN_FLIGHT_PER_WORKER` × workers × ``tasks_per_worker``
+    (tasks that run at once on one worker, e.g. blocks sharing a GPU), recounted (at
     most every ``recount_s``) as tasks finish, so workers that join later get work and lost ones
     stop counting. ``resources`` (e.g. ``{"GPU": 1}``) goes on every ``client.submit``. Only the
     futures in flight are held; a result is handed to ``on_done`` and kept (small dicts only).
@@ -110,7 +111,8 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
             return max_in_flight
         now = time.monotonic()
         if now - window["at"] >= recount_s:
-            window["n"], window["at"] = TASKS_IN_FLIGHT_PER_WORKER * max(1, _n_workers(client, resources)), now
+            window["n"] = TASKS_IN_FLIGHT_PER_WORKER * tasks_per_worker * max(1, _n_workers(client, resources))
+            window["at"] = now
         return window["n"]
 
     def fill(ac):
@@ -360,7 +362,9 @@ class PredictSummary:
     inputs: int = 0
     reasons: dict = field(default_factory=dict)
     seconds: float = 0.0
-    seconds_model: float = 0.0
+    seconds_model: float = 0.0  #: task-seconds inside encoder + head
+    seconds_read: float = 0.0  #: task-seconds reading the store (metadata + flux)
+    seconds_write: float = 0.0  #: task-seconds writing Parquet (part files, rejects, done markers)
     order: int = 0
     blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
 
@@ -374,7 +378,9 @@ class PredictSummary:
                  f"  catalog rows     {self.rows:>9,d}",
                  f"  rejects          {self.rejects:>9,d}",
                  f"  HEALPix order    {self.order:>9d}",
-                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; model {self.seconds_model:.1f} task-s)"]
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s)",
+                 f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
+                 f"write {self.seconds_write:.1f} s (summed over tasks)"]
         if self.reasons:
             lines.append("  rejects by reason:")
             lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
@@ -433,7 +439,8 @@ def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path:
 def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
                 precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
-                catalog_name: str | None = None, surveys: list[str] | None = None) -> PredictSummary:
+                catalog_name: str | None = None, surveys: list[str] | None = None,
+                blocks_per_gpu: int = BLOCKS_PER_GPU) -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
 
     ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
@@ -448,8 +455,10 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     data; the catalog is left unfinalized, ready to resume).
 
     ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when the workers offer the ``GPU`` resource);
-    with cuda every task is submitted with ``resources={"GPU": 1}``. ``batch_size`` (spectra per
-    forward pass) defaults to :data:`DEFAULT_BATCH` for the device.
+    with cuda every task is submitted with ``resources={"GPU": 1 / blocks_per_gpu}``, so
+    ``blocks_per_gpu`` blocks share each worker's ``GPU=1`` (one reads its shard and writes Parquet
+    on the CPU while another runs on the GPU; the workers need that many threads). ``batch_size``
+    (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device.
     """
     from .model.bundle import read_bundle_info
 
@@ -495,7 +504,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
     device = resolve_device(device, client)
-    resources = dict(GPU_RESOURCE) if device == "cuda" else None
+    resources = gpu_task_resources(blocks_per_gpu) if device == "cuda" else None
     batch_size = batch_size or DEFAULT_BATCH[device]
     if resources and client.scheduler_info()["workers"] and not _n_workers(client, resources):
         raise ConfigError("--device cuda: no Dask worker offers the GPU resource; start GPU workers with "
@@ -528,7 +537,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
     results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
-                                   resources=resources)
+                                   resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1)
     if errors and not results and len(todo) > 1:
         raise PipelineError(f"all {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
                             "re-run the same command to resume")
@@ -542,6 +551,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   block_key(s, sh), n_rej, RejectReason.PREDICT_ERROR.value, err)
     summary.blocks_failed = len(failed)
     summary.seconds_model = sum(r["seconds_model"] for r in results.values())
+    summary.seconds_read = sum(r.get("seconds_read", 0.0) for r in results.values())
+    summary.seconds_write = sum(r.get("seconds_write", 0.0) for r in results.values())
     manifest = {
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -551,7 +562,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   "grid": info.grid.name},
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
-                     "torch_threads": torch_threads},
+                     "torch_threads": torch_threads, **({"blocks_per_gpu": blocks_per_gpu} if resources else {})},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],

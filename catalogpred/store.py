@@ -179,7 +179,8 @@ def create_survey(store_path: str | os.PathLike, layout: SurveyLayout):
     g.create_array("shard_done", shape=(0,), chunks=(1024,), dtype="u1", fill_value=0)
     meta = g.create_group("meta")
     for name, code in {**layout.meta_columns, **STORE_META}.items():
-        meta.create_array(name, shape=(0,), chunks=(layout.chunk_rows,), shards=(layout.shard_rows,),
+        # one chunk per shard and column: a predict task reads its shard's metadata in one read per column
+        meta.create_array(name, shape=(0,), chunks=(layout.shard_rows,),
                           dtype=_zarr_dtype(code), fill_value=_fill_value(code), compressors=_compressor()
                           if code != "U" else "auto")
     return g

@@ -237,7 +237,9 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
                   torch_threads: int | None = None) -> dict:
     """Predict one store shard and write its catalog part files, rejects and done marker.
 
-    Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model"}``.
+    Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
+    "seconds_read", "seconds_write"}``: wall time of the task, of encoder + head (``infer``), of the
+    Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects, done marker).
     """
     from hats.pixel_math.spatial_index import compute_spatial_index
 
@@ -247,6 +249,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     _set_torch_threads(torch_threads)
     key = block_key(survey, shard)
     meta = store.read_meta(store_path, survey, shard=shard)
+    t_read = time.perf_counter() - t0
     status = meta.column("status").to_numpy()
     ok = status == store.RowStatus.OK
     rejected = meta.filter(pa.array(~ok))
@@ -260,11 +263,13 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     rejects = [pa.table(rej)]
     good = meta.filter(pa.array(ok))
     pixels: dict[int, int] = {}
-    t_model = 0.0
+    t_model = t_write = 0.0
     n_rows = 0
     if good.num_rows:
         rows = good.column("row").to_numpy()
+        tr = time.perf_counter()
         flux = store.read_flux(store_path, survey, rows)
+        t_read += time.perf_counter() - tr
         model = cached_model(bundle_path, device)
         z = good.column("z").to_numpy()
         norm = good.column("norm").to_numpy()
@@ -321,13 +326,19 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         cols["_healpix_29"] = pa.array(compute_spatial_index(ra, dec).astype(np.int64))
         schema = _schema(tuple(schema_columns))
         table = pa.Table.from_pydict(cols, schema=schema)
+        tw = time.perf_counter()
         pixels = cat.write_fragment(catalog_path, table, order, key)
+        t_write = time.perf_counter() - tw
         n_rows = table.num_rows
     rejects_table = pa.concat_tables([t.cast(cat.REJECTS_SCHEMA) for t in rejects])
+    tw = time.perf_counter()
+    cat.write_block_done(catalog_path, key, {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
+                                             "pixels": {str(k): v for k, v in pixels.items()}}, rejects_table)
+    t_write += time.perf_counter() - tw
     dt = time.perf_counter() - t0
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
-               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": t_model}
-    cat.write_block_done(catalog_path, key, summary, rejects_table)
+               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": t_model,
+               "seconds_read": t_read, "seconds_write": t_write}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt, t_model)
     return summary
 

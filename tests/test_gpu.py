@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catalogpred.cluster import GPU_RESOURCE, dask_client, default_torch_threads, gpu_count, resolve_device
+from catalogpred.cluster import (GPU_RESOURCE, dask_client, default_torch_threads, gpu_count, gpu_task_resources,
+                                 resolve_device)
 from catalogpred.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,9 +87,12 @@ def test_device_choice_imports_no_gpu_library():
 
 
 def _gpu_task(i):
+    import time
+
     from distributed import get_worker
 
     w = get_worker()
+    time.sleep(0.3)  # long enough for the scheduler to start a second task beside it
     return i, w.address, dict(w.state.available_resources), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
@@ -109,20 +113,24 @@ def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
     monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=StandInLocalCUDACluster))
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(2))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with dask_client(device="cuda") as client:
-        assert calls == [dict(n_workers=2, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None,
+    with dask_client(device="cuda", blocks_per_gpu=2) as client:
+        assert calls == [dict(n_workers=2, threads_per_worker=2, resources={"GPU": 1}, dashboard_address=None,
                               silence_logs=logging.WARNING)]
         workers = client.scheduler_info()["workers"].values()
         assert len(workers) == 2 and all(w["resources"] == {"GPU": 1} for w in workers)
         assert resolve_device("auto", client) == "cuda" and _n_workers(client, GPU_RESOURCE) == 2
         assert default_torch_threads(client) == max(1, (os.cpu_count() or 1) // 2)
-        # tasks carry resources={"GPU": 1} on submit: each holds its worker's one GPU while it runs
-        n = 6
+        # tasks carry resources={"GPU": 0.5} on submit: two blocks share a worker's GPU, never more
+        n = 12
         results, errors = _run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
                                        keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
-                                       resources=dict(GPU_RESOURCE))
+                                       resources=gpu_task_resources(2), tasks_per_worker=2)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
-    assert all(r[2] == {"GPU": 0} for r in results.values())
+    assert all(r[2]["GPU"] in (0, 0.5) for r in results.values())
+    assert any(r[2]["GPU"] == 0 for r in results.values())  # two tasks ran at once on one worker
+    assert gpu_task_resources(1) == GPU_RESOURCE
+    with pytest.raises(ConfigError, match=">= 1"):
+        gpu_task_resources(0)
 
 
 def test_cuda_without_dask_cuda_or_gpu_workers_is_a_clear_error(monkeypatch, random_bundle, tmp_path):
@@ -223,17 +231,20 @@ def test_bf16_autocast_close_to_fp32(random_bundle, device):
 def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, client):
     """End to end on dask-cuda (bf16) against the CPU run; the client never creates a CUDA context."""
     import pyarrow.parquet as pq
-    import torch
 
     from catalogpred.pipeline import run_predict
 
     st = tmp_path / "store.zarr"
     load_bench().write_synthetic_store(st, 256, shard_rows=64, chunk_rows=64)
     cpu = run_predict(str(st), random_bundle, str(tmp_path / "cpu"), client=client, progress=False, device="cpu")
-    with dask_client(device="cuda") as gclient:
-        gpu = run_predict(str(st), random_bundle, str(tmp_path / "gpu"), client=gclient, progress=False,
-                          device="auto", precision="bf16", batch_size=64)
-        assert not torch.cuda.is_initialized()
+    # the GPU run from a fresh client process (this one may hold a CUDA context from the tests above)
+    code = ("import sys, torch; from catalogpred.cli import main; "
+            f"rc = main(['predict', '--store', {str(st)!r}, '--model', {str(random_bundle)!r}, '--catalog', "
+            f"{str(tmp_path / 'gpu')!r}, '--device', 'auto', '--precision', 'bf16', '--batch-size', '64', "
+            "'--no-progress']); print('RC', rc, 'CUDA_INITIALIZED', torch.cuda.is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "RC 0 CUDA_INITIALIZED False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    gpu = types.SimpleNamespace(rows=pq.ParquetDataset(tmp_path / "gpu" / "dataset").read().num_rows)
     assert gpu.rows == cpu.rows == 256
     manifest = json.loads((tmp_path / "gpu" / "run_manifest.json").read_text())
     assert manifest["settings"]["device"] == "cuda"
@@ -278,3 +289,58 @@ def test_gpu_extra_resolves_with_pinned_base(tmp_path):
                 if "==" in line.split("#")[0])
     for name, version in pins.items():
         assert would_install.get(name.lower(), version) == version, (name, would_install.get(name.lower()))
+
+
+# ------------------------------------------------------------------------------------ preprocessing on the device
+
+
+def _xp(name):
+    if name == "numpy":
+        return np
+    import cupy
+
+    return cupy
+
+
+def _spectra_block(seed=3, n=24):
+    """SDSS-grid spectra with the cases ingest meets: NaN flux, zero ivar, a spectrum with no good pixel."""
+    from catalogpred.spectra import SDSS_GRID
+
+    rng = np.random.default_rng(seed)
+    d = load_bench().synthetic_rows(rng, n, SDSS_GRID.wave)
+    flux = (d["flux"] * d["norm"][:, None]).astype(np.float32)
+    ivar = np.ascontiguousarray(d["ivar"] / d["norm"][:, None] ** 2, dtype=np.float32)
+    mask = np.zeros(flux.shape, np.uint8)
+    flux[1, 100:110] = np.nan
+    ivar[2, :] = 0.0
+    ivar[3, ::3] = 0.0
+    return flux, ivar, mask, SDSS_GRID.wave, d["z"]
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_preprocessing_array_namespace_twin(xp_name):
+    """check_spectra (masks, normalisation, rejects) and the flux-conserving resampling run the same code on
+    numpy and on cupy arrays (``spectra.array_namespace``); the numpy run is the CPU twin, cupy must match it."""
+    from catalogpred.spectra import DESI_GRID, check_spectra, fnu_njy_to_flam17, resample_flux_conserving
+
+    xp = _xp(xp_name)
+    to_np = (lambda a: a) if xp is np else (lambda a: a.get())
+    flux, ivar, mask, wave, z = _spectra_block()
+    ref = check_spectra(flux, ivar, mask, wave, z)
+    out = check_spectra(xp.asarray(flux), xp.asarray(ivar), xp.asarray(mask), xp.asarray(wave), xp.asarray(z))
+    assert all(type(a).__module__.split(".")[0] == xp.__name__ for a in out[:4])
+    np.testing.assert_array_equal(to_np(out[2]), ref[2])  # mask bits
+    np.testing.assert_allclose(to_np(out[3]), ref[3], rtol=1e-12)  # norm (NaN for rejects)
+    np.testing.assert_allclose(to_np(out[0]), ref[0], rtol=1e-6)
+    np.testing.assert_allclose(to_np(out[1]), ref[1], rtol=1e-6)
+    assert out[4] == ref[4] and out[4][1] is not None and out[4][2] is not None  # NaN flux, no good pixel
+    # PFS-style resampling onto the DESI grid (nm -> Å already applied), and nJy -> 1e-17 erg/s/cm²/Å
+    w_in = np.linspace(3800.0, 9000.0, 3900)
+    f_in = np.abs(np.nan_to_num(flux[:4, :3900])).astype(np.float64) + 1.0
+    iv_in = np.full_like(f_in, 4.0)
+    r_ref = resample_flux_conserving(w_in, f_in, iv_in, DESI_GRID.wave)
+    r = resample_flux_conserving(xp.asarray(w_in), xp.asarray(f_in), xp.asarray(iv_in), xp.asarray(DESI_GRID.wave))
+    for a, b in zip(r, r_ref):
+        np.testing.assert_allclose(to_np(a), b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_np(fnu_njy_to_flam17(xp.asarray(f_in), xp.asarray(w_in))),
+                               fnu_njy_to_flam17(f_in, w_in), rtol=1e-12)

@@ -1,0 +1,432 @@
+"""catalogpred on one CUDA GPU: encoder precisions, the store reader, and ``predict`` end to end.
+
+    python bench/bench_gpu.py                      # a machine with a CUDA GPU, CUDA torch and the [gpu] extra
+    python bench/bench_gpu.py --bundle demo-output/model --json gpu.json
+    python bench/bench_gpu.py --device cpu --quick # the same code on the CPU (a smoke run of this script)
+
+Not part of ``make bench`` (which runs on the 2-core CPU machines); run it where there is a GPU.
+Everything is measured in one run, each figure against a baseline of the same run:
+
+1. **Ceilings** of this card: a bf16 and an fp32 (IEEE, no TF32) 8192³ matrix product, and host-to-device
+   copies (pinned, pageable). They put the encoder's TFLOP/s and the reader's GB/s in proportion.
+2. **Encoder** on the SDSS (3921 px) and DESI (7781 px) grids. Reference (issue 4): the straightforward
+   fp32 eager forward pass, batch 256, inference mode, IEEE fp32 (cuDNN TF32 off), host batches copied
+   to the device and latents copied back one batch at a time. Against it: catalogpred's
+   :func:`~catalogpred.model.bundle.encode` (the block moves to the device once) in fp32 (IEEE), with
+   TF32 allowed, and in bf16 autocast (batch 2048, and 256). Latent error = max |Δ| / max |reference|;
+   Δmag through the bundle's head (trained when ``--bundle`` is a trained bundle).
+3. **Reader**: one store shard's metadata and flux read on one thread (what a predict task does first).
+4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
+   a LocalCUDACluster with 1, 2 and 4 blocks sharing the GPU (``--blocks-per-gpu``), on a synthetic
+   SDSS store of ``N_LARGE`` spectra; for the default (2) also ``N_SMALL`` first, for the peak RSS per
+   worker and its growth (issue 5: < 1.5 GB, < 10 %). GPU busy % is sampled with NVML during each run;
+   task time is split into store reads, model and Parquet writes, which tells what bounds the run.
+
+``--json`` writes every row (and the environment) to a file; the table goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import format_rows  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench_pipeline import synthetic_rows, write_bundle, write_synthetic_store  # noqa: E402
+
+SIZES = {
+    "full": dict(n_sdss=16384, n_desi=8192, n_small=10_000, n_large=100_000, blocks=(1, 2, 4), repeats=3),
+    "quick": dict(n_sdss=512, n_desi=256, n_small=256, n_large=1024, blocks=(2,), repeats=1),
+}
+#: on a CPU (a smoke run of this script) bf16 autocast is emulated and ~20x slower than fp32
+CPU_ENCODER_ROWS = 32
+REF_BATCH = 256
+BATCH = 2048
+TARGET_E2E = 50_000  # SDSS spectra/s end to end on one H100, bf16 (issue 5)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _sync(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _best(fn, dev: str, repeats: int) -> float:
+    """Best wall seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+class _Tf32:
+    """Context: cuDNN/cuBLAS TF32 allowed or not (restored on exit)."""
+
+    def __init__(self, allow: bool):
+        self.allow = allow
+
+    def __enter__(self):
+        self.old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.allow
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+class GpuSampler:
+    """Mean and max GPU utilisation (NVML, %) while the context is open; ``None`` without NVML."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML / no GPU
+            self._nvml = None
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        if self._nvml:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._nvml:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean(self):
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def environment(dev: str) -> dict:
+    import importlib.metadata as md
+
+    env = {"device": dev, "torch": torch.__version__, "cpus": os.cpu_count()}
+    for pkg in ("zarr", "dask", "distributed", "dask-cuda", "numcodecs", "pyarrow", "numpy"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if dev.startswith("cuda"):
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+# ----------------------------------------------------------------------------------------- 1. ceilings
+
+
+def ceilings(dev: str, quick: bool) -> tuple[list[dict], dict]:
+    n = 1024 if (quick or not dev.startswith("cuda")) else 8192
+    out = {}
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False)):
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        with _Tf32(tf32):
+            t = _best(lambda: [a @ b for _ in range(5)], dev, 2) / 5
+        out[name] = 2 * n**3 / t / 1e12
+        del a, b
+    rows = [{"name": f"ceiling: {k} matmul {n}^3", "value": v, "unit": "TFLOP/s", "note": "IEEE fp32 (no TF32)"
+             if k == "fp32" else None} for k, v in out.items()]
+    if dev.startswith("cuda"):
+        host = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
+        pinned = host.pin_memory()
+        for name, src in (("pinned", pinned), ("pageable", host)):
+            t = _best(lambda: src.to(dev, non_blocking=False), dev, 3)
+            out[f"h2d_{name}"] = src.numel() * 4 / t / 1e9
+            rows.append({"name": f"ceiling: host-to-device copy, {name}", "value": out[f"h2d_{name}"], "unit": "GB/s"})
+    return rows, out
+
+
+# ----------------------------------------------------------------------------------------- 2. encoder
+
+
+def _reference_encode(enc, flux: np.ndarray, dev: str) -> np.ndarray:
+    """The straightforward fp32 eager pass: host batch of 256 -> device -> encoder -> host."""
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(flux), REF_BATCH):
+            out.append(enc(torch.from_numpy(flux[lo:lo + REF_BATCH]).to(dev)).cpu())
+    return torch.cat(out).numpy()
+
+
+def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak: dict) -> list[dict]:
+    from catalogpred.model.bundle import encode, load_bundle
+    from catalogpred.model.encoder import encoder_flops
+    from catalogpred.model.head import head_features
+
+    model = load_bundle(bundle, dev) if bundle else None
+    if model is not None and model.info.grid.n_pix != grid.n_pix:
+        model = None
+    if model is None:  # seeded encoder and head: the published architecture's cost
+        tmp = tempfile.mkdtemp()
+        model = load_bundle(_seeded_bundle(tmp, grid), dev)
+        shutil.rmtree(tmp, ignore_errors=True)
+    enc = model.encoder
+    d = synthetic_rows(np.random.default_rng(11), n, grid.wave)
+    flux = np.ascontiguousarray(d["flux"])
+    z = torch.as_tensor(d["z"], dtype=torch.float32, device=dev)
+    norm = torch.as_tensor(d["norm"], dtype=torch.float32, device=dev)
+    flops = encoder_flops(grid.n_pix)
+
+    from catalogpred.model.head import IRHead
+
+    torch.manual_seed(1)
+    seeded_head = IRHead().to(dev).eval()
+
+    def mags(lat, head=seeded_head):
+        if head is None:
+            return None
+        with torch.inference_mode():
+            m, _ = head(head_features(torch.as_tensor(lat, device=dev), z, norm))
+        return m.float().cpu().numpy()
+
+    with _Tf32(False):
+        t_ref = _best(lambda: _reference_encode(enc, flux, dev), dev, repeats)
+        lat_ref = _reference_encode(enc, flux, dev)
+    m_ref = mags(lat_ref)
+    trained = model.head if bundle else None  # the bundle's own head, trained on this encoder's latents
+    mt_ref = mags(lat_ref, trained)
+    scale = float(np.max(np.abs(lat_ref)))
+    spread = float(np.min(np.std(lat_ref, axis=0)))  # smallest latent spread across spectra
+    rows = [{"name": f"encoder {grid.name}: reference fp32 eager, batch {REF_BATCH}", "value": n / t_ref,
+             "unit": "spectra/s", "note": f"{n:,d} spectra; IEEE fp32; {n / t_ref * flops / 1e12:.2f} TFLOP/s"}]
+    if dev.startswith("cuda"):  # what plain torch gives: cuDNN convolutions in TF32 by default
+        with _Tf32(True):
+            t_tf32 = _best(lambda: _reference_encode(enc, flux, dev), dev, repeats)
+            err = float(np.max(np.abs(_reference_encode(enc, flux, dev) - lat_ref)) / scale)
+        rows.append({"name": f"encoder {grid.name}: reference with TF32 convolutions (torch default)",
+                     "value": n / t_tf32, "unit": "spectra/s", "baseline": n / t_ref, "ratio": t_ref / t_tf32,
+                     "note": f"latent err {err:.1e}"})
+    variants = [("fp32 (IEEE)", "fp32", BATCH, False), ("bf16 autocast", "bf16", BATCH, False),
+                ("bf16 autocast", "bf16", REF_BATCH, False)]
+    for label, precision, batch, tf32 in variants:
+        with _Tf32(tf32):
+            t = _best(lambda: encode(enc, flux, batch_size=batch, precision=precision, device=dev), dev, repeats)
+            lat = encode(enc, flux, batch_size=batch, precision=precision, device=dev)
+        err = float(np.max(np.abs(lat - lat_ref)) / scale)
+        err_spread = float(np.max(np.abs(lat - lat_ref)) / spread)
+        dmag = float(np.max(np.abs(mags(lat) - m_ref)))
+        dmag_trained = float(np.max(np.abs(mags(lat, trained) - mt_ref))) if trained is not None else None
+        tflops = n / t * flops / 1e12
+        peak_key = "bf16" if precision == "bf16" else "fp32"
+        row = {"name": f"encoder {grid.name}: catalogpred {label}, batch {batch}", "value": n / t, "unit": "spectra/s",
+               "baseline": n / t_ref, "ratio": t_ref / t,
+               "note": f"latent err {err:.1e} of max|latent|, {err_spread:.1e} of the smallest latent std; "
+                       f"max|dmag| {dmag:.4f} (seeded head)"
+                       + (f", {dmag_trained:.4f} (bundle head)" if dmag_trained is not None else "")
+                       + f"; {tflops:.1f} TFLOP/s = {tflops / peak[peak_key]:.0%} of measured {peak_key} matmul"}
+        if precision == "bf16" and batch == BATCH:
+            row["target"] = ">= 1.8x, err <= 1%, dmag <= 0.02"
+            row["pass"] = t_ref / t >= 1.8 and err <= 0.01 and dmag <= 0.02
+        if precision == "fp32" and not tf32:
+            row["target"] = ">= 1.0x, err <= 1e-5"
+            row["pass"] = t_ref / t >= 0.95 and err <= 1e-5
+        rows.append(row)
+    return rows
+
+
+def _seeded_bundle(root: str, grid) -> str:
+    from catalogpred.model.bundle import ModelCard, save_bundle
+    from catalogpred.model.encoder import SpectrumEncoder
+    from catalogpred.model.head import IRHead
+
+    torch.manual_seed(0)
+    save_bundle(os.path.join(root, grid.name), SpectrumEncoder(n_pix=grid.n_pix), IRHead(), name="bench", version="0",
+                grid=grid, card=ModelCard(kind="demo", summary="seeded benchmark bundle (random weights)"))
+    return os.path.join(root, grid.name)
+
+
+# ----------------------------------------------------------------------------------------- 3. reader
+
+
+def reader_rows(store_path: str, repeats: int) -> tuple[list[dict], float]:
+    from catalogpred import store
+
+    _, layout = store.open_survey(store_path, "sdss")
+    shard = 1 if len(store.done_shards(store_path, "sdss")) > 1 else 0
+    t_meta = _best(lambda: store.read_meta(store_path, "sdss", shard=shard), "cpu", repeats)
+    rows_ = store.read_meta(store_path, "sdss", shard=shard).column("row").to_numpy()
+    t_flux = _best(lambda: store.read_flux(store_path, "sdss", rows_), "cpu", repeats)
+    n = len(rows_)
+    mb = n * layout.grid.n_pix * 4 / 1e6
+    rate = n / (t_meta + t_flux)
+    return [{"name": f"reader: one {n:,d}-row shard, metadata + flux, one thread", "value": rate, "unit": "spectra/s",
+             "note": f"meta {t_meta * 1e3:.0f} ms, flux {t_flux * 1e3:.0f} ms ({mb / t_flux / 1e3:.2f} GB/s decoded)"}], rate
+
+
+# ----------------------------------------------------------------------------------------- 4. end to end
+
+
+def _maxrss(client) -> float:
+    return max(client.run(lambda: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss
+                          * 1024).values())
+
+
+def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_rate: float | None,
+             reader_rate: float) -> list[dict]:
+    from catalogpred.cluster import dask_client
+    from catalogpred.pipeline import run_predict
+
+    precision = "bf16" if dev.startswith("cuda") else "fp32"
+    rows = []
+    n_large, n_small = size["n_large"], size["n_small"]
+    blocks = size["blocks"] if dev.startswith("cuda") else (1,)
+    for b in blocks:
+        kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
+        t_start = time.perf_counter()
+        with dask_client(**kw) as client:
+            t_cluster = time.perf_counter() - t_start
+            run_predict(stores["warm"], bundle, str(root / f"warm-{b}"), client=client, progress=False,
+                        precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+            rss_small = None
+            if b == 2 or len(blocks) == 1:
+                run_predict(stores["small"], bundle, str(root / f"small-{b}"), client=client, progress=False,
+                            precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+                rss_small = _maxrss(client)
+            with GpuSampler() as gpu:
+                t0 = time.perf_counter()
+                s = run_predict(stores["large"], bundle, str(root / f"large-{b}"), client=client, progress=False,
+                                precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+                wall = time.perf_counter() - t0
+            rss_large = _maxrss(client)
+        assert s.rows + s.rejects == n_large, s.table()
+        rate = n_large / wall
+        busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
+        row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU ({n_large:,d} spectra)"
+               if dev.startswith("cuda") else f"predict end to end, CPU twin, 2 workers ({n_large:,d} spectra)",
+               "value": rate, "unit": "spectra/s", "baseline": bare_rate,
+               "ratio": rate / bare_rate if bare_rate else None,
+               "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
+                       f"{s.seconds_write:.1f}; wall {wall:.1f} s; cluster start {t_cluster:.0f} s; "
+                       f"reader alone {reader_rate:,.0f}/s per thread"}
+        if dev.startswith("cuda"):
+            row["target"] = f">= {TARGET_E2E:,d}/s (H100)"
+            row["pass"] = rate >= TARGET_E2E
+        rows.append(row)
+        print(format_rows([row]), file=sys.stderr, flush=True)
+        if rss_small is not None:
+            growth = rss_large / rss_small - 1
+            rows += [
+                {"name": f"predict: peak RSS per worker, {n_small:,d} spectra", "value": rss_small / 1e9, "unit": "GB",
+                 "target": "< 1.5", "pass": rss_small < 1.5e9},
+                {"name": f"predict: peak RSS per worker, {n_large:,d} spectra", "value": rss_large / 1e9, "unit": "GB",
+                 "baseline": rss_small / 1e9, "ratio": rss_large / rss_small, "target": "< 1.5",
+                 "pass": rss_large < 1.5e9},
+                {"name": f"predict: RSS growth {n_small:,d} -> {n_large:,d} spectra", "value": 100 * growth,
+                 "unit": "%", "target": "< 10", "pass": growth < 0.10},
+            ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | None, parts: list[str]) -> list[dict]:
+    from catalogpred.spectra import DESI_GRID, SDSS_GRID
+
+    size = SIZES["quick" if quick else "full"]
+    rows: list[dict] = []
+    env = environment(dev)
+    print(json.dumps(env), file=sys.stderr, flush=True)
+
+    def save():
+        if json_path:
+            Path(json_path).write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    peak = {"bf16": float("nan"), "fp32": float("nan")}
+    if "ceilings" in parts:
+        r, peak = ceilings(dev, quick)
+        rows += r
+        save()
+    bare = None
+    if "encoder" in parts:
+        for grid, n in ((SDSS_GRID, size["n_sdss"]), (DESI_GRID, size["n_desi"])):
+            t0 = time.perf_counter()
+            n = n if dev.startswith("cuda") else CPU_ENCODER_ROWS
+            r = encoder_rows(dev, grid, n, bundle, size["repeats"], peak)
+            rows += r
+            print(format_rows(r), f"\n[{grid.name} encoder: {time.perf_counter() - t0:.0f} s]", file=sys.stderr,
+                  flush=True)
+            if grid is SDSS_GRID:
+                bare = next(x["value"] for x in r if ("bf16" if dev.startswith("cuda") else "fp32 (IEEE)") in x["name"])
+            save()
+    if "e2e" in parts:
+        root = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=out))
+        try:
+            bundle_e2e = bundle or write_bundle(root / "model")
+            t0 = time.perf_counter()
+            procs = max(1, min(16, (os.cpu_count() or 2) - 1))
+            stores = {}
+            for name, n in (("warm", 64), ("small", size["n_small"]), ("large", size["n_large"])):
+                stores[name] = str(root / f"{name}.zarr")
+                write_synthetic_store(stores[name], n, processes=procs if n > 8192 else 1, seed=7 if name == "warm" else 5)
+            print(f"[stores written: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+            r, reader_rate = reader_rows(stores["large"], size["repeats"])
+            rows += r
+            save()
+            rows += e2e_rows(dev, root, bundle_e2e, stores, size, bare, reader_rate)
+            save()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--bundle", default=None, help="an SDSS-grid bundle (default: seeded random weights)")
+    p.add_argument("--out", default=str(REPO / "bench-output"), help="where temporary stores go")
+    p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
+    p.add_argument("--parts", default="ceilings,encoder,e2e", help="comma-separated: ceilings,encoder,e2e")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = run(dev, args.quick, args.bundle, Path(args.out), args.json, args.parts.split(","))
+    print(format_rows(rows))
+    failed = [r["name"] for r in rows if r.get("pass") is False]
+    print(f"\ntargets {'met' if not failed else 'NOT met: ' + '; '.join(failed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
