@@ -328,7 +328,7 @@ def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
         flux = flux.astype(xp.float32, copy=False)
         ivar = ivar.astype(xp.float32, copy=False)
     else:
-        covered = (mask & PixelMask.NO_COVERAGE) == 0
+        covered = (mask & u8(PixelMask.NO_COVERAGE)) == 0
         n_nonfinite = ((~finite) & covered).sum(axis=1)
         mask |= xp.where(finite, u8(0), u8(PixelMask.NONFINITE))
         flux = xp.where(finite, flux, 0).astype(xp.float32)

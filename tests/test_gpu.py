@@ -344,3 +344,22 @@ def test_preprocessing_array_namespace_twin(xp_name):
         np.testing.assert_allclose(to_np(a), b, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(to_np(fnu_njy_to_flam17(xp.asarray(f_in), xp.asarray(w_in))),
                                fnu_njy_to_flam17(f_in, w_in), rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_encoder_gemm_implementation_equals_convolutions(random_bundle, device):
+    """features_gemm (channels-last, convolutions as matrix products; the GPU fast path) is the same function."""
+    from catalogpred.errors import BundleError
+    from catalogpred.model.bundle import encode, load_bundle
+
+    flux, _, _ = _inputs(n=10, seed=4)
+    enc = load_bundle(random_bundle, device).encoder
+    conv = encode(enc, flux, batch_size=4, device=device, impl="conv")
+    gemm = encode(enc, flux, batch_size=4, device=device, impl="gemm")
+    np.testing.assert_allclose(gemm, conv, rtol=1e-5, atol=1e-5 * np.abs(conv).max())
+    auto = encode(enc, flux, batch_size=4, device=device)  # cpu: conv; cuda: the faster one, timed once
+    np.testing.assert_allclose(auto, conv, rtol=1e-5, atol=1e-5 * np.abs(conv).max())
+    b16 = encode(enc, flux, batch_size=4, device=device, impl="gemm", precision="bf16")
+    assert np.abs(b16 - conv).max() <= 0.02 * np.abs(conv).max()
+    with pytest.raises(BundleError, match="implementation"):
+        encode(enc, flux, device=device, impl="fft")

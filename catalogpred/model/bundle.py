@@ -17,7 +17,10 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import logging
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 
 from ..errors import BundleError
 from ..spectra import Grid
-from .encoder import SpectrumEncoder
+from .encoder import SpectrumEncoder, features_gemm
 from .head import BANDS, build_head, head_features
 from .ood import ood_score
 
@@ -204,14 +207,62 @@ def cached_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return _cached(p, os.path.getmtime(os.path.join(p, "bundle.json")), device)
 
 
+log = logging.getLogger(__name__)
+
+#: encoder implementations: ``conv`` = the module's forward (cuDNN/oneDNN 1-D convolutions); ``gemm`` =
+#: :func:`~catalogpred.model.encoder.features_gemm` (channels-last, each convolution one matrix product).
+#: ``auto`` = ``conv`` on CPUs; on GPUs whichever is faster, timed once per process, shape and precision.
+#: The environment variable ``CATALOGPRED_ENCODER_IMPL`` overrides ``auto``.
+ENCODER_IMPLS = ("auto", "conv", "gemm")
+_CHOSEN: dict = {}
+_CHOOSE_LOCK = threading.Lock()
+
+
+def _forward(encoder: SpectrumEncoder, y: torch.Tensor, impl: str) -> torch.Tensor:
+    return encoder.mlp(features_gemm(encoder, y)) if impl == "gemm" else encoder(y)
+
+
+def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, precision: str, impl: str) -> str:
+    impl = os.environ.get("CATALOGPRED_ENCODER_IMPL", impl) if impl == "auto" else impl
+    if impl not in ENCODER_IMPLS:
+        raise BundleError(f"encoder implementation must be one of {ENCODER_IMPLS}, not {impl!r}")
+    if impl != "auto":
+        return impl
+    if x.device.type != "cuda":
+        return "conv"
+    b = min(batch_size, x.shape[0])
+    key = (id(encoder), x.device.index, encoder.n_pix, b, precision)
+    with _CHOOSE_LOCK:  # one timing at a time: blocks sharing a GPU would disturb each other's clocks
+        if key not in _CHOSEN:
+            times = {}
+            for cand in ("conv", "gemm"):
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        _forward(encoder, x[:b], cand)  # warm-up (cuDNN picks its kernels)
+                        torch.cuda.synchronize(x.device)
+                        t0 = time.perf_counter()
+                        for _ in range(3):
+                            _forward(encoder, x[:b], cand)
+                        torch.cuda.synchronize(x.device)
+                    times[cand] = time.perf_counter() - t0
+                except torch.OutOfMemoryError:
+                    times[cand] = float("inf")
+            _CHOSEN[key] = min(times, key=times.get)
+            log.info("encoder on %s, batch %d, %s: %s (%s)", x.device, b, precision, _CHOSEN[key],
+                     ", ".join(f"{k} {3 * b / v:,.0f}/s" for k, v in times.items()))
+        return _CHOSEN[key]
+
+
 def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256, precision: str = "fp32",
-           device: str = "cpu") -> np.ndarray:
-    """Latents float32 [n, S] of normalised spectra ``flux`` float32 [n, n_pix] (see :func:`infer`)."""
-    return _encode_on_device(encoder, flux, batch_size=batch_size, precision=precision, device=device).cpu().numpy()
+           device: str = "cpu", impl: str = "auto") -> np.ndarray:
+    """Latents float32 [n, S] of normalised spectra ``flux`` float32 [n, n_pix] (see :func:`infer`;
+    ``impl`` is one of :data:`ENCODER_IMPLS`)."""
+    return _encode_on_device(encoder, flux, batch_size=batch_size, precision=precision, device=device,
+                             impl=impl).cpu().numpy()
 
 
 def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int, precision: str,
-                      device: str) -> torch.Tensor:
+                      device: str, impl: str = "auto") -> torch.Tensor:
     """Latents as a float32 tensor on ``device``: the block moves there once (one host-to-device copy
     on CUDA; on the CPU the batches are views of ``flux``), then batches are slices of it."""
     if precision not in ("fp32", "bf16"):
@@ -228,9 +279,11 @@ def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size:
     x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32)).to(device)
     with torch.inference_mode():
         out = torch.empty((flux.shape[0], encoder.n_latent), dtype=torch.float32, device=x.device)
+        if flux.shape[0]:
+            impl = _choose_impl(encoder, x, batch_size, precision, impl)
         for lo in range(0, flux.shape[0], batch_size):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                s = encoder(x[lo:lo + batch_size])
+                s = _forward(encoder, x[lo:lo + batch_size], impl)
             out[lo:lo + len(s)] = s.float()
     return out
 
