@@ -27,6 +27,7 @@ Everything is measured in one run, each figure against a baseline of the same ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -232,9 +233,9 @@ def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak:
         rows.append({"name": f"encoder {grid.name}: reference with TF32 convolutions (torch default)",
                      "value": n / t_tf32, "unit": "spectra/s", "baseline": n / t_ref, "ratio": t_ref / t_tf32,
                      "note": f"latent err {err:.1e}"})
-    variants = [("fp32 (IEEE) convolutions", "fp32", BATCH, "conv"), ("fp32 (IEEE) GEMM", "fp32", BATCH, "gemm"),
-                ("bf16 autocast convolutions", "bf16", BATCH, "conv"), ("bf16 autocast GEMM", "bf16", BATCH, "gemm"),
-                ("bf16 autocast GEMM", "bf16", 512, "gemm"), ("bf16 auto (as predict)", "bf16", BATCH, "auto")]
+    variants = [("fp32 (IEEE) convolutions", "fp32", BATCH, "conv"), ("fp32 (IEEE) NHWC", "fp32", BATCH, "nhwc"),
+                ("bf16 mixed convolutions", "bf16", BATCH, "conv"), ("bf16 mixed GEMM", "bf16", BATCH, "gemm"),
+                ("bf16 mixed NHWC", "bf16", BATCH, "nhwc"), ("bf16 auto (as predict)", "bf16", BATCH, "auto")]
     for label, precision, batch, impl in variants:
         with _Tf32(False):
             t = _best(lambda: encode(enc, flux, batch_size=batch, precision=precision, device=dev, impl=impl), dev,
@@ -259,6 +260,50 @@ def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak:
             row["target"] = ">= 1.0x, err <= 1e-5"
             row["pass"] = t_ref / t >= 0.95 and err <= 1e-5
         rows.append(row)
+    return rows
+
+
+def compiled_rows(dev: str, grid, n: int, bundle: str | None, repeats: int) -> list[dict]:
+    """torch.compile (inductor, default mode) of the GEMM and NHWC encoders in bf16 (mixed): compile time, speed.
+
+    Not used by predict (a compile costs each worker minutes per shape); measured to decide whether it should be.
+    """
+    from catalogpred.model.bundle import load_bundle
+    from catalogpred.model.encoder import features_gemm, features_nhwc
+
+    model = load_bundle(bundle, dev) if bundle else None
+    if model is None or model.info.grid.n_pix != grid.n_pix:
+        tmp = tempfile.mkdtemp()
+        model = load_bundle(_seeded_bundle(tmp, grid), dev)
+    enc = model.encoder
+    flux = np.ascontiguousarray(synthetic_rows(np.random.default_rng(11), n, grid.wave)["flux"])
+    x = torch.from_numpy(flux).to(dev)
+    lat_ref = _reference_encode(enc, flux, dev)
+    t_ref = _best(lambda: _reference_encode(enc, flux, dev), dev, 1)
+    scale = float(np.max(np.abs(lat_ref)))
+    rows = []
+    for name, feats in (("GEMM", features_gemm), ("NHWC", features_nhwc)):
+        fn = torch.compile(lambda y, f=feats: enc.mlp(f(enc, y, True)), dynamic=False)
+        b = min(BATCH, n)
+
+        def run():
+            with torch.inference_mode():
+                return torch.cat([fn(x[lo:lo + b]).float() for lo in range(0, n - n % b, b)])
+
+        try:
+            t0 = time.perf_counter()
+            lat = run().cpu().numpy()
+            t_compile = time.perf_counter() - t0
+            t = _best(run, dev, repeats)
+        except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+            rows.append({"name": f"encoder {grid.name}: torch.compile {name} bf16", "value": None,
+                         "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        err = float(np.max(np.abs(lat - lat_ref[:len(lat)])) / scale)
+        m = len(lat)
+        rows.append({"name": f"encoder {grid.name}: torch.compile {name} bf16 mixed, batch {b}", "value": m / t,
+                     "unit": "spectra/s", "baseline": n / t_ref, "ratio": (m / t) / (n / t_ref),
+                     "note": f"latent err {err:.1e}; compile + first pass {t_compile:.0f} s (not used by predict)"})
     return rows
 
 
@@ -297,6 +342,17 @@ def _maxrss(client) -> float:
                           * 1024).values())
 
 
+@contextlib.contextmanager
+def _shared_gpu_client(procs: int, threads: int):
+    """``procs`` worker processes that all drive GPU 0 (each offers ``GPU=1``): more CPU-side parallelism
+    (reads, Parquet) per GPU than dask-cuda's one worker per GPU. An experiment, not a predict option yet."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=procs, threads_per_worker=threads, processes=True, resources={"GPU": 1},
+                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+        yield client
+
+
 def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_rate: float | None,
              reader_rate: float) -> list[dict]:
     from catalogpred.cluster import dask_client
@@ -306,29 +362,32 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     rows = []
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
-    for b in blocks:
+    configs = [(b, 1) for b in blocks] + [(blocks[0], p) for p in size.get("procs", ()) if p > 1]
+    for b, procs in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
         t_start = time.perf_counter()
-        with dask_client(**kw) as client:
+        with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
             t_cluster = time.perf_counter() - t_start
-            run_predict(stores["warm"], bundle, str(root / f"warm-{b}"), client=client, progress=False,
+            run_predict(stores["warm"], bundle, str(root / f"warm-{b}-{procs}"), client=client, progress=False,
                         precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
             rss_small = None
-            if b == 2 or len(blocks) == 1:
-                run_predict(stores["small"], bundle, str(root / f"small-{b}"), client=client, progress=False,
+            if (b == 2 or len(blocks) == 1) and procs == 1:
+                run_predict(stores["small"], bundle, str(root / f"small-{b}-{procs}"), client=client, progress=False,
                             precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
                 t0 = time.perf_counter()
-                s = run_predict(stores["large"], bundle, str(root / f"large-{b}"), client=client, progress=False,
+                s = run_predict(stores["large"], bundle, str(root / f"large-{b}-{procs}"), client=client, progress=False,
                                 precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
                 wall = time.perf_counter() - t0
             rss_large = _maxrss(client)
         assert s.rows + s.rejects == n_large, s.table()
         rate = n_large / wall
         busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
-        row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU ({n_large:,d} spectra)"
-               if dev.startswith("cuda") else f"predict end to end, CPU twin, 2 workers ({n_large:,d} spectra)",
+        row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU"
+                       + (f", {procs} worker processes on the GPU" if procs > 1 else "") + f" ({n_large:,d} spectra)"
+               if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers "
+                                              f"({n_large:,d} spectra)",
                "value": rate, "unit": "spectra/s", "baseline": bare_rate,
                "ratio": rate / bare_rate if bare_rate else None,
                "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
@@ -356,7 +415,8 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
 # ----------------------------------------------------------------------------------------- main
 
 
-def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | None, parts: list[str]) -> list[dict]:
+def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | None, parts: list[str],
+        grids: list[str] = ("sdss", "desi")) -> list[dict]:
     from catalogpred.spectra import DESI_GRID, SDSS_GRID
 
     size = SIZES["quick" if quick else "full"]
@@ -378,6 +438,8 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
     bare = None
     if "encoder" in parts:
         for grid, n in ((SDSS_GRID, size["n_sdss"]), (DESI_GRID, size["n_desi"])):
+            if grid.name not in grids:
+                continue
             t0 = time.perf_counter()
             n = n if dev.startswith("cuda") else CPU_ENCODER_ROWS
             r = encoder_rows(dev, grid, n, bundle, size["repeats"], peak)
@@ -406,6 +468,12 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             save()
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    if "compile" in parts:
+        r = compiled_rows(dev, SDSS_GRID, size["n_sdss"] if dev.startswith("cuda") else CPU_ENCODER_ROWS, bundle,
+                          size["repeats"])
+        rows += r
+        print(format_rows(r), file=sys.stderr, flush=True)
+        save()
     return rows
 
 
@@ -417,12 +485,23 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", default=None, help="an SDSS-grid bundle (default: seeded random weights)")
     p.add_argument("--out", default=str(REPO / "bench-output"), help="where temporary stores go")
     p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
-    p.add_argument("--parts", default="ceilings,encoder,e2e", help="comma-separated: ceilings,encoder,e2e")
+    p.add_argument("--parts", default="ceilings,encoder,e2e,compile",
+                   help="comma-separated, run in this order: ceilings,encoder,e2e,compile (compile: torch.compile rows)")
+    p.add_argument("--blocks", default=None, help="blocks per GPU to run end to end, e.g. 2 or 2,1,3 (default 2,1,3)")
+    p.add_argument("--grids", default="sdss,desi", help="encoder rows for these grids")
+    p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
+                                                 "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    rows = run(dev, args.quick, args.bundle, Path(args.out), args.json, args.parts.split(","))
+    if args.procs:
+        for v in SIZES.values():
+            v["procs"] = tuple(int(p) for p in args.procs.split(","))
+    if args.blocks:
+        for v in SIZES.values():
+            v["blocks"] = tuple(int(b) for b in args.blocks.split(","))
+    rows = run(dev, args.quick, args.bundle, Path(args.out), args.json, args.parts.split(","), args.grids.split(","))
     print(format_rows(rows))
     failed = [r["name"] for r in rows if r.get("pass") is False]
     print(f"\ntargets {'met' if not failed else 'NOT met: ' + '; '.join(failed)}")

@@ -347,19 +347,22 @@ def test_preprocessing_array_namespace_twin(xp_name):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_encoder_gemm_implementation_equals_convolutions(random_bundle, device):
-    """features_gemm (channels-last, convolutions as matrix products; the GPU fast path) is the same function."""
+def test_encoder_implementations_are_the_same_function(random_bundle, device):
+    """features_gemm (convolutions as matrix products) and features_nhwc (channels-last 2-D convolutions),
+    the GPU candidates, compute the same latents as the module's forward."""
     from catalogpred.errors import BundleError
     from catalogpred.model.bundle import encode, load_bundle
 
     flux, _, _ = _inputs(n=10, seed=4)
     enc = load_bundle(random_bundle, device).encoder
     conv = encode(enc, flux, batch_size=4, device=device, impl="conv")
-    gemm = encode(enc, flux, batch_size=4, device=device, impl="gemm")
-    np.testing.assert_allclose(gemm, conv, rtol=1e-5, atol=1e-5 * np.abs(conv).max())
+    for impl in ("gemm", "nhwc"):
+        other = encode(enc, flux, batch_size=4, device=device, impl=impl)
+        np.testing.assert_allclose(other, conv, rtol=1e-5, atol=1e-5 * np.abs(conv).max(), err_msg=impl)
     auto = encode(enc, flux, batch_size=4, device=device)  # cpu: conv; cuda: the faster one, timed once
     np.testing.assert_allclose(auto, conv, rtol=1e-5, atol=1e-5 * np.abs(conv).max())
-    b16 = encode(enc, flux, batch_size=4, device=device, impl="gemm", precision="bf16")
-    assert np.abs(b16 - conv).max() <= 0.02 * np.abs(conv).max()
+    for impl in ("conv", "gemm", "nhwc"):  # the same mixed precision in each: latents within 0.3 % (issue: 1 %)
+        b16 = encode(enc, flux, batch_size=4, device=device, impl=impl, precision="bf16")
+        assert np.abs(b16 - conv).max() <= 0.003 * np.abs(conv).max(), impl
     with pytest.raises(BundleError, match="implementation"):
         encode(enc, flux, device=device, impl="fft")

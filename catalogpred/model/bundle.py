@@ -29,7 +29,7 @@ import torch
 
 from ..errors import BundleError
 from ..spectra import Grid
-from .encoder import SpectrumEncoder, features_gemm
+from .encoder import SpectrumEncoder, features_conv, features_gemm, features_nhwc
 from .head import BANDS, build_head, head_features
 from .ood import ood_score
 
@@ -209,17 +209,23 @@ def cached_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
 
 log = logging.getLogger(__name__)
 
-#: encoder implementations: ``conv`` = the module's forward (cuDNN/oneDNN 1-D convolutions); ``gemm`` =
-#: :func:`~catalogpred.model.encoder.features_gemm` (channels-last, each convolution one matrix product).
-#: ``auto`` = ``conv`` on CPUs; on GPUs whichever is faster, timed once per process, shape and precision.
-#: The environment variable ``CATALOGPRED_ENCODER_IMPL`` overrides ``auto``.
-ENCODER_IMPLS = ("auto", "conv", "gemm")
+#: encoder implementations of the same function: ``conv`` = the module's forward (cuDNN/oneDNN 1-D
+#: convolutions); ``gemm`` = :func:`~catalogpred.model.encoder.features_gemm` (channels-last, each
+#: convolution one matrix product); ``nhwc`` = :func:`~catalogpred.model.encoder.features_nhwc` (2-D
+#: convolutions in channels-last format, cuDNN's tensor-core kernels). ``auto`` = ``conv`` on CPUs; on
+#: GPUs the fastest, timed once per process, shape and precision. ``CATALOGPRED_ENCODER_IMPL`` overrides ``auto``.
+ENCODER_IMPLS = ("auto", "conv", "gemm", "nhwc")
+_FEATURES = {"conv": features_conv, "gemm": features_gemm, "nhwc": features_nhwc}
 _CHOSEN: dict = {}
 _CHOOSE_LOCK = threading.Lock()
 
 
-def _forward(encoder: SpectrumEncoder, y: torch.Tensor, impl: str) -> torch.Tensor:
-    return encoder.mlp(features_gemm(encoder, y)) if impl == "gemm" else encoder(y)
+def _forward(encoder: SpectrumEncoder, y: torch.Tensor, impl: str, precision: str) -> torch.Tensor:
+    """Latents of one batch. fp32: float32 throughout (``conv``: the module's own forward). bf16: the
+    encoder's mixed precision (conv2 and conv3 in bfloat16, the rest float32; see model.encoder)."""
+    if impl == "conv" and precision == "fp32":
+        return encoder(y)
+    return encoder.mlp(_FEATURES[impl](encoder, y, precision == "bf16"))
 
 
 def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, precision: str, impl: str) -> str:
@@ -235,15 +241,14 @@ def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, pre
     with _CHOOSE_LOCK:  # one timing at a time: blocks sharing a GPU would disturb each other's clocks
         if key not in _CHOSEN:
             times = {}
-            for cand in ("conv", "gemm"):
+            for cand in ("conv", "gemm", "nhwc"):
                 try:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                        _forward(encoder, x[:b], cand)  # warm-up (cuDNN picks its kernels)
-                        torch.cuda.synchronize(x.device)
-                        t0 = time.perf_counter()
-                        for _ in range(3):
-                            _forward(encoder, x[:b], cand)
-                        torch.cuda.synchronize(x.device)
+                    _forward(encoder, x[:b], cand, precision)  # warm-up (cuDNN picks its kernels)
+                    torch.cuda.synchronize(x.device)
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        _forward(encoder, x[:b], cand, precision)
+                    torch.cuda.synchronize(x.device)
                     times[cand] = time.perf_counter() - t0
                 except torch.OutOfMemoryError:
                     times[cand] = float("inf")
@@ -282,8 +287,7 @@ def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size:
         if flux.shape[0]:
             impl = _choose_impl(encoder, x, batch_size, precision, impl)
         for lo in range(0, flux.shape[0], batch_size):
-            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                s = _forward(encoder, x[lo:lo + batch_size], impl)
+            s = _forward(encoder, x[lo:lo + batch_size], impl, precision)
             out[lo:lo + len(s)] = s.float()
     return out
 
@@ -300,7 +304,8 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
     norm : float [n]
         1e-17 erg/s/cm²/Å (> 0).
     precision : "fp32" | "bf16"
-        bf16 uses autocast (CPU or CUDA) in the encoder; latents and the head run in float32.
+        bf16 runs the encoder's conv2 and conv3 (99.5 % of its FLOPs) in bfloat16 (CPU or CUDA) and
+        everything else, the head included, in float32 (see :mod:`catalogpred.model.encoder`).
 
     Returns
     -------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SpectrumEncoder", "encoder_flops", "features_gemm"]
+__all__ = ["SpectrumEncoder", "encoder_flops", "features_conv", "features_gemm", "features_nhwc"]
 
 FILTERS = (128, 256, 512)
 KERNELS = (5, 11, 21)
@@ -82,23 +82,54 @@ class SpectrumEncoder(nn.Module):
         return self.mlp(self.features(y))
 
 
-def _block_gemm(block: nn.Sequential, x: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------- fast paths
+#
+# Three implementations of the same function (`SpectrumEncoder.features`), chosen per GPU by timing
+# (catalogpred.model.bundle): the module's 1-D convolutions, convolutions as matrix products, and 2-D
+# convolutions in channels-last format. With ``bf16=True`` all three run the same mixed precision:
+# conv2 and conv3 (99.5 % of the FLOPs) in bfloat16, and conv1, every InstanceNorm, PReLU, pooling and
+# the attention in float32. conv1 sees the spectrum itself: rounding the flux to bfloat16 (0.4 % per
+# pixel) there is what makes a plain bf16 autocast pass err by ~0.5-2 % in the latents (measured).
+
+
+def _autocast(y: torch.Tensor, enabled: bool):
+    return torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _attend(x: torch.Tensor, n_feature: int, channels: int, length: int) -> torch.Tensor:
+    """Attention pooling: channels split into values h and scores a; Σ_λ h · softmax_λ(a)."""
+    h, a = torch.split(x, [n_feature, n_feature], dim=channels)
+    return torch.sum(h * torch.softmax(a, dim=length), dim=length)
+
+
+def features_conv(encoder: SpectrumEncoder, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """:meth:`SpectrumEncoder.features` with the module's layers (cuDNN / oneDNN 1-D convolutions)."""
+    x = encoder.pool1(encoder.conv1(y.unsqueeze(1)))
+    for block, pool in ((encoder.conv2, encoder.pool2), (encoder.conv3, None)):
+        with _autocast(y, bf16):
+            h = block[0](x)
+        h = block[2](block[1](h.float()))
+        x = pool(h) if pool is not None else h
+    return _attend(x, encoder.n_feature, channels=1, length=2)
+
+
+def _block_gemm(block: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tensor:
     """One conv block (conv, InstanceNorm, PReLU) on channels-last ``x`` [N, L, C_in] → [N, L, C_out].
 
     The convolution is one matrix product of the unfolded input ([N·L, C_in·k], im2col) with the
-    weights [C_in·k, C_out]; the normalisation statistics (per spectrum and channel, over L) are
-    computed in ``norm_dtype``.
+    weights [C_in·k, C_out]; normalisation and PReLU in float32.
     """
     conv, prelu = block[0], block[2]
     k, p = conv.kernel_size[0], conv.padding[0]
     n, length, c_in = x.shape
     cols = F.pad(x, (0, 0, p, p)).unfold(1, k, 1)  # [N, L, C_in, k] (a view)
     w = conv.weight.reshape(conv.out_channels, c_in * k)  # (c, k) order, as cols
-    h = torch.addmm(conv.bias, cols.reshape(n * length, c_in * k), w.t()).view(n, length, -1)
-    hn = h.to(norm_dtype)
-    var, mean = torch.var_mean(hn, dim=1, keepdim=True, correction=0)
-    hn = (hn - mean) * torch.rsqrt(var + block[1].eps)
-    return torch.where(hn >= 0, hn, prelu.weight.to(hn.dtype) * hn)
+    with _autocast(x, bf16):
+        h = torch.addmm(conv.bias, cols.reshape(n * length, c_in * k), w.t())
+    h = h.float().view(n, length, -1)
+    var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+    h = (h - mean) * torch.rsqrt(var + block[1].eps)
+    return torch.where(h >= 0, h, prelu.weight * h)
 
 
 def _pool_gemm(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,19 +140,36 @@ def _pool_gemm(x: torch.Tensor, k: int) -> torch.Tensor:
     return xp.reshape(x.shape[0], n_out, k, x.shape[2]).amax(dim=2)
 
 
-def features_gemm(encoder: SpectrumEncoder, y: torch.Tensor, norm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def features_gemm(encoder: SpectrumEncoder, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """:meth:`SpectrumEncoder.features` computed channels-last, each convolution as one matrix product.
 
-    The same function of the same weights (equal to float32 rounding); on GPUs the products run on
-    the tensor cores (bf16 under autocast) where cuDNN's 1-D convolutions reach a few % of the card's
-    peak. Uses more memory (the unfolded inputs: [N·785, 1408] for conv2 on the SDSS grid).
+    Uses more memory (the unfolded inputs: [N·785, 1408] for conv2 on the SDSS grid).
     """
     x = y.unsqueeze(2)  # [N, L, 1]
-    x = _pool_gemm(_block_gemm(encoder.conv1, x, norm_dtype), KERNELS[0])
-    x = _pool_gemm(_block_gemm(encoder.conv2, x, norm_dtype), KERNELS[1])
-    x = _block_gemm(encoder.conv3, x, norm_dtype)  # [N, L3, 512]
-    h, a = x[..., :encoder.n_feature], x[..., encoder.n_feature:]
-    return torch.sum(h * torch.softmax(a.float(), dim=1).to(h.dtype), dim=1)
+    x = _pool_gemm(_block_gemm(encoder.conv1, x, False), KERNELS[0])
+    x = _pool_gemm(_block_gemm(encoder.conv2, x, bf16), KERNELS[1])
+    x = _block_gemm(encoder.conv3, x, bf16)  # [N, L3, 512]
+    return _attend(x, encoder.n_feature, channels=2, length=1)
+
+
+def features_nhwc(encoder: SpectrumEncoder, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """:meth:`SpectrumEncoder.features` with 2-D convolutions on [N, C, 1, L] in channels-last memory format.
+
+    cuDNN's tensor-core kernels are NHWC kernels, and PyTorch has no channels-last layout for 3-D
+    tensors: this is the way to reach them from a 1-D model.
+    """
+    x = y[:, None, None, :].contiguous(memory_format=torch.channels_last)  # [N, 1, 1, L]
+    for i, (block, pool) in enumerate(((encoder.conv1, KERNELS[0]), (encoder.conv2, KERNELS[1]),
+                                       (encoder.conv3, None))):
+        conv = block[0]
+        w = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        with _autocast(y, bf16 and i > 0):
+            h = F.conv2d(x, w, conv.bias, padding=(0, conv.padding[0]))
+        h = h.float()
+        var, mean = torch.var_mean(h, dim=(2, 3), keepdim=True, correction=0)
+        h = F.prelu((h - mean) * torch.rsqrt(var + block[1].eps), block[2].weight)
+        x = F.max_pool2d(h, (1, pool), (1, pool), (0, pool // 2)) if pool else h
+    return _attend(x[:, :, 0, :], encoder.n_feature, channels=1, length=2)
 
 
 def encoder_flops(n_pix: int) -> float:
