@@ -11,16 +11,21 @@ Everything is measured in one run, each figure against a baseline of the same ru
    copies (pinned, pageable). They put the encoder's TFLOP/s and the reader's GB/s in proportion.
 2. **Encoder** on the SDSS (3921 px) and DESI (7781 px) grids. Reference (issue 4): the straightforward
    fp32 eager forward pass, batch 256, inference mode, IEEE fp32 (cuDNN TF32 off), host batches copied
-   to the device and latents copied back one batch at a time. Against it: catalogpred's
-   :func:`~catalogpred.model.bundle.encode` (the block moves to the device once) in fp32 (IEEE), with
-   TF32 allowed, and in bf16 autocast (batch 2048, and 256). Latent error = max |Δ| / max |reference|;
-   Δmag through the bundle's head (trained when ``--bundle`` is a trained bundle).
-3. **Reader**: one store shard's metadata and flux read on one thread (what a predict task does first).
+   to the device and latents copied back one batch at a time; also the same with torch's default TF32
+   convolutions. Against it: catalogpred's :func:`~catalogpred.model.bundle.encode` (the block moves to
+   the device once) in fp32 and in bf16 (mixed precision), with each implementation (1-D convolutions,
+   GEMMs, channels-last 2-D convolutions) and with ``auto`` (what predict uses). Latent error =
+   max |Δ| / max |reference| (and / the smallest latent std); Δmag through a seeded head and through the
+   bundle's own head.
+3. **Reader**: one store shard's metadata and flux (:func:`catalogpred.store.read_shard`) on one thread.
 4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
-   a LocalCUDACluster with 1, 2 and 4 blocks sharing the GPU (``--blocks-per-gpu``), on a synthetic
-   SDSS store of ``N_LARGE`` spectra; for the default (2) also ``N_SMALL`` first, for the peak RSS per
-   worker and its growth (issue 5: < 1.5 GB, < 10 %). GPU busy % is sampled with NVML during each run;
-   task time is split into store reads, model and Parquet writes, which tells what bounds the run.
+   a LocalCUDACluster with 2, 1 and 3 blocks sharing the GPU (``--blocks``), and optionally with several
+   worker processes sharing GPU 0 (``--procs``), on a synthetic SDSS store of 100,000 spectra; for 2
+   blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
+   GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
+   Parquet writes, which tells what bounds the run.
+5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16: compile time and speed
+   (not used by predict yet).
 
 ``--json`` writes every row (and the environment) to a file; the table goes to stdout.
 """

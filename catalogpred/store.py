@@ -253,24 +253,43 @@ def write_shard(store_path, survey: str, shard: int, flux: np.ndarray, ivar: np.
         out[:n] = a
         return out
 
-    # a shard is written whole: skip zarr's per-chunk "all fill value?" scan (padding chunks then take a few bytes)
-    cfg = {"write_empty_chunks": True}
-    g["flux"].with_config(cfg)[lo:hi] = padded(flux.astype(np.float32, copy=False), 0)
-    g["ivar"].with_config(cfg)[lo:hi] = padded(ivar.astype(np.float32, copy=False), 0)
-    g["mask"].with_config(cfg)[lo:hi] = padded(mask.astype(np.uint8, copy=False), 0)
     columns = {**layout.meta_columns, **STORE_META}
     missing = set(columns) - set(meta)
     if missing:
         raise StoreError(f"write_shard: meta lacks {sorted(missing)}")
+    arrays = {"flux": padded(flux.astype(np.float32, copy=False), 0),
+              "ivar": padded(ivar.astype(np.float32, copy=False), 0),
+              "mask": padded(mask.astype(np.uint8, copy=False), 0)}
     for name, code in columns.items():
         values = np.asarray(meta[name])
         if code == "U":
             out = np.full(S, "", dtype=object)
             out[:n] = values.astype(str)
-            out = out.astype(np.dtypes.StringDType())
+            arrays[f"meta/{name}"] = out.astype(np.dtypes.StringDType())
         else:
-            out = padded(values.astype(code), _fill_value(code))
-        g["meta"][name].with_config(cfg)[lo:hi] = out
+            arrays[f"meta/{name}"] = padded(values.astype(code), _fill_value(code))
+    _write_arrays(store_path, survey, arrays, lo, hi)
+
+
+def _write_arrays(store_path, survey: str, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
+    """Write rows ``lo:hi`` of several arrays of a survey group concurrently (one trip to zarr's event loop;
+    compression of the arrays overlaps). A shard is written whole, so zarr's per-chunk "all fill value?"
+    scan is skipped (``write_empty_chunks``: padding chunks then take a few bytes)."""
+    import asyncio
+
+    import zarr.api.asynchronous as za
+    from zarr.core.sync import sync
+
+    async def write_all():
+        group = await za.open_group(str(store_path), mode="r+")
+
+        async def one(name, value):
+            arr = (await group.getitem(f"{survey}/{name}")).with_config({"write_empty_chunks": True})
+            await arr.setitem((slice(lo, hi),) + (slice(None),) * (value.ndim - 1), value)
+
+        await asyncio.gather(*(one(k, v) for k, v in arrays.items()))
+
+    sync(write_all())
 
 
 def mark_shards_done(store_path, survey: str, shards: list[int]) -> None:

@@ -366,3 +366,19 @@ def test_encoder_implementations_are_the_same_function(random_bundle, device):
         assert np.abs(b16 - conv).max() <= 0.003 * np.abs(conv).max(), impl
     with pytest.raises(BundleError, match="implementation"):
         encode(enc, flux, device=device, impl="fft")
+
+
+def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
+    """bench/bench_gpu.py's end-to-end part on the CPU twin (tiny sizes): the script the GPU runs stays runnable."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96))
+    rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["e2e"])
+    names = [r["name"] for r in rows]
+    assert any(n.startswith("reader:") for n in names) and any("end to end" in n for n in names)
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
+    rss = next(r for r in rows if r["name"].startswith("predict: peak RSS per worker, 96"))
+    assert 0 < rss["value"] < 10
