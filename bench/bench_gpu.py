@@ -191,17 +191,11 @@ def _reference_encode(enc, flux: np.ndarray, dev: str) -> np.ndarray:
 
 
 def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak: dict) -> list[dict]:
-    from catalogpred.model.bundle import encode, load_bundle
+    from catalogpred.model.bundle import encode
     from catalogpred.model.encoder import encoder_flops
     from catalogpred.model.head import head_features
 
-    model = load_bundle(bundle, dev) if bundle else None
-    if model is not None and model.info.grid.n_pix != grid.n_pix:
-        model = None
-    if model is None:  # seeded encoder and head: the published architecture's cost
-        tmp = tempfile.mkdtemp()
-        model = load_bundle(_seeded_bundle(tmp, grid), dev)
-        shutil.rmtree(tmp, ignore_errors=True)
+    model, from_bundle = _load_model(dev, grid, bundle)
     enc = model.encoder
     d = synthetic_rows(np.random.default_rng(11), n, grid.wave)
     flux = np.ascontiguousarray(d["flux"])
@@ -225,7 +219,7 @@ def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak:
         t_ref = _best(lambda: _reference_encode(enc, flux, dev), dev, repeats)
         lat_ref = _reference_encode(enc, flux, dev)
     m_ref = mags(lat_ref)
-    trained = model.head if bundle else None  # the bundle's own head, trained on this encoder's latents
+    trained = model.head if from_bundle else None  # the bundle's own head, trained on this encoder's latents
     mt_ref = mags(lat_ref, trained)
     scale = float(np.max(np.abs(lat_ref)))
     spread = float(np.min(np.std(lat_ref, axis=0)))  # smallest latent spread across spectra
@@ -271,20 +265,17 @@ def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak:
 def compiled_rows(dev: str, grid, n: int, bundle: str | None, repeats: int) -> list[dict]:
     """torch.compile (inductor, default mode) of the GEMM and NHWC encoders in bf16 (mixed): compile time, speed.
 
-    Not used by predict (a compile costs each worker minutes per shape); measured to decide whether it should be.
+    Not used by predict yet (each worker would compile once per batch shape); measured to decide whether it
+    should be. The baseline is the same IEEE fp32 reference as in :func:`encoder_rows`.
     """
-    from catalogpred.model.bundle import load_bundle
     from catalogpred.model.encoder import features_gemm, features_nhwc
 
-    model = load_bundle(bundle, dev) if bundle else None
-    if model is None or model.info.grid.n_pix != grid.n_pix:
-        tmp = tempfile.mkdtemp()
-        model = load_bundle(_seeded_bundle(tmp, grid), dev)
-    enc = model.encoder
+    enc = _load_model(dev, grid, bundle)[0].encoder
     flux = np.ascontiguousarray(synthetic_rows(np.random.default_rng(11), n, grid.wave)["flux"])
     x = torch.from_numpy(flux).to(dev)
-    lat_ref = _reference_encode(enc, flux, dev)
-    t_ref = _best(lambda: _reference_encode(enc, flux, dev), dev, 1)
+    with _Tf32(False):
+        lat_ref = _reference_encode(enc, flux, dev)
+        t_ref = _best(lambda: _reference_encode(enc, flux, dev), dev, 1)
     scale = float(np.max(np.abs(lat_ref)))
     rows = []
     for name, feats in (("GEMM", features_gemm), ("NHWC", features_nhwc)):
@@ -310,6 +301,21 @@ def compiled_rows(dev: str, grid, n: int, bundle: str | None, repeats: int) -> l
                      "unit": "spectra/s", "baseline": n / t_ref, "ratio": (m / t) / (n / t_ref),
                      "note": f"latent err {err:.1e}; compile + first pass {t_compile:.0f} s (not used by predict)"})
     return rows
+
+
+def _load_model(dev: str, grid, bundle: str | None):
+    """``(model, True)``: ``bundle`` on ``dev`` if it is on ``grid``; else ``(seeded encoder and head, False)``
+    (the published architecture's cost)."""
+    from catalogpred.model.bundle import load_bundle
+
+    model = load_bundle(bundle, dev) if bundle else None
+    if model is not None and model.info.grid.n_pix == grid.n_pix:
+        return model, True
+    tmp = tempfile.mkdtemp()
+    try:
+        return load_bundle(_seeded_bundle(tmp, grid), dev), False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _seeded_bundle(root: str, grid) -> str:

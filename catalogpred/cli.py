@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resource), else cpu; cuda starts one dask-cuda worker per GPU (needs the [gpu] extra)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="spectra per forward pass (default 64 on CPUs, where it bounds worker memory; 2048 on GPUs)")
-    s.add_argument("--blocks-per-gpu", type=int, default=None,
+    s.add_argument("--blocks-per-gpu", type=int, default=BLOCKS_PER_GPU,
                    help="blocks that share one GPU, so that reading and writing overlap GPU work (default "
-                        f"{BLOCKS_PER_GPU}; GPU workers need at least this many threads)")
+                        "%(default)s; GPU workers need at least this many threads)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -322,7 +322,7 @@ def _client(args, device: str = "cpu"):
 
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                        wait_workers=args.wait_workers, device=device,
-                       blocks_per_gpu=getattr(args, "blocks_per_gpu", None) or BLOCKS_PER_GPU)
+                       blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU))
 
 
 def _progress(args):
@@ -387,7 +387,7 @@ def cmd_predict(args) -> int:
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=args.surveys.split(",") if args.surveys else None,
-                              blocks_per_gpu=args.blocks_per_gpu or BLOCKS_PER_GPU)
+                              blocks_per_gpu=args.blocks_per_gpu)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:

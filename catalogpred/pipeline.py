@@ -551,8 +551,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   block_key(s, sh), n_rej, RejectReason.PREDICT_ERROR.value, err)
     summary.blocks_failed = len(failed)
     summary.seconds_model = sum(r["seconds_model"] for r in results.values())
-    summary.seconds_read = sum(r.get("seconds_read", 0.0) for r in results.values())
-    summary.seconds_write = sum(r.get("seconds_write", 0.0) for r in results.values())
+    summary.seconds_read = sum(r["seconds_read"] for r in results.values())
+    summary.seconds_write = sum(r["seconds_write"] for r in results.values())
     manifest = {
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

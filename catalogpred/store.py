@@ -268,28 +268,10 @@ def write_shard(store_path, survey: str, shard: int, flux: np.ndarray, ivar: np.
             arrays[f"meta/{name}"] = out.astype(np.dtypes.StringDType())
         else:
             arrays[f"meta/{name}"] = padded(values.astype(code), _fill_value(code))
-    _write_arrays(store_path, survey, arrays, lo, hi)
-
-
-def _write_arrays(store_path, survey: str, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
-    """Write rows ``lo:hi`` of several arrays of a survey group concurrently (one trip to zarr's event loop;
-    compression of the arrays overlaps). A shard is written whole, so zarr's per-chunk "all fill value?"
-    scan is skipped (``write_empty_chunks``: padding chunks then take a few bytes)."""
-    import asyncio
-
-    import zarr.api.asynchronous as za
-    from zarr.core.sync import sync
-
-    async def write_all():
-        group = await za.open_group(str(store_path), mode="r+")
-
-        async def one(name, value):
-            arr = (await group.getitem(f"{survey}/{name}")).with_config({"write_empty_chunks": True})
-            await arr.setitem((slice(lo, hi),) + (slice(None),) * (value.ndim - 1), value)
-
-        await asyncio.gather(*(one(k, v) for k, v in arrays.items()))
-
-    sync(write_all())
+    # a shard is written whole: skip zarr's per-chunk "all fill value?" scan (padding chunks then take a few bytes)
+    _on_arrays(store_path, survey, "r+", list(arrays),
+               lambda name, arr: arr.with_config({"write_empty_chunks": True}).setitem(
+                   _rows(lo, hi, arrays[name].ndim), arrays[name]))
 
 
 def mark_shards_done(store_path, survey: str, shards: list[int]) -> None:
@@ -326,27 +308,36 @@ def done_shards(store_path, survey: str) -> np.ndarray:
     return np.flatnonzero(g["shard_done"][:])
 
 
-def _read_arrays(store_path, survey: str, names: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
-    """Rows ``lo:hi`` of several arrays of a survey group (``"flux"``, ``"meta/ra"``, …), read concurrently.
+def _rows(lo: int, hi: int, ndim: int) -> tuple:
+    return (slice(lo, hi),) + (slice(None),) * (ndim - 1)
 
-    One trip to zarr's event loop for all of them (opening an array and reading it are each a
-    round trip otherwise: ~1 ms apiece, 60 per shard of metadata).
+
+def _on_arrays(store_path, survey: str, mode: str, names: list[str], op) -> dict:
+    """``{name: await op(name, array)}`` for arrays ``names`` of a survey group (``"flux"``, ``"meta/ra"``, …),
+    run concurrently in one trip to zarr's event loop.
+
+    Opening an array and reading or writing it are each a synchronous round trip otherwise (~1 ms
+    apiece, ~60 per shard of metadata), and concurrent writes overlap their compression.
     """
     import asyncio
 
     import zarr.api.asynchronous as za
     from zarr.core.sync import sync
 
-    async def read_all():
-        group = await za.open_group(str(store_path), mode="r")
+    async def run_all():
+        group = await za.open_group(str(store_path), mode=mode)
 
         async def one(name):
-            arr = await group.getitem(f"{survey}/{name}")
-            return await arr.getitem((slice(lo, hi),) + (slice(None),) * (len(arr.shape) - 1))
+            return await op(name, await group.getitem(f"{survey}/{name}"))
 
         return await asyncio.gather(*(one(n) for n in names))
 
-    return dict(zip(names, sync(read_all())))
+    return dict(zip(names, sync(run_all())))
+
+
+def _read_arrays(store_path, survey: str, names: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows ``lo:hi`` of several arrays of a survey group, read concurrently (:func:`_on_arrays`)."""
+    return _on_arrays(store_path, survey, "r", names, lambda name, arr: arr.getitem(_rows(lo, hi, len(arr.shape))))
 
 
 def _meta_table(data: dict, names: list[str], keep: np.ndarray, rows: np.ndarray) -> pa.Table:

@@ -248,7 +248,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     t0 = time.perf_counter()
     _set_torch_threads(torch_threads)
     key = block_key(survey, shard)
-    meta, flux_ok = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
+    meta, flux = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
     t_read = time.perf_counter() - t0
     status = meta.column("status").to_numpy()
     ok = status == store.RowStatus.OK
@@ -266,7 +266,6 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     t_model = t_write = 0.0
     n_rows = 0
     if good.num_rows:
-        flux = flux_ok
         model = cached_model(bundle_path, device)
         z = good.column("z").to_numpy()
         norm = good.column("norm").to_numpy()

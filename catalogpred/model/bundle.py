@@ -33,6 +33,8 @@ from .encoder import SpectrumEncoder, features_conv, features_gemm, features_nhw
 from .head import BANDS, build_head, head_features
 from .ood import ood_score
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ModelCard", "BundleInfo", "LoadedModel", "save_bundle", "read_bundle_info", "load_bundle",
            "cached_model", "encode", "infer", "BUNDLE_SCHEMA_VERSION"]
 
@@ -207,24 +209,20 @@ def cached_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return _cached(p, os.path.getmtime(os.path.join(p, "bundle.json")), device)
 
 
-log = logging.getLogger(__name__)
-
 #: encoder implementations of the same function: ``conv`` = the module's forward (cuDNN/oneDNN 1-D
 #: convolutions); ``gemm`` = :func:`~catalogpred.model.encoder.features_gemm` (channels-last, each
 #: convolution one matrix product); ``nhwc`` = :func:`~catalogpred.model.encoder.features_nhwc` (2-D
 #: convolutions in channels-last format, cuDNN's tensor-core kernels). ``auto`` = ``conv`` on CPUs; on
 #: GPUs the fastest, timed once per process, shape and precision. ``CATALOGPRED_ENCODER_IMPL`` overrides ``auto``.
-ENCODER_IMPLS = ("auto", "conv", "gemm", "nhwc")
 _FEATURES = {"conv": features_conv, "gemm": features_gemm, "nhwc": features_nhwc}
+ENCODER_IMPLS = ("auto", *_FEATURES)
 _CHOSEN: dict = {}
 _CHOOSE_LOCK = threading.Lock()
 
 
 def _forward(encoder: SpectrumEncoder, y: torch.Tensor, impl: str, precision: str) -> torch.Tensor:
-    """Latents of one batch. fp32: float32 throughout (``conv``: the module's own forward). bf16: the
+    """Latents of one batch. fp32: float32 throughout (``conv`` is the module's own forward). bf16: the
     encoder's mixed precision (conv2 and conv3 in bfloat16, the rest float32; see model.encoder)."""
-    if impl == "conv" and precision == "fp32":
-        return encoder(y)
     return encoder.mlp(_FEATURES[impl](encoder, y, precision == "bf16"))
 
 
@@ -241,7 +239,7 @@ def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, pre
     with _CHOOSE_LOCK:  # one timing at a time: blocks sharing a GPU would disturb each other's clocks
         if key not in _CHOSEN:
             times = {}
-            for cand in ("conv", "gemm", "nhwc"):
+            for cand in _FEATURES:
                 try:
                     _forward(encoder, x[:b], cand, precision)  # warm-up (cuDNN picks its kernels)
                     torch.cuda.synchronize(x.device)

@@ -69,14 +69,8 @@ class SpectrumEncoder(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def features(self, y: torch.Tensor) -> torch.Tensor:
-        """Attention-pooled CNN features, float32 [N, 256]."""
-        x = y.unsqueeze(1)
-        x = self.pool1(self.conv1(x))
-        x = self.pool2(self.conv2(x))
-        x = self.conv3(x)
-        h, a = torch.split(x, [self.n_feature, self.n_feature], dim=1)
-        a = torch.softmax(a, dim=-1)
-        return torch.sum(h * a, dim=2)
+        """Attention-pooled CNN features, float32 [N, 256] (:func:`features_conv` in float32)."""
+        return features_conv(self, y)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(y))
@@ -106,10 +100,13 @@ def features_conv(encoder: SpectrumEncoder, y: torch.Tensor, bf16: bool = False)
     """:meth:`SpectrumEncoder.features` with the module's layers (cuDNN / oneDNN 1-D convolutions)."""
     x = encoder.pool1(encoder.conv1(y.unsqueeze(1)))
     for block, pool in ((encoder.conv2, encoder.pool2), (encoder.conv3, None)):
-        with _autocast(y, bf16):
-            h = block[0](x)
-        h = block[2](block[1](h.float()))
-        x = pool(h) if pool is not None else h
+        if bf16:
+            with _autocast(y, True):
+                x = block[0](x).float()
+            x = block[2](block[1](x))
+        else:
+            x = block(x)
+        x = pool(x) if pool is not None else x
     return _attend(x, encoder.n_feature, channels=1, length=2)
 
 
