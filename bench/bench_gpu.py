@@ -23,9 +23,11 @@ Everything is measured in one run, each figure against a baseline of the same ru
    worker processes sharing GPU 0 (``--procs``), on a synthetic SDSS store of 100,000 spectra; for 2
    blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
-   Parquet writes, which tells what bounds the run.
-5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16: compile time and speed
-   (not used by predict yet).
+   Parquet writes, which tells what bounds the run. Then the first block count again with
+   ``compile="yes"`` (``predict --compile yes``): each worker compiles the encoder in a warm-up run
+   (its time is in the note), then the timed run.
+5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16, outside predict:
+   compile time and speed.
 
 ``--json`` writes every row (and the environment) to a file; the table goes to stdout.
 """
@@ -57,8 +59,9 @@ import torch  # noqa: E402
 from bench_pipeline import synthetic_rows, write_bundle, write_synthetic_store  # noqa: E402
 
 SIZES = {
-    "full": dict(n_sdss=16384, n_desi=8192, n_small=10_000, n_large=100_000, blocks=(2, 1, 3), repeats=3),
-    "quick": dict(n_sdss=512, n_desi=256, n_small=256, n_large=1024, blocks=(2,), repeats=1),
+    "full": dict(n_sdss=16384, n_desi=8192, n_small=10_000, n_large=100_000, blocks=(2, 1, 3), repeats=3,
+                 compile_e2e=True),
+    "quick": dict(n_sdss=512, n_desi=256, n_small=256, n_large=1024, blocks=(2,), repeats=1, compile_e2e=False),
 }
 #: on a CPU (a smoke run of this script) bf16 autocast is emulated and ~20x slower than fp32
 CPU_ENCODER_ROWS = 32
@@ -265,8 +268,8 @@ def encoder_rows(dev: str, grid, n: int, bundle: str | None, repeats: int, peak:
 def compiled_rows(dev: str, grid, n: int, bundle: str | None, repeats: int) -> list[dict]:
     """torch.compile (inductor, default mode) of the GEMM and NHWC encoders in bf16 (mixed): compile time, speed.
 
-    Not used by predict yet (each worker would compile once per batch shape); measured to decide whether it
-    should be. The baseline is the same IEEE fp32 reference as in :func:`encoder_rows`.
+    ``predict --compile`` compiles the NHWC path (``model.bundle.COMPILE_IMPL``); the GEMM path is the
+    alternative. The baseline is the same IEEE fp32 reference as in :func:`encoder_rows`.
     """
     from catalogpred.model.encoder import features_gemm, features_nhwc
 
@@ -299,7 +302,7 @@ def compiled_rows(dev: str, grid, n: int, bundle: str | None, repeats: int) -> l
         m = len(lat)
         rows.append({"name": f"encoder {grid.name}: torch.compile {name} bf16 mixed, batch {b}", "value": m / t,
                      "unit": "spectra/s", "baseline": n / t_ref, "ratio": (m / t) / (n / t_ref),
-                     "note": f"latent err {err:.1e}; compile + first pass {t_compile:.0f} s (not used by predict)"})
+                     "note": f"latent err {err:.1e}; compile + first pass {t_compile:.0f} s"})
     return rows
 
 
@@ -373,37 +376,40 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     rows = []
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
-    configs = [(b, 1) for b in blocks] + [(blocks[0], p) for p in size.get("procs", ()) if p > 1]
-    for b, procs in configs:
+    configs = ([(b, 1, "no") for b in blocks] + ([(blocks[0], 1, "yes")] if size.get("compile_e2e") else [])
+               + [(blocks[0], p, "no") for p in size.get("procs", ()) if p > 1])
+    for b, procs, compile in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
+        opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
+        tag = f"{b}-{procs}-{compile}"
         t_start = time.perf_counter()
         with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
             t_cluster = time.perf_counter() - t_start
-            run_predict(stores["warm"], bundle, str(root / f"warm-{b}-{procs}"), client=client, progress=False,
-                        precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+            t0 = time.perf_counter()
+            run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
+            t_warm = time.perf_counter() - t0
             rss_small = None
-            if (b == 2 or len(blocks) == 1) and procs == 1:
-                run_predict(stores["small"], bundle, str(root / f"small-{b}-{procs}"), client=client, progress=False,
-                            precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+            if (b == 2 or len(blocks) == 1) and procs == 1 and compile == "no":
+                run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
                 t0 = time.perf_counter()
-                s = run_predict(stores["large"], bundle, str(root / f"large-{b}-{procs}"), client=client, progress=False,
-                                precision=precision, device=dev.split(":")[0], blocks_per_gpu=b)
+                s = run_predict(stores["large"], bundle, str(root / f"large-{tag}"), client=client, **opts)
                 wall = time.perf_counter() - t0
             rss_large = _maxrss(client)
-        assert s.rows + s.rejects == n_large, s.table()
+        assert s.rows + s.rejects == n_large and s.settings["compile"] is (compile == "yes"), s.table()
         rate = n_large / wall
         busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
-        row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU"
-                       + (f", {procs} worker processes on the GPU" if procs > 1 else "") + f" ({n_large:,d} spectra)"
-               if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers "
-                                              f"({n_large:,d} spectra)",
+        how = (f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
+        row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
+               if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers"
+                                              f"{how} ({n_large:,d} spectra)",
                "value": rate, "unit": "spectra/s", "baseline": bare_rate,
                "ratio": rate / bare_rate if bare_rate else None,
                "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
                        f"{s.seconds_write:.1f}; wall {wall:.1f} s; cluster start {t_cluster:.0f} s; "
-                       f"reader alone {reader_rate:,.0f}/s per thread"}
+                       f"reader alone {reader_rate:,.0f}/s per thread"
+                       + (f"; warm-up run with compilation {t_warm:.0f} s" if compile == "yes" else "")}
         if dev.startswith("cuda"):
             row["target"] = f">= {TARGET_E2E:,d}/s (H100)"
             row["pass"] = rate >= TARGET_E2E
@@ -500,6 +506,8 @@ def main(argv=None) -> int:
                    help="comma-separated, run in this order: ceilings,encoder,e2e,compile (compile: torch.compile rows)")
     p.add_argument("--blocks", default=None, help="blocks per GPU to run end to end, e.g. 2 or 2,1,3 (default 2,1,3)")
     p.add_argument("--grids", default="sdss,desi", help="encoder rows for these grids")
+    p.add_argument("--compile-e2e", choices=("yes", "no"), default=None,
+                   help="also run end to end with predict --compile yes (default: yes, no with --quick)")
     p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
                                                  "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
@@ -509,6 +517,9 @@ def main(argv=None) -> int:
     if args.procs:
         for v in SIZES.values():
             v["procs"] = tuple(int(p) for p in args.procs.split(","))
+    if args.compile_e2e:
+        for v in SIZES.values():
+            v["compile_e2e"] = args.compile_e2e == "yes"
     if args.blocks:
         for v in SIZES.values():
             v["blocks"] = tuple(int(b) for b in args.blocks.split(","))

@@ -20,6 +20,9 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
   both. The machine may be shared, so the pipeline run and both baselines are interleaved and repeated
   (best of ``REPEATS``). A second, load-independent figure comes from the pipeline run alone: worker
   time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
+- **Compiled predict.** ``run_predict(compile="yes")`` on the same ``N_small`` rows against the eager
+  ``run_predict`` above, after a warm-up run in which each worker compiles the encoder (its time is
+  reported, not counted: a large run pays it once per worker).
 - **Peak RSS per worker** at two store sizes (``N_small``, ``N_large``), each on a fresh cluster:
   the high-water mark ``getrusage(RUSAGE_SELF).ru_maxrss`` of every worker process after the run
   (exact), and the largest of ``psutil`` samples every 0.25 s during the run. Target < 1.5 GB per
@@ -276,11 +279,13 @@ def _worker_maxrss(client) -> dict:
 
 
 def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, warm_store: str,
-                repeats: int = 1, baselines: bool = False) -> dict:
+                repeats: int = 1, baselines: bool = False, compiled: bool = False) -> dict:
     """Fresh 2-worker cluster: a warm-up predict, then ``repeats`` timed predicts of an ``n_rows`` store
     while sampling worker RSS; with ``baselines``, each is followed by the two bare-encoder runs on the
     same rows (interleaved, so a change in the machine's load hits both sides). Times are the best of
-    the repeats."""
+    the repeats. With ``compiled``, then a warm-up predict with ``compile="yes"`` (each worker compiles
+    the encoder: ``t_compile_warm``) and one timed compiled predict of the same store (``t_compiled``,
+    its worker RSS high-water mark ``maxrss_compiled``)."""
     from distributed import Client, LocalCluster
 
     from catalogpred.pipeline import run_predict
@@ -291,12 +296,13 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
     runs, t_par, t_one, peak = [], [], [], {}
     with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False, overwrite=True)
+        run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False, overwrite=True,
+                    compile="no")
         for _ in range(repeats):
             with RssSampler(client) as sampler:
                 t0 = time.perf_counter()
                 summary = run_predict(str(st), bundle, str(root / f"{name}-cat"), client=client, progress=False,
-                                      overwrite=True)
+                                      overwrite=True, compile="no")
                 runs.append((time.perf_counter() - t0, summary))
             for addr, v in sampler.peak.items():
                 peak[addr] = max(peak.get(addr, 0), v)
@@ -304,12 +310,24 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
                 t_par.append(bare_encoder_parallel_seconds(bundle, str(st)))
                 t_one.append(bare_encoder_seconds(bundle, flux, threads=N_WORKERS))
         maxrss = _worker_maxrss(client)
+        comp = {}
+        if compiled:
+            t0 = time.perf_counter()
+            run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False,
+                        overwrite=True, compile="yes")
+            comp["t_compile_warm"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            s = run_predict(str(st), bundle, str(root / f"{name}-cat"), client=client, progress=False, overwrite=True,
+                            compile="yes")
+            comp["t_compiled"] = time.perf_counter() - t0
+            assert s.rows == summary.rows and s.settings["compile"] is True, s.table()
+            comp["maxrss_compiled"] = max(_worker_maxrss(client).values())
     seconds, summary = min(runs, key=lambda r: r[0])
     assert summary.rows + summary.rejects == n_rows, summary.table()
     return {"store": str(st), "seconds": seconds, "rows": summary.rows, "blocks": summary.blocks,
             "peak_sampled": max(peak.values()), "maxrss": max(maxrss.values()), "seconds_model": summary.seconds_model,
             "t_par": min(t_par) if t_par else None, "t_one": min(t_one) if t_one else None,
-            "n_flux": len(flux) if flux is not None else None}
+            "n_flux": len(flux) if flux is not None else None, **comp}
 
 
 def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
@@ -322,7 +340,8 @@ def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
         bundle = write_bundle(root / "model")
         warm = root / "warm.zarr"
         write_synthetic_store(warm, 2 * N_WORKERS * 4, shard_rows=8, chunk_rows=8, seed=SEED + 1)
-        small = predict_run(root, bundle, size["n_small"], size, "small", str(warm), repeats=REPEATS, baselines=True)
+        small = predict_run(root, bundle, size["n_small"], size, "small", str(warm), repeats=REPEATS, baselines=True,
+                            compiled=True)
         large = predict_run(root, bundle, size["n_large"], size, "large", str(warm))
     finally:
         if not keep:
@@ -350,6 +369,11 @@ def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
         {"name": f"predict: overhead from model share of worker time ({n:,d} spectra)",
          "value": 100 * (1 / share(small) - 1), "unit": "%", "baseline": None, "ratio": None, "target": None,
          "pass": None},
+        {"name": f"predict --compile yes: end to end ({n:,d} spectra) vs eager predict", "value": n / small["t_compiled"],
+         "unit": "spectra/s", "baseline": n / small["seconds"], "ratio": small["seconds"] / small["t_compiled"],
+         "target": None, "pass": None,
+         "note": f"compiling in the workers took {small['t_compile_warm']:.0f} s (a warm-up run, not timed); "
+                 f"peak RSS per worker after it {small['maxrss_compiled'] / gb:.2f} GB"},
         {"name": f"predict: run_predict end to end ({size['n_large']:,d} spectra, {large['blocks']} blocks)",
          "value": size["n_large"] / large["seconds"], "unit": "spectra/s", "baseline": None, "ratio": None,
          "target": None, "pass": None},

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 from . import __version__
-from .cluster import BLOCKS_PER_GPU
+from .cluster import BLOCKS_PER_GPU, COMPILE_AUTO_ROWS
 from .errors import CatalogpredError, ConfigError
 
 log = logging.getLogger("catalogpred")
@@ -161,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--catalog", required=True, help="output catalog directory")
     s.add_argument("--overwrite", action="store_true", help="delete an existing catalog first (default: resume)")
     s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="inference precision: bf16 = autocast in the encoder, the fast choice on GPUs (default fp32)")
+                   help="inference precision: bf16 = the encoder's big convolutions in bfloat16, the rest in "
+                        "float32: the fast choice on GPUs (default fp32)")
+    s.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                   help="run the encoder through torch.compile on each worker (5-20 s to compile per worker, "
+                        "then 2.6-2.8x faster on a GPU, ~1.1x on one CPU thread); auto: yes from "
+                        f"{COMPILE_AUTO_ROWS['cuda']:,d} spectra per GPU worker or {COMPILE_AUTO_ROWS['cpu']:,d} "
+                        "per CPU worker (default auto)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when NVML sees a GPU here (or, with --scheduler, when workers offer the GPU "
                         "resource), else cpu; cuda starts one dask-cuda worker per GPU (needs the [gpu] extra)")
@@ -387,7 +393,7 @@ def cmd_predict(args) -> int:
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=args.surveys.split(",") if args.surveys else None,
-                              blocks_per_gpu=args.blocks_per_gpu)
+                              blocks_per_gpu=args.blocks_per_gpu, compile=args.compile)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:

@@ -29,7 +29,7 @@ from .errors import ConfigError
 
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
-           "gpu_task_resources"]
+           "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,25 @@ def gpu_task_resources(blocks_per_gpu: int = BLOCKS_PER_GPU) -> dict:
     if blocks_per_gpu < 1:
         raise ConfigError(f"blocks per GPU must be >= 1, not {blocks_per_gpu}")
     return {"GPU": GPU_RESOURCE["GPU"] / blocks_per_gpu}
+
+
+#: ``compile="auto"`` compiles the encoder (``torch.compile``) when each worker has at least this many
+#: spectra to predict. Compiling costs 5-20 s per worker process (measured; less with a warm inductor
+#: cache) and then saves ~64 % of the encoder time on an H200 (bf16: 57k -> 160k spectra/s) and ~10 %
+#: on a 1-thread CPU worker (41 -> 46 spectra/s): at these sizes it pays back several times over.
+COMPILE_AUTO_ROWS = {"cpu": 50_000, "cuda": 1_000_000}
+
+
+def resolve_compile(setting: str | bool, device: str, n_spectra: int, n_workers: int) -> bool:
+    """Whether predict compiles the encoder: ``"yes"``/``True``, ``"no"``/``False``, or ``"auto"``
+    (:data:`COMPILE_AUTO_ROWS` spectra per worker on ``device``)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "yes", "no"):
+        raise ConfigError(f"compile must be auto, yes or no, not {setting!r}")
+    if setting != "auto":
+        return setting == "yes"
+    return n_spectra / max(n_workers, 1) >= COMPILE_AUTO_ROWS[device]
 
 
 def gpu_count() -> int:

@@ -25,8 +25,8 @@ import numpy as np
 from . import __version__
 from . import catalog as cat
 from . import store
-from .cluster import (BLOCKS_PER_GPU, TASKS_IN_FLIGHT_PER_WORKER, gpu_task_resources, check_workers, default_torch_threads, resolve_device,
-                      shared_path)
+from .cluster import (BLOCKS_PER_GPU, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads,
+                      gpu_task_resources, resolve_compile, resolve_device, shared_path)
 from .errors import CatalogError, ConfigError, RejectReason
 from .surveys import get_reader
 from .tasks import block_key, detect_survey, ingest_shard, predict_block
@@ -367,6 +367,7 @@ class PredictSummary:
     seconds_write: float = 0.0  #: task-seconds writing Parquet (part files, rejects, done markers)
     order: int = 0
     blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
+    settings: dict = field(default_factory=dict)  #: device, precision, batch size, compile, ...
 
     def table(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
@@ -378,6 +379,7 @@ class PredictSummary:
                  f"  catalog rows     {self.rows:>9,d}",
                  f"  rejects          {self.rejects:>9,d}",
                  f"  HEALPix order    {self.order:>9d}",
+                 *([f"  settings         {' '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s)",
                  f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
                  f"write {self.seconds_write:.1f} s (summed over tasks)"]
@@ -440,7 +442,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                 precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                 catalog_name: str | None = None, surveys: list[str] | None = None,
-                blocks_per_gpu: int = BLOCKS_PER_GPU) -> PredictSummary:
+                blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto") -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
 
     ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
@@ -458,7 +460,9 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     with cuda every task is submitted with ``resources={"GPU": 1 / blocks_per_gpu}``, so
     ``blocks_per_gpu`` blocks share each worker's ``GPU=1`` (one reads its shard and writes Parquet
     on the CPU while another runs on the GPU; the workers need that many threads). ``batch_size``
-    (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device.
+    (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device. ``compile``
+    (``auto``, ``yes``, ``no``; see :func:`resolve_compile`) runs the encoder through ``torch.compile``
+    on each worker: the same latents to float32 rounding, faster on large runs.
     """
     from .model.bundle import read_bundle_info
 
@@ -533,7 +537,10 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                              blocks_skipped=len(blocks) - len(todo), order=order, inputs=inputs)
     if torch_threads is None:  # local: cores / workers; remote: from each worker's nthreads
         torch_threads = default_torch_threads(client)
-    kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads)
+    n_workers = _n_workers(client, resources) or 1
+    compile = resolve_compile(compile, device, inputs * len(todo) // max(len(blocks), 1), n_workers)
+    kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads,
+                  compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
     results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
@@ -562,13 +569,15 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   "grid": info.grid.name},
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
-                     "torch_threads": torch_threads, **({"blocks_per_gpu": blocks_per_gpu} if resources else {})},
+                     "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {})},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
         "failed_blocks": failed,
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
+    summary.settings = {k: v for k, v in manifest["settings"].items() if k in ("device", "precision", "batch_size",
+                                                                               "compile", "blocks_per_gpu")}
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]

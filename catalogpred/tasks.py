@@ -234,8 +234,10 @@ def _set_torch_threads(n: int | None) -> None:
 
 def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, catalog_path: str, order: int,
                   schema_columns: list, *, precision: str = "fp32", batch_size: int = 256, device: str = "cpu",
-                  torch_threads: int | None = None) -> dict:
+                  torch_threads: int | None = None, compile: bool = False) -> dict:
     """Predict one store shard and write its catalog part files, rejects and done marker.
+
+    ``precision``, ``batch_size``, ``compile``: as in :func:`~catalogpred.model.bundle.infer`.
 
     Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
     "seconds_read", "seconds_write"}``: wall time of the task, of encoder + head (``infer``), of the
@@ -271,7 +273,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         norm = good.column("norm").to_numpy()
         tm = time.perf_counter()
         latents, mean, sigma, ood = infer(model, flux, z, norm, batch_size=batch_size, precision=precision,
-                                          with_ood=True)
+                                          with_ood=True, compile=compile)
         t_model = time.perf_counter() - tm
         n = good.num_rows
         flags = np.zeros(n, np.int32)

@@ -374,10 +374,11 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     spec.loader.exec_module(mod)
-    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96))
+    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["e2e"])
     names = [r["name"] for r in rows]
     assert any(n.startswith("reader:") for n in names) and any("end to end" in n for n in names)
+    assert any("end to end" in n and "torch.compile" in n for n in names)
     saved = json.loads((tmp_path / "rows.json").read_text())
     assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
     rss = next(r for r in rows if r["name"].startswith("predict: peak RSS per worker, 96"))

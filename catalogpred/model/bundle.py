@@ -256,18 +256,61 @@ def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, pre
         return _CHOSEN[key]
 
 
+#: ``torch.compile`` (inductor) of one encoder implementation, per encoder, implementation, precision and
+#: device: compiled once per process for one batch shape (the last batch of a block is padded to it).
+#: Measured: 2.6-2.8x the eager bf16 encoder on an H200 after 5-11 s of compilation (bench_gpu); on a
+#: 2-core CPU 1.6x the eager fp32 encoder with 2 threads and 1.1x with 1 thread (bench_model), after
+#: 5-20 s. ``None`` marks a compilation that failed here (no C++ compiler, no Triton): eager instead.
+_COMPILED: dict = {}
+#: implementation that is compiled when ``impl="auto"``: channels-last 2-D convolutions were the fastest
+#: compiled candidate on both the H200 and the CPU (measured against ``conv`` and ``gemm``)
+COMPILE_IMPL = "nhwc"
+
+
+def _compiled_forward(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, precision: str, impl: str):
+    """A compiled ``_forward`` for batches of exactly ``batch_size`` rows, or None when compilation fails
+    here (logged once; the caller runs eager). The first call compiles, under a lock:
+    blocks that share a worker wait for it instead of compiling the same graph twice."""
+    impl = COMPILE_IMPL if impl == "auto" else impl
+    key = (id(encoder), impl, precision, str(x.device), batch_size)
+    with _CHOOSE_LOCK:
+        if key not in _COMPILED:
+            fn = torch.compile(functools.partial(_forward, encoder, impl=impl, precision=precision), dynamic=False)
+            t0 = time.perf_counter()
+            try:
+                warm = x[:1].expand(batch_size, -1).contiguous()
+                fn(warm)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+            except Exception as exc:  # noqa: BLE001 - an optimisation never fails a run
+                log.warning("torch.compile of the %s encoder failed on %s (%s: %s); running it eagerly", impl,
+                            x.device, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                fn = None
+            else:
+                log.info("encoder %s %s compiled for batch %d on %s in %.1f s", impl, precision, batch_size,
+                         x.device, time.perf_counter() - t0)
+            _COMPILED[key] = fn
+        return _COMPILED[key]
+
+
+def _padded(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """``y`` [m, L] with its last row repeated up to ``rows`` rows (a finite, realistic pad: rows are independent)."""
+    return y if len(y) == rows else torch.cat([y, y[-1:].expand(rows - len(y), -1)])
+
+
 def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256, precision: str = "fp32",
-           device: str = "cpu", impl: str = "auto") -> np.ndarray:
+           device: str = "cpu", impl: str = "auto", compile: bool = False) -> np.ndarray:
     """Latents float32 [n, S] of normalised spectra ``flux`` float32 [n, n_pix] (see :func:`infer`;
     ``impl`` is one of :data:`ENCODER_IMPLS`)."""
     return _encode_on_device(encoder, flux, batch_size=batch_size, precision=precision, device=device,
-                             impl=impl).cpu().numpy()
+                             impl=impl, compile=compile).cpu().numpy()
 
 
 def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int, precision: str,
-                      device: str, impl: str = "auto") -> torch.Tensor:
+                      device: str, impl: str = "auto", compile: bool = False) -> torch.Tensor:
     """Latents as a float32 tensor on ``device``: the block moves there once (one host-to-device copy
-    on CUDA; on the CPU the batches are views of ``flux``), then batches are slices of it."""
+    on CUDA; on the CPU the batches are views of ``flux``), then batches are slices of it. With
+    ``compile`` the batches go through :func:`_compiled_forward` (the last one padded to ``batch_size``)."""
     if precision not in ("fp32", "bf16"):
         raise BundleError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if flux.ndim != 2 or flux.shape[1] != encoder.n_pix:
@@ -282,16 +325,20 @@ def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size:
     x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32)).to(device)
     with torch.inference_mode():
         out = torch.empty((flux.shape[0], encoder.n_latent), dtype=torch.float32, device=x.device)
-        if flux.shape[0]:
+        if not flux.shape[0]:
+            return out
+        fn = _compiled_forward(encoder, x, batch_size, precision, impl) if compile else None
+        if fn is None:  # eager (also where compilation failed)
             impl = _choose_impl(encoder, x, batch_size, precision, impl)
         for lo in range(0, flux.shape[0], batch_size):
-            s = _forward(encoder, x[lo:lo + batch_size], impl, precision)
+            y = x[lo:lo + batch_size]
+            s = fn(_padded(y, batch_size))[:len(y)] if fn is not None else _forward(encoder, y, impl, precision)
             out[lo:lo + len(s)] = s.float()
     return out
 
 
 def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray, *, batch_size: int = 256,
-          precision: str = "fp32", with_ood: bool = False):
+          precision: str = "fp32", with_ood: bool = False, compile: bool = False):
     """Run encoder and head on normalised spectra.
 
     Parameters
@@ -304,6 +351,9 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
     precision : "fp32" | "bf16"
         bf16 runs the encoder's conv2 and conv3 (99.5 % of its FLOPs) in bfloat16 (CPU or CUDA) and
         everything else, the head included, in float32 (see :mod:`catalogpred.model.encoder`).
+    compile : bool
+        Run the encoder through ``torch.compile`` (compiled once per process and batch size; the
+        same latents to float32 rounding). Falls back to eager, with a warning, where it cannot compile.
 
     Returns
     -------
@@ -313,7 +363,8 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
     if flux.ndim != 2 or flux.shape[1] != model.info.grid.n_pix:
         raise BundleError(f"flux has shape {flux.shape}, the model expects [n, {model.info.grid.n_pix}] "
                           f"({model.info.grid.name} grid)")
-    lat_dev = _encode_on_device(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device)
+    lat_dev = _encode_on_device(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device,
+                               compile=compile)
     lat = lat_dev.cpu().numpy()
     ood = ood_score(lat, model.info.ood) if (with_ood and model.info.ood) else None
     if model.head is None:
