@@ -23,9 +23,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
    worker processes sharing GPU 0 (``--procs``), on a synthetic SDSS store of 100,000 spectra; for 2
    blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
-   Parquet writes, which tells what bounds the run. Then the first block count again with
-   ``compile="yes"`` (``predict --compile yes``): each worker compiles the encoder in a warm-up run
-   (its time is in the note), then the timed run.
+   Parquet writes, which tells what bounds the run. Then each block count again with
+   ``compile="yes"`` (``predict --compile yes``; ``--compile-e2e no`` skips these): each worker compiles
+   the encoder in a warm-up run (its time is in the note), then the timed run.
 5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16, outside predict:
    compile time and speed.
 
@@ -376,7 +376,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     rows = []
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
-    configs = ([(b, 1, "no") for b in blocks] + ([(blocks[0], 1, "yes")] if size.get("compile_e2e") else [])
+    configs = ([(b, 1, "no") for b in blocks] + ([(b, 1, "yes") for b in blocks] if size.get("compile_e2e") else [])
                + [(blocks[0], p, "no") for p in size.get("procs", ()) if p > 1])
     for b, procs, compile in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")

@@ -385,7 +385,7 @@ def cmd_predict(args) -> int:
         infos = [read_bundle_info(m) for m in args.model]
         plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
-                "catalog": args.catalog, "device": device}
+                "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile}
         print(json.dumps(plan, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:

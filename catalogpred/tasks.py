@@ -62,29 +62,45 @@ def _empty_block(survey: str, path: str, n_meta: dict, row: int = -1) -> Spectru
 
 #: rows per check_spectra call in ingest_shard: [128, n_pix] float32 arrays stay in the CPU cache
 _CHECK_ROWS = 128
-_MALLOC_TUNED: list[bool] = []
+#: glibc trim threshold (MiB) last set in this process by :func:`_keep_freed_memory` (None: as started)
+_MALLOC_TRIM: list = []
+#: freed memory a worker keeps mapped, per stage (MiB; None = the process's own malloc settings). An
+#: ingest shard's footprint is up to ~1 GB (DESI). A GPU predict block's host footprint is its flux and
+#: zarr's shard buffer (~0.1-0.3 GB). CPU predict keeps Dask's default: there a batch of activations
+#: (~0.4 GB at batch 64) would stay mapped too, which raised a worker's peak RSS from 0.9 to 1.2-1.6 GB
+#: (bench_pipeline, measured), while reads are ~1 % of a CPU block's time.
+TRIM_MIB = {"ingest": 1024, "predict-cuda": 256, "predict-cpu": None}
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed memory in this (worker) process instead of returning it to the OS; once per process.
+def _keep_freed_memory(trim_mib: int | None) -> None:
+    """Let glibc reuse freed memory in this (worker) process instead of returning it to the OS.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then unmaps every freed block,
     and the next array of the same size page-faults its way back in. Ingest allocates and frees megabytes
-    per chunk, and spent 2.2x the CPU time for it (DESI coadds; measured). Arrays up to 256 MiB now come
-    from the heap and up to 1 GiB of freed memory stays mapped: a worker keeps its peak shard footprint
-    (~1 GB for a DESI shard), well under its memory limit. No-op where there is no glibc ``mallopt``.
+    per chunk, and spent 2.2x the CPU time for it (DESI coadds; measured). A 4,096-row SDSS shard (64 MB
+    of flux, decoded through zarr's shard buffer) is read in ~110 ms instead of 140-195 ms (medians in a
+    LocalCluster worker on 2 cores, three runs; measured). Arrays up to 256 MiB now come from the heap,
+    and up to ``trim_mib`` of freed memory stays mapped (:data:`TRIM_MIB`). ``None`` puts back the
+    settings the process started with (``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` or glibc's
+    128 KiB) if this function had changed them. Cheap per task: ``mallopt`` only when the value changes.
+    No-op where there is no glibc ``mallopt``.
     """
-    if _MALLOC_TUNED:
+    if _MALLOC_TRIM == [trim_mib] or (trim_mib is None and not _MALLOC_TRIM):
         return
-    _MALLOC_TUNED.append(True)
+    _MALLOC_TRIM[:] = [trim_mib]
+    if trim_mib is None:
+        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024))
+        mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 * 1024))
+    else:
+        trim, mmap = trim_mib * 2**20, 256 * 2**20
     try:
         import ctypes
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
-        libc.mallopt(m_mmap_threshold, 256 * 2**20)
-        libc.mallopt(m_trim_threshold, 1024 * 2**20)
+        libc.mallopt(m_mmap_threshold, mmap)
+        libc.mallopt(m_trim_threshold, trim)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         pass
 
@@ -133,7 +149,7 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
     Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds"}``.
     """
     t0 = time.perf_counter()
-    _keep_freed_memory()
+    _keep_freed_memory(TRIM_MIB["ingest"])
     _, layout = store.open_survey(store_path, survey)
     file_rejects = dict(file_rejects or {})
     parts, reasons, details, src_paths = [], [], [], []  # parts: (block, lo, hi): rows lo..hi-1 of a block
@@ -248,6 +264,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     from .model.bundle import cached_model, infer
 
     t0 = time.perf_counter()
+    _keep_freed_memory(TRIM_MIB["predict-cuda" if device == "cuda" else "predict-cpu"])
     _set_torch_threads(torch_threads)
     key = block_key(survey, shard)
     meta, flux = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
