@@ -46,6 +46,17 @@ def sdss_files() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def bench_pipeline():
+    """``bench/bench_pipeline.py`` as a module: its synthetic stores and spectra (no FITS, no ingest)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
 def client():
     """A real two-process LocalCluster, shared by the session."""
     from distributed import Client, LocalCluster

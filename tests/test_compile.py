@@ -6,10 +6,8 @@ backend instead of Triton). Each compilation takes 5-20 s on 2 cores.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,20 +16,12 @@ import pytest
 from catalogpred.cluster import COMPILE_AUTO_ROWS, resolve_compile
 from catalogpred.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _flux(n: int, seed: int = 0) -> np.ndarray:
+def _flux(bench, n: int, seed: int = 0) -> np.ndarray:
+    """Synthetic normalised SDSS-grid spectra float32 [n, 3921] (``bench``: the bench_pipeline fixture)."""
     from catalogpred.spectra import SDSS_GRID
 
-    return np.ascontiguousarray(load_bench().synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)["flux"])
+    return np.ascontiguousarray(bench.synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)["flux"])
 
 
 def test_resolve_compile():
@@ -48,11 +38,11 @@ def test_resolve_compile():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compiled_encoder_matches_eager(random_bundle, device):
+def test_compiled_encoder_matches_eager(random_bundle, device, bench_pipeline):
     """11 rows in batches of 4: two full batches and a last one padded to 4 (one compiled shape)."""
     from catalogpred.model.bundle import _COMPILED, encode, load_bundle
 
-    flux = _flux(11, seed=3)
+    flux = _flux(bench_pipeline, 11, seed=3)
     enc = load_bundle(random_bundle, device).encoder
     eager = encode(enc, flux, batch_size=4, device=device, impl="conv")
     n_before = len(_COMPILED)
@@ -67,13 +57,13 @@ def test_compiled_encoder_matches_eager(random_bundle, device):
     assert np.abs(b16 - eager).max() <= 0.003 * np.abs(eager).max()  # the eager mixed-precision bound
 
 
-def test_compile_failure_falls_back_to_eager(random_bundle, caplog):
+def test_compile_failure_falls_back_to_eager(random_bundle, caplog, bench_pipeline):
     """Where inductor cannot compile (here: no working C++ compiler), encode warns once and runs eagerly."""
     import torch._inductor.config as inductor_config
 
     from catalogpred.model.bundle import encode, load_bundle
 
-    flux = _flux(5, seed=4)
+    flux = _flux(bench_pipeline, 5, seed=4)
     enc = load_bundle(random_bundle, "cpu").encoder  # a fresh module: nothing compiled for it yet
     with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}), \
             caplog.at_level(logging.WARNING, logger="catalogpred.model.bundle"):
@@ -92,12 +82,12 @@ def _compiled_in_this_process() -> int:
     return sum(fn is not None for fn in _COMPILED.values())
 
 
-def test_predict_compiled_matches_eager(random_bundle, tmp_path, client):
+def test_predict_compiled_matches_eager(random_bundle, tmp_path, client, bench_pipeline):
     """``run_predict(compile="yes")`` on the two worker processes: same catalog as eager, recorded in the manifest."""
     from catalogpred.pipeline import run_predict
 
     st = tmp_path / "store.zarr"
-    load_bench().write_synthetic_store(st, 40, shard_rows=16, chunk_rows=8)
+    bench_pipeline.write_synthetic_store(st, 40, shard_rows=16, chunk_rows=8)
     eager = run_predict(str(st), random_bundle, str(tmp_path / "eager"), client=client, progress=False,
                         torch_threads=1, compile="no", batch_size=8)
     comp = run_predict(str(st), random_bundle, str(tmp_path / "compiled"), client=client, progress=False,
