@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference precision: bf16 = the encoder's big convolutions in bfloat16, the rest in "
                         "float32: the fast choice on GPUs (default fp32)")
     s.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
-                   help="run the encoder through torch.compile on each worker (5-20 s to compile per worker, "
-                        "then 2.6-2.8x faster on a GPU, ~1.1x on one CPU thread); auto: yes from "
+                   help="run the encoder through torch.compile on each worker (5-22 s to compile per worker, "
+                        "then 2.6-2.8x faster on a GPU, 1.1-1.3x on one CPU thread); auto: yes from "
                         f"{COMPILE_AUTO_ROWS['cuda']:,d} spectra per GPU worker or {COMPILE_AUTO_ROWS['cpu']:,d} "
                         "per CPU worker (default auto)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -52,9 +52,10 @@ def gpu_task_resources(blocks_per_gpu: int = BLOCKS_PER_GPU) -> dict:
 
 
 #: ``compile="auto"`` compiles the encoder (``torch.compile``) when each worker has at least this many
-#: spectra to predict. Compiling costs 5-20 s per worker process (measured; less with a warm inductor
-#: cache) and then saves ~64 % of the encoder time on an H200 (bf16: 57k -> 160k spectra/s) and ~10 %
-#: on a 1-thread CPU worker (41 -> 46 spectra/s): at these sizes it pays back several times over.
+#: spectra to predict. Compiling costs 5-11 s on an H200 and 5-22 s per CPU worker (measured), then saves
+#: ~64 % of the encoder time on the H200 (bf16: 57k -> 160k spectra/s) and 10-25 % on a 1-thread CPU worker
+#: (42 -> 46-55 spectra/s, two runs). At these sizes that is ~11 s saved per GPU worker (1-2x the compile)
+#: and 100-280 s per CPU worker (4-55x the compile).
 COMPILE_AUTO_ROWS = {"cpu": 50_000, "cuda": 1_000_000}
 
 

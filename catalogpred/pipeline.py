@@ -537,8 +537,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                              blocks_skipped=len(blocks) - len(todo), order=order, inputs=inputs)
     if torch_threads is None:  # local: cores / workers; remote: from each worker's nthreads
         torch_threads = default_torch_threads(client)
-    n_workers = _n_workers(client, resources) or 1
-    compile = resolve_compile(compile, device, inputs * len(todo) // max(len(blocks), 1), n_workers)
+    compile = resolve_compile(compile, device, inputs * len(todo) // max(len(blocks), 1), _n_workers(client, resources))
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads,
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]

@@ -63,12 +63,12 @@ def _empty_block(survey: str, path: str, n_meta: dict, row: int = -1) -> Spectru
 #: rows per check_spectra call in ingest_shard: [128, n_pix] float32 arrays stay in the CPU cache
 _CHECK_ROWS = 128
 #: glibc trim threshold (MiB) last set in this process by :func:`_keep_freed_memory` (None: as started)
-_MALLOC_TRIM: list = []
+_malloc_trim: int | None = None
 #: freed memory a worker keeps mapped, per stage (MiB; None = the process's own malloc settings). An
 #: ingest shard's footprint is up to ~1 GB (DESI). A GPU predict block's host footprint is its flux and
 #: zarr's shard buffer (~0.1-0.3 GB). CPU predict keeps Dask's default: there a batch of activations
-#: (~0.4 GB at batch 64) would stay mapped too, which raised a worker's peak RSS from 0.9 to 1.2-1.6 GB
-#: (bench_pipeline, measured), while reads are ~1 % of a CPU block's time.
+#: (conv1's output alone is 128 MB at batch 64) would stay mapped too, which raised a worker's peak RSS from 0.88-0.93 GB to
+#: 1.12-1.57 GB (bench_pipeline, measured), while all work outside the model is 1-5 % of a CPU worker's time.
 TRIM_MIB = {"ingest": 1024, "predict-cuda": 256, "predict-cpu": None}
 
 
@@ -78,16 +78,17 @@ def _keep_freed_memory(trim_mib: int | None) -> None:
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then unmaps every freed block,
     and the next array of the same size page-faults its way back in. Ingest allocates and frees megabytes
     per chunk, and spent 2.2x the CPU time for it (DESI coadds; measured). A 4,096-row SDSS shard (64 MB
-    of flux, decoded through zarr's shard buffer) is read in ~110 ms instead of 140-195 ms (medians in a
+    of flux, decoded through zarr's shard buffer) is read in 102-121 ms instead of 140-196 ms (medians in a
     LocalCluster worker on 2 cores, three runs; measured). Arrays up to 256 MiB now come from the heap,
     and up to ``trim_mib`` of freed memory stays mapped (:data:`TRIM_MIB`). ``None`` puts back the
     settings the process started with (``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` or glibc's
     128 KiB) if this function had changed them. Cheap per task: ``mallopt`` only when the value changes.
     No-op where there is no glibc ``mallopt``.
     """
-    if _MALLOC_TRIM == [trim_mib] or (trim_mib is None and not _MALLOC_TRIM):
+    global _malloc_trim
+    if trim_mib == _malloc_trim:
         return
-    _MALLOC_TRIM[:] = [trim_mib]
+    _malloc_trim = trim_mib
     if trim_mib is None:
         trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024))
         mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 * 1024))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -43,17 +42,6 @@ def sdss_files() -> list[Path]:
     if len(files) != 14:
         pytest.skip(f"real SDSS files not found at {SDSS_DIR} (a fresh clone has no ../shared; CI does)")
     return files
-
-
-@pytest.fixture(scope="session")
-def bench_pipeline():
-    """``bench/bench_pipeline.py`` as a module: its synthetic stores and spectra (no FITS, no ingest)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="session")

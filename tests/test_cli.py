@@ -1,5 +1,4 @@
 """The command line: --help everywhere, data on stdout, errors as one line and exit 1."""
-import io
 import subprocess
 import sys
 

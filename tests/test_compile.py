@@ -2,13 +2,14 @@
 an eager fallback where compilation is impossible, and ``predict --compile`` on real worker processes.
 
 The CPU tests are the twin of the GPU path: the same functions with ``device="cpu"`` (inductor's C++
-backend instead of Triton). Each compilation takes 5-20 s on 2 cores.
+backend instead of Triton). Each compilation takes 5-22 s on 2 cores.
 """
 from __future__ import annotations
 
 import json
 import logging
 
+import bench_pipeline
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -17,11 +18,11 @@ from catalogpred.cluster import COMPILE_AUTO_ROWS, resolve_compile
 from catalogpred.errors import ConfigError
 
 
-def _flux(bench, n: int, seed: int = 0) -> np.ndarray:
-    """Synthetic normalised SDSS-grid spectra float32 [n, 3921] (``bench``: the bench_pipeline fixture)."""
+def _flux(n: int, seed: int = 0) -> np.ndarray:
+    """Synthetic normalised SDSS-grid spectra float32 [n, 3921]."""
     from catalogpred.spectra import SDSS_GRID
 
-    return np.ascontiguousarray(bench.synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)["flux"])
+    return np.ascontiguousarray(bench_pipeline.synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)["flux"])
 
 
 def test_resolve_compile():
@@ -38,11 +39,11 @@ def test_resolve_compile():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compiled_encoder_matches_eager(random_bundle, device, bench_pipeline):
+def test_compiled_encoder_matches_eager(random_bundle, device):
     """11 rows in batches of 4: two full batches and a last one padded to 4 (one compiled shape)."""
     from catalogpred.model.bundle import _COMPILED, encode, load_bundle
 
-    flux = _flux(bench_pipeline, 11, seed=3)
+    flux = _flux(11, seed=3)
     enc = load_bundle(random_bundle, device).encoder
     eager = encode(enc, flux, batch_size=4, device=device, impl="conv")
     n_before = len(_COMPILED)
@@ -57,13 +58,13 @@ def test_compiled_encoder_matches_eager(random_bundle, device, bench_pipeline):
     assert np.abs(b16 - eager).max() <= 0.003 * np.abs(eager).max()  # the eager mixed-precision bound
 
 
-def test_compile_failure_falls_back_to_eager(random_bundle, caplog, bench_pipeline):
+def test_compile_failure_falls_back_to_eager(random_bundle, caplog):
     """Where inductor cannot compile (here: no working C++ compiler), encode warns once and runs eagerly."""
     import torch._inductor.config as inductor_config
 
     from catalogpred.model.bundle import encode, load_bundle
 
-    flux = _flux(bench_pipeline, 5, seed=4)
+    flux = _flux(5, seed=4)
     enc = load_bundle(random_bundle, "cpu").encoder  # a fresh module: nothing compiled for it yet
     with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}), \
             caplog.at_level(logging.WARNING, logger="catalogpred.model.bundle"):
@@ -82,7 +83,7 @@ def _compiled_in_this_process() -> int:
     return sum(fn is not None for fn in _COMPILED.values())
 
 
-def test_predict_compiled_matches_eager(random_bundle, tmp_path, client, bench_pipeline):
+def test_predict_compiled_matches_eager(random_bundle, tmp_path, client):
     """``run_predict(compile="yes")`` on the two worker processes: same catalog as eager, recorded in the manifest."""
     from catalogpred.pipeline import run_predict
 

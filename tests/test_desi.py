@@ -1,7 +1,6 @@
 """DESI reader on the 7 real files: arm merge against an independent computation, selection, redshifts, end to end."""
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -17,6 +17,7 @@ import types
 import urllib.request
 from pathlib import Path
 
+import bench_pipeline
 import numpy as np
 import pytest
 
@@ -26,12 +27,6 @@ from catalogpred.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def fake_pynvml(count: int | None):
@@ -149,7 +144,7 @@ def test_cuda_without_dask_cuda_or_gpu_workers_is_a_clear_error(monkeypatch, ran
             pass
     # an existing cluster whose workers offer no GPU resource: refused before any task runs
     st = tmp_path / "store.zarr"
-    load_bench().write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
+    bench_pipeline.write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
         assert resolve_device("auto", client) == "cpu"
         with pytest.raises(ConfigError, match="no Dask worker offers the GPU resource"):
@@ -161,7 +156,7 @@ def test_cli_device_flag(random_bundle, tmp_path, capsys):
     from catalogpred.cli import main
 
     st = tmp_path / "store.zarr"
-    load_bench().write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
+    bench_pipeline.write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4)
     base = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "cat")]
     assert main(base + ["--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -193,7 +188,7 @@ def _reference_infer(model, flux, z, norm, batch_size):
 def _inputs(n=12, seed=0):
     from catalogpred.spectra import SDSS_GRID
 
-    d = load_bench().synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)
+    d = bench_pipeline.synthetic_rows(np.random.default_rng(seed), n, SDSS_GRID.wave)
     return np.ascontiguousarray(d["flux"]), d["z"], d["norm"]
 
 
@@ -235,7 +230,7 @@ def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, clie
     from catalogpred.pipeline import run_predict
 
     st = tmp_path / "store.zarr"
-    load_bench().write_synthetic_store(st, 256, shard_rows=64, chunk_rows=64)
+    bench_pipeline.write_synthetic_store(st, 256, shard_rows=64, chunk_rows=64)
     cpu = run_predict(str(st), random_bundle, str(tmp_path / "cpu"), client=client, progress=False, device="cpu")
     # the GPU run from a fresh client process (this one may hold a CUDA context from the tests above)
     code = ("import sys, torch; from catalogpred.cli import main; "
@@ -307,7 +302,7 @@ def _spectra_block(seed=3, n=24):
     from catalogpred.spectra import SDSS_GRID
 
     rng = np.random.default_rng(seed)
-    d = load_bench().synthetic_rows(rng, n, SDSS_GRID.wave)
+    d = bench_pipeline.synthetic_rows(rng, n, SDSS_GRID.wave)
     flux = (d["flux"] * d["norm"][:, None]).astype(np.float32)
     ivar = np.ascontiguousarray(d["ivar"] / d["norm"][:, None] ** 2, dtype=np.float32)
     mask = np.zeros(flux.shape, np.uint8)
@@ -370,10 +365,8 @@ def test_encoder_implementations_are_the_same_function(random_bundle, device):
 
 def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     """bench/bench_gpu.py's end-to-end part on the CPU twin (tiny sizes): the script the GPU runs stays runnable."""
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    spec.loader.exec_module(mod)
+    import bench_gpu as mod
+
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["e2e"])
     names = [r["name"] for r in rows]

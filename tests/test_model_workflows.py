@@ -1,7 +1,6 @@
 """Issue 4 workflows: spender checkpoint import (parity with spender 0.3), encoder-only predict,
 train -> evaluate calibration on the synthetic benchmark, train from a store, offline fetch."""
 import json
-import os
 
 import numpy as np
 import pyarrow.csv as pacsv

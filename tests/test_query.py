@@ -6,11 +6,10 @@ pruning matters, with rows crowded around RA 0/360, the poles and leaf corners.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import astropy.units as u
+import bench_query
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,15 +19,8 @@ from catalogpred.cli import COMMANDS, main
 from catalogpred.errors import CatalogError, ConfigError
 from catalogpred.query import Box, Cone, angular_separation_deg, format_table, open_catalog, write_table
 
-REPO = Path(__file__).resolve().parents[1]
 N_ROWS = 12_000
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_query", REPO / "bench" / "bench_query.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def synthetic_positions(n: int, seed: int = 3):
@@ -45,7 +37,7 @@ def synthetic_positions(n: int, seed: int = 3):
 def catalog(tmp_path_factory):
     path = tmp_path_factory.mktemp("query") / "catalog"
     ra, dec = synthetic_positions(N_ROWS)
-    load_bench().build_catalog(path, N_ROWS, order=3, block_rows=N_ROWS, ra=ra, dec=dec)
+    bench_query.build_catalog(path, N_ROWS, order=3, block_rows=N_ROWS, ra=ra, dec=dec)
     return path
 
 

@@ -6,7 +6,6 @@ Stores are synthetic (``bench/bench_pipeline.py::write_synthetic_store``: writte
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_pipeline
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -23,23 +23,16 @@ import pytest
 from catalogpred import catalog as cat
 from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
 
-REPO = Path(__file__).resolve().parents[1]
 SHARD_ROWS = 8
 N_SHARDS = 12
 N_REJECTED = 3  # ingest rejects in the last shard
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "bench_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def syn_store(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("reliability") / "store.zarr"
-    load_bench().write_synthetic_store(path, SHARD_ROWS * N_SHARDS, shard_rows=SHARD_ROWS, chunk_rows=4,
+    bench_pipeline.write_synthetic_store(path, SHARD_ROWS * N_SHARDS, shard_rows=SHARD_ROWS, chunk_rows=4,
                                        n_rejected=N_REJECTED)
     return str(path)
 
@@ -183,9 +176,8 @@ def test_block_failing_on_every_retry_goes_to_rejects_then_resume_retries_it(
 
 
 def test_every_block_failing_raises(random_bundle, cluster_client, tmp_path):
-    bench = load_bench()
     st = tmp_path / "store.zarr"
-    bench.write_synthetic_store(st, 8, shard_rows=4, chunk_rows=4)
+    bench_pipeline.write_synthetic_store(st, 8, shard_rows=4, chunk_rows=4)
     for shard in (0, 1):
         corrupt_shard(str(st), shard)
     with pytest.raises(PipelineError, match="all 2 prediction blocks failed"):
@@ -195,9 +187,8 @@ def test_every_block_failing_raises(random_bundle, cluster_client, tmp_path):
 def test_cli_strict_exits_1_on_predict_errors(random_bundle, tmp_path, capsys):
     from catalogpred.cli import main
 
-    bench = load_bench()
     st = tmp_path / "store.zarr"
-    bench.write_synthetic_store(st, 6, shard_rows=3, chunk_rows=3)
+    bench_pipeline.write_synthetic_store(st, 6, shard_rows=3, chunk_rows=3)
     corrupt_shard(str(st), 1)
     argv = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "catalog"),
             "--workers", "1", "--no-progress", "--device", "cpu", "--strict"]

@@ -259,8 +259,8 @@ def _choose_impl(encoder: SpectrumEncoder, x: torch.Tensor, batch_size: int, pre
 #: ``torch.compile`` (inductor) of one encoder implementation, per encoder, implementation, precision and
 #: device: compiled once per process for one batch shape (the last batch of a block is padded to it).
 #: Measured: 2.6-2.8x the eager bf16 encoder on an H200 after 5-11 s of compilation (bench_gpu); on a
-#: 2-core CPU 1.6x the eager fp32 encoder with 2 threads and 1.1x with 1 thread (bench_model), after
-#: 5-20 s. ``None`` marks a compilation that failed here (no C++ compiler, no Triton): eager instead.
+#: 2-core CPU 1.3-1.7x the eager fp32 reference with 2 threads (bench_model) and 1.1-1.3x with 1 thread,
+#: after 5-22 s. ``None`` marks a compilation that failed here (no C++ compiler, no Triton): eager instead.
 _COMPILED: dict = {}
 #: implementation that is compiled when ``impl="auto"``: channels-last 2-D convolutions were the fastest
 #: compiled candidate on both the H200 and the CPU (measured against ``conv`` and ``gemm``)
