@@ -18,6 +18,10 @@ Everything is measured in one run, each figure against a baseline of the same ru
    max |Δ| / max |reference| (and / the smallest latent std); Δmag through a seeded head and through the
    bundle's own head.
 3. **Reader**: one store shard's metadata and flux (:func:`catalogpred.store.read_shard`) on one thread.
+   With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
+   threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
+   threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
+   contention says whether the GPU, the reads or the interpreter lock bounds a worker.
 4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
    a LocalCUDACluster with 2, 1 and 3 blocks sharing the GPU (``--blocks``), and optionally with several
    worker processes sharing GPU 0 (``--procs``), on a synthetic SDSS store of 100,000 spectra; for 2
@@ -28,6 +32,8 @@ Everything is measured in one run, each figure against a baseline of the same ru
    the encoder in a warm-up run (its time is in the note), then the timed run.
 5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16, outside predict:
    compile time and speed.
+
+``--compile-e2e only`` runs step 4 compiled only (the RSS rows then come from the first compiled run).
 
 ``--json`` writes every row (and the environment) to a file; the table goes to stdout.
 """
@@ -348,6 +354,73 @@ def reader_rows(store_path: str, repeats: int) -> tuple[list[dict], float]:
              "unit": "spectra/s", "note": f"{t * 1e3:.0f} ms; flux {mb / t / 1e3:.2f} GB/s decoded"}], n / t
 
 
+def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
+    """The catalog columns and HEALPix order that :func:`~catalogpred.pipeline.run_predict` would use."""
+    from catalogpred import catalog as cat
+    from catalogpred import store
+    from catalogpred.model.bundle import read_bundle_info
+
+    _, layout = store.open_survey(store_path, "sdss")
+    core = cat.core_columns(read_bundle_info(bundle).n_latent)
+    n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # non-EMPTY rows, as run_predict counts them
+    return core + cat.native_columns(layout.meta_columns, {c.name for c in core}), cat.choose_order(n)
+
+
+def block_rows(dev: str, root: Path, bundle: str, store_path: str, threads=(1, 2, 4)) -> list[dict]:
+    """One worker process without Dask: ``read_shard`` and ``predict_block`` over every shard of the store
+    from N threads (as N blocks share a GPU worker), with the task-time split."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catalogpred import store
+    from catalogpred.tasks import predict_block
+
+    shards = [int(s) for s in store.done_shards(store_path, "sdss")]
+    n = sum(store.read_shard(store_path, "sdss", s)[0].num_rows for s in shards)  # also warms the page cache
+    rows = []
+    for t in (1, 2, 4, 8):
+        with ThreadPoolExecutor(t) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda s: store.read_shard(store_path, "sdss", s), shards))
+            wall = time.perf_counter() - t0
+        rows.append({"name": f"in-process: read_shard from {t} thread(s), {len(shards)} shards", "value": n / wall,
+                     "unit": "spectra/s", "note": f"wall {wall:.2f} s"})
+    compiles = (False, True) if dev.startswith("cuda") else (False,)  # a CPU smoke run: eager, 1-2 threads
+    threads = threads if dev.startswith("cuda") else threads[:2]
+    columns, order = _predict_columns(store_path, bundle)
+    precision = "bf16" if dev.startswith("cuda") else "fp32"
+    kw = dict(precision=precision, batch_size=BATCH if dev.startswith("cuda") else 64, device=dev.split(":")[0])
+    base = None
+    for compile in compiles:
+        for t in threads:
+            cat_path = str(root / f"blocks-{int(compile)}-{t}")
+            t_warm = time.perf_counter()
+            predict_block(store_path, "sdss", shards[0], bundle, str(root / "blocks-warm"), order, columns,
+                          compile=compile, **kw)
+            t_warm = time.perf_counter() - t_warm
+            with ThreadPoolExecutor(t) as pool, GpuSampler() as gpu:
+                t0 = time.perf_counter()
+                res = list(pool.map(lambda s: predict_block(store_path, "sdss", s, bundle, cat_path, order, columns,
+                                                            compile=compile, **kw), shards))
+                wall = time.perf_counter() - t0
+            shutil.rmtree(cat_path, ignore_errors=True)
+            if dev.startswith("cuda"):
+                torch.cuda.empty_cache()
+            ms = {k: 1e3 * sum(r[f"seconds_{k}"] for r in res) / len(res) for k in ("read", "model", "write")}
+            other = 1e3 * sum(r["seconds"] for r in res) / len(res) - sum(ms.values())
+            rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall
+            base = base or rate
+            busy = f"GPU busy {gpu.mean:.0f}%; " if gpu.mean is not None else ""
+            rows.append({
+                "name": f"in-process: predict_block from {t} thread(s), {precision}{', compiled' if compile else ''}",
+                "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
+                "note": f"{busy}ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, write {ms['write']:.0f}, "
+                        f"other {other:.0f}; wall {wall:.1f} s"
+                        + (f"; first block (compiles) {t_warm:.0f} s" if compile and t == threads[0] else "")})
+            print(format_rows(rows[-1:]), file=sys.stderr, flush=True)
+    shutil.rmtree(root / "blocks-warm", ignore_errors=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- 4. end to end
 
 
@@ -376,8 +449,9 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     rows = []
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
-    configs = ([(b, 1, "no") for b in blocks] + ([(b, 1, "yes") for b in blocks] if size.get("compile_e2e") else [])
-               + [(blocks[0], p, "no") for p in size.get("procs", ()) if p > 1])
+    modes = {"only": ("yes",), True: ("no", "yes")}.get(size.get("compile_e2e"), ("no",))
+    configs = ([(b, 1, m) for m in modes for b in blocks]
+               + [(blocks[0], p, modes[0]) for p in size.get("procs", ()) if p > 1])
     for b, procs, compile in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
         opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
@@ -389,7 +463,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
             run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
             t_warm = time.perf_counter() - t0
             rss_small = None
-            if (b == 2 or len(blocks) == 1) and procs == 1 and compile == "no":
+            if b == blocks[0] and procs == 1 and compile == modes[0]:
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
@@ -467,7 +541,7 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
                 bare = next(x["value"] for x in r if ("bf16 auto" if dev.startswith("cuda") else "fp32 (IEEE) conv")
                             in x["name"])
             save()
-    if "e2e" in parts:
+    if "e2e" in parts or "blocks" in parts:
         root = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=out))
         try:
             bundle_e2e = bundle or write_bundle(root / "model")
@@ -481,8 +555,12 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             r, reader_rate = reader_rows(stores["large"], size["repeats"])
             rows += r
             save()
-            rows += e2e_rows(dev, root, bundle_e2e, stores, size, bare, reader_rate)
-            save()
+            if "blocks" in parts:
+                rows += block_rows(dev, root, bundle_e2e, stores["large"])
+                save()
+            if "e2e" in parts:
+                rows += e2e_rows(dev, root, bundle_e2e, stores, size, bare, reader_rate)
+                save()
         finally:
             shutil.rmtree(root, ignore_errors=True)
     if "compile" in parts:
@@ -503,11 +581,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench-output"), help="where temporary stores go")
     p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     p.add_argument("--parts", default="ceilings,encoder,e2e,compile",
-                   help="comma-separated, run in this order: ceilings,encoder,e2e,compile (compile: torch.compile rows)")
+                   help="comma-separated, run in this order: ceilings,encoder,blocks,e2e,compile (blocks: one worker "
+                        "process without Dask; compile: torch.compile rows)")
     p.add_argument("--blocks", default=None, help="blocks per GPU to run end to end, e.g. 2 or 2,1,3 (default 2,1,3)")
     p.add_argument("--grids", default="sdss,desi", help="encoder rows for these grids")
-    p.add_argument("--compile-e2e", choices=("yes", "no"), default=None,
-                   help="also run end to end with predict --compile yes (default: yes, no with --quick)")
+    p.add_argument("--compile-e2e", choices=("yes", "no", "only"), default=None,
+                   help="also run end to end with predict --compile yes (default: yes, no with --quick); "
+                        "only: compiled runs alone")
     p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
                                                  "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
@@ -519,7 +599,7 @@ def main(argv=None) -> int:
             v["procs"] = tuple(int(p) for p in args.procs.split(","))
     if args.compile_e2e:
         for v in SIZES.values():
-            v["compile_e2e"] = args.compile_e2e == "yes"
+            v["compile_e2e"] = {"yes": True, "no": False}.get(args.compile_e2e, args.compile_e2e)
     if args.blocks:
         for v in SIZES.values():
             v["blocks"] = tuple(int(b) for b in args.blocks.split(","))

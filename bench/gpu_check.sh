@@ -2,7 +2,7 @@
 # The GPU check in one command, for a machine with a CUDA GPU and a CUDA build of torch:
 # the gpu-marked tests, then bench/bench_gpu.py (rows as JSON in OUTDIR/bench_gpu.json).
 #
-#   bench/gpu_check.sh OUTDIR [bench_gpu.py arguments, e.g. --bundle demo-output/model --blocks 2,3]
+#   bench/gpu_check.sh OUTDIR [bench_gpu.py arguments, e.g. --bundle demo-output/model --parts blocks,e2e --blocks 1,2]
 #
 # When ./.whl/ holds wheels (catalogpred and its dependencies for that machine's Python; no index
 # needed), they are installed first into /tmp/site, for a machine whose Python has torch but not the rest.

@@ -26,6 +26,7 @@ the client only after their task succeeded, which is what makes ingest resumable
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 from dataclasses import dataclass
@@ -319,8 +320,6 @@ def _on_arrays(store_path, survey: str, mode: str, names: list[str], op) -> dict
     Opening an array and reading or writing it are each a synchronous round trip otherwise (~1 ms
     apiece, ~60 per shard of metadata), and concurrent writes overlap their compression.
     """
-    import asyncio
-
     import zarr.api.asynchronous as za
     from zarr.core.sync import sync
 
@@ -370,17 +369,74 @@ def read_meta(store_path, survey: str, columns: list[str] | None = None, shard: 
     return _meta_table(data, names, keep, np.arange(lo, hi, dtype=np.int64))
 
 
+#: per process, ``(abspath, survey) -> (stamp, layout, meta names, {array name: AsyncArray})``: the open
+#: arrays that :func:`read_shard` reads, so a predict task does not re-open ~27 arrays (read and parse
+#: their zarr.json) per shard. Measured: a 4,096-row SDSS shard read 1.76x faster on an H100 machine's
+#: CPU (64,901 against 36,808 spectra/s, bench_gpu) and 1.2-1.6x on 2 cores (80-98 against 101-130 ms),
+#: with the time it holds the GIL (which the blocks sharing a GPU worker compete for) down from 66 to
+#: 51 ms (py-spy --gil, 2 cores).
+_SHARD_ARRAYS: dict = {}
+
+
+def _group_stamp(store_path, survey: str) -> tuple[bytes, bytes]:
+    """The survey group's and its flux array's ``zarr.json``: they change when the group is recreated, its
+    attributes are rewritten (every ingest run) or its arrays are resized (new shards), and then the open
+    arrays of :data:`_SHARD_ARRAYS` are stale. Compared by content (a few kB), not by timestamp."""
+    base = os.path.join(str(store_path), survey)
+    with open(os.path.join(base, "zarr.json"), "rb") as g, open(os.path.join(base, "flux", "zarr.json"), "rb") as f:
+        return g.read(), f.read()
+
+
+def _shard_arrays(store_path, survey: str):
+    """``(layout, meta column names, {name: AsyncArray})`` for :func:`read_shard`, opened once per process
+    and store state (:func:`_group_stamp`)."""
+    import zarr.api.asynchronous as za
+    from zarr.core.sync import sync
+
+    key = (os.path.abspath(str(store_path)), survey)
+    try:
+        stamp = _group_stamp(store_path, survey)
+    except FileNotFoundError:
+        stamp = None  # open_survey below says what is missing
+    hit = _SHARD_ARRAYS.get(key)
+    if hit is not None and stamp is not None and hit[0] == stamp:
+        return hit[1:]
+    _, layout = open_survey(store_path, survey)
+    names = list({**layout.meta_columns, **STORE_META})
+
+    async def open_all():
+        group = await za.open_group(str(store_path), mode="r")
+        paths = ["flux", "shard_done", *(f"meta/{n}" for n in names)]
+        arrays = await asyncio.gather(*(group.getitem(f"{survey}/{p}") for p in paths))
+        return dict(zip(paths, arrays))
+
+    arrays = sync(open_all())
+    _SHARD_ARRAYS[key] = (stamp, layout, names, arrays)
+    return layout, names, arrays
+
+
 def read_shard(store_path, survey: str, shard: int) -> tuple[pa.Table, np.ndarray]:
     """One finished shard for prediction: its metadata (every column, non-EMPTY rows, as :func:`read_meta`)
-    and the normalised flux float32 [n_OK, n_pix] of its ``OK`` rows, in table order; one concurrent read."""
-    g, layout = open_survey(store_path, survey)
-    if not g["shard_done"][shard]:
+    and the normalised flux float32 [n_OK, n_pix] of its ``OK`` rows, in table order; one concurrent read
+    of arrays opened once per process (:func:`_shard_arrays`)."""
+    from zarr.core.sync import sync
+
+    layout, names, arrays = _shard_arrays(store_path, survey)
+    S, have = layout.shard_rows, arrays["shard_done"].shape[0]
+    if not 0 <= shard < have:
+        raise StoreError(f"{store_path}/{survey} has no shard {shard} (it has {have})")
+    lo, hi = shard * S, (shard + 1) * S
+    paths = list(arrays)
+
+    async def read_all():
+        return await asyncio.gather(*(arrays[p].getitem(slice(shard, shard + 1) if p == "shard_done"
+                                                        else _rows(lo, hi, len(arrays[p].shape))) for p in paths))
+
+    data = dict(zip(paths, sync(read_all())))
+    if not data["shard_done"][0]:
         raise StoreError(f"shard {shard} of {store_path}/{survey} is not finished")
-    S = layout.shard_rows
-    names = list({**layout.meta_columns, **STORE_META})
-    data = _read_arrays(store_path, survey, ["flux", *(f"meta/{n}" for n in names)], shard * S, (shard + 1) * S)
     status = data["meta/status"]
-    meta = _meta_table(data, names, status != RowStatus.EMPTY, np.arange(shard * S, (shard + 1) * S, dtype=np.int64))
+    meta = _meta_table(data, names, status != RowStatus.EMPTY, np.arange(lo, hi, dtype=np.int64))
     ok_rows = np.flatnonzero(status == RowStatus.OK)
     flux = data["flux"]
     return meta, (flux if len(ok_rows) == S else flux[ok_rows])

@@ -364,12 +364,16 @@ def test_encoder_implementations_are_the_same_function(random_bundle, device):
 
 
 def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
-    """bench/bench_gpu.py's end-to-end part on the CPU twin (tiny sizes): the script the GPU runs stays runnable."""
+    """bench/bench_gpu.py's in-process and end-to-end parts on the CPU twin (tiny sizes): the script the GPU
+    runs stays runnable."""
     import bench_gpu as mod
 
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True))
-    rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["e2e"])
+    rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["blocks", "e2e"])
     names = [r["name"] for r in rows]
+    in_process = [r for r in rows if r["name"].startswith("in-process: predict_block")]
+    assert len(in_process) == 2 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in in_process)
+    assert sum(r["name"].startswith("in-process: read_shard") for r in rows) == 4
     assert any(n.startswith("reader:") for n in names) and any("end to end" in n for n in names)
     assert any("end to end" in n and "torch.compile" in n for n in names)
     saved = json.loads((tmp_path / "rows.json").read_text())

@@ -71,3 +71,44 @@ def test_plan_pieces_packs_and_splits():
     assert shards == [[("a", 0, 1), ("b", 0, 1), ("big", 0, 2)], [("big", 2, 6)], [("big", 6, 7), ("c", 0, 2)]]
     assert sum(hi - lo for s in shards for _, lo, hi in s) == 11
     assert all(sum(hi - lo for _, lo, hi in s) <= 4 for s in shards)
+
+
+def test_read_shard_follows_a_growing_and_a_recreated_store(tmp_path):
+    """read_shard keeps its arrays open per process: new shards, unfinished shards and a store recreated
+    at the same path with another layout must still read right."""
+    import shutil
+
+    st = str(tmp_path / "s.zarr")
+    rng = np.random.default_rng(1)
+
+    def put(shard, n, done=True):
+        flux = rng.normal(size=(n, SDSS_GRID.n_pix)).astype(np.float32)
+        store.write_shard(st, "sdss", shard, flux, flux, np.zeros(flux.shape, np.uint8), _meta(n, start=100 * shard))
+        if done:
+            store.mark_shards_done(st, "sdss", [shard])
+        return flux
+
+    store.create_survey(st, _layout(shard_rows=8, chunk_rows=4))
+    store.allocate_shards(st, "sdss", 1)
+    a = put(0, 5)
+    meta, flux = store.read_shard(st, "sdss", 0)
+    assert meta.num_rows == 5 and meta.column("source_id")[0].as_py() == "source_id-0"
+    np.testing.assert_array_equal(flux, a)
+    with pytest.raises(StoreError, match="no shard 1"):
+        store.read_shard(st, "sdss", 1)
+    store.allocate_shards(st, "sdss", 2)  # resizes every array
+    b = put(1, 8)
+    put(2, 3, done=False)
+    meta, flux = store.read_shard(st, "sdss", 1)
+    assert meta.column("row").to_pylist() == list(range(8, 16))
+    assert meta.column("source_id")[0].as_py() == "source_id-100"
+    np.testing.assert_array_equal(flux, b)
+    with pytest.raises(StoreError, match="not finished"):
+        store.read_shard(st, "sdss", 2)
+    shutil.rmtree(st)  # the same path, another layout
+    store.create_survey(st, _layout(shard_rows=4, chunk_rows=2))
+    store.allocate_shards(st, "sdss", 1)
+    c = put(0, 4)
+    meta, flux = store.read_shard(st, "sdss", 0)
+    assert meta.num_rows == 4 and meta.column("row").to_pylist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(flux, c)
