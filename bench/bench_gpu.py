@@ -24,7 +24,8 @@ Everything is measured in one run, each figure against a baseline of the same ru
    contention says whether the GPU, the reads or the interpreter lock bounds a worker.
 4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
    a LocalCUDACluster with 2, 1 and 3 blocks sharing the GPU (``--blocks``), and optionally with several
-   worker processes sharing GPU 0 (``--procs``), on a synthetic SDSS store of 100,000 spectra; for 2
+   worker processes sharing GPU 0 (``--procs``) or with I/O worker processes for the reads and writes
+   (``--io-workers``, as ``predict --io-workers``), on a synthetic SDSS store of 100,000 spectra; for 2
    blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
    Parquet writes, which tells what bounds the run. Then each block count again with
@@ -450,12 +451,14 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
     modes = {"only": ("yes",), True: ("no", "yes")}.get(size.get("compile_e2e"), ("no",))
-    configs = ([(b, 1, m) for m in modes for b in blocks]
-               + [(blocks[0], p, modes[0]) for p in size.get("procs", ()) if p > 1])
-    for b, procs, compile in configs:
+    configs = ([(b, 1, m, 0) for m in modes for b in blocks]
+               + [(blocks[0], p, modes[0], 0) for p in size.get("procs", ()) if p > 1]
+               + [(b, 1, m, io) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks])
+    for b, procs, compile, io in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
         opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
-        tag = f"{b}-{procs}-{compile}"
+        kw["io_workers"] = io
+        tag = f"{b}-{procs}-{compile}-{io}"
         t_start = time.perf_counter()
         with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
             t_cluster = time.perf_counter() - t_start
@@ -463,7 +466,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
             run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
             t_warm = time.perf_counter() - t0
             rss_small = None
-            if b == blocks[0] and procs == 1 and compile == modes[0]:
+            if b == blocks[0] and procs == 1 and compile == modes[0] and not io:
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
@@ -474,7 +477,8 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
         assert s.rows + s.rejects == n_large and s.settings["compile"] is (compile == "yes"), s.table()
         rate = n_large / wall
         busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
-        how = (f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
+        how = ((f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
+               + (f", {io} I/O workers (read, model, write tasks)" if io else ""))
         row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
                if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers"
                                               f"{how} ({n_large:,d} spectra)",
@@ -588,12 +592,17 @@ def main(argv=None) -> int:
     p.add_argument("--compile-e2e", choices=("yes", "no", "only"), default=None,
                    help="also run end to end with predict --compile yes (default: yes, no with --quick); "
                         "only: compiled runs alone")
+    p.add_argument("--io-workers", default=None, help="also run end to end with this many I/O worker processes "
+                                                      "(predict --io-workers), e.g. 4,8")
     p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
                                                  "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.io_workers:
+        for v in SIZES.values():
+            v["io_workers"] = tuple(int(n) for n in args.io_workers.split(","))
     if args.procs:
         for v in SIZES.values():
             v["procs"] = tuple(int(p) for p in args.procs.split(","))

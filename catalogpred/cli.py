@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocks-per-gpu", type=int, default=BLOCKS_PER_GPU,
                    help="blocks that share one GPU, so that reading and writing overlap GPU work (default "
                         "%(default)s; GPU workers need at least this many threads)")
+    s.add_argument("--io-workers", type=int, default=0,
+                   help="local cluster: also start N CPU worker processes that read shards and write Parquet, so "
+                        "each block runs as read (I/O worker), model, write (I/O worker) tasks and the GPU worker "
+                        "process only runs the model (default 0: one task per block). On an existing cluster, "
+                        "workers started with --resources IO=1 play this part")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -328,7 +333,8 @@ def _client(args, device: str = "cpu"):
 
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                        wait_workers=args.wait_workers, device=device,
-                       blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU))
+                       blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU),
+                       io_workers=0 if args.scheduler or args.scheduler_file else getattr(args, "io_workers", 0))
 
 
 def _progress(args):
@@ -385,7 +391,8 @@ def cmd_predict(args) -> int:
         infos = [read_bundle_info(m) for m in args.model]
         plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
-                "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile}
+                "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
+                "io_workers": args.io_workers}
         print(json.dumps(plan, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:

@@ -25,11 +25,11 @@ import numpy as np
 from . import __version__
 from . import catalog as cat
 from . import store
-from .cluster import (BLOCKS_PER_GPU, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads,
+from .cluster import (BLOCKS_PER_GPU, IO_RESOURCE, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads,
                       gpu_task_resources, resolve_compile, resolve_device, shared_path)
 from .errors import CatalogError, ConfigError, RejectReason
 from .surveys import get_reader
-from .tasks import block_key, detect_survey, ingest_shard, predict_block
+from .tasks import block_key, detect_survey, infer_block, ingest_shard, predict_block, read_block, write_block
 
 __all__ = ["expand_inputs", "run_ingest", "run_predict", "IngestSummary", "PredictSummary", "PipelineError"]
 
@@ -88,7 +88,8 @@ def _n_workers(client, resources: dict | None = None) -> int:
 
 def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, keys: list[str], progress,
                  on_done=None, max_in_flight: int | None = None, weights: list[int] | None = None, unit_total=None,
-                 resources: dict | None = None, recount_s: float = 1.0, tasks_per_worker: int = 1):
+                 resources: dict | None = None, recount_s: float = 1.0, tasks_per_worker: int = 1,
+                 submit=None, io_resources: dict | None = None):
     """Submit ``fn(*args, **kwargs)`` for every args tuple, at most ``max_in_flight`` at once.
 
     The default window is :data:`~.cluster.TASKS_IN_FLIGHT_PER_WORKER` × workers × ``tasks_per_worker``
@@ -96,6 +97,8 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
     most every ``recount_s``) as tasks finish, so workers that join later get work and lost ones
     stop counting. ``resources`` (e.g. ``{"GPU": 1}``) goes on every ``client.submit``. Only the
     futures in flight are held; a result is handed to ``on_done`` and kept (small dicts only).
+    ``submit(key, args) -> Future`` replaces the one ``client.submit`` per item (e.g. a chain of tasks
+    whose last one has ``key``); then ``io_resources`` workers count towards the window too.
     Returns ``(results by key, errors by key)``. Failed tasks (after retries) do not stop the others.
     """
     from distributed import as_completed
@@ -111,7 +114,10 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
             return max_in_flight
         now = time.monotonic()
         if now - window["at"] >= recount_s:
-            window["n"] = TASKS_IN_FLIGHT_PER_WORKER * tasks_per_worker * max(1, _n_workers(client, resources))
+            slots = tasks_per_worker * max(1, _n_workers(client, resources))
+            if io_resources:
+                slots = max(slots, _n_workers(client, io_resources))
+            window["n"] = TASKS_IN_FLIGHT_PER_WORKER * slots
             window["at"] = now
         return window["n"]
 
@@ -120,10 +126,11 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
         n = limit()
         while pending and in_flight < n:
             key, args = pending.pop()
-            ac.add(client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False, resources=resources))
+            ac.add(submit(key, args) if submit is not None
+                   else client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False, resources=resources))
             in_flight += 1
 
-    ac = as_completed()
+    ac = as_completed(loop=client.loop)  # not the default client's loop: a process may hold several clients
     fill(ac)
     for fut in ac:
         in_flight -= 1
@@ -131,7 +138,7 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
             errors[fut.key] = f"{type(exc).__name__}: {exc}"
-            log.error("task %s failed: %s", fut.key, errors[fut.key])
+            log.error("task %s failed: %s", fut.key, errors[fut.key], exc_info=os.environ.get("CATALOGPRED_DEBUG_TB") == "1")
         else:
             results[fut.key] = res
             if on_done is not None:
@@ -542,8 +549,20 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
+    split = _n_workers(client, IO_RESOURCE) > 0
+
+    def submit_split(key, a):
+        """A block as three tasks: read and write on I/O workers, the model where ``resources`` allow."""
+        store_p, survey, shard, bundle_p, catalog_p, order_, columns_ = a
+        io = dict(retries=2, pure=False, resources=IO_RESOURCE)
+        block = client.submit(read_block, store_p, survey, shard, device=device, key=f"{key}-read", **io)
+        pred = client.submit(infer_block, block, bundle_p, **kwargs, key=f"{key}-model", retries=2, pure=False,
+                             resources=resources)
+        return client.submit(write_block, pred, catalog_p, order_, columns_, key=key, **io)
+
     results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
-                                   resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1)
+                                   resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1,
+                                   submit=submit_split if split else None, io_resources=IO_RESOURCE if split else None)
     if errors and not results and len(todo) > 1:
         raise PipelineError(f"all {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
                             "re-run the same command to resume")
@@ -568,7 +587,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   "grid": info.grid.name},
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
-                     "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {})},
+                     "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {}),
+                     **({"io_workers": _n_workers(client, IO_RESOURCE)} if split else {})},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
@@ -576,7 +596,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
     summary.settings = {k: v for k, v in manifest["settings"].items() if k in ("device", "precision", "batch_size",
-                                                                               "compile", "blocks_per_gpu")}
+                                                                               "compile", "blocks_per_gpu", "io_workers")}
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]

@@ -23,7 +23,8 @@ from .errors import InputFileError, RejectReason
 from .spectra import IVAR_FLOOR, PixelMask, check_spectra
 from .surveys import ReadOptions, SpectrumBlock, get_reader, identify_survey, read_spectra
 
-__all__ = ["detect_survey", "ingest_shard", "predict_block", "encode_rows", "block_key"]
+__all__ = ["detect_survey", "ingest_shard", "predict_block", "read_block", "infer_block", "write_block", "encode_rows",
+           "block_key"]
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ def _set_torch_threads(n: int | None) -> None:
 def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, catalog_path: str, order: int,
                   schema_columns: list, *, precision: str = "fp32", batch_size: int = 256, device: str = "cpu",
                   torch_threads: int | None = None, compile: bool = False) -> dict:
-    """Predict one store shard and write its catalog part files, rejects and done marker.
+    """Predict one store shard and write its catalog part files, rejects and done marker, in one task:
+    :func:`read_block`, :func:`infer_block` and :func:`write_block` in this process.
 
     ``precision``, ``batch_size``, ``compile``: as in :func:`~catalogpred.model.bundle.infer`.
 
@@ -260,18 +262,59 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     "seconds_read", "seconds_write"}``: wall time of the task, of encoder + head (``infer``), of the
     Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects, done marker).
     """
-    from hats.pixel_math.spatial_index import compute_spatial_index
+    t0 = time.perf_counter()
+    block = read_block(store_path, survey, shard, device=device)
+    pred = infer_block(block, bundle_path, precision=precision, batch_size=batch_size, device=device,
+                       torch_threads=torch_threads, compile=compile)
+    return write_block(pred, catalog_path, order, schema_columns, started=t0)
 
-    from .model.bundle import cached_model, infer
 
+def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu") -> dict:
+    """Stage 1 of a prediction block: ``{"block", "meta", "flux", "seconds_read"}`` of one finished
+    shard (:func:`~catalogpred.store.read_shard`: metadata of its non-EMPTY rows as an Arrow table, flux
+    float32 [n_OK, n_pix] of its OK rows). ``device`` is where the block will be predicted (it sets how
+    much freed memory this process keeps, :data:`TRIM_MIB`)."""
     t0 = time.perf_counter()
     _keep_freed_memory(TRIM_MIB["predict-cuda" if device == "cuda" else "predict-cpu"])
-    _set_torch_threads(torch_threads)
-    key = block_key(survey, shard)
     meta, flux = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
-    t_read = time.perf_counter() - t0
-    status = meta.column("status").to_numpy()
-    ok = status == store.RowStatus.OK
+    return {"block": block_key(survey, shard), "meta": meta, "flux": flux, "seconds_read": time.perf_counter() - t0}
+
+
+def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch_size: int = 256,
+                device: str = "cpu", torch_threads: int | None = None, compile: bool = False) -> dict:
+    """Stage 2: encoder and head on a :func:`read_block` result. Returns it without ``flux`` and with
+    ``latents`` float32 [n_OK, S], ``mean``/``sigma`` float32 [n_OK, 4] Vega mag (None without a head),
+    ``ood`` float32 [n_OK] (or None), ``model_id``, ``ood_threshold`` and ``seconds_model``."""
+    from .model.bundle import cached_model, infer
+
+    _keep_freed_memory(TRIM_MIB["predict-cuda" if device == "cuda" else "predict-cpu"])
+    _set_torch_threads(torch_threads)
+    out = {k: v for k, v in block.items() if k != "flux"}
+    meta, flux = block["meta"], block["flux"]
+    ok = meta.column("status").to_numpy() == store.RowStatus.OK
+    out.update(latents=None, mean=None, sigma=None, ood=None, model_id=None, ood_threshold=None, seconds_model=0.0)
+    if ok.any():
+        model = cached_model(bundle_path, device)
+        good = meta.filter(pa.array(ok))
+        tm = time.perf_counter()
+        out["latents"], out["mean"], out["sigma"], out["ood"] = infer(
+            model, flux, good.column("z").to_numpy(), good.column("norm").to_numpy(), batch_size=batch_size,
+            precision=precision, with_ood=True, compile=compile)
+        out["seconds_model"] = time.perf_counter() - tm
+        out["model_id"] = model.info.model_id
+        out["ood_threshold"] = model.info.ood["threshold"] if model.info.ood else None
+    return out
+
+
+def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list, *, started: float | None = None) -> dict:
+    """Stage 3: flags, the catalog table, its part files, the rejects and the done marker of an
+    :func:`infer_block` result. Returns the block summary (see :func:`predict_block`); ``seconds`` is
+    from ``started`` (this process's ``perf_counter``) or, across processes, the sum of the stages."""
+    from hats.pixel_math.spatial_index import compute_spatial_index
+
+    t0 = time.perf_counter()
+    key, meta = pred["block"], pred["meta"]
+    ok = meta.column("status").to_numpy() == store.RowStatus.OK
     rejected = meta.filter(pa.array(~ok))
     rej = {
         "source_id": rejected.column("source_id"), "survey": rejected.column("survey"),
@@ -281,18 +324,12 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         "reason": rejected.column("reject_reason"), "detail": rejected.column("reject_detail"),
     }
     rejects = [pa.table(rej)]
-    good = meta.filter(pa.array(ok))
     pixels: dict[int, int] = {}
-    t_model = t_write = 0.0
+    t_write = 0.0
     n_rows = 0
-    if good.num_rows:
-        model = cached_model(bundle_path, device)
-        z = good.column("z").to_numpy()
-        norm = good.column("norm").to_numpy()
-        tm = time.perf_counter()
-        latents, mean, sigma, ood = infer(model, flux, z, norm, batch_size=batch_size, precision=precision,
-                                          with_ood=True, compile=compile)
-        t_model = time.perf_counter() - tm
+    if ok.any():
+        good = meta.filter(pa.array(ok))
+        latents, mean, sigma, ood = pred["latents"], pred["mean"], pred["sigma"], pred["ood"]
         n = good.num_rows
         flags = np.zeros(n, np.int32)
         flags |= np.where(good.column("zwarning").to_numpy() != 0, int(cat.CatalogFlag.ZWARNING), 0).astype(np.int32)
@@ -301,7 +338,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
         flags |= np.where(good.column("coverage").to_numpy() < 0.8, int(cat.CatalogFlag.PARTIAL_COVERAGE), 0).astype(np.int32)
         finite = np.isfinite(latents).all(1)
         if ood is not None:
-            flags |= np.where(ood > model.info.ood["threshold"], int(cat.CatalogFlag.OUT_OF_DISTRIBUTION), 0).astype(np.int32)
+            flags |= np.where(ood > pred["ood_threshold"], int(cat.CatalogFlag.OUT_OF_DISTRIBUTION), 0).astype(np.int32)
         if mean is None:
             flags |= int(cat.CatalogFlag.NO_PREDICTION)
         else:
@@ -335,7 +372,7 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
             elif name == "ood_score":
                 cols[name] = (pa.array(ood[sel], pa.float32()) if ood is not None else pa.nulls(len(sel), pa.float32()))
             elif name == "model_id":
-                cols[name] = pa.array([model.info.model_id] * len(sel), pa.string())
+                cols[name] = pa.array([pred["model_id"]] * len(sel), pa.string())
             else:
                 cols[name] = pa.nulls(len(sel), c.type)
         ra, dec = g.column("ra").to_numpy(), g.column("dec").to_numpy()
@@ -351,11 +388,13 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     cat.write_block_done(catalog_path, key, {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                                              "pixels": {str(k): v for k, v in pixels.items()}}, rejects_table)
     t_write += time.perf_counter() - tw
-    dt = time.perf_counter() - t0
+    now = time.perf_counter()
+    dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
-               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": t_model,
-               "seconds_read": t_read, "seconds_write": t_write}
-    log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt, t_model)
+               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
+               "seconds_read": pred["seconds_read"], "seconds_write": t_write}
+    log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
+             pred["seconds_model"])
     return summary
 
 

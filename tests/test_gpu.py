@@ -223,8 +223,10 @@ def test_bf16_autocast_close_to_fp32(random_bundle, device):
 
 
 @pytest.mark.gpu
-def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, client):
-    """End to end on dask-cuda (bf16) against the CPU run; the client never creates a CUDA context."""
+@pytest.mark.parametrize("io_workers", [0, 2])
+def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, client, io_workers):
+    """End to end on dask-cuda (bf16) against the CPU run; the client never creates a CUDA context. With
+    I/O workers, each block's read and write run on them and only its model task on the GPU worker."""
     import pyarrow.parquet as pq
 
     from catalogpred.pipeline import run_predict
@@ -236,13 +238,15 @@ def test_predict_on_local_cuda_cluster_matches_cpu(random_bundle, tmp_path, clie
     code = ("import sys, torch; from catalogpred.cli import main; "
             f"rc = main(['predict', '--store', {str(st)!r}, '--model', {str(random_bundle)!r}, '--catalog', "
             f"{str(tmp_path / 'gpu')!r}, '--device', 'auto', '--precision', 'bf16', '--batch-size', '64', "
-            "'--no-progress']); print('RC', rc, 'CUDA_INITIALIZED', torch.cuda.is_initialized())")
+            f"'--io-workers', '{io_workers}', '--no-progress']); "
+            "print('RC', rc, 'CUDA_INITIALIZED', torch.cuda.is_initialized())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert "RC 0 CUDA_INITIALIZED False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     gpu = types.SimpleNamespace(rows=pq.ParquetDataset(tmp_path / "gpu" / "dataset").read().num_rows)
     assert gpu.rows == cpu.rows == 256
     manifest = json.loads((tmp_path / "gpu" / "run_manifest.json").read_text())
     assert manifest["settings"]["device"] == "cuda"
+    assert manifest["settings"].get("io_workers", 0) == io_workers
     a = pq.ParquetDataset(tmp_path / "cpu" / "dataset").read().sort_by("source_id")
     b = pq.ParquetDataset(tmp_path / "gpu" / "dataset").read().sort_by("source_id")
     assert a.column("source_id").to_pylist() == b.column("source_id").to_pylist()
@@ -368,7 +372,8 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     runs stays runnable."""
     import bench_gpu as mod
 
-    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True))
+    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True,
+                                                 io_workers=(2,)))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["blocks", "e2e"])
     names = [r["name"] for r in rows]
     in_process = [r for r in rows if r["name"].startswith("in-process: predict_block")]
@@ -376,6 +381,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert sum(r["name"].startswith("in-process: read_shard") for r in rows) == 4
     assert any(n.startswith("reader:") for n in names) and any("end to end" in n for n in names)
     assert any("end to end" in n and "torch.compile" in n for n in names)
+    assert sum("end to end" in n and "2 I/O workers" in n for n in names) == 2  # eager and compiled
     saved = json.loads((tmp_path / "rows.json").read_text())
     assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
     rss = next(r for r in rows if r["name"].startswith("predict: peak RSS per worker, 96"))

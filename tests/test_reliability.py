@@ -83,10 +83,10 @@ def wait_for(cond, timeout: float, every: float = 0.05):
 # ------------------------------------------------------------------------------------ worker loss
 
 
-def run_and_kill_a_worker(syn_store, random_bundle, client, path: Path) -> tuple:
+def run_and_kill_a_worker(syn_store, random_bundle, client, path: Path, n_workers: int = 2) -> tuple:
     """run_predict, and SIGKILL a worker process running a predict task once the first block is done."""
     blocks_dir = path / cat.RUN_DIR / "blocks"
-    assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, every=0.2)
+    assert wait_for(lambda: len(client.scheduler_info()["workers"]) == n_workers, timeout=60, every=0.2)
     pids = client.run(os.getpid)
     killed = {}
 
@@ -200,6 +200,74 @@ def test_cli_strict_exits_1_on_predict_errors(random_bundle, tmp_path, capsys):
     assert json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())["counts"]["catalog_rows"] == 3
 
 
+# ------------------------------------------------------------------------------------ I/O workers
+
+
+@pytest.fixture(scope="module")
+def io_client():
+    """One model worker and two I/O workers (``cluster.add_io_workers``): predict splits each block into
+    read (I/O worker), model, write (I/O worker) tasks."""
+    from distributed import Client, LocalCluster
+
+    from catalogpred.cluster import add_io_workers
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        add_io_workers(cluster, client, 2)
+        yield cluster, client
+
+
+def _io_addresses(client) -> set:
+    return {a for a, w in client.scheduler_info()["workers"].items() if w.get("resources", {}).get("IO")}
+
+
+def test_io_workers_read_and_write_and_give_the_same_catalog(syn_store, random_bundle, io_client, reference, tmp_path):
+    from distributed import get_task_stream
+
+    client = io_client[1]
+    io = _io_addresses(client)
+    assert len(io) == 2 and len(client.scheduler_info()["workers"]) == 3
+    with get_task_stream(client) as ts:
+        summary = run_predict(syn_store, random_bundle, str(tmp_path / "catalog"), client=client, progress=False,
+                              torch_threads=1)
+    assert summary.settings["io_workers"] == 2 and summary.blocks == N_SHARDS
+    assert summary.rows + summary.rejects == SHARD_ROWS * N_SHARDS and summary.reasons == {"bad_redshift": N_REJECTED}
+    assert_same_catalog(tmp_path / "catalog", reference)
+    stages = {}
+    for t in ts.data:
+        key = str(t["key"])
+        stage = "read" if key.endswith("-read") else "model" if key.endswith("-model") else "write"
+        stages.setdefault(stage, []).append(t["worker"])
+    assert {k: len(v) for k, v in stages.items()} == {"read": N_SHARDS, "model": N_SHARDS, "write": N_SHARDS}
+    assert set(stages["read"]) <= io and set(stages["write"]) <= io  # never on the model worker
+    manifest = json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())
+    assert manifest["settings"]["io_workers"] == 2
+
+
+def test_io_workers_block_failing_on_every_retry_goes_to_rejects(syn_store, random_bundle, io_client, tmp_path):
+    bad_store = tmp_path / "store.zarr"
+    shutil.copytree(syn_store, bad_store)
+    corrupt_shard(str(bad_store), 5)
+    summary = run_predict(str(bad_store), random_bundle, str(tmp_path / "catalog"), client=io_client[1],
+                          progress=False, torch_threads=1)
+    assert summary.blocks_failed == 1
+    assert summary.reasons == {"predict_error": SHARD_ROWS, "bad_redshift": N_REJECTED}
+    assert summary.rows == SHARD_ROWS * (N_SHARDS - 1) - N_REJECTED
+
+
+def test_io_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle, io_client, reference, tmp_path):
+    cluster, client = io_client
+    for attempt in range(3):
+        path = tmp_path / f"catalog-{attempt}"
+        summary, killed = run_and_kill_a_worker(syn_store, random_bundle, client, path, n_workers=3)
+        if killed and killed["done_at_kill"] < N_SHARDS:
+            break
+    assert killed and killed["done_at_kill"] < N_SHARDS, f"kill did not land mid-run: {killed}"
+    assert summary.blocks_failed == 0 and summary.rows + summary.rejects == SHARD_ROWS * N_SHARDS
+    assert_same_catalog(path, reference)
+    assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, every=0.2)
+
+
 # ------------------------------------------------------------------------------------ bounded window
 
 
@@ -238,7 +306,7 @@ def counting(monkeypatch):
 
     real = distributed.as_completed
     _CountingAsCompleted.live, _CountingAsCompleted.peak, _CountingAsCompleted.history = 0, 0, []
-    monkeypatch.setattr(distributed, "as_completed", lambda: _CountingAsCompleted(real()))
+    monkeypatch.setattr(distributed, "as_completed", lambda **kw: _CountingAsCompleted(real(**kw)))
     return _CountingAsCompleted
 
 
