@@ -290,6 +290,10 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
     stale = [b for b in done if b not in blocks]
     if stale:
         raise CatalogError(f"{catalog_path}: done markers for blocks not in this run ({stale[:3]}); use --overwrite")
+    # every block is done: a temporary file left now is from a writer killed mid-write (its task was retried);
+    # hats' metadata writer would try to read it as a part file
+    for half_written in catalog_path.glob("**/.*.tmp"):
+        half_written.unlink(missing_ok=True)
 
     rejects = [pq.read_table(catalog_path / RUN_DIR / "blocks" / f"{b}.rejects.parquet") for b in blocks]
     rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()

@@ -63,38 +63,41 @@ def _empty_block(survey: str, path: str, n_meta: dict, row: int = -1) -> Spectru
 
 #: rows per check_spectra call in ingest_shard: [128, n_pix] float32 arrays stay in the CPU cache
 _CHECK_ROWS = 128
-#: glibc trim threshold (MiB) last set in this process by :func:`_keep_freed_memory` (None: as started)
-_malloc_trim: int | None = None
-#: freed memory a worker keeps mapped, per stage (MiB; None = the process's own malloc settings). An
-#: ingest shard's footprint is up to ~1 GB (DESI). A GPU predict block's host footprint is its flux and
-#: zarr's shard buffer (~0.1-0.3 GB). CPU predict keeps Dask's default: there a batch of activations
-#: (conv1's output alone is 128 MB at batch 64) would stay mapped too, which raised a worker's peak RSS from 0.88-0.93 GB to
-#: 1.12-1.57 GB (bench_pipeline, measured), while all work outside the model is 1-5 % of a CPU worker's time.
+#: glibc trim threshold (MiB or None) last set in this process by :func:`_keep_freed_memory`
+_malloc_trim: object = "as started"
+#: freed memory a worker keeps mapped, per stage (MiB; None = the process's own trim threshold, which
+#: Dask's nanny sets to 64 KiB). An ingest shard's footprint is up to ~1 GB (DESI). A GPU predict block's
+#: host footprint is its flux and zarr's shard buffer (~0.1-0.3 GB). CPU predict keeps the process's trim
+#: threshold: keeping a batch of activations mapped too (conv1's output alone is 128 MB at batch 64) raised
+#: a worker's peak RSS from 0.88-0.93 GB to 1.12-1.57 GB (bench_pipeline, measured).
 TRIM_MIB = {"ingest": 1024, "predict-cuda": 256, "predict-cpu": None}
+#: arrays up to this size come from the heap in every stage (glibc's M_MMAP_THRESHOLD)
+HEAP_ARRAYS_MIB = 256
 
 
 def _keep_freed_memory(trim_mib: int | None) -> None:
     """Let glibc reuse freed memory in this (worker) process instead of returning it to the OS.
 
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then unmaps every freed block,
-    and the next array of the same size page-faults its way back in. Ingest allocates and frees megabytes
-    per chunk, and spent 2.2x the CPU time for it (DESI coadds; measured). A 4,096-row SDSS shard (64 MB
-    of flux, decoded through zarr's shard buffer) is read in 102-121 ms instead of 140-196 ms (medians in a
-    LocalCluster worker on 2 cores, three runs; measured). Arrays up to 256 MiB now come from the heap,
-    and up to ``trim_mib`` of freed memory stays mapped (:data:`TRIM_MIB`). ``None`` puts back the
-    settings the process started with (``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` or glibc's
-    128 KiB) if this function had changed them. Cheap per task: ``mallopt`` only when the value changes.
-    No-op where there is no glibc ``mallopt``.
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap
+    threshold at 128 KiB: every array is then a fresh mapping, unmapped when freed, and the next one of the
+    same size page-faults its way back in. Here arrays up to :data:`HEAP_ARRAYS_MIB` come from the heap,
+    and up to ``trim_mib`` of freed memory stays mapped (:data:`TRIM_MIB`; ``None``: the trim threshold
+    the process started with, ``MALLOC_TRIM_THRESHOLD_`` or glibc's 128 KiB). Measured on 2 cores:
+    - ingest spent 2.2x the CPU time without it (DESI coadds);
+    - a 4,096-row SDSS shard read in a LocalCluster worker took 102-121 ms instead of 140-196 ms (medians,
+      three runs);
+    - CPU predict (heap arrays, the process's trim threshold) ran end to end at 65.6-66.7 spectra/s in two
+      runs against 53.0-60.7/s in three without it, with peak RSS per worker 0.89-1.06 GB against
+      0.89-0.94 GB (bench_pipeline, 2 workers); the bare encoder on one thread ran 1.15-1.42x faster with
+      it (two runs).
+    Cheap per task: ``mallopt`` only when the value changes. No-op where there is no glibc ``mallopt``.
     """
     global _malloc_trim
     if trim_mib == _malloc_trim:
         return
     _malloc_trim = trim_mib
-    if trim_mib is None:
-        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024))
-        mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 * 1024))
-    else:
-        trim, mmap = trim_mib * 2**20, 256 * 2**20
+    trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024)) if trim_mib is None else trim_mib * 2**20
+    mmap = HEAP_ARRAYS_MIB * 2**20
     try:
         import ctypes
         import ctypes.util

@@ -126,6 +126,28 @@ def test_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle,
     assert killed["pid"] not in client.run(os.getpid).values()
 
 
+def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store, random_bundle, cluster_client,
+                                                                      reference, tmp_path, monkeypatch):
+    """A worker killed inside ``_atomic_write`` leaves ``.part-….tmp`` in a leaf; its task is retried
+    elsewhere, and finalize must not read the half-written file as a part (hats' metadata writer would)."""
+    path = tmp_path / "catalog"
+    real, calls = cat.read_block_done, []
+
+    def planting(catalog_path):
+        calls.append(catalog_path)
+        if len(calls) == 2:  # the call in finalize_catalog: every block is done
+            leaf = next((Path(catalog_path) / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*"))
+            (leaf / ".part-sdss-000000.parquet.0123abcd.tmp").write_bytes(b"PAR1 half a part file")
+        return real(catalog_path)
+
+    monkeypatch.setattr(cat, "read_block_done", planting)
+    summary = run_predict(syn_store, random_bundle, str(path), client=cluster_client[1], progress=False,
+                          torch_threads=1)
+    assert len(calls) == 2 and summary.rows + summary.rejects == SHARD_ROWS * N_SHARDS
+    assert not list(path.glob("**/.*.tmp"))
+    assert_same_catalog(path, reference)
+
+
 # ------------------------------------------------------------------------------------ bad data
 
 
