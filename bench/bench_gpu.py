@@ -362,9 +362,8 @@ def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
     from catalogpred.model.bundle import read_bundle_info
 
     _, layout = store.open_survey(store_path, "sdss")
-    core = cat.core_columns(read_bundle_info(bundle).n_latent)
     n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # non-EMPTY rows, as run_predict counts them
-    return core + cat.native_columns(layout.meta_columns, {c.name for c in core}), cat.choose_order(n)
+    return cat.catalog_columns(read_bundle_info(bundle).n_latent, layout.meta_columns), cat.choose_order(n)
 
 
 def block_rows(dev: str, root: Path, bundle: str, store_path: str, threads=(1, 2, 4)) -> list[dict]:
@@ -456,8 +455,8 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                + [(b, 1, m, io) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks])
     for b, procs, compile, io in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
-        opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
         kw["io_workers"] = io
+        opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
         tag = f"{b}-{procs}-{compile}-{io}"
         t_start = time.perf_counter()
         with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:

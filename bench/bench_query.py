@@ -48,10 +48,8 @@ N_LATENT = 6
 
 
 def _columns():
-    core = cat.core_columns(N_LATENT)
-    native = cat.native_columns({"plate": "i4", "mjd": "i4", "fiberid": "i4", "specobjid": "U", "spec_class": "U"},
-                                {c.name for c in core})
-    return core + native
+    return cat.catalog_columns(N_LATENT, {"plate": "i4", "mjd": "i4", "fiberid": "i4", "specobjid": "U",
+                                          "spec_class": "U"})
 
 
 def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=None, dec=None) -> pa.Table:

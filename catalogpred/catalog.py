@@ -139,6 +139,12 @@ def native_columns(meta_columns: dict, core: set) -> list[Column]:
     return out
 
 
+def catalog_columns(n_latent: int, meta_columns: dict) -> list[Column]:
+    """Every catalog column in order: :func:`core_columns`, then :func:`native_columns` of ``meta_columns``."""
+    core = core_columns(n_latent)
+    return core + native_columns(meta_columns, {c.name for c in core})
+
+
 def catalog_schema(columns: list[Column], metadata: dict | None = None) -> pa.Schema:
     """Arrow schema with the same metadata keys (unit, ucd, description) on every field."""
     fields = [pa.field(c.name, c.type, metadata={b"unit": c.unit.encode(), b"ucd": c.ucd.encode(),

@@ -334,7 +334,7 @@ def _client(args, device: str = "cpu"):
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                        wait_workers=args.wait_workers, device=device,
                        blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU),
-                       io_workers=0 if args.scheduler or args.scheduler_file else getattr(args, "io_workers", 0))
+                       io_workers=getattr(args, "io_workers", 0))  # local clusters only, as --workers
 
 
 def _progress(args):

@@ -138,7 +138,7 @@ def _run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, 
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
             errors[fut.key] = f"{type(exc).__name__}: {exc}"
-            log.error("task %s failed: %s", fut.key, errors[fut.key], exc_info=os.environ.get("CATALOGPRED_DEBUG_TB") == "1")
+            log.error("task %s failed: %s", fut.key, errors[fut.key])
         else:
             results[fut.key] = res
             if on_done is not None:
@@ -510,8 +510,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         native.update(layout.meta_columns)
     info = infos[store.open_survey(store_path, chosen[0])[1].grid.name][1]
     model_ids = sorted(i.model_id for _, i in infos.values())
-    core = cat.core_columns(info.n_latent)
-    columns = core + cat.native_columns(native, {c.name for c in core})
+    columns = cat.catalog_columns(info.n_latent, native)
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
     device = resolve_device(device, client)
@@ -549,7 +548,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
-    split = _n_workers(client, IO_RESOURCE) > 0
+    n_io = _n_workers(client, IO_RESOURCE)  # with I/O workers, a block is three tasks (submit_split)
 
     def submit_split(key, a):
         """A block as three tasks: read and write on I/O workers, the model where ``resources`` allow."""
@@ -562,7 +561,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
 
     results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
                                    resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1,
-                                   submit=submit_split if split else None, io_resources=IO_RESOURCE if split else None)
+                                   submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
     if errors and not results and len(todo) > 1:
         raise PipelineError(f"all {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
                             "re-run the same command to resume")
@@ -588,7 +587,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
                      "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {}),
-                     **({"io_workers": _n_workers(client, IO_RESOURCE)} if split else {})},
+                     **({"io_workers": n_io} if n_io else {})},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],

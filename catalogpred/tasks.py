@@ -70,7 +70,7 @@ _malloc_trim: object = "as started"
 #: host footprint is its flux and zarr's shard buffer (~0.1-0.3 GB). CPU predict keeps the process's trim
 #: threshold: keeping a batch of activations mapped too (conv1's output alone is 128 MB at batch 64) raised
 #: a worker's peak RSS from 0.88-0.93 GB to 1.12-1.57 GB (bench_pipeline, measured).
-TRIM_MIB = {"ingest": 1024, "predict-cuda": 256, "predict-cpu": None}
+TRIM_MIB = {"ingest": 1024, "predict-cuda": 256, "predict-cpu": None}  # predict-<device>
 #: arrays up to this size come from the heap in every stage (glibc's M_MMAP_THRESHOLD)
 HEAP_ARRAYS_MIB = 256
 
@@ -88,7 +88,7 @@ def _keep_freed_memory(trim_mib: int | None) -> None:
       three runs);
     - CPU predict (heap arrays, the process's trim threshold) ran end to end at 65.6-66.7 spectra/s in two
       runs against 53.0-60.7/s in three without it, with peak RSS per worker 0.89-1.06 GB against
-      0.89-0.94 GB (bench_pipeline, 2 workers); the bare encoder on one thread ran 1.15-1.42x faster with
+      0.89-0.94 GB (and once a 1.57 GB transient) without (bench_pipeline, 2 workers); the bare encoder on one thread ran 1.15-1.42x faster with
       it (two runs).
     Cheap per task: ``mallopt`` only when the value changes. No-op where there is no glibc ``mallopt``.
     """
@@ -278,7 +278,7 @@ def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu")
     float32 [n_OK, n_pix] of its OK rows). ``device`` is where the block will be predicted (it sets how
     much freed memory this process keeps, :data:`TRIM_MIB`)."""
     t0 = time.perf_counter()
-    _keep_freed_memory(TRIM_MIB["predict-cuda" if device == "cuda" else "predict-cpu"])
+    _keep_freed_memory(TRIM_MIB[f"predict-{device.split(':')[0]}"])
     meta, flux = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
     return {"block": block_key(survey, shard), "meta": meta, "flux": flux, "seconds_read": time.perf_counter() - t0}
 
@@ -290,7 +290,7 @@ def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch
     ``ood`` float32 [n_OK] (or None), ``model_id``, ``ood_threshold`` and ``seconds_model``."""
     from .model.bundle import cached_model, infer
 
-    _keep_freed_memory(TRIM_MIB["predict-cuda" if device == "cuda" else "predict-cpu"])
+    _keep_freed_memory(TRIM_MIB[f"predict-{device.split(':')[0]}"])
     _set_torch_threads(torch_threads)
     out = {k: v for k, v in block.items() if k != "flux"}
     meta, flux = block["meta"], block["flux"]
