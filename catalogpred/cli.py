@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each block runs as read (I/O worker), model, write (I/O worker) tasks and the GPU worker "
                         "process only runs the model (default 0: one task per block). On an existing cluster, "
                         "workers started with --resources IO=1 play this part")
+    s.add_argument("--read-engine", choices=("auto", "tensorstore", "zarr"), default="auto",
+                   help="what reads a shard's numeric arrays (flux, ...) on the workers: tensorstore (C++, outside "
+                        "the GIL) or zarr-python; same values. auto: tensorstore where it is installed and the store "
+                        "is a local path (default)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -392,7 +396,7 @@ def cmd_predict(args) -> int:
         plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
                 "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
-                "io_workers": args.io_workers}
+                "io_workers": args.io_workers, "read_engine": args.read_engine}
         print(json.dumps(plan, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:
@@ -400,7 +404,7 @@ def cmd_predict(args) -> int:
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=args.surveys.split(",") if args.surveys else None,
-                              blocks_per_gpu=args.blocks_per_gpu, compile=args.compile)
+                              blocks_per_gpu=args.blocks_per_gpu, compile=args.compile, read_engine=args.read_engine)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:

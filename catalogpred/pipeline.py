@@ -400,7 +400,8 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"catalogpred": __version__, "python": sys.version.split()[0]}
-    for pkg in ("numpy", "torch", "dask", "distributed", "zarr", "pyarrow", "astropy", "hats", "fitsio"):
+    for pkg in ("numpy", "torch", "dask", "distributed", "zarr", "tensorstore", "pyarrow", "astropy", "hats",
+                "fitsio"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -449,7 +450,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                 precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                 catalog_name: str | None = None, surveys: list[str] | None = None,
-                blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto") -> PredictSummary:
+                blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto",
+                read_engine: str = "auto") -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
 
     ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
@@ -469,7 +471,9 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     on the CPU while another runs on the GPU; the workers need that many threads). ``batch_size``
     (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device. ``compile``
     (``auto``, ``yes``, ``no``; see :func:`resolve_compile`) runs the encoder through ``torch.compile``
-    on each worker: the same latents to float32 rounding, faster on large runs.
+    on each worker: the same latents to float32 rounding, faster on large runs. ``read_engine``
+    (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
+    TensorStore by default where it is installed, else zarr-python (same values).
     """
     from .model.bundle import read_bundle_info
 
@@ -544,6 +548,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     if torch_threads is None:  # local: cores / workers; remote: from each worker's nthreads
         torch_threads = default_torch_threads(client)
     compile = resolve_compile(compile, device, inputs * len(todo) // max(len(blocks), 1), _n_workers(client, resources))
+    if read_engine not in store.READ_ENGINES:
+        raise ConfigError(f"read engine must be one of {store.READ_ENGINES}, not {read_engine!r}")
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads,
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
@@ -554,12 +560,13 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         """A block as three tasks: read and write on I/O workers, the model where ``resources`` allow."""
         store_p, survey, shard, bundle_p, catalog_p, order_, columns_ = a
         io = dict(retries=2, pure=False, resources=IO_RESOURCE)
-        block = client.submit(read_block, store_p, survey, shard, device=device, key=f"{key}-read", **io)
+        block = client.submit(read_block, store_p, survey, shard, device=device, engine=read_engine,
+                              key=f"{key}-read", **io)
         pred = client.submit(infer_block, block, bundle_p, **kwargs, key=f"{key}-model", retries=2, pure=False,
                              resources=resources)
         return client.submit(write_block, pred, catalog_p, order_, columns_, key=key, **io)
 
-    results, errors = _run_bounded(client, predict_block, args, kwargs, desc="predict", keys=keys, progress=progress,
+    results, errors = _run_bounded(client, predict_block, args, {**kwargs, "read_engine": read_engine}, desc="predict", keys=keys, progress=progress,
                                    resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1,
                                    submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
     if errors and not results and len(todo) > 1:
@@ -587,7 +594,10 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
                      "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {}),
-                     **({"io_workers": n_io} if n_io else {})},
+                     **({"io_workers": n_io} if n_io else {}),
+                     # what read the shards on the workers ("auto" resolves there)
+                     "read_engine": ",".join(sorted({r.get("read_engine") or read_engine for r in results.values()}))
+                     or read_engine},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
@@ -595,7 +605,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
     summary.settings = {k: v for k, v in manifest["settings"].items() if k in ("device", "precision", "batch_size",
-                                                                               "compile", "blocks_per_gpu", "io_workers")}
+                                                                               "compile", "blocks_per_gpu", "io_workers",
+                                                                               "read_engine")}
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ __all__ = [
     "read_meta",
     "read_flux",
     "read_shard",
+    "READ_ENGINES",
+    "resolve_read_engine",
     "set_rejected",
 ]
 
@@ -339,11 +342,24 @@ def _read_arrays(store_path, survey: str, names: list[str], lo: int, hi: int) ->
     return _on_arrays(store_path, survey, "r", names, lambda name, arr: arr.getitem(_rows(lo, hi, len(arr.shape))))
 
 
+@functools.lru_cache(maxsize=1)
+def _arrow_reads_numpy_strings() -> bool:
+    """Whether this pyarrow builds a string array straight from numpy's ``StringDType`` (pyarrow 26 does,
+    25 does not); else strings go through Python objects (4.9 against 1.1 ms for a shard's 11 columns)."""
+    try:
+        return pa.array(np.array(["a"], dtype=np.dtypes.StringDType()), type=pa.string()).to_pylist() == ["a"]
+    except (TypeError, ValueError, pa.ArrowException):
+        return False
+
+
 def _meta_table(data: dict, names: list[str], keep: np.ndarray, rows: np.ndarray) -> pa.Table:
     cols = {"row": rows[keep]}
     for name in names:
         v = data[f"meta/{name}"][keep]
-        cols[name] = pa.array(v.astype(object) if v.dtype.kind == "T" else v, type=pa.string() if v.dtype.kind == "T" else None)
+        if v.dtype.kind == "T":
+            cols[name] = pa.array(v if _arrow_reads_numpy_strings() else v.astype(object), type=pa.string())
+        else:
+            cols[name] = pa.array(v)
     return pa.table(cols)
 
 
@@ -369,13 +385,22 @@ def read_meta(store_path, survey: str, columns: list[str] | None = None, shard: 
     return _meta_table(data, names, keep, np.arange(lo, hi, dtype=np.int64))
 
 
-#: per process, ``(abspath, survey) -> (stamp, layout, meta names, {array name: AsyncArray})``: the open
-#: arrays that :func:`read_shard` reads, so a predict task does not re-open ~27 arrays (read and parse
-#: their zarr.json) per shard. Measured: a 4,096-row SDSS shard read 1.76x faster on an H100 machine's
-#: CPU (64,901 against 36,808 spectra/s, bench_gpu) and 1.2-1.6x on 2 cores (80-98 against 101-130 ms),
-#: with the time it holds the GIL (which the blocks sharing a GPU worker compete for) down from 66 to
-#: 51 ms (py-spy --gil, 2 cores).
+#: per process, ``(abspath, survey, engine) -> (stamp, layout, meta names, arrays)``: the open arrays that
+#: :func:`read_shard` reads, so a predict task does not re-open ~27 arrays (read and parse their zarr.json)
+#: per shard. Measured: a 4,096-row SDSS shard read 1.76x faster on an H100 machine's CPU (64,901 against
+#: 36,808 spectra/s, bench_gpu) and 1.2-1.6x on 2 cores (80-98 against 101-130 ms), with the time it holds
+#: the GIL (which the blocks sharing a GPU worker compete for) down from 66 to 51 ms (py-spy --gil, 2 cores).
 _SHARD_ARRAYS: dict = {}
+
+#: how :func:`read_shard` reads numeric arrays (flux, status, ra, …); string arrays always go through
+#: zarr-python, which alone reads Zarr's variable-length ``string`` type.
+#:
+#: - ``"tensorstore"``: Google's TensorStore (C++) reads and decodes the shard in its own threads, without
+#:   the GIL. zarr-python's sharded read spends about half its time in Python (asyncio tasks, buffers,
+#:   copies) holding the GIL, which the blocks sharing one GPU worker queue for.
+#: - ``"zarr"``: zarr-python only.
+#: - ``"auto"`` (default): tensorstore when it imports and the store is a local directory, else zarr.
+READ_ENGINES = ("auto", "tensorstore", "zarr")
 
 
 def _group_stamp(store_path, survey: str) -> tuple[bytes, bytes]:
@@ -387,13 +412,44 @@ def _group_stamp(store_path, survey: str) -> tuple[bytes, bytes]:
         return g.read(), f.read()
 
 
-def _shard_arrays(store_path, survey: str):
-    """``(layout, meta column names, {name: AsyncArray})`` for :func:`read_shard`, opened once per process
-    and store state (:func:`_group_stamp`)."""
+def resolve_read_engine(engine: str, store_path) -> str:
+    """``"tensorstore"`` or ``"zarr"``: what :func:`read_shard` with ``engine`` (:data:`READ_ENGINES`) uses here."""
+    if engine not in READ_ENGINES:
+        raise ValueError(f"read engine must be one of {READ_ENGINES}, not {engine!r}")
+    if engine != "auto":
+        return engine
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return "zarr"
+    return "tensorstore" if os.path.isdir(str(store_path)) else "zarr"
+
+
+@functools.lru_cache(maxsize=1)
+def _ts_context():
+    """One TensorStore context per process: no chunk cache (a predict task reads each shard once)."""
+    import tensorstore as ts
+
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+def _ts_open(path: str):
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}, "recheck_cached_metadata": "open",
+            "recheck_cached_data": False}
+    return ts.open(spec, read=True, context=_ts_context())
+
+
+def _shard_arrays(store_path, survey: str, engine: str = "auto"):
+    """``(layout, meta column names, {name: array})`` for :func:`read_shard`, opened once per process and
+    store state (:func:`_group_stamp`). An array is a zarr ``AsyncArray`` or, for numeric arrays with the
+    ``"tensorstore"`` engine, a ``tensorstore.TensorStore``."""
     import zarr.api.asynchronous as za
     from zarr.core.sync import sync
 
-    key = (os.path.abspath(str(store_path)), survey)
+    engine = resolve_read_engine(engine, store_path)
+    key = (os.path.abspath(str(store_path)), survey, engine)
     try:
         stamp = _group_stamp(store_path, survey)
     except FileNotFoundError:
@@ -403,36 +459,52 @@ def _shard_arrays(store_path, survey: str):
         return hit[1:]
     _, layout = open_survey(store_path, survey)
     names = list({**layout.meta_columns, **STORE_META})
+    paths = ["flux", "shard_done", *(f"meta/{n}" for n in names)]
 
     async def open_all():
         group = await za.open_group(str(store_path), mode="r")
-        paths = ["flux", "shard_done", *(f"meta/{n}" for n in names)]
-        arrays = await asyncio.gather(*(group.getitem(f"{survey}/{p}") for p in paths))
-        return dict(zip(paths, arrays))
+        return dict(zip(paths, await asyncio.gather(*(group.getitem(f"{survey}/{p}") for p in paths))))
 
     arrays = sync(open_all())
+    if engine == "tensorstore":
+        numeric = [p for p in paths if arrays[p].dtype.kind in "biuf"]
+        opened = [_ts_open(os.path.join(str(store_path), survey, p)) for p in numeric]
+        arrays.update({p: f.result() for p, f in zip(numeric, opened)})
     _SHARD_ARRAYS[key] = (stamp, layout, names, arrays)
     return layout, names, arrays
 
 
-def read_shard(store_path, survey: str, shard: int) -> tuple[pa.Table, np.ndarray]:
+def _is_tensorstore(array) -> bool:
+    return type(array).__module__.startswith("tensorstore")
+
+
+def read_shard(store_path, survey: str, shard: int, *, engine: str = "auto") -> tuple[pa.Table, np.ndarray]:
     """One finished shard for prediction: its metadata (every column, non-EMPTY rows, as :func:`read_meta`)
-    and the normalised flux float32 [n_OK, n_pix] of its ``OK`` rows, in table order; one concurrent read
-    of arrays opened once per process (:func:`_shard_arrays`)."""
+    and the normalised flux float32 [n_OK, n_pix] of its ``OK`` rows, in table order.
+
+    Arrays are opened once per process (:func:`_shard_arrays`). ``engine`` (:data:`READ_ENGINES`) says what
+    reads the numeric arrays: TensorStore's reads start first and decode in its own threads while
+    zarr-python reads the string columns; both engines return the same values.
+    """
     from zarr.core.sync import sync
 
-    layout, names, arrays = _shard_arrays(store_path, survey)
+    layout, names, arrays = _shard_arrays(store_path, survey, engine)
     S, have = layout.shard_rows, arrays["shard_done"].shape[0]
     if not 0 <= shard < have:
         raise StoreError(f"{store_path}/{survey} has no shard {shard} (it has {have})")
     lo, hi = shard * S, (shard + 1) * S
-    paths = list(arrays)
+
+    def where(p):
+        return slice(shard, shard + 1) if p == "shard_done" else _rows(lo, hi, len(arrays[p].shape))
+
+    pending = {p: a[where(p)].read() for p, a in arrays.items() if _is_tensorstore(a)}
+    by_zarr = [p for p in arrays if p not in pending]
 
     async def read_all():
-        return await asyncio.gather(*(arrays[p].getitem(slice(shard, shard + 1) if p == "shard_done"
-                                                        else _rows(lo, hi, len(arrays[p].shape))) for p in paths))
+        return await asyncio.gather(*(arrays[p].getitem(where(p)) for p in by_zarr))
 
-    data = dict(zip(paths, sync(read_all())))
+    data = dict(zip(by_zarr, sync(read_all())))
+    data.update({p: f.result() for p, f in pending.items()})
     if not data["shard_done"][0]:
         raise StoreError(f"shard {shard} of {store_path}/{survey} is not finished")
     status = data["meta/status"]

@@ -255,32 +255,36 @@ def _set_torch_threads(n: int | None) -> None:
 
 def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, catalog_path: str, order: int,
                   schema_columns: list, *, precision: str = "fp32", batch_size: int = 256, device: str = "cpu",
-                  torch_threads: int | None = None, compile: bool = False) -> dict:
+                  torch_threads: int | None = None, compile: bool = False, read_engine: str = "auto") -> dict:
     """Predict one store shard and write its catalog part files, rejects and done marker, in one task:
     :func:`read_block`, :func:`infer_block` and :func:`write_block` in this process.
 
-    ``precision``, ``batch_size``, ``compile``: as in :func:`~catalogpred.model.bundle.infer`.
+    ``precision``, ``batch_size``, ``compile``: as in :func:`~catalogpred.model.bundle.infer`;
+    ``read_engine``: as in :func:`~catalogpred.store.read_shard`.
 
     Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
-    "seconds_read", "seconds_write"}``: wall time of the task, of encoder + head (``infer``), of the
-    Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects, done marker).
+    "seconds_read", "seconds_write", "read_engine"}``: wall time of the task, of encoder + head (``infer``),
+    of the Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects, done marker), and
+    the engine that read the shard.
     """
     t0 = time.perf_counter()
-    block = read_block(store_path, survey, shard, device=device)
+    block = read_block(store_path, survey, shard, device=device, engine=read_engine)
     pred = infer_block(block, bundle_path, precision=precision, batch_size=batch_size, device=device,
                        torch_threads=torch_threads, compile=compile)
     return write_block(pred, catalog_path, order, schema_columns, started=t0)
 
 
-def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu") -> dict:
-    """Stage 1 of a prediction block: ``{"block", "meta", "flux", "seconds_read"}`` of one finished
-    shard (:func:`~catalogpred.store.read_shard`: metadata of its non-EMPTY rows as an Arrow table, flux
-    float32 [n_OK, n_pix] of its OK rows). ``device`` is where the block will be predicted (it sets how
-    much freed memory this process keeps, :data:`TRIM_MIB`)."""
+def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu", engine: str = "auto") -> dict:
+    """Stage 1 of a prediction block: ``{"block", "meta", "flux", "seconds_read", "read_engine"}`` of one
+    finished shard (:func:`~catalogpred.store.read_shard` with ``engine``: metadata of its non-EMPTY rows as
+    an Arrow table, flux float32 [n_OK, n_pix] of its OK rows). ``device`` is where the block will be
+    predicted (it sets how much freed memory this process keeps, :data:`TRIM_MIB`)."""
     t0 = time.perf_counter()
     _keep_freed_memory(TRIM_MIB[f"predict-{device.split(':')[0]}"])
-    meta, flux = store.read_shard(store_path, survey, shard)  # flux of the OK rows, in table order
-    return {"block": block_key(survey, shard), "meta": meta, "flux": flux, "seconds_read": time.perf_counter() - t0}
+    engine = store.resolve_read_engine(engine, store_path)
+    meta, flux = store.read_shard(store_path, survey, shard, engine=engine)  # flux of the OK rows, in table order
+    return {"block": block_key(survey, shard), "meta": meta, "flux": flux, "seconds_read": time.perf_counter() - t0,
+            "read_engine": engine}
 
 
 def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch_size: int = 256,
@@ -395,7 +399,7 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
-               "seconds_read": pred["seconds_read"], "seconds_write": t_write}
+               "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine")}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary

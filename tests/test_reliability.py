@@ -6,6 +6,7 @@ Stores are synthetic (``bench/bench_pipeline.py::write_synthetic_store``: writte
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogpred import catalog as cat
+from catalogpred.errors import ConfigError
 from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
 
 SHARD_ROWS = 8
@@ -124,6 +126,20 @@ def test_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle,
     # the nanny restarted the killed worker
     assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, every=0.2)
     assert killed["pid"] not in client.run(os.getpid).values()
+
+
+def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path):
+    """The reference run read shards with TensorStore (the default where it is installed); zarr-python alone
+    gives the same catalog, and the manifest says which engine the workers used."""
+    pytest.importorskip("tensorstore")
+    summary = run_predict(syn_store, random_bundle, str(tmp_path / "catalog"), client=cluster_client[1], progress=False,
+                          torch_threads=1, read_engine="zarr")
+    assert summary.settings["read_engine"] == "zarr"
+    assert json.loads((Path(reference) / "run_manifest.json").read_text())["settings"]["read_engine"] == "tensorstore"
+    assert_same_catalog(tmp_path / "catalog", reference)
+    with pytest.raises(ConfigError, match="read engine"):
+        run_predict(syn_store, random_bundle, str(tmp_path / "other"), client=cluster_client[1], progress=False,
+                    read_engine="fast")
 
 
 def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store, random_bundle, cluster_client,
@@ -264,6 +280,7 @@ def test_io_workers_read_and_write_and_give_the_same_catalog(syn_store, random_b
     assert set(stages["read"]) <= io and set(stages["write"]) <= io  # never on the model worker
     manifest = json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())
     assert manifest["settings"]["io_workers"] == 2
+    assert manifest["settings"]["read_engine"] == ("tensorstore" if importlib.util.find_spec("tensorstore") else "zarr")
 
 
 def test_io_workers_block_failing_on_every_retry_goes_to_rejects(syn_store, random_bundle, io_client, tmp_path):

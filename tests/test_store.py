@@ -73,10 +73,16 @@ def test_plan_pieces_packs_and_splits():
     assert all(sum(hi - lo for _, lo, hi in s) <= 4 for s in shards)
 
 
-def test_read_shard_follows_a_growing_and_a_recreated_store(tmp_path):
+@pytest.mark.parametrize("engine", ["tensorstore", "zarr"])
+def test_read_shard_follows_a_growing_and_a_recreated_store(tmp_path, engine):
     """read_shard keeps its arrays open per process: new shards, unfinished shards and a store recreated
-    at the same path with another layout must still read right."""
+    at the same path with another layout must still read right, with either read engine."""
+    import functools
     import shutil
+
+    if engine == "tensorstore":
+        pytest.importorskip("tensorstore")
+    read_shard = functools.partial(store.read_shard, engine=engine)
 
     st = str(tmp_path / "s.zarr")
     rng = np.random.default_rng(1)
@@ -91,24 +97,59 @@ def test_read_shard_follows_a_growing_and_a_recreated_store(tmp_path):
     store.create_survey(st, _layout(shard_rows=8, chunk_rows=4))
     store.allocate_shards(st, "sdss", 1)
     a = put(0, 5)
-    meta, flux = store.read_shard(st, "sdss", 0)
+    meta, flux = read_shard(st, "sdss", 0)
     assert meta.num_rows == 5 and meta.column("source_id")[0].as_py() == "source_id-0"
     np.testing.assert_array_equal(flux, a)
     with pytest.raises(StoreError, match="no shard 1"):
-        store.read_shard(st, "sdss", 1)
+        read_shard(st, "sdss", 1)
     store.allocate_shards(st, "sdss", 2)  # resizes every array
     b = put(1, 8)
     put(2, 3, done=False)
-    meta, flux = store.read_shard(st, "sdss", 1)
+    meta, flux = read_shard(st, "sdss", 1)
     assert meta.column("row").to_pylist() == list(range(8, 16))
     assert meta.column("source_id")[0].as_py() == "source_id-100"
     np.testing.assert_array_equal(flux, b)
     with pytest.raises(StoreError, match="not finished"):
-        store.read_shard(st, "sdss", 2)
+        read_shard(st, "sdss", 2)
     shutil.rmtree(st)  # the same path, another layout
     store.create_survey(st, _layout(shard_rows=4, chunk_rows=2))
     store.allocate_shards(st, "sdss", 1)
     c = put(0, 4)
-    meta, flux = store.read_shard(st, "sdss", 0)
+    meta, flux = read_shard(st, "sdss", 0)
     assert meta.num_rows == 4 and meta.column("row").to_pylist() == [0, 1, 2, 3]
     np.testing.assert_array_equal(flux, c)
+
+
+def test_read_engines_return_the_same_shard(tmp_path):
+    """TensorStore (numeric arrays) and zarr-python read a shard with REJECTED rows, EMPTY padding, NaN
+    metadata and non-finite flux to the same Arrow table and the same flux array."""
+    pytest.importorskip("tensorstore")
+    st = str(tmp_path / "s.zarr")
+    store.create_survey(st, _layout(shard_rows=16, chunk_rows=4))
+    store.allocate_shards(st, "sdss", 2)
+    rng = np.random.default_rng(3)
+    flux = rng.normal(size=(11, SDSS_GRID.n_pix)).astype(np.float32)
+    flux[2, :7] = np.nan
+    flux[4] = np.inf
+    meta = _meta(11, start=16)
+    meta["status"][[1, 6]] = store.RowStatus.REJECTED
+    meta["reject_reason"][[1, 6]] = "bad_redshift"
+    meta["z"] = meta["z"].astype(float)
+    meta["z"][3] = np.nan
+    meta["source_id"][5] = "ünïcødé-∑"
+    store.write_shard(st, "sdss", 1, flux, flux, np.zeros(flux.shape, np.uint8), meta)
+    store.mark_shards_done(st, "sdss", [1])
+    m_ts, f_ts = store.read_shard(st, "sdss", 1, engine="tensorstore")
+    m_z, f_z = store.read_shard(st, "sdss", 1, engine="zarr")
+    assert m_ts.schema == m_z.schema and m_ts.num_rows == 11  # padding rows dropped, rejected rows kept
+    for name in m_ts.column_names:  # (Table.equals counts NaN as unequal)
+        np.testing.assert_array_equal(m_ts[name].to_numpy(zero_copy_only=False), m_z[name].to_numpy(zero_copy_only=False))
+    assert m_ts.column("source_id")[5].as_py() == "ünïcødé-∑"
+    assert np.isnan(m_ts.column("z")[3].as_py())
+    np.testing.assert_array_equal(f_ts, f_z)  # NaN and inf compare equal position by position
+    np.testing.assert_array_equal(f_ts, flux[np.flatnonzero(meta["status"] == store.RowStatus.OK)])
+    assert f_ts.dtype == np.float32 and f_ts.flags.writeable
+    assert store.resolve_read_engine("auto", st) == "tensorstore"
+    assert store.resolve_read_engine("auto", "s3://bucket/s.zarr") == "zarr"  # not a local directory
+    with pytest.raises(ValueError, match="read engine"):
+        store.read_shard(st, "sdss", 1, engine="h5py")
