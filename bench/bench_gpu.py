@@ -17,7 +17,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
    GEMMs, channels-last 2-D convolutions) and with ``auto`` (what predict uses). Latent error =
    max |Δ| / max |reference| (and / the smallest latent std); Δmag through a seeded head and through the
    bundle's own head.
-3. **Reader**: one store shard's metadata and flux (:func:`catalogpred.store.read_shard`) on one thread.
+3. **Reader**: one store shard's metadata and flux (:func:`catalogpred.store.read_shard`) on one thread,
+   with zarr-python alone and with TensorStore for the numeric arrays (the default), each alone and beside
+   a thread running Python (another block's work in the same worker: how much the read needs the GIL).
    With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
    threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
    threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
@@ -25,7 +27,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
 4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
    a LocalCUDACluster with 2, 1 and 3 blocks sharing the GPU (``--blocks``), and optionally with several
    worker processes sharing GPU 0 (``--procs``) or with I/O worker processes for the reads and writes
-   (``--io-workers``, as ``predict --io-workers``), on a synthetic SDSS store of 100,000 spectra; for 2
+   (``--io-workers``, as ``predict --io-workers``), or with another read engine (``--read-engines
+   tensorstore,zarr``, as ``predict --read-engine``) or another GIL switch interval in the workers
+   (``--switch-ms 5,0.5``), on a synthetic SDSS store of 100,000 spectra; for 2
    blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
    Parquet writes, which tells what bounds the run. Then each block count again with
@@ -151,7 +155,7 @@ def environment(dev: str) -> dict:
     import importlib.metadata as md
 
     env = {"device": dev, "torch": torch.__version__, "cpus": os.cpu_count()}
-    for pkg in ("zarr", "dask", "distributed", "dask-cuda", "numcodecs", "pyarrow", "numpy"):
+    for pkg in ("zarr", "tensorstore", "dask", "distributed", "dask-cuda", "numcodecs", "pyarrow", "numpy"):
         try:
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -342,17 +346,61 @@ def _seeded_bundle(root: str, grid) -> str:
 # ----------------------------------------------------------------------------------------- 3. reader
 
 
-def reader_rows(store_path: str, repeats: int) -> tuple[list[dict], float]:
-    """What a predict task reads first: one shard's metadata and flux (:func:`catalogpred.store.read_shard`)."""
-    from catalogpred import store
+def _beside_a_python_thread(fn) -> tuple[float, float]:
+    """``(wall s of fn(), loops/s of a pure-Python thread running meanwhile)``: the other thread stands for
+    another block's Python work in the same worker process (it only lets go of the GIL when forced)."""
+    stop, loops = threading.Event(), []
 
+    def spin():
+        n = 0
+        while not stop.is_set():
+            n += 1
+        loops.append(n)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return wall, loops[0] / wall
+
+
+def reader_rows(dev: str, store_path: str, repeats: int) -> tuple[list[dict], float]:
+    """What a predict task reads first: one shard's metadata and flux (:func:`catalogpred.store.read_shard`),
+    with each read engine, alone and beside a thread running Python, with the memory settings of a
+    ``dev`` worker (:func:`~catalogpred.tasks.read_block`). Returns the rows and the default engine's rate."""
+    from catalogpred import store
+    from catalogpred.tasks import TRIM_MIB, _keep_freed_memory
+
+    _keep_freed_memory(TRIM_MIB[f"predict-{dev.split(':')[0]}"])
     _, layout = store.open_survey(store_path, "sdss")
-    shard = 1 if len(store.done_shards(store_path, "sdss")) > 1 else 0
-    t = _best(lambda: store.read_shard(store_path, "sdss", shard), "cpu", repeats)
+    shards = [int(s) for s in store.done_shards(store_path, "sdss")][:8]
+    shard = shards[1] if len(shards) > 1 else shards[0]
     n = store.read_shard(store_path, "sdss", shard)[0].num_rows
     mb = n * layout.grid.n_pix * 4 / 1e6
-    return [{"name": f"reader: one {n:,d}-row shard, metadata + flux (read_shard), one thread", "value": n / t,
-             "unit": "spectra/s", "note": f"{t * 1e3:.0f} ms; flux {mb / t / 1e3:.2f} GB/s decoded"}], n / t
+    engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
+    alone_loops = _beside_a_python_thread(lambda: time.sleep(0.5))[1]
+    rows, rate, busy_base = [], {}, None
+    for engine in engines:
+        t = _best(lambda: store.read_shard(store_path, "sdss", shard, engine=engine), "cpu", repeats)
+        rate[engine] = n / t
+        rows.append({"name": f"reader: one {n:,d}-row shard, metadata + flux (read_shard), {engine}, one thread",
+                     "value": n / t, "unit": "spectra/s", "baseline": rate["zarr"], "ratio": n / t / rate["zarr"],
+                     "note": f"{t * 1e3:.0f} ms; flux {mb / t / 1e3:.2f} GB/s decoded"})
+    for engine in engines:
+        rows_read = sum(store.read_shard(store_path, "sdss", s, engine=engine)[0].num_rows for s in shards)
+        wall, loops = _beside_a_python_thread(
+            lambda: [store.read_shard(store_path, "sdss", s, engine=engine) for s in shards])
+        busy_base = busy_base or rows_read / wall
+        rows.append({"name": f"reader: read_shard beside a thread running Python, {engine}, {len(shards)} shards",
+                     "value": rows_read / wall, "unit": "spectra/s", "baseline": busy_base,
+                     "ratio": rows_read / wall / busy_base,
+                     "note": f"{1e3 * wall / len(shards):.0f} ms per shard (alone {1e3 * n / rate[engine]:.0f} ms); "
+                             f"the other thread ran at {100 * loops / alone_loops:.0f}% of its speed alone; "
+                             f"switch interval {sys.getswitchinterval() * 1e3:g} ms"})
+    return rows, rate[store.resolve_read_engine("auto", store_path)]
 
 
 def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
@@ -450,22 +498,30 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     n_large, n_small = size["n_large"], size["n_small"]
     blocks = size["blocks"] if dev.startswith("cuda") else (1,)
     modes = {"only": ("yes",), True: ("no", "yes")}.get(size.get("compile_e2e"), ("no",))
-    configs = ([(b, 1, m, 0) for m in modes for b in blocks]
-               + [(blocks[0], p, modes[0], 0) for p in size.get("procs", ()) if p > 1]
-               + [(b, 1, m, io) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks])
-    for b, procs, compile, io in configs:
+    engines = size.get("read_engines", ("auto",))
+    switches = size.get("switch_ms", (None,))  # None: Python's default (5 ms)
+    e0, sw0 = engines[0], switches[0]
+    configs = ([(b, 1, m, 0, e0, sw0) for m in modes for b in blocks]
+               + [(blocks[0], p, modes[0], 0, e0, sw0) for p in size.get("procs", ()) if p > 1]
+               + [(b, 1, m, io, e0, sw0) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks]
+               + [(b, 1, modes[0], 0, e, sw0) for e in engines[1:] for b in blocks]
+               + [(b, 1, modes[0], 0, e0, sw) for sw in switches[1:] for b in blocks])
+    for b, procs, compile, io, engine, switch_ms in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
         kw["io_workers"] = io
-        opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile)
-        tag = f"{b}-{procs}-{compile}-{io}"
+        opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile,
+                    read_engine=engine)
+        tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}"
         t_start = time.perf_counter()
         with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
             t_cluster = time.perf_counter() - t_start
+            if switch_ms is not None:  # the interpreter's GIL switch interval in every worker process
+                client.run(sys.setswitchinterval, switch_ms / 1e3)
             t0 = time.perf_counter()
             run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
             t_warm = time.perf_counter() - t0
             rss_small = None
-            if b == blocks[0] and procs == 1 and compile == modes[0] and not io:
+            if b == blocks[0] and procs == 1 and compile == modes[0] and not io and engine == e0 and switch_ms == sw0:
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
@@ -477,7 +533,9 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
         rate = n_large / wall
         busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
         how = ((f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
-               + (f", {io} I/O workers (read, model, write tasks)" if io else ""))
+               + (f", {io} I/O workers (read, model, write tasks)" if io else "")
+               + f", reader {s.settings['read_engine']}"
+               + (f", GIL switch interval {switch_ms:g} ms" if switch_ms is not None else ""))
         row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
                if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers"
                                               f"{how} ({n_large:,d} spectra)",
@@ -555,7 +613,7 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
                 stores[name] = str(root / f"{name}.zarr")
                 write_synthetic_store(stores[name], n, processes=procs if n > 8192 else 1, seed=7 if name == "warm" else 5)
             print(f"[stores written: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-            r, reader_rate = reader_rows(stores["large"], size["repeats"])
+            r, reader_rate = reader_rows(dev, stores["large"], size["repeats"])
             rows += r
             save()
             if "blocks" in parts:
@@ -593,6 +651,12 @@ def main(argv=None) -> int:
                         "only: compiled runs alone")
     p.add_argument("--io-workers", default=None, help="also run end to end with this many I/O worker processes "
                                                       "(predict --io-workers), e.g. 4,8")
+    p.add_argument("--read-engines", default=None,
+                   help="run end to end with each predict --read-engine, the first for every config and the others "
+                        "for the plain configs, e.g. tensorstore,zarr (default: auto)")
+    p.add_argument("--switch-ms", default=None,
+                   help="GIL switch intervals (ms) to set in the worker processes (sys.setswitchinterval), the first "
+                        "for every config and the others for the plain configs, e.g. 5,0.5 (default: Python's 5 ms)")
     p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
                                                  "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
@@ -602,6 +666,12 @@ def main(argv=None) -> int:
     if args.io_workers:
         for v in SIZES.values():
             v["io_workers"] = tuple(int(n) for n in args.io_workers.split(","))
+    if args.read_engines:
+        for v in SIZES.values():
+            v["read_engines"] = tuple(args.read_engines.split(","))
+    if args.switch_ms:
+        for v in SIZES.values():
+            v["switch_ms"] = tuple(float(x) for x in args.switch_ms.split(","))
     if args.procs:
         for v in SIZES.values():
             v["procs"] = tuple(int(p) for p in args.procs.split(","))

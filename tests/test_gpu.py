@@ -373,7 +373,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     import bench_gpu as mod
 
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True,
-                                                 io_workers=(2,)))
+                                                 io_workers=(2,), read_engines=("tensorstore", "zarr"), switch_ms=(None, 1.0)))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["blocks", "e2e"])
     names = [r["name"] for r in rows]
     in_process = [r for r in rows if r["name"].startswith("in-process: predict_block")]
@@ -382,6 +382,11 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert any(n.startswith("reader:") for n in names) and any("end to end" in n for n in names)
     assert any("end to end" in n and "torch.compile" in n for n in names)
     assert sum("end to end" in n and "2 I/O workers" in n for n in names) == 2  # eager and compiled
+    assert sum("end to end" in n and "reader zarr" in n for n in names) == 1  # the other engine: one plain run
+    assert sum("end to end" in n and "GIL switch interval 1 ms" in n for n in names) == 1
+    readers = [r for r in rows if r["name"].startswith("reader:")]
+    assert len(readers) == 4 and all(r["value"] > 0 for r in readers)  # 2 engines, alone and beside Python
+    assert any("tensorstore" in r["name"] and "beside a thread" in r["name"] for r in readers)
     saved = json.loads((tmp_path / "rows.json").read_text())
     assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
     rss = next(r for r in rows if r["name"].startswith("predict: peak RSS per worker, 96"))
