@@ -468,8 +468,12 @@ def _shard_arrays(store_path, survey: str, engine: str = "auto"):
     arrays = sync(open_all())
     if engine == "tensorstore":
         numeric = [p for p in paths if arrays[p].dtype.kind in "biuf"]
-        opened = [_ts_open(os.path.join(str(store_path), survey, p)) for p in numeric]
-        arrays.update({p: f.result() for p, f in zip(numeric, opened)})
+        try:
+            opened = [_ts_open(os.path.join(str(store_path), survey, p)) for p in numeric]
+            arrays.update({p: f.result() for p, f in zip(numeric, opened)})
+        except Exception as e:  # tensorstore raises ValueError with its own status text
+            raise StoreError(f"TensorStore cannot read {store_path}/{survey} ({e}); predict --read-engine zarr "
+                             "reads it with zarr-python") from e
     _SHARD_ARRAYS[key] = (stamp, layout, names, arrays)
     return layout, names, arrays
 

@@ -153,3 +153,28 @@ def test_read_engines_return_the_same_shard(tmp_path):
     assert store.resolve_read_engine("auto", "s3://bucket/s.zarr") == "zarr"  # not a local directory
     with pytest.raises(ValueError, match="read engine"):
         store.read_shard(st, "sdss", 1, engine="h5py")
+
+
+def test_tensorstore_failure_says_to_use_zarr(tmp_path):
+    """A store array that zarr-python reads but TensorStore cannot (here a numcodecs zlib codec): the
+    tensorstore engine fails with a StoreError that names the way out, and the zarr engine reads it."""
+    pytest.importorskip("tensorstore")
+    import zarr
+    from zarr.codecs.numcodecs import Zlib
+
+    st = str(tmp_path / "s.zarr")
+    store.create_survey(st, _layout(shard_rows=8, chunk_rows=4))
+    store.allocate_shards(st, "sdss", 1)
+    flux = np.ones((5, SDSS_GRID.n_pix), np.float32)
+    store.write_shard(st, "sdss", 0, flux, flux, np.zeros(flux.shape, np.uint8), _meta(5))
+    store.mark_shards_done(st, "sdss", [0])
+    ra = zarr.open_array(f"{st}/sdss/meta/ra")[:]
+    with pytest.warns(UserWarning, match="not in the Zarr version 3 specification"):
+        z = zarr.create_array(f"{st}/sdss/meta/ra", shape=ra.shape, dtype=ra.dtype, chunks=(8,),
+                              compressors=[Zlib(level=1)], overwrite=True)
+    z[:] = ra
+    with pytest.raises(StoreError, match="--read-engine zarr"):
+        store.read_shard(st, "sdss", 0, engine="tensorstore")
+    meta, got = store.read_shard(st, "sdss", 0, engine="zarr")
+    np.testing.assert_array_equal(meta.column("ra").to_numpy(), ra[:5])
+    np.testing.assert_array_equal(got, flux)
