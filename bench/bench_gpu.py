@@ -367,10 +367,11 @@ def _beside_a_python_thread(fn) -> tuple[float, float]:
     return wall, loops[0] / wall
 
 
-def reader_rows(dev: str, store_path: str, repeats: int) -> tuple[list[dict], float]:
+def reader_rows(dev: str, store_path: str, repeats: int, switch_ms=(None,)) -> tuple[list[dict], float]:
     """What a predict task reads first: one shard's metadata and flux (:func:`catalogpred.store.read_shard`),
-    with each read engine, alone and beside a thread running Python, with the memory settings of a
-    ``dev`` worker (:func:`~catalogpred.tasks.read_block`). Returns the rows and the default engine's rate."""
+    with each read engine, alone and beside a thread running Python (at each GIL switch interval of
+    ``switch_ms``, None: Python's default), with the memory settings of a ``dev`` worker
+    (:func:`~catalogpred.tasks.read_block`). Returns the rows and the default engine's rate."""
     from catalogpred import store
     from catalogpred.tasks import TRIM_MIB, _keep_freed_memory
 
@@ -389,17 +390,21 @@ def reader_rows(dev: str, store_path: str, repeats: int) -> tuple[list[dict], fl
         rows.append({"name": f"reader: one {n:,d}-row shard, metadata + flux (read_shard), {engine}, one thread",
                      "value": n / t, "unit": "spectra/s", "baseline": rate["zarr"], "ratio": n / t / rate["zarr"],
                      "note": f"{t * 1e3:.0f} ms; flux {mb / t / 1e3:.2f} GB/s decoded"})
-    for engine in engines:
+    default_switch = sys.getswitchinterval()
+    for engine, sw in [(e, sw) for sw in switch_ms for e in engines]:
+        sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
         rows_read = sum(store.read_shard(store_path, "sdss", s, engine=engine)[0].num_rows for s in shards)
         wall, loops = _beside_a_python_thread(
             lambda: [store.read_shard(store_path, "sdss", s, engine=engine) for s in shards])
+        sys.setswitchinterval(default_switch)
         busy_base = busy_base or rows_read / wall
-        rows.append({"name": f"reader: read_shard beside a thread running Python, {engine}, {len(shards)} shards",
+        rows.append({"name": f"reader: read_shard beside a thread running Python, {engine}, {len(shards)} shards"
+                             + (f", switch interval {sw:g} ms" if sw is not None else ""),
                      "value": rows_read / wall, "unit": "spectra/s", "baseline": busy_base,
                      "ratio": rows_read / wall / busy_base,
                      "note": f"{1e3 * wall / len(shards):.0f} ms per shard (alone {1e3 * n / rate[engine]:.0f} ms); "
                              f"the other thread ran at {100 * loops / alone_loops:.0f}% of its speed alone; "
-                             f"switch interval {sys.getswitchinterval() * 1e3:g} ms"})
+                             f"GIL switch interval {(default_switch if sw is None else sw / 1e3) * 1e3:g} ms"})
     return rows, rate[store.resolve_read_engine("auto", store_path)]
 
 
@@ -602,18 +607,21 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
                 bare = next(x["value"] for x in r if ("bf16 auto" if dev.startswith("cuda") else "fp32 (IEEE) conv")
                             in x["name"])
             save()
-    if "e2e" in parts or "blocks" in parts:
+    if "e2e" in parts or "blocks" in parts or "reader" in parts:
         root = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=out))
         try:
             bundle_e2e = bundle or write_bundle(root / "model")
             t0 = time.perf_counter()
             procs = max(1, min(16, (os.cpu_count() or 2) - 1))
             stores = {}
+            needed = ("warm", "small", "large") if "e2e" in parts or "blocks" in parts else ("large",)
             for name, n in (("warm", 64), ("small", size["n_small"]), ("large", size["n_large"])):
+                if name not in needed:
+                    continue
                 stores[name] = str(root / f"{name}.zarr")
                 write_synthetic_store(stores[name], n, processes=procs if n > 8192 else 1, seed=7 if name == "warm" else 5)
             print(f"[stores written: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-            r, reader_rate = reader_rows(dev, stores["large"], size["repeats"])
+            r, reader_rate = reader_rows(dev, stores["large"], size["repeats"], size.get("switch_ms", (None,)))
             rows += r
             save()
             if "blocks" in parts:
@@ -642,8 +650,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench-output"), help="where temporary stores go")
     p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     p.add_argument("--parts", default="ceilings,encoder,e2e,compile",
-                   help="comma-separated, run in this order: ceilings,encoder,blocks,e2e,compile (blocks: one worker "
-                        "process without Dask; compile: torch.compile rows)")
+                   help="comma-separated, run in this order: ceilings,encoder,reader,blocks,e2e,compile (reader: "
+                        "the store reader alone, also run by blocks and e2e; blocks: one worker process without Dask; "
+                        "compile: torch.compile rows)")
     p.add_argument("--blocks", default=None, help="blocks per GPU to run end to end, e.g. 2 or 2,1,3 (default 2,1,3)")
     p.add_argument("--grids", default="sdss,desi", help="encoder rows for these grids")
     p.add_argument("--compile-e2e", choices=("yes", "no", "only"), default=None,

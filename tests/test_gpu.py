@@ -391,3 +391,21 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
     rss = next(r for r in rows if r["name"].startswith("predict: peak RSS per worker, 96"))
     assert 0 < rss["value"] < 10
+
+
+def test_bench_gpu_reader_part_on_the_cpu(tmp_path, monkeypatch):
+    """``bench_gpu.py --parts reader --switch-ms 5,0.5``: both read engines, alone and beside a Python thread
+    at each switch interval; the interpreter's own interval is restored afterwards."""
+    import sys
+
+    import bench_gpu as mod
+
+    pytest.importorskip("tensorstore")
+    before = sys.getswitchinterval()
+    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5)))
+    rows = mod.run("cpu", True, None, tmp_path, None, ["reader"])
+    assert sys.getswitchinterval() == before
+    names = [r["name"] for r in rows]
+    assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)
+    assert sum("one thread" in n for n in names) == 2 and sum("switch interval 0.5 ms" in n for n in names) == 2
+    assert {("tensorstore" in n) for n in names} == {True, False}
