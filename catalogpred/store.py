@@ -23,6 +23,10 @@ default 4096) with Blosc-LZ4 compression. **A writer owns whole shards**: the
 client allocates shards (resizing every array) and each ingest task fills exactly
 one shard, padding unused rows with ``status = EMPTY``. Shards are marked done by
 the client only after their task succeeded, which is what makes ingest resumable.
+
+Everything is written with zarr-python. :func:`read_shard` (a prediction block) reads the
+numeric arrays with TensorStore where it is installed (C++, outside the GIL) and the
+string columns with zarr-python; :data:`READ_ENGINES` lists the choices.
 """
 from __future__ import annotations
 

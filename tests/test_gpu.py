@@ -385,7 +385,8 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert sum("end to end" in n and "reader zarr" in n for n in names) == 1  # the other engine: one plain run
     assert sum("end to end" in n and "GIL switch interval 1 ms" in n for n in names) == 1
     readers = [r for r in rows if r["name"].startswith("reader:")]
-    assert len(readers) == 4 and all(r["value"] > 0 for r in readers)  # 2 engines, alone and beside Python
+    # 2 engines: alone, and beside Python at the default and a 1 ms switch interval
+    assert len(readers) == 6 and all(r["value"] > 0 for r in readers)
     assert any("tensorstore" in r["name"] and "beside a thread" in r["name"] for r in readers)
     saved = json.loads((tmp_path / "rows.json").read_text())
     assert saved["environment"]["device"] == "cpu" and len(saved["rows"]) == len(rows)
