@@ -160,10 +160,18 @@ def choose_order(n_rows: int, target_rows: int = 20_000, max_order: int = 7) -> 
     return int(min(max(k, 1), max_order))
 
 
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth Parquet dictionary encoding: the strings (ids, classes, survey names repeat). Numbers
+    are written plain and zstd-compressed: dictionary-encoding every float of a few hundred unique values
+    made a block's part files 1.3-1.5x slower to write and 13 % larger (2 cores, 7 part files, two runs)."""
+    return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+
+
 def _atomic_write(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=65536,
+                   use_dictionary=_dictionary_columns(table.schema))
     os.replace(tmp, path)
 
 

@@ -128,6 +128,18 @@ def test_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle,
     assert killed["pid"] not in client.run(os.getpid).values()
 
 
+def test_part_files_dictionary_encode_strings_only(reference):
+    """Part files: strings dictionary-encoded, numbers plain (zstd either way), with the VO metadata."""
+    part = next((Path(reference) / cat.DATASET_DIR).glob("**/part-*.parquet"))
+    meta = pq.ParquetFile(part).metadata
+    encodings = {meta.schema.column(i).path: meta.row_group(0).column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["source_id"] and "RLE_DICTIONARY" in encodings["survey"]
+    for name in ("w1_mag", "ra", "flags", "_healpix_29"):
+        assert "RLE_DICTIONARY" not in encodings[name], (name, encodings[name])
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert b"IVOA.VOTable-Parquet.content" in pq.read_schema(part).metadata
+
+
 def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path):
     """The reference run read shards with TensorStore (the default where it is installed); zarr-python alone
     gives the same catalog, and the manifest says which engine the workers used."""
