@@ -20,6 +20,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
 3. **Reader**: one store shard's metadata and flux (:func:`catalogpred.store.read_shard`) on one thread,
    with zarr-python alone and with TensorStore for the numeric arrays (the default), each alone and beside
    a thread running Python (another block's work in the same worker: how much the read needs the GIL).
+   With ``--parts …,host``, the CPU side of one GPU worker process on any machine: read, an emulated
+   model step (the H100's: 27 ms of GPU, the GIL released, and 10 ms of Python per block) and write,
+   from 1 and 2 block threads, with each read engine and switch interval.
    With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
    threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
    threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
@@ -474,6 +477,94 @@ def block_rows(dev: str, root: Path, bundle: str, store_path: str, threads=(1, 2
     return rows
 
 
+#: the model step of a GPU block, for ``--parts host``: milliseconds the GPU computes while the host thread
+#: waits without the GIL, and milliseconds of Python (kernel launches, copies) that hold it. From the H100
+#: run 3 (bench/results/gpu-h100-2026-11-26-run3.json): the model task took 37 ms per 4,096-row block, and
+#: the GPU was busy 20 % of a 136 ms block, about 27 ms; the rest, about 10 ms, is host time.
+EMULATED_MODEL_MS = (27.0, 10.0)
+
+
+def _emulated_infer(block: dict, gpu_ms: float, python_ms: float) -> dict:
+    """:func:`~catalogpred.tasks.infer_block`'s output for a block without a model: ``python_ms`` of Python,
+    then ``gpu_ms`` asleep (the GIL released, as while a CUDA stream computes); seeded random latents and
+    magnitudes of the right shapes."""
+    from catalogpred import store
+
+    t0 = time.perf_counter()
+    n = int((block["meta"].column("status").to_numpy() == store.RowStatus.OK).sum())
+    end = t0 + python_ms / 1e3
+    spins = 0
+    while time.perf_counter() < end:
+        spins += 1
+    time.sleep(gpu_ms / 1e3)
+    rng = np.random.default_rng(n)
+    out = {k: v for k, v in block.items() if k != "flux"}
+    out.update(latents=rng.standard_normal((n, 10), dtype=np.float32),
+               mean=rng.normal(15, 1, (n, 4)).astype(np.float32), sigma=np.full((n, 4), 0.1, np.float32),
+               ood=np.zeros(n, np.float32), model_id="emulated", ood_threshold=1.0,
+               seconds_model=time.perf_counter() - t0)
+    return out
+
+
+def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms=(None,), threads=(1, 2),
+              repeats: int = 3) -> list[dict]:
+    """The host side of one GPU worker process, on any machine: read_block, an emulated model step
+    (:data:`EMULATED_MODEL_MS`) and write_block over every shard of the store from 1 and 2 threads (blocks
+    sharing a GPU), with each read engine and GIL switch interval. Not a GPU figure: what the CPU side
+    allows when the model step costs what it cost on the H100."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catalogpred import catalog as cat
+    from catalogpred import store
+    from catalogpred.tasks import read_block, write_block
+
+    gpu_ms, python_ms = model_ms
+    shards = [int(s) for s in store.done_shards(store_path, "sdss")]
+    _, layout = store.open_survey(store_path, "sdss")
+    columns = cat.catalog_columns(10, layout.meta_columns)
+    order = cat.choose_order(store.read_meta(store_path, "sdss", ["status"]).num_rows)
+    engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
+    default_switch = sys.getswitchinterval()
+    rows, base = [], None
+    for engine in engines:
+        for sw in switch_ms:
+            for t in threads:
+                cat_path = root / f"host-{engine}-{sw}-{t}"
+
+                def one(shard):
+                    t0 = time.perf_counter()
+                    block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
+                    return write_block(_emulated_infer(block, gpu_ms, python_ms), str(cat_path), order, columns,
+                                       started=t0)
+
+                sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
+                best = None
+                try:
+                    with ThreadPoolExecutor(t) as pool:
+                        for _ in range(repeats):
+                            shutil.rmtree(cat_path, ignore_errors=True)
+                            t0 = time.perf_counter()
+                            res = list(pool.map(one, shards))
+                            wall = time.perf_counter() - t0
+                            best = (wall, res) if best is None or wall < best[0] else best
+                finally:
+                    sys.setswitchinterval(default_switch)
+                    shutil.rmtree(cat_path, ignore_errors=True)
+                wall, res = best
+                rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall
+                base = base or rate
+                ms = {k: 1e3 * sum(r[f"seconds_{k}"] for r in res) / len(res) for k in ("read", "model", "write")}
+                rows.append({
+                    "name": f"host side of a GPU worker: {t} block thread(s), reader {engine}"
+                            + (f", switch interval {sw:g} ms" if sw is not None else "")
+                            + f" (model emulated: {gpu_ms:g} ms GPU + {python_ms:g} ms Python per block)",
+                    "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
+                    "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
+                            f"write {ms['write']:.0f}; {len(shards)} shards"})
+                print(format_rows(rows[-1:]), file=sys.stderr, flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- 4. end to end
 
 
@@ -607,7 +698,7 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
                 bare = next(x["value"] for x in r if ("bf16 auto" if dev.startswith("cuda") else "fp32 (IEEE) conv")
                             in x["name"])
             save()
-    if "e2e" in parts or "blocks" in parts or "reader" in parts:
+    if any(p in parts for p in ("reader", "host", "blocks", "e2e")):
         root = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=out))
         try:
             bundle_e2e = bundle or write_bundle(root / "model")
@@ -624,6 +715,10 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             r, reader_rate = reader_rows(dev, stores["large"], size["repeats"], size.get("switch_ms", (None,)))
             rows += r
             save()
+            if "host" in parts:
+                rows += host_rows(root, stores["large"], switch_ms=size.get("switch_ms", (None,)),
+                                  repeats=size["repeats"])
+                save()
             if "blocks" in parts:
                 rows += block_rows(dev, root, bundle_e2e, stores["large"])
                 save()
@@ -650,9 +745,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench-output"), help="where temporary stores go")
     p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     p.add_argument("--parts", default="ceilings,encoder,e2e,compile",
-                   help="comma-separated, run in this order: ceilings,encoder,reader,blocks,e2e,compile (reader: "
-                        "the store reader alone, also run by blocks and e2e; blocks: one worker process without Dask; "
-                        "compile: torch.compile rows)")
+                   help="comma-separated, run in this order: ceilings,encoder,reader,host,blocks,e2e,compile "
+                        "(reader: the store reader alone, also run by the others; host: a GPU worker's CPU side with "
+                        "an emulated model step, on any machine; blocks: one worker process without Dask; compile: "
+                        "torch.compile rows)")
     p.add_argument("--blocks", default=None, help="blocks per GPU to run end to end, e.g. 2 or 2,1,3 (default 2,1,3)")
     p.add_argument("--grids", default="sdss,desi", help="encoder rows for these grids")
     p.add_argument("--compile-e2e", choices=("yes", "no", "only"), default=None,

@@ -394,9 +394,10 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert 0 < rss["value"] < 10
 
 
-def test_bench_gpu_reader_part_on_the_cpu(tmp_path, monkeypatch):
-    """``bench_gpu.py --parts reader --switch-ms 5,0.5``: both read engines, alone and beside a Python thread
-    at each switch interval; the interpreter's own interval is restored afterwards."""
+def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
+    """``bench_gpu.py --parts reader,host --switch-ms 5,0.5``: both read engines, alone and beside a Python
+    thread at each switch interval, then a GPU worker's host side (emulated model step) for each engine,
+    interval and 1-2 block threads, writing a real catalog; the interpreter's own interval is restored."""
     import sys
 
     import bench_gpu as mod
@@ -404,8 +405,12 @@ def test_bench_gpu_reader_part_on_the_cpu(tmp_path, monkeypatch):
     pytest.importorskip("tensorstore")
     before = sys.getswitchinterval()
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5)))
-    rows = mod.run("cpu", True, None, tmp_path, None, ["reader"])
+    rows = mod.run("cpu", True, None, tmp_path, None, ["reader", "host"])
     assert sys.getswitchinterval() == before
+    host = [r for r in rows if r["name"].startswith("host side of a GPU worker")]
+    assert len(host) == 8 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
+    assert sum("2 block thread(s), reader tensorstore, switch interval 0.5 ms" in r["name"] for r in host) == 1
+    rows = [r for r in rows if r not in host]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)
     assert sum("one thread" in n for n in names) == 2 and sum("switch interval 0.5 ms" in n for n in names) == 2
