@@ -22,7 +22,8 @@ Everything is measured in one run, each figure against a baseline of the same ru
    a thread running Python (another block's work in the same worker: how much the read needs the GIL).
    With ``--parts …,host``, the CPU side of one GPU worker process on any machine: read, an emulated
    model step (the H100's: 27 ms of GPU, the GIL released, and 10 ms of Python per block) and write,
-   from 1 and 2 block threads, with each read engine and switch interval.
+   from 1 and 2 block threads, with each read engine and switch interval, and with each number of
+   part-file writer threads (``--write-threads 2,1``, as ``$CATALOGPRED_WRITE_THREADS``).
    With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
    threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
    threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
@@ -32,7 +33,8 @@ Everything is measured in one run, each figure against a baseline of the same ru
    worker processes sharing GPU 0 (``--procs``) or with I/O worker processes for the reads and writes
    (``--io-workers``, as ``predict --io-workers``), or with another read engine (``--read-engines
    tensorstore,zarr``, as ``predict --read-engine``) or another GIL switch interval in the workers
-   (``--switch-ms 5,0.5``), on a synthetic SDSS store of 100,000 spectra; for 2
+   (``--switch-ms 5,0.5``) or number of part-file writer threads (``--write-threads 8,1``), on a
+   synthetic SDSS store of 100,000 spectra; for 2
    blocks also 10,000 first, for the peak RSS per worker and its growth (issue 5: < 1.5 GB, < 10 %).
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
    Parquet writes, which tells what bounds the run. Then each block count again with
@@ -507,11 +509,13 @@ def _emulated_infer(block: dict, gpu_ms: float, python_ms: float) -> dict:
 
 
 def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms=(None,), threads=(1, 2),
-              repeats: int = 3) -> list[dict]:
+              repeats: int = 3, write_threads=(None,)) -> list[dict]:
     """The host side of one GPU worker process, on any machine: read_block, an emulated model step
     (:data:`EMULATED_MODEL_MS`) and write_block over every shard of the store from 1 and 2 threads (blocks
-    sharing a GPU), with each read engine and GIL switch interval. Not a GPU figure: what the CPU side
-    allows when the model step costs what it cost on the H100."""
+    sharing a GPU), with each read engine and GIL switch interval, and with the last engine (TensorStore, the
+    default, where installed) and each further number of part-file writer threads (``write_threads``, None:
+    catalogpred's default). Not a GPU figure: what the CPU side allows when the model step costs what it cost
+    on the H100."""
     from concurrent.futures import ThreadPoolExecutor
 
     from catalogpred import catalog as cat
@@ -526,42 +530,50 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
     engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
     default_switch = sys.getswitchinterval()
     rows, base = [], None
-    for engine in engines:
-        for sw in switch_ms:
-            for t in threads:
-                cat_path = root / f"host-{engine}-{sw}-{t}"
+    configs = ([(e, sw, write_threads[0]) for e in engines for sw in switch_ms]
+               + [(engines[-1], switch_ms[0], w) for w in write_threads[1:]])
+    for engine, sw, writer in configs:
+        for t in threads:
+            cat_path = root / f"host-{engine}-{sw}-{t}-{writer}"
 
-                def one(shard):
-                    t0 = time.perf_counter()
-                    block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
-                    return write_block(_emulated_infer(block, gpu_ms, python_ms), str(cat_path), order, columns,
-                                       started=t0)
+            def one(shard):
+                t0 = time.perf_counter()
+                block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
+                return write_block(_emulated_infer(block, gpu_ms, python_ms), str(cat_path), order, columns,
+                                   started=t0)
 
-                sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
-                best = None
-                try:
-                    with ThreadPoolExecutor(t) as pool:
-                        for _ in range(repeats):
-                            shutil.rmtree(cat_path, ignore_errors=True)
-                            t0 = time.perf_counter()
-                            res = list(pool.map(one, shards))
-                            wall = time.perf_counter() - t0
-                            best = (wall, res) if best is None or wall < best[0] else best
-                finally:
-                    sys.setswitchinterval(default_switch)
-                    shutil.rmtree(cat_path, ignore_errors=True)
-                wall, res = best
-                rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall
-                base = base or rate
-                ms = {k: 1e3 * sum(r[f"seconds_{k}"] for r in res) / len(res) for k in ("read", "model", "write")}
-                rows.append({
-                    "name": f"host side of a GPU worker: {t} block thread(s), reader {engine}"
-                            + (f", switch interval {sw:g} ms" if sw is not None else "")
-                            + f" (model emulated: {gpu_ms:g} ms GPU + {python_ms:g} ms Python per block)",
-                    "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
-                    "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
-                            f"write {ms['write']:.0f}; {len(shards)} shards"})
-                print(format_rows(rows[-1:]), file=sys.stderr, flush=True)
+            sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
+            old_writer = os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
+            if writer is not None:
+                os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
+            best = None
+            try:
+                with ThreadPoolExecutor(t) as pool:
+                    for _ in range(repeats):
+                        shutil.rmtree(cat_path, ignore_errors=True)
+                        t0 = time.perf_counter()
+                        res = list(pool.map(one, shards))
+                        wall = time.perf_counter() - t0
+                        best = (wall, res) if best is None or wall < best[0] else best
+            finally:
+                sys.setswitchinterval(default_switch)
+                os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
+                if old_writer is not None:
+                    os.environ["CATALOGPRED_WRITE_THREADS"] = old_writer
+                shutil.rmtree(cat_path, ignore_errors=True)
+            wall, res = best
+            rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall
+            base = base or rate
+            ms = {k: 1e3 * sum(r[f"seconds_{k}"] for r in res) / len(res) for k in ("read", "model", "write")}
+            rows.append({
+                "name": f"host side of a GPU worker: {t} block thread(s), reader {engine}"
+                        + (f", switch interval {sw:g} ms" if sw is not None else "")
+                        + f", part files from {writer or cat.default_write_threads()} thread(s)"
+                        + f" (model emulated: {gpu_ms:g} ms GPU + {python_ms:g} ms Python per block)",
+                "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
+                "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
+                        f"write {ms['write']:.0f}; {len(shards)} shards"})
+            print(format_rows(rows[-1:]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -596,28 +608,33 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     modes = {"only": ("yes",), True: ("no", "yes")}.get(size.get("compile_e2e"), ("no",))
     engines = size.get("read_engines", ("auto",))
     switches = size.get("switch_ms", (None,))  # None: Python's default (5 ms)
-    e0, sw0 = engines[0], switches[0]
-    configs = ([(b, 1, m, 0, e0, sw0) for m in modes for b in blocks]
-               + [(blocks[0], p, modes[0], 0, e0, sw0) for p in size.get("procs", ()) if p > 1]
-               + [(b, 1, m, io, e0, sw0) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks]
-               + [(b, 1, modes[0], 0, e, sw0) for e in engines[1:] for b in blocks]
-               + [(b, 1, modes[0], 0, e0, sw) for sw in switches[1:] for b in blocks])
-    for b, procs, compile, io, engine, switch_ms in configs:
+    writers = size.get("write_threads", (None,))  # None: catalog.default_write_threads()
+    e0, sw0, w0 = engines[0], switches[0], writers[0]
+    configs = ([(b, 1, m, 0, e0, sw0, w0) for m in modes for b in blocks]
+               + [(blocks[0], p, modes[0], 0, e0, sw0, w0) for p in size.get("procs", ()) if p > 1]
+               + [(b, 1, m, io, e0, sw0, w0) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks]
+               + [(b, 1, modes[0], 0, e, sw0, w0) for e in engines[1:] for b in blocks]
+               + [(b, 1, modes[0], 0, e0, sw, w0) for sw in switches[1:] for b in blocks]
+               + [(b, 1, modes[0], 0, e0, sw0, w) for w in writers[1:] for b in blocks])
+    for b, procs, compile, io, engine, switch_ms, writer in configs:
         kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
         kw["io_workers"] = io
         opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile,
                     read_engine=engine)
-        tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}"
+        tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}-{writer}"
         t_start = time.perf_counter()
         with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
             t_cluster = time.perf_counter() - t_start
             if switch_ms is not None:  # the interpreter's GIL switch interval in every worker process
                 client.run(sys.setswitchinterval, switch_ms / 1e3)
+            if writer is not None:  # part-file writer threads per block (catalog.default_write_threads)
+                client.run(os.environ.__setitem__, "CATALOGPRED_WRITE_THREADS", str(writer))
             t0 = time.perf_counter()
             run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
             t_warm = time.perf_counter() - t0
             rss_small = None
-            if b == blocks[0] and procs == 1 and compile == modes[0] and not io and engine == e0 and switch_ms == sw0:
+            if (b == blocks[0] and procs == 1 and compile == modes[0] and not io and engine == e0 and switch_ms == sw0
+                    and writer == w0):
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             with GpuSampler() as gpu:
@@ -631,7 +648,8 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
         how = ((f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
                + (f", {io} I/O workers (read, model, write tasks)" if io else "")
                + f", reader {s.settings['read_engine']}"
-               + (f", GIL switch interval {switch_ms:g} ms" if switch_ms is not None else ""))
+               + (f", GIL switch interval {switch_ms:g} ms" if switch_ms is not None else "")
+               + (f", {writer} part-file writer thread(s)" if writer is not None else ""))
         row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
                if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers"
                                               f"{how} ({n_large:,d} spectra)",
@@ -717,7 +735,7 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             save()
             if "host" in parts:
                 rows += host_rows(root, stores["large"], switch_ms=size.get("switch_ms", (None,)),
-                                  repeats=size["repeats"])
+                                  repeats=size["repeats"], write_threads=size.get("write_threads", (None,)))
                 save()
             if "blocks" in parts:
                 rows += block_rows(dev, root, bundle_e2e, stores["large"])
@@ -762,6 +780,10 @@ def main(argv=None) -> int:
     p.add_argument("--switch-ms", default=None,
                    help="GIL switch intervals (ms) to set in the worker processes (sys.setswitchinterval), the first "
                         "for every config and the others for the plain configs, e.g. 5,0.5 (default: Python's 5 ms)")
+    p.add_argument("--write-threads", default=None,
+                   help="part-file writer threads per block (CATALOGPRED_WRITE_THREADS), the first for every config "
+                        "and the others for the plain configs, e.g. 8,1 (default: catalogpred's, the CPU count up "
+                        "to 8)")
     p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
                                                  "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
     args = p.parse_args(argv)
@@ -777,6 +799,9 @@ def main(argv=None) -> int:
     if args.switch_ms:
         for v in SIZES.values():
             v["switch_ms"] = tuple(float(x) for x in args.switch_ms.split(","))
+    if args.write_threads:
+        for v in SIZES.values():
+            v["write_threads"] = tuple(int(x) for x in args.write_threads.split(","))
     if args.procs:
         for v in SIZES.values():
             v["procs"] = tuple(int(p) for p in args.procs.split(","))

@@ -25,7 +25,9 @@ from __future__ import annotations
 import enum
 import json
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,8 +183,34 @@ def pixel_dir(catalog_path, order: int, pixel: int) -> Path:
     return Path(catalog_path) / DATASET_DIR / f"Norder={order}" / f"Dir={d}" / f"Npix={pixel}"
 
 
-def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str) -> dict[int, int]:
-    """Split ``table`` by HEALPix pixel at ``order`` and write one part file per pixel, atomically.
+_WRITE_POOLS: dict = {}
+_WRITE_POOLS_LOCK = threading.Lock()
+
+
+def default_write_threads() -> int:
+    """Threads that write one block's part files at once: ``$CATALOGPRED_WRITE_THREADS``, else the CPU count
+    up to 8. pyarrow encodes and compresses a Parquet file outside the interpreter lock, so a block's part
+    files (one per HEALPix pixel it touches) are written in parallel."""
+    env = os.environ.get("CATALOGPRED_WRITE_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise CatalogError(f"CATALOGPRED_WRITE_THREADS={env!r}: expected a positive integer")
+        return int(env)
+    return min(8, os.cpu_count() or 1)
+
+
+def _write_pool(threads: int):
+    """This process's pool of ``threads`` part-file writer threads (created once, shared by a worker's tasks)."""
+    with _WRITE_POOLS_LOCK:
+        if threads not in _WRITE_POOLS:
+            _WRITE_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="catalogpred-parquet")
+        return _WRITE_POOLS[threads]
+
+
+def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,
+                   write_threads: int | None = None) -> dict[int, int]:
+    """Split ``table`` by HEALPix pixel at ``order`` and write one part file per pixel, atomically, from up to
+    ``write_threads`` threads (default :func:`default_write_threads`; 1 writes them one after the other).
 
     Returns ``{pixel: rows}``.
     """
@@ -193,13 +221,23 @@ def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str) ->
     order_idx = np.argsort(h29, kind="stable")
     table = table.take(pa.array(order_idx))
     pix = pix[order_idx]
-    out = {}
     bounds = np.flatnonzero(np.diff(pix)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(pix)]):
-        p = int(pix[lo])
-        _atomic_write(table.slice(lo, hi - lo), pixel_dir(catalog_path, order, p) / f"part-{block_key}.parquet")
-        out[p] = int(hi - lo)
-    return out
+    parts = [(int(pix[lo]), int(lo), int(hi - lo)) for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(pix)])]
+
+    def write(part):
+        p, lo, n = part
+        _atomic_write(table.slice(lo, n), pixel_dir(catalog_path, order, p) / f"part-{block_key}.parquet")
+
+    threads = write_threads or default_write_threads()
+    if threads > 1 and len(parts) > 1:
+        futures = [_write_pool(threads).submit(write, part) for part in parts]
+        wait(futures)  # all of them, so none is still writing when a failure is raised
+        for f in futures:
+            f.result()
+    else:
+        for part in parts:
+            write(part)
+    return {p: n for p, _, n in parts}
 
 
 #: the rejects table: every input spectrum that did not make it into the catalog.

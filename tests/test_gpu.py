@@ -373,7 +373,8 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     import bench_gpu as mod
 
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True,
-                                                 io_workers=(2,), read_engines=("tensorstore", "zarr"), switch_ms=(None, 1.0)))
+                                                 io_workers=(2,), read_engines=("tensorstore", "zarr"), switch_ms=(None, 1.0),
+                                                 write_threads=(None, 3)))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["blocks", "e2e"])
     names = [r["name"] for r in rows]
     in_process = [r for r in rows if r["name"].startswith("in-process: predict_block")]
@@ -384,6 +385,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert sum("end to end" in n and "2 I/O workers" in n for n in names) == 2  # eager and compiled
     assert sum("end to end" in n and "reader zarr" in n for n in names) == 1  # the other engine: one plain run
     assert sum("end to end" in n and "GIL switch interval 1 ms" in n for n in names) == 1
+    assert sum("end to end" in n and "3 part-file writer thread(s)" in n for n in names) == 1
     readers = [r for r in rows if r["name"].startswith("reader:")]
     # 2 engines: alone, and beside Python at the default and a 1 ms switch interval
     assert len(readers) == 6 and all(r["value"] > 0 for r in readers)
@@ -404,12 +406,17 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
 
     pytest.importorskip("tensorstore")
     before = sys.getswitchinterval()
-    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5)))
+    monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5),
+                                                 write_threads=(None, 1)))
+    monkeypatch.delenv("CATALOGPRED_WRITE_THREADS", raising=False)
     rows = mod.run("cpu", True, None, tmp_path, None, ["reader", "host"])
-    assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before and "CATALOGPRED_WRITE_THREADS" not in os.environ
     host = [r for r in rows if r["name"].startswith("host side of a GPU worker")]
-    assert len(host) == 8 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
+    assert len(host) == 10 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
     assert sum("2 block thread(s), reader tensorstore, switch interval 0.5 ms" in r["name"] for r in host) == 1
+    # one writer thread: with TensorStore (the default reader) at the first switch interval, 1 and 2 blocks
+    assert [r["name"].split(":")[1].split(" (")[0] for r in host if "part files from 1 thread(s)" in r["name"]] == [
+        f" {t} block thread(s), reader tensorstore, switch interval 5 ms, part files from 1 thread(s)" for t in (1, 2)]
     rows = [r for r in rows if r not in host]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)

@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogpred import catalog as cat
-from catalogpred.errors import ConfigError
+from catalogpred.errors import CatalogError, ConfigError
 from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
+from catalogpred.tasks import _write_threads
 
 SHARD_ROWS = 8
 N_SHARDS = 12
@@ -138,6 +139,51 @@ def test_part_files_dictionary_encode_strings_only(reference):
         assert "RLE_DICTIONARY" not in encodings[name], (name, encodings[name])
     assert meta.row_group(0).column(0).compression == "ZSTD"
     assert b"IVOA.VOTable-Parquet.content" in pq.read_schema(part).metadata
+
+
+def _fragment_table(n: int = 2000):
+    """A catalog block of ``n`` rows spread over the sky: at order 1 it touches all 48 pixels."""
+    import bench_query
+
+    schema = cat.catalog_schema(bench_query._columns(), {"IVOA.VOTable-Parquet.version": "1.0"})
+    return bench_query._block(np.random.default_rng(4), 0, n, schema)
+
+
+def _part_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("**/*")) if p.is_file()}
+
+
+def test_part_files_written_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
+    """A block's part files are written from a pool of threads: the same files, byte for byte, as one thread
+    writing them one after the other; ``CATALOGPRED_WRITE_THREADS`` sets the default and is checked."""
+    table = _fragment_table()
+    serial = cat.write_fragment(tmp_path / "serial", table, 1, "sdss-000000", write_threads=1)
+    monkeypatch.setenv("CATALOGPRED_WRITE_THREADS", "6")
+    assert cat.default_write_threads() == 6
+    parallel = cat.write_fragment(tmp_path / "parallel", table, 1, "sdss-000000")
+    assert serial == parallel and len(parallel) == 48 and sum(parallel.values()) == table.num_rows
+    assert _part_files(tmp_path / "serial") == _part_files(tmp_path / "parallel")
+    assert _write_threads("cuda") is None and _write_threads("cpu") is None  # the variable applies everywhere
+    monkeypatch.delenv("CATALOGPRED_WRITE_THREADS")
+    assert _write_threads("cpu") == 1 and _write_threads("cuda") is None  # CPU workers already fill the cores
+    monkeypatch.setenv("CATALOGPRED_WRITE_THREADS", "0")
+    with pytest.raises(CatalogError, match="CATALOGPRED_WRITE_THREADS"):
+        cat.default_write_threads()
+
+
+def test_a_failed_part_file_fails_the_block_after_the_others_finish(tmp_path):
+    """One pixel's leaf cannot be created (a file is in its place): write_fragment raises that error, and only
+    after every other part file is complete, so no thread is still writing when Dask retries the block."""
+    table = _fragment_table()
+    blocked = cat.pixel_dir(tmp_path, 1, 20)
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    with pytest.raises(OSError):
+        cat.write_fragment(tmp_path, table, 1, "sdss-000000", write_threads=4)
+    written = sorted((tmp_path / cat.DATASET_DIR).glob("**/part-sdss-000000.parquet"))
+    assert len(written) == 47 and not list(tmp_path.glob("**/*.tmp"))
+    assert sum(pq.read_metadata(p).num_rows for p in written) == table.num_rows - int(
+        (table.column("_healpix_29").to_numpy() >> 56 == 20).sum())
 
 
 def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path):
