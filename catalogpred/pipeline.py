@@ -584,6 +584,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     summary.seconds_model = sum(r["seconds_model"] for r in results.values())
     summary.seconds_read = sum(r["seconds_read"] for r in results.values())
     summary.seconds_write = sum(r["seconds_write"] for r in results.values())
+    writers = {r["write_threads"] for r in results.values() if r.get("write_threads")}
     manifest = {
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -597,7 +598,9 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                      **({"io_workers": n_io} if n_io else {}),
                      # what read the shards on the workers ("auto" resolves there)
                      "read_engine": ",".join(sorted({r.get("read_engine") or read_engine for r in results.values()}))
-                     or read_engine},
+                     or read_engine,
+                     # part-file writer threads per block on the workers (catalog.default_write_threads)
+                     **({"write_threads": ",".join(map(str, sorted(writers)))} if writers else {})},
         "versions": _versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
@@ -606,7 +609,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     }
     summary.settings = {k: v for k, v in manifest["settings"].items() if k in ("device", "precision", "batch_size",
                                                                                "compile", "blocks_per_gpu", "io_workers",
-                                                                               "read_engine")}
+                                                                               "read_engine", "write_threads")}
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]

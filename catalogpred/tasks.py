@@ -263,9 +263,9 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     ``read_engine``: as in :func:`~catalogpred.store.read_shard`.
 
     Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
-    "seconds_read", "seconds_write", "read_engine"}``: wall time of the task, of encoder + head (``infer``),
-    of the Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects, done marker), and
-    the engine that read the shard.
+    "seconds_read", "seconds_write", "read_engine", "write_threads"}``: wall time of the task, of encoder +
+    head (``infer``), of the Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects,
+    done marker), the engine that read the shard and the threads that wrote its part files.
     """
     t0 = time.perf_counter()
     block = read_block(store_path, survey, shard, device=device, engine=read_engine)
@@ -345,6 +345,7 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     pixels: dict[int, int] = {}
     t_write = 0.0
     n_rows = 0
+    write_threads = write_threads or cat.default_write_threads()
     if ok.any():
         good = meta.filter(pa.array(ok))
         latents, mean, sigma, ood = pred["latents"], pred["mean"], pred["sigma"], pred["ood"]
@@ -410,7 +411,8 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
-               "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine")}
+               "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine"),
+               "write_threads": write_threads}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary

@@ -193,6 +193,7 @@ def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_cl
     summary = run_predict(syn_store, random_bundle, str(tmp_path / "catalog"), client=cluster_client[1], progress=False,
                           torch_threads=1, read_engine="zarr")
     assert summary.settings["read_engine"] == "zarr"
+    assert summary.settings["write_threads"] == "1"  # CPU workers write a block's part files one by one
     assert json.loads((Path(reference) / "run_manifest.json").read_text())["settings"]["read_engine"] == "tensorstore"
     assert_same_catalog(tmp_path / "catalog", reference)
     with pytest.raises(ConfigError, match="read engine"):
@@ -339,6 +340,8 @@ def test_io_workers_read_and_write_and_give_the_same_catalog(syn_store, random_b
     manifest = json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())
     assert manifest["settings"]["io_workers"] == 2
     assert manifest["settings"]["read_engine"] == ("tensorstore" if importlib.util.find_spec("tensorstore") else "zarr")
+    # I/O workers have cores to spare for the part files (GPU workers do too): the catalog default
+    assert manifest["settings"]["write_threads"] == str(cat.default_write_threads())
 
 
 def test_io_workers_block_failing_on_every_retry_goes_to_rejects(syn_store, random_bundle, io_client, tmp_path):
