@@ -581,8 +581,10 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
 
 
 def _maxrss(client) -> float:
-    return max(client.run(lambda: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss
-                          * 1024).values())
+    """The largest peak RSS of the workers, bytes (:func:`catalogpred.cluster.peak_rss_bytes`)."""
+    from catalogpred.cluster import peak_rss_bytes
+
+    return max(client.run(peak_rss_bytes).values())
 
 
 @contextlib.contextmanager

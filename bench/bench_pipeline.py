@@ -24,8 +24,10 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
   ``run_predict`` above, after a warm-up run in which each worker compiles the encoder (its time is
   reported, not counted: a large run pays it once per worker).
 - **Peak RSS per worker** at two store sizes (``N_small``, ``N_large``), each on a fresh cluster:
-  the high-water mark ``getrusage(RUSAGE_SELF).ru_maxrss`` of every worker process after the run
-  (exact), and the largest of ``psutil`` samples every 0.25 s during the run. Target < 1.5 GB per
+  the high-water mark of every worker process after the run (exact: ``VmHWM``, see
+  :func:`catalogpred.cluster.peak_rss_bytes`; ``ru_maxrss`` would report this process's own size,
+  which Linux passes on to the workers it spawns), and the largest of ``psutil`` samples every 0.25 s
+  during the run. Target < 1.5 GB per
   worker, and < 10 % growth from the small to the large store.
 
 On 2 CPU cores the encoder runs at only ~15–30 spectra/s per core (about 1 GFLOP per spectrum), so
@@ -274,8 +276,12 @@ class RssSampler:
 
 
 def _worker_maxrss(client) -> dict:
-    """``ru_maxrss`` (bytes) of every worker process: its exact high-water mark since it started."""
-    return client.run(lambda: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
+    """Peak RSS (bytes) of every worker process: its exact high-water mark since it started
+    (:func:`catalogpred.cluster.peak_rss_bytes`; not ``ru_maxrss``, which a spawned worker inherits from this
+    process)."""
+    from catalogpred.cluster import peak_rss_bytes
+
+    return client.run(peak_rss_bytes)
 
 
 def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, warm_store: str,

@@ -340,3 +340,25 @@ def default_torch_threads(client) -> int | None:
         return None
     nthreads = max(1, min(int(w.get("nthreads") or 1) for w in workers))
     return max(1, nthreads // min(nthreads, TASKS_IN_FLIGHT_PER_WORKER))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, bytes (run it on workers with ``client.run``).
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``, the high-water mark of the process's own memory
+    since it started. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not: Linux keeps it across ``fork`` + ``exec``,
+    so a Dask worker spawned by a 1.5 GB client process reports at least 1.5 GB however little it uses.
+    Elsewhere, ``ru_maxrss`` (kilobytes on Linux, bytes on macOS).
+    """
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

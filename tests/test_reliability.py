@@ -438,3 +438,36 @@ def test_run_bounded_gives_work_to_workers_that_join_later(counting):
     assert not errors and len(results) == n
     assert counting.history[:2] == [1, 2] and counting.peak == 4  # the window grew with the second worker
     assert len({addr for _, addr in results.values()}) == 2  # and the new worker got tasks
+
+
+def _allocate_and_report(n_bytes: int) -> int:
+    """In a worker: touch ``n_bytes`` of memory, free it, and return the process's peak RSS."""
+    from catalogpred.cluster import peak_rss_bytes
+
+    block = np.ones(n_bytes // 8)
+    del block
+    return peak_rss_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_worker_peak_rss_is_its_own_not_the_spawning_process(tmp_path):
+    """The benchmarks' memory targets are per worker: ``peak_rss_bytes`` on a freshly spawned worker is its own
+    high-water mark, not the 800 MB this process holds (``ru_maxrss`` there reports that, as Linux keeps it
+    across fork + exec), and it sees the 300 MB the worker itself touched."""
+    import resource
+
+    from distributed import Client, LocalCluster
+
+    from catalogpred.cluster import peak_rss_bytes
+
+    ballast = np.ones(800_000_000 // 8)
+    assert peak_rss_bytes() > 800e6
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR, local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
+        inherited = next(iter(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024).values()))
+        before = next(iter(client.run(peak_rss_bytes).values()))
+        after = client.submit(_allocate_and_report, 300_000_000).result()
+    del ballast
+    assert inherited > 800e6  # what the benchmarks used to report
+    assert before < 500e6  # a fresh worker: Python, numpy, distributed
+    assert after > before + 250e6 and after < 800e6
