@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CatalogError
+from .errors import CatalogError, ConfigError
 
 __all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_schema", "choose_order",
            "write_fragment", "write_block_done", "read_block_done", "finalize_catalog", "REJECTS_SCHEMA",
@@ -194,7 +194,7 @@ def default_write_threads() -> int:
     env = os.environ.get("CATALOGPRED_WRITE_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise CatalogError(f"CATALOGPRED_WRITE_THREADS={env!r}: expected a positive integer")
+            raise ConfigError(f"CATALOGPRED_WRITE_THREADS={env!r}: expected a positive integer")
         return int(env)
     return min(8, os.cpu_count() or 1)
 

@@ -550,6 +550,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     compile = resolve_compile(compile, device, inputs * len(todo) // max(len(blocks), 1), _n_workers(client, resources))
     if read_engine not in store.READ_ENGINES:
         raise ConfigError(f"read engine must be one of {store.READ_ENGINES}, not {read_engine!r}")
+    cat.default_write_threads()  # a bad $CATALOGPRED_WRITE_THREADS fails here, not in every block on the workers
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads,
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]

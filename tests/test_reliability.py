@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogpred import catalog as cat
-from catalogpred.errors import CatalogError, ConfigError
+from catalogpred.errors import ConfigError
 from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
 from catalogpred.tasks import _write_threads
 
@@ -167,7 +167,7 @@ def test_part_files_written_in_parallel_equal_the_serial_ones(tmp_path, monkeypa
     monkeypatch.delenv("CATALOGPRED_WRITE_THREADS")
     assert _write_threads("cpu") == 1 and _write_threads("cuda") is None  # CPU workers already fill the cores
     monkeypatch.setenv("CATALOGPRED_WRITE_THREADS", "0")
-    with pytest.raises(CatalogError, match="CATALOGPRED_WRITE_THREADS"):
+    with pytest.raises(ConfigError, match="CATALOGPRED_WRITE_THREADS"):
         cat.default_write_threads()
 
 
@@ -186,7 +186,8 @@ def test_a_failed_part_file_fails_the_block_after_the_others_finish(tmp_path):
         (table.column("_healpix_29").to_numpy() >> 56 == 20).sum())
 
 
-def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path):
+def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path,
+                                            monkeypatch):
     """The reference run read shards with TensorStore (the default where it is installed); zarr-python alone
     gives the same catalog, and the manifest says which engine the workers used."""
     pytest.importorskip("tensorstore")
@@ -199,6 +200,10 @@ def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_cl
     with pytest.raises(ConfigError, match="read engine"):
         run_predict(syn_store, random_bundle, str(tmp_path / "other"), client=cluster_client[1], progress=False,
                     read_engine="fast")
+    monkeypatch.setenv("CATALOGPRED_WRITE_THREADS", "many")  # refused before any block runs
+    with pytest.raises(ConfigError, match="CATALOGPRED_WRITE_THREADS"):
+        run_predict(syn_store, random_bundle, str(tmp_path / "other"), client=cluster_client[1], progress=False)
+    assert not (tmp_path / "other" / cat.RUN_DIR / "blocks").exists()
 
 
 def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store, random_bundle, cluster_client,
