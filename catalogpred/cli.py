@@ -28,7 +28,12 @@ EPILOGS = {
           catalogpred predict --store store.zarr --model model/ --catalog catalog/ --overwrite
           catalogpred predict --store store.zarr --model model/ --catalog catalog/ --device cuda --precision bf16
         Re-running into an existing catalog resumes (finished blocks are skipped; blocks that failed
-        on every retry, whose spectra went to rejects as predict_error, are tried again).""",
+        on every retry, whose spectra went to rejects as predict_error, are tried again).
+        environment (read on the workers):
+          CATALOGPRED_WRITE_THREADS  threads writing a block's part files (default: the CPU count up to
+                                     8 on GPU and I/O workers, 1 on CPU workers)
+          CATALOGPRED_ENCODER_IMPL   conv|gemm|nhwc: force one encoder implementation (default: conv on
+                                     CPUs, the fastest, timed once, on GPUs)""",
     "query": """\
         examples:
           catalogpred query catalog/ --cone 150.0 2.0 60 --columns source_id,ra,dec,w1_mag,w1_mag_err
