@@ -60,6 +60,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -543,12 +544,12 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
                                    started=t0)
 
             sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
-            old_writer = os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
-            if writer is not None:
-                os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
             best = None
             try:
-                with ThreadPoolExecutor(t) as pool:
+                with mock.patch.dict(os.environ), ThreadPoolExecutor(t) as pool:  # the environment restored after
+                    os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
+                    if writer is not None:
+                        os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
                     for _ in range(repeats):
                         shutil.rmtree(cat_path, ignore_errors=True)
                         t0 = time.perf_counter()
@@ -557,9 +558,6 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
                         best = (wall, res) if best is None or wall < best[0] else best
             finally:
                 sys.setswitchinterval(default_switch)
-                os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
-                if old_writer is not None:
-                    os.environ["CATALOGPRED_WRITE_THREADS"] = old_writer
                 shutil.rmtree(cat_path, ignore_errors=True)
             wall, res = best
             rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall

@@ -23,9 +23,9 @@ Magnitudes are **Vega** (AllWISE ``w?mpro`` system); add 2.699, 3.339, 5.174, 6.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -183,28 +183,24 @@ def pixel_dir(catalog_path, order: int, pixel: int) -> Path:
     return Path(catalog_path) / DATASET_DIR / f"Norder={order}" / f"Dir={d}" / f"Npix={pixel}"
 
 
-_WRITE_POOLS: dict = {}
-_WRITE_POOLS_LOCK = threading.Lock()
-
-
-def default_write_threads() -> int:
-    """Threads that write one block's part files at once: ``$CATALOGPRED_WRITE_THREADS``, else the CPU count
-    up to 8. pyarrow encodes and compresses a Parquet file outside the interpreter lock, so a block's part
-    files (one per HEALPix pixel it touches) are written in parallel."""
+def default_write_threads(*, cpu_worker: bool = False) -> int:
+    """Threads that write one block's part files at once: ``$CATALOGPRED_WRITE_THREADS``, else 1 in a CPU
+    worker (a local CPU cluster already runs a worker process per core) and the CPU count up to 8 elsewhere
+    (GPU and I/O workers have idle cores). pyarrow encodes and compresses a Parquet file outside the
+    interpreter lock, so a block's part files (one per HEALPix pixel it touches) are written in parallel."""
     env = os.environ.get("CATALOGPRED_WRITE_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ConfigError(f"CATALOGPRED_WRITE_THREADS={env!r}: expected a positive integer")
         return int(env)
-    return min(8, os.cpu_count() or 1)
+    return 1 if cpu_worker else min(8, os.cpu_count() or 1)
 
 
-def _write_pool(threads: int):
-    """This process's pool of ``threads`` part-file writer threads (created once, shared by a worker's tasks)."""
-    with _WRITE_POOLS_LOCK:
-        if threads not in _WRITE_POOLS:
-            _WRITE_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="catalogpred-parquet")
-        return _WRITE_POOLS[threads]
+@functools.cache
+def _write_pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` part-file writer threads, shared by a worker's tasks. (Two first
+    calls at once may each build one; the one not cached finishes its caller's files and is collected.)"""
+    return ThreadPoolExecutor(threads, thread_name_prefix="catalogpred-parquet")
 
 
 def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,

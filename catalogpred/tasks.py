@@ -271,16 +271,8 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     block = read_block(store_path, survey, shard, device=device, engine=read_engine)
     pred = infer_block(block, bundle_path, precision=precision, batch_size=batch_size, device=device,
                        torch_threads=torch_threads, compile=compile)
-    return write_block(pred, catalog_path, order, schema_columns, started=t0, write_threads=_write_threads(device))
-
-
-def _write_threads(device: str) -> int | None:
-    """Part-file writer threads for a block predicted on ``device``: one on a CPU worker (a local CPU cluster
-    already runs a worker process per core) unless ``$CATALOGPRED_WRITE_THREADS`` is set, else None (the
-    catalog's default, :func:`~catalogpred.catalog.default_write_threads`: GPU and I/O workers have idle cores)."""
-    if device.startswith("cpu") and not os.environ.get("CATALOGPRED_WRITE_THREADS", "").strip():
-        return 1
-    return None
+    return write_block(pred, catalog_path, order, schema_columns, started=t0,
+                       write_threads=cat.default_write_threads(cpu_worker=device.startswith("cpu")))
 
 
 def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu", engine: str = "auto") -> dict:
@@ -327,7 +319,8 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     """Stage 3: flags, the catalog table, its part files, the rejects and the done marker of an
     :func:`infer_block` result. Returns the block summary (see :func:`predict_block`); ``seconds`` is
     from ``started`` (this process's ``perf_counter``) or, across processes, the sum of the stages.
-    ``write_threads``: as in :func:`~catalogpred.catalog.write_fragment`."""
+    ``write_threads``: as in :func:`~catalogpred.catalog.write_fragment` (default: a GPU or I/O worker's,
+    :func:`~catalogpred.catalog.default_write_threads`)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     t0 = time.perf_counter()

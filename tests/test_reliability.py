@@ -24,7 +24,6 @@ import pytest
 from catalogpred import catalog as cat
 from catalogpred.errors import ConfigError
 from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
-from catalogpred.tasks import _write_threads
 
 SHARD_ROWS = 8
 N_SHARDS = 12
@@ -163,9 +162,11 @@ def test_part_files_written_in_parallel_equal_the_serial_ones(tmp_path, monkeypa
     parallel = cat.write_fragment(tmp_path / "parallel", table, 1, "sdss-000000")
     assert serial == parallel and len(parallel) == 48 and sum(parallel.values()) == table.num_rows
     assert _part_files(tmp_path / "serial") == _part_files(tmp_path / "parallel")
-    assert _write_threads("cuda") is None and _write_threads("cpu") is None  # the variable applies everywhere
+    assert cat.default_write_threads(cpu_worker=True) == 6  # the variable applies everywhere
     monkeypatch.delenv("CATALOGPRED_WRITE_THREADS")
-    assert _write_threads("cpu") == 1 and _write_threads("cuda") is None  # CPU workers already fill the cores
+    # CPU workers already fill the cores; GPU and I/O workers use the CPU count up to 8
+    assert cat.default_write_threads(cpu_worker=True) == 1
+    assert cat.default_write_threads() == min(8, os.cpu_count() or 1)
     monkeypatch.setenv("CATALOGPRED_WRITE_THREADS", "0")
     with pytest.raises(ConfigError, match="CATALOGPRED_WRITE_THREADS"):
         cat.default_write_threads()
