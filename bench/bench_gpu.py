@@ -23,14 +23,16 @@ Everything is measured in one run, each figure against a baseline of the same ru
    With ``--parts …,host``, the CPU side of one GPU worker process on any machine: read, an emulated
    model step (the H100's: 27 ms of GPU, the GIL released, and 10 ms of Python per block) and write,
    from 1 and 2 block threads, with each read engine and switch interval, and with each number of
-   part-file writer threads (``--write-threads 2,1``, as ``$CATALOGPRED_WRITE_THREADS``).
+   part-file writer threads (``--write-threads 2,1``, as ``$CATALOGPRED_WRITE_THREADS``), and with
+   several such processes (``--procs 2``, as ``predict --workers-per-gpu 2``), each with its own GIL.
    With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
    threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
    threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
    contention says whether the GPU, the reads or the interpreter lock bounds a worker.
 4. **predict end to end** (:func:`~catalogpred.pipeline.run_predict`, bf16, catalog written, finalized) on
    a LocalCUDACluster with 2, 1 and 3 blocks sharing the GPU (``--blocks``), and optionally with several
-   worker processes sharing GPU 0 (``--procs``) or with I/O worker processes for the reads and writes
+   worker processes per GPU (``--procs``, as ``predict --workers-per-gpu``; every worker is warmed
+   up, compiled where the run compiles, before the timed run) or with I/O worker processes for the reads and writes
    (``--io-workers``, as ``predict --io-workers``), or with another read engine (``--read-engines
    tensorstore,zarr``, as ``predict --read-engine``) or another GIL switch interval in the workers
    (``--switch-ms 5,0.5``) or number of part-file writer threads (``--write-threads 8,1``), on a
@@ -509,21 +511,54 @@ def _emulated_infer(block: dict, gpu_ms: float, python_ms: float) -> dict:
     return out
 
 
+def _host_block(store_path: str, shard: int, cat_path: str, order: int, columns: list, engine: str,
+                model_ms=EMULATED_MODEL_MS) -> dict:
+    """What a GPU worker does with one block, the model emulated: ``read_block``, :func:`_emulated_infer`,
+    ``write_block``."""
+    from catalogpred.tasks import read_block, write_block
+
+    t0 = time.perf_counter()
+    block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
+    return write_block(_emulated_infer(block, *model_ms), cat_path, order, columns, started=t0)
+
+
+def _host_process(store_path: str, shards: list, cat_path: str, order: int, columns: list, engine: str,
+                  threads: int, model_ms=EMULATED_MODEL_MS) -> list[dict]:
+    """One emulated GPU worker process (``host_rows`` with several processes): its share of the shards from
+    ``threads`` block threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda sh: _host_block(store_path, sh, cat_path, order, columns, engine, model_ms),
+                             shards))
+
+
+def _host_warm(store_path: str, engine: str) -> int:
+    """Start-up of a process of the pool: imports, the reader's handles; long enough that each process gets one."""
+    from catalogpred.tasks import read_block
+
+    read_block(store_path, "sdss", 0, device="cuda", engine=engine)
+    time.sleep(0.5)
+    return os.getpid()
+
+
 def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms=(None,), threads=(1, 2),
-              repeats: int = 3, write_threads=(None,)) -> list[dict]:
+              repeats: int = 3, write_threads=(None,), procs=(1,)) -> list[dict]:
     """The host side of one GPU worker process, on any machine: read_block, an emulated model step
     (:data:`EMULATED_MODEL_MS`) and write_block over every shard of the store from 1 and 2 threads (blocks
     sharing a GPU), with each read engine and GIL switch interval, and with the last engine (TensorStore, the
     default, where installed) and each further number of part-file writer threads (``write_threads``, None:
-    catalogpred's default). Not a GPU figure: what the CPU side allows when the model step costs what it cost
-    on the H100."""
-    from concurrent.futures import ThreadPoolExecutor
+    catalogpred's default). With ``procs`` above 1, also that many such processes (``predict
+    --workers-per-gpu``), each with 1 and 2 block threads and its share of the shards: each has its own
+    interpreter lock. Not a GPU figure: what the CPU side allows when the model step costs what it cost
+    on the H100, and the GPU has room for more (it was busy 20 % of the time)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from catalogpred import catalog as cat
     from catalogpred import store
-    from catalogpred.tasks import read_block, write_block
+    from catalogpred.tasks import block_key
 
-    gpu_ms, python_ms = model_ms
     shards = [int(s) for s in store.done_shards(store_path, "sdss")]
     _, layout = store.open_survey(store_path, "sdss")
     columns = cat.catalog_columns(10, layout.meta_columns)
@@ -531,43 +566,57 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
     engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
     default_switch = sys.getswitchinterval()
     rows, base = [], None
-    configs = ([(e, sw, write_threads[0]) for e in engines for sw in switch_ms]
-               + [(engines[-1], switch_ms[0], w) for w in write_threads[1:]])
-    for engine, sw, writer in configs:
+    configs = ([(e, sw, write_threads[0], 1) for e in engines for sw in switch_ms]
+               + [(engines[-1], switch_ms[0], w, 1) for w in write_threads[1:]]
+               + [(engines[-1], switch_ms[0], write_threads[0], p) for p in procs if p > 1])
+    for engine, sw, writer, n_procs in configs:
         for t in threads:
-            cat_path = root / f"host-{engine}-{sw}-{t}-{writer}"
-
-            def one(shard):
-                t0 = time.perf_counter()
-                block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
-                return write_block(_emulated_infer(block, gpu_ms, python_ms), str(cat_path), order, columns,
-                                   started=t0)
-
+            cat_path = str(root / f"host-{engine}-{sw}-{t}-{writer}-{n_procs}")
             sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
             best = None
             try:
-                with mock.patch.dict(os.environ), ThreadPoolExecutor(t) as pool:  # the environment restored after
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(mock.patch.dict(os.environ))  # the environment restored after
                     os.environ.pop("CATALOGPRED_WRITE_THREADS", None)
                     if writer is not None:
                         os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
+                    if n_procs == 1:
+                        pool = stack.enter_context(ThreadPoolExecutor(t))
+
+                        def one_round():
+                            return list(pool.map(lambda sh: _host_block(store_path, sh, cat_path, order, columns,
+                                                                        engine, model_ms), shards))
+                    else:  # spawned processes inherit the environment set above
+                        pool = stack.enter_context(ProcessPoolExecutor(
+                            n_procs, mp_context=multiprocessing.get_context("spawn")))
+                        assert len(set(pool.map(_host_warm, [store_path] * n_procs, [engine] * n_procs))) == n_procs
+
+                        def one_round():
+                            parts = pool.map(_host_process, *zip(*[
+                                (store_path, shards[i::n_procs], cat_path, order, columns, engine, t, model_ms)
+                                for i in range(n_procs)]))
+                            return [r for part in parts for r in part]
                     for _ in range(repeats):
                         shutil.rmtree(cat_path, ignore_errors=True)
                         t0 = time.perf_counter()
-                        res = list(pool.map(one, shards))
+                        res = one_round()
                         wall = time.perf_counter() - t0
                         best = (wall, res) if best is None or wall < best[0] else best
             finally:
                 sys.setswitchinterval(default_switch)
                 shutil.rmtree(cat_path, ignore_errors=True)
             wall, res = best
+            assert sorted(r["block"] for r in res) == sorted(block_key("sdss", s) for s in shards)  # each block once
             rate = sum(r["n_rows"] + r["n_rejects"] for r in res) / wall
             base = base or rate
             ms = {k: 1e3 * sum(r[f"seconds_{k}"] for r in res) / len(res) for k in ("read", "model", "write")}
+            who = (f"{n_procs} GPU worker processes, {t} block thread(s) each" if n_procs > 1
+                   else f"a GPU worker: {t} block thread(s)")
             rows.append({
-                "name": f"host side of a GPU worker: {t} block thread(s), reader {engine}"
+                "name": f"host side of {who}, reader {engine}"
                         + (f", switch interval {sw:g} ms" if sw is not None else "")
                         + f", part files from {writer or cat.default_write_threads()} thread(s)"
-                        + f" (model emulated: {gpu_ms:g} ms GPU + {python_ms:g} ms Python per block)",
+                        + f" (model emulated: {model_ms[0]:g} ms GPU + {model_ms[1]:g} ms Python per block)",
                 "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
                 "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
                         f"write {ms['write']:.0f}; {len(shards)} shards"})
@@ -585,15 +634,30 @@ def _maxrss(client) -> float:
     return max(client.run(peak_rss_bytes).values())
 
 
-@contextlib.contextmanager
-def _shared_gpu_client(procs: int, threads: int):
-    """``procs`` worker processes that all drive GPU 0 (each offers ``GPU=1``): more CPU-side parallelism
-    (reads, Parquet) per GPU than dask-cuda's one worker per GPU. An experiment, not a predict option yet."""
-    from distributed import Client, LocalCluster
+def _warm_every_worker(client, store_path: str, bundle: str, out: Path, opts: dict) -> None:
+    """Predict the warm-up store's first block once on every GPU worker (every worker on CPUs), in parallel,
+    so that no process meets its first-block costs (compilation, the encoder implementation timing, CUDA
+    start-up) in the timed run. ``run_predict`` on the warm-up store gives its one block to one worker only:
+    with several worker processes per GPU the others compiled during the timed run (the H100's 4-process
+    figure of 6,356/s, run 3, did)."""
+    from catalogpred import store
+    from catalogpred.cluster import gpu_task_resources
+    from catalogpred.pipeline import DEFAULT_BATCH
+    from catalogpred.tasks import predict_block
 
-    with LocalCluster(n_workers=procs, threads_per_worker=threads, processes=True, resources={"GPU": 1},
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
-        yield client
+    cuda = opts["device"] == "cuda"
+    columns, order = _predict_columns(store_path, bundle)
+    shard = int(store.done_shards(store_path, "sdss")[0])
+    workers = [a for a, w in client.scheduler_info()["workers"].items()
+               if not cuda or w.get("resources", {}).get("GPU", 0) >= 1]
+    futures = [client.submit(predict_block, store_path, "sdss", shard, bundle, str(out / f"worker-{i}"), order, columns,
+                             precision=opts["precision"], batch_size=DEFAULT_BATCH[opts["device"]],
+                             device=opts["device"], compile=opts["compile"] == "yes", read_engine=opts["read_engine"],
+                             workers=[a], allow_other_workers=False, pure=False,
+                             resources=gpu_task_resources(opts["blocks_per_gpu"]) if cuda else None)
+               for i, a in enumerate(workers)]
+    client.gather(futures)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_rate: float | None,
@@ -610,20 +674,22 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     switches = size.get("switch_ms", (None,))  # None: Python's default (5 ms)
     writers = size.get("write_threads", (None,))  # None: catalog.default_write_threads()
     e0, sw0, w0 = engines[0], switches[0], writers[0]
+    procs = [p for p in size.get("procs", ()) if p > 1] if dev.startswith("cuda") else []  # GPU workers per GPU
     configs = ([(b, 1, m, 0, e0, sw0, w0) for m in modes for b in blocks]
-               + [(blocks[0], p, modes[0], 0, e0, sw0, w0) for p in size.get("procs", ()) if p > 1]
+               + [(b, p, modes[0], 0, e0, sw0, w0) for p in procs for b in blocks]
                + [(b, 1, m, io, e0, sw0, w0) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks]
                + [(b, 1, modes[0], 0, e, sw0, w0) for e in engines[1:] for b in blocks]
                + [(b, 1, modes[0], 0, e0, sw, w0) for sw in switches[1:] for b in blocks]
                + [(b, 1, modes[0], 0, e0, sw0, w) for w in writers[1:] for b in blocks])
     for b, procs, compile, io, engine, switch_ms, writer in configs:
-        kw = dict(device="cuda", blocks_per_gpu=b) if dev.startswith("cuda") else dict(n_workers=2, device="cpu")
+        kw = (dict(device="cuda", blocks_per_gpu=b, workers_per_gpu=procs) if dev.startswith("cuda")
+              else dict(n_workers=2, device="cpu"))
         kw["io_workers"] = io
         opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile,
                     read_engine=engine)
         tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}-{writer}"
         t_start = time.perf_counter()
-        with (dask_client(**kw) if procs == 1 else _shared_gpu_client(procs, b)) as client:
+        with dask_client(**kw) as client:
             t_cluster = time.perf_counter() - t_start
             if switch_ms is not None:  # the interpreter's GIL switch interval in every worker process
                 client.run(sys.setswitchinterval, switch_ms / 1e3)
@@ -631,6 +697,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                 client.run(os.environ.__setitem__, "CATALOGPRED_WRITE_THREADS", str(writer))
             t0 = time.perf_counter()
             run_predict(stores["warm"], bundle, str(root / f"warm-{tag}"), client=client, **opts)
+            _warm_every_worker(client, stores["warm"], bundle, root / f"warm-workers-{tag}", opts)
             t_warm = time.perf_counter() - t0
             rss_small = None
             if (b == blocks[0] and procs == 1 and compile == modes[0] and not io and engine == e0 and switch_ms == sw0
@@ -645,18 +712,18 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
         assert s.rows + s.rejects == n_large and s.settings["compile"] is (compile == "yes"), s.table()
         rate = n_large / wall
         busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
-        how = ((f", {procs} worker processes on the GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
+        how = ((f", {procs} worker processes per GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
                + (f", {io} I/O workers (read, model, write tasks)" if io else "")
                + f", reader {s.settings['read_engine']}"
                + (f", GIL switch interval {switch_ms:g} ms" if switch_ms is not None else "")
                + (f", {writer} part-file writer thread(s)" if writer is not None else ""))
         row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
-               if dev.startswith("cuda") else f"predict end to end, CPU twin, {2 if procs == 1 else procs} workers"
+               if dev.startswith("cuda") else "predict end to end, CPU twin, 2 workers"
                                               f"{how} ({n_large:,d} spectra)",
                "value": rate, "unit": "spectra/s", "baseline": bare_rate,
                "ratio": rate / bare_rate if bare_rate else None,
                "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
-                       f"{s.seconds_write:.1f}; wall {wall:.1f} s; cluster start {t_cluster:.0f} s; "
+                       f"{s.seconds_write:.1f}; wall {wall:.1f} s, finalize {s.seconds_finalize:.2f} s; cluster start {t_cluster:.0f} s; "
                        f"reader alone {reader_rate:,.0f}/s per thread"
                        + (f"; warm-up run with compilation {t_warm:.0f} s" if compile == "yes" else "")}
         if dev.startswith("cuda"):
@@ -735,7 +802,8 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             save()
             if "host" in parts:
                 rows += host_rows(root, stores["large"], switch_ms=size.get("switch_ms", (None,)),
-                                  repeats=size["repeats"], write_threads=size.get("write_threads", (None,)))
+                                  repeats=size["repeats"], write_threads=size.get("write_threads", (None,)),
+                                  procs=size.get("procs", (1,)))
                 save()
             if "blocks" in parts:
                 rows += block_rows(dev, root, bundle_e2e, stores["large"])
@@ -784,8 +852,9 @@ def main(argv=None) -> int:
                    help="part-file writer threads per block (CATALOGPRED_WRITE_THREADS), the first for every config "
                         "and the others for the plain configs, e.g. 8,1 (default: catalogpred's, the CPU count up "
                         "to 8)")
-    p.add_argument("--procs", default=None, help="also run end to end with this many worker processes sharing "
-                                                 "GPU 0 (LocalCluster, single-GPU machines), e.g. 2,4")
+    p.add_argument("--procs", default=None, help="also run with this many worker processes per GPU (predict "
+                                                 "--workers-per-gpu), e.g. 2,3: end to end on a GPU, and the host "
+                                                 "emulation (--parts host) on any machine")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocks-per-gpu", type=int, default=BLOCKS_PER_GPU,
                    help="blocks that share one GPU, so that reading and writing overlap GPU work (default "
                         "%(default)s; GPU workers need at least this many threads)")
+    s.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="local CUDA cluster: worker processes per GPU (default 1). More give a GPU more host "
+                        "processes to read shards and write Parquet, each with its own interpreter lock and CUDA "
+                        "context; for runs bound by the host side (see README, Running on GPUs)")
     s.add_argument("--io-workers", type=int, default=0,
                    help="local cluster: also start N CPU worker processes that read shards and write Parquet, so "
                         "each block runs as read (I/O worker), model, write (I/O worker) tasks and the GPU worker "
@@ -343,7 +347,8 @@ def _client(args, device: str = "cpu"):
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                        wait_workers=args.wait_workers, device=device,
                        blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU),
-                       io_workers=getattr(args, "io_workers", 0))  # local clusters only, as --workers
+                       io_workers=getattr(args, "io_workers", 0),  # local clusters only, as --workers
+                       workers_per_gpu=getattr(args, "workers_per_gpu", 1))
 
 
 def _progress(args):
@@ -392,6 +397,8 @@ def cmd_predict(args) -> int:
     # local cluster: auto -> cuda if NVML (no CUDA context) sees a GPU; an existing cluster: from its workers' resources
     local = not (args.scheduler or args.scheduler_file)
     device = resolve_device(args.device) if local else args.device
+    if args.workers_per_gpu != 1 and not (local and device == "cuda"):  # as dask_client would, before a dry run
+        raise ConfigError("--workers-per-gpu applies to a local CUDA cluster (--device cuda, no --scheduler)")
 
     if args.dry_run:
         from . import store
@@ -401,7 +408,8 @@ def cmd_predict(args) -> int:
         plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
                 "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
                 "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
-                "io_workers": args.io_workers, "read_engine": args.read_engine}
+                "io_workers": args.io_workers, "workers_per_gpu": args.workers_per_gpu,
+                "read_engine": args.read_engine}
         print(json.dumps(plan, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:

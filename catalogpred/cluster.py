@@ -29,7 +29,8 @@ from .errors import ConfigError
 
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
-           "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers"]
+           "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
+           "share_gpus"]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def default_n_workers() -> int:
 @contextlib.contextmanager
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
                 scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None,
-                device: str = "cpu", blocks_per_gpu: int = BLOCKS_PER_GPU, io_workers: int = 0):
+                device: str = "cpu", blocks_per_gpu: int = BLOCKS_PER_GPU, io_workers: int = 0,
+                workers_per_gpu: int = 1):
     """Yield a ``distributed.Client``; a local cluster is started and closed around it.
 
     Parameters
@@ -161,6 +163,10 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     io_workers : int
         Local cluster only: also start this many single-threaded CPU worker processes with the
         :data:`IO_RESOURCE` (see :func:`add_io_workers`).
+    workers_per_gpu : int
+        Local CUDA cluster only: worker processes per GPU (default 1, dask-cuda's one). More than one
+        gives each GPU more host processes for reads and Parquet writes, each with its own interpreter
+        lock and CUDA context (see :func:`share_gpus`).
 
     Raises
     ------
@@ -177,6 +183,10 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
 
     if scheduler and scheduler_file:
         raise ConfigError("give either --scheduler or --scheduler-file, not both")
+    if (scheduler or scheduler_file) and workers_per_gpu > 1:
+        raise ConfigError("--workers-per-gpu starts a local CUDA cluster; on an existing cluster start that many "
+                          "workers per GPU yourself (`CUDA_VISIBLE_DEVICES=0 dask worker ... --resources GPU=1`, "
+                          "once per process; deploy/README.md)")
     if scheduler or scheduler_file:
         if scheduler_file and not os.path.exists(scheduler_file):
             raise ConfigError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
@@ -193,14 +203,20 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         finally:
             client.close()
         return
+    if workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
+    if workers_per_gpu > 1 and device != "cuda":
+        raise ConfigError("--workers-per-gpu applies to a local CUDA cluster (--device cuda)")
     if device == "cuda":
-        cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu)
-        n, threads_per_worker = len(cluster.workers), blocks_per_gpu
+        cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu, workers_per_gpu)
+        n, threads_per_worker = len(cluster.workers) * workers_per_gpu, blocks_per_gpu
     else:
         n = n_workers or default_n_workers()
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None, memory_limit=memory_limit, silence_logs=logging.WARNING)
     client = Client(cluster)
+    if workers_per_gpu > 1:
+        share_gpus(cluster, client, workers_per_gpu)
     log.info("local Dask %scluster: %d worker processes × %d thread(s)", "CUDA " if device == "cuda" else "", n,
              threads_per_worker)
     if io_workers:
@@ -229,9 +245,37 @@ def add_io_workers(cluster, client, n: int, *, memory_limit="auto") -> None:
     log.info("%d I/O worker processes for shard reads and Parquet writes", n)
 
 
-def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int = BLOCKS_PER_GPU):
+def share_gpus(cluster, client, workers_per_gpu: int) -> None:
+    """Give every GPU worker of a local ``SpecCluster`` (``LocalCUDACluster``) ``workers_per_gpu - 1``
+    twins and wait for them.
+
+    A twin is a copy of its worker's spec under the name ``"<name>-<i>"``: the same
+    ``CUDA_VISIBLE_DEVICES``, CPU affinity and ``GPU=1`` resource, so it drives the same GPU from its own
+    process. Each spec's memory limit (bytes) is divided between the worker and its twins. Without CUDA MPS
+    the GPU runs one process's kernels at a time (time-slicing), which costs little while each process keeps
+    the GPU busy a fraction of the time: the twins are for runs bound by a worker's host side (shard reads,
+    Parquet writes and Python under one interpreter lock), not by the GPU. The twins keep their worker's
+    memory limit; :func:`dask_client` sizes it for all of them.
+    """
+    if workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
+    gpu_specs = {name: spec for name, spec in cluster.worker_spec.items()
+                 if spec["options"].get("resources", {}).get("GPU", 0) >= 1}
+    if not gpu_specs:
+        raise ConfigError("share_gpus: the cluster has no worker with the GPU resource")
+    for name, spec in gpu_specs.items():
+        for i in range(1, workers_per_gpu):
+            cluster.worker_spec[f"{name}-{i}"] = {**spec, "options": dict(spec["options"])}
+    cluster.scale(len(cluster.worker_spec))  # starts the new specs (SpecCluster._correct_state)
+    client.wait_for_workers(len(cluster.worker_spec))
+    log.info("%d worker processes per GPU", workers_per_gpu)
+
+
+def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int = BLOCKS_PER_GPU,
+                        workers_per_gpu: int = 1):
     """A ``LocalCUDACluster``: one worker per GPU with ``blocks_per_gpu`` threads and ``resources={"GPU": 1}``;
-    dask_cuda is imported only here."""
+    dask_cuda is imported only here. ``memory_limit="auto"`` gives each of the ``workers_per_gpu`` processes
+    per GPU (:func:`share_gpus` adds them) an equal share of this machine's memory."""
     gpu_task_resources(blocks_per_gpu)  # validates
     try:
         from dask_cuda import LocalCUDACluster
@@ -243,6 +287,8 @@ def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int
         raise ConfigError("--device cuda: NVML reports no GPU on this machine (check nvidia-smi and "
                           "CUDA_VISIBLE_DEVICES), or use --device cpu")
     n = min(n_gpu, n_workers) if n_workers else n_gpu
+    if memory_limit == "auto" and workers_per_gpu > 1:  # a fraction of system memory (distributed.worker_memory.parse_memory_limit)
+        memory_limit = 1 / (n * workers_per_gpu)
     return LocalCUDACluster(n_workers=n, threads_per_worker=blocks_per_gpu, memory_limit=memory_limit,
                             resources=dict(GPU_RESOURCE),
                             dashboard_address=None, silence_logs=logging.WARNING)

@@ -372,6 +372,7 @@ class PredictSummary:
     seconds_model: float = 0.0  #: task-seconds inside encoder + head
     seconds_read: float = 0.0  #: task-seconds reading the store (metadata + flux)
     seconds_write: float = 0.0  #: task-seconds writing Parquet (part files, rejects, done markers)
+    seconds_finalize: float = 0.0  #: wall seconds of finalize_catalog after the blocks (metadata, checks)
     order: int = 0
     blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
     settings: dict = field(default_factory=dict)  #: device, precision, batch size, compile, ...
@@ -387,7 +388,7 @@ class PredictSummary:
                  f"  rejects          {self.rejects:>9,d}",
                  f"  HEALPix order    {self.order:>9d}",
                  *([f"  settings         {' '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
-                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s)",
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; finalize {self.seconds_finalize:.2f} s)",
                  f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
                  f"write {self.seconds_write:.1f} s (summed over tasks)"]
         if self.reasons:
@@ -567,6 +568,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                              resources=resources)
         return client.submit(write_block, pred, catalog_p, order_, columns_, key=key, **io)
 
+    # hats imports while the blocks run rather than after them (set-up above is done, so it imports alone)
+    cat.import_finalize_deps_in_background()
     results, errors = _run_bounded(client, predict_block, args, {**kwargs, "read_engine": read_engine}, desc="predict", keys=keys, progress=progress,
                                    resources=resources, tasks_per_worker=blocks_per_gpu if resources else 1,
                                    submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
@@ -595,7 +598,10 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   "grid": info.grid.name},
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
-                     "torch_threads": torch_threads, "compile": compile, **({"blocks_per_gpu": blocks_per_gpu} if resources else {}),
+                     "torch_threads": torch_threads, "compile": compile,
+                     # GPU worker processes (more than the GPUs with --workers-per-gpu)
+                     **({"blocks_per_gpu": blocks_per_gpu, "gpu_workers": _n_workers(client, resources)}
+                        if resources else {}),
                      **({"io_workers": n_io} if n_io else {}),
                      # what read the shards on the workers ("auto" resolves there)
                      "read_engine": ",".join(sorted({r.get("read_engine") or read_engine for r in results.values()}))
@@ -608,11 +614,13 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "failed_blocks": failed,
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
-    summary.settings = {k: v for k, v in manifest["settings"].items() if k in ("device", "precision", "batch_size",
-                                                                               "compile", "blocks_per_gpu", "io_workers",
-                                                                               "read_engine", "write_threads")}
+    summary.settings = {k: v for k, v in manifest["settings"].items()
+                        if k in ("device", "precision", "batch_size", "compile", "blocks_per_gpu", "gpu_workers",
+                                 "io_workers", "read_engine", "write_threads")}
+    t_finalize = time.perf_counter()
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
+    summary.seconds_finalize = time.perf_counter() - t_finalize
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     summary.seconds = time.perf_counter() - t0
     return summary

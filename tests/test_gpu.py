@@ -128,6 +128,65 @@ def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
         gpu_task_resources(0)
 
 
+def _env(name):
+    return os.environ.get(name)
+
+
+def test_workers_per_gpu_twins_each_gpu_worker(monkeypatch):
+    """dask_client(device="cuda", workers_per_gpu=2): every GPU gets a second worker process with the same
+    CUDA_VISIBLE_DEVICES and GPU=1, and memory "auto" is split between all four; dask-cuda is stood in by a
+    SpecCluster that, like LocalCUDACluster, names each worker by its device and rotates the visible list."""
+    import copy
+
+    from distributed import LocalCluster
+
+    from catalogpred.pipeline import _n_workers, _run_bounded
+
+    calls = []
+
+    class StandInLocalCUDACluster(LocalCluster):
+        def __init__(self, n_workers=None, threads_per_worker=1, memory_limit="auto", **kwargs):
+            calls.append(dict(n_workers=n_workers, memory_limit=memory_limit))
+            super().__init__(n_workers=0, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                             processes=True, **kwargs)
+            devices = [str(d) for d in range(n_workers)]
+            for i, d in enumerate(devices):
+                spec = copy.deepcopy(self.new_spec)
+                spec["options"]["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(devices[i:] + devices[:i])}
+                self.worker_spec[int(d)] = spec
+            self.scale(n_workers)
+            self.sync(self._correct_state)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=StandInLocalCUDACluster))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(2))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with dask_client(device="cuda", blocks_per_gpu=1, workers_per_gpu=2) as client:
+        assert calls == [dict(n_workers=2, memory_limit=0.25)]
+        info = client.scheduler_info()["workers"]
+        assert sorted(str(w["name"]) for w in info.values()) == ["0", "0-1", "1", "1-1"]
+        assert all(w["resources"] == {"GPU": 1} for w in info.values()) and _n_workers(client, GPU_RESOURCE) == 4
+        from distributed.system import MEMORY_LIMIT
+        assert all(w["memory_limit"] == int(0.25 * MEMORY_LIMIT) for w in info.values())
+        visible = client.run(_env, "CUDA_VISIBLE_DEVICES")
+        by_name = {str(info[a]["name"]): v for a, v in visible.items()}
+        assert by_name == {"0": "0,1", "0-1": "0,1", "1": "1,0", "1-1": "1,0"}  # a twin drives its worker's GPU
+        n = 8
+        results, errors = _run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
+                                       keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                       resources=gpu_task_resources(1), tasks_per_worker=1)
+    assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
+    assert len({r[1] for r in results.values()}) == 4  # every process ran blocks
+    with pytest.raises(ConfigError, match=">= 1"):
+        with dask_client(device="cuda", workers_per_gpu=0):
+            pass
+    with pytest.raises(ConfigError, match="local CUDA cluster"):
+        with dask_client(2, workers_per_gpu=2):
+            pass
+    with pytest.raises(ConfigError, match="existing cluster"):
+        with dask_client(scheduler="tcp://127.0.0.1:1", workers_per_gpu=2):
+            pass
+
+
 def test_cuda_without_dask_cuda_or_gpu_workers_is_a_clear_error(monkeypatch, random_bundle, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -166,6 +225,8 @@ def test_cli_device_flag(random_bundle, tmp_path, capsys):
         assert "pip install 'catalogpred[gpu]'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--device", "tpu"])
+    assert main(base + ["--dry-run", "--device", "cpu", "--workers-per-gpu", "2"]) == 1  # checked before the plan
+    assert "--workers-per-gpu applies to a local CUDA cluster" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ the encoder on a device
@@ -397,9 +458,10 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
 
 
 def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
-    """``bench_gpu.py --parts reader,host --switch-ms 5,0.5``: both read engines, alone and beside a Python
-    thread at each switch interval, then a GPU worker's host side (emulated model step) for each engine,
-    interval and 1-2 block threads, writing a real catalog; the interpreter's own interval is restored."""
+    """``bench_gpu.py --parts reader,host --switch-ms 5,0.5 --procs 2``: both read engines, alone and beside a
+    Python thread at each switch interval, then a GPU worker's host side (emulated model step) for each engine,
+    interval and 1-2 block threads, and in two processes, writing a real catalog (every block exactly once);
+    the interpreter's own interval is restored."""
     import sys
 
     import bench_gpu as mod
@@ -407,16 +469,19 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
     pytest.importorskip("tensorstore")
     before = sys.getswitchinterval()
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5),
-                                                 write_threads=(None, 1)))
+                                                 write_threads=(None, 1), procs=(1, 2)))
     monkeypatch.delenv("CATALOGPRED_WRITE_THREADS", raising=False)
     rows = mod.run("cpu", True, None, tmp_path, None, ["reader", "host"])
     assert sys.getswitchinterval() == before and "CATALOGPRED_WRITE_THREADS" not in os.environ
-    host = [r for r in rows if r["name"].startswith("host side of a GPU worker")]
-    assert len(host) == 10 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
+    host = [r for r in rows if r["name"].startswith("host side of")]
+    assert len(host) == 12 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
     assert sum("2 block thread(s), reader tensorstore, switch interval 0.5 ms" in r["name"] for r in host) == 1
     # then one writer thread: with TensorStore (the default reader) at the first switch interval, 1 and 2 blocks
-    assert [r["name"].split(":")[1].split(" (")[0] for r in host[-2:]] == [
+    assert [r["name"].split(":")[1].split(" (")[0] for r in host[-4:-2]] == [
         f" {t} block thread(s), reader tensorstore, switch interval 5 ms, part files from 1 thread(s)" for t in (1, 2)]
+    # then two worker processes (spawned, each with its share of the shards), 1 and 2 block threads each
+    assert [r["name"].split(", reader")[0] for r in host[-2:]] == [
+        f"host side of 2 GPU worker processes, {t} block thread(s) each" for t in (1, 2)]
     rows = [r for r in rows if r not in host]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)

@@ -187,6 +187,31 @@ def test_a_failed_part_file_fails_the_block_after_the_others_finish(tmp_path):
         (table.column("_healpix_29").to_numpy() >> 56 == 20).sum())
 
 
+def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
+    """finalize_catalog is the last check of exactly-once output: a source_id that two blocks both wrote, or
+    catalog + rejects that do not add up to the store's inputs, is a CatalogError, not a catalog."""
+    import bench_query
+
+    from catalogpred.errors import CatalogError
+
+    path = tmp_path / "catalog"
+    counts = bench_query.build_catalog(path, 2000, block_rows=1000, order=2)
+    assert counts["catalog_rows"] == 2000
+    blocks = [f"bench-{b:06d}" for b in range(2)]
+    kw = dict(catalog_name="c", order=2, columns=bench_query._columns(), manifest={})
+    with pytest.raises(CatalogError, match=r"2000 catalog rows \+ 0 rejects = 2000, but the store holds 2001"):
+        cat.finalize_catalog(path, blocks=blocks, expected_inputs=2001, **kw)
+    # a third block that holds three rows of the first again (as a block written twice under two keys would)
+    part = next((path / cat.DATASET_DIR).glob("**/part-bench-000000.parquet"))
+    again = pq.read_table(part).slice(0, 3)
+    pixels = cat.write_fragment(path, again, 2, "bench-000002", write_threads=1)
+    cat.write_block_done(path, "bench-000002", {"block": "bench-000002", "n_rows": 3,
+                                                "pixels": {str(k): v for k, v in pixels.items()}},
+                         cat.REJECTS_SCHEMA.empty_table())
+    with pytest.raises(CatalogError, match="3 duplicated source_id"):
+        cat.finalize_catalog(path, blocks=[*blocks, "bench-000002"], expected_inputs=2003, **kw)
+
+
 def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path,
                                             monkeypatch):
     """The reference run read shards with TensorStore (the default where it is installed); zarr-python alone
