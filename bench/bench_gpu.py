@@ -543,7 +543,7 @@ def _host_warm(store_path: str, engine: str) -> int:
 
 
 def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms=(None,), threads=(1, 2),
-              repeats: int = 3, write_threads=(None,), procs=(1,)) -> list[dict]:
+              repeats: int = 3, write_threads=(None,), procs=(1,), save=None) -> list[dict]:
     """The host side of one GPU worker process, on any machine: read_block, an emulated model step
     (:data:`EMULATED_MODEL_MS`) and write_block over every shard of the store from 1 and 2 threads (blocks
     sharing a GPU), with each read engine and GIL switch interval, and with the last engine (TensorStore, the
@@ -551,7 +551,8 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
     catalogpred's default). With ``procs`` above 1, also that many such processes (``predict
     --workers-per-gpu``), each with 1 and 2 block threads and its share of the shards: each has its own
     interpreter lock. Not a GPU figure: what the CPU side allows when the model step costs what it cost
-    on the H100, and the GPU has room for more (it was busy 20 % of the time)."""
+    on the H100, and the GPU has room for more (it was busy 20 % of the time). ``save(rows)``: as in
+    :func:`e2e_rows`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -621,6 +622,8 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
                 "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
                         f"write {ms['write']:.0f}; {len(shards)} shards"})
             print(format_rows(rows[-1:]), file=sys.stderr, flush=True)
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -661,7 +664,9 @@ def _warm_every_worker(client, store_path: str, bundle: str, out: Path, opts: di
 
 
 def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_rate: float | None,
-             reader_rate: float) -> list[dict]:
+             reader_rate: float, save=None) -> list[dict]:
+    """``predict`` end to end in every configuration (module docstring, step 4). ``save(rows)`` is called with
+    the rows so far after each configuration, so that a run stopped by a time limit keeps what it measured."""
     from catalogpred.cluster import dask_client
     from catalogpred.pipeline import run_predict
 
@@ -742,6 +747,8 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                 {"name": f"predict: RSS growth {n_small:,d} -> {n_large:,d} spectra", "value": 100 * growth,
                  "unit": "%", "target": "< 10", "pass": growth < 0.10},
             ]
+        if save is not None:
+            save(rows)
     return rows
 
 
@@ -757,9 +764,10 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
     env = environment(dev)
     print(json.dumps(env), file=sys.stderr, flush=True)
 
-    def save():
+    def save(more=()):
         if json_path:
-            Path(json_path).write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+            Path(json_path).write_text(json.dumps({"environment": env, "rows": rows + list(more)}, indent=2,
+                                                  default=str) + "\n")
 
     if dev.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
@@ -803,13 +811,13 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             if "host" in parts:
                 rows += host_rows(root, stores["large"], switch_ms=size.get("switch_ms", (None,)),
                                   repeats=size["repeats"], write_threads=size.get("write_threads", (None,)),
-                                  procs=size.get("procs", (1,)))
+                                  procs=size.get("procs", (1,)), save=save)
                 save()
             if "blocks" in parts:
                 rows += block_rows(dev, root, bundle_e2e, stores["large"])
                 save()
             if "e2e" in parts:
-                rows += e2e_rows(dev, root, bundle_e2e, stores, size, bare, reader_rate)
+                rows += e2e_rows(dev, root, bundle_e2e, stores, size, bare, reader_rate, save=save)
                 save()
         finally:
             shutil.rmtree(root, ignore_errors=True)
