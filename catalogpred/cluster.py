@@ -251,11 +251,10 @@ def share_gpus(cluster, client, workers_per_gpu: int) -> None:
 
     A twin is a copy of its worker's spec under the name ``"<name>-<i>"``: the same
     ``CUDA_VISIBLE_DEVICES``, CPU affinity and ``GPU=1`` resource, so it drives the same GPU from its own
-    process. Each spec's memory limit (bytes) is divided between the worker and its twins. Without CUDA MPS
-    the GPU runs one process's kernels at a time (time-slicing), which costs little while each process keeps
-    the GPU busy a fraction of the time: the twins are for runs bound by a worker's host side (shard reads,
-    Parquet writes and Python under one interpreter lock), not by the GPU. The twins keep their worker's
-    memory limit; :func:`dask_client` sizes it for all of them.
+    process. Without CUDA MPS the GPU runs one process's kernels at a time (time-slicing), which costs little
+    while each process keeps the GPU busy a fraction of the time: the twins are for runs bound by a worker's
+    host side (shard reads, Parquet writes and Python under one interpreter lock), not by the GPU. The twins
+    keep their worker's memory limit; :func:`dask_client` sizes it for all of them.
     """
     if workers_per_gpu < 1:
         raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
@@ -287,8 +286,8 @@ def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int
         raise ConfigError("--device cuda: NVML reports no GPU on this machine (check nvidia-smi and "
                           "CUDA_VISIBLE_DEVICES), or use --device cpu")
     n = min(n_gpu, n_workers) if n_workers else n_gpu
-    if memory_limit == "auto" and workers_per_gpu > 1:  # a fraction of system memory (distributed.worker_memory.parse_memory_limit)
-        memory_limit = 1 / (n * workers_per_gpu)
+    if memory_limit == "auto" and workers_per_gpu > 1:
+        memory_limit = 1 / (n * workers_per_gpu)  # a fraction of system memory (distributed's parse_memory_limit)
     return LocalCUDACluster(n_workers=n, threads_per_worker=blocks_per_gpu, memory_limit=memory_limit,
                             resources=dict(GPU_RESOURCE),
                             dashboard_address=None, silence_logs=logging.WARNING)
