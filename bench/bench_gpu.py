@@ -524,8 +524,7 @@ def _host_block(store_path: str, shard: int, cat_path: str, order: int, columns:
 
 def _host_process(store_path: str, shards: list, cat_path: str, order: int, columns: list, engine: str,
                   threads: int, model_ms=EMULATED_MODEL_MS) -> list[dict]:
-    """One emulated GPU worker process (``host_rows`` with several processes): its share of the shards from
-    ``threads`` block threads."""
+    """One emulated GPU worker process (:func:`host_rows`): ``shards`` from ``threads`` block threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
@@ -554,7 +553,7 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
     on the H100, and the GPU has room for more (it was busy 20 % of the time). ``save(rows)``: as in
     :func:`e2e_rows`."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
     from catalogpred import catalog as cat
     from catalogpred import store
@@ -582,11 +581,8 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
                     if writer is not None:
                         os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
                     if n_procs == 1:
-                        pool = stack.enter_context(ThreadPoolExecutor(t))
-
                         def one_round():
-                            return list(pool.map(lambda sh: _host_block(store_path, sh, cat_path, order, columns,
-                                                                        engine, model_ms), shards))
+                            return _host_process(store_path, shards, cat_path, order, columns, engine, t, model_ms)
                     else:  # spawned processes inherit the environment set above
                         pool = stack.enter_context(ProcessPoolExecutor(
                             n_procs, mp_context=multiprocessing.get_context("spawn")))

@@ -391,14 +391,13 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .cluster import resolve_device
+    from .cluster import check_workers_per_gpu, resolve_device
     from .pipeline import run_predict
 
     # local cluster: auto -> cuda if NVML (no CUDA context) sees a GPU; an existing cluster: from its workers' resources
     local = not (args.scheduler or args.scheduler_file)
     device = resolve_device(args.device) if local else args.device
-    if args.workers_per_gpu != 1 and not (local and device == "cuda"):  # as dask_client would, before a dry run
-        raise ConfigError("--workers-per-gpu applies to a local CUDA cluster (--device cuda, no --scheduler)")
+    check_workers_per_gpu(args.workers_per_gpu, device=device, local=local)  # as dask_client does, before a dry run
 
     if args.dry_run:
         from . import store

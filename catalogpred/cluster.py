@@ -30,7 +30,7 @@ from .errors import ConfigError
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
-           "share_gpus"]
+           "share_gpus", "check_workers_per_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
 
     if scheduler and scheduler_file:
         raise ConfigError("give either --scheduler or --scheduler-file, not both")
-    if (scheduler or scheduler_file) and workers_per_gpu > 1:
-        raise ConfigError("--workers-per-gpu starts a local CUDA cluster; on an existing cluster start that many "
-                          "workers per GPU yourself (`CUDA_VISIBLE_DEVICES=0 dask worker ... --resources GPU=1`, "
-                          "once per process; deploy/README.md)")
+    check_workers_per_gpu(workers_per_gpu, device=device, local=not (scheduler or scheduler_file))
     if scheduler or scheduler_file:
         if scheduler_file and not os.path.exists(scheduler_file):
             raise ConfigError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
@@ -203,10 +200,6 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         finally:
             client.close()
         return
-    if workers_per_gpu < 1:
-        raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
-    if workers_per_gpu > 1 and device != "cuda":
-        raise ConfigError("--workers-per-gpu applies to a local CUDA cluster (--device cuda)")
     if device == "cuda":
         cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu, workers_per_gpu)
         n, threads_per_worker = len(cluster.workers) * workers_per_gpu, blocks_per_gpu
@@ -245,6 +238,19 @@ def add_io_workers(cluster, client, n: int, *, memory_limit="auto") -> None:
     log.info("%d I/O worker processes for shard reads and Parquet writes", n)
 
 
+def check_workers_per_gpu(workers_per_gpu: int, *, device: str, local: bool) -> None:
+    """Raise :class:`ConfigError` unless ``workers_per_gpu`` is >= 1, and 1 except on a local CUDA cluster
+    (``local``: no scheduler given; ``device``: ``cpu`` or ``cuda``)."""
+    if workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
+    if workers_per_gpu > 1 and not local:
+        raise ConfigError("--workers-per-gpu starts a local CUDA cluster; on an existing cluster start that many "
+                          "workers per GPU yourself (`CUDA_VISIBLE_DEVICES=0 dask worker ... --resources GPU=1`, "
+                          "once per process; deploy/README.md)")
+    if workers_per_gpu > 1 and device != "cuda":
+        raise ConfigError("--workers-per-gpu applies to a local CUDA cluster (--device cuda)")
+
+
 def share_gpus(cluster, client, workers_per_gpu: int) -> None:
     """Give every GPU worker of a local ``SpecCluster`` (``LocalCUDACluster``) ``workers_per_gpu - 1``
     twins and wait for them.
@@ -256,8 +262,6 @@ def share_gpus(cluster, client, workers_per_gpu: int) -> None:
     host side (shard reads, Parquet writes and Python under one interpreter lock), not by the GPU. The twins
     keep their worker's memory limit; :func:`dask_client` sizes it for all of them.
     """
-    if workers_per_gpu < 1:
-        raise ConfigError(f"--workers-per-gpu must be >= 1, not {workers_per_gpu}")
     gpu_specs = {name: spec for name, spec in cluster.worker_spec.items()
                  if spec["options"].get("resources", {}).get("GPU", 0) >= 1}
     if not gpu_specs:
