@@ -421,10 +421,11 @@ def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
     from catalogpred import catalog as cat
     from catalogpred import store
     from catalogpred.model.bundle import read_bundle_info
+    from catalogpred.surveys import column_docs
 
     _, layout = store.open_survey(store_path, "sdss")
     n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # non-EMPTY rows, as run_predict counts them
-    return cat.catalog_columns(read_bundle_info(bundle).n_latent, layout.meta_columns), cat.choose_order(n)
+    return cat.catalog_columns(read_bundle_info(bundle).n_latent, layout.meta_columns, column_docs(["sdss"])), cat.choose_order(n)
 
 
 def block_rows(dev: str, root: Path, bundle: str, store_path: str, threads=(1, 2, 4)) -> list[dict]:
@@ -557,11 +558,12 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
 
     from catalogpred import catalog as cat
     from catalogpred import store
+    from catalogpred.surveys import column_docs
     from catalogpred.tasks import block_key
 
     shards = [int(s) for s in store.done_shards(store_path, "sdss")]
     _, layout = store.open_survey(store_path, "sdss")
-    columns = cat.catalog_columns(10, layout.meta_columns)
+    columns = cat.catalog_columns(10, layout.meta_columns, column_docs(["sdss"]))
     order = cat.choose_order(store.read_meta(store_path, "sdss", ["status"]).num_rows)
     engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
     default_switch = sys.getswitchinterval()

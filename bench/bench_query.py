@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 from catalogpred import catalog as cat  # noqa: E402
 from catalogpred.query import Cone, open_catalog  # noqa: E402
+from catalogpred.surveys import column_docs  # noqa: E402
 
 N_FULL = 1_000_000
 N_QUICK = 100_000
@@ -49,7 +50,7 @@ N_LATENT = 6
 
 def _columns():
     return cat.catalog_columns(N_LATENT, {"plate": "i4", "mjd": "i4", "fiberid": "i4", "specobjid": "U",
-                                          "spec_class": "U"})
+                                          "spec_class": "U", "flux_w1": "f4"}, column_docs())
 
 
 def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=None, dec=None) -> pa.Table:
@@ -79,6 +80,8 @@ def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=N
         "plate": plate, "mjd": np.full(n, 51602, np.int32), "fiberid": fiber,
         "specobjid": pa.array([str(299_489_677_444_933_632 + int(i)) for i in ids]),
         "spec_class": pa.array(["GALAXY"] * n),
+        # DESI rows: the FIBERMAP's observed W1 flux, nanomaggies (AB); null for SDSS rows
+        "flux_w1": pa.array(10 ** ((22.5 - (w1 + 2.699)) / 2.5), pa.float32(), mask=ids % 5 != 0),
         "_healpix_29": compute_spatial_index(ra, dec).astype(np.int64),
     }
     for f in schema:  # columns added to the catalog format later: typed nulls, so the bench keeps working

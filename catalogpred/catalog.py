@@ -117,35 +117,29 @@ def _ir_ucd(b: str) -> str:
 
 #: survey-native columns (store meta dtype code -> arrow type).
 _ARROW = {"U": pa.string(), "i4": pa.int32(), "i8": pa.int64(), "f4": pa.float32(), "f8": pa.float64(), "u1": pa.uint8()}
-_NATIVE_DOC = {
-    "plate": ("SDSS plate (or SDSS-V field)", "meta.id.part"),
-    "mjd": ("MJD of the (last) observation", "time.epoch"),
-    "fiberid": ("SDSS fibre number", "meta.id.part"),
-    "catalogid": ("SDSS-V CATALOGID", "meta.id"),
-    "specobjid": ("SDSS SPECOBJID, as a string (uint64 does not fit int64)", "meta.id"),
-    "spec_class": ("Pipeline spectral class (GALAXY, QSO, STAR)", "src.class"),
-    "subclass": ("Pipeline spectral subclass", "src.class"),
-    "sn_median_all": ("Pipeline median S/N per pixel", "stat.snr"),
-    "run2d": ("Spectroscopic reduction version", "meta.version"),
-}
 
 
-def native_columns(meta_columns: dict, core: set) -> list[Column]:
-    """Catalog columns for a survey's native metadata (those not already core)."""
+def native_columns(meta_columns: dict, core: set, docs: dict | None = None) -> list[Column]:
+    """Catalog columns for a survey's native metadata (those not already core).
+
+    ``meta_columns``: name -> store dtype code; ``docs``: name -> ``(description, unit, ucd)`` (the readers'
+    :func:`~catalogpred.surveys.column_docs`); a column without one is described as a survey column.
+    """
     skip = core | {"row_in_file", "source_file"}
     out = []
     for name, code in meta_columns.items():
         if name in skip:
             continue
-        desc, ucd = _NATIVE_DOC.get(name, (f"Survey column {name}", "meta"))
-        out.append(Column(name, _ARROW[code], "", ucd, desc))
+        desc, unit, ucd = (docs or {}).get(name, (f"Survey column {name}", "", "meta"))
+        out.append(Column(name, _ARROW[code], unit, ucd, desc))
     return out
 
 
-def catalog_columns(n_latent: int, meta_columns: dict) -> list[Column]:
-    """Every catalog column in order: :func:`core_columns`, then :func:`native_columns` of ``meta_columns``."""
+def catalog_columns(n_latent: int, meta_columns: dict, docs: dict | None = None) -> list[Column]:
+    """Every catalog column in order: :func:`core_columns`, then :func:`native_columns` of ``meta_columns``
+    described by ``docs``."""
     core = core_columns(n_latent)
-    return core + native_columns(meta_columns, {c.name for c in core})
+    return core + native_columns(meta_columns, {c.name for c in core}, docs)
 
 
 def catalog_schema(columns: list[Column], metadata: dict | None = None) -> pa.Schema:

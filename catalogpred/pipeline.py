@@ -28,7 +28,7 @@ from . import store
 from .cluster import (BLOCKS_PER_GPU, IO_RESOURCE, TASKS_IN_FLIGHT_PER_WORKER, check_workers, default_torch_threads,
                       gpu_task_resources, resolve_compile, resolve_device, shared_path)
 from .errors import CatalogError, ConfigError, RejectReason
-from .surveys import get_reader
+from .surveys import column_docs, get_reader
 from .tasks import block_key, detect_survey, infer_block, ingest_shard, predict_block, read_block, write_block
 
 __all__ = ["expand_inputs", "run_ingest", "run_predict", "IngestSummary", "PredictSummary", "PipelineError"]
@@ -515,7 +515,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         native.update(layout.meta_columns)
     info = infos[store.open_survey(store_path, chosen[0])[1].grid.name][1]
     model_ids = sorted(i.model_id for _, i in infos.values())
-    columns = cat.catalog_columns(info.n_latent, native)
+    columns = cat.catalog_columns(info.n_latent, native, column_docs(chosen))
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
     device = resolve_device(device, client)

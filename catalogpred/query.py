@@ -590,14 +590,18 @@ def _flat_frame(table: pa.Table):
 
 
 def _eval_filter(df, expr: str) -> np.ndarray:
+    """The boolean row mask of a ``--where`` expression (pandas ``eval`` syntax; missing values are False)."""
+    # a lone '=' (SQL/ADQL equality) is an assignment in pandas: say so instead of pandas' message
+    hint = ("; equality is '==' (e.g. \"survey == 'desi'\"), or use --sql for SQL"
+            if re.search(r"(?<![=!<>])=(?!=)", expr) else "")
     try:
         res = df.eval(expr)
     except Exception as exc:
-        raise ConfigError(f"cannot evaluate --where {expr!r}: {exc}; columns: {', '.join(df.columns)}") from exc
+        raise ConfigError(f"cannot evaluate --where {expr!r}: {exc}{hint}; columns: {', '.join(df.columns)}") from exc
     try:
         return np.asarray(res.fillna(False) if hasattr(res, "fillna") else res, dtype=bool).reshape(len(df))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--where {expr!r} is not a true/false condition (e.g. 'z < 0.1')") from exc
+        raise ConfigError(f"--where {expr!r} is not a true/false condition (e.g. 'z < 0.1'){hint}") from exc
 
 
 def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -765,15 +769,36 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
         from astropy.units import UnitsWarning
 
         t = arrow_to_astropy(table)
-        if fmt == ".fits":  # FITS logicals have no usable null: a null boolean is written as False
+        tunit = {}
+        if fmt == ".fits":
             for name in t.colnames:
-                if t[name].dtype == bool and hasattr(t[name], "mask"):
-                    t[name] = np.asarray(t[name].filled(False))
+                if t[name].dtype == bool and hasattr(t[name], "mask"):  # FITS logicals have no usable null:
+                    t[name] = np.asarray(t[name].filled(False))           # a null boolean is written as False
+                elif _fits_unit_missing(getattr(t[name], "unit", None)):  # e.g. nanomaggy: astropy would drop it
+                    tunit[t.colnames.index(name) + 1] = _field_meta(table.schema.field(name))["unit"]
+                    t[name] = t[name].value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
             t.write(dest, format="fits" if fmt == ".fits" else "votable", overwrite=True)  # VOTable: UCDs from meta
+        if tunit:
+            from astropy.io import fits
+
+            with fits.open(dest, mode="update") as hdus:  # the survey's own spelling, as its FITS files have it
+                for i, unit in tunit.items():
+                    hdus[1].header.set(f"TUNIT{i}", unit, after=f"TFORM{i}")
     else:
         _flatten_lists(table).to_pandas().to_csv(dest, index=False)
+
+
+def _fits_unit_missing(unit) -> bool:
+    """Whether a unit has no FITS spelling (astropy would then drop it from TUNITn, e.g. nanomaggy)."""
+    if unit is None or isinstance(unit, str):
+        return False
+    try:
+        unit.to_string("fits")
+    except ValueError:
+        return True
+    return False
 
 
 def _flatten_lists(table: pa.Table) -> pa.Table:
@@ -923,10 +948,17 @@ def _model_summary(model: dict) -> dict:
     model["n_latent"] = b.get("n_latent")
     model["card"] = {k: card[k] for k in ("kind", "summary", "training_data", "limitations") if card.get(k)}
     model.setdefault("kind", card.get("kind", "?"))
-    model["card"]["metrics"] = {bnd: {k: metrics[bnd][k] for k in ("chi2_n", "mae", "bias", "coverage_68")
-                                      if k in metrics[bnd]}
-                                for bnd in ("w1", "w2", "w3", "w4") if isinstance(metrics.get(bnd), dict)}
+    model["card"]["metrics"] = _band_metrics(metrics)
+    model["card"]["metrics_on"] = metrics.get("evaluated_on", "validation")  # bundles before the test split: validation
+    if isinstance(metrics.get("evaluation"), dict):  # `catalogpred models evaluate` on a held-out table
+        model["card"]["evaluation"] = _band_metrics(metrics["evaluation"])
     return model
+
+
+def _band_metrics(metrics: dict) -> dict:
+    """``{band: {chi2_n, mae, bias, coverage_68}}`` of a card's metrics (other keys: counts, the split)."""
+    return {bnd: {k: metrics[bnd][k] for k in ("n", "chi2_n", "mae", "bias", "coverage_68") if k in metrics[bnd]}
+            for bnd in ("w1", "w2", "w3", "w4") if isinstance(metrics.get(bnd), dict)}
 
 
 def format_info(info: dict, width: int = 70) -> str:
@@ -948,8 +980,9 @@ def format_info(info: dict, width: int = 70) -> str:
         for k in ("summary", "training_data", "limitations"):
             if card.get(k):
                 out.append(f"    {k + ':':<15}" + _wrap(card[k], width, 19))
-        for bnd, mt in (card.get("metrics") or {}).items():
-            out.append(f"    {bnd} validation: " + ", ".join(f"{k} {v:.3g}" for k, v in mt.items()))
+        for label, key in ((card.get("metrics_on", "validation"), "metrics"), ("evaluation", "evaluation")):
+            for bnd, mt in (card.get(key) or {}).items():
+                out.append(f"    {bnd} {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in mt.items()))
         if m.get("card_error"):
             out.append(f"    card: {m['card_error']}")
     if man:

@@ -135,3 +135,8 @@ def test_all_desi_files_end_to_end(desi_files, tmp_path, client, desi_bundle, sd
     assert set(t.model_id[t.survey == "desi"]) == {"test-desi-0+" + t.model_id[t.survey == "desi"].iloc[0].split("+")[1]}
     assert set(rej.reason[rej.survey == "desi"]) == {"unassigned_fibre", "sky_fibre", "no_redshift", "bad_fiberstatus"}
     assert pred.rows == len(t) and t.source_id.is_unique
+    # both surveys' native columns carry their own descriptions and units into the catalog schema
+    schema = pq.read_schema(tmp_path / "cat" / "dataset" / "_common_metadata")
+    meta = {f.name: f.metadata for f in schema}
+    assert meta["flux_w1"][b"unit"] == b"nanomaggy" and b"unWISE" in meta["flux_w1"][b"description"]
+    assert meta["specobjid"][b"description"].startswith(b"SDSS SPECOBJID")

@@ -79,6 +79,14 @@ def test_train_evaluate_calibrated_on_synthetic_benchmark(tmp_path, capsys, rand
     card = json.loads((tmp_path / "m" / "bundle.json").read_text())
     assert card["head_config"]["n_members"] == 3 and card["ood"]["threshold"] > 0
     assert "evaluation" in card["card"]["metrics"] and (tmp_path / "eval.png").stat().st_size > 10_000
+    # the card's metrics are on the test rows, and every report says so
+    assert card["card"]["metrics"]["evaluated_on"] == "test"
+    assert "## Metrics (test split" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    from catalogpred.query import _model_summary
+
+    summary = _model_summary({"path": str(tmp_path / "m")})["card"]
+    assert summary["metrics_on"] == "test" and summary["metrics"]["w1"]["n"] == card["card"]["metrics"]["w1"]["n"]
+    assert summary["evaluation"]["w1"]["n"] == metrics["w1"]["n"]  # `models evaluate` on the held-out table
 
 
 def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):

@@ -7,6 +7,7 @@ pruning matters, with rows crowded around RA 0/360, the poles and leaf corners.
 from __future__ import annotations
 
 import json
+import warnings
 
 import astropy.units as u
 import bench_query
@@ -143,6 +144,10 @@ def test_select_limit_count_id(catalog, everything):
         cat.select("nope")
     with pytest.raises(ConfigError, match="cannot evaluate"):
         cat.cone(10, 89, 1).where("nope > 1").to_arrow()  # checked even when the region is empty
+    with pytest.raises(ConfigError, match="equality is '=='"):  # SQL's '=' is assignment in pandas
+        cat.where("survey = 'desi'").to_arrow()
+    assert cat.where("z <= 0.1 and flags != 0").count() == int(((everything.column("z").to_numpy() <= 0.1)
+                                                                 & (everything.column("flags").to_numpy() != 0)).sum())
     with pytest.raises(ConfigError, match="radius"):
         cat.cone(10, 0, -1)
     with pytest.raises(ConfigError, match="dec"):
@@ -203,9 +208,14 @@ def test_exports_keep_units(catalog, tmp_path, ext):
         back = pq.read_table(dest)
         assert back.schema.field("w1_mag").metadata[b"unit"] == b"mag" and back.num_rows == t.num_rows
         return
-    back = QTable.read(dest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", u.UnitsWarning)  # FITS has no spelling of nanomaggy (flux_w1, below)
+        back = QTable.read(dest)
     assert len(back) == t.num_rows
     assert back["ra"].unit == u.deg and back["w1_mag"].unit == u.mag and back["w4_mag_err"].unit == u.mag
+    # a survey unit outside the FITS standard keeps the survey's spelling (astropy alone would drop it)
+    assert u.Unit(back["flux_w1"].unit.to_string()) == u.nanomaggy and "unWISE" in t.schema.field("flux_w1").metadata[b"description"].decode()
+    np.testing.assert_allclose(np.asarray(back["flux_w1"].value, float), t.column("flux_w1").to_numpy(zero_copy_only=False))
     assert back["norm"].unit.is_equivalent(u.erg / u.s / u.cm ** 2 / u.AA)
     assert back["latent"].shape == (t.num_rows, 6)
     np.testing.assert_allclose(back["ra"].value, t.column("ra").to_numpy())

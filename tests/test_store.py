@@ -6,7 +6,7 @@ from catalogpred import store
 from catalogpred.errors import StoreError
 from catalogpred.pipeline import plan_pieces
 from catalogpred.spectra import SDSS_GRID
-from catalogpred.surveys import get_reader
+from catalogpred.surveys import COMMON_META, column_docs, get_reader, readers
 
 
 def _layout(**kw):
@@ -178,3 +178,14 @@ def test_tensorstore_failure_says_to_use_zarr(tmp_path):
     meta, got = store.read_shard(st, "sdss", 0, engine="zarr")
     np.testing.assert_array_equal(meta.column("ra").to_numpy(), ra[:5])
     np.testing.assert_array_equal(got, flux)
+
+
+def test_every_reader_documents_its_native_columns():
+    """Each survey-native column reaches the catalog with a description (and its unit where it has one)."""
+    for r in readers():
+        native = set(r.meta_columns) - set(COMMON_META)
+        assert native and native <= set(r.column_docs), (r.name, native - set(r.column_docs))
+        assert all(doc.description and not doc.description.startswith("Survey column") for doc in r.column_docs.values())
+    docs = column_docs(["desi"])
+    assert docs["flux_w1"].unit == "nanomaggy" and "AB" in docs["flux_w1"].description
+    assert "plate" not in docs and column_docs(["sdss"])["specobjid"].ucd == "meta.id"

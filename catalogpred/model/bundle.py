@@ -135,7 +135,8 @@ def _card_markdown(info: BundleInfo) -> str:
     if c.training_data:
         lines += ["## Training data", "", c.training_data, ""]
     if c.metrics:
-        lines += ["## Metrics (validation split; chi = (pred - obs)/sqrt(sigma_pred^2 + sigma_obs^2), chi2_N = mean chi^2)", "",
+        split = c.metrics.get("evaluated_on", "validation")
+        lines += [f"## Metrics ({split} split; chi = (pred - obs)/sqrt(sigma_pred^2 + sigma_obs^2), chi2_N = mean chi^2)", "",
                   "| band | n | chi2_N | MAE | bias | cov68 | cov95 |", "|---|---|---|---|---|---|---|"]
         for b in info.bands:
             m = c.metrics.get(b, {})

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,8 @@ __all__ = [
     "identify_survey",
     "read_spectra",
     "COMMON_META",
+    "ColumnDoc",
+    "column_docs",
 ]
 
 #: metadata columns every reader provides (name -> numpy dtype kind), in this order.
@@ -199,6 +201,15 @@ class SpectrumBlock:
         )
 
 
+class ColumnDoc(NamedTuple):
+    """How a survey-native metadata column is described in the catalog (Parquet field metadata, FITS/VOTable
+    exports, ``catalogpred info``)."""
+
+    description: str
+    unit: str = ""  #: astropy unit string; "" for dimensionless numbers, ids and text
+    ucd: str = "meta"  #: IVOA UCD1+
+
+
 @dataclass(frozen=True)
 class Reader:
     """A registered survey reader (see module docstring)."""
@@ -216,6 +227,8 @@ class Reader:
     #: store group its spectra go to (default: ``name``). Readers of one survey's formats (SDSS spec-*.fits
     #: and spPlate) share a group, so their rows, ids and grid stay comparable.
     store_survey: str | None = None
+    #: descriptions, units and UCDs of the native columns in ``meta_columns`` (name -> :class:`ColumnDoc`)
+    column_docs: dict = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -234,6 +247,17 @@ def register_reader(reader: Reader) -> None:
 def readers() -> list[Reader]:
     """Registered readers, highest priority first."""
     return sorted(_READERS.values(), key=lambda r: -r.priority)
+
+
+def column_docs(groups=None) -> dict[str, ColumnDoc]:
+    """Native column docs of the readers that write to store ``groups`` (default: every reader); where two
+    surveys share a column name, the higher-priority reader's doc wins."""
+    out: dict[str, ColumnDoc] = {}
+    for r in readers():
+        if groups is None or r.group in groups:
+            for name, doc in r.column_docs.items():
+                out.setdefault(name, doc)
+    return out
 
 
 def get_reader(name: str) -> Reader:

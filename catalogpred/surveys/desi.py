@@ -34,9 +34,9 @@ import numpy as np
 from ..errors import InputFileError, RejectReason
 from ..redshifts import load_redshift_table
 from ..spectra import DESI_GRID, PixelMask
-from . import COMMON_META, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import COMMON_META, ColumnDoc, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
 
-__all__ = ["identify", "read", "merge_arms", "DESI_META", "ARMS"]
+__all__ = ["identify", "read", "merge_arms", "DESI_META", "DESI_DOCS", "ARMS"]
 
 ARMS = ("B", "R", "Z")
 #: TARGETID bit 59 marks sky fibres.
@@ -59,6 +59,32 @@ DESI_META = {
     "flux_ivar_w1": "f4",
     "flux_w2": "f4",
     "flux_ivar_w2": "f4",
+}
+
+#: catalog descriptions of :data:`DESI_META`. FLUX_W1/W2 are the FIBERMAP's Legacy Surveys (unWISE forced)
+#: fluxes in nanomaggies, AB: observed counterparts of the predicted w1_mag/w2_mag, which are Vega.
+DESI_DOCS = {
+    "targetid": ColumnDoc("DESI TARGETID", "", "meta.id"),
+    "desi_survey": ColumnDoc("DESI survey of the coadd (header SURVEY: sv1, sv3, main, special); empty for tile coadds",
+                             "", "meta.dataset"),
+    "program": ColumnDoc("DESI program (header PROGRAM: dark, bright, backup, other)", "", "meta.dataset"),
+    "healpix": ColumnDoc("HEALPix pixel of the coadd file (HPXPIXEL, nside 64, NESTED); -1 for tile coadds", "",
+                         "pos.healpix"),
+    "tileid": ColumnDoc("DESI tile id; -1 for healpix coadds", "", "meta.id.part"),
+    "petal": ColumnDoc("Focal-plane petal (PETAL_LOC, 0-9)", "", "meta.id.part"),
+    "fiber": ColumnDoc("DESI fibre number (0-4999)", "", "meta.id.part"),
+    "expid": ColumnDoc("Exposure id for per-exposure spectra files; -1 for coadds", "", "meta.id"),
+    "objtype": ColumnDoc("FIBERMAP OBJTYPE (TGT, SKY, BAD, ...)", "", "src.class"),
+    "coadd_fiberstatus": ColumnDoc("COADD_FIBERSTATUS bits (0 = good)", "", "meta.code.qual"),
+    "spectype": ColumnDoc("Redshift-fit spectral class (GALAXY, QSO, STAR): DESI Redrock SPECTYPE, PFS "
+                          "redshift candidates; empty when unknown", "", "src.class"),
+    "deltachi2": ColumnDoc("Redrock DELTACHI2: chi2 of the second-best fit minus the best", "", "stat.fit.chi2"),
+    **{f"flux_{b}": ColumnDoc(f"Legacy Surveys forced unWISE {b.upper()} flux (FIBERMAP FLUX_{b.upper()}), "
+                              f"AB: m_AB = 22.5 - 2.5 log10(flux); Vega = AB - {d}", "nanomaggy",
+                              f"phot.flux;em.IR.{r}")
+       for b, d, r in (("w1", 2.699, "3-4um"), ("w2", 3.339, "4-8um"))},
+    **{f"flux_ivar_{b}": ColumnDoc(f"Inverse variance of flux_{b}", "nanomaggy-2", "stat.weight;phot.flux")
+       for b in ("w1", "w2")},
 }
 
 
@@ -334,6 +360,6 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
 
 register_reader(Reader(name="desi", identify=identify, read=read, grid=DESI_GRID, priority=20,
-                       meta_columns={**COMMON_META, **DESI_META}, count=count,
+                       meta_columns={**COMMON_META, **DESI_META}, count=count, column_docs=DESI_DOCS,
                        description="DESI coadd-*/spectra-*.fits (healpix and tile), redshifts from redrock"))
 register_auxiliary("desi-redshifts", identify_redshifts)

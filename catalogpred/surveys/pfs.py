@@ -51,9 +51,9 @@ import numpy as np
 from ..errors import ConfigError, InputFileError, RejectReason
 from ..redshifts import RedshiftTable, load_redshift_table
 from ..spectra import DESI_GRID, PixelMask, fnu_njy_to_flam17, resample_flux_conserving
-from . import COMMON_META, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import COMMON_META, ColumnDoc, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
 
-__all__ = ["identify", "identify_redshifts", "read", "count", "PFS_META", "INFO_PLANES", "mask_planes",
+__all__ = ["identify", "identify_redshifts", "read", "count", "PFS_META", "PFS_DOCS", "INFO_PLANES", "mask_planes",
            "bad_mask_bits", "load_cozcandidates", "find_cozcandidates", "wcs_wavelength_angstrom"]
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,18 @@ PFS_META = {
     "target_type": "i4",  # 1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...
     "n_visit": "i4",  # visits in the coadd (OBSERVATIONS rows)
     "spectype": "U",  # redshift-fit class (GALAXY, QSO, STAR); "" if unknown
+}
+
+#: catalog descriptions of :data:`PFS_META`.
+PFS_DOCS = {
+    "cat_id": ColumnDoc("PFS catId: the catalogue that obj_id belongs to", "", "meta.id"),
+    "obj_id": ColumnDoc("PFS objId in that catalogue (64-bit, e.g. an HSC object id)", "", "meta.id"),
+    "tract": ColumnDoc("Sky tract of the target", "", "meta.id.part"),
+    "patch": ColumnDoc("Sky patch in the tract ('m,n')", "", "meta.id.part"),
+    "target_type": ColumnDoc("PFS TargetType (1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...)", "",
+                             "meta.code"),
+    "n_visit": ColumnDoc("Visits in the coadd (OBSERVATIONS rows)", "", "meta.number"),
+    "spectype": ColumnDoc("Redshift-fit spectral class (GALAXY, QSO, STAR); empty when unknown", "", "src.class"),
 }
 
 #: datamodel TargetType values.
@@ -583,6 +595,6 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
 
 register_reader(Reader(name="pfs", identify=identify, read=read, grid=DESI_GRID, priority=15,
-                       meta_columns={**COMMON_META, **PFS_META}, count=count,
+                       meta_columns={**COMMON_META, **PFS_META}, count=count, column_docs=PFS_DOCS,
                        description="PFS pfsCoadd/pfsCalibrated (multi-object) and pfsObject, on the DESI grid"))
 register_auxiliary("pfs-redshifts", identify_redshifts)

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..errors import InputFileError, RejectReason
 from ..spectra import SDSS_GRID, PixelMask, loglam_to_sdss_index
-from . import COMMON_META, Reader, SpectrumBlock, register_reader
+from . import COMMON_META, ColumnDoc, Reader, SpectrumBlock, register_reader
 
-__all__ = ["identify", "read", "SDSS_META"]
+__all__ = ["identify", "read", "SDSS_META", "SDSS_DOCS"]
 
 #: survey-native columns added to :data:`~catalogpred.surveys.COMMON_META`.
 SDSS_META = {
@@ -35,6 +35,19 @@ SDSS_META = {
     "subclass": "U",
     "sn_median_all": "f4",
     "run2d": "U",
+}
+
+#: catalog descriptions of :data:`SDSS_META` (also used by the spPlate reader).
+SDSS_DOCS = {
+    "plate": ColumnDoc("SDSS plate (or SDSS-V field)", "", "meta.id.part"),
+    "mjd": ColumnDoc("MJD of the (last) observation", "", "time.epoch"),
+    "fiberid": ColumnDoc("SDSS fibre number", "", "meta.id.part"),
+    "catalogid": ColumnDoc("SDSS-V CATALOGID", "", "meta.id"),
+    "specobjid": ColumnDoc("SDSS SPECOBJID, as a string (uint64 does not fit int64)", "", "meta.id"),
+    "spec_class": ColumnDoc("Pipeline spectral class (GALAXY, QSO, STAR)", "", "src.class"),
+    "subclass": ColumnDoc("Pipeline spectral subclass", "", "src.class"),
+    "sn_median_all": ColumnDoc("Pipeline median S/N per pixel", "", "stat.snr"),
+    "run2d": ColumnDoc("Spectroscopic reduction version", "", "meta.version"),
 }
 
 _OBJECT_HDUS = ("SPECOBJ", "SPALL")
@@ -136,5 +149,5 @@ def read(fits, path, options=None) -> SpectrumBlock:
 
 
 register_reader(Reader(name="sdss", identify=identify, read=read, grid=SDSS_GRID, priority=10,
-                       meta_columns={**COMMON_META, **SDSS_META},
+                       meta_columns={**COMMON_META, **SDSS_META}, column_docs=SDSS_DOCS,
                        description="SDSS spec-*.fits (legacy, BOSS, eBOSS, SDSS-V)"))

@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputFileError, RejectReason
 from ..redshifts import SDSS_ID_COLUMNS, load_redshift_table
 from ..spectra import SDSS_GRID, SDSS_INDEX0, PixelMask
 from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
-from .sdss import SDSS_META
+from .sdss import SDSS_DOCS, SDSS_META
 
 __all__ = ["identify", "identify_fits", "read", "count", "find_object_table", "identify_object_table",
            "IMAGE_HDUS", "OBJECT_TABLE_PATTERNS"]
@@ -248,6 +248,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
 register_reader(Reader(name="sdss-plate", identify=identify, identify_fits=identify_fits, read=read,
                        grid=SDSS_GRID, priority=15, meta_columns={**COMMON_META, **SDSS_META}, count=count,
+                       column_docs=SDSS_DOCS,
                        store_survey="sdss",
                        description="SDSS spPlate-*.fits (whole plates) + specObj/spAll object table"))
 register_auxiliary("sdss-objects", _object_table_names, identify_object_table)
