@@ -399,16 +399,17 @@ def cmd_predict(args) -> int:
     device = resolve_device(args.device) if local else args.device
     check_workers_per_gpu(args.workers_per_gpu, device=device, local=local)  # as dask_client does, before a dry run
 
-    if args.dry_run:
-        from . import store
-        from .model.bundle import read_bundle_info
+    from . import store
+    from .model.bundle import read_bundle_info
 
-        infos = [read_bundle_info(m) for m in args.model]
-        plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
-                "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
-                "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
-                "io_workers": args.io_workers, "workers_per_gpu": args.workers_per_gpu,
-                "read_engine": args.read_engine}
+    # the plan reads the store and the bundles' bundle.json: a wrong path fails here, before a cluster starts
+    infos = [read_bundle_info(m) for m in args.model]
+    plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
+            "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
+            "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
+            "io_workers": args.io_workers, "workers_per_gpu": args.workers_per_gpu,
+            "read_engine": args.read_engine}
+    if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:
