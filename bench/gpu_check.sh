@@ -7,6 +7,7 @@
 #
 # When ./.whl/ holds wheels (catalogpred and its dependencies for that machine's Python; no index
 # needed), they are installed first into /tmp/site, for a machine whose Python has torch but not the rest.
+# bench/gpu_wheels.sh makes them (on a machine with a package index) for the device machines' image.
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR [bench_gpu.py arguments]}
 shift
