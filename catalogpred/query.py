@@ -658,7 +658,9 @@ def arrow_to_astropy(table: pa.Table):
         md = _field_meta(fld)
         unit = md.get("unit", "")
         if unit:
-            out[fld.name] = values * u.Unit(unit.replace("Angstrom", "AA"), parse_strict="silent")
+            unit = u.Unit(unit.replace("Angstrom", "AA"), parse_strict="silent")
+            # a QTable makes a masked column with a unit a MaskedQuantity: the nulls stay nulls
+            out[fld.name] = MaskedColumn(values, mask=mask, unit=unit) if mask is not None else values * unit
         elif mask is not None:
             out[fld.name] = MaskedColumn(values, mask=mask)
         else:

@@ -227,6 +227,22 @@ def test_exports_keep_units(catalog, tmp_path, ext):
         assert fields["ra"].ucd == "pos.eq.ra;meta.main" and "Vega" in fields["w1_mag"].description
 
 
+def test_nulls_with_units_stay_null(tmp_path):
+    """An integer column with a unit and nulls (e.g. one survey's column in a mixed catalog) keeps its nulls."""
+    from astropy.table import Table
+
+    from catalogpred.query import arrow_to_astropy
+
+    fld = pa.field("mjd", pa.int32(), metadata={b"unit": b"d", b"description": b"MJD"})
+    t = pa.Table.from_arrays([pa.array([55000, None, 56000], pa.int32())], schema=pa.schema([fld]))
+    q = arrow_to_astropy(t)
+    assert q["mjd"].unit == u.day and list(q["mjd"].mask) == [False, True, False]
+    for ext in (".fits", ".vot"):
+        write_table(t, tmp_path / f"m{ext}")
+        back = Table.read(tmp_path / f"m{ext}")
+        assert list(np.ma.getmaskarray(back["mjd"])) == [False, True, False] and back["mjd"][2] == 56000
+
+
 def test_format_table_aligned(catalog):
     t = open_catalog(catalog).select("source_id,ra,dec,w1_mag,latent,flags").limit(3).to_arrow()
     lines = format_table(t).splitlines()
