@@ -38,6 +38,7 @@ EPILOGS = {
         examples:
           catalogpred query catalog/ --cone 150.0 2.0 60 --columns source_id,ra,dec,w1_mag,w1_mag_err
           catalogpred query catalog/ --cone 150.0 2.0 1deg --where 'w1_mag - w2_mag > 0.8' -o agn.fits
+          catalogpred query catalog/ --cone 10:00:28.6 -02:12:21 30arcmin          # RA in hours
           catalogpred query catalog/ --box 350 10 -5 5 --limit 20          # RA 350..360 and 0..10
           catalogpred query catalog/ --id sdss-0266-51602-0013
           catalogpred query catalog/ --cone 150 2 3600 --sql 'SELECT survey, count(*) AS n FROM catalog GROUP BY survey'
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("query", "Cone, box, id, filter and SQL queries on a catalog; a table, CSV or a file.")
     s.add_argument("catalog", help="catalog directory")
     s.add_argument("--cone", nargs=3, metavar=("RA", "DEC", "RADIUS"),
-                   help="cone: RA, Dec in deg, radius in arcsec or with a unit (1deg, 30arcmin)")
+                   help="cone: RA, Dec in deg or sexagesimal (12:50:07.6 -07:02:55 or 12h50m07.6s -7d02m55s), "
+                        "radius in arcsec or with a unit (1deg, 30arcmin)")
     s.add_argument("--box", nargs=4, type=float, metavar=("RA_MIN", "RA_MAX", "DEC_MIN", "DEC_MAX"),
                    help="RA/Dec ranges in deg; RA_MIN > RA_MAX wraps through RA 0")
     s.add_argument("--id", action="append", default=[], metavar="SOURCE_ID", help="rows with this source_id (repeatable)")
@@ -431,6 +433,39 @@ def cmd_predict(args) -> int:
 TTY_ROWS = 50
 
 
+def _coordinate(text: str, sexagesimal: str) -> float:
+    """RA or Dec in degrees: a number (deg), a value with units ('192.5deg', '12h50m07.6s', '+7d02m55s'), or
+    sexagesimal with ':' or spaces ('12:50:07.6'), read in ``sexagesimal`` ("hourangle" for RA, "deg" for Dec)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import re
+
+    import astropy.units as u
+    from astropy.coordinates import Angle
+
+    text = text.strip()
+    try:
+        return float((Angle(text, unit=sexagesimal) if re.search(r"[:\s]", text) else Angle(text)).deg)
+    except (TypeError, ValueError, u.UnitsError) as exc:
+        what = "RA" if sexagesimal == "hourangle" else "Dec"
+        raise ConfigError(f"cannot read {text!r} as {what}; give degrees (150.2), a value with units (10h00m48s, "
+                          f"+2d12m) or sexagesimal ({'10:00:48' if what == 'RA' else '-2:12:00'})") from exc
+
+
+def _keep_coordinates_as_values(argv: list[str]) -> list[str]:
+    """argparse takes a value such as '-07:02:55' (a southern Dec) for an option; with a trailing space it is a
+    value again (:func:`_coordinate` strips it). Applies to the two tokens after ``--cone``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--cone":
+            for j in (i + 1, i + 2):
+                if j < len(out) and out[j].startswith("-") and out[j][1:2].isdigit():
+                    out[j] += " "
+    return out
+
+
 def _angle(text: str, unit: str) -> float:
     """A number in ``unit``, or a value with its own unit ('1deg', '30arcmin', '2.5 arcsec')."""
     try:
@@ -472,7 +507,8 @@ def cmd_query(args) -> int:
 
     q = open_catalog(args.catalog)
     if args.cone:
-        q = q.cone(_angle(args.cone[0], "deg"), _angle(args.cone[1], "deg"), _angle(args.cone[2], "arcsec"))
+        q = q.cone(_coordinate(args.cone[0], "hourangle"), _coordinate(args.cone[1], "deg"),
+                   _angle(args.cone[2], "arcsec"))
     if args.box:
         q = q.box(*args.box)
     if args.id:
@@ -606,7 +642,7 @@ COMMANDS = {"ingest": cmd_ingest, "predict": cmd_predict, "query": cmd_query, "i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_keep_coordinates_as_values(sys.argv[1:] if argv is None else argv))
     _setup_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command](args)

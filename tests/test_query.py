@@ -281,6 +281,20 @@ def test_cli_query_csv_when_piped(catalog, everything, capsys):
     assert len(ra) == 4 and all(r >= 350 or r <= 10 for r in ra)
 
 
+@pytest.mark.parametrize("ra,dec", [("00:01:12", "-05:00:00"), ("0h01m12s", "-5d00m00s"), ("00 01 12", "-05 00 00"),
+                                    ("0.3deg", "-300arcmin"), ("0.3", "-5")])
+def test_cli_cone_takes_sexagesimal_and_southern_dec(catalog, everything, capsys, ra, dec):
+    """RA 00:01:12 is 0.3 deg (hours), Dec -05:00:00 is -5 deg; argparse must not take '-05:00:00' for an option."""
+    assert main(["query", str(catalog), "--cone", ra, dec, "10arcmin", "--columns", "source_id"]) == 0
+    got = sorted(capsys.readouterr().out.splitlines()[1:])
+    assert got == ids(brute_cone(everything, 0.3, -5.0, 10 / 60)) and got
+
+
+def test_cli_cone_bad_coordinate_says_what_it_takes(catalog, capsys):
+    assert main(["query", str(catalog), "--cone", "12:00:00", "north", "60"]) == 1
+    assert "cannot read 'north' as Dec" in capsys.readouterr().err
+
+
 def test_cli_query_table_sql_id(catalog, everything, capsys):
     some = everything.column("source_id")[5].as_py()
     assert main(["query", str(catalog), "--id", some, "--columns", "source_id,z", "--format", "table"]) == 0
