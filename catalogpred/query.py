@@ -294,13 +294,14 @@ class CatalogQuery:
     properties: dict = field(default_factory=dict, compare=False, repr=False)
 
     # --- building
-    def cone(self, ra, dec, radius_arcsec=None, *, radius=None) -> "CatalogQuery":
-        """Rows within a radius of (ra, dec).
+    def cone(self, ra, dec=None, radius_arcsec=None, *, radius=None) -> "CatalogQuery":
+        """Rows within a radius of (ra, dec), or of a ``SkyCoord``: ``cone(coord, 60)``, ``cone(coord, radius=1 * u.deg)``.
 
         Parameters
         ----------
         ra, dec : float or astropy Quantity
-            Centre, degrees (ICRS).
+            Centre, degrees (ICRS). ``ra`` may instead be an astropy ``SkyCoord`` in any frame (transformed to
+            ICRS); then the second argument, if given, is the radius.
         radius_arcsec : float or astropy Quantity
             Radius in arcsec, or any angle Quantity (``0.5 * u.deg``).
         radius : astropy Quantity, optional
@@ -308,6 +309,16 @@ class CatalogQuery:
         """
         import astropy.units as u
 
+        if hasattr(ra, "icrs"):  # a SkyCoord
+            if dec is not None:
+                if radius_arcsec is not None or radius is not None:
+                    raise ConfigError("cone(coord, radius): a SkyCoord centre takes one radius, not a dec too")
+                radius_arcsec = dec
+            if not ra.isscalar:
+                raise ConfigError("cone needs one centre; got a SkyCoord of several positions (crossmatch for many)")
+            ra, dec = ra.icrs.ra.deg, ra.icrs.dec.deg
+        elif dec is None:
+            raise ConfigError("cone needs a centre: cone(ra, dec, radius) in deg or cone(SkyCoord, radius)")
         r = radius if radius is not None else radius_arcsec
         if r is None:
             raise ConfigError("cone needs a radius: cone(ra, dec, 60) in arcsec or cone(ra, dec, 1 * u.deg)")

@@ -97,6 +97,21 @@ def test_cone_quantity_radius_and_centre(catalog):
     assert a.num_rows > 20
 
 
+def test_cone_around_a_skycoord(catalog, everything):
+    from astropy.coordinates import SkyCoord
+
+    cat = open_catalog(catalog)
+    want = ids(brute_cone(everything, 45.0, 0.0, 0.5))
+    c = SkyCoord(45.0 * u.deg, 0.0 * u.deg)
+    assert ids(cat.cone(c, 1800).to_arrow()) == want and want
+    assert ids(cat.cone(c, radius=0.5 * u.deg).to_arrow()) == want
+    assert ids(cat.cone(c.galactic, 30 * u.arcmin).to_arrow()) == want  # any frame: transformed to ICRS
+    with pytest.raises(ConfigError, match="one centre"):
+        cat.cone(SkyCoord([1, 2] * u.deg, [0, 0] * u.deg), 60)
+    with pytest.raises(ConfigError, match="needs a centre"):
+        cat.cone(45.0, radius=1 * u.deg)
+
+
 @pytest.mark.parametrize("box", [(10, 50, -20, 20), (350, 10, -5, 5), (355, 2, -90, 90), (0, 360, 80, 90),
                                  (-10, 10, -3, 3), (44, 46, -1, 1), (170, 190, -90, -85), (0, 360, -90, 90),
                                  (359.9, 0.1, -10, 10), (120, 121, 0, 0.5)])
