@@ -402,9 +402,13 @@ def cmd_predict(args) -> int:
     check_workers_per_gpu(args.workers_per_gpu, device=device, local=local)  # as dask_client does, before a dry run
 
     from . import store
+    from .cluster import check_scheduler_args, shared_path
     from .model.bundle import read_bundle_info
 
     # the plan reads the store and the bundles' bundle.json: a wrong path fails here, before a cluster starts
+    check_scheduler_args(args.scheduler, args.scheduler_file)
+    for path in (args.store, args.catalog, *args.model):
+        shared_path(path)  # says which URLs are not supported yet, and what to do instead
     infos = [read_bundle_info(m) for m in args.model]
     plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
             "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},

@@ -135,6 +135,12 @@ def default_n_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_scheduler_args(scheduler: str | None, scheduler_file: str | None) -> None:
+    """A :class:`ConfigError` unless at most one of ``--scheduler`` and ``--scheduler-file`` is given."""
+    if scheduler and scheduler_file:
+        raise ConfigError("give either --scheduler or --scheduler-file, not both")
+
+
 @contextlib.contextmanager
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
                 scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None,
@@ -181,8 +187,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     """
     from distributed import Client, LocalCluster
 
-    if scheduler and scheduler_file:
-        raise ConfigError("give either --scheduler or --scheduler-file, not both")
+    check_scheduler_args(scheduler, scheduler_file)
     check_workers_per_gpu(workers_per_gpu, device=device, local=not (scheduler or scheduler_file))
     if scheduler or scheduler_file:
         if scheduler_file and not os.path.exists(scheduler_file):

@@ -29,6 +29,11 @@ def test_missing_store_is_one_line_error(tmp_path, capsys, random_bundle):
                "--catalog", str(tmp_path / "cat"), "--workers", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "error:" in err and "nope.zarr" in err and "Traceback" not in err
+    assert "Dask cluster" not in err  # found before any cluster starts
+    rc = main(["predict", "--store", str(tmp_path / "nope.zarr"), "--model", str(tmp_path / "no-model"),
+               "--catalog", str(tmp_path / "cat")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no-model is not a model bundle" in err and "Dask cluster" not in err
 
 
 def test_ingest_dry_run_lists_files(sdss_files, capsys):
