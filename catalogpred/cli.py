@@ -82,7 +82,11 @@ EPILOGS = {
         examples:
           catalogpred info demo-output/catalog
           catalogpred info demo-output/catalog --json
-        Rows per survey, sky area, model and its card, run manifest, columns with units.""",
+          catalogpred info demo-output/store.zarr
+          catalogpred info demo-output/model
+        A catalog: rows per survey, sky area, model and its card, run manifest, columns with units.
+        A store: per survey, spectra ready and rejected (by reason), shards, grid, size, ingest runs.
+        A model bundle: its model card (bundle.json with --json).""",
     "submit": """\
         examples:
           catalogpred submit slurm --jobs 4 --cores 16 --memory 64GB --dry-run -- predict --store s.zarr --model m/ --catalog c/
@@ -281,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--png", default=None, help="predicted vs observed plot with chi residuals")
     m.add_argument("--no-update-card", action="store_true", help="do not write the metrics into the card")
 
-    s = add("info", "Summarise a catalog: rows per survey, sky area, model and card, manifest, columns.")
-    s.add_argument("catalog", help="catalog directory")
+    s = add("info", "Summarise a catalog, a spectra store or a model bundle.")
+    s.add_argument("path", help="catalog directory, store (.zarr) or model bundle directory")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     s = add("demo", "End to end on a mock SDSS survey (what `make demo` runs).")
@@ -615,10 +619,29 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .query import catalog_info, format_info
+    from pathlib import Path
 
-    info = catalog_info(args.catalog)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    path = Path(args.path)
+    if (path / "bundle.json").exists():  # a model bundle: its card
+        from .model.bundle import model_card, read_bundle_info
+
+        read_bundle_info(path)  # validates it
+        print((path / "bundle.json").read_text().rstrip() if args.json else model_card(path).rstrip())
+        return 0
+    if (path / "zarr.json").exists() and not (path / "hats.properties").exists():  # a spectra store
+        from .store import format_store_info, store_info
+
+        info = store_info(path)
+    else:
+        from .query import catalog_info, format_info
+
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such directory; info takes a catalog, a store (.zarr) or a model bundle")
+        info = catalog_info(path)
+        if not args.json:
+            print(format_info(info))
+            return 0
+    print(json.dumps(info, indent=2, default=str) if args.json else format_store_info(info))
     return 0
 
 
@@ -658,6 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `catalogpred query … | head`: the reader closed the pipe, having what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE: what a shell reports for a command that the closed pipe ended
 
 
 if __name__ == "__main__":

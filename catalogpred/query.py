@@ -484,7 +484,7 @@ class CatalogQuery:
 
     def to_pandas(self):
         """Run the query into a pandas DataFrame (``latent`` as arrays)."""
-        return self.to_arrow().to_pandas()
+        return _to_pandas(self.to_arrow())
 
     def to_astropy(self):
         """Run the query into an astropy QTable with units (and descriptions) from the column metadata."""
@@ -594,10 +594,21 @@ def _sql_ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
+def _to_pandas(table: pa.Table):
+    """``table.to_pandas()`` with pandas' nullable integer and boolean types: an integer column with nulls (one
+    survey's ids in a mixed catalog, e.g. 17-digit DESI TARGETIDs) stays exact instead of becoming float64."""
+    import pandas as pd
+
+    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
+    return table.to_pandas(types_mapper=nullable.get)
+
+
 def _flat_frame(table: pa.Table):
     """pandas frame of the scalar columns (list columns cannot appear in expressions)."""
     drop = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
-    return table.drop_columns(drop).to_pandas()
+    return _to_pandas(table.drop_columns(drop))
 
 
 def _eval_filter(df, expr: str) -> np.ndarray:
@@ -800,7 +811,7 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
                 for i, unit in tunit.items():
                     hdus[1].header.set(f"TUNIT{i}", unit, after=f"TFORM{i}")
     else:
-        _flatten_lists(table).to_pandas().to_csv(dest, index=False)
+        _to_pandas(_flatten_lists(table)).to_csv(dest, index=False)
 
 
 def _fits_unit_missing(unit) -> bool:

@@ -62,6 +62,8 @@ __all__ = [
     "READ_ENGINES",
     "resolve_read_engine",
     "set_rejected",
+    "store_info",
+    "format_store_info",
 ]
 
 STORE_SCHEMA_VERSION = 1
@@ -543,3 +545,50 @@ def set_rejected(store_path, survey: str, rows: np.ndarray, reason: str, details
     meta["status"].vindex[rows] = np.full(rows.size, RowStatus.REJECTED, np.uint8)
     meta["reject_reason"].vindex[rows] = np.array([reason] * rows.size, dtype=np.dtypes.StringDType())
     meta["reject_detail"].vindex[rows] = np.array(list(details), dtype=np.dtypes.StringDType())
+
+
+def store_info(store_path) -> dict:
+    """What a store holds, per survey group: grid, sharding, finished shards, rows by status, rejects by
+    reason, ingest runs and bytes on disk (``catalogpred info STORE``). Reads the ``status`` column of every
+    row and ``reject_reason`` of the rejected ones."""
+    import pyarrow.compute as pc
+
+    out = {"path": str(store_path), "kind": "store", "surveys": {}}
+    for name in list_surveys(store_path):
+        g, layout = open_survey(store_path, name)
+        done = g["shard_done"][:].astype(bool)
+        meta = read_meta(store_path, name, ["status", "reject_reason"])  # rows of finished shards, not padding
+        status = meta.column("status").to_numpy()
+        rejected = status == RowStatus.REJECTED
+        reasons = pc.value_counts(meta.column("reject_reason").filter(pa.array(rejected))).to_pylist()
+        base = os.path.join(str(store_path), name)
+        runs = ingest_history(store_path, name)
+        out["surveys"][name] = {
+            "grid": layout.grid.name, "n_pix": layout.grid.n_pix,
+            "wave_angstrom": [float(layout.grid.wave[0]), float(layout.grid.wave[-1])],
+            "shard_rows": layout.shard_rows, "shards": int(done.size), "shards_done": int(done.sum()),
+            "rows_ok": int((status == RowStatus.OK).sum()), "rows_rejected": int(rejected.sum()),
+            "rejects_by_reason": dict(sorted((r["values"], r["counts"]) for r in reasons)),
+            "ingest_runs": len(runs), "last_ingest": runs[-1].get("finished") if runs else None,
+            "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(base) for f in files),
+        }
+    return out
+
+
+def format_store_info(info: dict) -> str:
+    """The text report of :func:`store_info`."""
+    out = [f"store     {info['path']}"]
+    for name, s in info["surveys"].items():
+        unfinished = s["shards"] - s["shards_done"]
+        out += [f"  {name:<8}  {s['rows_ok']:,d} spectra ready, {s['rows_rejected']:,d} rejected at ingest; "
+                f"{s['shards_done']:,d} shards of {s['shard_rows']:,d} rows"
+                + (f" ({unfinished:,d} unfinished: re-run ingest)" if unfinished else ""),
+                f"            grid {s['grid']} ({s['n_pix']} px, {s['wave_angstrom'][0]:.1f}-{s['wave_angstrom'][1]:.1f} "
+                f"Angstrom); {s['bytes'] / 1e9:.2f} GB on disk; {s['ingest_runs']} ingest run(s), last "
+                f"{s['last_ingest'] or '?'}"]
+        if s["rejects_by_reason"]:
+            out.append("            rejects: " + ", ".join(f"{k} {v:,d}" for k, v in s["rejects_by_reason"].items()))
+    if not info["surveys"]:
+        out.append("  (no survey groups: nothing ingested yet)")
+    return "\n".join(out)
+

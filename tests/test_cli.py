@@ -1,4 +1,5 @@
 """The command line: --help everywhere, data on stdout, errors as one line and exit 1."""
+import json
 import subprocess
 import sys
 
@@ -74,6 +75,19 @@ def test_ingest_predict_query_cli(tmp_path, sdss_files, random_bundle, capsys):
     assert t["latent"].shape[1] == 6
     assert main(["info", cat]) == 0
     assert "w1_mag" in capsys.readouterr().out
+    # info on the store and on the bundle
+    assert main(["info", st, "--json"]) == 0
+    sdss = json.loads(capsys.readouterr().out)["surveys"]["sdss"]
+    assert sdss["rows_ok"] + sdss["rows_rejected"] == 4 and sdss["shards_done"] == sdss["shards"] == 1
+    assert sdss["grid"] == "sdss" and sdss["bytes"] > 0 and sdss["ingest_runs"] == 1
+    assert main(["info", st]) == 0
+    assert "4 spectra ready, 0 rejected at ingest; 1 shards of 4 rows" in capsys.readouterr().out
+    assert main(["info", str(random_bundle)]) == 0
+    assert capsys.readouterr().out.startswith("# Model card:")
+    assert main(["info", str(random_bundle), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_id"]
+    assert main(["info", str(tmp_path / "nope")]) == 1
+    assert "no such directory" in capsys.readouterr().err
     # unknown column: clear error
     assert main(["query", cat, "--columns", "nope"]) == 1
     assert "unknown columns" in capsys.readouterr().err

@@ -26,6 +26,14 @@ def test_demo_end_to_end(tmp_path, capsys):
             "sky_fibre", "unassigned_fibre", "flux_standard"} <= set(manifest["counts"]["rejects_by_reason"])
     rej = pq.read_table(out / "catalog" / "rejects.parquet").to_pandas()
     assert (rej.survey == "sdss").sum() == 7
+    # `catalogpred info STORE` accounts for the same spectra, per survey and per reason
+    from catalogpred.store import store_info
+
+    rows = pq.ParquetDataset(out / "catalog" / "dataset").read(columns=["survey"]).to_pandas().survey.value_counts()
+    for survey, s in store_info(out / "store.zarr")["surveys"].items():
+        ingest = rej[(rej.survey == survey) & (rej.stage == "ingest")]
+        assert s["rows_rejected"] == len(ingest) and s["rejects_by_reason"] == ingest.reason.value_counts().to_dict()
+        assert s["rows_ok"] == rows[survey] + ((rej.survey == survey) & (rej.stage == "predict")).sum()
     # the head learned the optical-IR coupling of the mock: predictions track the mock photometry
     cat = pq.ParquetDataset(out / "catalog" / "dataset").read().to_pandas()
     assert set(cat.survey) == {"sdss", "desi", "pfs"}

@@ -13,6 +13,7 @@ import astropy.units as u
 import bench_query
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -142,6 +143,25 @@ def test_where_equals_brute_force(catalog, everything):
     got = q.to_arrow()
     assert got.column_names == ["source_id", "w3_mag"]
     assert ids(got) == sorted(ref[ref.z < 0.2].source_id) and got.num_rows > 5
+
+
+def test_integer_ids_with_nulls_stay_exact(catalog, everything, capsys):
+    """DESI TARGETIDs beside SDSS rows (null there) are 17-digit integers: float64 would merge neighbours."""
+    desi = everything.filter(pc.is_valid(everything.column("targetid")))
+    tid = desi.column("targetid")[3].as_py()
+    cat = open_catalog(catalog)
+    assert cat.where(f"targetid == {tid}").count() == 1  # tid ± 1 round to the same float64
+    df = cat.where(f"targetid == {tid}").to_pandas()
+    assert df.targetid.tolist() == [tid] and str(df.targetid.dtype) == "Int64"
+    assert main(["query", str(catalog), "--where", f"targetid >= {tid - 1} and targetid <= {tid + 1}",
+                 "--columns", "targetid", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "targetid" and sorted(lines[1:]) == [str(t) for t in (tid - 1, tid, tid + 1)
+                                                          if t in set(desi.column("targetid").to_pylist())]
+    assert main(["query", str(catalog), "--limit", "20", "--columns", "targetid", "--format", "csv"]) == 0
+    values = capsys.readouterr().out.splitlines()[1:]
+    nulls = {"", '""'}  # a one-column CSV quotes an empty field, so that the line is not blank
+    assert nulls & set(values) and all(v in nulls or (v.isdigit() and len(v) == 17) for v in values)
 
 
 def test_select_limit_count_id(catalog, everything):
@@ -345,6 +365,19 @@ def test_cli_query_outputs(catalog, tmp_path, capsys):
     assert main(["query", str(catalog), "--limit", "3", "-o", str(tmp_path / "agn.fits"), "--overwrite"]) == 0
     assert main(["query", str(catalog), "-o", str(tmp_path / "x.txt")]) == 1
     assert "unknown output format" in capsys.readouterr().err
+
+
+def test_cli_query_into_a_closed_pipe(catalog):
+    """`catalogpred query … | head -1`: no traceback when the reader stops, and the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from catalogpred.cli import main; sys.exit(main())",
+                          "query", str(catalog), "--format", "csv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"source_id,")
+    p.stdout.close()  # 12,000 rows of CSV do not fit the pipe: the next write fails
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err
 
 
 def test_cli_info(catalog, capsys):

@@ -35,7 +35,7 @@ from .ood import ood_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelCard", "BundleInfo", "LoadedModel", "save_bundle", "read_bundle_info", "load_bundle",
+__all__ = ["ModelCard", "BundleInfo", "LoadedModel", "save_bundle", "read_bundle_info", "model_card", "load_bundle",
            "cached_model", "encode", "infer", "BUNDLE_SCHEMA_VERSION"]
 
 BUNDLE_SCHEMA_VERSION = 1
@@ -156,6 +156,14 @@ def _head_text(cfg: dict | None) -> str:
     members = cfg.get("n_members", 1)
     return (f"heteroscedastic MLP {cfg['n_in']}->{'->'.join(map(str, cfg['n_hidden']))}->2x{cfg['n_bands']}"
             + (f", deep ensemble of {members}" if members > 1 else ""))
+
+
+def model_card(path: str | os.PathLike) -> str:
+    """A bundle's model card as Markdown: its ``MODEL_CARD.md`` (with the section ``models evaluate`` adds),
+    or, where that file is missing, the card made from ``bundle.json``. Raises BundleError for a non-bundle."""
+    info = read_bundle_info(path)
+    card = Path(path) / "MODEL_CARD.md"
+    return card.read_text() if card.exists() else _card_markdown(info)
 
 
 def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
