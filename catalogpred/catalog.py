@@ -40,7 +40,7 @@ from .errors import CatalogError, ConfigError
 
 __all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_schema", "choose_order",
            "write_fragment", "write_block_done", "read_block_done", "finalize_catalog", "REJECTS_SCHEMA",
-           "VEGA_TO_AB", "DATASET_DIR"]
+           "VEGA_TO_AB", "WISE_WAVELENGTH_UM", "WISE_UCD_RANGE", "DATASET_DIR"]
 
 DATASET_DIR = "dataset"
 RUN_DIR = "_run"
@@ -48,6 +48,8 @@ SPATIAL_INDEX_ORDER = 29
 #: m_AB − m_Vega for W1..W4 (Jarrett et al. 2011; FORMATS.md).
 VEGA_TO_AB = {"w1": 2.699, "w2": 3.339, "w3": 5.174, "w4": 6.620}
 WISE_WAVELENGTH_UM = {"w1": 3.35, "w2": 4.60, "w3": 11.56, "w4": 22.09}
+#: the IVOA UCD wavelength range of each WISE band (``phot.mag;em.IR.3-4um``)
+WISE_UCD_RANGE = {"w1": "3-4um", "w2": "4-8um", "w3": "8-15um", "w4": "15-30um"}
 
 
 class CatalogFlag(enum.IntFlag):
@@ -86,7 +88,7 @@ def core_columns(n_latent: int) -> list[Column]:
         Column("zwarning", pa.int64(), "", "meta.code.qual", "Survey redshift warning bits (0 = good)"),
     ]
     for b in ("w1", "w2", "w3", "w4"):
-        cols.append(Column(f"{b}_mag", pa.float32(), "mag", f"phot.mag;em.IR.{_ir_ucd(b)}",
+        cols.append(Column(f"{b}_mag", pa.float32(), "mag", f"phot.mag;em.IR.{WISE_UCD_RANGE[b]}",
                            f"Predicted WISE {b.upper()} ({WISE_WAVELENGTH_UM[b]} um) magnitude, Vega system (AllWISE {b}mpro); "
                            f"AB = Vega + {VEGA_TO_AB[b]}"))
     for b in ("w1", "w2", "w3", "w4"):
@@ -109,10 +111,6 @@ def core_columns(n_latent: int) -> list[Column]:
         Column("source_file", pa.string(), "", "meta.file", "Input file name"),
     ]
     return cols
-
-
-def _ir_ucd(b: str) -> str:
-    return {"w1": "3-4um", "w2": "4-8um", "w3": "8-15um", "w4": "15-30um"}[b]
 
 
 #: survey-native columns (store meta dtype code -> arrow type).

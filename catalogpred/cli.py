@@ -51,10 +51,11 @@ EPILOGS = {
           catalogpred crossmatch catalog/ allwise.parquet --radius 1.5 -o matched.fits
           catalogpred crossmatch catalog/ targets.csv --ra-col RAJ2000 --dec-col DEJ2000 --excess-only
         Nearest catalog row within --radius arcsec of each external row; adds separation_arcsec.
-        With observed W1-W4 (w1mpro/w1sigmpro, w1_mag/w1_mag_err or W1mag/e_W1mag; Vega) it adds
-        w?_excess = m_pred - m_obs and w?_excess_sigma = (m_pred - m_obs)/sqrt(s_pred^2 + s_obs^2):
-        positive = brighter in the IR than the optical predicts. ir_excess flags any band above
-        --excess-threshold (default 3 sigma); non-detections (sigma null or >= 99) give null.""",
+        With observed W1-W4 (w1mpro/w1sigmpro, w1_mag/w1_mag_err or W1mag/e_W1mag) it adds
+        w?_mag_obs (observed, Vega: AB converted, see --mag-system), w?_excess = m_pred - m_obs and
+        w?_excess_sigma = (m_pred - m_obs)/sqrt(s_pred^2 + s_obs^2): positive = brighter in the IR than
+        the optical predicts. ir_excess flags any band above --excess-threshold (default 3 sigma);
+        non-detections (sigma null or >= 99) give null.""",
     "plot": """\
         examples:
           catalogpred plot demo-output/catalog -o plots/
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--excess-threshold", type=float, default=3.0,
                    help="flag ir_excess where any band's excess_sigma exceeds this (default 3)")
     s.add_argument("--excess-only", action="store_true", help="only rows flagged ir_excess")
+    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+                   help="system of the external W1-W4 magnitudes; AB is converted to Vega (m_AB - 2.699, 3.339, "
+                        "5.174, 6.620) before the excess (default auto: AB where a column's unit says mag(AB), "
+                        "else Vega, as AllWISE/unWISE/CatWISE are)")
     s.add_argument("--keep-unmatched", action="store_true", help="keep external rows without a match (catalog columns empty)")
     s.add_argument("--where", action="append", default=[], help="filter on catalog columns before matching (repeatable)")
     _add_output_args(s, columns_help="catalog columns in the output, comma-separated, or 'all' "
@@ -238,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--radius", type=float, default=1.5, help="crossmatch radius for --external, arcsec (default 1.5)")
     s.add_argument("--ra-col", default=None, help="external RA column (default: guessed)")
     s.add_argument("--dec-col", default=None, help="external Dec column (default: guessed)")
+    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+                   help="system of --external's magnitudes, as in crossmatch (default auto: from the column units)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the density map (default: from the data)")
 
     s = add("train", "Fit the IR head (deep ensemble, calibrated sigma) and write encoder + head as a bundle.")
@@ -550,7 +557,8 @@ def cmd_crossmatch(args) -> int:
     for w in args.where:
         q = q.where(w)
     table = crossmatch(q, args.external, radius_arcsec=args.radius, ra_col=args.ra_col, dec_col=args.dec_col,
-                       columns=args.columns, excess_threshold=args.excess_threshold, keep_unmatched=args.keep_unmatched)
+                       columns=args.columns, excess_threshold=args.excess_threshold, keep_unmatched=args.keep_unmatched,
+                       mag_system=args.mag_system)
     if "ir_excess" in table.column_names:
         log.info("%d matches flagged ir_excess (> %g sigma in any band)",
                  pc.sum(pc.fill_null(table.column("ir_excess"), False)).as_py() or 0, args.excess_threshold)
@@ -569,7 +577,7 @@ def cmd_plot(args) -> int:
     from .plots import plot_catalog
 
     for path in plot_catalog(args.catalog, args.output, external=args.external, radius_arcsec=args.radius,
-                             ra_col=args.ra_col, dec_col=args.dec_col, order=args.order):
+                             ra_col=args.ra_col, dec_col=args.dec_col, order=args.order, mag_system=args.mag_system):
         print(path)
     return 0
 

@@ -33,10 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .catalog import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
 
-__all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "BANDS",
+__all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
            "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,31 @@ def _pixels_near(ra: np.ndarray, dec: np.ndarray, radius_deg: float, order: int,
     return None
 
 
+#: ``crossmatch(mag_system=)`` choices: the system of the external table's W1-W4 magnitudes
+MAG_SYSTEMS = ("auto", "vega", "ab")
+
+
+def magnitude_systems(schema: pa.Schema, phot: dict, mag_system: str = "auto") -> dict[str, str]:
+    """``{band: "vega" | "ab"}`` of the external magnitude columns ``phot`` (:func:`find_photometry_columns`).
+
+    ``mag_system="auto"`` reads each column's unit (field metadata, e.g. from a FITS TUNIT or a VOTable
+    unit): ``mag(AB)``/``ABmag`` is AB, anything else Vega, which AllWISE, unWISE and CatWISE magnitudes are.
+    """
+    if mag_system not in MAG_SYSTEMS:
+        raise ConfigError(f"mag_system must be one of {MAG_SYSTEMS}, not {mag_system!r}")
+    if mag_system != "auto":
+        return {b: mag_system for b in phot}
+    out = {}
+    for b, (mcol, _) in phot.items():
+        md = schema.field(mcol).metadata or {}
+        unit = md.get(b"unit", b"").decode().replace(" ", "").lower()
+        out[b] = "ab" if unit in ("mag(ab)", "abmag", "ab", "mag_ab", "magab", "ab_mag") else "vega"
+    return out
+
+
 def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | None = None,
                dec_col: str | None = None, columns=None, excess_threshold: float = 3.0,
-               keep_unmatched: bool = False) -> pa.Table:
+               keep_unmatched: bool = False, mag_system: str = "auto") -> pa.Table:
     """Nearest catalog row within ``radius_arcsec`` of each external row, with IR-excess columns.
 
     Parameters
@@ -197,6 +220,10 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         ``ir_excess`` is true where any band's ``w?_excess_sigma`` exceeds this.
     keep_unmatched : bool
         Keep external rows without a match (catalog columns null).
+    mag_system : {"auto", "vega", "ab"}
+        System of the external W1-W4 magnitudes. AB magnitudes are converted to Vega (the catalog's system)
+        with ``m_Vega = m_AB - VEGA_TO_AB[band]`` before the excess; "auto": from each column's unit
+        (:func:`magnitude_systems`; Vega unless it says AB).
 
     Returns
     -------
@@ -229,6 +256,10 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         out_cols = list(columns.split(",") if isinstance(columns, str) else columns)
         out_cols = [c.strip() for c in out_cols if c.strip()]
     phot = find_photometry_columns(ext.column_names)
+    systems = magnitude_systems(ext.schema, phot, mag_system)
+    if "ab" in systems.values():
+        log.info("external magnitudes in AB, converted to Vega: %s",
+                 ", ".join(phot[b][0] for b in phot if systems[b] == "ab"))
     need = ["ra", "dec"] + [f"{b}_mag{s}" for b in phot for s in ("", "_err")]
     read_cols = out_cols + [c for c in need if c not in out_cols]
 
@@ -277,7 +308,7 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     fields.append(_field("separation_arcsec", pa.float64(), "arcsec", "pos.angDistance",
                          "Great-circle distance between the catalog and external positions"))
     if phot:
-        a, f = _excess_columns(cat_m, ext_m, phot, excess_threshold)
+        a, f = _excess_columns(cat_m, ext_m, phot, excess_threshold, systems)
         arrays += a
         fields += f
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
@@ -294,7 +325,7 @@ def _float(col) -> np.ndarray:
         zero_copy_only=False)
 
 
-def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: float):
+def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: float, systems: dict):
     arrays, fields = [], []
     chi2 = []
     over = []
@@ -302,19 +333,30 @@ def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: flo
     for b, (mcol, ecol) in phot.items():
         m_pred, s_pred = _float(cat_m.column(f"{b}_mag")), _float(cat_m.column(f"{b}_mag_err"))
         m_obs, s_obs = _float(ext_m.column(mcol)), _float(ext_m.column(ecol))
+        ab = systems[b] == "ab"
+        obs = f"({mcol} - {VEGA_TO_AB[b]}, AB to Vega)" if ab else mcol
         valid = (np.isfinite(m_pred) & np.isfinite(s_pred) & np.isfinite(m_obs) & np.isfinite(s_obs)
                  & (s_obs < NON_DETECTION_SIGMA) & (s_obs >= 0) & (m_obs < NON_DETECTION_SIGMA))
+        m_obs = m_obs - VEGA_TO_AB[b] if ab else m_obs
         with np.errstate(invalid="ignore", divide="ignore"):
             ex = m_pred - m_obs
             sig = ex / np.sqrt(s_pred ** 2 + s_obs ** 2)
         valid &= np.isfinite(sig)
+        # the observed magnitude as compared (Vega), so that a reader or a plot needs no unit logic of its own
+        detected = np.isfinite(m_obs) & np.isfinite(s_obs) & (s_obs >= 0) & (s_obs < NON_DETECTION_SIGMA)
+        arrays += [pa.array(np.where(detected, m_obs, 0.0), pa.float64(), mask=~detected),
+                   pa.array(np.where(detected, s_obs, 0.0), pa.float64(), mask=~detected)]
+        fields += [_field(f"{b}_mag_obs", pa.float64(), "mag", f"phot.mag;em.IR.{WISE_UCD_RANGE[b]}",
+                          f"Observed {b.upper()} from {obs}, Vega: the magnitude {b}_excess compares; null for "
+                          "non-detections"),
+                   _field(f"{b}_mag_obs_err", pa.float64(), "mag", "stat.error;phot.mag", f"1-sigma error of {b}_mag_obs ({ecol})")]
         arrays.append(pa.array(np.where(valid, ex, 0.0), pa.float64(), mask=~valid))
         fields.append(_field(f"{b}_excess", pa.float64(), "mag", "phot.mag;arith.diff",
-                             f"{b}_mag - {mcol}: predicted minus observed {b.upper()} (Vega); positive = brighter "
+                             f"{b}_mag - {obs}: predicted minus observed {b.upper()} (Vega); positive = brighter "
                              "in the IR than predicted"))
         arrays.append(pa.array(np.where(valid, sig, 0.0), pa.float64(), mask=~valid))
         fields.append(_field(f"{b}_excess_sigma", pa.float64(), "", "stat.value;arith.ratio",
-                             f"({b}_mag - {mcol}) / sqrt({b}_mag_err^2 + {ecol}^2); positive = IR excess"))
+                             f"({b}_mag - {obs}) / sqrt({b}_mag_err^2 + {ecol}^2); positive = IR excess"))
         chi2.append(np.where(valid, sig ** 2, np.nan))
         over.append(np.where(valid, sig > threshold, False))
     chi2 = np.vstack(chi2) if chi2 else np.zeros((0, n))

@@ -180,10 +180,8 @@ def predicted_vs_observed_figure(matched, *, title: str | None = None):
     Rows flagged ``ir_excess`` are drawn in red; the dashed line is equality (above it: brighter
     in the IR than predicted).
     """
-    from .crossmatch import find_photometry_columns
-
     df = matched.to_pandas() if hasattr(matched, "to_pandas") and not hasattr(matched, "iloc") else matched
-    phot = find_photometry_columns(list(df.columns))
+    phot = _observed_columns(list(df.columns))
     fig = _figure(figsize=(8.5, 8), dpi=100)
     axes = fig.subplots(2, 2).ravel()
     flag = df["ir_excess"].fillna(False).to_numpy(dtype=bool) if "ir_excess" in df else np.zeros(len(df), bool)
@@ -207,7 +205,7 @@ def predicted_vs_observed_figure(matched, *, title: str | None = None):
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
             scatter = np.nanstd(pred[ok] - obs[ok])
             ax.text(0.03, 0.95, f"n={ok.sum()}  rms={scatter:.2f} mag", transform=ax.transAxes, va="top", fontsize=8)
-        ax.set_xlabel(f"observed {mcol} [Vega mag]")
+        ax.set_xlabel(f"observed {b.upper()} [Vega mag]")
         ax.set_ylabel(f"predicted {b}_mag [Vega mag]")
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(title or f"predicted vs observed ({len(df):,d} matches)")
@@ -220,13 +218,24 @@ def plot_predicted_vs_observed(matched, png_path, **kw) -> Path:
     return _save(predicted_vs_observed_figure(matched, **kw), png_path)
 
 
+def _observed_columns(names) -> dict[str, tuple[str, str]]:
+    """Observed magnitude and error columns per band: a crossmatch's ``w?_mag_obs`` (Vega, as it compared
+    them, AB converted), else the external table's own (:func:`~catalogpred.crossmatch.find_photometry_columns`,
+    taken to be Vega) for a table that did not come from :func:`~catalogpred.crossmatch.crossmatch`."""
+    from .crossmatch import find_photometry_columns
+
+    ours = {b: (f"{b}_mag_obs", f"{b}_mag_obs_err") for b in BANDS if f"{b}_mag_obs" in names}
+    return ours or find_photometry_columns(names)
+
+
 # --------------------------------------------------------------------------- all of them
 def plot_catalog(catalog, out_dir, *, external=None, radius_arcsec: float = 1.5, ra_col: str | None = None,
-                 dec_col: str | None = None, order: int | None = None) -> list[Path]:
+                 dec_col: str | None = None, order: int | None = None, mag_system: str = "auto") -> list[Path]:
     """Write the standard PNGs of a catalog into ``out_dir``; returns their paths.
 
     ``sky_density.png``, ``colour_colour.png``, ``magnitudes.png``, and with ``external`` (a table
-    with observed W1–W4) ``predicted_vs_observed.png`` after a crossmatch within ``radius_arcsec``.
+    with observed W1–W4) ``predicted_vs_observed.png`` after a crossmatch within ``radius_arcsec``
+    (``mag_system``: the external magnitudes' system, as in :func:`~catalogpred.crossmatch.crossmatch`).
     """
     q = _query(catalog)
     out_dir = Path(out_dir)
@@ -235,10 +244,11 @@ def plot_catalog(catalog, out_dir, *, external=None, radius_arcsec: float = 1.5,
     phot = None
     matched = None
     if external is not None:
-        from .crossmatch import crossmatch, find_photometry_columns
+        from .crossmatch import crossmatch
 
-        matched = crossmatch(q, external, radius_arcsec=radius_arcsec, ra_col=ra_col, dec_col=dec_col).to_pandas()
-        p = find_photometry_columns(list(matched.columns))
+        matched = crossmatch(q, external, radius_arcsec=radius_arcsec, ra_col=ra_col, dec_col=dec_col,
+                             mag_system=mag_system).to_pandas()
+        p = _observed_columns(list(matched.columns))
         if all(b in p for b in ("w1", "w2", "w3")):
             phot = matched[[p[b][0] for b in ("w1", "w2", "w3")]].set_axis(["w1mpro", "w2mpro", "w3mpro"], axis=1)
     paths = [plot_sky_density(t, out_dir / "sky_density.png", order=order),

@@ -141,6 +141,44 @@ def test_ir_excess_known_offsets(catalog, rows, kind):
     assert t.column("w4_excess").null_count == 2  # sigma 99 and NaN are non-detections
 
 
+def test_ab_magnitudes_are_compared_in_vega(catalog, rows, tmp_path):
+    """The same photometry given in AB (+2.699, 3.339, 5.174, 6.620) gives the same excess as in Vega, when
+    told (mag_system="ab") or when the column unit says mag(AB) (FITS TUNIT, VOTable unit); w?_mag_obs is Vega."""
+    from astropy.table import Table
+
+    from catalogpred.catalog import VEGA_TO_AB
+
+    picks = np.array([10, 20, 30, 40])
+    cols, delta, sig = photometry_case(rows, picks, "allwise")
+    pos = {"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks]}
+    vega = crossmatch(catalog, pa.table({**pos, **cols}), radius_arcsec=1.0)
+    ab_cols = {k: v + VEGA_TO_AB[k[:2]] if "mpro" in k and "sig" not in k else v for k, v in cols.items()}
+    ab = pa.table({**pos, **ab_cols})
+    Table({**pos, **ab_cols}).write(tmp_path / "ab.fits")
+    from astropy.io import fits
+
+    with fits.open(tmp_path / "ab.fits", mode="update") as hdus:  # as catalogs from other tools label them
+        h = hdus[1].header
+        for i in range(1, h["TFIELDS"] + 1):
+            if h[f"TTYPE{i}"].endswith("mpro"):
+                h[f"TUNIT{i}"] = "mag(AB)" if "sig" not in h[f"TTYPE{i}"] else "mag"
+    for got in (crossmatch(catalog, ab, radius_arcsec=1.0, mag_system="ab"),
+                crossmatch(catalog, tmp_path / "ab.fits", radius_arcsec=1.0)):  # mag_system="auto": the unit
+        for b in ("w1", "w2", "w3", "w4"):
+            for col in (f"{b}_excess", f"{b}_excess_sigma", f"{b}_mag_obs", f"{b}_mag_obs_err"):
+                np.testing.assert_allclose(np.array(got.column(col).to_pylist(), float),
+                                           np.array(vega.column(col).to_pylist(), float), atol=1e-9, err_msg=col)
+        assert got.column("ir_excess").to_pylist() == vega.column("ir_excess").to_pylist()
+        assert "AB to Vega" in got.schema.field("w3_excess").metadata[b"description"].decode()
+    # without the unit or the option, AB numbers would be read as Vega: 2.7-6.6 mag of spurious deficit
+    wrong = crossmatch(catalog, ab, radius_arcsec=1.0)
+    assert np.nanmax(np.abs(np.array(wrong.column("w1_excess").to_pylist(), float)
+                            - np.array(vega.column("w1_excess").to_pylist(), float) + 2.699)) < 1e-9
+    np.testing.assert_allclose(np.array(vega.column("w3_mag_obs").to_pylist(), float), cols["w3mpro"])
+    with pytest.raises(ConfigError, match="mag_system"):
+        crossmatch(catalog, ab, mag_system="johnson")
+
+
 def test_all_bands_missing_gives_null_flag(catalog, rows):
     ext = pa.table({"ra": rows.column("ra").to_numpy()[:2], "dec": rows.column("dec").to_numpy()[:2],
                     **{f"w{i}mpro": [np.nan, 15.0] for i in range(1, 5)},
