@@ -352,9 +352,12 @@ class CatalogQuery:
         return replace(self, filters=self.filters + (expr,))
 
     def select(self, columns) -> "CatalogQuery":
-        """Only these columns in the output, in this order (region and filter columns are read as needed)."""
+        """Only these columns in the output, in this order (region and filter columns are read as needed);
+        ``"all"``: every column (as ``crossmatch(columns="all")``)."""
         cols = tuple(columns.split(",")) if isinstance(columns, str) else tuple(columns)
         cols = tuple(c.strip() for c in cols if c.strip())
+        if cols == ("all",) and "all" not in self.schema.names:
+            cols = tuple(self.schema.names)
         unknown = [c for c in cols if c not in self.schema.names]
         if unknown:
             raise ConfigError(f"unknown columns {unknown}; available: {', '.join(self.schema.names)}")

@@ -177,6 +177,7 @@ def test_select_limit_count_id(catalog, everything):
     assert cat.id("sdss-nope").to_arrow().num_rows == 0
     with pytest.raises(ConfigError, match="unknown columns"):
         cat.select("nope")
+    assert cat.select("all").limit(2).to_arrow().column_names == everything.column_names
     with pytest.raises(ConfigError, match="cannot evaluate"):
         cat.cone(10, 89, 1).where("nope > 1").to_arrow()  # checked even when the region is empty
     with pytest.raises(ConfigError, match="equality is '=='"):  # SQL's '=' is assignment in pandas
