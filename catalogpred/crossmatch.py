@@ -141,6 +141,28 @@ def find_radec_columns(names, ra_col: str | None = None, dec_col: str | None = N
     return pick(ra_col, _RA_NAMES, "ra"), pick(dec_col, _DEC_NAMES, "dec")
 
 
+def _degrees(col, name: str, sexagesimal: str) -> np.ndarray:
+    """float64 degrees of a position column: numbers (deg), or text that is sexagesimal (RA in hours:
+    '12:50:07.6', '12 50 07.6', '12h50m07.6s'; Dec in degrees) as SIMBAD and VizieR tables give it. NaN where
+    null or empty."""
+    try:
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    import astropy.units as u
+    from astropy.coordinates import Angle
+
+    text = [v.strip() if isinstance(v, str) else "" for v in col.to_pylist()]
+    out = np.full(len(text), np.nan)
+    have = [i for i, v in enumerate(text) if v]
+    try:
+        out[have] = Angle([text[i] for i in have], unit=sexagesimal).deg
+    except (TypeError, ValueError, u.UnitsError) as exc:
+        raise ConfigError(f"external column {name!r} is neither degrees nor sexagesimal "
+                          f"({'RA in hours, 12:50:07.6' if sexagesimal == 'hourangle' else 'Dec, +07:02:55'}): {exc}") from exc
+    return out
+
+
 def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
     """Observed WISE magnitude and error columns per band: ``{"w1": ("w1mpro", "w1sigmpro"), ...}``."""
     lower = {n.lower(): n for n in names}
@@ -238,8 +260,7 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
     ext = _to_arrow(external)
     rcol, dcol = find_radec_columns(ext.column_names, ra_col, dec_col)
-    ext_ra = pc.cast(ext.column(rcol), pa.float64()).to_numpy(zero_copy_only=False)
-    ext_dec = pc.cast(ext.column(dcol), pa.float64()).to_numpy(zero_copy_only=False)
+    ext_ra, ext_dec = _degrees(ext.column(rcol), rcol, "hourangle"), _degrees(ext.column(dcol), dcol, "deg")
     ok = np.isfinite(ext_ra) & np.isfinite(ext_dec) & (np.abs(ext_dec) <= 90)
     if (~ok).any():
         log.warning("crossmatch: %d external rows have no valid position (%s, %s) and cannot match",

@@ -203,6 +203,21 @@ def test_read_external_formats(tmp_path, catalog, rows, constructed):
         read_external(tmp_path / "missing.csv")
 
 
+def test_sexagesimal_positions(catalog, constructed, tmp_path):
+    """RA/Dec as text (SIMBAD/VizieR style: RA in hours) match as their values in degrees do."""
+    ext, _ = constructed
+    ext = ext.slice(0, len(OFFSETS))
+    c = SkyCoord(ext.column("ra").to_numpy() * u.deg, ext.column("dec").to_numpy() * u.deg)
+    text = pa.table({"name": ext.column("name"), "RAJ2000": c.ra.to_string(u.hourangle, sep=":", precision=4),
+                     "DEJ2000": c.dec.to_string(u.deg, sep=" ", precision=3, alwayssign=True)})
+    write_table(text, tmp_path / "sx.csv")
+    want = crossmatch(catalog, ext, radius_arcsec=1.5).column("source_id").to_pylist()
+    assert crossmatch(catalog, tmp_path / "sx.csv", radius_arcsec=1.5).column("source_id").to_pylist() == want
+    bad = pa.table({"ra": ["12:00:00"], "dec": ["north"]})
+    with pytest.raises(ConfigError, match="neither degrees nor sexagesimal"):
+        crossmatch(catalog, bad)
+
+
 def test_column_guessing():
     assert find_radec_columns(["RAJ2000", "DEJ2000", "x"]) == ("RAJ2000", "DEJ2000")
     assert find_radec_columns(["PLUG_RA", "PLUG_DEC"]) == ("PLUG_RA", "PLUG_DEC")
