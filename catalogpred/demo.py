@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import store
+from .errors import ConfigError
 from .spectra import SDSS_GRID
 
 __all__ = ["run_demo", "build_demo_bundle", "plot_colour_colour"]
@@ -27,7 +28,21 @@ __all__ = ["run_demo", "build_demo_bundle", "plot_colour_colour"]
 log = logging.getLogger(__name__)
 
 DEMO_BAD_INPUTS = 7
+#: the file that marks a directory as `catalogpred demo` output, whose subdirectories a re-run may replace
+DEMO_MARKER = ".catalogpred-demo"
 N_TRAIN_MAX = 1000
+
+
+def _made_by_demo(out: Path) -> bool:
+    """Whether ``out`` is `catalogpred demo` output: its marker, or (before there was one) its DEMO bundle."""
+    import json
+
+    if (out / DEMO_MARKER).exists():
+        return True
+    try:
+        return json.loads((out / "model" / "bundle.json").read_text())["card"]["kind"] == "demo"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def build_demo_bundle(store_path, photometry_path, out, *, client, seed: int = 42, n_train_max: int = N_TRAIN_MAX):
@@ -154,10 +169,16 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
 
     t0 = time.perf_counter()
     out = Path(output)
-    for sub in ("mock", "store.zarr", "model", "model-desi", "catalog"):
+    subs = ("mock", "store.zarr", "model", "model-desi", "catalog")
+    marker = out / DEMO_MARKER
+    if not _made_by_demo(out) and any((out / sub).exists() for sub in subs):  # not ours: never delete it
+        raise ConfigError(f"{out} holds {', '.join(s for s in subs if (out / s).exists())} that `catalogpred demo` "
+                          "did not make (no " + DEMO_MARKER + "); choose another --output")
+    for sub in subs:
         if (out / sub).exists():
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `catalogpred demo`: it replaces mock/, store.zarr/, model*/ and catalog/ here\n")
     with dask_client(n_workers) as client:
         t = time.perf_counter()
         survey = write_sdss_survey(out / "mock" / "sdss", n_spectra, seed=seed, mapper=_dask_mapper(client),

@@ -526,6 +526,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                           "`dask worker ... --resources GPU=1` (or `dask cuda worker`), or use --device cpu")
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if overwrite and os.path.exists(catalog_path):
+        _check_deletable(catalog_path, plan_file, [store_path, *bundle_paths])
         shutil.rmtree(catalog_path)
     if os.path.exists(catalog_path) and not plan_file.exists():
         raise CatalogError(f"{catalog_path} exists but is not a catalogpred catalog; choose another path or --overwrite")
@@ -624,6 +625,18 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _check_deletable(catalog_path: str, plan_file: Path, keep: list[str]) -> None:
+    """``--overwrite`` deletes ``catalog_path``: only an empty directory or a catalog that predict made (it has
+    ``plan_file``), and never one holding an input (``--catalog .`` beside the store would take the store)."""
+    path = Path(catalog_path).resolve()
+    for p in keep:
+        if Path(p).resolve().is_relative_to(path):
+            raise CatalogError(f"--overwrite would delete {catalog_path}, which holds the input {p}; choose another --catalog")
+    if path.is_dir() and any(path.iterdir()) and not plan_file.exists():
+        raise CatalogError(f"--overwrite would delete {catalog_path}, which is not a catalog that predict made "
+                           f"(no {cat.RUN_DIR}/plan.json in it); delete it yourself or choose another --catalog")
 
 
 # ----------------------------------------------------------------------------------------------- training data

@@ -47,3 +47,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert np.corrcoef(m["w1_mag"], m["w1mpro"])[0, 1] > 0.7
     lsdb = pytest.importorskip("lsdb")
     assert len(lsdb.open_catalog(str(out / "catalog")).compute()) == manifest["counts"]["catalog_rows"]
+
+
+def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys):
+    """`demo --output DIR` replaces its own subdirectories only: a DIR with a foreign model/ is refused."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.pt").write_bytes(b"someone else's")
+    assert main(["demo", "--output", str(tmp_path), "--n-spectra", "10", "--no-progress"]) == 1
+    assert "did not make" in capsys.readouterr().err
+    assert (tmp_path / "model" / "weights.pt").read_bytes() == b"someone else's"

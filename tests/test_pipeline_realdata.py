@@ -123,6 +123,28 @@ def test_rerun_predict_resumes_without_duplicates(built, client, random_bundle):
     assert len(ids) == len(set(ids)) == 13
 
 
+def test_overwrite_deletes_only_a_catalog_it_made(built, client, random_bundle, tmp_path):
+    """--overwrite replaces predict's own catalog, and refuses a directory with other files or with the inputs."""
+    from catalogpred.errors import CatalogError
+
+    d, st = built["dir"], str(built["dir"] / "store.zarr")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(CatalogError, match="not a catalog that predict made"):
+        run_predict(st, str(random_bundle), str(mine), client=client, progress=False, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    with pytest.raises(CatalogError, match="holds the input"):  # e.g. --catalog . beside the store
+        run_predict(st, str(random_bundle), str(d), client=client, progress=False, overwrite=True)
+    assert (d / "store.zarr").is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    again = run_predict(st, str(random_bundle), str(empty), client=client, progress=False, overwrite=True)
+    assert again.rows == 13
+    again = run_predict(st, str(random_bundle), str(empty), client=client, progress=False, overwrite=True)
+    assert again.rows == 13 and again.blocks_skipped == 0  # its own catalog: replaced, not resumed
+
+
 def test_rerun_ingest_adds_nothing(built, client):
     d = built["dir"]
     again = run_ingest([str(built["inputs"])], str(d / "store.zarr"), client=client, shard_rows=8, progress=False)
