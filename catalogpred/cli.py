@@ -252,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--table", help="latents table: reference CSV (spender_0.., Z, reg, w1mpro.., w1sigmpro..) or "
                                      "catalogpred layout (latent_0.. or latent, z, norm, w1mpro..)")
     src.add_argument("--store", help="spectra store; with --photometry, latents are computed by the encoder")
-    s.add_argument("--photometry", help="WISE photometry table (w1mpro..w4mpro, w1sigmpro..) for --store")
+    s.add_argument("--photometry", help="WISE photometry table (w1mpro..w4mpro, w1sigmpro.., or W1mag/e_W1mag, ...) "
+                                        "for --store")
+    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+                   help="system of the observed W1-W4 in --table/--photometry; AB is converted to Vega, the system "
+                        "of the predictions (default auto: AB where a column's unit says mag(AB), else Vega)")
     s.add_argument("--join-on", default=None, help="id column shared by store and photometry (e.g. specobjid, targetid)")
     s.add_argument("--match-radius", type=float, default=None, help="or: positional crossmatch radius, arcsec")
     s.add_argument("--encoder", required=True, help="bundle whose encoder made (or makes) the latents")
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("table")
     m.add_argument("--png", default=None, help="predicted vs observed plot with chi residuals")
     m.add_argument("--no-update-card", action="store_true", help="do not write the metrics into the card")
+    m.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+                   help="system of the table's observed W1-W4, as in train (default auto)")
 
     s = add("info", "Summarise a catalog, a spectra store or a model bundle.")
     s.add_argument("path", help="catalog directory, store (.zarr) or model bundle directory")
@@ -587,7 +593,7 @@ def cmd_train(args) -> int:
 
     progress = not args.no_progress and sys.stderr.isatty()
     if args.table:
-        data = read_training_table(args.table)
+        data = read_training_table(args.table, args.mag_system)
         source = args.table
     else:
         if not args.photometry or not (args.join_on or args.match_radius):
@@ -597,7 +603,8 @@ def cmd_train(args) -> int:
         args.wait_workers = None
         with _client(args) as client:
             data = training_table_from_store(args.store, args.photometry, args.encoder, client=client,
-                                             join_on=args.join_on, match_radius_arcsec=args.match_radius)
+                                             join_on=args.join_on, match_radius_arcsec=args.match_radius,
+                                             mag_system=args.mag_system)
         source = f"{args.store} x {args.photometry}"
     info, metrics = train_bundle(data, args.encoder, args.output, n_members=args.members, seed=args.seed, name=args.name,
                                  version=args.model_version, source=source, overwrite=args.overwrite, progress=progress)
@@ -620,7 +627,7 @@ def cmd_models(args) -> int:
     else:
         from .model.train import evaluate_bundle, read_training_table
 
-        metrics = evaluate_bundle(args.bundle, read_training_table(args.table), png=args.png,
+        metrics = evaluate_bundle(args.bundle, read_training_table(args.table, args.mag_system), png=args.png,
                                   update_card=not args.no_update_card)
         print(json.dumps(metrics, indent=2))
     return 0

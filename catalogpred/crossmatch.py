@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 
 from .catalog import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
+from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
+                     magnitude_systems)
 from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
 
 __all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
@@ -42,17 +44,11 @@ __all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry
 
 log = logging.getLogger(__name__)
 
-BANDS = ("w1", "w2", "w3", "w4")
 #: suffix of external columns whose name is also a catalog column.
 EXTERNAL_SUFFIX = "_ext"
-#: an observed error at or above this (mag) marks a non-detection.
-NON_DETECTION_SIGMA = 99.0
 _RA_NAMES = ("ra", "ra_deg", "radeg", "ra_icrs", "raj2000", "_raj2000", "ra_j2000", "plug_ra", "target_ra", "alpha")
 _DEC_NAMES = ("dec", "dec_deg", "decdeg", "de_icrs", "dec_icrs", "dej2000", "_dej2000", "decj2000", "dec_j2000",
               "plug_dec", "target_dec", "delta")
-#: (magnitude, error) column name patterns, lower case, ``{b}`` = w1..w4.
-_PHOT_PATTERNS = (("{b}mpro", "{b}sigmpro"), ("{b}_mag", "{b}_mag_err"), ("{b}mag", "e_{b}mag"),
-                  ("{b}_mpro", "{b}_sigmpro"), ("{b}mag", "{b}magerr"), ("{b}", "{b}_err"))
 
 
 # --------------------------------------------------------------------------- reading
@@ -163,19 +159,6 @@ def _degrees(col, name: str, sexagesimal: str) -> np.ndarray:
     return out
 
 
-def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
-    """Observed WISE magnitude and error columns per band: ``{"w1": ("w1mpro", "w1sigmpro"), ...}``."""
-    lower = {n.lower(): n for n in names}
-    out = {}
-    for b in BANDS:
-        for mag, err in _PHOT_PATTERNS:
-            m, e = mag.format(b=b), err.format(b=b)
-            if m in lower and e in lower:
-                out[b] = (lower[m], lower[e])
-                break
-    return out
-
-
 # --------------------------------------------------------------------------- matching
 def _pixels_near(ra: np.ndarray, dec: np.ndarray, radius_deg: float, order: int, all_pixels) -> set[int] | None:
     """Leaves that may hold a catalog row within ``radius_deg`` of any point (None: read all)."""
@@ -197,28 +180,6 @@ def _pixels_near(ra: np.ndarray, dec: np.ndarray, radius_deg: float, order: int,
             out |= Cone(float(a), float(d), radius_deg).cover(order, all_pixels)
         return out
     return None
-
-
-#: ``crossmatch(mag_system=)`` choices: the system of the external table's W1-W4 magnitudes
-MAG_SYSTEMS = ("auto", "vega", "ab")
-
-
-def magnitude_systems(schema: pa.Schema, phot: dict, mag_system: str = "auto") -> dict[str, str]:
-    """``{band: "vega" | "ab"}`` of the external magnitude columns ``phot`` (:func:`find_photometry_columns`).
-
-    ``mag_system="auto"`` reads each column's unit (field metadata, e.g. from a FITS TUNIT or a VOTable
-    unit): ``mag(AB)``/``ABmag`` is AB, anything else Vega, which AllWISE, unWISE and CatWISE magnitudes are.
-    """
-    if mag_system not in MAG_SYSTEMS:
-        raise ConfigError(f"mag_system must be one of {MAG_SYSTEMS}, not {mag_system!r}")
-    if mag_system != "auto":
-        return {b: mag_system for b in phot}
-    out = {}
-    for b, (mcol, _) in phot.items():
-        md = schema.field(mcol).metadata or {}
-        unit = md.get(b"unit", b"").decode().replace(" ", "").lower()
-        out[b] = "ab" if unit in ("mag(ab)", "abmag", "ab", "mag_ab", "magab", "ab_mag") else "vega"
-    return out
 
 
 def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | None = None,

@@ -644,22 +644,29 @@ def _check_deletable(catalog_path: str, plan_file: Path, keep: list[str]) -> Non
 
 def training_table_from_store(store_path: str, photometry_path: str, encoder_bundle: str, *, client,
                               join_on: str | None = None, match_radius_arcsec: float | None = None,
-                              surveys: list[str] | None = None) -> dict:
+                              surveys: list[str] | None = None, mag_system: str = "auto") -> dict:
     """Latents (computed on the cluster), z, norm and matched WISE photometry for the head, as
     :func:`~catalogpred.model.train.read_training_table` returns them.
 
     Photometry is joined on an id column (``join_on``, compared as strings, e.g. ``specobjid``)
     or matched on the sky (nearest within ``match_radius_arcsec``). Non-detections keep their σ
-    (≥ 99 means no weight in training).
+    (≥ 99 means no weight in training). The photometry columns and their system (``mag_system``, AB
+    converted to Vega) are read as :func:`~catalogpred.tables.wise_vega_magnitudes` reads them.
     """
+    import pyarrow as pa
+
     from .model.bundle import read_bundle_info
-    from .tables import read_table_any
+    from .tables import read_table_any, wise_vega_magnitudes
     from .tasks import encode_rows
 
     encoder_bundle = shared_path(encoder_bundle)
     store_path = shared_path(store_path)
     info = read_bundle_info(encoder_bundle)
     phot = read_table_any(photometry_path)
+    # observed W1-W4 as Vega (AB converted), one row per photometry row: carried through the match by row number
+    obs_mag, obs_err, used = wise_vega_magnitudes(phot, mag_system, what=str(photometry_path))
+    log.info("photometry: %s", ", ".join(f"{b} {m}/{e} ({sys_})" for b, (m, e, sys_) in used.items()))
+    phot = phot.append_column("_phot_row", pa.array(np.arange(phot.num_rows)))
     pcols = {c.lower(): c for c in phot.column_names}
     parts = []
     for name in surveys or store.list_surveys(store_path):
@@ -696,8 +703,7 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
             SkyCoord(p[rc].to_numpy() * u.deg, p[dc].to_numpy() * u.deg))
         ok = sep.to_value(u.arcsec) <= match_radius_arcsec
         m = pd.concat([meta[ok].reset_index(drop=True), p.iloc[idx[ok]].reset_index(drop=True).add_suffix("_phot")], axis=1)
-        m = m.rename(columns={f"{pcols[f'w{i}{k}']}_phot": f"w{i}{k}" for i in range(1, 5) for k in ("mpro", "sigmpro")
-                              if f"w{i}{k}" in pcols})
+        m = m.rename(columns={"_phot_row_phot": "_phot_row"})
     if len(m) == 0:
         raise ConfigError("no spectrum matched the photometry; check --join-on / --match-radius")
     log.info("training set: %d spectra matched to %s", len(m), photometry_path)
@@ -710,15 +716,10 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
     latents = np.zeros((len(m), info.n_latent), np.float32)
     for index, fut in futures:
         latents[m.index.get_indexer(index)] = fut.result()
-    cols = {c.lower(): c for c in m.columns}
-
-    def band(name):
-        return m[cols[name]].to_numpy(np.float64) if name in cols else np.full(len(m), np.nan)
-
+    rows = m["_phot_row"].to_numpy(np.int64)
     return {"ids": m["source_id"].tolist(), "latents": latents, "z": m["z"].to_numpy(np.float64),
-            "log_norm": np.log10(m["norm"].to_numpy(np.float64)),
-            "mag": np.stack([band(f"w{i}mpro") for i in range(1, 5)], 1),
-            "mag_err": np.stack([band(f"w{i}sigmpro") for i in range(1, 5)], 1), "layout": "store"}
+            "log_norm": np.log10(m["norm"].to_numpy(np.float64)), "mag": obs_mag[rows], "mag_err": obs_err[rows],
+            "layout": "store"}
 
 
 def pa_equal(column, value):

@@ -1,4 +1,9 @@
-"""Reading user tables (CSV, Parquet, FITS, VOTable) into Arrow: one function, used by training and redshift tables."""
+"""User tables (CSV, Parquet, FITS, VOTable) into Arrow, and the conventions of the WISE photometry in them.
+
+:func:`read_table_any` reads training, photometry and redshift tables. :func:`find_photometry_columns`,
+:func:`magnitude_systems` and :func:`wise_vega_magnitudes` say which columns hold observed W1-W4 magnitudes
+and in which system, the same way for ``crossmatch`` and for ``train``.
+"""
 from __future__ import annotations
 
 import os
@@ -6,15 +11,89 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from .catalog import VEGA_TO_AB
 from .errors import ConfigError
 
-__all__ = ["read_table_any"]
+__all__ = ["read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
+           "magnitude_systems", "wise_vega_magnitudes"]
+
+BANDS = ("w1", "w2", "w3", "w4")
+#: an observed error at or above this (mag) marks a non-detection (AllWISE and the reference data use 9999).
+NON_DETECTION_SIGMA = 99.0
+#: (magnitude, error) column name patterns, lower case, ``{b}`` = w1..w4, in order of preference:
+#: AllWISE, a crossmatch's observed columns, generic, VizieR II/328, and others.
+_PHOT_PATTERNS = (("{b}mpro", "{b}sigmpro"), ("{b}_mag_obs", "{b}_mag_obs_err"), ("{b}_mag", "{b}_mag_err"),
+                  ("{b}mag", "e_{b}mag"), ("{b}_mpro", "{b}_sigmpro"), ("{b}mag", "{b}magerr"),
+                  ("{b}_obs", "{b}_obs_err"), ("{b}", "{b}_err"))
+#: the systems of observed W1-W4 magnitudes that catalogpred takes (``--mag-system``)
+MAG_SYSTEMS = ("auto", "vega", "ab")
+_AB_UNITS = ("mag(ab)", "abmag", "ab", "mag_ab", "magab", "ab_mag")
+
+
+def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
+    """Observed WISE magnitude and error columns per band: ``{"w1": ("w1mpro", "w1sigmpro"), ...}``
+    (case-insensitive; bands without both columns are left out)."""
+    lower = {n.lower(): n for n in names}
+    out = {}
+    for b in BANDS:
+        for mag, err in _PHOT_PATTERNS:
+            m, e = mag.format(b=b), err.format(b=b)
+            if m in lower and e in lower:
+                out[b] = (lower[m], lower[e])
+                break
+    return out
+
+
+def magnitude_systems(schema: pa.Schema, phot: dict, mag_system: str = "auto") -> dict[str, str]:
+    """``{band: "vega" | "ab"}`` of the magnitude columns ``phot`` (:func:`find_photometry_columns`).
+
+    ``mag_system="auto"`` reads each column's unit (field metadata, e.g. from a FITS TUNIT or a VOTable
+    unit): ``mag(AB)``/``ABmag`` is AB, anything else Vega, which AllWISE, unWISE and CatWISE magnitudes are.
+    """
+    if mag_system not in MAG_SYSTEMS:
+        raise ConfigError(f"mag_system must be one of {MAG_SYSTEMS}, not {mag_system!r}")
+    if mag_system != "auto":
+        return {b: mag_system for b in phot}
+    out = {}
+    for b, (mcol, _) in phot.items():
+        unit = ((schema.field(mcol).metadata or {}).get(b"unit", b"")).decode().replace(" ", "").lower()
+        out[b] = "ab" if unit in _AB_UNITS else "vega"
+    return out
+
+
+def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str = "the table"):
+    """Observed W1-W4 of ``table`` as Vega: ``(mag, err, columns)``, float64 [n, 4] each (NaN where a band has
+    no column; AB converted with :data:`VEGA_TO_AB`), and ``{band: (mag column, err column, system)}``.
+
+    Raises ConfigError when no band has both a magnitude and an error column.
+    """
+    phot = find_photometry_columns(table.column_names)
+    if not phot:
+        raise ConfigError(f"{what} has no W1-W4 magnitude and error columns (e.g. w1mpro/w1sigmpro, "
+                          f"W1mag/e_W1mag, w1_mag/w1_mag_err); columns: {', '.join(table.column_names)}")
+    systems = magnitude_systems(table.schema, phot, mag_system)
+    n = table.num_rows
+    mag, err = np.full((n, len(BANDS)), np.nan), np.full((n, len(BANDS)), np.nan)
+    for j, b in enumerate(BANDS):
+        if b in phot:
+            m, e = (_float64(table.column(c)) for c in phot[b])
+            mag[:, j] = m - VEGA_TO_AB[b] if systems[b] == "ab" else m
+            err[:, j] = e
+    return mag, err, {b: (*phot[b], systems[b]) for b in phot}
+
+
+def _float64(col) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    col = pc.cast(col, pa.float64())
+    return col.fill_null(np.nan).to_numpy(zero_copy_only=False) if col.null_count else col.to_numpy(zero_copy_only=False)
 
 
 def read_table_any(path: str | os.PathLike, hdu=None) -> pa.Table:
     """A table file as an Arrow table, by extension: .parquet/.pq, .csv/.txt, .fits/.fit(.gz), .vot/.xml.
 
-    Vector columns of FITS tables become fixed-size lists; units are dropped (callers know their columns).
+    Vector columns of FITS tables become fixed-size lists; FITS/VOTable units go into the field metadata
+    (``unit``), where :func:`magnitude_systems` looks for AB magnitudes.
     """
     path = str(path)
     low = path.lower()
@@ -32,14 +111,17 @@ def read_table_any(path: str | os.PathLike, hdu=None) -> pa.Table:
         from astropy.table import Table
 
         t = Table.read(path, hdu=hdu) if hdu is not None else Table.read(path)
-        cols = {}
+        arrays, fields = [], []
         for name in t.colnames:
             v = np.asarray(t[name])
             if v.dtype.kind in "SU":
-                cols[name] = pa.array(np.char.strip(v.astype(str)).tolist(), pa.string())
+                arr = pa.array(np.char.strip(v.astype(str)).tolist(), pa.string())
             elif v.ndim == 2:
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
             else:
-                cols[name] = pa.array(v.astype(v.dtype.newbyteorder("=")))
-        return pa.table(cols)
+                arr = pa.array(v.astype(v.dtype.newbyteorder("=")))
+            unit = getattr(t[name], "unit", None)
+            arrays.append(arr)
+            fields.append(pa.field(name, arr.type, metadata={b"unit": unit.to_string().encode()} if unit else None))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     raise ConfigError(f"{path}: unknown table format; use .csv, .parquet, .fits or .vot")

@@ -3,11 +3,14 @@ train -> evaluate calibration on the synthetic benchmark, train from a store, of
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from catalogpred import store
 from catalogpred.cli import main
 from catalogpred.model.bundle import encode, load_bundle
 from catalogpred.spectra import SDSS_GRID, check_spectra
@@ -89,6 +92,37 @@ def test_train_evaluate_calibrated_on_synthetic_benchmark(tmp_path, capsys, rand
     assert summary["evaluation"]["w1"]["n"] == metrics["w1"]["n"]  # `models evaluate` on the held-out table
 
 
+def test_training_tables_take_any_photometry_names_and_ab(tmp_path):
+    """read_training_table reads VizieR-style W1mag/e_W1mag as it reads w1mpro, converts AB when told or when the
+    unit says so, and refuses a table with no photometry (it used to train on all-NaN bands)."""
+    from astropy.table import Table
+
+    from catalogpred.errors import ConfigError
+    from catalogpred.model.train import read_training_table
+
+    rng = np.random.default_rng(1)
+    n = 20
+    base = {**{f"latent_{i}": rng.normal(size=n) for i in range(6)}, "z": rng.uniform(0.05, 0.3, n),
+            "norm": rng.uniform(1, 10, n)}
+    vega = {b: rng.normal(14, 1, n) for b in ("w1", "w2", "w3", "w4")}
+    offsets = {"w1": 2.699, "w2": 3.339, "w3": 5.174, "w4": 6.620}
+    Table({**base, **{f"{b}mpro": vega[b] for b in vega}, **{f"{b}sigmpro": np.full(n, 0.05) for b in vega}}).write(
+        tmp_path / "allwise.fits")
+    Table({**base, **{f"W{b[1]}mag": vega[b] + offsets[b] for b in vega},
+           **{f"e_W{b[1]}mag": np.full(n, 0.05) for b in vega}}).write(tmp_path / "vizier-ab.csv")
+    t = Table({**base, **{f"{b}_mag": vega[b] + offsets[b] for b in vega}, **{f"{b}_mag_err": np.full(n, 0.05) for b in vega}})
+    for b in vega:
+        t[f"{b}_mag"].unit = "mag(AB)"
+    t.write(tmp_path / "ab-unit.vot", format="votable")
+    want = read_training_table(tmp_path / "allwise.fits")["mag"]
+    np.testing.assert_allclose(want, np.stack([vega[b] for b in vega], 1))
+    np.testing.assert_allclose(read_training_table(tmp_path / "vizier-ab.csv", "ab")["mag"], want, atol=1e-9)
+    np.testing.assert_allclose(read_training_table(tmp_path / "ab-unit.vot")["mag"], want, atol=1e-9)  # auto: unit
+    Table(base).write(tmp_path / "none.csv")
+    with pytest.raises(ConfigError, match="no W1-W4 magnitude"):
+        read_training_table(tmp_path / "none.csv")
+
+
 def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
     from catalogpred.mock import write_sdss_survey
     from catalogpred.model.bundle import save_bundle
@@ -123,3 +157,19 @@ def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
     data2 = training_table_from_store(st, str(survey.photometry_path), str(tmp_path / "enc"), client=client,
                                       match_radius_arcsec=1.0)
     assert sorted(data2["ids"]) == sorted(data["ids"])
+    # each training row carries its own photometry row, by either match (the mock ids are specobjid strings)
+    phot = pq.read_table(survey.photometry_path).to_pandas()
+    phot.index = phot["specobjid"].astype(str).to_numpy()
+    meta = store.read_meta(st, "sdss", ["source_id", "specobjid"]).to_pandas().set_index("source_id")
+    for d in (data, data2):
+        want = phot.loc[meta.loc[d["ids"], "specobjid"], "w1mpro"].to_numpy()
+        np.testing.assert_array_equal(d["mag"][:, 0], want)
+    # the same photometry in AB, said so: the same Vega magnitudes
+    ab = pq.read_table(survey.photometry_path)
+    for j, (b, off) in enumerate((("w1", 2.699), ("w2", 3.339), ("w3", 5.174), ("w4", 6.620))):
+        i = ab.schema.get_field_index(f"{b}mpro")
+        ab = ab.set_column(i, f"{b}mpro", pa.compute.add(ab.column(i), off))
+    pq.write_table(ab, tmp_path / "ab.parquet")
+    data3 = training_table_from_store(st, str(tmp_path / "ab.parquet"), str(tmp_path / "enc"), client=client,
+                                      join_on="specobjid", mag_system="ab")
+    np.testing.assert_allclose(data3["mag"], data["mag"], atol=1e-9)

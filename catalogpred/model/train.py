@@ -12,14 +12,15 @@ import logging
 import numpy as np
 import torch
 
+from ..tables import BANDS, NON_DETECTION_SIGMA
 from .head import IRHead
 
 __all__ = ["fit_head", "evaluate_head", "NONDETECTION_SIGMA"]
 
 log = logging.getLogger(__name__)
 
-#: σ_obs at or above this marks a non-detection (the reference data use 9999).
-NONDETECTION_SIGMA = 99.0
+#: σ_obs at or above this marks a non-detection (the reference data use 9999); the same rule as crossmatch's.
+NONDETECTION_SIGMA = NON_DETECTION_SIGMA
 
 
 def _valid(mag, err):
@@ -151,7 +152,7 @@ def evaluate_head(pred: np.ndarray, pred_sigma: np.ndarray, mag: np.ndarray, mag
 
 # ---------------------------------------------------------------------------------------------- tables → bundles
 
-BAND_NAMES = ("w1", "w2", "w3", "w4")
+BAND_NAMES = BANDS
 
 
 def split_by_hash(ids, fractions=(0.8, 0.1, 0.1), salt: str = "catalogpred") -> np.ndarray:
@@ -164,7 +165,7 @@ def split_by_hash(ids, fractions=(0.8, 0.1, 0.1), salt: str = "catalogpred") -> 
     return np.searchsorted(c, u, side="right").clip(0, 2)
 
 
-def read_training_table(path) -> dict:
+def read_training_table(path, mag_system: str = "auto") -> dict:
     """Read a training table: latents, z, normalisation feature, WISE mags and errors.
 
     Accepted layouts (case-insensitive):
@@ -172,13 +173,15 @@ def read_training_table(path) -> dict:
     - the reference work's CSV: ``spender_0..S-1, Z, reg, w1mpro..w4mpro, w1sigmpro..w4sigmpro``
       (``reg`` is taken as the normalisation feature, i.e. log10(norm) — an assumption recorded in the card);
     - catalogpred's: ``latent_0..`` (or a ``latent`` list column), ``z``, ``norm`` (1e-17 erg/s/cm²/Å),
-      ``w1mpro..``/``w1sigmpro..`` or ``w1_mag_obs``/``w1_mag_obs_err``.
+      and observed W1-W4 in any of the names :func:`~catalogpred.tables.find_photometry_columns` knows
+      (``w1mpro``/``w1sigmpro``, ``w1_mag_obs``/``w1_mag_obs_err``, ``W1mag``/``e_W1mag``, ...), Vega or, with
+      ``mag_system="ab"`` or an AB unit on the column, AB (converted to Vega).
 
     Returns dict with ``ids``, ``latents`` [n, S], ``z`` [n], ``log_norm`` [n], ``mag``/``mag_err`` [n, 4], ``layout``.
     """
     import pyarrow as pa
 
-    from ..tables import read_table_any
+    from ..tables import read_table_any, wise_vega_magnitudes
 
     t = read_table_any(str(path))
     cols = {c.lower(): c for c in t.column_names}
@@ -208,20 +211,11 @@ def read_training_table(path) -> dict:
         log_norm = col("reg").astype(np.float64)
     else:
         raise ValueError(f"{path}: no normalisation column (norm, or reg in the reference layout)")
-    mags, errs = [], []
-    for b in BAND_NAMES:
-        for m_name, e_name in ((f"{b}mpro", f"{b}sigmpro"), (f"{b}_mag_obs", f"{b}_mag_obs_err"), (f"{b}_obs", f"{b}_obs_err")):
-            if m_name in cols:
-                mags.append(col(m_name).astype(np.float64))
-                errs.append(col(e_name).astype(np.float64) if e_name in cols else np.full(t.num_rows, np.nan))
-                break
-        else:
-            mags.append(np.full(t.num_rows, np.nan))
-            errs.append(np.full(t.num_rows, np.nan))
+    mag, mag_err, _ = wise_vega_magnitudes(t, mag_system, what=str(path))
     id_col = next((cols[c] for c in ("source_id", "specobjid", "targetid", "id", "objid") if c in cols), None)
     ids = t.column(id_col).to_pylist() if id_col else list(range(t.num_rows))
     return {"ids": ids, "latents": latents, "z": col("z").astype(np.float64), "log_norm": log_norm,
-            "mag": np.stack(mags, 1), "mag_err": np.stack(errs, 1), "layout": layout}
+            "mag": mag, "mag_err": mag_err, "layout": layout}
 
 
 def calibrate_sigma_scale(mean: np.ndarray, sigma: np.ndarray, mag: np.ndarray, mag_err: np.ndarray) -> np.ndarray:
