@@ -177,6 +177,11 @@ def test_ab_magnitudes_are_compared_in_vega(catalog, rows, tmp_path):
     np.testing.assert_allclose(np.array(vega.column("w3_mag_obs").to_pylist(), float), cols["w3mpro"])
     with pytest.raises(ConfigError, match="mag_system"):
         crossmatch(catalog, ab, mag_system="johnson")
+    # a crossmatch result as the external table: its columns keep theirs, suffixed, none doubled
+    again = crossmatch(catalog, vega.drop_columns(["source_id"]), radius_arcsec=1.0)
+    assert len(set(again.column_names)) == again.num_columns and "w1_mag_obs_ext" in again.column_names
+    np.testing.assert_allclose(np.array(again.column("w1_mag_obs").to_pylist(), float),
+                               np.array(vega.column("w1_mag_obs").to_pylist(), float))
 
 
 def test_all_bands_missing_gives_null_flag(catalog, rows):
