@@ -129,6 +129,11 @@ def _add_output_args(p: argparse.ArgumentParser, columns_help: str = "comma-sepa
                    help="stdout format: aligned table on a terminal, CSV when piped (default auto)")
 
 
+#: ``--mag-system`` choices: :data:`catalogpred.tables.MAG_SYSTEMS`, spelled out here so that the CLI starts
+#: without pyarrow (tests/test_cli.py checks that the two agree)
+MAG_SYSTEMS = ("auto", "vega", "ab")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catalogpred", description="WISE W1-W4 predictions from optical spectra, at catalog scale.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--excess-threshold", type=float, default=3.0,
                    help="flag ir_excess where any band's excess_sigma exceeds this (default 3)")
     s.add_argument("--excess-only", action="store_true", help="only rows flagged ir_excess")
-    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+    s.add_argument("--mag-system", choices=MAG_SYSTEMS, default="auto",
                    help="system of the external W1-W4 magnitudes; AB is converted to Vega (m_AB - 2.699, 3.339, "
                         "5.174, 6.620) before the excess (default auto: AB where a column's unit says mag(AB), "
                         "else Vega, as AllWISE/unWISE/CatWISE are)")
@@ -243,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--radius", type=float, default=1.5, help="crossmatch radius for --external, arcsec (default 1.5)")
     s.add_argument("--ra-col", default=None, help="external RA column (default: guessed)")
     s.add_argument("--dec-col", default=None, help="external Dec column (default: guessed)")
-    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+    s.add_argument("--mag-system", choices=MAG_SYSTEMS, default="auto",
                    help="system of --external's magnitudes, as in crossmatch (default auto: from the column units)")
     s.add_argument("--order", type=int, default=None, help="HEALPix order of the density map (default: from the data)")
 
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--store", help="spectra store; with --photometry, latents are computed by the encoder")
     s.add_argument("--photometry", help="WISE photometry table (w1mpro..w4mpro, w1sigmpro.., or W1mag/e_W1mag, ...) "
                                         "for --store")
-    s.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+    s.add_argument("--mag-system", choices=MAG_SYSTEMS, default="auto",
                    help="system of the observed W1-W4 in --table/--photometry; AB is converted to Vega, the system "
                         "of the predictions (default auto: AB where a column's unit says mag(AB), else Vega)")
     s.add_argument("--join-on", default=None, help="id column shared by store and photometry (e.g. specobjid, targetid)")
@@ -295,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("table")
     m.add_argument("--png", default=None, help="predicted vs observed plot with chi residuals")
     m.add_argument("--no-update-card", action="store_true", help="do not write the metrics into the card")
-    m.add_argument("--mag-system", choices=("auto", "vega", "ab"), default="auto",
+    m.add_argument("--mag-system", choices=MAG_SYSTEMS, default="auto",
                    help="system of the table's observed W1-W4, as in train (default auto)")
 
     s = add("info", "Summarise a catalog, a spectra store or a model bundle.")

@@ -91,3 +91,9 @@ def test_ingest_predict_query_cli(tmp_path, sdss_files, random_bundle, capsys):
     # unknown column: clear error
     assert main(["query", cat, "--columns", "nope"]) == 1
     assert "unknown columns" in capsys.readouterr().err
+
+
+def test_mag_system_choices_are_the_tables_ones():
+    from catalogpred import cli, tables
+
+    assert cli.MAG_SYSTEMS == tables.MAG_SYSTEMS
