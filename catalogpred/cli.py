@@ -423,28 +423,25 @@ def cmd_predict(args) -> int:
     device = resolve_device(args.device) if local else args.device
     check_workers_per_gpu(args.workers_per_gpu, device=device, local=local)  # as dask_client does, before a dry run
 
-    from . import store
     from .cluster import check_scheduler_args, shared_path
-    from .model.bundle import read_bundle_info
+    from .pipeline import plan_predict
 
-    # the plan reads the store and the bundles' bundle.json: a wrong path fails here, before a cluster starts
+    # the plan reads the store and the bundles' bundle.json: a wrong path, or a survey without a bundle for its
+    # grid, fails here, before a cluster starts
     check_scheduler_args(args.scheduler, args.scheduler_file)
-    for path in (args.store, args.catalog, *args.model):
-        shared_path(path)  # says which URLs are not supported yet, and what to do instead
-    infos = [read_bundle_info(m) for m in args.model]
-    plan = {"models": {i.grid.name: i.model_id for i in infos}, "store": args.store,
-            "blocks": {s: int(len(store.done_shards(args.store, s))) for s in store.list_surveys(args.store)},
-            "catalog": args.catalog, "device": device, "precision": args.precision, "compile": args.compile,
-            "io_workers": args.io_workers, "workers_per_gpu": args.workers_per_gpu,
-            "read_engine": args.read_engine}
+    shared_path(args.catalog)  # says which URLs are not supported yet, and what to do instead
+    surveys = args.surveys.split(",") if args.surveys else None
+    plan = plan_predict(args.store, args.model, surveys)
     if args.dry_run:
-        print(json.dumps(plan, indent=2))
+        print(json.dumps({**plan.summary(), "catalog": args.catalog, "device": device, "precision": args.precision,
+                          "compile": args.compile, "io_workers": args.io_workers,
+                          "workers_per_gpu": args.workers_per_gpu, "read_engine": args.read_engine}, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:
         summary = run_predict(args.store, args.model, args.catalog, client=client, overwrite=args.overwrite,
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
-                              surveys=args.surveys.split(",") if args.surveys else None,
+                              surveys=surveys,
                               blocks_per_gpu=args.blocks_per_gpu, compile=args.compile, read_engine=args.read_engine)
     print(summary.table(), file=sys.stderr)
     print(f"catalog written to {args.catalog}", file=sys.stderr)

@@ -447,41 +447,39 @@ def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path:
     return rejects.num_rows
 
 
-def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
-                precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
-                torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
-                catalog_name: str | None = None, surveys: list[str] | None = None,
-                blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto",
-                read_engine: str = "auto") -> PredictSummary:
-    """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
+@dataclass
+class PredictPlan:
+    """What :func:`run_predict` will do, read from the store and the bundles' ``bundle.json`` (no cluster):
+    ``catalogpred predict --dry-run`` prints it, and the CLI makes it before starting workers so that a
+    wrong path or a missing bundle fails at once."""
 
-    ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
-    on (SDSS → an SDSS-grid bundle; DESI and PFS → a DESI-grid bundle). ``surveys`` restricts the
-    run to some survey groups. An existing catalog made with the same models is resumed
-    (finished blocks are skipped); ``overwrite=True`` deletes it first.
+    store_path: str  #: absolute (workers' working directories differ)
+    bundle_paths: list  #: absolute
+    infos: dict  #: grid name -> (bundle path, BundleInfo)
+    surveys: list  #: store groups to predict
+    blocks: list  #: (survey, shard) of every finished shard
+    inputs: int  #: non-EMPTY rows of finished shards (catalog rows + rejects at the end)
+    survey_bundle: dict  #: survey -> bundle path
+    survey_model: dict  #: survey -> model_id
+    model_ids: list
+    columns: list  #: catalog columns (:func:`catalogpred.catalog.catalog_columns`)
+    model: object  #: BundleInfo of the first survey's bundle (the run manifest's ``model``)
 
-    A block that fails on every retry (e.g. a corrupted shard) does not stop the run: its spectra
-    go to the rejects table as ``predict_error`` with the error text, the summary counts the
-    failed blocks, and re-running the same command tries those blocks again. Raises
-    :class:`PipelineError` only when every block of a run of two or more failed (that is not the
-    data; the catalog is left unfinalized, ready to resume).
+    def summary(self) -> dict:
+        return {"store": self.store_path, "models": {g: i.model_id for g, (_, i) in self.infos.items()},
+                "surveys": {s: {"model": self.survey_model[s], "blocks": sum(b[0] == s for b in self.blocks)}
+                            for s in self.surveys},
+                "blocks": len(self.blocks), "input_spectra": self.inputs}
 
-    ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when the workers offer the ``GPU`` resource);
-    with cuda every task is submitted with ``resources={"GPU": 1 / blocks_per_gpu}``, so
-    ``blocks_per_gpu`` blocks share each worker's ``GPU=1`` (one reads its shard and writes Parquet
-    on the CPU while another runs on the GPU; the workers need that many threads). ``batch_size``
-    (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device. ``compile``
-    (``auto``, ``yes``, ``no``; see :func:`resolve_compile`) runs the encoder through ``torch.compile``
-    on each worker: the same latents to float32 rounding, faster on large runs. ``read_engine``
-    (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
-    TensorStore by default where it is installed, else zarr-python (same values).
-    """
+
+def plan_predict(store_path: str, bundle_path, surveys: list[str] | None = None) -> PredictPlan:
+    """Check that the bundles cover the store's surveys (one bundle per grid, one latent size) and list the
+    blocks: :class:`PredictPlan`. Raises ConfigError with what to do instead."""
     from .model.bundle import read_bundle_info
 
-    t0 = time.perf_counter()
     # workers get absolute paths (their cwd differs); URLs are refused until store/catalog use fsspec
     bundle_paths = [bundle_path] if isinstance(bundle_path, (str, os.PathLike)) else list(bundle_path)
-    store_path, catalog_path = shared_path(store_path), shared_path(catalog_path)
+    store_path = shared_path(store_path)
     bundle_paths = [shared_path(b) for b in bundle_paths]
     infos = {}
     for bp in bundle_paths:
@@ -516,6 +514,47 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     info = infos[store.open_survey(store_path, chosen[0])[1].grid.name][1]
     model_ids = sorted(i.model_id for _, i in infos.values())
     columns = cat.catalog_columns(info.n_latent, native, column_docs(chosen))
+    return PredictPlan(store_path=store_path, bundle_paths=bundle_paths, infos=infos, surveys=chosen, blocks=blocks,
+                       inputs=inputs, survey_bundle=survey_bundle, survey_model=survey_model, model_ids=model_ids,
+                       columns=columns, model=info)
+
+
+def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
+                precision: str = "fp32", batch_size: int | None = None, order: int | None = None,
+                torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
+                catalog_name: str | None = None, surveys: list[str] | None = None,
+                blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto",
+                read_engine: str = "auto") -> PredictSummary:
+    """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
+
+    ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
+    on (SDSS → an SDSS-grid bundle; DESI and PFS → a DESI-grid bundle). ``surveys`` restricts the
+    run to some survey groups. An existing catalog made with the same models is resumed
+    (finished blocks are skipped); ``overwrite=True`` deletes it first.
+
+    A block that fails on every retry (e.g. a corrupted shard) does not stop the run: its spectra
+    go to the rejects table as ``predict_error`` with the error text, the summary counts the
+    failed blocks, and re-running the same command tries those blocks again. Raises
+    :class:`PipelineError` only when every block of a run of two or more failed (that is not the
+    data; the catalog is left unfinalized, ready to resume).
+
+    ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when the workers offer the ``GPU`` resource);
+    with cuda every task is submitted with ``resources={"GPU": 1 / blocks_per_gpu}``, so
+    ``blocks_per_gpu`` blocks share each worker's ``GPU=1`` (one reads its shard and writes Parquet
+    on the CPU while another runs on the GPU; the workers need that many threads). ``batch_size``
+    (spectra per forward pass) defaults to :data:`DEFAULT_BATCH` for the device. ``compile``
+    (``auto``, ``yes``, ``no``; see :func:`resolve_compile`) runs the encoder through ``torch.compile``
+    on each worker: the same latents to float32 rounding, faster on large runs. ``read_engine``
+    (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
+    TensorStore by default where it is installed, else zarr-python (same values).
+    """
+    t0 = time.perf_counter()
+    planned = plan_predict(store_path, bundle_path, surveys)
+    store_path, catalog_path, bundle_paths = planned.store_path, shared_path(catalog_path), planned.bundle_paths
+    infos, chosen, blocks, inputs = planned.infos, planned.surveys, planned.blocks, planned.inputs
+    survey_bundle, survey_model, model_ids, columns = (planned.survey_bundle, planned.survey_model, planned.model_ids,
+                                                        planned.columns)
+    info = planned.model
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
     device = resolve_device(device, client)

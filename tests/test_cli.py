@@ -37,6 +37,21 @@ def test_missing_store_is_one_line_error(tmp_path, capsys, random_bundle):
     assert rc == 1 and "no-model is not a model bundle" in err and "Dask cluster" not in err
 
 
+def test_a_survey_without_a_bundle_for_its_grid_fails_before_a_cluster(tmp_path, capsys, random_bundle):
+    from catalogpred import store
+    from catalogpred.pipeline import plan_predict
+    from catalogpred.spectra import DESI_GRID
+    from catalogpred.surveys import get_reader
+
+    st = tmp_path / "s.zarr"
+    store.create_survey(st, store.SurveyLayout(survey="desi", grid=DESI_GRID, meta_columns=get_reader("desi").meta_columns))
+    rc = main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "cat")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "is on the desi grid but no --model bundle is" in err and "Dask cluster" not in err
+    with pytest.raises(Exception, match="no survey"):
+        plan_predict(str(st), str(random_bundle), ["sdss"])
+
+
 def test_ingest_dry_run_lists_files(sdss_files, capsys):
     rc = main(["ingest", str(sdss_files[0].parent), "--store", "unused.zarr", "--dry-run"])
     out = capsys.readouterr().out.split()
