@@ -19,7 +19,10 @@ plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$dir"
-rm -f "$dir"/*.whl
+# one version of each package (two stop the install there): start from no wheels, in our own .whl/ only
+if compgen -G "$dir/*.whl" > /dev/null; then
+    if [ "$dir" = .whl ]; then rm -f .whl/*.whl; else echo "$dir holds wheels already; give an empty DIR" >&2; exit 1; fi
+fi
 # the requirements of '.[gpu]' without torch, from pyproject.toml
 "$py" - "$work/req.txt" <<'PY'
 import re, sys, tomllib
