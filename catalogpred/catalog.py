@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import CatalogError, ConfigError
+from .spectra import VEGA_TO_AB, WISE_UCD_RANGE, WISE_WAVELENGTH_UM  # noqa: F401 (re-exported: the catalog's units)
 
 __all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_schema", "choose_order",
            "write_fragment", "write_block_done", "read_block_done", "finalize_catalog", "REJECTS_SCHEMA",
@@ -45,11 +46,6 @@ __all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_s
 DATASET_DIR = "dataset"
 RUN_DIR = "_run"
 SPATIAL_INDEX_ORDER = 29
-#: m_AB − m_Vega for W1..W4 (Jarrett et al. 2011; FORMATS.md).
-VEGA_TO_AB = {"w1": 2.699, "w2": 3.339, "w3": 5.174, "w4": 6.620}
-WISE_WAVELENGTH_UM = {"w1": 3.35, "w2": 4.60, "w3": 11.56, "w4": 22.09}
-#: the IVOA UCD wavelength range of each WISE band (``phot.mag;em.IR.3-4um``)
-WISE_UCD_RANGE = {"w1": "3-4um", "w2": "4-8um", "w3": "8-15um", "w4": "15-30um"}
 
 
 class CatalogFlag(enum.IntFlag):

@@ -463,14 +463,12 @@ def _coordinate(text: str, sexagesimal: str) -> float:
         return float(text)
     except ValueError:
         pass
-    import re
-
     import astropy.units as u
     from astropy.coordinates import Angle
 
     text = text.strip()
     try:
-        return float((Angle(text, unit=sexagesimal) if re.search(r"[:\s]", text) else Angle(text)).deg)
+        return float(Angle(text, unit=sexagesimal).deg)  # a unit in the text wins over ``sexagesimal``
     except (TypeError, ValueError, u.UnitsError) as exc:
         what = "RA" if sexagesimal == "hourangle" else "Dec"
         raise ConfigError(f"cannot read {text!r} as {what}; give degrees (150.2), a value with units (10h00m48s, "
@@ -639,26 +637,22 @@ def cmd_info(args) -> int:
     from pathlib import Path
 
     path = Path(args.path)
-    if (path / "bundle.json").exists():  # a model bundle: its card
-        from .model.bundle import model_card, read_bundle_info
+    if (path / "bundle.json").exists():  # a model bundle: its card (model_card validates bundle.json)
+        from .model.bundle import model_card
 
-        read_bundle_info(path)  # validates it
-        print((path / "bundle.json").read_text().rstrip() if args.json else model_card(path).rstrip())
+        card = model_card(path)
+        print((path / "bundle.json").read_text().rstrip() if args.json else card.rstrip())
         return 0
     if (path / "zarr.json").exists() and not (path / "hats.properties").exists():  # a spectra store
-        from .store import format_store_info, store_info
-
-        info = store_info(path)
+        from .store import format_store_info as fmt
+        from .store import store_info as describe
+    elif path.is_dir():
+        from .query import catalog_info as describe
+        from .query import format_info as fmt
     else:
-        from .query import catalog_info, format_info
-
-        if not path.is_dir():
-            raise ConfigError(f"{path}: no such directory; info takes a catalog, a store (.zarr) or a model bundle")
-        info = catalog_info(path)
-        if not args.json:
-            print(format_info(info))
-            return 0
-    print(json.dumps(info, indent=2, default=str) if args.json else format_store_info(info))
+        raise ConfigError(f"{path}: no such directory; info takes a catalog, a store (.zarr) or a model bundle")
+    info = describe(path)
+    print(json.dumps(info, indent=2, default=str) if args.json else fmt(info))
     return 0
 
 

@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .catalog import VEGA_TO_AB, WISE_UCD_RANGE
+from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
-                     magnitude_systems)
+                     float_values, magnitude_systems)
 from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
 
 __all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
@@ -304,31 +304,24 @@ def _field(name, type_, unit, ucd, description) -> pa.Field:
                                            b"description": description.encode()})
 
 
-def _float(col) -> np.ndarray:
-    col = pc.cast(col, pa.float64())
-    return col.to_numpy(zero_copy_only=False) if col.null_count == 0 else col.fill_null(np.nan).to_numpy(
-        zero_copy_only=False)
-
-
 def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: float, systems: dict):
     arrays, fields = [], []
     chi2 = []
     over = []
     n = cat_m.num_rows
     for b, (mcol, ecol) in phot.items():
-        m_pred, s_pred = _float(cat_m.column(f"{b}_mag")), _float(cat_m.column(f"{b}_mag_err"))
-        m_obs, s_obs = _float(ext_m.column(mcol)), _float(ext_m.column(ecol))
+        m_pred, s_pred = float_values(cat_m.column(f"{b}_mag")), float_values(cat_m.column(f"{b}_mag_err"))
+        m_obs, s_obs = float_values(ext_m.column(mcol)), float_values(ext_m.column(ecol))
         ab = systems[b] == "ab"
         obs = f"({mcol} - {VEGA_TO_AB[b]}, AB to Vega)" if ab else mcol
-        valid = (np.isfinite(m_pred) & np.isfinite(s_pred) & np.isfinite(m_obs) & np.isfinite(s_obs)
-                 & (s_obs < NON_DETECTION_SIGMA) & (s_obs >= 0) & (m_obs < NON_DETECTION_SIGMA))
+        detected = np.isfinite(m_obs) & np.isfinite(s_obs) & (s_obs >= 0) & (s_obs < NON_DETECTION_SIGMA)
+        valid = detected & np.isfinite(m_pred) & np.isfinite(s_pred) & (m_obs < NON_DETECTION_SIGMA)
         m_obs = m_obs - VEGA_TO_AB[b] if ab else m_obs
         with np.errstate(invalid="ignore", divide="ignore"):
             ex = m_pred - m_obs
             sig = ex / np.sqrt(s_pred ** 2 + s_obs ** 2)
         valid &= np.isfinite(sig)
         # the observed magnitude as compared (Vega), so that a reader or a plot needs no unit logic of its own
-        detected = np.isfinite(m_obs) & np.isfinite(s_obs) & (s_obs >= 0) & (s_obs < NON_DETECTION_SIGMA)
         arrays += [pa.array(np.where(detected, m_obs, 0.0), pa.float64(), mask=~detected),
                    pa.array(np.where(detected, s_obs, 0.0), pa.float64(), mask=~detected)]
         fields += [_field(f"{b}_mag_obs", pa.float64(), "mag", f"phot.mag;em.IR.{WISE_UCD_RANGE[b]}",

@@ -35,13 +35,14 @@ N_TRAIN_MAX = 1000
 
 def _made_by_demo(out: Path) -> bool:
     """Whether ``out`` is `catalogpred demo` output: its marker, or (before there was one) its DEMO bundle."""
-    import json
+    from .errors import BundleError
+    from .model.bundle import read_bundle_info
 
     if (out / DEMO_MARKER).exists():
         return True
     try:
-        return json.loads((out / "model" / "bundle.json").read_text())["card"]["kind"] == "demo"
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_bundle_info(out / "model").card.kind == "demo"
+    except BundleError:
         return False
 
 

@@ -456,19 +456,38 @@ class PredictPlan:
     store_path: str  #: absolute (workers' working directories differ)
     bundle_paths: list  #: absolute
     infos: dict  #: grid name -> (bundle path, BundleInfo)
-    surveys: list  #: store groups to predict
+    grids: dict  #: store group to predict -> its grid name
     blocks: list  #: (survey, shard) of every finished shard
     inputs: int  #: non-EMPTY rows of finished shards (catalog rows + rejects at the end)
-    survey_bundle: dict  #: survey -> bundle path
-    survey_model: dict  #: survey -> model_id
-    model_ids: list
     columns: list  #: catalog columns (:func:`catalogpred.catalog.catalog_columns`)
-    model: object  #: BundleInfo of the first survey's bundle (the run manifest's ``model``)
+
+    @property
+    def surveys(self) -> list:
+        return list(self.grids)
+
+    @property
+    def survey_bundle(self) -> dict:
+        """survey -> bundle path"""
+        return {s: self.infos[g][0] for s, g in self.grids.items()}
+
+    @property
+    def survey_model(self) -> dict:
+        """survey -> model_id"""
+        return {s: self.infos[g][1].model_id for s, g in self.grids.items()}
+
+    @property
+    def model_ids(self) -> list:
+        return sorted(i.model_id for _, i in self.infos.values())
+
+    @property
+    def model(self):
+        """BundleInfo of the first survey's bundle (the run manifest's ``model``)"""
+        return self.infos[next(iter(self.grids.values()))][1]
 
     def summary(self) -> dict:
         return {"store": self.store_path, "models": {g: i.model_id for g, (_, i) in self.infos.items()},
-                "surveys": {s: {"model": self.survey_model[s], "blocks": sum(b[0] == s for b in self.blocks)}
-                            for s in self.surveys},
+                "surveys": {s: {"model": m, "blocks": sum(b[0] == s for b in self.blocks)}
+                            for s, m in self.survey_model.items()},
                 "blocks": len(self.blocks), "input_spectra": self.inputs}
 
 
@@ -497,26 +516,23 @@ def plan_predict(store_path: str, bundle_path, surveys: list[str] | None = None)
     unknown = [s for s in chosen if s not in all_surveys]
     if unknown:
         raise ConfigError(f"{store_path} has no survey {unknown}; it has {all_surveys}")
-    blocks, inputs, native, survey_bundle, survey_model = [], 0, {}, {}, {}
+    blocks, inputs, native, grids = [], 0, {}, {}
     for name in chosen:
         g, layout = store.open_survey(store_path, name)
         if layout.grid.name not in infos:
             raise ConfigError(f"{store_path}/{name} is on the {layout.grid.name} grid but no --model bundle is "
                               f"(given: {', '.join(f'{k}: {v[1].model_id}' for k, v in infos.items())}); add a "
                               f"{layout.grid.name} bundle or restrict with --surveys")
-        survey_bundle[name], survey_model[name] = infos[layout.grid.name][0], infos[layout.grid.name][1].model_id
+        grids[name] = layout.grid.name
         for s in store.done_shards(store_path, name):
             blocks.append((name, int(s)))
         status = g["meta"]["status"][:]
         done_rows = np.repeat(g["shard_done"][:].astype(bool), layout.shard_rows)
         inputs += int(((status != store.RowStatus.EMPTY) & done_rows).sum())
         native.update(layout.meta_columns)
-    info = infos[store.open_survey(store_path, chosen[0])[1].grid.name][1]
-    model_ids = sorted(i.model_id for _, i in infos.values())
-    columns = cat.catalog_columns(info.n_latent, native, column_docs(chosen))
-    return PredictPlan(store_path=store_path, bundle_paths=bundle_paths, infos=infos, surveys=chosen, blocks=blocks,
-                       inputs=inputs, survey_bundle=survey_bundle, survey_model=survey_model, model_ids=model_ids,
-                       columns=columns, model=info)
+    columns = cat.catalog_columns(next(iter(n_latent)), native, column_docs(chosen))
+    return PredictPlan(store_path=store_path, bundle_paths=bundle_paths, infos=infos, grids=grids, blocks=blocks,
+                       inputs=inputs, columns=columns)
 
 
 def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool = False,
@@ -551,10 +567,9 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     t0 = time.perf_counter()
     planned = plan_predict(store_path, bundle_path, surveys)
     store_path, catalog_path, bundle_paths = planned.store_path, shared_path(catalog_path), planned.bundle_paths
-    infos, chosen, blocks, inputs = planned.infos, planned.surveys, planned.blocks, planned.inputs
-    survey_bundle, survey_model, model_ids, columns = (planned.survey_bundle, planned.survey_model, planned.model_ids,
-                                                        planned.columns)
-    info = planned.model
+    infos, chosen, blocks, inputs, columns = planned.infos, planned.surveys, planned.blocks, planned.inputs, planned.columns
+    survey_bundle, survey_model, model_ids, info = (planned.survey_bundle, planned.survey_model, planned.model_ids,
+                                                    planned.model)
 
     check_workers(client, [store_path, *bundle_paths, catalog_path])
     device = resolve_device(device, client)

@@ -10,6 +10,7 @@ Conventions
 - Wavelengths are vacuum, observed frame, in Å (``wave``), unless a name says ``_nm``.
 - SDSS/DESI flux density is F_λ in 1e-17 erg s⁻¹ cm⁻² Å⁻¹ (``flux``); ivar is its inverse variance.
 - PFS flux density is F_ν in nJy; :func:`fnu_njy_to_flam17` converts.
+- WISE W1-W4 magnitudes are Vega (AllWISE ``w?mpro``); :data:`VEGA_TO_AB` gives the AB offsets.
 - A pixel is *good* when its weight ``w = ivar · (mask == 0)`` is > 0.
 """
 from __future__ import annotations
@@ -23,7 +24,18 @@ import numpy as np
 
 from .errors import RejectReason
 
+WISE_BANDS = ("w1", "w2", "w3", "w4")
+#: m_AB − m_Vega for W1..W4 (Jarrett et al. 2011; FORMATS.md).
+VEGA_TO_AB = {"w1": 2.699, "w2": 3.339, "w3": 5.174, "w4": 6.620}
+WISE_WAVELENGTH_UM = {"w1": 3.35, "w2": 4.60, "w3": 11.56, "w4": 22.09}
+#: the IVOA UCD wavelength range of each WISE band (``phot.mag;em.IR.3-4um``)
+WISE_UCD_RANGE = {"w1": "3-4um", "w2": "4-8um", "w3": "8-15um", "w4": "15-30um"}
+
 __all__ = [
+    "WISE_BANDS",
+    "VEGA_TO_AB",
+    "WISE_WAVELENGTH_UM",
+    "WISE_UCD_RANGE",
     "Grid",
     "SDSS_GRID",
     "DESI_GRID",

@@ -549,8 +549,8 @@ def set_rejected(store_path, survey: str, rows: np.ndarray, reason: str, details
 
 def store_info(store_path) -> dict:
     """What a store holds, per survey group: grid, sharding, finished shards, rows by status, rejects by
-    reason, ingest runs and bytes on disk (``catalogpred info STORE``). Reads the ``status`` column of every
-    row and ``reject_reason`` of the rejected ones."""
+    reason, ingest runs and bytes on disk (``catalogpred info STORE``). Reads the ``status`` and
+    ``reject_reason`` columns of every row of the finished shards."""
     import pyarrow.compute as pc
 
     out = {"path": str(store_path), "kind": "store", "surveys": {}}

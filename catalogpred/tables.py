@@ -11,13 +11,12 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from .catalog import VEGA_TO_AB
+from .spectra import VEGA_TO_AB, WISE_BANDS as BANDS
 from .errors import ConfigError
 
 __all__ = ["read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
-           "magnitude_systems", "wise_vega_magnitudes"]
+           "magnitude_systems", "wise_vega_magnitudes", "float_values"]
 
-BANDS = ("w1", "w2", "w3", "w4")
 #: an observed error at or above this (mag) marks a non-detection (AllWISE and the reference data use 9999).
 NON_DETECTION_SIGMA = 99.0
 #: (magnitude, error) column name patterns, lower case, ``{b}`` = w1..w4, in order of preference:
@@ -76,13 +75,14 @@ def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str
     mag, err = np.full((n, len(BANDS)), np.nan), np.full((n, len(BANDS)), np.nan)
     for j, b in enumerate(BANDS):
         if b in phot:
-            m, e = (_float64(table.column(c)) for c in phot[b])
+            m, e = (float_values(table.column(c)) for c in phot[b])
             mag[:, j] = m - VEGA_TO_AB[b] if systems[b] == "ab" else m
             err[:, j] = e
     return mag, err, {b: (*phot[b], systems[b]) for b in phot}
 
 
-def _float64(col) -> np.ndarray:
+def float_values(col) -> np.ndarray:
+    """float64 numpy values of an Arrow column, NaN where null."""
     import pyarrow.compute as pc
 
     col = pc.cast(col, pa.float64())

@@ -15,16 +15,14 @@ import torch
 from ..tables import BANDS, NON_DETECTION_SIGMA
 from .head import IRHead
 
-__all__ = ["fit_head", "evaluate_head", "NONDETECTION_SIGMA"]
+__all__ = ["fit_head", "evaluate_head"]
 
 log = logging.getLogger(__name__)
 
-#: σ_obs at or above this marks a non-detection (the reference data use 9999); the same rule as crossmatch's.
-NONDETECTION_SIGMA = NON_DETECTION_SIGMA
-
 
 def _valid(mag, err):
-    return np.isfinite(mag) & np.isfinite(err) & (err > 0) & (err < NONDETECTION_SIGMA)
+    """Usable observed magnitudes: finite, with an error below the non-detection level."""
+    return np.isfinite(mag) & np.isfinite(err) & (err > 0) & (err < NON_DETECTION_SIGMA)
 
 
 def fit_head(x: np.ndarray, mag: np.ndarray, mag_err: np.ndarray, *, n_hidden=(64, 64), epochs: int = 300,
@@ -151,9 +149,6 @@ def evaluate_head(pred: np.ndarray, pred_sigma: np.ndarray, mag: np.ndarray, mag
 
 
 # ---------------------------------------------------------------------------------------------- tables → bundles
-
-BAND_NAMES = BANDS
-
 
 def split_by_hash(ids, fractions=(0.8, 0.1, 0.1), salt: str = "catalogpred") -> np.ndarray:
     """Deterministic train/validation/test labels (0/1/2) from a hash of each id (stable across runs and machines)."""
@@ -359,7 +354,7 @@ def _plot_evaluation(mean, sigma, mag, err, metrics, png):
 
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), dpi=100, gridspec_kw={"height_ratios": [3, 1.2]}, sharex="col")
     valid = _valid(mag, err)
-    for j, b in enumerate(BAND_NAMES):
+    for j, b in enumerate(BANDS):
         v = valid[:, j]
         ax, rx = axes[0, j], axes[1, j]
         ax.scatter(mag[v, j], mean[v, j], s=2, alpha=0.3)

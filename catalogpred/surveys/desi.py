@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputFileError, RejectReason
 from ..redshifts import load_redshift_table
-from ..spectra import DESI_GRID, PixelMask
+from ..spectra import DESI_GRID, VEGA_TO_AB, WISE_UCD_RANGE, PixelMask
 from . import COMMON_META, ColumnDoc, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
 
 __all__ = ["identify", "read", "merge_arms", "DESI_META", "DESI_DOCS", "ARMS"]
@@ -81,9 +81,9 @@ DESI_DOCS = {
                           "redshift candidates; empty when unknown", "", "src.class"),
     "deltachi2": ColumnDoc("Redrock DELTACHI2: chi2 of the second-best fit minus the best", "", "stat.fit.chi2"),
     **{f"flux_{b}": ColumnDoc(f"Legacy Surveys forced unWISE {b.upper()} flux (FIBERMAP FLUX_{b.upper()}), "
-                              f"AB: m_AB = 22.5 - 2.5 log10(flux); Vega = AB - {d}", "nanomaggy",
-                              f"phot.flux;em.IR.{r}")
-       for b, d, r in (("w1", 2.699, "3-4um"), ("w2", 3.339, "4-8um"))},
+                              f"AB: m_AB = 22.5 - 2.5 log10(flux); Vega = AB - {VEGA_TO_AB[b]}", "nanomaggy",
+                              f"phot.flux;em.IR.{WISE_UCD_RANGE[b]}")
+       for b in ("w1", "w2")},
     **{f"flux_ivar_{b}": ColumnDoc(f"Inverse variance of flux_{b}", "nanomaggy-2", "stat.weight;phot.flux")
        for b in ("w1", "w2")},
 }
