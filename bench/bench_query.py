@@ -50,7 +50,8 @@ N_LATENT = 6
 
 def _columns():
     return cat.catalog_columns(N_LATENT, {"plate": "i4", "mjd": "i4", "fiberid": "i4", "specobjid": "U",
-                                          "spec_class": "U", "targetid": "i8", "flux_w1": "f4"}, column_docs())
+                                          "spec_class": "U", "targetid": "i8", "desi_survey": "U",
+                                          "flux_w1": "f4", "flux_ivar_w1": "f4"}, column_docs())
 
 
 def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=None, dec=None) -> pa.Table:
@@ -81,9 +82,11 @@ def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=N
         "specobjid": pa.array([str(299_489_677_444_933_632 + int(i)) for i in ids]),
         "spec_class": pa.array(["GALAXY"] * n),
         # DESI rows: 17-digit TARGETIDs (exact only as integers) and the FIBERMAP's observed W1 flux, nanomaggies
-        # (AB); null for SDSS rows
+        # (AB), equal to the prediction, at S/N 20; null for SDSS rows
         "targetid": pa.array(39_627_657_385_600_000 + ids, pa.int64(), mask=ids % 5 != 0),
+        "desi_survey": pa.array(["main" if i % 5 == 0 else None for i in ids], pa.string()),
         "flux_w1": pa.array(10 ** ((22.5 - (w1 + 2.699)) / 2.5), pa.float32(), mask=ids % 5 != 0),
+        "flux_ivar_w1": pa.array((20 / 10 ** ((22.5 - (w1 + 2.699)) / 2.5)) ** 2, pa.float32(), mask=ids % 5 != 0),
         "_healpix_29": compute_spatial_index(ra, dec).astype(np.int64),
     }
     for f in schema:  # columns added to the catalog format later: typed nulls, so the bench keeps working

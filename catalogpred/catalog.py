@@ -166,6 +166,21 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _with_string_lengths(table: pa.Table) -> pa.Table:
+    """``table`` with astropy's ``table::len::<column>`` schema metadata (the longest value, at least 1) for
+    each string column, as astropy writes it: ``astropy.table.Table.read`` of a part file takes the string
+    widths from there; without it astropy measures the values and fails on a null (a DESI column in an SDSS
+    row of a multi-survey catalog)."""
+    import pyarrow.compute as pc
+
+    lengths = {}
+    for f in table.schema:
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            longest = pc.max(pc.utf8_length(table.column(f.name))).as_py() if table.num_rows else None
+            lengths[f"table::len::{f.name}".encode()] = str(max(longest or 0, 1)).encode()
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **lengths}) if lengths else table
+
+
 def pixel_dir(catalog_path, order: int, pixel: int) -> Path:
     """``dataset/Norder=K/Dir=D/Npix=N`` (a leaf directory, HATS ``hats_npix_suffix=/``)."""
     d = (pixel // 10_000) * 10_000
@@ -211,7 +226,8 @@ def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,
 
     def write(part):
         p, lo, n = part
-        _atomic_write(table.slice(lo, n), pixel_dir(catalog_path, order, p) / f"part-{block_key}.parquet")
+        _atomic_write(_with_string_lengths(table.slice(lo, n)),
+                      pixel_dir(catalog_path, order, p) / f"part-{block_key}.parquet")
 
     threads = write_threads or default_write_threads()
     if threads > 1 and len(parts) > 1:
@@ -250,6 +266,32 @@ def read_block_done(catalog_path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(run.glob("*.json"))}
 
 
+def _vo_unit(unit: str):
+    """``unit`` as an astropy unit that writes as a valid VOUnit string: a unit without a VOUnit spelling, such
+    as the Legacy Surveys' nanomaggy (astropy's ``nmgy``, which VOUnit lacks), becomes a quoted unknown unit
+    (``'nanomaggy'``, ``'nanomaggy'**-2``), which VOUnit allows and keeps the name, rather than an invalid string."""
+    import re
+    import warnings
+
+    import astropy.units as u
+
+    if not unit:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", u.UnitsWarning)  # VOUnit deprecates erg and Angstrom, still valid
+            parsed = u.Unit(unit)
+            if u.Unit(parsed.to_string("vounit"), format="vounit") == parsed:  # written, read back: the same
+                return parsed
+    except ValueError:
+        pass
+    m = re.fullmatch(r"([A-Za-z]+)(-?\d+)?", unit.replace(" ", ""))
+    if m is None:
+        return unit  # astropy keeps it, unparsed
+    name, power = m.group(1), m.group(2)
+    return u.Unit(f"'{name}'" + (f"**{power}" if power and power != "1" else ""), format="vounit")
+
+
 def vo_table_xml(columns: list[Column]) -> str:
     """VOTable XML (no rows) describing the columns: the IVOA VO-Parquet ``content`` value.
 
@@ -274,11 +316,15 @@ def vo_table_xml(columns: list[Column]) -> str:
         dt = np_dtype(c.type)
         shape = (0,) + (dt[1] if isinstance(dt, tuple) else ())
         t[c.name] = np.zeros(shape, dtype=dt[0] if isinstance(dt, tuple) else dt)
-        t[c.name].unit = c.unit or None
         t[c.name].description = c.description
     import warnings
 
     from astropy.units import UnitsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # 'erg', 'Angstrom' are valid FITS/CDS units; VOUnit prefers SI
+        for c in all_cols:
+            t[c.name].unit = _vo_unit(c.unit)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)  # 'erg', 'Angstrom' are valid FITS/CDS units; VOUnit prefers SI
@@ -287,7 +333,7 @@ def vo_table_xml(columns: list[Column]) -> str:
     for f in vot.get_first_table().iter_fields_and_params():
         if ucds.get(f.name):
             f.ucd = ucds[f.name]
-        if f.datatype == "char":
+        if f.datatype in ("char", "unicodeChar"):  # variable length (from_table declares the placeholder's 1)
             f.arraysize = "*"
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -300,7 +346,8 @@ def _write_vo_common_metadata(catalog_path: Path, columns: list[Column]) -> None
     """Add the VO-Parquet keys to ``dataset/_common_metadata`` (and keep the per-field metadata)."""
     path = catalog_path / DATASET_DIR / "_common_metadata"
     schema = pq.read_schema(path)
-    meta = (schema.metadata or {}) | {b"IVOA.VOTable-Parquet.version": b"1.0",
+    meta = {k: v for k, v in (schema.metadata or {}).items() if not k.startswith(b"table::len::")}  # one file's
+    meta |= {b"IVOA.VOTable-Parquet.version": b"1.0",
                                       b"IVOA.VOTable-Parquet.content": vo_table_xml(columns).encode()}
     pq.write_metadata(schema.with_metadata(meta), path)
 

@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id", action="append", default=[], metavar="SOURCE_ID", help="rows with this source_id (repeatable)")
     s.add_argument("--where", action="append", default=[], help="filter expression on columns, e.g. 'z < 0.1' (repeatable)")
     s.add_argument("--sql", default=None, help="DuckDB SQL on the view `catalog`, e.g. 'SELECT count(*) FROM catalog'")
+    s.add_argument("--ir-excess", action="store_true",
+                   help="add the IR-excess columns of crossmatch from the catalog's own observed WISE (DESI: "
+                        "the FIBERMAP's Legacy Surveys flux_w1/flux_w2, nanomaggies AB, converted to Vega)")
+    s.add_argument("--excess-threshold", type=float, default=3.0,
+                   help="with --ir-excess: flag ir_excess where any band's excess_sigma exceeds this (default 3)")
+    s.add_argument("--excess-only", action="store_true", help="with --ir-excess: only rows flagged ir_excess")
     _add_output_args(s)
 
     s = add("crossmatch", "Match an external table (CSV/Parquet/FITS/VOTable) to the catalog; IR excess.")
@@ -538,10 +544,17 @@ def cmd_query(args) -> int:
         q = q.where(w)
     if args.columns:
         q = q.select(args.columns)
+    if (args.excess_only or args.excess_threshold != 3.0) and not args.ir_excess:
+        raise ConfigError("--excess-only and --excess-threshold go with --ir-excess")
     if args.sql:
+        if args.ir_excess:
+            raise ConfigError("--ir-excess and --sql do not combine; export the --ir-excess rows (-o t.parquet) "
+                              "and query that file with DuckDB")
         table = q.sql(args.sql)
         if args.limit is not None:
             table = table.slice(0, args.limit)
+    elif args.ir_excess:
+        table = _with_ir_excess(q, args)
     else:
         table = (q.limit(args.limit) if args.limit is not None else q).to_arrow()
         if args.id and table.num_rows == 0:
@@ -550,6 +563,29 @@ def cmd_query(args) -> int:
                                + "; ids look like sdss-0266-51602-0013")
     _emit(table, args)
     return 0
+
+
+def _with_ir_excess(q, args):
+    """``query --ir-excess``: the rows of ``q`` with :func:`~catalogpred.crossmatch.ir_excess`'s columns from the
+    catalog's own observed photometry (read as well, shown only if selected)."""
+    import pyarrow.compute as pc
+
+    from .crossmatch import PREDICTED_COLUMNS, ir_excess
+    from .tables import photometry_input_columns
+
+    names = q.schema.names
+    wanted = list(q.columns) if q.columns else names
+    observed = photometry_input_columns([n for n in names if n not in PREDICTED_COLUMNS])
+    read = wanted + [c for c in (*PREDICTED_COLUMNS, *observed) if c in names and c not in wanted]
+    table = ir_excess(q.select(read).to_arrow(), excess_threshold=args.excess_threshold)
+    added = table.column_names[len(read):]
+    table = table.select(wanted + added)
+    flagged = pc.fill_null(table.column("ir_excess"), False)
+    log.info("%d of %d rows flagged ir_excess (> %g sigma in any band)", pc.sum(flagged).as_py() or 0,
+             table.num_rows, args.excess_threshold)
+    if args.excess_only:
+        table = table.filter(flagged)
+    return table.slice(0, args.limit) if args.limit is not None else table
 
 
 def cmd_crossmatch(args) -> int:

@@ -5,7 +5,9 @@ nearest catalog row within ``radius_arcsec`` is found (astropy ``match_to_catalo
 the HEALPix leaves around the external positions are read.
 
 When the external table has observed W1–W4 magnitudes with errors (AllWISE ``w1mpro``/``w1sigmpro``,
-``w1_mag``/``w1_mag_err`` or VizieR ``W1mag``/``e_W1mag``; any case), each band gets::
+``w1_mag``/``w1_mag_err`` or VizieR ``W1mag``/``e_W1mag``; any case), or fluxes in nanomaggies (Legacy
+Surveys and DESI ``flux_w1``/``flux_ivar_w1``, AB: :func:`~catalogpred.tables.with_flux_magnitudes`),
+each band gets::
 
     w1_excess       = m_pred - m_obs                                  [mag]
     w1_excess_sigma = (m_pred - m_obs) / sqrt(sigma_pred^2 + sigma_obs^2)
@@ -14,8 +16,9 @@ A **positive** excess means the object is *brighter* in the infrared than its op
 predicts (obscured AGN, dusty starbursts). This is the catalog's χ convention (``catalog.py``).
 ``ir_excess`` is true when any band's ``excess_sigma`` exceeds the threshold (default 3), null when
 no band could be compared; ``ir_excess_bands`` lists those bands, ``chi2_n`` is the mean χ² of the
-compared bands. Observed magnitudes must be Vega (AllWISE ``w?mpro``); non-detections (σ null, NaN
-or ≥ 99, as in AllWISE upper limits) give null excess.
+compared bands. Observed magnitudes are taken as Vega (AllWISE ``w?mpro``) unless their unit or
+``mag_system`` says AB (converted to Vega first); non-detections (σ null, NaN or ≥ 99, as in AllWISE upper
+limits; a flux ≤ 0) give null excess.
 
 >>> t = crossmatch("demo-output/catalog", "allwise.parquet", radius_arcsec=1.5)   # doctest: +SKIP
 >>> t.filter(t["ir_excess"]).num_rows                                              # doctest: +SKIP
@@ -36,10 +39,10 @@ import pyarrow.parquet as pq
 from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
-                     float_values, magnitude_systems)
+                     float_values, magnitude_systems, with_flux_magnitudes)
 from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
 
-__all__ = ["crossmatch", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
+__all__ = ["crossmatch", "ir_excess", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
            "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
 
 log = logging.getLogger(__name__)
@@ -219,7 +222,7 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     if not radius_arcsec > 0:
         raise ConfigError(f"crossmatch needs a positive radius (arcsec), got {radius_arcsec}")
     q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
-    ext = _to_arrow(external)
+    ext = with_flux_magnitudes(_to_arrow(external))
     rcol, dcol = find_radec_columns(ext.column_names, ra_col, dec_col)
     ext_ra, ext_dec = _degrees(ext.column(rcol), rcol, "hourangle"), _degrees(ext.column(dcol), dcol, "deg")
     ok = np.isfinite(ext_ra) & np.isfinite(ext_dec) & (np.abs(ext_dec) <= 90)
@@ -299,6 +302,43 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+#: the catalog's predicted magnitude columns, which are not observations
+PREDICTED_COLUMNS = tuple(f"{b}_mag{s}" for b in BANDS for s in ("", "_err"))
+
+
+def ir_excess(table: pa.Table, *, excess_threshold: float = 3.0, mag_system: str = "auto") -> pa.Table:
+    """``table`` (catalog rows: predicted ``w?_mag``/``w?_mag_err``) with the IR-excess columns of
+    :func:`crossmatch` (``w?_mag_obs``, ``w?_mag_obs_err``, ``w?_excess``, ``w?_excess_sigma``, ``chi2_n``,
+    ``ir_excess``, ``ir_excess_bands``), from observed WISE photometry in the same rows: for a catalog
+    whose survey carries it (DESI: the FIBERMAP's Legacy Surveys ``flux_w1``/``flux_w2`` in nanomaggies, AB),
+    or for a table that already joined one. Rows without observations get null excess.
+
+    >>> t = ir_excess(open_catalog("desi-ir/").select("all").to_arrow())   # doctest: +SKIP
+
+    Raises ConfigError when the table has no observed W1-W4 (magnitudes with errors, or fluxes with
+    inverse variances), or lacks the predicted magnitudes of a band it observes.
+    """
+    names = [n for n in table.column_names if n not in PREDICTED_COLUMNS]
+    observed = with_flux_magnitudes(table.select(names))
+    phot = find_photometry_columns(observed.column_names)
+    if not phot:
+        raise ConfigError("no observed W1-W4 in these rows: magnitudes with errors (w1mpro/w1sigmpro, W1mag/e_W1mag, "
+                          "...) or fluxes in nanomaggies (flux_w1/flux_ivar_w1, as DESI catalogs carry); columns: "
+                          + ", ".join(names))
+    missing = [c for b in phot for c in (f"{b}_mag", f"{b}_mag_err") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"no predicted {', '.join(missing)} in these rows to compare the observations with")
+    systems = magnitude_systems(observed.schema, phot, mag_system)
+    taken = set(table.column_names)
+    arrays, fields = _excess_columns(table, observed, phot, excess_threshold, systems)
+    clash = [f.name for f in fields if f.name in taken]
+    if clash:
+        raise ConfigError(f"these rows already have {', '.join(clash)} (an earlier crossmatch or ir_excess)")
+    for arr, fld in zip(arrays, fields):
+        table = table.append_column(fld, arr)
+    return table
+
+
 def _field(name, type_, unit, ucd, description) -> pa.Field:
     return pa.field(name, type_, metadata={b"unit": unit.encode(), b"ucd": ucd.encode(),
                                            b"description": description.encode()})
@@ -313,7 +353,9 @@ def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: flo
         m_pred, s_pred = float_values(cat_m.column(f"{b}_mag")), float_values(cat_m.column(f"{b}_mag_err"))
         m_obs, s_obs = float_values(ext_m.column(mcol)), float_values(ext_m.column(ecol))
         ab = systems[b] == "ab"
-        obs = f"({mcol} - {VEGA_TO_AB[b]}, AB to Vega)" if ab else mcol
+        source = (ext_m.schema.field(mcol).metadata or {}).get(b"derived_from", b"").decode().split(",")[0]
+        obs = (f"(22.5 - 2.5 log10 {source} - {VEGA_TO_AB[b]}, nanomaggies to Vega)" if source
+               else f"({mcol} - {VEGA_TO_AB[b]}, AB to Vega)" if ab else mcol)
         detected = np.isfinite(m_obs) & np.isfinite(s_obs) & (s_obs >= 0) & (s_obs < NON_DETECTION_SIGMA)
         valid = detected & np.isfinite(m_pred) & np.isfinite(s_pred) & (m_obs < NON_DETECTION_SIGMA)
         m_obs = m_obs - VEGA_TO_AB[b] if ab else m_obs

@@ -228,14 +228,33 @@ def _observed_columns(names) -> dict[str, tuple[str, str]]:
     return ours or find_photometry_columns(names)
 
 
+def _own_observations(q):
+    """The rows of catalog query ``q`` that carry observed WISE of their own (DESI), with
+    :func:`~catalogpred.crossmatch.ir_excess`'s columns, as a DataFrame; None when the catalog has none."""
+    import pyarrow.compute as pc
+
+    from .crossmatch import PREDICTED_COLUMNS, ir_excess
+    from .tables import photometry_input_columns
+
+    names = q.schema.names
+    observed = photometry_input_columns([n for n in names if n not in PREDICTED_COLUMNS])
+    if not observed:
+        return None
+    t = ir_excess(q.select([*PREDICTED_COLUMNS, *observed]).to_arrow())
+    t = t.filter(pc.is_valid(t.column("chi2_n")))
+    return t.to_pandas() if t.num_rows else None
+
+
 # --------------------------------------------------------------------------- all of them
 def plot_catalog(catalog, out_dir, *, external=None, radius_arcsec: float = 1.5, ra_col: str | None = None,
                  dec_col: str | None = None, order: int | None = None, mag_system: str = "auto") -> list[Path]:
     """Write the standard PNGs of a catalog into ``out_dir``; returns their paths.
 
-    ``sky_density.png``, ``colour_colour.png``, ``magnitudes.png``, and with ``external`` (a table
-    with observed W1–W4) ``predicted_vs_observed.png`` after a crossmatch within ``radius_arcsec``
-    (``mag_system``: the external magnitudes' system, as in :func:`~catalogpred.crossmatch.crossmatch`).
+    ``sky_density.png``, ``colour_colour.png``, ``magnitudes.png``, and ``predicted_vs_observed.png``: with
+    ``external`` (a table with observed W1–W4) after a crossmatch within ``radius_arcsec`` (``mag_system``:
+    the external magnitudes' system, as in :func:`~catalogpred.crossmatch.crossmatch`), else from the
+    catalog's own observed WISE where it has some (DESI's ``flux_w1``/``flux_w2``:
+    :func:`~catalogpred.crossmatch.ir_excess`).
     """
     q = _query(catalog)
     out_dir = Path(out_dir)
@@ -251,10 +270,13 @@ def plot_catalog(catalog, out_dir, *, external=None, radius_arcsec: float = 1.5,
         p = _observed_columns(list(matched.columns))
         if all(b in p for b in ("w1", "w2", "w3")):
             phot = matched[[p[b][0] for b in ("w1", "w2", "w3")]].set_axis(["w1mpro", "w2mpro", "w3mpro"], axis=1)
+    else:
+        matched = _own_observations(q)
     paths = [plot_sky_density(t, out_dir / "sky_density.png", order=order),
              _save(colour_colour_figure(t, phot), out_dir / "colour_colour.png"),
              plot_magnitude_histograms(t, out_dir / "magnitudes.png")]
     if matched is not None:
-        paths.append(plot_predicted_vs_observed(matched, out_dir / "predicted_vs_observed.png"))
+        title = None if external is not None else f"predicted vs the catalog's own observed WISE ({len(matched):,d} rows)"
+        paths.append(plot_predicted_vs_observed(matched, out_dir / "predicted_vs_observed.png", title=title))
     log.info("plots written to %s", out_dir)
     return paths

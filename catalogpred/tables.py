@@ -2,7 +2,9 @@
 
 :func:`read_table_any` reads training, photometry and redshift tables. :func:`find_photometry_columns`,
 :func:`magnitude_systems` and :func:`wise_vega_magnitudes` say which columns hold observed W1-W4 magnitudes
-and in which system, the same way for ``crossmatch`` and for ``train``.
+and in which system, the same way for ``crossmatch`` and for ``train``. Tables that give WISE as fluxes in
+nanomaggies (Legacy Surveys catalogs and sweeps, DESI's FIBERMAP, so a DESI catalogpred catalog:
+``flux_w1``/``flux_ivar_w1``) get magnitude columns first (:func:`with_flux_magnitudes`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from .spectra import VEGA_TO_AB, WISE_BANDS as BANDS
 from .errors import ConfigError
 
 __all__ = ["read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
-           "magnitude_systems", "wise_vega_magnitudes", "float_values"]
+           "magnitude_systems", "wise_vega_magnitudes", "float_values", "nanomaggies_to_ab", "with_flux_magnitudes", "photometry_input_columns"]
 
 #: an observed error at or above this (mag) marks a non-detection (AllWISE and the reference data use 9999).
 NON_DETECTION_SIGMA = 99.0
@@ -23,7 +25,12 @@ NON_DETECTION_SIGMA = 99.0
 #: AllWISE, a crossmatch's observed columns, generic, VizieR II/328, and others.
 _PHOT_PATTERNS = (("{b}mpro", "{b}sigmpro"), ("{b}_mag_obs", "{b}_mag_obs_err"), ("{b}_mag", "{b}_mag_err"),
                   ("{b}mag", "e_{b}mag"), ("{b}_mpro", "{b}_sigmpro"), ("{b}mag", "{b}magerr"),
-                  ("{b}_obs", "{b}_obs_err"), ("{b}", "{b}_err"))
+                  ("{b}_obs", "{b}_obs_err"), ("{b}", "{b}_err"), ("{b}_mag_from_flux", "{b}_mag_from_flux_err"))
+#: (flux, inverse variance) column name patterns of WISE fluxes in nanomaggies, lower case: Legacy Surveys
+#: (tractor catalogs, sweeps) and DESI FIBERMAP names. :func:`with_flux_magnitudes` reads them.
+_FLUX_PATTERNS = (("flux_{b}", "flux_ivar_{b}"),)
+#: AB magnitude of a flux of 1 nanomaggy: m_AB = 22.5 - 2.5 log10(f / nanomaggy)
+NANOMAGGY_AB_ZERO_POINT = 22.5
 #: the systems of observed W1-W4 magnitudes that catalogpred takes (``--mag-system``)
 MAG_SYSTEMS = ("auto", "vega", "ab")
 _AB_UNITS = ("mag(ab)", "abmag", "ab", "mag_ab", "magab", "ab_mag")
@@ -48,15 +55,18 @@ def magnitude_systems(schema: pa.Schema, phot: dict, mag_system: str = "auto") -
 
     ``mag_system="auto"`` reads each column's unit (field metadata, e.g. from a FITS TUNIT or a VOTable
     unit): ``mag(AB)``/``ABmag`` is AB, anything else Vega, which AllWISE, unWISE and CatWISE magnitudes are.
+    Columns made from fluxes in nanomaggies (:func:`with_flux_magnitudes`) are AB whatever ``mag_system`` says.
     """
     if mag_system not in MAG_SYSTEMS:
         raise ConfigError(f"mag_system must be one of {MAG_SYSTEMS}, not {mag_system!r}")
-    if mag_system != "auto":
-        return {b: mag_system for b in phot}
     out = {}
     for b, (mcol, _) in phot.items():
-        unit = ((schema.field(mcol).metadata or {}).get(b"unit", b"")).decode().replace(" ", "").lower()
-        out[b] = "ab" if unit in _AB_UNITS else "vega"
+        meta = schema.field(mcol).metadata or {}
+        unit = meta.get(b"unit", b"").decode().replace(" ", "").lower()
+        if b"derived_from" in meta:  # from a flux in nanomaggies (with_flux_magnitudes): AB by definition
+            out[b] = "ab"
+        else:
+            out[b] = mag_system if mag_system != "auto" else "ab" if unit in _AB_UNITS else "vega"
     return out
 
 
@@ -66,10 +76,12 @@ def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str
 
     Raises ConfigError when no band has both a magnitude and an error column.
     """
+    table = with_flux_magnitudes(table)
     phot = find_photometry_columns(table.column_names)
     if not phot:
         raise ConfigError(f"{what} has no W1-W4 magnitude and error columns (e.g. w1mpro/w1sigmpro, "
-                          f"W1mag/e_W1mag, w1_mag/w1_mag_err); columns: {', '.join(table.column_names)}")
+                          f"W1mag/e_W1mag, w1_mag/w1_mag_err) nor fluxes in nanomaggies (flux_w1/flux_ivar_w1); "
+                          f"columns: {', '.join(table.column_names)}")
     systems = magnitude_systems(table.schema, phot, mag_system)
     n = table.num_rows
     mag, err = np.full((n, len(BANDS)), np.nan), np.full((n, len(BANDS)), np.nan)
@@ -79,6 +91,69 @@ def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str
             mag[:, j] = m - VEGA_TO_AB[b] if systems[b] == "ab" else m
             err[:, j] = e
     return mag, err, {b: (*phot[b], systems[b]) for b in phot}
+
+
+def photometry_input_columns(names) -> list[str]:
+    """The columns of ``names`` that :func:`wise_vega_magnitudes` would read: magnitude and error columns
+    (:func:`find_photometry_columns`), else WISE fluxes and inverse variances in nanomaggies."""
+    lower = {n.lower(): n for n in names}
+    phot = find_photometry_columns(names)
+    out = [c for b in phot for c in phot[b]]
+    for b in BANDS:
+        if b not in phot:
+            for pats in _FLUX_PATTERNS:
+                cols = [lower.get(p.format(b=b)) for p in pats]
+                if all(cols):
+                    out += cols
+                    break
+    return out
+
+
+def nanomaggies_to_ab(flux, ivar) -> tuple[np.ndarray, np.ndarray]:
+    """AB magnitude and its 1-sigma error of fluxes in nanomaggies (the Legacy Surveys' and DESI's unit:
+    1 nanomaggy = 3.631 µJy, m_AB = 22.5 - 2.5 log10 f).
+
+    ``flux``: float [n], nanomaggy; ``ivar``: float [n], nanomaggy⁻². Returns ``(mag, err)`` float64 [n], mag(AB),
+    with ``err = 2.5 / ln(10) / (f sqrt(ivar))`` (first order); NaN for a non-detection: a flux that is not
+    positive (forced photometry measures noise around zero there), or an inverse variance that is zero
+    (no data) or not finite.
+    """
+    f, iv = np.asarray(flux, np.float64), np.asarray(ivar, np.float64)
+    ok = np.isfinite(f) & np.isfinite(iv) & (f > 0) & (iv > 0)
+    fs = np.where(ok, f, 1.0)
+    mag = np.where(ok, NANOMAGGY_AB_ZERO_POINT - 2.5 * np.log10(fs), np.nan)
+    err = np.where(ok, 2.5 / np.log(10) / (fs * np.sqrt(np.where(ok, iv, 1.0))), np.nan)
+    return mag, err
+
+
+def with_flux_magnitudes(table: pa.Table) -> pa.Table:
+    """``table`` with ``{b}_mag_from_flux`` and ``{b}_mag_from_flux_err`` (mag(AB), :func:`nanomaggies_to_ab`)
+    added for each band that has WISE fluxes in nanomaggies (``flux_w1`` and ``flux_ivar_w1``, any case) but
+    no magnitude columns :func:`find_photometry_columns` knows; unchanged when there is none.
+
+    The added columns are null for non-detections, and carry ``unit: mag(AB)`` and ``derived_from`` in their
+    field metadata: :func:`magnitude_systems` takes them as AB whatever ``mag_system`` says.
+    """
+    have = find_photometry_columns(table.column_names)
+    lower = {n.lower(): n for n in table.column_names}
+    for b in BANDS:
+        if b in have:
+            continue
+        for fpat, ipat in _FLUX_PATTERNS:
+            fcol, icol = lower.get(fpat.format(b=b)), lower.get(ipat.format(b=b))
+            if fcol is None or icol is None:
+                continue
+            mag, err = nanomaggies_to_ab(float_values(table.column(fcol)), float_values(table.column(icol)))
+            miss = ~np.isfinite(mag)
+            for name, values, what in ((f"{b}_mag_from_flux", mag, f"{b.upper()} AB magnitude"),
+                                       (f"{b}_mag_from_flux_err", err, f"1-sigma error of {b}_mag_from_flux")):
+                meta = {b"unit": b"mag(AB)", b"derived_from": f"{fcol},{icol}".encode(),
+                        b"description": f"{what} from {fcol} (nanomaggy): 22.5 - 2.5 log10({fcol}); null where "
+                                        f"{fcol} <= 0 or {icol} = 0".encode()}
+                table = table.append_column(pa.field(name, pa.float64(), metadata=meta),
+                                            pa.array(np.where(miss, 0.0, values), pa.float64(), mask=miss))
+            break
+    return table
 
 
 def float_values(col) -> np.ndarray:

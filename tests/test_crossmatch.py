@@ -284,3 +284,90 @@ def test_query_object_is_the_candidate_set(catalog, rows):
     t = crossmatch(open_catalog(catalog).where("z < 0.2"), ext, radius_arcsec=0.5)
     z = rows.column("z").to_numpy()[picks]
     assert t.column("ext_row").to_pylist() == np.flatnonzero(z < 0.2).tolist()
+
+
+def test_nanomaggies_to_ab():
+    from catalogpred.tables import nanomaggies_to_ab
+
+    mag, err = nanomaggies_to_ab([1.0, 100.0, 0.0, -2.0, 5.0, np.nan], [1.0, 0.25, 1.0, 1.0, 0.0, 1.0])
+    np.testing.assert_allclose(mag[:2], [22.5, 17.5])  # 1 nanomaggy = 22.5 AB
+    np.testing.assert_allclose(err[:2], [2.5 / np.log(10) / 1.0, 2.5 / np.log(10) / 50.0])  # 1.0857 / (S/N)
+    assert np.isnan(mag[2:]).all() and np.isnan(err[2:]).all()  # f <= 0, ivar 0, NaN: not detected
+
+
+def legacy_surveys_case(rows, picks, delta_w2=1.0, snr=20.0):
+    """Legacy Surveys style external photometry (FLUX_W?/FLUX_IVAR_W?, nanomaggies, AB) of rows ``picks``:
+    W1 as predicted, W2 ``delta_w2`` mag brighter; the last row not detected in W1 (negative flux) and with
+    no W2 data (ivar 0)."""
+    from catalogpred.catalog import VEGA_TO_AB
+
+    cols = {}
+    for b, delta in (("w1", 0.0), ("w2", delta_w2)):
+        ab = rows.column(f"{b}_mag").to_numpy()[picks].astype(float) - delta + VEGA_TO_AB[b]
+        f = 10 ** ((22.5 - ab) / 2.5)
+        cols[f"FLUX_{b.upper()}"], cols[f"FLUX_IVAR_{b.upper()}"] = f, (snr / f) ** 2
+    cols["FLUX_W1"][-1] = -0.5
+    cols["FLUX_IVAR_W2"][-1] = 0.0
+    return cols
+
+
+def test_legacy_surveys_fluxes_in_nanomaggies(catalog, rows, tmp_path):
+    """An external table with WISE fluxes in nanomaggies (Legacy Surveys sweeps, DESI FIBERMAP) is compared in
+    Vega magnitudes: m = 22.5 - 2.5 log10 f - VEGA_TO_AB, error 1.0857/(S/N); whatever --mag-system says."""
+    from astropy.table import Table
+
+    picks = np.array([10, 20, 30, 40])
+    cols = legacy_surveys_case(rows, picks)
+    pos = {"RA": rows.column("ra").to_numpy()[picks], "DEC": rows.column("dec").to_numpy()[picks]}
+    Table({**pos, **cols}).write(tmp_path / "sweep.fits")
+    s_pred = {b: rows.column(f"{b}_mag_err").to_numpy()[picks].astype(float) for b in ("w1", "w2")}
+    for t in (crossmatch(catalog, tmp_path / "sweep.fits", radius_arcsec=1.0),
+              crossmatch(catalog, pa.table({**pos, **cols}), radius_arcsec=1.0, mag_system="vega")):
+        assert t.num_rows == 4 and "w3_excess" not in t.column_names
+        w1 = np.array(t.column("w1_excess").to_pylist(), float)
+        w2 = np.array(t.column("w2_excess").to_pylist(), float)
+        np.testing.assert_allclose(w1[:3], 0.0, atol=1e-5) and np.testing.assert_allclose(w2[:3], 1.0, atol=1e-5)
+        assert np.isnan(w1[3]) and np.isnan(w2[3])  # not detected / no data: null, not a deficit
+        np.testing.assert_allclose(np.array(t.column("w2_mag_obs_err").to_pylist(), float)[:3], 2.5 / np.log(10) / 20)
+        np.testing.assert_allclose(np.array(t.column("w2_excess_sigma").to_pylist(), float)[:3],
+                                   1.0 / np.hypot(s_pred["w2"][:3], 2.5 / np.log(10) / 20), rtol=1e-5)
+        assert "FLUX_W2" in t.schema.field("w2_excess").metadata[b"description"].decode()
+        assert t.column("w1_mag_from_flux").null_count == 1  # the derived AB column travels along
+
+
+def test_ir_excess_from_the_catalogs_own_photometry(catalog, rows, tmp_path, capsys):
+    """DESI rows carry the FIBERMAP's flux_w1/flux_ivar_w1 (here equal to the prediction at S/N 20):
+    ir_excess compares them in the catalog's own rows; SDSS rows get null; query --ir-excess is the CLI."""
+    from catalogpred.crossmatch import ir_excess
+
+    t = ir_excess(open_catalog(catalog).to_arrow())
+    desi = np.array(t.column("survey").to_pylist()) == "desi"
+    ex = np.array(t.column("w1_excess").to_pylist(), float)
+    assert desi.any() and np.isfinite(ex[desi]).all() and np.isnan(ex[~desi]).all()
+    np.testing.assert_allclose(ex[desi], 0.0, atol=2e-5)  # float32 fluxes
+    assert t.column("ir_excess").null_count == (~desi).sum() and not any(t.column("ir_excess").drop_null().to_pylist())
+    with pytest.raises(ConfigError, match="already have"):
+        ir_excess(t)
+    with pytest.raises(ConfigError, match="no observed W1-W4"):
+        ir_excess(open_catalog(catalog).select("source_id,w1_mag,w1_mag_err").to_arrow())
+    # a W2 excess of 1 mag in the catalog rows, as a survey would give it
+    picks = np.flatnonzero(desi)[:4]
+    sub = rows.take(pa.array(picks)).drop_columns(["flux_w1", "flux_ivar_w1"])
+    for k, v in legacy_surveys_case(rows, picks).items():
+        sub = sub.append_column(k.lower(), pa.array(v))
+    got = ir_excess(sub, excess_threshold=3.0)
+    np.testing.assert_allclose(np.array(got.column("w2_excess").to_pylist(), float)[:3], 1.0, atol=1e-5)
+
+    capsys.readouterr()
+    assert main(["query", str(catalog), "--ir-excess", "--columns", "source_id,survey", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split(",")
+    assert header[:2] == ["source_id", "survey"] and "w1_excess_sigma" in header and "flux_w1" not in header
+    assert len(lines) == 1 + N_ROWS
+    assert main(["query", str(catalog), "--ir-excess", "--excess-only", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1  # predictions equal observations: none flagged
+    assert main(["query", str(catalog), "--excess-only"]) == 1
+    assert "go with --ir-excess" in capsys.readouterr().err
+    # plot without --external: predicted vs the catalog's own observations
+    assert main(["plot", str(catalog), "-o", str(tmp_path / "plots")]) == 0
+    assert "predicted_vs_observed.png" in capsys.readouterr().out

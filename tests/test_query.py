@@ -6,6 +6,7 @@ pruning matters, with rows crowded around RA 0/360, the poles and leaf corners.
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
@@ -393,3 +394,30 @@ def test_cli_info(catalog, capsys):
     assert main(["info", str(catalog)]) == 0
     out = capsys.readouterr().out
     assert "rows      12,000" in out and "desi" in out and "deg2" in out and "w1_mag" in out
+
+
+def test_part_files_read_in_astropy_with_null_strings(catalog):
+    """A multi-survey catalog's part files hold nulls in other surveys' string columns (desi_survey of an SDSS
+    row): astropy's Parquet reader takes the string widths from ``table::len::`` metadata, and without it
+    failed on the nulls."""
+    from astropy.table import Table
+
+    part = next((catalog / "dataset").glob("Norder=*/Dir=*/Npix=*/*.parquet"))
+    want = pq.read_table(part)
+    assert want.column("desi_survey").null_count > 0
+    t = Table.read(part)
+    assert len(t) == want.num_rows and list(t["source_id"]) == want.column("source_id").to_pylist()
+    assert b"table::len::source_id" not in pq.read_schema(catalog / "dataset" / "_common_metadata").metadata
+
+
+def test_vo_parquet_fields():
+    """The VO-Parquet FIELDs: strings of any length (arraysize *), the nanomaggy as a quoted VOUnit."""
+    from astropy.io.votable import parse_single_table
+
+    from catalogpred.catalog import vo_table_xml
+
+    xml = vo_table_xml(bench_query._columns())
+    fields = {f.name: f for f in parse_single_table(io.BytesIO(xml.encode())).iter_fields_and_params()}
+    assert fields["source_id"].arraysize == "*" and fields["spec_class"].arraysize == "*"
+    assert "nmgy" not in xml and str(fields["flux_w1"].unit) == "nanomaggy"  # not astropy's non-VOUnit nmgy
+    assert fields["latent"].arraysize == str(bench_query.N_LATENT) and fields["w1_mag"].unit == u.mag
