@@ -51,7 +51,8 @@ SPATIAL_INDEX_ORDER = 29
 class CatalogFlag(enum.IntFlag):
     """Bits of the catalog ``flags`` column (0 = nothing to report)."""
 
-    #: the survey's redshift warning (SDSS ZWARNING / DESI ZWARN) is non-zero
+    #: the survey's redshift warning (SDSS ZWARNING / DESI ZWARN) is non-zero (DESI's are rejects unless
+    #: ingested with ``--keep-zwarn``)
     ZWARNING = 1
     #: median per-pixel S/N of the spectrum below 2
     LOW_SN = 2
@@ -333,7 +334,9 @@ def vo_table_xml(columns: list[Column]) -> str:
     for f in vot.get_first_table().iter_fields_and_params():
         if ucds.get(f.name):
             f.ucd = ucds[f.name]
-        if f.datatype in ("char", "unicodeChar"):  # variable length (from_table declares the placeholder's 1)
+        # strings (unicodeChar) keep from_table's fixed arraysize: astropy's own VO-Parquet reader stacks the
+        # VOTable's columns onto the data, and fails on a variable-length ("*", object) string column
+        if f.datatype == "char":
             f.arraysize = "*"
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -436,6 +439,14 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
             for p, k in done[b]["pixels"].items():
                 per_pixel[int(p)] = per_pixel.get(int(p), 0) + k
         max_rows = max(per_pixel.values())
+    else:  # every input was rejected: an empty catalog that still opens (schema, units, no leaves)
+        ds = catalog_path / DATASET_DIR
+        ds.mkdir(parents=True, exist_ok=True)
+        schema = catalog_schema(columns)
+        pq.write_metadata(schema, ds / "_metadata")
+        pq.write_metadata(schema, ds / "_common_metadata")
+        _write_vo_common_metadata(catalog_path, columns)
+        PartitionInfo.from_healpix([]).write_to_file(catalog_path / "partition_info.csv")
 
     accounted = n_rows + rejects.num_rows
     if accounted != expected_inputs:

@@ -41,16 +41,21 @@ EPILOGS = {
           catalogpred query catalog/ --cone 10:00:28.6 -02:12:21 30arcmin          # RA in hours
           catalogpred query catalog/ --box 350 10 -5 5 --limit 20          # RA 350..360 and 0..10
           catalogpred query catalog/ --id sdss-0266-51602-0013
+          catalogpred query catalog/ --where '(flags & 2) == 0' --limit 20      # bit 2 (LOW_SN) not set
           catalogpred query catalog/ --cone 150 2 3600 --sql 'SELECT survey, count(*) AS n FROM catalog GROUP BY survey'
         Magnitudes are Vega (AllWISE w?mpro). On a terminal the result is an aligned table (first 50
-        rows unless --limit); piped, it is CSV. -o writes .csv, .parquet, .fits or .vot (VOTable), with
-        units. --where takes pandas expressions; --sql DuckDB SQL on the view `catalog` (after the
-        --cone/--box/--id/--where cuts).""",
+        rows unless --limit); piped, it is CSV. -o writes .parquet, .fits or .vot (VOTable) with units,
+        UCDs and descriptions, or .csv (values only, no units). --where takes pandas expressions ('&'
+        and '|' bind like 'and'/'or', so a bit test needs parentheses: '(flags & 1) > 0'); --sql DuckDB
+        SQL on the view `catalog` (after the --cone/--box/--id/--where cuts); with --sql, --columns
+        picks columns of the SQL result.""",
     "crossmatch": """\
         examples:
           catalogpred crossmatch catalog/ allwise.parquet --radius 1.5 -o matched.fits
-          catalogpred crossmatch catalog/ targets.csv --ra-col RAJ2000 --dec-col DEJ2000 --excess-only
-        Nearest catalog row within --radius arcsec of each external row; adds separation_arcsec.
+          catalogpred crossmatch catalog/ targets.csv --ra-col RAJ2000 --dec-col DEJ2000 --radius 0.1arcmin --excess-only
+        Nearest catalog row within --radius (arcsec, or with a unit) of each external row; adds
+        separation_arcsec. External positions are read in their column's unit (FITS TUNIT, VOTable
+        unit: deg, rad, hourangle), degrees when they have none, or as sexagesimal text.
         With observed W1-W4 (w1mpro/w1sigmpro, w1_mag/w1_mag_err or W1mag/e_W1mag) it adds
         w?_mag_obs (observed, Vega: AB converted, see --mag-system), w?_excess = m_pred - m_obs and
         w?_excess_sigma = (m_pred - m_obs)/sqrt(s_pred^2 + s_obs^2): positive = brighter in the IR than
@@ -61,13 +66,16 @@ EPILOGS = {
           catalogpred plot demo-output/catalog -o plots/
           catalogpred plot demo-output/catalog -o plots/ --external demo-output/mock/allwise_photometry.parquet
         Writes sky_density.png (Mollweide, HEALPix), colour_colour.png (W1-W2 vs W2-W3 with the
-        Jarrett+11 AGN box), magnitudes.png and, with --external, predicted_vs_observed.png;
-        prints their paths.""",
+        Jarrett+11 AGN box), magnitudes.png and predicted_vs_observed.png (with --external: after a
+        crossmatch with it; without: from the catalog's own observed WISE, DESI's flux_w1/flux_w2 as
+        query --ir-excess compares them, where the catalog has some); prints their paths.""",
     "demo": """\
         example:
           catalogpred demo --output demo-output --n-spectra 2000
-        Writes a mock SDSS survey, ingests it, builds a clearly labelled DEMO model bundle,
-        predicts, and prints a summary and a cone query.""",
+          catalogpred demo --surveys sdss --n-spectra 500         # SDSS only, quicker
+        Writes mock SDSS, DESI and PFS surveys (--surveys), ingests them into one store, builds
+        clearly labelled DEMO model bundles (SDSS grid; DESI grid for DESI and PFS), predicts,
+        and prints a summary and a cone query.""",
     "train": """\
         examples:
           catalogpred train --table reference.csv --encoder sdss_II/ -o sdss_II-ir/
@@ -123,7 +131,9 @@ def _add_output_args(p: argparse.ArgumentParser, columns_help: str = "comma-sepa
     g = p.add_argument_group("output")
     g.add_argument("--columns", default=None, help=columns_help)
     g.add_argument("--limit", type=int, default=None, help="at most this many rows")
-    g.add_argument("-o", "--output", default=None, help="write .csv, .parquet, .fits or .vot (units kept) instead of stdout")
+    g.add_argument("-o", "--output", default=None,
+                   help="write .parquet, .fits or .vot (with units) or .csv (values only) instead of stdout; "
+                        "the directory must exist")
     g.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     g.add_argument("--format", choices=("auto", "table", "csv"), default="auto",
                    help="stdout format: aligned table on a terminal, CSV when piped (default auto)")
@@ -215,26 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("catalog", help="catalog directory")
     s.add_argument("--cone", nargs=3, metavar=("RA", "DEC", "RADIUS"),
                    help="cone: RA, Dec in deg or sexagesimal (12:50:07.6 -07:02:55 or 12h50m07.6s -7d02m55s), "
-                        "radius in arcsec or with a unit (1deg, 30arcmin)")
+                        "radius in arcsec or with a unit (1deg, 30arcmin, 10')")
     s.add_argument("--box", nargs=4, type=float, metavar=("RA_MIN", "RA_MAX", "DEC_MIN", "DEC_MAX"),
                    help="RA/Dec ranges in deg; RA_MIN > RA_MAX wraps through RA 0")
     s.add_argument("--id", action="append", default=[], metavar="SOURCE_ID", help="rows with this source_id (repeatable)")
-    s.add_argument("--where", action="append", default=[], help="filter expression on columns, e.g. 'z < 0.1' (repeatable)")
-    s.add_argument("--sql", default=None, help="DuckDB SQL on the view `catalog`, e.g. 'SELECT count(*) FROM catalog'")
+    s.add_argument("--where", action="append", default=[],
+                   help="filter expression on columns, e.g. 'z < 0.1' or '(flags & 1) > 0' (repeatable)")
+    s.add_argument("--sql", default=None, help="DuckDB SQL on the view `catalog`, e.g. 'SELECT count(*) FROM catalog' "
+                                               "(all columns; --columns then picks from its result)")
     s.add_argument("--ir-excess", action="store_true",
                    help="add the IR-excess columns of crossmatch from the catalog's own observed WISE (DESI: "
                         "the FIBERMAP's Legacy Surveys flux_w1/flux_w2, nanomaggies AB, converted to Vega)")
     s.add_argument("--excess-threshold", type=float, default=3.0,
                    help="with --ir-excess: flag ir_excess where any band's excess_sigma exceeds this (default 3)")
     s.add_argument("--excess-only", action="store_true", help="with --ir-excess: only rows flagged ir_excess")
-    _add_output_args(s)
+    _add_output_args(s, columns_help="comma-separated output columns (with --sql: columns of the SQL result)")
 
     s = add("crossmatch", "Match an external table (CSV/Parquet/FITS/VOTable) to the catalog; IR excess.")
     s.add_argument("catalog", help="catalog directory")
     s.add_argument("external", help="external table: CSV, Parquet, FITS or VOTable (identified by content)")
-    s.add_argument("--radius", type=float, default=1.5, help="match radius in arcsec (default 1.5)")
-    s.add_argument("--ra-col", default=None, help="external RA column in deg (default: guessed, e.g. ra, RAJ2000)")
-    s.add_argument("--dec-col", default=None, help="external Dec column in deg (default: guessed, e.g. dec, DEJ2000)")
+    s.add_argument("--radius", default="1.5",
+                   help="match radius in arcsec, or with a unit: 2arcsec, 0.05arcmin (default 1.5)")
+    s.add_argument("--ra-col", default=None,
+                   help="external RA column, in its unit or deg (default: guessed, e.g. ra, RAJ2000)")
+    s.add_argument("--dec-col", default=None,
+                   help="external Dec column, in its unit or deg (default: guessed, e.g. dec, DEJ2000)")
     s.add_argument("--excess-threshold", type=float, default=3.0,
                    help="flag ir_excess where any band's excess_sigma exceeds this (default 3)")
     s.add_argument("--excess-only", action="store_true", help="only rows flagged ir_excess")
@@ -250,13 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("plot", "PNG figures of a catalog: sky density, WISE colours, magnitudes, predicted vs observed.")
     s.add_argument("catalog", help="catalog directory")
     s.add_argument("-o", "--output", default="plots", metavar="DIR", help="output directory (default plots/)")
-    s.add_argument("--external", default=None, help="table with observed W1-W4 (e.g. AllWISE) for predicted vs observed")
-    s.add_argument("--radius", type=float, default=1.5, help="crossmatch radius for --external, arcsec (default 1.5)")
+    s.add_argument("--external", default=None,
+                   help="table with observed W1-W4 (e.g. AllWISE) to crossmatch for predicted vs observed (default: "
+                        "the catalog's own observed WISE, DESI flux_w1/flux_w2, where it has some)")
+    s.add_argument("--radius", default="1.5",
+                   help="crossmatch radius for --external, arcsec or with a unit (default 1.5)")
     s.add_argument("--ra-col", default=None, help="external RA column (default: guessed)")
     s.add_argument("--dec-col", default=None, help="external Dec column (default: guessed)")
     s.add_argument("--mag-system", choices=MAG_SYSTEMS, default="auto",
                    help="system of --external's magnitudes, as in crossmatch (default auto: from the column units)")
-    s.add_argument("--order", type=int, default=None, help="HEALPix order of the density map (default: from the data)")
+    s.add_argument("--order", type=int, default=None,
+                   help="HEALPix order of the density map, 0-29 (default: from the data, 3-8)")
 
     s = add("train", "Fit the IR head (deep ensemble, calibrated sigma) and write encoder + head as a bundle.")
     src = s.add_mutually_exclusive_group(required=True)
@@ -313,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="catalog directory, store (.zarr) or model bundle directory")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    s = add("demo", "End to end on a mock SDSS survey (what `make demo` runs).")
+    s = add("demo", "End to end on mock SDSS, DESI and PFS surveys (what `make demo` runs).")
     s.add_argument("--output", default="demo-output", help="output directory (default demo-output)")
     s.add_argument("--n-spectra", type=int, default=2000, help="mock SDSS spectra to generate (default 2000)")
     s.add_argument("--surveys", default="sdss,desi,pfs", help="mock surveys: any of sdss,desi,pfs (default all three)")
@@ -402,17 +421,31 @@ def _read_options(args):
 
 
 def cmd_ingest(args) -> int:
-    from .pipeline import expand_inputs, run_ingest
+    from collections import Counter
 
-    if args.dry_run:
-        paths = expand_inputs(args.inputs)
+    from .pipeline import expand_inputs, run_ingest
+    from .surveys import get_reader
+    from .tasks import detect_survey
+
+    # everything that can fail without workers fails before they start
+    paths = expand_inputs(args.inputs)
+    if args.survey != "auto":
+        get_reader(args.survey)
+    options = _read_options(args)
+    if args.dry_run:  # what each file is, read from its headers here
+        kinds = Counter()
         for path in paths:
-            print(path)
-        log.info("dry run: %d files would be ingested into %s", len(paths), args.store)
+            _, name, n, rej = detect_survey(path)
+            kind = ("redshifts" if name and name.startswith("aux:") else name if name
+                    else "reject: " + rej.split("\t", 1)[0])
+            kinds[kind] += 1
+            print(f"{path}\t{kind}\t{n if name and not name.startswith('aux:') else ''}")
+        log.info("dry run: %d files would be ingested into %s (%s)", len(paths), args.store,
+                 ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
         return 0
     with _client(args) as client:
-        summary = run_ingest(args.inputs, args.store, client=client, survey=args.survey, shard_rows=args.shard_rows,
-                             chunk_rows=args.chunk_rows, progress=_progress(args), options=_read_options(args))
+        summary = run_ingest(paths, args.store, client=client, survey=args.survey, shard_rows=args.shard_rows,
+                             chunk_rows=args.chunk_rows, progress=_progress(args), options=options)
     print(summary.table(), file=sys.stderr)
     if args.strict and summary.rejected:
         log.error("--strict: %d spectra rejected", summary.rejected)
@@ -493,20 +526,12 @@ def _keep_coordinates_as_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _angle(text: str, unit: str) -> float:
-    """A number in ``unit``, or a value with its own unit ('1deg', '30arcmin', '2.5 arcsec')."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    import astropy.units as u
+def _angle(text: str, unit: str, name: str = "radius") -> float:
+    """A number in ``unit``, or a value with its own unit ('1deg', '30arcmin', '2.5 arcsec', "10'")
+    (:func:`catalogpred.query.angle_value`)."""
+    from .query import angle_value
 
-    from .errors import ConfigError
-
-    try:
-        return float(u.Quantity(text).to_value(u.Unit(unit)))
-    except (TypeError, ValueError, u.UnitsError) as exc:
-        raise ConfigError(f"cannot read {text!r} as an angle; give a number ({unit}) or e.g. 1deg, 30arcmin") from exc
+    return angle_value(text, unit, name)
 
 
 def _emit(table, args) -> None:
@@ -535,14 +560,14 @@ def cmd_query(args) -> int:
     q = open_catalog(args.catalog)
     if args.cone:
         q = q.cone(_coordinate(args.cone[0], "hourangle"), _coordinate(args.cone[1], "deg"),
-                   _angle(args.cone[2], "arcsec"))
+                   _angle(args.cone[2], "arcsec", "--cone radius"))
     if args.box:
         q = q.box(*args.box)
     if args.id:
         q = q.id(args.id)
     for w in args.where:
         q = q.where(w)
-    if args.columns:
+    if args.columns and not args.sql:  # with --sql, --columns picks from the SQL result
         q = q.select(args.columns)
     if (args.excess_only or args.excess_threshold != 3.0) and not args.ir_excess:
         raise ConfigError("--excess-only and --excess-threshold go with --ir-excess")
@@ -551,6 +576,8 @@ def cmd_query(args) -> int:
             raise ConfigError("--ir-excess and --sql do not combine; export the --ir-excess rows (-o t.parquet) "
                               "and query that file with DuckDB")
         table = q.sql(args.sql)
+        if args.columns:
+            table = _result_columns(table, args.columns)
         if args.limit is not None:
             table = table.slice(0, args.limit)
     elif args.ir_excess:
@@ -563,6 +590,16 @@ def cmd_query(args) -> int:
                                + "; ids look like sdss-0266-51602-0013")
     _emit(table, args)
     return 0
+
+
+def _result_columns(table, columns: str):
+    """``query --sql ... --columns a,b``: those columns of the SQL result."""
+    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    unknown = [c for c in cols if c not in table.column_names]
+    if unknown:
+        raise ConfigError(f"--columns {','.join(unknown)}: not in the --sql result (with --sql, --columns picks from "
+                          f"the result's columns: {', '.join(table.column_names)})")
+    return table.select(cols)
 
 
 def _with_ir_excess(q, args):
@@ -598,7 +635,8 @@ def cmd_crossmatch(args) -> int:
     q = open_catalog(args.catalog)
     for w in args.where:
         q = q.where(w)
-    table = crossmatch(q, args.external, radius_arcsec=args.radius, ra_col=args.ra_col, dec_col=args.dec_col,
+    radius = _angle(args.radius, "arcsec", "--radius")
+    table = crossmatch(q, args.external, radius_arcsec=radius, ra_col=args.ra_col, dec_col=args.dec_col,
                        columns=args.columns, excess_threshold=args.excess_threshold, keep_unmatched=args.keep_unmatched,
                        mag_system=args.mag_system)
     if "ir_excess" in table.column_names:
@@ -618,7 +656,8 @@ def cmd_crossmatch(args) -> int:
 def cmd_plot(args) -> int:
     from .plots import plot_catalog
 
-    for path in plot_catalog(args.catalog, args.output, external=args.external, radius_arcsec=args.radius,
+    radius = _angle(args.radius, "arcsec", "--radius")
+    for path in plot_catalog(args.catalog, args.output, external=args.external, radius_arcsec=radius,
                              ra_col=args.ra_col, dec_col=args.dec_col, order=args.order, mag_system=args.mag_system):
         print(path)
     return 0

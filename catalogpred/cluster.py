@@ -222,8 +222,23 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     try:
         yield client
     finally:
+        _quiet_shutdown(client)
         client.close()
         cluster.close()
+
+
+def _quiet_logs_below_critical() -> None:
+    for name in ("distributed.worker", "distributed.core", "distributed.nanny"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _quiet_shutdown(client) -> None:
+    """Before a local cluster closes, after its work: its worker processes log no errors about the scheduler
+    going away (a heartbeat that meets the closing scheduler printed a traceback at the end of a good run)."""
+    try:
+        client.run(_quiet_logs_below_critical)
+    except Exception:  # a worker already gone: nothing to quiet
+        pass
 
 
 def add_io_workers(cluster, client, n: int, *, memory_limit="auto") -> None:

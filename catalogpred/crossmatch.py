@@ -40,7 +40,7 @@ from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
                      float_values, magnitude_systems, with_flux_magnitudes)
-from .query import CatalogQuery, Cone, astropy_to_arrow, open_catalog
+from .query import CatalogQuery, Cone, angle_value, astropy_to_arrow, open_catalog
 
 __all__ = ["crossmatch", "ir_excess", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
            "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
@@ -120,6 +120,11 @@ def _to_arrow(external) -> pa.Table:
     raise ConfigError(f"external must be a path, pyarrow/astropy Table or pandas DataFrame, got {type(external).__name__}")
 
 
+def _unit_of(field: pa.Field) -> str:
+    """The ``unit`` of a field's metadata (as :func:`read_external` and ``tables.read_table_any`` put it), or ''."""
+    return (field.metadata or {}).get(b"unit", b"").decode(errors="replace")
+
+
 def find_radec_columns(names, ra_col: str | None = None, dec_col: str | None = None) -> tuple[str, str]:
     """The RA and Dec column names (given, or guessed case-insensitively from common names)."""
     lower = {n.lower(): n for n in names}
@@ -140,26 +145,69 @@ def find_radec_columns(names, ra_col: str | None = None, dec_col: str | None = N
     return pick(ra_col, _RA_NAMES, "ra"), pick(dec_col, _DEC_NAMES, "dec")
 
 
-def _degrees(col, name: str, sexagesimal: str) -> np.ndarray:
-    """float64 degrees of a position column: numbers (deg), or text that is sexagesimal (RA in hours:
-    '12:50:07.6', '12 50 07.6', '12h50m07.6s'; Dec in degrees) as SIMBAD and VizieR tables give it. NaN where
-    null or empty."""
-    try:
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+def _degrees(col, name: str, sexagesimal: str, unit: str = "") -> np.ndarray:
+    """float64 degrees of a position column: numbers in their column's ``unit`` (the field metadata ``unit``:
+    FITS TUNITn, VOTable unit; deg when there is none; rad, arcsec, hourangle, ``'15 deg'`` are converted), or
+    text that is sexagesimal (RA in hours: '12:50:07.6', '12 50 07.6', '12h50m07.6s'; Dec in degrees) as SIMBAD
+    and VizieR tables give it. NaN where null or empty.
+
+    Raises ConfigError for a numeric column whose unit is not an angle (or not a unit astropy knows)."""
     import astropy.units as u
+
+    try:
+        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = None
+    angle = _angle_unit(unit, name, sexagesimal, numeric=values is not None)
+    if values is not None:
+        return values if angle is None or angle == u.deg else (values * angle).to_value(u.deg)
     from astropy.coordinates import Angle
 
     text = [v.strip() if isinstance(v, str) else "" for v in col.to_pylist()]
     out = np.full(len(text), np.nan)
     have = [i for i, v in enumerate(text) if v]
     try:
-        out[have] = Angle([text[i] for i in have], unit=sexagesimal).deg
+        out[have] = Angle([text[i] for i in have], unit=angle or sexagesimal).deg
     except (TypeError, ValueError, u.UnitsError) as exc:
         raise ConfigError(f"external column {name!r} is neither degrees nor sexagesimal "
                           f"({'RA in hours, 12:50:07.6' if sexagesimal == 'hourangle' else 'Dec, +07:02:55'}): {exc}") from exc
     return out
+
+
+#: position column units astropy does not parse, as surveys spell them (VizieR's sexagesimal h:m:s, d:m:s)
+_ANGLE_SPELLINGS = {"degree": "deg", "degrees": "deg", "degs": "deg", "radian": "rad", "radians": "rad",
+                    "h:m:s": "hourangle", "d:m:s": "deg", "hms": "hourangle", "dms": "deg"}
+
+
+def _angle_unit(unit: str, name: str, sexagesimal: str, numeric: bool):
+    """The astropy angle unit of a position column's ``unit`` string; None when it has none. Hours ('h', a time
+    unit to astropy) are hour angle on an RA column. Raises ConfigError for a numeric column whose unit is not
+    an angle; a text column's values carry their own (12h50m, 12:50:07.6) and such a unit is ignored."""
+    import warnings
+
+    import astropy.units as u
+
+    text = (unit or "").strip()
+    if not text:
+        return None
+    text = _ANGLE_SPELLINGS.get(text.lower(), text)
+    parsed = None
+    for fmt in (None, "fits", "cds", "vounit"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", u.UnitsWarning)
+                parsed = u.Unit(text, format=fmt)
+            break
+        except ValueError:
+            continue
+    if parsed is not None and sexagesimal == "hourangle" and parsed == u.hour:
+        return u.hourangle
+    if parsed is not None and parsed.physical_type == "angle":
+        return parsed
+    if not numeric:
+        return None
+    raise ConfigError(f"external column {name!r} has unit {unit!r}, not an angle astropy knows (deg, rad, arcsec, "
+                      "hourangle): convert the column to degrees, or correct its unit")
 
 
 # --------------------------------------------------------------------------- matching
@@ -196,10 +244,12 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         A catalog (or a query on one: its cone/box/where cuts apply to the candidates).
     external : path, pyarrow Table, astropy Table or pandas DataFrame
         The external table; a path may be CSV, Parquet, FITS or VOTable.
-    radius_arcsec : float
-        Match radius, arcsec.
+    radius_arcsec : float, str or astropy Quantity
+        Match radius: a number in arcsec, an angle Quantity (``2 * u.arcsec``) or text with a unit
+        (``"0.5arcmin"``; :func:`~catalogpred.query.angle_value`).
     ra_col, dec_col : str, optional
-        External position columns (degrees, ICRS); guessed from common names when omitted.
+        External position columns (ICRS), guessed from common names when omitted: numbers in the column's unit
+        (FITS TUNITn, VOTable unit: deg, rad, hourangle...; degrees when it has none), or sexagesimal text.
     columns : list of str or "all", optional
         Catalog columns in the output (default: the catalog's default columns).
     excess_threshold : float
@@ -219,12 +269,14 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         table has W1–W4 photometry, ``w?_excess``, ``w?_excess_sigma``, ``chi2_n``, ``ir_excess``,
         ``ir_excess_bands``. Units are in the field metadata.
     """
+    radius_arcsec = angle_value(radius_arcsec, "arcsec", "crossmatch radius")
     if not radius_arcsec > 0:
         raise ConfigError(f"crossmatch needs a positive radius (arcsec), got {radius_arcsec}")
     q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
     ext = with_flux_magnitudes(_to_arrow(external))
     rcol, dcol = find_radec_columns(ext.column_names, ra_col, dec_col)
-    ext_ra, ext_dec = _degrees(ext.column(rcol), rcol, "hourangle"), _degrees(ext.column(dcol), dcol, "deg")
+    ext_ra = _degrees(ext.column(rcol), rcol, "hourangle", _unit_of(ext.schema.field(rcol)))
+    ext_dec = _degrees(ext.column(dcol), dcol, "deg", _unit_of(ext.schema.field(dcol)))
     ok = np.isfinite(ext_ra) & np.isfinite(ext_dec) & (np.abs(ext_dec) <= 90)
     if (~ok).any():
         log.warning("crossmatch: %d external rows have no valid position (%s, %s) and cannot match",

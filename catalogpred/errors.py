@@ -90,6 +90,8 @@ class RejectReason(str, enum.Enum):
     ZWARN = "zwarn"
     #: the redshift fit's class is not an accepted SPECTYPE (default: GALAXY only)
     NOT_GALAXY = "not_galaxy"
+    #: RA/Dec missing, not finite, or |Dec| > 90 deg: the spectrum has no place on the sky (no HEALPix leaf)
+    BAD_POSITION = "bad_position"
     #: the source_id was already ingested (first occurrence kept)
     DUPLICATE_ID = "duplicate_id"
     #: a prediction block failed on every retry; the error text is in ``detail``

@@ -54,6 +54,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         item = str(item)
         if item.startswith("@"):
+            if not os.path.isfile(item[1:]):
+                raise ConfigError(f"file list {item[1:]} does not exist (@FILE names a text file of paths, one per line)")
             lines = Path(item[1:]).read_text().splitlines()
             out += expand_inputs([ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
         elif os.path.isdir(item):
@@ -229,7 +231,7 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     options : ReadOptions, optional
         External redshift table and target selection for multi-object surveys.
     """
-    from .surveys import ReadOptions
+    from .surveys import ReadOptions, Selection
 
     options = options or ReadOptions()
     t0 = time.perf_counter()
@@ -257,6 +259,9 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         group_reader.setdefault(group, name)
         if name != group:
             reader_of[path] = name
+    if summary.files == 0:
+        raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
+                          "(redrock, specObj/spAll, ...); give the spectra files too")
     if file_rejects:
         # undetectable files are quarantined in the main survey's group, so the accounting still holds
         home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
@@ -275,16 +280,24 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
             store.create_survey(store_path, layout)
         pieces = plan_pieces(files, layout.shard_rows)
         if len(store.done_shards(store_path, name)):
-            done = store.read_meta(store_path, name, columns=["source_path", "row_in_file"])
-            done_keys = set(zip(done.column("source_path").to_pylist(), done.column("row_in_file").to_pylist()))
+            done = store.read_meta(store_path, name, columns=["source_path", "row_in_file", "source_id"])
+            done_paths = done.column("source_path").to_pylist()
+            done_keys = set(zip(done_paths, done.column("row_in_file").to_pylist()))
+            # files that could not be read: one reject row (source_id "file:<name>") stands for all their pieces
+            unreadable = {p for p, sid in zip(done_paths, done.column("source_id").to_pylist()) if sid.startswith("file:")}
             n_before = sum(len(b) for b in pieces)
 
             def is_done(path, lo):
-                return (path, lo) in done_keys or (lo == 0 and (path, -1) in done_keys)
+                return (path, lo) in done_keys or (lo == 0 and (path, -1) in done_keys) or path in unreadable
 
             todo = [(p, n) for p, n in files]
             todo_pieces = [pc for b in pieces for pc in b if not is_done(pc[0], pc[1])]
-            summary.skipped_files += len({p for p, _ in todo} - {pc[0] for pc in todo_pieces})
+            skipped = len({p for p, _ in todo} - {pc[0] for pc in todo_pieces})
+            summary.skipped_files += skipped
+            if skipped and (options.redshifts or options.selection != Selection()):
+                log.warning("%d of these files are already in %s/%s and were skipped: their spectra keep the "
+                            "redshifts and selection of their first ingest, not this run's --redshifts/--keep-*/"
+                            "--spectypes; ingest them into a new store to apply those", skipped, store_path, name)
             # re-pack what is left (resumed pieces keep their row ranges)
             pieces, cur, room = [], [], layout.shard_rows
             for pc in todo_pieces:

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .catalog import SPATIAL_INDEX_ORDER
+from .errors import CatalogError, ConfigError
 from .query import SKY_AREA_DEG2, CatalogQuery, open_catalog
 
 __all__ = ["sky_density_figure", "colour_colour_figure", "magnitude_histograms_figure",
            "predicted_vs_observed_figure", "plot_sky_density", "plot_colour_colour", "plot_magnitude_histograms",
-           "plot_predicted_vs_observed", "plot_catalog", "JARRETT11_WEDGE"]
+           "plot_predicted_vs_observed", "plot_catalog", "offset_stats", "JARRETT11_WEDGE"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,20 @@ def _query(catalog) -> CatalogQuery:
 
 def _save(fig, png_path) -> Path:
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    try:
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png_path)
+    except OSError as exc:  # a file where a directory should be, no permission
+        raise CatalogError(f"cannot write {png_path}: {exc.strerror or exc}") from exc
     return png_path
+
+
+def _check_order(order) -> None:
+    """A HEALPix order for the density map: 0..29 (the ``_healpix_29`` index), or None (from the data)."""
+    if order is not None and (isinstance(order, bool) or not isinstance(order, (int, np.integer))
+                              or not 0 <= order <= SPATIAL_INDEX_ORDER):
+        raise ConfigError(f"HEALPix order {order!r} is out of range: the density map takes 0 to {SPATIAL_INDEX_ORDER} "
+                          "(default: from the data, 3 to 8)")
 
 
 def _columns(catalog, cols):
@@ -73,6 +85,7 @@ def sky_density_figure(catalog, *, order: int | None = None, title: str | None =
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import LogNorm
 
+    _check_order(order)
     h29 = _columns(catalog, ["_healpix_29"])["_healpix_29"].to_numpy()
     order = _auto_order(h29) if order is None else order
     pix, counts = np.unique(h29 >> (2 * (SPATIAL_INDEX_ORDER - order)), return_counts=True)
@@ -178,7 +191,8 @@ def predicted_vs_observed_figure(matched, *, title: str | None = None):
     """Predicted vs observed magnitude per band for a :func:`~catalogpred.crossmatch.crossmatch` result.
 
     Rows flagged ``ir_excess`` are drawn in red; the dashed line is equality (above it: brighter
-    in the IR than predicted).
+    in the IR than predicted). Each panel gives the number of compared rows, the bias (mean of
+    predicted - observed) and the rms of predicted - observed (:func:`offset_stats`), in mag.
     """
     df = matched.to_pandas() if hasattr(matched, "to_pandas") and not hasattr(matched, "iloc") else matched
     phot = _observed_columns(list(df.columns))
@@ -203,14 +217,26 @@ def predicted_vs_observed_figure(matched, *, title: str | None = None):
         if ok.any():
             lo, hi = np.nanmin(np.r_[obs[ok], pred[ok]]), np.nanmax(np.r_[obs[ok], pred[ok]])
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-            scatter = np.nanstd(pred[ok] - obs[ok])
-            ax.text(0.03, 0.95, f"n={ok.sum()}  rms={scatter:.2f} mag", transform=ax.transAxes, va="top", fontsize=8)
+            n, bias, rms = offset_stats(pred[ok], obs[ok])
+            ax.text(0.03, 0.95, f"n={n}  bias={bias:+.2f}  rms={rms:.2f} mag", transform=ax.transAxes, va="top",
+                    fontsize=8)
         ax.set_xlabel(f"observed {b.upper()} [Vega mag]")
         ax.set_ylabel(f"predicted {b}_mag [Vega mag]")
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="best", fontsize=7)
     fig.suptitle(title or f"predicted vs observed ({len(df):,d} matches)")
     fig.tight_layout()
     return fig
+
+
+def offset_stats(pred, obs) -> tuple[int, float, float]:
+    """``(n, bias, rms)`` of ``pred - obs`` over the finite pairs, in the inputs' unit (mag): bias is the mean
+    offset, rms the root mean square sqrt(mean((pred - obs)^2)) (not the standard deviation about the bias;
+    rms^2 = bias^2 + std^2). NaN when no pair is finite."""
+    d = np.asarray(pred, float) - np.asarray(obs, float)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return 0, float("nan"), float("nan")
+    return len(d), float(d.mean()), float(np.sqrt(np.mean(d ** 2)))
 
 
 def plot_predicted_vs_observed(matched, png_path, **kw) -> Path:
@@ -256,8 +282,11 @@ def plot_catalog(catalog, out_dir, *, external=None, radius_arcsec: float = 1.5,
     catalog's own observed WISE where it has some (DESI's ``flux_w1``/``flux_w2``:
     :func:`~catalogpred.crossmatch.ir_excess`).
     """
-    q = _query(catalog)
     out_dir = Path(out_dir)
+    _check_order(order)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; the plots go into a directory (created if missing)")
+    q = _query(catalog)
     cols = ["_healpix_29"] + [f"{b}_mag" for b in BANDS] + [f"{b}_mag_err" for b in BANDS]
     t = q.select(cols).to_pandas()
     phot = None

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from .catalog import DATASET_DIR, SPATIAL_INDEX_ORDER, pixel_dir
 from .errors import CatalogError, ConfigError
 
-__all__ = ["open_catalog", "CatalogQuery", "Cone", "Box", "angular_separation_deg", "write_table", "arrow_to_astropy",
-           "astropy_to_arrow", "format_table", "catalog_info", "format_info", "OUTPUT_FORMATS"]
+__all__ = ["open_catalog", "CatalogQuery", "Cone", "Box", "angular_separation_deg", "angle_value", "write_table",
+           "arrow_to_astropy", "astropy_to_arrow", "format_table", "catalog_info", "format_info", "OUTPUT_FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,59 @@ def _deg(value, name: str) -> float:
     if hasattr(value, "unit"):
         import astropy.units as u
 
-        return float(value.to_value(u.deg))
+        try:
+            return float(value.to_value(u.deg))
+        except (TypeError, ValueError, u.UnitsError) as exc:
+            raise ConfigError(f"{name} must be an angle, got {value!r}") from exc
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a number in degrees or an astropy angle, got {value!r}") from exc
+
+
+def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
+    """An angle as a float in ``unit``: a number (already in ``unit``), an astropy angle Quantity or ``Angle``
+    (``0.5 * u.deg``), or text: a number, a value with its unit (``"10arcsec"``, ``"0.5 arcmin"``, ``"1deg"``)
+    or with primes (``"10'"``, ``'1.5"'``, ``"0d10m"``, as astropy ``Angle`` reads them).
+
+    Raises
+    ------
+    ConfigError
+        If ``value`` is none of those, or its unit is not an angle (``"10 m"``).
+    """
+    import astropy.units as u
+
+    want = u.Unit(unit)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            q = u.Quantity(text)
+            if not q.unit.is_equivalent(u.deg):  # '30m' is 30 metres as a Quantity, 30 arcmin as an Angle
+                raise u.UnitsError(f"{q.unit} is not an angle")
+            return float(q.to_value(want))
+        except (TypeError, ValueError, u.UnitsError):
+            pass
+        from astropy.coordinates import Angle
+
+        try:
+            return float(Angle(text).to_value(want))
+        except (TypeError, ValueError, u.UnitsError) as exc:
+            raise ConfigError(f"cannot read {name} {value!r} as an angle; give a number ({unit}) or a value with "
+                              "its unit, e.g. 10arcsec, 0.5arcmin, 1deg") from exc
+    if hasattr(value, "unit"):
+        try:
+            return float(u.Quantity(value).to_value(want))
+        except (TypeError, ValueError, u.UnitsError) as exc:
+            raise ConfigError(f"{name} must be an angle, got {value!r} ({exc})") from exc
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a number ({unit}), an angle Quantity or text such as '10arcsec', "
+                          f"got {value!r}") from exc
 
 
 # --------------------------------------------------------------------------- regions
@@ -302,13 +350,12 @@ class CatalogQuery:
         ra, dec : float or astropy Quantity
             Centre, degrees (ICRS). ``ra`` may instead be an astropy ``SkyCoord`` in any frame (transformed to
             ICRS); then the second argument, if given, is the radius.
-        radius_arcsec : float or astropy Quantity
-            Radius in arcsec, or any angle Quantity (``0.5 * u.deg``).
-        radius : astropy Quantity, optional
-            Same as a Quantity ``radius_arcsec`` (keyword form).
+        radius_arcsec : float, str or astropy Quantity
+            Radius in arcsec, any angle Quantity (``0.5 * u.deg``) or text with a unit (``"10arcsec"``,
+            ``"0.5arcmin"``; :func:`angle_value`).
+        radius : astropy Quantity or str, optional
+            Same as ``radius_arcsec`` (keyword form).
         """
-        import astropy.units as u
-
         if hasattr(ra, "icrs"):  # a SkyCoord
             if dec is not None:
                 if radius_arcsec is not None or radius is not None:
@@ -322,7 +369,7 @@ class CatalogQuery:
         r = radius if radius is not None else radius_arcsec
         if r is None:
             raise ConfigError("cone needs a radius: cone(ra, dec, 60) in arcsec or cone(ra, dec, 1 * u.deg)")
-        r_arcsec = float(r.to_value(u.arcsec)) if hasattr(r, "unit") else float(r)
+        r_arcsec = angle_value(r, "arcsec", "cone radius")
         ra, dec = _deg(ra, "ra"), _deg(dec, "dec")
         if not r_arcsec > 0:
             raise ConfigError(f"cone needs a positive radius (arcsec), got {r_arcsec}")
@@ -346,7 +393,10 @@ class CatalogQuery:
         return replace(self, regions=self.regions + (region,))
 
     def where(self, expr: str) -> "CatalogQuery":
-        """Keep rows for which the pandas expression is true, e.g. ``"w1_mag - w2_mag > 0.8"``."""
+        """Keep rows for which the pandas expression is true, e.g. ``"w1_mag - w2_mag > 0.8"``.
+
+        ``&``/``|`` combine conditions (with the precedence of ``and``/``or``) and test bits of an integer
+        column: ``"(flags & 2) > 0"`` (the parentheses are needed); a missing value is false."""
         if not isinstance(expr, str) or not expr.strip():
             raise ConfigError(f"where needs an expression string such as 'z < 0.1', got {expr!r}")
         return replace(self, filters=self.filters + (expr,))
@@ -615,18 +665,89 @@ def _flat_frame(table: pa.Table):
 
 
 def _eval_filter(df, expr: str) -> np.ndarray:
-    """The boolean row mask of a ``--where`` expression (pandas ``eval`` syntax; missing values are False)."""
+    """The boolean row mask of a filter expression (pandas ``eval`` syntax; missing values are False).
+
+    Evaluated with pandas' python engine (the same results whether numexpr is installed or not). An integer
+    literal in a bitwise test on an integer column (``"(flags & 1) > 0"``) is given to pandas as a column of
+    that value (:func:`_bitwise_literals`): pandas refuses ``&``, ``|`` between a column and a scalar
+    ("cannot evaluate scalar only bool ops").
+    """
     # a lone '=' (SQL/ADQL equality) is an assignment in pandas: say so instead of pandas' message
-    hint = ("; equality is '==' (e.g. \"survey == 'desi'\"), or use --sql for SQL"
+    hint = ("; equality is '==' (e.g. \"survey == 'desi'\"), or use --sql (sql() in Python) for SQL"
             if re.search(r"(?<![=!<>])=(?!=)", expr) else "")
+    rewritten, literals = _bitwise_literals(expr, len(df))
     try:
-        res = df.eval(expr)
+        res = df.eval(rewritten, engine="python", resolvers=[literals] if literals else [])
     except Exception as exc:
-        raise ConfigError(f"cannot evaluate --where {expr!r}: {exc}{hint}; columns: {', '.join(df.columns)}") from exc
+        if "scalar only bool ops" in str(exc):  # e.g. 'flags & 2 == 2': '&' binds like 'and' in pandas
+            hint += "; '&' and '|' bind like 'and'/'or' here, so bit tests need parentheses: '(flags & 2) == 2'"
+        raise ConfigError(f"cannot evaluate the filter {expr!r}: {exc}{hint}; columns: {', '.join(df.columns)}") from exc
+    if getattr(getattr(res, "dtype", None), "kind", "f") in ("i", "u"):  # a bare bit test, 'flags & 4': nonzero
+        res = res != 0
     try:
         return np.asarray(res.fillna(False) if hasattr(res, "fillna") else res, dtype=bool).reshape(len(df))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--where {expr!r} is not a true/false condition (e.g. 'z < 0.1'){hint}") from exc
+        raise ConfigError(f"the filter {expr!r} is not a true/false condition (e.g. 'z < 0.1'){hint}") from exc
+
+
+#: prefix of the names :func:`_bitwise_literals` gives integer literals (not a catalog column name)
+_LITERAL_NAME = "_catalogpred_int_"
+
+
+def _bitwise_literals(expr: str, n_rows: int) -> tuple[str, dict]:
+    """``expr`` with the integer literals of bitwise ``&``/``|`` tests (``flags & 1``) replaced by names, and
+    those names' values as arrays of ``n_rows`` (so that pandas sees two columns); ``(expr, {})`` when there
+    are none.
+
+    pandas reads ``&``/``|`` as ``and``/``or`` (their precedence, elementwise on columns) and refuses a scalar
+    operand. Only operands of such a test that are integer literals, beside no true/false operand, are
+    replaced: ``"(flags & 4) == 0"``, not ``"z < 1 & flags == 0"`` (already two conditions).
+    """
+    import ast
+    import io
+    import tokenize
+
+    if "&" not in expr and "|" not in expr:
+        return expr, {}
+    quoted: dict[str, str] = {}
+
+    def placeholder(m) -> str:  # `quoted names` are not Python: a name for each, put back after
+        quoted[f"_catalogpred_q{len(quoted)}_"] = m.group(0)
+        return f"_catalogpred_q{len(quoted) - 1}_"
+
+    try:
+        words = {"&": "and", "|": "or"}
+        toks = [(tokenize.NAME, words[t.string]) if t.type == tokenize.OP and t.string in words else (t.type, t.string)
+                for t in tokenize.generate_tokens(io.StringIO(re.sub(r"`[^`]*`", placeholder, expr)).readline)]
+        tree = ast.parse(tokenize.untokenize(toks).strip(), mode="eval")
+    except (SyntaxError, tokenize.TokenError, ValueError):
+        return expr, {}  # pandas says what is wrong with it
+    boolean = (ast.Compare, ast.BoolOp)
+    literals: dict[str, np.ndarray] = {}
+
+    class Replace(ast.NodeTransformer):
+        def visit_BoolOp(self, node):
+            self.generic_visit(node)
+            if any(isinstance(v, boolean) or (isinstance(v, ast.UnaryOp) and isinstance(v.op, ast.Not))
+                   or (isinstance(v, ast.Constant) and isinstance(v.value, bool)) for v in node.values):
+                return node
+            values = []
+            for v in node.values:
+                if isinstance(v, ast.Constant) and type(v.value) is int and -2 ** 63 <= v.value < 2 ** 63:
+                    name = f"{_LITERAL_NAME}{len(literals)}"
+                    literals[name] = np.full(n_rows, v.value, dtype=np.int64)
+                    v = ast.Name(id=name, ctx=ast.Load())
+                values.append(v)
+            node.values = values
+            return node
+
+    tree = Replace().visit(tree)
+    if not literals:
+        return expr, {}
+    out = ast.unparse(tree)
+    for name, text in quoted.items():
+        out = out.replace(name, text)
+    return out, literals
 
 
 def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -779,46 +900,165 @@ def _normalise_format(dest, fmt: str | None) -> str:
 
 
 def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: bool = True) -> None:
-    """Write a query result: ``.csv`` (latents as latent_0..), ``.parquet`` (as is, with the field metadata),
-    ``.fits`` or ``.vot`` (VOTable; both with units, descriptions and, for VOTable, UCDs).
+    """Write a query result by extension (or ``fmt``):
 
-    ``dest`` may be a path or a text stream (CSV only). ``overwrite=False`` refuses an existing file.
-    FITS logicals have no null: a null boolean (e.g. ``ir_excess``) is written to FITS as False.
+    - ``.csv``: values only, no units (latents as ``latent_0..``);
+    - ``.parquet``: as is, with the field metadata (units, UCDs, descriptions), astropy's ``table::len::``
+      string widths (so that ``astropy.table.Table.read`` reads null strings) and, for a table that carries
+      VO-Parquet metadata (a catalog query), that metadata rewritten for the columns written
+      (``Table.read(dest, format="parquet.votable")``);
+    - ``.fits`` and ``.vot`` (VOTable): units, descriptions and UCDs. A unit without a FITS spelling (the
+      Legacy Surveys' nanomaggy) is kept in astropy's column metadata, which ``Table.read`` restores (its
+      TTYPE comment names it for other readers); VOTable writes it as a quoted VOUnit (``'nanomaggy'``).
+
+    Nulls in a boolean column (``ir_excess`` of unmatched rows) stay nulls: empty in VOTable; in FITS, which
+    has no null logical astropy reads, the column (F where null) comes with a ``<name>.mask`` logical column,
+    from which ``Table.read`` rebuilds the masked column.
+
+    ``dest`` may be a path or a stream (CSV only for text streams). ``overwrite=False`` refuses an existing file.
+
+    Raises
+    ------
+    ConfigError
+        If ``dest``'s directory does not exist, or ``dest`` is a directory.
+    CatalogError
+        If ``dest`` exists and ``overwrite`` is false, or the file cannot be written.
     """
+    if not isinstance(dest, (str, os.PathLike)):
+        _write(table, dest, _normalise_format(dest, fmt))
+        return
+    _check_destination(Path(dest), overwrite)
     fmt = _normalise_format(dest, fmt)
-    if isinstance(dest, (str, os.PathLike)) and not overwrite and os.path.exists(dest):
-        raise CatalogError(f"{dest} exists; pass --overwrite (overwrite=True) to replace it")
+    try:
+        _write(table, dest, fmt)
+    except OSError as exc:
+        raise CatalogError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """A one-line error, before any work, for an output path that cannot be written."""
+    if dest.is_dir():
+        raise ConfigError(f"{dest} is a directory; give a file name, e.g. {dest / 'result.fits'}")
+    parent = dest.parent
+    if not parent.exists():
+        raise ConfigError(f"cannot write {dest}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {dest}: {parent} is a file, not a directory")
+    if not overwrite and dest.exists():
+        raise CatalogError(f"{dest} exists; replace it with --overwrite on the command line, overwrite=True in Python")
+
+
+def _write(table: pa.Table, dest, fmt: str) -> None:
     if fmt == ".parquet":
-        pq.write_table(table, dest)
-    elif fmt in (".fits", ".vot"):
-        import warnings
-
-        from astropy.units import UnitsWarning
-
-        t = arrow_to_astropy(table)
-        tunit = {}
-        if fmt == ".fits":
-            for name in t.colnames:
-                if t[name].dtype == bool and hasattr(t[name], "mask"):  # FITS logicals have no usable null:
-                    t[name] = np.asarray(t[name].filled(False))           # a null boolean is written as False
-                elif _fits_unit_missing(getattr(t[name], "unit", None)):  # e.g. nanomaggy: astropy would drop it
-                    tunit[t.colnames.index(name) + 1] = _field_meta(table.schema.field(name))["unit"]
-                    t[name] = t[name].value
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
-            t.write(dest, format="fits" if fmt == ".fits" else "votable", overwrite=True)  # VOTable: UCDs from meta
-        if tunit:
-            from astropy.io import fits
-
-            with fits.open(dest, mode="update") as hdus:  # the survey's own spelling, as its FITS files have it
-                for i, unit in tunit.items():
-                    hdus[1].header.set(f"TUNIT{i}", unit, after=f"TFORM{i}")
+        pq.write_table(_parquet_export(table), dest)
+    elif fmt == ".fits":
+        _write_fits(table, dest)
+    elif fmt == ".vot":
+        _write_votable(table, dest)
     else:
         _to_pandas(_flatten_lists(table)).to_csv(dest, index=False)
 
 
+def _parquet_export(table: pa.Table) -> pa.Table:
+    """``table`` with astropy's string widths and, when it has VO-Parquet metadata, that metadata for its columns."""
+    from .catalog import _with_string_lengths
+
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"table::len::")}
+    table = _with_string_lengths(table.replace_schema_metadata(meta or None))
+    if b"IVOA.VOTable-Parquet.content" in meta:
+        meta = dict(table.schema.metadata)
+        try:
+            meta[b"IVOA.VOTable-Parquet.content"] = _vo_parquet_content(table.schema).encode()
+        except Exception as exc:  # a column type VOTable cannot describe: no VO metadata rather than a wrong one
+            log.warning("no VO-Parquet metadata in the export (%s)", exc)
+            meta = {k: v for k, v in meta.items() if not k.startswith(b"IVOA.VOTable-Parquet.")}
+        table = table.replace_schema_metadata(meta)
+    return table
+
+
+def _vo_parquet_content(schema: pa.Schema) -> str:
+    """The VO-Parquet VOTable XML (:func:`catalogpred.catalog.vo_table_xml`) of exactly ``schema``'s columns, in
+    its order, strings as wide as the ``table::len::`` metadata says: astropy's ``format="parquet.votable"``
+    stacks the FIELDs' empty table on the data, and a variable-length (``*``) string does not stack on a fixed one.
+    """
+    import io
+    import warnings
+
+    from astropy.io.votable import parse
+    from astropy.units import UnitsWarning
+
+    from .catalog import Column, vo_table_xml
+
+    cols = [Column(f.name, f.type, *(_field_meta(f).get(k, "") for k in ("unit", "ucd", "description")))
+            for f in schema if f.name != "_healpix_29"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # VOUnit deprecates 'erg' and 'Angstrom', still valid
+        vot = parse(io.BytesIO(vo_table_xml(cols).encode()))
+    fields = vot.get_first_table().fields
+    by_name = {f.name: f for f in fields}
+    ordered = [by_name[n] for n in schema.names]  # vo_table_xml adds _healpix_29 last: where it is, or not at all
+    lengths = schema.metadata or {}
+    for f in ordered:
+        if f.datatype in ("char", "unicodeChar") and f"table::len::{f.name}".encode() in lengths:
+            f.arraysize = lengths[f"table::len::{f.name}".encode()].decode()
+    fields.clear()
+    fields.extend(ordered)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)
+        vot.to_xml(buf)
+    return buf.getvalue().decode("utf-8")
+
+
+def _write_fits(table: pa.Table, dest) -> None:
+    import warnings
+
+    from astropy.units import UnitsWarning
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    t = arrow_to_astropy(table)
+    no_fits_unit = {}
+    for name in t.colnames:
+        col = t[name]
+        if col.dtype == bool and np.any(getattr(col, "mask", False)):  # FITS logicals have no null astropy reads
+            col.info.serialize_method["fits"] = "data_mask"           # so add <name>.mask; Table.read masks it
+        elif _fits_unit_missing(getattr(col, "unit", None)):  # e.g. nanomaggy: astropy keeps it in its metadata
+            no_fits_unit[name] = _field_meta(table.schema.field(name))["unit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
+        warnings.filterwarnings("ignore", "The unit .* could not be saved in native FITS", AstropyUserWarning)
+        t.write(dest, format="fits", overwrite=True)
+    if no_fits_unit:
+        from astropy.io import fits
+
+        with warnings.catch_warnings(), fits.open(dest, mode="update") as hdus:  # not TUNITn: a unit astropy
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)            # cannot parse overrides its
+            header = hdus[1].header                                               # metadata (a long comment: cut)
+            for i in range(1, header["TFIELDS"] + 1):
+                if header[f"TTYPE{i}"] in no_fits_unit:
+                    header.comments[f"TTYPE{i}"] = f"unit: {no_fits_unit[header[f'TTYPE{i}']]}"
+
+
+def _write_votable(table: pa.Table, dest) -> None:
+    import warnings
+
+    from astropy.table import Table
+    from astropy.units import UnitsWarning
+
+    from .catalog import _vo_unit
+
+    t = Table(arrow_to_astropy(table))  # Columns, whose unit can be set (Quantities' cannot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # VOUnit deprecates 'erg' and 'Angstrom', still valid
+        for fld in table.schema:
+            unit = _field_meta(fld).get("unit", "")
+            if unit:  # valid VOUnit: 'nanomaggy', not astropy's nmgy
+                t[fld.name].unit = _vo_unit(unit)
+        t.write(dest, format="votable", overwrite=True)  # UCDs from the column meta
+
+
 def _fits_unit_missing(unit) -> bool:
-    """Whether a unit has no FITS spelling (astropy would then drop it from TUNITn, e.g. nanomaggy)."""
+    """Whether a unit has no FITS spelling (astropy then leaves TUNITn out, e.g. nanomaggy)."""
     if unit is None or isinstance(unit, str):
         return False
     try:

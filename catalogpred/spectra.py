@@ -302,9 +302,10 @@ def normalisation(flux, weight, wave, z, window=NORM_WINDOW_RESTFRAME):
 def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
     """Validate and normalise a batch of spectra on a model grid.
 
-    Non-finite flux/ivar is a reject (survey pipelines never write NaN, so it
-    means corruption); so are spectra with no good pixel, a bad redshift, an
-    empty normalisation window, or a non-positive norm. Each reject carries a
+    A non-finite ivar, or a non-finite flux where ivar > 0, on a covered pixel is a
+    reject (it means corruption); a non-finite flux with ivar = 0 (a pipeline's
+    "no data" pixel) is only masked (NONFINITE). So are spectra with no good
+    pixel, a bad redshift, an empty normalisation window, or a non-positive norm. Each reject carries a
     :class:`~catalogpred.errors.RejectReason` and a readable detail.
 
     Parameters
@@ -341,7 +342,9 @@ def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
         ivar = ivar.astype(xp.float32, copy=False)
     else:
         covered = (mask & u8(PixelMask.NO_COVERAGE)) == 0
-        n_nonfinite = ((~finite) & covered).sum(axis=1)
+        with np.errstate(invalid="ignore"):
+            corrupt = ~xp.isfinite(ivar) | (~xp.isfinite(flux) & (ivar > 0))  # NaN flux at ivar 0: no data
+        n_nonfinite = (corrupt & covered).sum(axis=1)
         mask |= xp.where(finite, u8(0), u8(PixelMask.NONFINITE))
         flux = xp.where(finite, flux, 0).astype(xp.float32)
         ivar = xp.where(finite, ivar, 0).astype(xp.float32)
@@ -363,7 +366,7 @@ def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
     for i in np.flatnonzero(suspect).tolist():  # only rejects need a Python-level look
         if h_nonfinite[i] > 0:
             reasons[i] = RejectReason.NONFINITE_FLUX
-            details[i] = f"{int(h_nonfinite[i])} covered pixels have NaN/inf flux or ivar"
+            details[i] = f"{int(h_nonfinite[i])} covered pixels have NaN/inf ivar, or NaN/inf flux where ivar > 0"
         elif h_good[i] == 0:
             reasons[i] = RejectReason.NO_VALID_PIXELS
             details[i] = "no pixel with ivar > 0 outside the pipeline and sky-line masks"
@@ -391,6 +394,16 @@ def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
         flux_n = (flux / safe[:, None]).astype(xp.float32)
         ivar_n = (ivar * (safe[:, None] ** 2)).astype(xp.float32)
     return flux_n, ivar_n, mask, xp.where(ok, norm, xp.nan), reasons, details
+
+
+def check_positions(ra, dec) -> tuple[np.ndarray, np.ndarray]:
+    """``(ra, ok)``: RA wrapped into [0, 360) deg, and whether each position is usable: RA and Dec finite and
+    |Dec| <= 90 deg. ``ra``, ``dec``: float [n], deg (ICRS). A row that is not ``ok`` has no HEALPix pixel:
+    hats' spatial index quietly gives NaN RA a real pixel, and NaN or |Dec| > 90 aborts the process."""
+    ra, dec = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0)
+        return np.where(np.isfinite(ra), np.mod(ra, 360.0), ra), ok
 
 
 def fnu_njy_to_flam17(fnu_njy, wave):

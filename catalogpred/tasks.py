@@ -20,7 +20,7 @@ import pyarrow as pa
 from . import catalog as cat
 from . import store
 from .errors import InputFileError, RejectReason
-from .spectra import IVAR_FLOOR, PixelMask, check_spectra
+from .spectra import IVAR_FLOOR, PixelMask, check_positions, check_spectra
 from .surveys import ReadOptions, SpectrumBlock, get_reader, identify_survey, read_spectra
 
 __all__ = ["detect_survey", "ingest_shard", "predict_block", "read_block", "infer_block", "write_block", "encode_rows",
@@ -168,6 +168,8 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
         try:
             blk = read_spectra(path, readers.get(path, survey) if readers else survey, options)
         except InputFileError as exc:
+            if hi is not None and lo > 0:  # a later piece of a file split across shards: the piece that
+                continue  # starts at spectrum 0 holds the file's one reject row
             blk = _empty_block(survey, path, layout.meta_columns, lo if hi is not None else -1)
             reasons.append(exc.reason.value), details.append(str(exc))
             lo, hi = 0, 1
@@ -219,6 +221,10 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
         if r:
             status[i], reason_col[i], detail_col[i] = store.RowStatus.REJECTED, r, d
     meta = {name: np.concatenate([blk.meta[name][lo:hi] for blk, lo, hi in parts]) for name in layout.meta_columns}
+    meta["ra"], placed = check_positions(meta["ra"], meta["dec"])
+    for i in np.flatnonzero(~placed & (status == store.RowStatus.OK)):
+        status[i], reason_col[i] = store.RowStatus.REJECTED, RejectReason.BAD_POSITION.value
+        detail_col[i] = f"RA = {float(meta['ra'][i])}, Dec = {float(meta['dec'][i])} deg: not a position on the sky"
     meta.update(norm=norm, status=status, reject_reason=reason_col, reject_detail=detail_col,
                 source_path=np.array(src_paths, dtype=object), snr_median=snr_median, coverage=coverage)
     store.write_shard(store_path, survey, shard, flux_n, ivar_n, mask, meta)
@@ -349,22 +355,26 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
         flags |= np.where(~(snr >= 2), int(cat.CatalogFlag.LOW_SN), 0).astype(np.int32)
         flags |= np.where(good.column("coverage").to_numpy() < 0.8, int(cat.CatalogFlag.PARTIAL_COVERAGE), 0).astype(np.int32)
         finite = np.isfinite(latents).all(1)
+        # rows of a store ingested before positions were checked there (check_positions)
+        ra, placed = check_positions(good.column("ra").to_numpy(), good.column("dec").to_numpy())
         if ood is not None:
             flags |= np.where(ood > pred["ood_threshold"], int(cat.CatalogFlag.OUT_OF_DISTRIBUTION), 0).astype(np.int32)
         if mean is None:
             flags |= int(cat.CatalogFlag.NO_PREDICTION)
         else:
             finite &= np.isfinite(mean).all(1) & np.isfinite(sigma).all(1)
-        if (~finite).any():
-            bad = good.filter(pa.array(~finite))
-            rejects.append(pa.table({
-                "source_id": bad.column("source_id"), "survey": bad.column("survey"),
-                "source_file": bad.column("source_file"), "source_path": bad.column("source_path"),
-                "row_in_file": bad.column("row_in_file"), "store_row": bad.column("row"),
-                "stage": pa.array(["predict"] * bad.num_rows, pa.string()),
-                "reason": pa.array([RejectReason.NONFINITE_PREDICTION.value] * bad.num_rows, pa.string()),
-                "detail": pa.array(["model output is NaN/inf"] * bad.num_rows, pa.string())}))
-        sel = np.flatnonzero(finite)
+        for bad_rows, reason, detail in ((~placed, RejectReason.BAD_POSITION, "RA/Dec not finite or |Dec| > 90"),
+                                         (placed & ~finite, RejectReason.NONFINITE_PREDICTION, "model output is NaN/inf")):
+            if bad_rows.any():
+                bad = good.filter(pa.array(bad_rows))
+                rejects.append(pa.table({
+                    "source_id": bad.column("source_id"), "survey": bad.column("survey"),
+                    "source_file": bad.column("source_file"), "source_path": bad.column("source_path"),
+                    "row_in_file": bad.column("row_in_file"), "store_row": bad.column("row"),
+                    "stage": pa.array(["predict"] * bad.num_rows, pa.string()),
+                    "reason": pa.array([reason.value] * bad.num_rows, pa.string()),
+                    "detail": pa.array([detail] * bad.num_rows, pa.string())}))
+        sel = np.flatnonzero(finite & placed)
         g = good.take(pa.array(sel))
         cols = {}
         for c in schema_columns:
@@ -387,8 +397,8 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
                 cols[name] = pa.array([pred["model_id"]] * len(sel), pa.string())
             else:
                 cols[name] = pa.nulls(len(sel), c.type)
-        ra, dec = g.column("ra").to_numpy(), g.column("dec").to_numpy()
-        cols["_healpix_29"] = pa.array(compute_spatial_index(ra, dec).astype(np.int64))
+        cols["ra"] = pa.array(ra[sel], pa.float64())
+        cols["_healpix_29"] = pa.array(compute_spatial_index(ra[sel], g.column("dec").to_numpy()).astype(np.int64))
         schema = _schema(tuple(schema_columns))
         table = pa.Table.from_pydict(cols, schema=schema)
         tw = time.perf_counter()

@@ -52,15 +52,28 @@ def test_a_survey_without_a_bundle_for_its_grid_fails_before_a_cluster(tmp_path,
         plan_predict(str(st), str(random_bundle), ["sdss"])
 
 
-def test_ingest_dry_run_lists_files(sdss_files, capsys):
+def test_ingest_dry_run_lists_files(sdss_files, desi_files, capsys):
+    """--dry-run says what each input is (from its headers): survey and spectra, redshift-only, or a reject."""
     rc = main(["ingest", str(sdss_files[0].parent), "--store", "unused.zarr", "--dry-run"])
-    out = capsys.readouterr().out.split()
-    assert rc == 0 and len(out) == 14 and all(p.endswith(".fits") for p in out)
+    cap = capsys.readouterr()
+    lines = [ln.split("\t") for ln in cap.out.splitlines()]
+    assert rc == 0 and len(lines) == 14 and all(p.endswith(".fits") and kind == "sdss" and n == "1" for p, kind, n in lines)
+    assert "14 files would be ingested" in cap.err and "(14 sdss)" in cap.err
+    rc = main(["ingest", str(desi_files[0].parent), "--store", "unused.zarr", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "2 redshifts" in err and "5 desi" in err
 
 
-def test_bad_input_glob(capsys):
+def test_bad_inputs_fail_before_any_worker_starts(capsys, tmp_path, desi_files):
     rc = main(["ingest", "/nonexistent/spec-*.fits", "--store", "x.zarr", "--dry-run"])
     assert rc == 1 and "matches no file" in capsys.readouterr().err
+    for argv, says in ((["@" + str(tmp_path / "nolist.txt")], "file list"),
+                       ([str(desi_files[0].parent), "--survey", "foo"], "unknown survey 'foo'"),
+                       ([str(p) for p in desi_files if p.name.startswith("redrock")], "no spectra among the inputs")):
+        rc = main(["ingest", *argv, "--store", str(tmp_path / "x.zarr"), "--workers", "1"])
+        err = capsys.readouterr().err
+        assert rc == 1 and says in err and "Traceback" not in err, (argv, err)
+        assert ("Dask cluster" not in err) or says == "no spectra among the inputs"
 
 
 @pytest.mark.realdata
@@ -112,3 +125,33 @@ def test_mag_system_choices_are_the_tables_ones():
     from catalogpred import cli, tables
 
     assert cli.MAG_SYSTEMS == tables.MAG_SYSTEMS
+
+
+def test_help_says_what_plot_and_outputs_do(capsys):
+    """plot writes predicted_vs_observed.png without --external too (the catalog's own observed WISE); a CSV
+    export has no units."""
+    def help_of(cmd):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    plot = help_of("plot")
+    assert "without: from the catalog's own observed WISE, DESI's flux_w1/flux_w2" in plot
+    assert "default: the catalog's own observed WISE" in plot and "0-29" in plot
+    query = help_of("query")
+    assert ".csv (values only)" in query and "(units kept)" not in query and "'(flags & 1) > 0'" in query
+    crossmatch = help_of("crossmatch")
+    assert "match radius in arcsec, or with a unit" in crossmatch and "(units kept)" not in crossmatch
+
+
+def test_angles_take_units_and_primes():
+    from catalogpred.cli import _angle, build_parser
+    from catalogpred.errors import ConfigError
+
+    assert _angle("10'", "arcsec") == pytest.approx(600) and _angle('1.5"', "arcsec") == pytest.approx(1.5)
+    assert _angle("0.5arcmin", "arcsec") == pytest.approx(30) and _angle("2", "arcsec") == 2.0
+    assert _angle("1deg", "arcmin") == pytest.approx(60)
+    with pytest.raises(ConfigError, match="cannot read --radius '5 kg' as an angle"):
+        _angle("5 kg", "arcsec", "--radius")
+    for argv in (["crossmatch", "cat/", "ext.csv"], ["plot", "cat/"]):  # --radius was a float: '2arcsec' failed
+        assert build_parser().parse_args([*argv, "--radius", "2arcsec"]).radius == "2arcsec"

@@ -371,3 +371,106 @@ def test_ir_excess_from_the_catalogs_own_photometry(catalog, rows, tmp_path, cap
     # plot without --external: predicted vs the catalog's own observations
     assert main(["plot", str(catalog), "-o", str(tmp_path / "plots")]) == 0
     assert "predicted_vs_observed.png" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- walkthrough fixes
+def test_radius_with_units(catalog, constructed, tmp_path, capsys):
+    """The radius as a number (arcsec), text with a unit (as query --cone takes it) or a Quantity."""
+    ext, _ = constructed
+    want = crossmatch(catalog, ext, radius_arcsec=1.5).column("source_id").to_pylist()
+    for r in ("1.5arcsec", "0.025 arcmin", '1.5"', 1.5 * u.arcsec, "1.5"):
+        assert crossmatch(catalog, ext, radius_arcsec=r).column("source_id").to_pylist() == want, r
+    for bad in ("wide", 2 * u.kg, "-1arcsec"):
+        with pytest.raises(ConfigError, match="radius"):
+            crossmatch(catalog, ext, radius_arcsec=bad)
+    src = tmp_path / "ext.parquet"
+    pq.write_table(ext, src)
+    assert main(["crossmatch", str(catalog), str(src), "--radius", "0.025arcmin", "--columns", "source_id",
+                 "--format", "csv"]) == 0
+    assert [line.split(",")[0] for line in capsys.readouterr().out.splitlines()[1:]] == want
+    assert main(["crossmatch", str(catalog), str(src), "--radius", "wide"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read --radius 'wide' as an angle" in err and "Traceback" not in err
+
+
+def test_external_positions_in_their_column_units(catalog, constructed, tmp_path):
+    """RA/Dec in radians (FITS TUNIT 'rad'), hours (VOTable hourangle), arcmin (Parquet field metadata) match
+    as degrees do; before, they were read as degrees and silently matched nothing."""
+    from astropy.table import Table
+
+    ext, _ = constructed
+    ext = ext.slice(0, len(OFFSETS))
+    want = crossmatch(catalog, ext, radius_arcsec=1.5).column("source_id").to_pylist()
+    ra, dec = ext.column("ra").to_numpy(), ext.column("dec").to_numpy()
+    Table({"name": ext.column("name").to_pylist(), "RA": np.radians(ra) * u.rad,
+           "DEC": np.radians(dec) * u.rad}).write(tmp_path / "rad.fits")
+    Table({"ra": ra / 15 * u.hourangle, "dec": dec * u.deg}).write(tmp_path / "h.vot", format="votable")
+    arcmin = pa.table({"ra": ra * 60, "dec": dec * 60})
+    arcmin = arcmin.cast(pa.schema([pa.field(n, pa.float64(), metadata={b"unit": b"arcmin"}) for n in ("ra", "dec")]))
+    for external in (tmp_path / "rad.fits", tmp_path / "h.vot", arcmin):
+        assert crossmatch(catalog, external, radius_arcsec=1.5).column("source_id").to_pylist() == want, external
+    metres = pa.table({"ra": ra, "dec": dec}).cast(pa.schema([pa.field("ra", pa.float64(), metadata={b"unit": b"m"}),
+                                                             pa.field("dec", pa.float64())]))
+    with pytest.raises(ConfigError, match="external column 'ra' has unit 'm', not an angle"):
+        crossmatch(catalog, metres)
+    bogus = metres.cast(pa.schema([pa.field("ra", pa.float64(), metadata={b"unit": b"furlongs"}),
+                                   pa.field("dec", pa.float64())]))
+    with pytest.raises(ConfigError, match="'furlongs', not an angle"):
+        crossmatch(catalog, bogus)
+
+
+def test_fits_export_keeps_null_ir_excess(catalog, rows, tmp_path):
+    """Unmatched rows (keep_unmatched) have a null ir_excess; FITS logicals have no null astropy reads, and the
+    nulls used to come back as False. A <name>.mask column brings them back as masked values; VOTable has nulls."""
+    from astropy.table import Table
+
+    picks = np.array([10, 20, 30, 40])
+    cols, _, _ = photometry_case(rows, picks)
+    ra, dec = rows.column("ra").to_numpy()[picks], rows.column("dec").to_numpy()[picks]
+    ext = pa.table({"ra": np.r_[ra, (ra[:2] + 1.0) % 360], "dec": np.r_[dec, dec[:2]],
+                    **{k: np.r_[v, v[:2]] for k, v in cols.items()}})
+    t = crossmatch(catalog, ext, radius_arcsec=1.0, keep_unmatched=True)
+    flags = t.column("ir_excess").to_pylist()
+    assert flags[4:] == [None, None] and True in flags and False in flags
+    for ext_ in (".fits", ".vot"):
+        write_table(t, tmp_path / f"m{ext_}")
+        back = Table.read(tmp_path / f"m{ext_}")
+        assert back["ir_excess"].dtype == bool and "ir_excess.mask" not in back.colnames
+        got = [None if m else bool(v) for v, m in zip(back["ir_excess"], np.ma.getmaskarray(back["ir_excess"]))]
+        assert got == flags, ext_
+        assert back["ir_excess"].info.description.startswith("True if any band")
+
+
+def test_predicted_vs_observed_reports_bias_and_rms(catalog, rows):
+    """The panels used to label np.nanstd(pred - obs) "rms": an offset of 0.5 mag in every row gave rms=0.00."""
+    import pandas as pd
+
+    from catalogpred.plots import offset_stats, predicted_vs_observed_figure
+
+    assert offset_stats([10.0, 11.0, np.nan], [9.5, 10.5, 3.0]) == (2, 0.5, 0.5)
+    n, bias, rms = offset_stats([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
+    assert n == 3 and bias == pytest.approx(1.0) and rms == pytest.approx(np.sqrt(5 / 3))
+    assert offset_stats([1.0], [1.3])[1:] == pytest.approx((-0.3, 0.3))  # one row: still its offset
+    for n_rows in (1, 3):
+        df = pd.DataFrame({"w1_mag": [15.5] * n_rows, "w1_mag_obs": [15.0] * n_rows, "w1_mag_obs_err": [0.05] * n_rows,
+                           "ir_excess": [False] * n_rows})
+        fig = predicted_vs_observed_figure(df)
+        ax = fig.axes[0]
+        text = " ".join(t.get_text() for t in ax.texts)
+        assert f"n={n_rows}" in text and "bias=+0.50" in text and "rms=0.50 mag" in text
+        assert ax.get_legend()._loc == 0  # "best": not over the points in a fixed corner
+
+
+def test_cli_plot_errors_are_one_line(catalog, tmp_path, capsys):
+    (tmp_path / "existing.csv").write_text("x\n")
+    assert main(["plot", str(catalog), "-o", str(tmp_path / "existing.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "existing.csv is a file" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["plot", str(catalog), "-o", str(tmp_path / "p5"), "--order", "40"]) == 1
+    err = capsys.readouterr().err
+    assert "HEALPix order 40 is out of range: the density map takes 0 to 29" in err and "Traceback" not in err
+    assert not (tmp_path / "p5").exists()
+    from catalogpred.plots import sky_density_figure
+
+    with pytest.raises(ConfigError, match="0 to 29"):
+        sky_density_figure(open_catalog(catalog), order=-1)

@@ -79,6 +79,9 @@ def test_ids_redshifts_and_selection(desi_files):
                         options=ReadOptions(selection=Selection(keep_sky=True, keep_unassigned=True,
                                                                      keep_bad_fiberstatus=True)))
     assert list(kept.reject_reason) == ["no_redshift"] * 5
+    # per-exposure spectra files name the column FIBERSTATUS, and the reject detail says so
+    spectra = read_spectra(next(p for p in desi_files if p.name == "spectra-sv3-dark-26065.fits"))
+    assert [d for r, d in zip(spectra.reject_reason, spectra.reject_detail) if r == "bad_fiberstatus"] == ["FIBERSTATUS = 512"]
 
 
 def test_user_redshift_table(desi_files, tmp_path):
@@ -109,6 +112,49 @@ def test_corrupt_desi_files(desi_files, tmp_path):
         with pytest.raises(InputFileError) as err:
             read_spectra(tmp_path / name)
         assert err.value.reason is reason, (name, err.value)
+
+
+def test_unreadable_file_split_across_shards_is_one_reject(desi_files, tmp_path):
+    """A multi-object file split across shards (ingest reads it in pieces) that cannot be read: the piece that
+    starts at spectrum 0 holds the file's one reject row, the other pieces add none."""
+    from catalogpred import store
+    from catalogpred.surveys import get_reader
+    from catalogpred.tasks import ingest_shard
+
+    src = next(p for p in desi_files if p.name == "coadd-5-169-thru20210419.fits")
+    bad = tmp_path / "coadd-missing-arm.fits"
+    with fits.open(src) as h:  # found and counted as DESI, but no R_FLUX to read
+        fits.HDUList([x for x in h if x.name != "R_FLUX"]).writeto(bad)
+    st = str(tmp_path / "s.zarr")
+    store.create_survey(st, store.SurveyLayout(survey="desi", grid=DESI_GRID, meta_columns=get_reader("desi").meta_columns,
+                                               shard_rows=4, chunk_rows=4))
+    shards = store.allocate_shards(st, "desi", 3)
+    done = [ingest_shard(st, "desi", s, [(str(bad), 4 * k, 4 * k + 4)]) for k, s in enumerate(shards)]
+    assert [d["n_rows"] for d in done] == [1, 0, 0]
+    store.mark_shards_done(st, "desi", shards)
+    meta = store.read_meta(st, "desi").to_pandas()
+    assert len(meta) == 1 and meta.reject_reason.tolist() == ["missing_hdu"] and meta.row_in_file.tolist() == [0]
+
+
+def test_reingest_skips_unreadable_split_file_and_warns_about_new_options(desi_files, tmp_path, client, caplog):
+    """Resume: an unreadable file read in pieces is done once its one reject row is in; a second ingest with
+    --redshifts skips files already in the store, and says that their rows keep the first ingest's redshifts."""
+    import logging
+
+    src = next(p for p in desi_files if p.name == "coadd-5-169-thru20210419.fits")
+    bad = tmp_path / "coadd-missing-arm.fits"
+    with fits.open(src) as h:
+        fits.HDUList([x for x in h if x.name != "R_FLUX"]).writeto(bad)
+    st = str(tmp_path / "s.zarr")
+    first = run_ingest([str(bad)], st, client=client, shard_rows=4, chunk_rows=4, progress=False)
+    assert first.rows == 1 and first.reasons == {"missing_hdu": 1}
+    zt = tmp_path / "z.csv"
+    zt.write_text("TARGETID,Z\n1,0.1\n")
+    with caplog.at_level(logging.WARNING, logger="catalogpred.pipeline"):
+        again = run_ingest([str(bad)], st, client=client, shard_rows=4, chunk_rows=4, progress=False,
+                           options=ReadOptions(redshifts=str(zt)))
+    assert again.rows == 0 and again.skipped_files == 1 and again.shards == 0
+    assert "keep the redshifts and selection of their first ingest" in caplog.text
 
 
 def test_all_desi_files_end_to_end(desi_files, tmp_path, client, desi_bundle, sdss_files, random_bundle):

@@ -146,6 +146,8 @@ def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
                                      join_on="specobjid")
     assert len(data["ids"]) == 160 and np.isfinite(data["latents"]).all()
     info, _ = train_bundle(data, tmp_path / "enc", tmp_path / "m", n_members=2)
+    # a head trained on a DEMO encoder is a demo bundle too, and its card says why
+    assert info.card.kind == "demo" and "DEMO" in info.card.summary and "encoder only" in info.card.summary
     run_predict(st, str(tmp_path / "m"), str(tmp_path / "cat"), client=client, progress=False)
     t = pq.ParquetDataset(tmp_path / "cat" / "dataset").read().to_pandas()
     assert t["w1_mag"].notna().all() and (t["w1_mag_err"] > 0).all() and t["ood_score"].notna().all()

@@ -11,8 +11,12 @@ from astropy.io import fits
 from catalogpred import store
 from catalogpred.pipeline import run_ingest, run_predict
 from catalogpred.query import angular_separation_deg, open_catalog
+from catalogpred.surveys import ReadOptions, Selection
 
 pytestmark = pytest.mark.realdata
+#: every class kept (the default takes galaxies: test_sdss_reader), so the real QSOs run through, and the
+#: z = 1.19 quasar meets the normalisation window check
+EVERYTHING = ReadOptions(selection=Selection(spectypes=()))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,8 @@ def built(tmp_path_factory, sdss_files, client, random_bundle):
         shutil.copy(p, inputs / p.name)
     (inputs / "spec-9990-55555-0001.fits").write_bytes(sdss_files[1].read_bytes()[:50_000])
     (inputs / "spec-9990-55555-0002.fits").write_bytes(np.random.default_rng(1).bytes(30_000))
-    ing = run_ingest([str(inputs)], str(d / "store.zarr"), client=client, shard_rows=8, chunk_rows=4, progress=False)
+    ing = run_ingest([str(inputs)], str(d / "store.zarr"), client=client, shard_rows=8, chunk_rows=4, progress=False,
+                     options=EVERYTHING)
     pred = run_predict(str(d / "store.zarr"), str(random_bundle), str(d / "catalog"), client=client, progress=False)
     return {"dir": d, "inputs": inputs, "ingest": ing, "predict": pred, "files": sdss_files}
 
@@ -176,7 +181,7 @@ def test_killed_predict_resumes_to_identical_catalog(tmp_path, sdss_files, clien
     for p in sdss_files:
         shutil.copy(p, inputs / p.name)
     st = str(tmp_path / "s.zarr")
-    run_ingest([str(inputs)], st, client=client, shard_rows=1, chunk_rows=1, progress=False)
+    run_ingest([str(inputs)], st, client=client, shard_rows=1, chunk_rows=1, progress=False, options=EVERYTHING)
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "catalogpred.cli", "predict", "--store", st, "--model", str(random_bundle),
            "--catalog", str(killed), "--workers", "1", "--no-progress"]

@@ -78,6 +78,7 @@ def test_check_spectra_normalises_and_masks():
 
 @pytest.mark.parametrize("case, reason", [
     ("nan", RejectReason.NONFINITE_FLUX),
+    ("nan_ivar", RejectReason.NONFINITE_FLUX),
     ("zero_ivar", RejectReason.NO_VALID_PIXELS),
     ("high_z", RejectReason.NORM_WINDOW_EMPTY),
     ("negative", RejectReason.BAD_NORM),
@@ -87,6 +88,8 @@ def test_check_spectra_rejects(case, reason):
     flux, ivar, mask, z = _flat_spectrum()
     if case == "nan":
         flux[0, 100] = np.nan
+    elif case == "nan_ivar":
+        ivar[0, 100] = np.inf
     elif case == "zero_ivar":
         ivar[:] = 0
     elif case == "high_z":
@@ -98,3 +101,14 @@ def test_check_spectra_rejects(case, reason):
     *_, norm, reasons, details = check_spectra(flux, ivar, mask, SDSS_GRID.wave, z)
     assert reasons == [reason] and details[0]
     assert not np.isfinite(norm[0])
+
+
+def test_nan_flux_without_weight_is_masked_not_rejected():
+    """A NaN flux where ivar = 0 is a pipeline's "no data" pixel: masked NONFINITE, the spectrum kept with
+    the same norm as without it; NaN where ivar > 0 is corruption (test_check_spectra_rejects)."""
+    flux, ivar, mask, z = _flat_spectrum(level=3.0)
+    flux[0, 100:110], ivar[0, 100:110] = np.nan, 0.0
+    fn, iv, m, norm, reasons, _ = check_spectra(flux, ivar, mask, SDSS_GRID.wave, z)
+    assert reasons == [None] and norm[0] == pytest.approx(3.0)
+    assert (m[0, 100:110] & PixelMask.NONFINITE).all() and (fn[0, 100:110] == 0).all() and (iv[0, 100:110] == 0).all()
+    assert np.isfinite(fn).all()

@@ -102,6 +102,7 @@ def test_sky_and_missing_redshift_rejects(survey, tmp_path):
     assert set(b.reject_reason[sky]) == {RejectReason.SKY_FIBRE.value}
     assert set(b.reject_reason[na]) == {RejectReason.NO_REDSHIFT.value}
     assert all(SPECOBJ_FILENAME in d for d in b.reject_detail[na])
+    assert (b.meta["zwarning"] != 0).any()  # kept (flagged in the catalog), not rejected
     assert int((b.reject_reason != "").sum()) == len(sky) + len(na)
     # keep_sky: the sky fibres are no longer excluded, but they have no specObj row
     kept = read_spectra(s.plate_paths[0], options=ReadOptions(selection=Selection(keep_sky=True)))

@@ -300,10 +300,13 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
     ood = fit_latent_density(data["latents"][split == 0])
     assumption = (" The table's `reg` column is taken to be log10(norm), the feature catalogpred computes from spectra."
                   if data.get("layout") == "reference" else "")
+    # a head on a DEMO encoder (seeded random weights) is still a demo: the card keeps saying so
+    demo = enc.info.card.kind == "demo"
     card = ModelCard(
-        kind="trained",
+        kind="demo" if demo else "trained",
         summary=(f"IR head (deep ensemble of {n_members} heteroscedastic MLPs) trained by `catalogpred train` on top of "
-                 f"the encoder {enc.info.model_id}.{assumption}"),
+                 f"the encoder {enc.info.model_id}.{assumption}"
+                 + (f" The encoder is a DEMO bundle: {enc.info.card.summary}" if demo else "")),
         training_data=f"{source} ({len(x)} rows, layout {data.get('layout')}; split 80/10/10 by id hash; seed {seed})",
         metrics=metrics,
         limitations="Predictions are calibrated on data like the training set; check ood_score and flags.",

@@ -83,6 +83,20 @@ class SelectionRejects:
         for i in np.flatnonzero(hit):
             self.detail[i] = text(i)
 
+    def redshift_fit(self, selection: "Selection", zwarn=None, spectype=None, *, zwarn_name: str = "ZWARN",
+                     class_name: str = "SPECTYPE") -> None:
+        """The selection's rules on the redshift fit, the same for every survey: warning bits set (``zwarn``
+        int [n], unless ``keep_zwarn``) and a class (``spectype`` str [n]) not in ``selection.spectypes``; an
+        empty class (a user table without one) passes. ``zwarn_name``/``class_name``: the survey's column
+        names, for the detail."""
+        if zwarn is not None and not selection.keep_zwarn:
+            zwarn = np.asarray(zwarn)
+            self.add(zwarn != 0, RejectReason.ZWARN, lambda i: f"{zwarn_name} = {zwarn[i]}")
+        if spectype is not None and selection.spectypes:
+            cls = np.char.strip(np.asarray(spectype).astype(str))
+            self.add((cls != "") & ~np.isin(cls, list(selection.spectypes)), RejectReason.NOT_GALAXY,
+                     lambda i: f"{class_name} '{cls[i]}' not in {list(selection.spectypes)}")
+
 
 #: prefix of identify_survey() results for files with redshifts but no spectra, e.g. "aux:desi-redshifts"
 AUXILIARY = "aux:"
@@ -98,8 +112,8 @@ class Selection:
     keep_sky: bool = False  #: sky fibres (DESI OBJTYPE SKY / TARGETID bit 59; PFS targetType SKY)
     keep_unassigned: bool = False  #: unassigned fibres (DESI negative TARGETID or blank OBJTYPE)
     keep_bad_fiberstatus: bool = False  #: DESI COADD_FIBERSTATUS != 0
-    keep_zwarn: bool = False  #: redshift warning bits set (DESI ZWARN)
-    spectypes: tuple = ("GALAXY",)  #: accepted SPECTYPE values; empty = any
+    keep_zwarn: bool = False  #: DESI ZWARN != 0 (SDSS ZWARNING rows are kept and flagged in the catalog)
+    spectypes: tuple = ("GALAXY",)  #: accepted classes (SDSS CLASS, DESI SPECTYPE, PFS); empty = any
     keep_fluxstd: bool = False  #: PFS flux standards
 
     def to_manifest(self) -> dict:

@@ -76,7 +76,8 @@ DESI_DOCS = {
     "fiber": ColumnDoc("DESI fibre number (0-4999); -1 for healpix coadds, whose FIBERMAP has none", "", "meta.id.part"),
     "expid": ColumnDoc("Exposure id for per-exposure spectra files; -1 for coadds", "", "meta.id"),
     "objtype": ColumnDoc("FIBERMAP OBJTYPE (TGT, SKY, BAD, ...)", "", "src.class"),
-    "coadd_fiberstatus": ColumnDoc("COADD_FIBERSTATUS bits (0 = good)", "", "meta.code.qual"),
+    "coadd_fiberstatus": ColumnDoc("COADD_FIBERSTATUS bits (FIBERSTATUS for per-exposure spectra files; 0 = good)",
+                                   "", "meta.code.qual"),
     "spectype": ColumnDoc("Redshift-fit spectral class (GALAXY, QSO, STAR): DESI Redrock SPECTYPE, PFS "
                           "redshift candidates; empty when unknown", "", "src.class"),
     "deltachi2": ColumnDoc("Redrock DELTACHI2: chi2 of the second-best fit minus the best", "", "stat.fit.chi2"),
@@ -269,7 +270,8 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
     targetid = col("TARGETID", -1, np.int64)
     objtype = _text(col("OBJTYPE", ""))
-    fiberstatus = col("COADD_FIBERSTATUS", 0, np.int64) if "COADD_FIBERSTATUS" in cols else col("FIBERSTATUS", 0, np.int64)
+    status_col = "COADD_FIBERSTATUS" if "COADD_FIBERSTATUS" in cols else "FIBERSTATUS"  # per-exposure spectra: FIBERSTATUS
+    fiberstatus = col(status_col, 0, np.int64)
     expid = col("EXPID", -1, np.int32)
     tileid = col("TILEID", hdr.get("TILEID", -1) if hdr.get("TILEID") is not None else -1, np.int32)
     spgrp = str(hdr.get("SPGRP", "") or "").strip()
@@ -318,16 +320,11 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     if not sel.keep_sky:
         reject(sky, RejectReason.SKY_FIBRE, lambda i: f"TARGETID {targetid[i]}, OBJTYPE '{objtype[i]}'")
     if not sel.keep_bad_fiberstatus:
-        reject(fiberstatus != 0, RejectReason.BAD_FIBERSTATUS, lambda i: f"COADD_FIBERSTATUS = {fiberstatus[i]}")
+        reject(fiberstatus != 0, RejectReason.BAD_FIBERSTATUS, lambda i: f"{status_col} = {fiberstatus[i]}")
     reject(~found, RejectReason.NO_REDSHIFT,
            lambda i: f"TARGETID {targetid[i]} not in {os.path.basename(zsource)}" if zsource else
            "no redrock file beside the spectra and no --redshifts table")
-    if not sel.keep_zwarn:
-        reject(zwarn != 0, RejectReason.ZWARN, lambda i: f"ZWARN = {zwarn[i]}")
-    if sel.spectypes:
-        known = spectype.astype(str) != ""  # a user table without a class column: no class cut
-        reject(known & ~np.isin(spectype.astype(str), list(sel.spectypes)), RejectReason.NOT_GALAXY,
-               lambda i: f"SPECTYPE '{spectype[i]}' not in {list(sel.spectypes)}")
+    rejects.redshift_fit(sel, zwarn, spectype)
 
     meta = {
         "source_id": source_id,

@@ -565,10 +565,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
                lambda i: f"targetType {tname[i]} ({int(ttype[i])})")
     reject(~zs["found"], RejectReason.NO_REDSHIFT,
            lambda i: f"catId {int(cat_id[i])} objId {int(obj_id[i]) & _UINT64:016x}: {zs['detail'][i]}")
-    if sel.spectypes:
-        spectype = zs["spectype"].astype(str)
-        reject((spectype != "") & ~np.isin(spectype, list(sel.spectypes)), RejectReason.NOT_GALAXY,
-               lambda i: f"class '{spectype[i]}' not in {list(sel.spectypes)}")
+    rejects.redshift_fit(sel, spectype=zs["spectype"], class_name="class")
 
     meta = {
         "source_id": np.array([f"pfs-{int(c):05d}-{int(o) & _UINT64:016x}" for c, o in zip(cat_id, obj_id)],

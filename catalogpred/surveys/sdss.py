@@ -7,6 +7,10 @@ log-λ grid with 1e-4 dex steps, so each pixel goes to
 :data:`~catalogpred.spectra.SDSS_GRID` by integer index, with no interpolation.
 Pixels outside the grid (BOSS reaches 3600–10400 Å) are dropped.
 
+Selection (:class:`~catalogpred.surveys.Selection`, as for DESI and PFS): a ``CLASS`` not in
+``spectypes`` (default GALAXY: QSOs and stars are ``not_galaxy`` rejects). ``ZWARNING`` != 0 is not
+a reject: the row is kept and flagged (``CatalogFlag.ZWARNING``), as SDSS catalogs carry it.
+
 Ids: ``source_id = "sdss-PPPP-MMMMM-FFFF"`` (zero-padded as in the file name;
 SDSS-V uses FIELD and CATALOGID: ``"sdss-FFFFF-MMMMM-CATALOGID"``). ``specobjid``
 is kept as a string: it is a 22-char string in legacy files, int64 in BOSS v5_11
@@ -20,7 +24,7 @@ import numpy as np
 
 from ..errors import InputFileError, RejectReason
 from ..spectra import SDSS_GRID, PixelMask, loglam_to_sdss_index
-from . import COMMON_META, ColumnDoc, Reader, SpectrumBlock, register_reader
+from . import COMMON_META, ColumnDoc, ReadOptions, Reader, SelectionRejects, SpectrumBlock, register_reader
 
 __all__ = ["identify", "read", "SDSS_META", "SDSS_DOCS"]
 
@@ -87,6 +91,7 @@ def read(fits, path, options=None) -> SpectrumBlock:
         raise InputFileError(f"{name}: no SPECOBJ or SPALL HDU, so no redshift or ids", RejectReason.MISSING_HDU)
 
     coadd = fits["COADD"].read(columns=["flux", "loglam", "ivar", "and_mask"])
+    coadd.dtype.names = [c.lower() for c in coadd.dtype.names]  # DR18+ (SDSS-V) files spell them FLUX, LOGLAM, ...
     obj_cols = {c.upper() for c in fits[obj_hdu].get_colnames()}
     wanted = [c for c in ("PLATE", "FIELD", "MJD", "FIBERID", "CATALOGID", "PLUG_RA", "PLUG_DEC", "RA", "DEC",
                           "Z", "Z_ERR", "ZWARNING", "CLASS", "SUBCLASS", "SPECOBJID", "SN_MEDIAN_ALL", "RUN2D")
@@ -95,6 +100,7 @@ def read(fits, path, options=None) -> SpectrumBlock:
     if missing:
         raise InputFileError(f"{name}: {obj_hdu} lacks required columns {missing}", RejectReason.MISSING_HDU)
     obj = fits[obj_hdu].read(columns=wanted, rows=[0])
+    obj.dtype.names = [c.upper() for c in obj.dtype.names]  # fitsio keeps the file's spelling; _col asks upper case
 
     n_pix = SDSS_GRID.n_pix
     flux = np.zeros((1, n_pix), np.float32)
@@ -145,7 +151,11 @@ def read(fits, path, options=None) -> SpectrumBlock:
         "run2d": np.array([_text(_col(obj, ("RUN2D",), ""))]),
     }
     assert list(meta)[: len(COMMON_META)] == list(COMMON_META)
-    return SpectrumBlock(survey="sdss", grid=SDSS_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta)
+    rejects = SelectionRejects(1)
+    # ZWARNING != 0 stays in the catalog, flagged (CatalogFlag.ZWARNING): only the class is selected
+    rejects.redshift_fit((options or ReadOptions()).selection, spectype=meta["spec_class"], class_name="CLASS")
+    return SpectrumBlock(survey="sdss", grid=SDSS_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
+                         reject_reason=rejects.reason, reject_detail=rejects.detail)
 
 
 register_reader(Reader(name="sdss", identify=identify, read=read, grid=SDSS_GRID, priority=10,

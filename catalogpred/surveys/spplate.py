@@ -23,8 +23,8 @@ Rows go to the ``sdss`` store group with the SDSS reader's columns and ids
 (``sdss-PPPP-MMMMM-FFFF``), so spectra ingested from spPlate and from spec files are the same
 rows of the same survey. Sky fibres (PLUGMAP ``OBJTYPE = 'SKY'``) are rejects
 (``sky_fibre``) unless ``Selection.keep_sky``; fibres absent from the object table are rejects
-(``no_redshift``). Like the spec-file reader, nothing else is selected here: redshift warnings
-are kept and flagged downstream.
+(``no_redshift``). Like the spec-file reader, a CLASS not in ``Selection.spectypes`` (default
+GALAXY) is a ``not_galaxy`` reject; ZWARNING != 0 is kept and flagged downstream.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ import numpy as np
 from ..errors import ConfigError, InputFileError, RejectReason
 from ..redshifts import SDSS_ID_COLUMNS, load_redshift_table
 from ..spectra import SDSS_GRID, SDSS_INDEX0, PixelMask
-from . import COMMON_META, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import (COMMON_META, ReadOptions, Reader, SelectionRejects, SpectrumBlock, register_auxiliary,
+               register_reader)
 from .sdss import SDSS_DOCS, SDSS_META
 
 __all__ = ["identify", "identify_fits", "read", "count", "find_object_table", "identify_object_table",
@@ -204,22 +205,19 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     if not run2d.any() and hdr.get("RUN2D"):
         run2d = np.full(n, str(hdr["RUN2D"]).strip(), dtype=object)
 
-    reason = np.full(n, "", dtype=object)
-    detail = np.full(n, "", dtype=object)
-    sky = objtype == "SKY"
-    if not options.selection.keep_sky and sky.any():
-        reason[sky] = RejectReason.SKY_FIBRE.value
-        detail[sky] = "PLUGMAP OBJTYPE 'SKY'"
-    noz = ~found & (reason == "")
-    if noz.any():
-        reason[noz] = RejectReason.NO_REDSHIFT.value
-        if table_path is None:
-            detail[noz] = (f"no specObj/spAll table: pass --redshifts specObj-dr17.fits or put one "
-                           f"({', '.join(OBJECT_TABLE_PATTERNS[:2])}) beside the spPlate files")
-        else:
-            src = os.path.basename(str(table_path))
-            detail[noz] = [f"plate {plate} MJD {mjd} fibre {f} (OBJTYPE '{o}') not in {src}"
-                           for f, o in zip(fiberid[noz], objtype[noz])]
+    rejects = SelectionRejects(n)
+    if not options.selection.keep_sky:
+        rejects.add(objtype == "SKY", RejectReason.SKY_FIBRE, lambda i: "PLUGMAP OBJTYPE 'SKY'")
+    if table_path is None:
+        missing = (f"no specObj/spAll table: pass --redshifts specObj-dr17.fits or put one "
+                   f"({', '.join(OBJECT_TABLE_PATTERNS[:2])}) beside the spPlate files")
+        rejects.add(~found, RejectReason.NO_REDSHIFT, lambda i: missing)
+    else:
+        src = os.path.basename(str(table_path))
+        rejects.add(~found, RejectReason.NO_REDSHIFT,
+                    lambda i: f"plate {plate} MJD {mjd} fibre {fiberid[i]} (OBJTYPE '{objtype[i]}') not in {src}")
+    rejects.redshift_fit(options.selection, spectype=got["spectype"], class_name="CLASS")  # ZWARNING: flagged
+    reason, detail = rejects.reason, rejects.detail
 
     meta = {
         "source_id": np.array([f"sdss-{plate:04d}-{mjd:05d}-{f:04d}" for f in fiberid.tolist()], dtype=object),
