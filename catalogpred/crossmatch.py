@@ -335,7 +335,8 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     # columns this function adds: an external column of the same name (e.g. an earlier crossmatch's) gets _ext too
     added = {"ext_row", "separation_arcsec", "chi2_n", "ir_excess", "ir_excess_bands",
              *(f"{b}{s}" for b in phot for s in ("_mag_obs", "_mag_obs_err", "_excess", "_excess_sigma"))}
-    taken = set(out_cols) | (added if phot else {"ext_row", "separation_arcsec"})
+    # every catalog column name, selected or not: an external column is named the same whatever --columns says
+    taken = set(schema.names) | (added if phot else {"ext_row", "separation_arcsec"})
     for fld in ext.schema:
         name = fld.name if fld.name not in taken else fld.name + EXTERNAL_SUFFIX
         taken.add(name)

@@ -716,7 +716,8 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
     :func:`~catalogpred.model.train.read_training_table` returns them.
 
     Photometry is joined on an id column (``join_on``, compared as strings, e.g. ``specobjid``)
-    or matched on the sky (nearest within ``match_radius_arcsec``). Non-detections keep their σ
+    or matched on the sky (nearest within ``match_radius_arcsec``). ``groups`` names each row's object by the
+    photometry row it matched, so that repeat spectra of one object share a train/validation/test split. Non-detections keep their σ
     (≥ 99 means no weight in training). The photometry columns and their system (``mag_system``, AB
     converted to Vega) are read as :func:`~catalogpred.tables.wise_vega_magnitudes` reads them.
     """
@@ -786,7 +787,7 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
     rows = m["_phot_row"].to_numpy(np.int64)
     return {"ids": m["source_id"].tolist(), "latents": latents, "z": m["z"].to_numpy(np.float64),
             "log_norm": np.log10(m["norm"].to_numpy(np.float64)), "mag": obs_mag[rows], "mag_err": obs_err[rows],
-            "layout": "store"}
+            "groups": [f"photometry-row-{r}" for r in rows.tolist()], "layout": "store"}
 
 
 def pa_equal(column, value):

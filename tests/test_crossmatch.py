@@ -67,6 +67,8 @@ def test_constructed_offsets(catalog, rows, constructed):
     np.testing.assert_allclose(t.column("separation_arcsec").to_numpy(), OFFSETS[:n_match], atol=1e-6)
     assert t.schema.field("separation_arcsec").metadata[b"unit"] == b"arcsec"
     assert "ra_ext" in t.column_names and "name" in t.column_names  # clashing external names get _ext
+    narrow = crossmatch(catalog, ext, radius_arcsec=1.5, columns="source_id")  # the same names, whatever is selected
+    assert narrow.column_names[:4] == ["source_id", "name", "ra_ext", "dec_ext"]
     assert "w1_excess" not in t.column_names  # no photometry, no excess columns
     # larger radius: all seven; keep_unmatched: every external row, unmatched with null catalog columns
     assert crossmatch(catalog, ext, radius_arcsec=5.01).num_rows == 7

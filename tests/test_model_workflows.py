@@ -166,6 +166,16 @@ def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
     for d in (data, data2):
         want = phot.loc[meta.loc[d["ids"], "specobjid"], "w1mpro"].to_numpy()
         np.testing.assert_array_equal(d["mag"][:, 0], want)
+    # spectra that matched one photometry row (one object) share a group, so one train/validation/test split
+    from catalogpred.model.train import split_by_hash
+
+    half = tmp_path / "half.parquet"
+    pq.write_table(pq.read_table(survey.photometry_path).slice(0, 40), half)
+    shared = training_table_from_store(st, str(half), str(tmp_path / "enc"), client=client, match_radius_arcsec=36000.0)
+    groups = np.array(shared["groups"])
+    assert len(groups) > len(set(groups)) == 40
+    split = split_by_hash(shared["groups"])
+    assert all(len(set(split[groups == g])) == 1 for g in set(groups))
     # the same photometry in AB, said so: the same Vega magnitudes
     ab = pq.read_table(survey.photometry_path)
     for j, (b, off) in enumerate((("w1", 2.699), ("w2", 3.339), ("w3", 5.174), ("w4", 6.620))):

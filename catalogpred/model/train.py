@@ -280,7 +280,9 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
                  version: str = "1", source: str = "", overwrite: bool = False, progress: bool = False):
     """Fit a head ensemble on ``data`` (:func:`read_training_table` layout) and save encoder + head as a bundle.
 
-    The split is by id hash (80/10/10 train/validation/test); the card gets the test metrics.
+    The split is by a hash (80/10/10 train/validation/test) of ``data["groups"]`` where given (the object: a
+    store's training table groups spectra by the photometry row they matched), else of the ids; the card
+    gets the test metrics.
     Returns ``(BundleInfo, metrics)``.
     """
     from ..errors import BundleError
@@ -293,7 +295,9 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
                           f"encodes {enc.info.n_latent}")
     x = features_from(data)
     ok = np.isfinite(x).all(1)
-    split = split_by_hash(data["ids"])
+    # by object where the table knows it (repeat spectra of one object matched to one photometry row): all of
+    # an object's spectra fall in one split, so the test metrics are not measured on objects trained on
+    split = split_by_hash(data.get("groups") or data["ids"])
     split = np.where(ok, split, 3)  # rows with unusable features take no part
     log.info("training on %d rows (%d train, %d validation, %d test, %d unusable)", len(x), *(int((split == k).sum()) for k in range(4)))
     ens, metrics = fit_ensemble(x, data["mag"], data["mag_err"], split, n_members=n_members, seed=seed, progress=progress)
