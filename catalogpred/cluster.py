@@ -197,9 +197,13 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         try:
             want = max(1, wait_workers or 1)
             have = len(client.scheduler_info()["workers"])
-            if have < want:
+            while have < want:  # no overall timeout (batch queues take hours); a line every minute
                 log.info("waiting for %d Dask workers at %s (%d connected)", want, client.scheduler.address, have)
-                client.wait_for_workers(want)
+                try:
+                    client.wait_for_workers(want, timeout=60)
+                except TimeoutError:
+                    pass
+                have = len(client.scheduler_info()["workers"])
             log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
             yield client
         finally:

@@ -34,10 +34,12 @@ informational plane) where two arms overlap; CR/INTRP, SAT and BAD_SKY on scatte
 :func:`write_pfs_object` — legacy single-object ``pfsObject-%05d-%05d-%s-%016x-%03d-0x%016x.fits``
 % (catId, tract, patch, objId, nVisit % 1000, pfsVisitHash): PRIMARY, FLUX (image with the
 wavelength WCS ``CTYPE1='WAVE'``, ``CUNIT1='nm'``, ``CRVAL1`` = mid-λ, ``CRPIX1 = N/2 + 1.5``,
-``CDELT1``), MASK (CompImage, MP_ keys + WCS), TARGET (filterName, fiberFlux; header CATID,
+``CDELT1``, ``DAMD_VER``), MASK (CompImage, MP_ keys + WCS), TARGET (filterName, fiberFlux; header CATID,
 TRACT, PATCH, OBJID, RA, DEC, TARGETTYPE), SKY, COVAR (image 3×N), COVAR2, OBSERVATIONS, NOTES,
-FLUX_TABLE. The spectrum is sampled at the wavelengths the WCS states (``CRVAL1 + (p − CRPIX1)·CDELT1``,
-p = 1..N; with the datamodel's ``CRPIX1`` that is one pixel bluer than ``linspace(min, max, N)``).
+FLUX_TABLE. The spectrum is sampled on the datamodel's ``WavelengthArray``, ``linspace(min, max, N)``,
+which that WCS describes as the datamodel reads it (0-based ``pixel_to_world(1.0 .. N)``: element i at
+FITS pixel i + 2; :func:`catalogpred.surveys.pfs.wcs_wavelength_angstrom`). The noise is drawn pixel by
+pixel, so COVAR's off-diagonal rows are 0; its diagonal is the variance of that noise.
 
 :func:`write_pfs_cozcandidates` — ``pfsCoZCandidates-%05d.fits`` % catId, as drp_1dpipe writes it:
 TARGET (targetId, catId, tract, patch, objId, nVisit, visitHash, ra, dec, targetType), WARNINGS,
@@ -195,7 +197,7 @@ class PfsTarget:
 
     @property
     def visit_hash(self) -> int:
-        """pfsVisitHash of the (mock) visits: 63-bit SHA-1 of the visit numbers."""
+        """pfsVisitHash of the (mock) visits, as the datamodel computes it (:func:`_visit_hash`)."""
         return _visit_hash(_visits(self))
 
 
@@ -424,9 +426,10 @@ def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *,
     sky = sky_cont + sky_lines
     thru = _throughput_factor(wave_nm)
     finite_thru = np.where(np.isfinite(thru), thru, 6.0)
-    var = target.noise_scale * (7.0 * (sky + np.clip(model, 0, None)) + 80.0**2) * finite_thru
+    # sky-line residuals (1 % of the line) are part of the noise the variance describes
+    var = target.noise_scale * (7.0 * (sky + np.clip(model, 0, None)) + 80.0**2) * finite_thru + (0.01 * sky_lines) ** 2
     sigma = np.sqrt(var)
-    flux = model + sigma * rng.standard_normal(n) + 0.01 * sky_lines * rng.standard_normal(n)
+    flux = model + sigma * rng.standard_normal(n)
 
     mask = np.zeros(n, np.int64)
     no_data = ~np.isfinite(thru)
@@ -458,10 +461,7 @@ def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *,
     flux[no_data] = np.nan if nan_no_data else 0.0
     variance[no_data] = np.nan if nan_no_data else 0.0
     covar = np.zeros((3, n), np.float64)
-    covar[0] = variance
-    sv = np.where(np.isfinite(variance), np.sqrt(np.where(np.isfinite(variance), variance, 0.0)), 0.0)
-    covar[1, :-1] = 0.08 * sv[:-1] * sv[1:]
-    covar[2, :-2] = 0.01 * sv[:-2] * sv[2:]
+    covar[0] = variance  # the noise is drawn pixel by pixel: no covariance with neighbours (rows 1 and 2)
     if mask.max(initial=0) >= 1 << 31:
         raise ValueError("mask planes must use bits 0..30 (MASK is int32)")
     return {"flux": flux.astype(np.float32), "mask": mask.astype(np.int32), "covar": covar.astype(np.float32),
@@ -477,13 +477,12 @@ def _visits(target: PfsTarget) -> list[int]:
 
 
 def _visit_hash(visits: list[int]) -> int:
-    """63-bit SHA-1 of the visit list (as the datamodel's calculatePfsVisitHash)."""
+    """pfsVisitHash as the datamodel defines it (``calculatePfsVisitHash``): SHA-1 of the text of the list of
+    the sorted visits as byte strings (``"[b'108562', b'119564']"``), its low 63 bits."""
     if visits == [0]:
         return 0
-    m = hashlib.sha1()
-    for v in visits:
-        m.update(str(v).encode())
-    return int(m.hexdigest()[:16], 16) & 0x7FFFFFFFFFFFFFFF
+    text = str([str(v).encode() for v in sorted(visits)])
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) & 0x7FFFFFFFFFFFFFFF
 
 
 def _fiber_flux(target: PfsTarget) -> dict[str, float]:
@@ -730,10 +729,10 @@ def _wcs_cards(wave_min_nm: float, wave_max_nm: float, n: int) -> list[tuple]:
             ("CNAME1", "Wavelength", "Axis name for labelling purposes")]
 
 
-def wcs_wavelength_nm(header, n: int) -> np.ndarray:
-    """λ (nm) of pixels 1..n from a linear WCS: ``CRVAL1 + (p − CRPIX1)·CDELT1`` (CUNIT1 nm)."""
-    cdelt = header.get("CDELT1", header.get("CD1_1"))
-    return header["CRVAL1"] + (np.arange(1, n + 1) - header["CRPIX1"]) * cdelt
+def datamodel_wavelength_nm(wave_min_nm: float, wave_max_nm: float, n: int) -> np.ndarray:
+    """The datamodel's ``WavelengthArray(min, max, n)``: ``linspace(min, max, n)`` nm, which :func:`_wcs_cards`
+    describes as the datamodel's ``toFitsHeader`` does."""
+    return np.linspace(wave_min_nm, wave_max_nm, n)
 
 
 def write_pfs_object(out_dir: str | os.PathLike, target: PfsTarget, *, wave_range_nm: tuple = (350.0, 1260.0),
@@ -757,7 +756,7 @@ def write_pfs_object(out_dir: str | os.PathLike, target: PfsTarget, *, wave_rang
     wcs = Header()
     for c in cards:
         wcs[c[0]] = (c[1], c[2])
-    wave = wcs_wavelength_nm(wcs, n_wave)
+    wave = datamodel_wavelength_nm(wave_range_nm[0], wave_range_nm[1], n_wave)
     r = render_pfs_spectrum(target, wave, mask_planes=planes)
 
     primary = PrimaryHDU()
@@ -765,10 +764,12 @@ def write_pfs_object(out_dir: str | os.PathLike, target: PfsTarget, *, wave_rang
     primary.header["TELESCOP"] = "Subaru"
     primary.header["INSTRUME"] = "PFS"
     primary.header[_ORIGIN[0]] = _ORIGIN[1:]
-    flux = ImageHDU(r["flux"], header=wcs.copy(), name="FLUX")
+    fa_header = wcs.copy()  # the datamodel writes its version beside the WCS of every array HDU
+    fa_header["DAMD_VER"] = (2, "PfsFiberArray datamodel version")
+    flux = ImageHDU(r["flux"], header=fa_header.copy(), name="FLUX")
     flux.header["BUNIT"] = "nJy"
     mask_header = _mp_header(planes)
-    mask_header.extend(wcs.copy())
+    mask_header.extend(fa_header.copy())
     mask = CompImageHDU(r["mask"], header=mask_header, name="MASK")
     ff = _fiber_flux(target)
     fl = max(len(k) for k in ff)
@@ -780,8 +781,6 @@ def write_pfs_object(out_dir: str | os.PathLike, target: PfsTarget, *, wave_rang
     tgt = BinTableHDU.from_columns([Column("filterName", f"{fl}A", array=list(ff)),
                                     Column("fiberFlux", "E", array=np.array(list(ff.values()), np.float32))],
                                    header=thead, name="TARGET")
-    fa_header = wcs.copy()
-    fa_header["DAMD_VER"] = (2, "PfsFiberArray datamodel version")
     sky = ImageHDU(r["sky"], header=fa_header.copy(), name="SKY")
     covar = ImageHDU(r["covar"], header=fa_header.copy(), name="COVAR")
     covar2 = ImageHDU(_covar2(r["variance"]), name="COVAR2")

@@ -51,6 +51,16 @@ GPU_WORKER_COMMAND = "dask cuda worker"  # jobqueue runs `<python> -m <worker_co
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _requests_gpus(directive: str) -> bool:
+    """Whether an ``#SBATCH`` directive asks for GPUs (``--gres=gpu:N``, ``--gpus``, ``--gpus-per-node``/
+    ``-task``, ``-G N``); ``--qos=gpu_normal``, ``-p gpu`` or ``--constraint=gpu`` do not."""
+    words = directive.replace("=", " ").split()
+    if not words:
+        return False
+    opt = words[0]
+    return (opt == "--gres" and "gpu" in directive) or opt.startswith("--gpus") or opt == "-G"
+
+
 def _flatten(tree: dict, prefix: str = ""):
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -176,7 +186,7 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
             extra_args += ["--resources", "GPU=1"]
         if system == "slurm":
             directives = list(conf("job-extra-directives") or [])
-            if not any("gpu" in str(d) or "gres" in str(d) for d in directives):
+            if not any(_requests_gpus(str(d)) for d in directives):
                 directives.append(f"--gres=gpu:{gpus}")
             kw["job_extra_directives"] = directives
         elif conf("resource-spec") is None:

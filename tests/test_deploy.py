@@ -236,6 +236,15 @@ def _check_worker(container: dict, gpu: bool | None = True) -> None:
     assert "$(DASK_SCHEDULER_ADDRESS)" in args and "$(DASK_WORKER_NAME)" in args  # set by the operator
 
 
+def test_interactive_cluster_keeps_the_workers_its_example_waits_for():
+    """The DaskAutoscaler resets the worker group to `minimum` while idle: the example's --wait-workers N must
+    not exceed it, or the run waits for workers that never come."""
+    path = DEPLOY / "k8s" / "daskcluster-interactive.yaml"
+    wait = int(re.search(r"--wait-workers (\d+)", path.read_text()).group(1))
+    auto = next(d for d in _yaml_docs(path) if d["kind"] == "DaskAutoscaler")
+    assert auto["spec"]["minimum"] >= wait
+
+
 def test_k8s_manifests_have_the_fields_their_kind_needs():
     docs = _k8s_docs()
     by_kind: dict[str, list[dict]] = {}
@@ -344,6 +353,39 @@ def test_image_entrypoint_dispatch(argv, expect, tmp_path):
     out = subprocess.run(["bash", str(DEPLOY / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == expect
+
+
+def test_image_entrypoint_runs_every_catalogpred_command(tmp_path):
+    """`docker run IMAGE <command> ...` is catalogpred's command for every subcommand the CLI has."""
+    from catalogpred.cli import COMMANDS
+
+    (tmp_path / "catalogpred").write_text('#!/usr/bin/env bash\necho "catalogpred:$*"\n')
+    (tmp_path / "catalogpred").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for command in COMMANDS:
+        out = subprocess.run(["bash", str(DEPLOY / "docker" / "entrypoint.sh"), command, "--help"], env=env,
+                             capture_output=True, text=True).stdout.strip()
+        assert out == f"catalogpred:{command} --help", command
+
+
+def test_docker_image_user_and_slurm_worker_cpus():
+    """The image's UID 1000 user exists once (ubuntu:24.04 ships "ubuntu" with it); srun gets --cpus-per-task
+    again (since Slurm 22.05 it is not inherited from sbatch, and the workers would share one CPU)."""
+    docker = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert docker.index("userdel --remove ubuntu") < docker.index("useradd --create-home --uid 1000")
+    sbatch = (DEPLOY / "slurm" / "catalog-build.sbatch").read_text()
+    sruns = [ln for ln in sbatch.splitlines() if ln.strip().startswith("srun ")]
+    assert len(sruns) == 2 and all('--cpus-per-task="$CPUS"' in ln for ln in sruns)
+    assert "#PBS -l place=scatter" in (DEPLOY / "pbs" / "catalog-build.pbs").read_text()
+
+
+def test_gpu_request_detection_in_slurm_directives():
+    from catalogpred.submit import _requests_gpus
+
+    for d in ("--gres=gpu:4", "--gres gpu:a100:2", "--gpus=2", "--gpus-per-node=4", "--gpus-per-task 1", "-G 2"):
+        assert _requests_gpus(d), d
+    for d in ("--qos=gpu_normal", "-p gpu", "--constraint=gpu", "--partition=gpu-long", "--gres=nvme:1", ""):
+        assert not _requests_gpus(d), d
 
 
 # ------------------------------------------------------------------ the batch scripts, run on this machine

@@ -116,7 +116,33 @@ def test_pfs_object_layout(survey):
         assert h["TARGET"].columns.names == ["filterName", "fiberFlux"]
         assert h["COVAR"].data.shape == (3, n)
         assert h["MASK"].header["MP_NO_DATA"] == 8
+        for hdu in ("FLUX", "MASK", "SKY", "COVAR"):  # the datamodel's reader needs it on FLUX
+            assert h[hdu].header["DAMD_VER"] == 2, hdu
         assert int(m.group(5)) == len(h["OBSERVATIONS"].data)
+
+
+def test_visit_hash_is_the_datamodels():
+    """calculatePfsVisitHash: SHA-1 of str([b'108562', ...]) of the sorted visits, low 63 bits (value computed with
+    the datamodel's own function)."""
+    from catalogpred.mock_pfs import _visit_hash
+
+    assert _visit_hash([125833, 108562, 122680, 119564]) == 0x12B7783079047D47
+
+
+def test_noise_is_what_the_variance_says(survey):
+    """chi^2 per pixel of the mock's noise about its model is 1 on sky-line pixels as elsewhere: the variance
+    written to COVAR holds all the noise drawn."""
+    from catalogpred.mock_pfs import render_pfs_spectrum
+
+    t = survey.targets[0]
+    r = render_pfs_spectrum(t)
+    ok = np.isfinite(r["flux"]) & np.isfinite(r["variance"]) & (r["variance"] > 0) & (r["mask"] == 0)
+    chi2 = (r["flux"].astype(np.float64) - r["model"]) ** 2 / r["variance"]
+    from catalogpred.mock_pfs import PFS_WAVE_NM, _sky_model_njy
+
+    cont, lines = _sky_model_njy(PFS_WAVE_NM, 1.0)
+    on_lines = ok & (lines > 2.0 * cont)
+    assert on_lines.sum() > 200 and 0.8 < chi2[on_lines].mean() < 1.2 and 0.9 < chi2[ok].mean() < 1.1
 
 
 def test_cozcandidates_layout(survey):
@@ -140,6 +166,20 @@ def test_cozcandidates_layout(survey):
         assert best and all(abs(best[o] - truth.loc[o, "z"]) < 1e-6 for o in best)
         assert list(gc["cRank"]) != sorted(gc["cRank"])  # shuffled: readers must use cRank
     assert identify_survey(z) == "aux:pfs-redshifts"
+
+
+def test_cozcandidates_with_the_older_redshifError_spelling(survey, tmp_path):
+    """Older drp_1dpipe wrote GALAXY_CANDIDATES.redshifError: the same redshift errors."""
+    from catalogpred.surveys.pfs import load_cozcandidates
+
+    src = survey.redshift_paths[0]
+    old = tmp_path / src.name
+    with fits.open(src) as h:
+        h["GALAXY_CANDIDATES"].columns.change_name("redshiftError", "redshifError")
+        h.writeto(old)
+    a, b = load_cozcandidates(src), load_cozcandidates(old)
+    assert len(a) == len(b) and np.isfinite(a._zerr).any()
+    np.testing.assert_array_equal(a._zerr, b._zerr)
 
 
 def test_fixture_is_deterministic(tmp_path):
@@ -215,6 +255,23 @@ def test_informational_mask_planes_do_not_mask(coadd):
     assert blk.ivar[i, k + OFFSET] > 0 and blk.mask[i, k + OFFSET] == 0
     cr = np.argwhere((mask & (1 << MASK_PLANES["CR"])) != 0)[0]
     assert blk.ivar[cr[0], cr[1] + OFFSET] == 0 and blk.mask[cr[0], cr[1] + OFFSET] & PixelMask.PIPELINE
+
+
+def test_informational_plane_at_bit_31(coadd, tmp_path):
+    """MASK is int32: a plane at bit 31 makes the value negative. Moving OVERLAP (informational) there changes
+    nothing read: bit 31 must not sign-extend into the high bits, which count as bad."""
+    moved = tmp_path / coadd.name
+    with fits.open(coadd) as h:
+        old_bit = int(h["MASK"].header["MP_OVERLAP"])
+        m = h["MASK"].data.astype(np.int64)
+        on = (m & (1 << old_bit)) != 0
+        m = (m & ~(1 << old_bit)) | np.where(on, 1 << 31, 0)
+        h["MASK"].data = (m & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+        h["MASK"].header["MP_OVERLAP"] = 31
+        h.writeto(moved)
+    assert (fits.getdata(moved, "MASK") < 0).any()
+    a, b = read_spectra(coadd), read_spectra(moved)
+    np.testing.assert_array_equal(a.ivar, b.ivar) and np.testing.assert_array_equal(a.mask, b.mask)
 
 
 def test_mask_bits_come_from_keywords_not_constants(tmp_path):
@@ -363,15 +420,19 @@ def test_resample_rejects_bad_input():
 def test_pfs_object_reads_wcs_and_resamples(survey):
     path = next(p for p in survey.paths if p.name.startswith("pfsObject"))
     blk = read_spectra(path)
+    from astropy.wcs import WCS
+
     with fits.open(path) as h:
         n = h["FLUX"].data.size
-        hd = h["FLUX"].header
-        wave_aa = (hd["CRVAL1"] + (np.arange(1, n + 1) - hd["CRPIX1"]) * hd["CDELT1"]) * 10.0
+        # as the datamodel's WavelengthArray.fromFitsHeader reads it: astropy's 0-based pixel_to_world(1 .. n)
+        wcs = WCS(h["FLUX"].header).sub(["spectral"])
+        wave_aa = wcs.pixel_to_world(np.arange(1.0, n + 1.0)).to_value("Angstrom")
         flux = h["FLUX"].data.astype(np.float64)
         var = h["COVAR"].data[0].astype(np.float64)
         bad = (h["MASK"].data & bad_mask_bits(mask_planes(h["MASK"].header))) != 0
         t = h["TARGET"].header
-    assert wave_aa[0] == pytest.approx(3499.0) and wave_aa[1] - wave_aa[0] == pytest.approx(1.0)
+    assert wave_aa[0] == pytest.approx(3500.0) and wave_aa[-1] == pytest.approx(12600.0)  # linspace(350, 1260, n) nm
+    assert wave_aa[1] - wave_aa[0] == pytest.approx(1.0)
     fac = fnu_njy_to_flam17(1.0, wave_aa)
     good = ~bad & np.isfinite(flux) & np.isfinite(var) & (var > 0)
     fl = np.where(good, flux * fac, 0.0)

@@ -220,7 +220,8 @@ def _load_coz(path: str, mtime: float) -> RedshiftTable:
         rank = np.asarray(cand[cc["crank"]], np.float64) if "crank" in cc else np.zeros(len(cand))
         proba = np.asarray(cand[cc["redshiftproba"]], np.float64) if "redshiftproba" in cc else np.zeros(len(cand))
         zc = np.asarray(cand[cc.get("redshift", cc.get("z"))], np.float64)
-        ze = np.asarray(cand[cc["redshifterror"]], np.float64) if "redshifterror" in cc else np.full(len(cand), np.nan)
+        err_col = cc.get("redshifterror", cc.get("redshiferror"))  # older drp_1dpipe spelled it redshifError
+        ze = np.asarray(cand[err_col], np.float64) if err_col else np.full(len(cand), np.nan)
         for k in range(len(cand)):
             i = row_of.get(int(ctid[k]))
             if i is None or not np.isfinite(zc[k]):
@@ -334,8 +335,22 @@ def _redshifts(path: str, options: ReadOptions, cat_id: np.ndarray, obj_id: np.n
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def _mask_bits_int64(mask) -> np.ndarray:
+    """A MASK array as int64 bit planes: an int32 MASK (the datamodel's) with bit 31 set is negative, and a plain
+    cast would sign-extend it into bits 32-63, which :func:`bad_mask_bits` counts as bad."""
+    m = np.asarray(mask)
+    return m.astype(np.int64) & 0xFFFFFFFF if m.dtype.itemsize <= 4 else m.astype(np.int64)
+
+
 def wcs_wavelength_angstrom(header, n: int, name: str = "") -> np.ndarray:
-    """Vacuum λ (Å) of pixels 1..n from a linear ``WAVE`` WCS: ``CRVAL1 + (p − CRPIX1)·CDELT1`` in CUNIT1."""
+    """Vacuum λ (Å) of the n pixels of a linear ``WAVE`` WCS: ``CRVAL1 + (p − CRPIX1)·CDELT1`` in CUNIT1.
+
+    The PFS datamodel (``WavelengthArray``) writes ``CRVAL1`` = the middle wavelength and ``CRPIX1 = n/2 + 1.5``,
+    and reads its array back with astropy's 0-based ``pixel_to_world(1.0 .. n)``: array element i sits at
+    FITS pixel p = i + 2, and λ runs from its minimum to its maximum. A header with that ``CRPIX1`` is read
+    the datamodel's way (else the files it wrote would be read 1 pixel too blue); any other by the FITS
+    standard, p = i + 1.
+    """
     keys = {str(k).upper(): k for k in header.keys()}
     missing = [k for k in ("CRVAL1", "CRPIX1") if k not in keys] + ([] if ("CDELT1" in keys or "CD1_1" in keys)
                                                                     else ["CDELT1"])
@@ -351,8 +366,10 @@ def wcs_wavelength_angstrom(header, n: int, name: str = "") -> np.ndarray:
     if scale is None:
         raise InputFileError(f"{name}: FLUX CUNIT1 = {unit!r}; expected nm, Angstrom or m", RejectReason.UNKNOWN_FORMAT)
     cdelt = float(header[keys["CDELT1"]] if "CDELT1" in keys else header[keys["CD1_1"]])
-    p = np.arange(1, n + 1, dtype=np.float64)
-    return (float(header[keys["CRVAL1"]]) + (p - float(header[keys["CRPIX1"]])) * cdelt) * scale
+    crpix = float(header[keys["CRPIX1"]])
+    first = 2 if abs(crpix - (0.5 * n + 1.5)) < 1e-9 else 1  # the datamodel's own convention (above)
+    p = np.arange(first, n + first, dtype=np.float64)
+    return (float(header[keys["CRVAL1"]]) + (p - crpix) * cdelt) * scale
 
 
 def _component(fits, hdu: str, n_rows: int | None, name: str) -> list | np.ndarray:
@@ -405,7 +422,7 @@ def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: 
             rows = idx[lo:lo + _CHUNK]
             flux = np.stack([np.asarray(fluxes[i], np.float64) for i in rows])
             var = np.stack([np.asarray(variances[i], np.float64) for i in rows])
-            mask = np.stack([np.asarray(masks[i], np.int64) for i in rows])
+            mask = np.stack([_mask_bits_int64(masks[i]) for i in rows])
             with np.errstate(divide="ignore", invalid="ignore"):
                 good = ((mask & bad_bits) == 0) & np.isfinite(flux) & np.isfinite(var) & (var > 0)
                 ivar = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0) / factor**2

@@ -25,7 +25,7 @@ case $first in
     dask-*)                                  # legacy one-word name: dask-x-y -> dask x y
         read -r -a words <<<"${first//-/ }"
         exec "${words[@]}" "$@" ;;
-    -*|ingest|predict|query|info|demo|submit)
+    -*|ingest|predict|query|crossmatch|plot|info|train|models|demo|submit)
         exec catalogpred "$first" "$@" ;;
     *)
         exec "$first" "$@" ;;
