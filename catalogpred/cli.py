@@ -150,11 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"catalogpred {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: tracebacks, debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    # the same two after the command (`catalogpred query ... -q`); SUPPRESS keeps what came before it
+    logging_opts = argparse.ArgumentParser(add_help=False)
+    logging_opts.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                              help="more logging (-vv: tracebacks, debug)")
+    logging_opts.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                              help="only warnings and errors on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_):
         return sub.add_parser(name, help=help_, description=help_, epilog=textwrap.dedent(EPILOGS.get(name, "")),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
 
     s = add("ingest", "Read survey files into a chunked, compressed Zarr store.")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, or @filelist.txt")
@@ -166,13 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redshift table (FITS/Parquet/CSV with TARGETID or catId/objId and Z) overriding redrock/"
                         "pfsCoZCandidates files; e.g. a DESI zpix catalog; for spPlate files a specObj/spAll table "
                         "(PLATE, MJD, FIBERID, Z), else the one beside the plates is used")
-    sel = s.add_argument_group("selection (multi-object surveys; excluded spectra go to the rejects table)")
+    sel = s.add_argument_group("selection (excluded spectra go to the rejects table with their reason)")
     sel.add_argument("--keep-sky", action="store_true", help="keep sky fibres")
     sel.add_argument("--keep-unassigned", action="store_true", help="keep unassigned fibres (negative TARGETID)")
     sel.add_argument("--keep-bad-fiberstatus", action="store_true", help="keep COADD_FIBERSTATUS != 0")
-    sel.add_argument("--keep-zwarn", action="store_true", help="keep redshifts with ZWARN != 0")
+    sel.add_argument("--keep-zwarn", action="store_true",
+                     help="keep DESI redshifts with ZWARN != 0 (SDSS ZWARNING != 0 is always kept, and flagged)")
     sel.add_argument("--keep-fluxstd", action="store_true", help="keep PFS flux-standard targets")
-    sel.add_argument("--spectypes", default="GALAXY", help="accepted SPECTYPEs, comma-separated; 'any' for all (default GALAXY)")
+    sel.add_argument("--spectypes", default="GALAXY",
+                     help="accepted classes (SDSS CLASS, DESI SPECTYPE, PFS), comma-separated, e.g. GALAXY,QSO; "
+                          "'any' for all (default GALAXY)")
     s.add_argument("--shard-rows", type=int, default=4096, help="spectra per shard = per task (default 4096)")
     s.add_argument("--chunk-rows", type=int, default=256, help="spectra per compressed chunk (default 256)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("import-spender", help="spender checkpoint (.pt) -> encoder-only bundle",
                         description="Read a spender checkpoint (['model'] state dict with encoder.* keys) into a bundle.",
                         epilog="example:\n  catalogpred models import-spender spender.sdss.paperII-c273bb69.pt --survey sdss -o sdss_II/",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
     m.add_argument("checkpoint")
     m.add_argument("--survey", required=True, choices=("sdss", "desi"), help="grid the encoder was trained on")
     m.add_argument("-o", "--output", required=True, help="output bundle directory")
@@ -314,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("fetch", help="download a published spender checkpoint (needs a network)",
                         description="Download sdss_II or desi_edr_galaxy from HuggingFace with huggingface_hub.",
                         epilog="example:\n  catalogpred models fetch sdss_II --dest checkpoints/",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
     m.add_argument("model", choices=("sdss_II", "desi_edr_galaxy"))
     m.add_argument("--dest", default="checkpoints", help="download directory (default checkpoints/)")
     m = msub.add_parser("evaluate", help="chi2_N, MAE, bias, coverage of a bundle's head on a latents table",
                         description="Evaluate a head on a table in the `train --table` layouts; writes a PNG and the card.",
                         epilog="example:\n  catalogpred models evaluate model/ heldout.csv --png eval.png",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
     m.add_argument("bundle")
     m.add_argument("table")
     m.add_argument("--png", default=None, help="predicted vs observed plot with chi residuals")
@@ -345,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, label in (("slurm", "SLURM (sbatch)"), ("pbs", "PBS (qsub)")):
         q = systems.add_parser(name, help=f"workers as {label} jobs", description=f"Workers as {label} jobs, then run "
                                "`catalogpred ingest|predict` on them.", epilog=textwrap.dedent(EPILOGS["submit"]),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
         q.add_argument("--jobs", type=int, required=True, help="batch jobs to submit (each starts its worker processes)")
         q.add_argument("--cores", type=int, default=None, help=f"cores per job (jobqueue.{name}.cores)")
         q.add_argument("--memory", default=None, help=f"memory per job, e.g. 64GB (jobqueue.{name}.memory)")

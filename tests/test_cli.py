@@ -155,3 +155,16 @@ def test_angles_take_units_and_primes():
         _angle("5 kg", "arcsec", "--radius")
     for argv in (["crossmatch", "cat/", "ext.csv"], ["plot", "cat/"]):  # --radius was a float: '2arcsec' failed
         assert build_parser().parse_args([*argv, "--radius", "2arcsec"]).radius == "2arcsec"
+
+
+def test_logging_options_after_the_command():
+    """-q and -v work after the command (and its nested action) as before it."""
+    from catalogpred.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["query", "cat", "-q"]).quiet is True
+    assert p.parse_args(["-q", "query", "cat"]).quiet is True
+    assert p.parse_args(["query", "cat"]).quiet is False and p.parse_args(["query", "cat"]).verbose == 0
+    assert p.parse_args(["ingest", "x", "--store", "s", "-vv"]).verbose == 2 and p.parse_args(["-v", "ingest", "x", "--store", "s"]).verbose == 1
+    assert p.parse_args(["models", "evaluate", "b", "t", "-vv"]).verbose == 2
+    assert p.parse_args(["submit", "slurm", "--jobs", "1", "-q", "--", "predict"]).quiet is True
