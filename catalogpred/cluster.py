@@ -158,8 +158,9 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         A scheduler file written by ``dask scheduler --scheduler-file``.
     wait_workers : int, optional
         With a scheduler: block until this many workers are connected (batch jobs
-        and pods start over minutes; the pipeline sizes its task window from the
-        workers present when it starts). Default: at least one.
+        and pods start over minutes; the pipeline's task window follows the workers
+        connected, recounted as tasks finish, so a run starts spread over them).
+        Default: at least one. A line is logged every minute while waiting.
     device : "cpu" | "cuda"
         Local cluster only: ``cuda`` starts a ``dask_cuda.LocalCUDACluster`` with one worker per
         GPU (``n_workers`` caps it), each pinned to its GPU by ``CUDA_VISIBLE_DEVICES`` (it sees
