@@ -7,7 +7,7 @@ Data flow (one module or subpackage per stage)::
 
 Quick start::
 
-    catalogpred demo                      # mock SDSS survey, end to end, into demo-output/
+    catalogpred demo                      # mock SDSS, DESI and PFS surveys, end to end, into demo-output/
     catalogpred ingest spec-*.fits --store store.zarr
     catalogpred predict --store store.zarr --model model/ --catalog catalog/
     catalogpred query catalog/ --cone 150.0 2.0 60

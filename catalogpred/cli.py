@@ -64,7 +64,7 @@ EPILOGS = {
     "plot": """\
         examples:
           catalogpred plot demo-output/catalog -o plots/
-          catalogpred plot demo-output/catalog -o plots/ --external demo-output/mock/allwise_photometry.parquet
+          catalogpred plot demo-output/catalog -o plots/ --external demo-output/mock/sdss/allwise_photometry.parquet
         Writes sky_density.png (Mollweide, HEALPix), colour_colour.png (W1-W2 vs W2-W3 with the
         Jarrett+11 AGN box), magnitudes.png and predicted_vs_observed.png (with --external: after a
         crossmatch with it; without: from the catalog's own observed WISE, DESI's flux_w1/flux_w2 as
@@ -149,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"catalogpred {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: tracebacks, debug)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (no summaries)")
     # the same two after the command (`catalogpred query ... -q`); SUPPRESS keeps what came before it
     logging_opts = argparse.ArgumentParser(add_help=False)
     logging_opts.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                               help="more logging (-vv: tracebacks, debug)")
     logging_opts.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                              help="only warnings and errors on stderr")
+                              help="only warnings and errors on stderr (no summaries)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_):
@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(PLATE, MJD, FIBERID, Z), else the one beside the plates is used")
     sel = s.add_argument_group("selection (excluded spectra go to the rejects table with their reason)")
     sel.add_argument("--keep-sky", action="store_true", help="keep sky fibres")
-    sel.add_argument("--keep-unassigned", action="store_true", help="keep unassigned fibres (negative TARGETID)")
-    sel.add_argument("--keep-bad-fiberstatus", action="store_true", help="keep COADD_FIBERSTATUS != 0")
+    sel.add_argument("--keep-unassigned", action="store_true",
+                     help="keep unassigned fibres (DESI negative TARGETID or blank OBJTYPE; PFS non-science target types)")
+    sel.add_argument("--keep-bad-fiberstatus", action="store_true",
+                     help="keep DESI COADD_FIBERSTATUS != 0 (FIBERSTATUS in per-exposure spectra files)")
     sel.add_argument("--keep-zwarn", action="store_true",
                      help="keep DESI redshifts with ZWARN != 0 (SDSS ZWARNING != 0 is always kept, and flagged)")
     sel.add_argument("--keep-fluxstd", action="store_true", help="keep PFS flux-standard targets")
@@ -199,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference precision: bf16 = the encoder's big convolutions in bfloat16, the rest in "
                         "float32: the fast choice on GPUs (default fp32)")
     s.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
-                   help="run the encoder through torch.compile on each worker (5-22 s to compile per worker, "
-                        "then 2.6-2.8x faster on a GPU, 1.1-1.3x on one CPU thread); auto: yes from "
+                   help="run the encoder through torch.compile on each worker (5-22 s to compile per worker; "
+                        "measured: the encoder 2.8x the eager one on an H200, predict 1.64x on an H100, 1.0-1.1x "
+                        "end to end on 2 CPU cores; README, Running on GPUs); auto: yes from "
                         f"{COMPILE_AUTO_ROWS['cuda']:,d} spectra per GPU worker or {COMPILE_AUTO_ROWS['cpu']:,d} "
                         "per CPU worker (default auto)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(all columns; --columns then picks from its result)")
     s.add_argument("--ir-excess", action="store_true",
                    help="add the IR-excess columns of crossmatch from the catalog's own observed WISE (DESI: "
-                        "the FIBERMAP's Legacy Surveys flux_w1/flux_w2, nanomaggies AB, converted to Vega)")
+                        "the FIBERMAP's Legacy Surveys flux_w1/flux_w2, nanomaggies AB, converted to Vega), after "
+                        "the --columns (which name catalog columns only)")
     s.add_argument("--excess-threshold", type=float, default=3.0,
                    help="with --ir-excess: flag ir_excess where any band's excess_sigma exceeds this (default 3)")
     s.add_argument("--excess-only", action="store_true", help="with --ir-excess: only rows flagged ir_excess")
@@ -442,24 +446,45 @@ def cmd_ingest(args) -> int:
         get_reader(args.survey)
     options = _read_options(args)
     if args.dry_run:  # what each file is, read from its headers here
-        kinds = Counter()
+        done = _paths_in_store(args.store)
+        kinds, n_aux, n_done = Counter(), 0, 0
         for path in paths:
             _, name, n, rej = detect_survey(path)
-            kind = ("redshifts" if name and name.startswith("aux:") else name if name
-                    else "reject: " + rej.split("\t", 1)[0])
-            kinds[kind] += 1
-            print(f"{path}\t{kind}\t{n if name and not name.startswith('aux:') else ''}")
-        log.info("dry run: %d files would be ingested into %s (%s)", len(paths), args.store,
-                 ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+            aux = bool(name and name.startswith("aux:"))
+            kind = "redshifts" if aux else name if name else "reject: " + rej.split("\t", 1)[0]
+            n_aux += aux
+            n_done += (not aux) and path in done
+            kinds[kind] += not aux
+            print(f"{path}\t{kind}\t{'' if aux else n}" + ("\talready in the store" if path in done else ""))
+        log.info("dry run: %d spectra files (%s): %d would be ingested into %s, %d already there skipped; "
+                 "%d redshift-only file(s) would give redshifts", len(paths) - n_aux,
+                 ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()) if v) or "none",
+                 len(paths) - n_aux - n_done, args.store, n_done, n_aux)
         return 0
     with _client(args) as client:
         summary = run_ingest(paths, args.store, client=client, survey=args.survey, shard_rows=args.shard_rows,
                              chunk_rows=args.chunk_rows, progress=_progress(args), options=options)
-    print(summary.table(), file=sys.stderr)
+    if not args.quiet:
+        print(summary.table(), file=sys.stderr)
     if args.strict and summary.rejected:
         log.error("--strict: %d spectra rejected", summary.rejected)
         return 1
     return 0
+
+
+def _paths_in_store(store_path) -> set:
+    """Input paths already ingested into ``store_path`` (empty when it does not exist)."""
+    import os
+
+    from . import store
+
+    if not os.path.isdir(store_path):
+        return set()
+    done = set()
+    for name in store.list_surveys(store_path):
+        if len(store.done_shards(store_path, name)):
+            done |= set(store.read_meta(store_path, name, ["source_path"]).column("source_path").to_pylist())
+    return done
 
 
 def cmd_predict(args) -> int:
@@ -491,8 +516,9 @@ def cmd_predict(args) -> int:
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=surveys,
                               blocks_per_gpu=args.blocks_per_gpu, compile=args.compile, read_engine=args.read_engine)
-    print(summary.table(), file=sys.stderr)
-    print(f"catalog written to {args.catalog}", file=sys.stderr)
+    if not args.quiet:
+        print(summary.table(), file=sys.stderr)
+        print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:
         log.error("--strict: %d spectra rejected%s", summary.rejects,
                   f" ({summary.blocks_failed} blocks failed on every retry: predict_error)" if summary.blocks_failed else "")

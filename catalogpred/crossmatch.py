@@ -2,7 +2,8 @@
 
 For every row of the external table (CSV, Parquet, FITS or VOTable, identified by content) the
 nearest catalog row within ``radius_arcsec`` is found (astropy ``match_to_catalog_sky``). Only
-the HEALPix leaves around the external positions are read.
+the HEALPix leaves around the external positions are read (for a radius above a tenth of a leaf and
+more than 2,000 external rows, every leaf).
 
 When the external table has observed W1–W4 magnitudes with errors (AllWISE ``w1mpro``/``w1sigmpro``,
 ``w1_mag``/``w1_mag_err`` or VizieR ``W1mag``/``e_W1mag``; any case), or fluxes in nanomaggies (Legacy

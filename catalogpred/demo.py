@@ -1,10 +1,12 @@
-"""``catalogpred demo``: the whole path on a mock SDSS survey, on the local Dask cluster.
+"""``catalogpred demo``: the whole path on mock SDSS, DESI and PFS surveys, on the local Dask cluster.
 
-1. write a mock survey of format-faithful ``spec-*.fits`` files (+ a few bad inputs) and an
-   AllWISE-like photometry table (:mod:`.mock`);
-2. ingest it into ``store.zarr``;
-3. build a **DEMO** model bundle: a seeded, untrained spender-architecture encoder and an
-   IR head fitted in seconds on the mock photometry (nothing here is the published model);
+1. write mock surveys of format-faithful files (SDSS ``spec-*.fits`` with a few bad inputs, DESI coadds
+   with redrock files, PFS pfsCoadd/pfsObject with pfsCoZCandidates) and AllWISE-like photometry
+   tables (:mod:`.mock`, :mod:`.mock_survey`, :mod:`.mock_pfs`); ``--surveys`` picks some;
+2. ingest them into one ``store.zarr``;
+3. build **DEMO** model bundles: seeded, untrained spender-architecture encoders with IR heads fitted
+   in seconds on the mock photometry, ``model/`` (SDSS grid) and ``model-desi/`` (DESI grid, for DESI
+   and PFS); nothing here is a published model;
 4. predict into a HATS catalog, print the summary and a cone query, save a colour–colour plot.
 """
 from __future__ import annotations

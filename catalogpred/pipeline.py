@@ -9,6 +9,7 @@ blocks with a done marker. Tasks are the functions in :mod:`.tasks`. At most
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -244,9 +245,11 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     by_survey: dict[str, list[tuple[str, int]]] = {}  # store group -> files
     reader_of: dict[str, str] = {}  # path -> reader name, where it differs from its group's name
     group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
+    redshift_files = []
     for path, name, n, rej in detected:
         if name is not None and name.startswith("aux:"):
             summary.auxiliary_files += 1
+            redshift_files.append(path)
             continue
         summary.files += 1
         if survey != "auto":
@@ -262,6 +265,8 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     if summary.files == 0:
         raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
                           "(redrock, specObj/spAll, ...); give the spectra files too")
+    if redshift_files:  # the readers look among them as well as beside the spectra
+        options = dataclasses.replace(options, redshift_files=tuple(redshift_files))
     if file_rejects:
         # undetectable files are quarantined in the main survey's group, so the accounting still holds
         home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"

@@ -58,10 +58,10 @@ def test_ingest_dry_run_lists_files(sdss_files, desi_files, capsys):
     cap = capsys.readouterr()
     lines = [ln.split("\t") for ln in cap.out.splitlines()]
     assert rc == 0 and len(lines) == 14 and all(p.endswith(".fits") and kind == "sdss" and n == "1" for p, kind, n in lines)
-    assert "14 files would be ingested" in cap.err and "(14 sdss)" in cap.err
+    assert "14 spectra files (14 sdss): 14 would be ingested" in cap.err
     rc = main(["ingest", str(desi_files[0].parent), "--store", "unused.zarr", "--dry-run"])
     err = capsys.readouterr().err
-    assert rc == 0 and "2 redshifts" in err and "5 desi" in err
+    assert rc == 0 and "5 spectra files (5 desi)" in err and "2 redshift-only file(s)" in err
 
 
 def test_bad_inputs_fail_before_any_worker_starts(capsys, tmp_path, desi_files):
@@ -86,10 +86,16 @@ def test_ingest_predict_query_cli(tmp_path, sdss_files, random_bundle, capsys):
         shutil.copy(p, inp)
     st, cat = str(tmp_path / "s.zarr"), str(tmp_path / "cat")
     assert main(["ingest", str(inp), "--store", st, "--workers", "1", "--shard-rows", "4", "--chunk-rows", "4",
-                 "--no-progress", "--strict"]) == 0
+                 "--no-progress", "--strict", "-q"]) == 0
+    assert capsys.readouterr().err == ""  # -q: no summary, no progress, no info
     assert main(["predict", "--store", st, "--model", str(random_bundle), "--catalog", cat, "--workers", "1",
                  "--no-progress"]) == 0
     capsys.readouterr()
+    # a dry run on the same inputs says they are in the store already
+    assert main(["ingest", str(inp), "--store", st, "--dry-run"]) == 0
+    dry = capsys.readouterr()
+    assert "0 would be ingested" in dry.err and "4 already there skipped" in dry.err
+    assert all(ln.endswith("already in the store") for ln in dry.out.splitlines())
     # CSV on stdout, nothing else
     assert main(["query", cat, "--cone", "146.9", "-0.7", "7200", "--columns", "source_id,ra,dec,w1_mag"]) == 0
     out = capsys.readouterr().out.splitlines()

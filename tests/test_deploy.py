@@ -440,8 +440,8 @@ def _check_built_catalog(result, tmp_path: Path, run_dir: Path) -> None:
     assert "Scheduler at:" in (run_dir / "scheduler.log").read_text()  # the file itself is removed at shutdown
     rows = pq.ParquetDataset(tmp_path / "catalog" / "dataset").read().num_rows
     rejects = pq.read_table(tmp_path / "catalog" / "rejects.parquet").num_rows
-    assert rows + rejects == 14 and rows == 13  # the z = 1.19 quasar is a reject
-    assert "rows" in result.stdout and "13" in result.stdout  # `catalogpred info` at the end
+    assert rows + rejects == 14 and rows == 9  # the 5 QSOs are not_galaxy rejects (the default selection)
+    assert "rows" in result.stdout and "9" in result.stdout  # `catalogpred info` at the end
 
 
 @pytest.mark.realdata

@@ -157,6 +157,26 @@ def test_reingest_skips_unreadable_split_file_and_warns_about_new_options(desi_f
     assert "keep the redshifts and selection of their first ingest" in caplog.text
 
 
+def test_redrock_given_among_the_inputs_is_used(desi_files, tmp_path, client):
+    """A redrock file named among the ingest inputs gives its coadd's redshifts by file name, wherever it lies;
+    without it the spectra are no_redshift rejects."""
+    from catalogpred import store
+
+    name = "coadd-4-80613-thru20210324.fits"
+    (tmp_path / "spectra").mkdir()
+    (tmp_path / "z").mkdir()
+    shutil.copy(next(p for p in desi_files if p.name == name), tmp_path / "spectra" / name)
+    rr = next(p for p in desi_files if p.name == name.replace("coadd-", "redrock-"))
+    shutil.copy(rr, tmp_path / "z" / rr.name)
+    alone = run_ingest([str(tmp_path / "spectra")], str(tmp_path / "a.zarr"), client=client, progress=False)
+    given = run_ingest([str(tmp_path / "spectra"), str(tmp_path / "z" / rr.name)], str(tmp_path / "b.zarr"),
+                       client=client, progress=False)
+    assert alone.reasons == {"no_redshift": alone.rows} and given.auxiliary_files == 1
+    assert given.ok == 1 and not given.reasons
+    z = store.read_meta(str(tmp_path / "b.zarr"), "desi", ["z"]).column("z").to_pylist()
+    assert z == pytest.approx(Table.read(rr, hdu="REDSHIFTS")["Z"][:1].tolist())
+
+
 def test_all_desi_files_end_to_end(desi_files, tmp_path, client, desi_bundle, sdss_files, random_bundle):
     """All 7 files (+ the SDSS ones in the same store): rows + rejects = input spectra for each survey."""
     inp = tmp_path / "in"

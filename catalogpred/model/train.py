@@ -2,7 +2,7 @@
 
 χ² convention (stated everywhere): χ = (m_pred − m_obs) / sqrt(σ_pred² + σ_obs²),
 χ²_N = mean of χ² per band. Training minimises the NLL with variance σ_pred² + σ_obs².
-Missing bands and non-detections (NaN magnitude, or σ_obs ≥ 9999 as in AllWISE
+Missing bands and non-detections (NaN magnitude, or σ_obs ≥ 99, e.g. the 9999 of AllWISE-derived
 tables) carry no weight.
 """
 from __future__ import annotations

@@ -13,7 +13,8 @@ so they reach the rejects table instead of disappearing.
 
 Files that hold redshifts but no spectra (DESI ``redrock-*``/``zpix-*``, PFS
 ``pfsCoZCandidates``) are *auxiliary*: :func:`identify_survey` names them so that
-ingest uses them for redshifts and does not count them as inputs.
+ingest does not count them as inputs; a reader finds the one it needs beside the spectra or, when
+it was given among the ingest inputs, by its file name there (:attr:`ReadOptions.redshift_files`).
 
 :func:`read_spectra` opens a file once, picks the reader by content (highest
 priority first) or by the ``survey`` argument, and raises
@@ -130,10 +131,28 @@ class ReadOptions:
         Path of a redshift table (FITS/Parquet/CSV; see :mod:`catalogpred.redshifts`) that overrides
         the redshifts found next to the spectra.
     selection : Selection
+    redshift_files : tuple of str
+        Redshift-only files named among the ingest inputs (redrock, pfsCoZCandidates, specObj/spAll): a
+        reader looks there, by the same file name, as well as beside the spectra (:func:`given_or_beside`).
     """
 
     redshifts: str | None = None
     selection: Selection = field(default_factory=Selection)
+    redshift_files: tuple = ()
+
+
+def given_or_beside(names, directory: str, given=()) -> str | None:
+    """The first of the file ``names`` (base names, in order of preference) in ``directory``, else among the
+    ``given`` paths (:attr:`ReadOptions.redshift_files`), else None."""
+    by_name = {os.path.basename(str(p)): str(p) for p in given}
+    for name in names:
+        beside = os.path.join(directory, name)
+        if os.path.exists(beside):
+            return beside
+    for name in names:
+        if name in by_name:
+            return by_name[name]
+    return None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import InputFileError, RejectReason
 from ..redshifts import load_redshift_table
 from ..spectra import DESI_GRID, VEGA_TO_AB, WISE_UCD_RANGE, PixelMask
-from . import COMMON_META, ColumnDoc, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import (COMMON_META, ColumnDoc, ReadOptions, Reader, SelectionRejects, SpectrumBlock, given_or_beside,
+               register_auxiliary, register_reader)
 
 __all__ = ["identify", "read", "merge_arms", "DESI_META", "DESI_DOCS", "ARMS"]
 
@@ -218,14 +219,13 @@ def _merge_contiguous(waves, fluxes, ivars, masks, grid):
     return out, ivar_out, mask_out, covered
 
 
-def _redshift_path(path: str) -> str | None:
+def _redshift_path(path: str, given=()) -> str | None:
+    """``redrock-X.fits`` (or ``zbest-X.fits``) of ``coadd-X.fits``/``spectra-X.fits``: beside it, else among
+    the redshift files ``given`` as ingest inputs."""
     d, base = os.path.split(path)
     for prefix in ("coadd-", "spectra-"):
         if base.startswith(prefix):
-            for rprefix in ("redrock-", "zbest-"):
-                cand = os.path.join(d, rprefix + base[len(prefix):])
-                if os.path.exists(cand):
-                    return cand
+            return given_or_beside([rprefix + base[len(prefix):] for rprefix in ("redrock-", "zbest-")], d, given)
     return None
 
 
@@ -293,7 +293,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     spectype = np.full(n, "", dtype=object)
     deltachi2 = np.full(n, np.nan)
     found = np.zeros(n, bool)
-    zsource = options.redshifts or _redshift_path(str(path))
+    zsource = options.redshifts or _redshift_path(str(path), options.redshift_files)
     if zsource is not None:
         rs = load_redshift_table(zsource)
         got = rs.lookup(targetid)
@@ -323,7 +323,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
         reject(fiberstatus != 0, RejectReason.BAD_FIBERSTATUS, lambda i: f"{status_col} = {fiberstatus[i]}")
     reject(~found, RejectReason.NO_REDSHIFT,
            lambda i: f"TARGETID {targetid[i]} not in {os.path.basename(zsource)}" if zsource else
-           "no redrock file beside the spectra and no --redshifts table")
+           "no redrock file beside the spectra or among the inputs, and no --redshifts table")
     rejects.redshift_fit(sel, zwarn, spectype)
 
     meta = {

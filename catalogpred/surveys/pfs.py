@@ -51,7 +51,8 @@ import numpy as np
 from ..errors import ConfigError, InputFileError, RejectReason
 from ..redshifts import RedshiftTable, load_redshift_table
 from ..spectra import DESI_GRID, PixelMask, fnu_njy_to_flam17, resample_flux_conserving
-from . import COMMON_META, ColumnDoc, SelectionRejects, ReadOptions, Reader, SpectrumBlock, register_auxiliary, register_reader
+from . import (COMMON_META, ColumnDoc, ReadOptions, Reader, SelectionRejects, SpectrumBlock, given_or_beside,
+               register_auxiliary, register_reader)
 
 __all__ = ["identify", "identify_redshifts", "read", "count", "PFS_META", "PFS_DOCS", "INFO_PLANES", "mask_planes",
            "bad_mask_bits", "load_cozcandidates", "find_cozcandidates", "wcs_wavelength_angstrom"]
@@ -266,13 +267,11 @@ def load_cozcandidates(path: str | os.PathLike) -> RedshiftTable:
     return _load_coz(path, os.path.getmtime(path))
 
 
-def find_cozcandidates(directory: str, cat_id: int) -> str | None:
-    """``pfsCoZCandidates-%05d.fits`` (or drp_1dpipe's ``pfsCoZcandidates-…``) for ``cat_id`` in ``directory``."""
-    for stem in ("pfsCoZCandidates", "pfsCoZcandidates"):
-        p = os.path.join(directory, f"{stem}-{int(cat_id):05d}.fits")
-        if os.path.exists(p):
-            return p
-    return None
+def find_cozcandidates(directory: str, cat_id: int, given=()) -> str | None:
+    """``pfsCoZCandidates-%05d.fits`` (or drp_1dpipe's ``pfsCoZcandidates-…``) for ``cat_id`` in ``directory``,
+    else among the redshift files ``given`` as ingest inputs."""
+    return given_or_beside([f"{stem}-{int(cat_id):05d}.fits" for stem in ("pfsCoZCandidates", "pfsCoZcandidates")],
+                           directory, given)
 
 
 def _is_coz_file(path: str) -> bool:
@@ -315,9 +314,10 @@ def _redshifts(path: str, options: ReadOptions, cat_id: np.ndarray, obj_id: np.n
     directory = os.path.dirname(os.path.abspath(str(path)))
     for cid in np.unique(cat_id):
         sel = cat_id == cid
-        zpath = find_cozcandidates(directory, int(cid))
+        zpath = find_cozcandidates(directory, int(cid), options.redshift_files)
         if zpath is None:
-            out["detail"][sel] = f"no pfsCoZCandidates-{int(cid):05d}.fits beside the file and no --redshifts table"
+            out["detail"][sel] = (f"no pfsCoZCandidates-{int(cid):05d}.fits beside the file or among the inputs, "
+                                  "and no --redshifts table")
             continue
         try:
             table = load_cozcandidates(zpath)

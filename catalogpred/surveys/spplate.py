@@ -28,6 +28,7 @@ GALAXY) is a ``not_galaxy`` reject; ZWARNING != 0 is kept and flagged downstream
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import os
@@ -89,9 +90,14 @@ def _find_object_table(folder: str) -> str | None:
     return None
 
 
-def find_object_table(path: str | os.PathLike) -> str | None:
-    """The ``specObj*``/``spAll*`` table next to an spPlate file (its folder, then the one above), or None."""
-    return _find_object_table(os.path.dirname(os.path.abspath(str(path))))
+def find_object_table(path: str | os.PathLike, given=()) -> str | None:
+    """The ``specObj*``/``spAll*`` table next to an spPlate file (its folder, then the one above), else the first
+    such table among the redshift files ``given`` as ingest inputs, or None."""
+    beside = _find_object_table(os.path.dirname(os.path.abspath(str(path))))
+    if beside is not None:
+        return beside
+    tables = [str(p) for p in given if any(fnmatch.fnmatch(os.path.basename(str(p)), pat) for pat in OBJECT_TABLE_PATTERNS)]
+    return sorted(tables)[0] if tables else None
 
 
 def _hdu(fits, names: set, extname: str):
@@ -164,7 +170,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
     # the object table: redshifts and ids
     # the object table: redshifts and ids (without one, every fibre is a no_redshift reject)
-    table_path = options.redshifts or find_object_table(path)
+    table_path = options.redshifts or find_object_table(path, options.redshift_files)
     if table_path is not None:
         table = load_redshift_table(table_path)
         if table.id_columns != SDSS_ID_COLUMNS:
