@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,6 +273,21 @@ def test_informational_plane_at_bit_31(coadd, tmp_path):
     assert (fits.getdata(moved, "MASK") < 0).any()
     a, b = read_spectra(coadd), read_spectra(moved)
     np.testing.assert_array_equal(a.ivar, b.ivar) and np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_n_visit_counts_distinct_visits(coadd, survey, tmp_path):
+    """nVisit as the datamodel counts it: distinct visits, so OBSERVATIONS rows per arm do not count twice."""
+    twice = tmp_path / coadd.name
+    with fits.open(coadd) as h:  # targetId and visit, the columns nVisit needs, each row twice (as per arm)
+        obs = h["OBSERVATIONS"].data
+        h["OBSERVATIONS"] = fits.BinTableHDU.from_columns(
+            [fits.Column("targetId", "J", array=np.tile(obs["targetId"], 2)),
+             fits.Column("visit", "J", array=np.tile(obs["visit"], 2))], name="OBSERVATIONS")
+        h.writeto(twice)
+    a, b = read_spectra(coadd), read_spectra(twice)
+    by_obj = {t.obj_id: t.n_visit for t in survey.targets}
+    assert a.meta["n_visit"].tolist() == [by_obj[o] for o in a.meta["obj_id"].tolist()]
+    np.testing.assert_array_equal(a.meta["n_visit"], b.meta["n_visit"])
 
 
 def test_mask_bits_come_from_keywords_not_constants(tmp_path):

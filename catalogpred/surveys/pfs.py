@@ -66,7 +66,7 @@ PFS_META = {
     "tract": "i4",
     "patch": "U",  # "m,n"
     "target_type": "i4",  # 1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...
-    "n_visit": "i4",  # visits in the coadd (OBSERVATIONS rows)
+    "n_visit": "i4",  # distinct visits in the coadd (OBSERVATIONS; an arm's rows share their visit)
     "spectype": "U",  # redshift-fit class (GALAXY, QSO, STAR); "" if unknown
 }
 
@@ -78,7 +78,8 @@ PFS_DOCS = {
     "patch": ColumnDoc("Sky patch in the tract ('m,n')", "", "meta.id.part"),
     "target_type": ColumnDoc("PFS TargetType (1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...)", "",
                              "meta.code"),
-    "n_visit": ColumnDoc("Visits in the coadd (OBSERVATIONS rows)", "", "meta.number"),
+    "n_visit": ColumnDoc("Distinct visits in the coadd (OBSERVATIONS.visit, as the datamodel counts nVisit)", "",
+                         "meta.number"),
     "spectype": ColumnDoc("Redshift-fit spectral class (GALAXY, QSO, STAR); empty when unknown", "", "src.class"),
 }
 
@@ -342,6 +343,13 @@ def _mask_bits_int64(mask) -> np.ndarray:
     return m.astype(np.int64) & 0xFFFFFFFF if m.dtype.itemsize <= 4 else m.astype(np.int64)
 
 
+def _distinct_visits(fits) -> int:
+    """Distinct ``visit`` values of a single-object file's OBSERVATIONS (its rows, without a visit column)."""
+    h = fits["OBSERVATIONS"]
+    col = next((c for c in h.get_colnames() if c.lower() == "visit"), None)
+    return int(len(np.unique(h.read(columns=[col])[col]))) if col and h.get_nrows() else int(h.get_nrows())
+
+
 def wcs_wavelength_angstrom(header, n: int, name: str = "") -> np.ndarray:
     """Vacuum λ (Å) of the n pixels of a linear ``WAVE`` WCS: ``CRVAL1 + (p − CRPIX1)·CDELT1`` in CUNIT1.
 
@@ -469,10 +477,13 @@ def _read_multi(fits, name: str, names: set) -> dict:
     n_visit = np.zeros(n, np.int32)
     if "OBSERVATIONS" in names and "targetid" in tc:
         obs = fits["OBSERVATIONS"].read(columns=[c for c in fits["OBSERVATIONS"].get_colnames()
-                                                 if c.lower() == "targetid"])
+                                                 if c.lower() in ("targetid", "visit")])
         if len(obs):
-            tid_obs = np.asarray(obs[obs.dtype.names[0]], np.int64)
-            counts = dict(zip(*np.unique(tid_obs, return_counts=True)))
+            oc = {c.lower(): c for c in obs.dtype.names}
+            tid_obs = np.asarray(obs[oc["targetid"]], np.int64)
+            visit = np.asarray(obs[oc["visit"]], np.int64) if "visit" in oc else np.arange(len(obs))
+            pairs = np.unique(np.stack([tid_obs, visit], 1), axis=0)  # a visit counts once per target
+            counts = dict(zip(*np.unique(pairs[:, 0], return_counts=True)))
             n_visit = np.array([counts.get(int(t), 0) for t in target[tc["targetid"]]], np.int32)
 
     def col(c, default, dtype):
@@ -528,7 +539,7 @@ def _read_object(fits, name: str, names: set) -> dict:
     obj_id = int(obj_id)
     if obj_id > (1 << 63) - 1:  # a %016x id above int64: two's complement
         obj_id -= 1 << 64
-    n_visit = int(fits["OBSERVATIONS"].get_nrows()) if "OBSERVATIONS" in names else (int(m.group(5)) if m else 0)
+    n_visit = _distinct_visits(fits) if "OBSERVATIONS" in names else (int(m.group(5)) if m else 0)
     headers = [fits["MASK"].read_header() if "MASK" in names else None, fhdr, fits[0].read_header()]
     patch = key("PATCH", m.group(3) if m else "")
     return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "mask": [mask],
