@@ -105,7 +105,7 @@ def core_columns(n_latent: int) -> list[Column]:
                "Quality bits: 1 ZWARNING, 2 LOW_SN (snr_median < 2), 4 PARTIAL_COVERAGE (< 80% of grid), "
                "8 NO_PREDICTION (encoder-only bundle), 16 OUT_OF_DISTRIBUTION (ood_score above the bundle threshold)"),
         Column("model_id", pa.string(), "", "meta.version", "Model bundle that made the prediction (name-version+sha256)"),
-        Column("source_file", pa.string(), "", "meta.file", "Input file name"),
+        Column("source_file", pa.string(), "", "meta.id;meta.file", "Input file name"),
     ]
     return cols
 

@@ -563,3 +563,16 @@ def test_parquet_export_reads_in_astropy(catalog, tmp_path):
     assert vo["ra"].unit == u.deg and u.Unit(vo["flux_w1"].unit.to_string()) == u.nanomaggy
     assert vo["ra"].meta["ucd"] == "pos.eq.ra;meta.main" and vo["ra"].description.startswith("Right ascension")
     assert full.colnames == t.column_names and full["latent"].shape == (t.num_rows, bench_query.N_LATENT)
+
+
+def test_votable_export_parses_strictly(catalog, tmp_path):
+    """Every FIELD's UCD and unit is valid VOTable: astropy's parser with verify="exception" reads the export
+    (meta.file, a secondary UCD word, cannot stand first: source_file is meta.id;meta.file)."""
+    from astropy.io.votable import parse
+
+    dest = tmp_path / "strict.vot"
+    write_table(open_catalog(catalog).limit(5).to_arrow(), dest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", u.UnitsWarning)  # VOUnit deprecates erg and Angstrom (norm): still valid
+        t = parse(str(dest), verify="exception").get_first_table()
+    assert t.get_field_by_id("source_file").ucd == "meta.id;meta.file"
