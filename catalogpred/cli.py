@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the predictions (default auto: AB where a column's unit says mag(AB), else Vega)")
     s.add_argument("--join-on", default=None, help="id column shared by store and photometry (e.g. specobjid, targetid)")
     s.add_argument("--match-radius", type=float, default=None, help="or: positional crossmatch radius, arcsec")
+    s.add_argument("--surveys", default=None,
+                   help="with --store: comma-separated store groups to train on (default: every group on the "
+                        "encoder's grid)")
     s.add_argument("--encoder", required=True, help="bundle whose encoder made (or makes) the latents")
     s.add_argument("-o", "--output", required=True, help="output bundle directory")
     s.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
@@ -391,8 +394,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._catalogpred = True  # replaced by the next call; other handlers (a host program's, pytest's) stay
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_catalogpred", False)] + [handler]
     root.setLevel(level)
     logging.getLogger("catalogpred").setLevel(logging.INFO if not quiet and verbose == 0 else level)
     if verbose == 0:
@@ -701,8 +705,19 @@ def cmd_plot(args) -> int:
 def cmd_train(args) -> int:
     from .model.train import read_training_table, train_bundle
 
+    import os
+
+    from .model.bundle import read_bundle_info
+
     progress = not args.no_progress and sys.stderr.isatty()
+    read_bundle_info(args.encoder)  # before any work: the encoder exists, and the output may be written
+    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)) and not args.overwrite:
+        raise ConfigError(f"{args.output} exists; choose another -o or pass --overwrite")
     if args.table:
+        given = [o for o, v in (("--photometry", args.photometry), ("--join-on", args.join_on),
+                                ("--match-radius", args.match_radius), ("--surveys", args.surveys)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} go with --store; --table holds the latents and photometry itself")
         data = read_training_table(args.table, args.mag_system)
         source = args.table
     else:
@@ -714,7 +729,8 @@ def cmd_train(args) -> int:
         with _client(args) as client:
             data = training_table_from_store(args.store, args.photometry, args.encoder, client=client,
                                              join_on=args.join_on, match_radius_arcsec=args.match_radius,
-                                             mag_system=args.mag_system)
+                                             mag_system=args.mag_system,
+                                             surveys=args.surveys.split(",") if args.surveys else None)
         source = f"{args.store} x {args.photometry}"
     info, metrics = train_bundle(data, args.encoder, args.output, n_members=args.members, seed=args.seed, name=args.name,
                                  version=args.model_version, source=source, overwrite=args.overwrite, progress=progress)
@@ -737,6 +753,11 @@ def cmd_models(args) -> int:
     else:
         from .model.train import evaluate_bundle, read_training_table
 
+        if args.png:
+            from pathlib import Path
+
+            from .query import _check_destination  # a missing directory: one line, before the work
+            _check_destination(Path(args.png), overwrite=True)
         metrics = evaluate_bundle(args.bundle, read_training_table(args.table, args.mag_system), png=args.png,
                                   update_card=not args.no_update_card)
         print(json.dumps(metrics, indent=2))

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
-                     float_values, magnitude_systems, with_flux_magnitudes)
+                     float_values, magnitude_systems, predicted_columns, with_flux_magnitudes)
 from .query import CatalogQuery, Cone, angle_value, astropy_to_arrow, open_catalog
 
 __all__ = ["crossmatch", "ir_excess", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
@@ -274,7 +274,9 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     if not radius_arcsec > 0:
         raise ConfigError(f"crossmatch needs a positive radius (arcsec), got {radius_arcsec}")
     q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
-    ext = with_flux_magnitudes(_to_arrow(external))
+    ext = _to_arrow(external)
+    predicted = predicted_columns(ext)  # an external catalogpred export: its predictions are not observations
+    ext = with_flux_magnitudes(ext, exclude=predicted)
     rcol, dcol = find_radec_columns(ext.column_names, ra_col, dec_col)
     ext_ra = _degrees(ext.column(rcol), rcol, "hourangle", _unit_of(ext.schema.field(rcol)))
     ext_dec = _degrees(ext.column(dcol), dcol, "deg", _unit_of(ext.schema.field(dcol)))
@@ -293,7 +295,7 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     else:
         out_cols = list(columns.split(",") if isinstance(columns, str) else columns)
         out_cols = [c.strip() for c in out_cols if c.strip()]
-    phot = find_photometry_columns(ext.column_names)
+    phot = find_photometry_columns([c for c in ext.column_names if c not in predicted])
     systems = magnitude_systems(ext.schema, phot, mag_system)
     if "ab" in systems.values():
         log.info("external magnitudes in AB, converted to Vega: %s",

@@ -540,7 +540,7 @@ def plan_predict(store_path: str, bundle_path, surveys: list[str] | None = None)
         if layout.grid.name not in infos:
             raise ConfigError(f"{store_path}/{name} is on the {layout.grid.name} grid but no --model bundle is "
                               f"(given: {', '.join(f'{k}: {v[1].model_id}' for k, v in infos.items())}); add a "
-                              f"{layout.grid.name} bundle or restrict with --surveys")
+                              f"{layout.grid.name} bundle" + ("" if surveys else " or restrict with --surveys"))
         grids[name] = layout.grid.name
         for s in store.done_shards(store_path, name):
             blocks.append((name, int(s)))
@@ -741,14 +741,19 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
     log.info("photometry: %s", ", ".join(f"{b} {m}/{e} ({sys_})" for b, (m, e, sys_) in used.items()))
     phot = phot.append_column("_phot_row", pa.array(np.arange(phot.num_rows)))
     pcols = {c.lower(): c for c in phot.column_names}
-    parts = []
+    parts, keyed = [], []
     for name in surveys or store.list_surveys(store_path):
         g, layout = store.open_survey(store_path, name)
         if layout.grid != info.grid:
             continue
-        want = ["source_id", "ra", "dec", "z", "norm", "status"] + ([join_on] if join_on and join_on in layout.meta_columns else [])
-        meta = store.read_meta(store_path, name, columns=list(dict.fromkeys(want)))
-        meta = meta.filter(pa_equal(meta.column("status"), store.RowStatus.OK)).to_pandas()
+        key_col = next((c for c in layout.meta_columns if join_on and c.lower() == join_on.lower()), None)
+        want = ["source_id", "ra", "dec", "z", "norm", "status"] + ([key_col] if key_col else [])
+        table = store.read_meta(store_path, name, columns=list(dict.fromkeys(want)))
+        table = table.filter(pa_equal(table.column("status"), store.RowStatus.OK))
+        meta = table.drop_columns([key_col]).to_pandas() if key_col else table.to_pandas()
+        if key_col:  # the key as text per group, from the exact values (ints stay ints, not floats after concat)
+            meta["_key"] = [str(v).strip() if v is not None else None for v in table.column(key_col).to_pylist()]
+            keyed.append(name)
         meta["survey_group"] = name
         parts.append(meta)
     if not parts:
@@ -757,11 +762,15 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
 
     meta = pd.concat(parts, ignore_index=True)
     if join_on:
-        if join_on.lower() not in pcols or join_on not in meta.columns:
-            raise ConfigError(f"--join-on {join_on}: needs the column in both the store metadata and {photometry_path}")
+        if join_on.lower() not in pcols or not keyed:
+            groups = ", ".join(str(m["survey_group"].iloc[0]) for m in parts if len(m)) or "none"
+            raise ConfigError(f"--join-on {join_on}: " + (
+                f"{photometry_path} has no such column" if join_on.lower() not in pcols else
+                f"no store group on the encoder's {info.grid.name} grid ({groups}) has it"))
+        if len(keyed) < len(parts):
+            log.info("--join-on %s: only the groups %s have it", join_on, ", ".join(keyed))
         p = phot.to_pandas()
-        p["_key"] = p[pcols[join_on.lower()]].astype(str).str.strip()
-        meta["_key"] = meta[join_on].astype(str).str.strip()
+        p["_key"] = [str(v).strip() if v is not None else None for v in phot.column(pcols[join_on.lower()]).to_pylist()]
         m = meta.merge(p, on="_key", how="inner", suffixes=("", "_phot"))
     else:
         from astropy import units as u

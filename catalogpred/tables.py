@@ -8,6 +8,7 @@ nanomaggies (Legacy Surveys catalogs and sweeps, DESI's FIBERMAP, so a DESI cata
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -16,8 +17,10 @@ import pyarrow as pa
 from .spectra import VEGA_TO_AB, WISE_BANDS as BANDS
 from .errors import ConfigError
 
-__all__ = ["read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
+__all__ = ["predicted_columns", "read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
            "magnitude_systems", "wise_vega_magnitudes", "float_values", "nanomaggies_to_ab", "with_flux_magnitudes", "photometry_input_columns"]
+
+log = logging.getLogger(__name__)
 
 #: an observed error at or above this (mag) marks a non-detection (AllWISE and the reference data use 9999).
 NON_DETECTION_SIGMA = 99.0
@@ -70,13 +73,26 @@ def magnitude_systems(schema: pa.Schema, phot: dict, mag_system: str = "auto") -
     return out
 
 
+def predicted_columns(table: pa.Table) -> list[str]:
+    """The ``w?_mag``/``w?_mag_err`` columns of ``table`` that are catalogpred's predictions, not observations:
+    those whose description says "Predicted" (a catalog export keeps it), or all of them in a table with the
+    catalog's ``model_id`` column (a CSV export, which keeps no descriptions)."""
+    names = [f"{b}_mag{s}" for b in BANDS for s in ("", "_err")]
+    lower = {n.lower(): n for n in table.column_names}
+    found = [lower[n] for n in names if n in lower]
+    if "model_id" in lower:
+        return found
+    return [c for c in found
+            if (table.schema.field(c).metadata or {}).get(b"description", b"").decode().lower().startswith("predicted")]
+
+
 def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str = "the table"):
     """Observed W1-W4 of ``table`` as Vega: ``(mag, err, columns)``, float64 [n, 4] each (NaN where a band has
     no column; AB converted with :data:`VEGA_TO_AB`), and ``{band: (mag column, err column, system)}``.
 
     Raises ConfigError when no band has both a magnitude and an error column.
     """
-    table = with_flux_magnitudes(table)
+    table = with_flux_magnitudes(table.drop_columns(predicted_columns(table)))  # a catalog's own predictions
     phot = find_photometry_columns(table.column_names)
     if not phot:
         raise ConfigError(f"{what} has no W1-W4 magnitude and error columns (e.g. w1mpro/w1sigmpro, "
@@ -90,6 +106,9 @@ def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str
             m, e = (float_values(table.column(c)) for c in phot[b])
             mag[:, j] = m - VEGA_TO_AB[b] if systems[b] == "ab" else m
             err[:, j] = e
+    for b in BANDS:  # which columns were read, in which system: a wrong guess shows up in the log
+        if b in phot:
+            log.info("%s: observed %s from %s/%s (%s)", what, b.upper(), *phot[b], systems[b])
     return mag, err, {b: (*phot[b], systems[b]) for b in phot}
 
 
@@ -126,15 +145,16 @@ def nanomaggies_to_ab(flux, ivar) -> tuple[np.ndarray, np.ndarray]:
     return mag, err
 
 
-def with_flux_magnitudes(table: pa.Table) -> pa.Table:
+def with_flux_magnitudes(table: pa.Table, exclude=()) -> pa.Table:
     """``table`` with ``{b}_mag_from_flux`` and ``{b}_mag_from_flux_err`` (mag(AB), :func:`nanomaggies_to_ab`)
     added for each band that has WISE fluxes in nanomaggies (``flux_w1`` and ``flux_ivar_w1``, any case) but
     no magnitude columns :func:`find_photometry_columns` knows; unchanged when there is none.
 
     The added columns are null for non-detections, and carry ``unit: mag(AB)`` and ``derived_from`` in their
-    field metadata: :func:`magnitude_systems` takes them as AB whatever ``mag_system`` says.
+    field metadata: :func:`magnitude_systems` takes them as AB whatever ``mag_system`` says. Columns in
+    ``exclude`` (e.g. :func:`predicted_columns`) do not count as magnitudes the table has.
     """
-    have = find_photometry_columns(table.column_names)
+    have = find_photometry_columns([c for c in table.column_names if c not in set(exclude)])
     lower = {n.lower(): n for n in table.column_names}
     for b in BANDS:
         if b in have:
@@ -191,8 +211,9 @@ def read_table_any(path: str | os.PathLike, hdu=None) -> pa.Table:
             v = np.asarray(t[name])
             if v.dtype.kind in "SU":
                 arr = pa.array(np.char.strip(v.astype(str)).tolist(), pa.string())
-            elif v.ndim == 2:
-                arr = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+            elif v.ndim == 2:  # FITS data are big-endian: Arrow takes native byte order only
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(v.astype(v.dtype.newbyteorder("=")).ravel()),
+                                                        v.shape[1])
             else:
                 arr = pa.array(v.astype(v.dtype.newbyteorder("=")))
             unit = getattr(t[name], "unit", None)

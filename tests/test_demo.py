@@ -8,7 +8,7 @@ import pytest
 from catalogpred.cli import main
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, client):
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--n-spectra", "300", "--workers", "2", "--no-progress",
                  "--surveys", "sdss,desi,pfs"]) == 0
@@ -35,7 +35,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert s["rows_rejected"] == len(ingest) and s["rejects_by_reason"] == ingest.reason.value_counts().to_dict()
         assert s["rows_ok"] == rows[survey] + ((rej.survey == survey) & (rej.stage == "predict")).sum()
     # the head learned the optical-IR coupling of the mock: predictions track the mock photometry
-    cat = pq.ParquetDataset(out / "catalog" / "dataset").read().to_pandas()
+    cat = cat_all = pq.ParquetDataset(out / "catalog" / "dataset").read().to_pandas()
     assert set(cat.survey) == {"sdss", "desi", "pfs"}
     for survey in ("desi", "pfs"):  # the DESI-grid bundle predicts DESI and resampled PFS spectra
         part = cat[cat.survey == survey]
@@ -47,6 +47,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert np.corrcoef(m["w1_mag"], m["w1mpro"])[0, 1] > 0.7
     lsdb = pytest.importorskip("lsdb")
     assert len(lsdb.open_catalog(str(out / "catalog")).compute()) == manifest["counts"]["catalog_rows"]
+    # the DESI-grid demo bundle, trained on a DEMO encoder, says it is a demo
+    assert json.loads((out / "model-desi" / "bundle.json").read_text())["card"]["kind"] == "demo"
+    # training rows from a store whose DESI-grid groups (desi, pfs) differ in columns: PFS has no targetid, and
+    # the 17-digit TARGETIDs still join exactly (they went through float64 before)
+    from catalogpred.pipeline import training_table_from_store
+
+    data = training_table_from_store(str(out / "store.zarr"), str(out / "mock" / "desi_allwise_photometry.parquet"),
+                                     str(out / "model-desi"), client=client, join_on="TARGETID")
+    assert len(data["ids"]) == (cat_all.survey == "desi").sum() and all(i.startswith("desi-") for i in data["ids"])
 
 
 def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys):

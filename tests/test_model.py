@@ -111,3 +111,20 @@ def test_evaluate_head_chi2_convention():
     m = evaluate_head(pred, sig, obs, err)
     assert m["w1"]["chi2_n"] == pytest.approx(0.5**2 / (0.3**2 + 0.4**2))  # χ = Δ / sqrt(σp² + σo²)
     assert m["w4"] == {"n": 0}  # σ = 9999 is a non-detection
+
+
+def test_model_id_depends_on_the_grid(tmp_path):
+    """The same weights saved as an SDSS-grid and a DESI-grid encoder are two models with two ids."""
+    from catalogpred.model.bundle import ModelCard, save_bundle
+    from catalogpred.model.encoder import SpectrumEncoder
+    from catalogpred.spectra import DESI_GRID, SDSS_GRID
+
+    torch.manual_seed(0)
+    enc = SpectrumEncoder()
+    card = ModelCard(kind="demo", summary="test")
+    a = save_bundle(tmp_path / "a", enc, None, name="x", version="1", grid=SDSS_GRID, card=card)
+    enc_desi = SpectrumEncoder(n_pix=DESI_GRID.n_pix)
+    enc_desi.load_state_dict(enc.state_dict())  # the same weights (the encoder's do not depend on the length)
+    b = save_bundle(tmp_path / "b", enc_desi, None, name="x", version="1", grid=DESI_GRID, card=card)
+    c = save_bundle(tmp_path / "c", enc, None, name="x", version="1", grid=SDSS_GRID, card=card)
+    assert a.model_id != b.model_id and a.model_id == c.model_id

@@ -123,6 +123,64 @@ def test_training_tables_take_any_photometry_names_and_ab(tmp_path):
         read_training_table(tmp_path / "none.csv")
 
 
+def test_a_catalog_export_is_not_its_own_observation(tmp_path):
+    """A catalog export has the predictions as w1_mag/w1_mag_err: training and evaluation read its observed
+    columns (W1mag/e_W1mag here; a DESI export's flux_w1), never the predictions (which gave chi2 0)."""
+    from astropy.table import Table
+
+    from catalogpred.model.train import read_training_table
+    from catalogpred.tables import predicted_columns
+
+    rng = np.random.default_rng(2)
+    n = 30
+    base = {"latent": rng.normal(size=(n, 6)).astype(np.float32), "z": rng.uniform(0.05, 0.3, n),
+            "norm": rng.uniform(1, 10, n), "model_id": np.full(n, "m-1+0")}
+    pred = {f"w{i}_mag": rng.normal(14, 1, n) for i in range(1, 5)} | {f"w{i}_mag_err": np.full(n, 0.3) for i in range(1, 5)}
+    obs = {f"W{i}mag": rng.normal(15, 1, n) for i in range(1, 5)} | {f"e_W{i}mag": np.full(n, 0.05) for i in range(1, 5)}
+    Table({**base, **pred, **obs}).write(tmp_path / "export.fits")
+    got = read_training_table(tmp_path / "export.fits")
+    np.testing.assert_allclose(got["mag"], np.stack([obs[f"W{i}mag"] for i in range(1, 5)], 1))
+    t = pa.table({k: v for k, v in pred.items()})
+    t = t.cast(pa.schema([f.with_metadata({b"description": b"Predicted AllWISE magnitude (Vega)"}) for f in t.schema]))
+    assert sorted(predicted_columns(t)) == sorted(pred)  # by description, without model_id
+    assert predicted_columns(pa.table({k: v for k, v in pred.items()})) == []  # a user table's w1_mag: observed
+
+
+def test_train_and_evaluate_refuse_what_they_cannot_do(tmp_path, capsys, caplog, random_bundle):
+    """A band without usable observations, the wrong latent count, AB magnitudes read as Vega (a warning),
+    an existing output or stray --store options: one-line errors before the work (train crashed on the band)."""
+    import logging
+
+    from catalogpred.model.synthetic import synthetic_reference_table
+    from catalogpred.model.train import evaluate_bundle, read_training_table
+
+    t = synthetic_reference_table(600, seed=3)
+    pacsv.write_csv(t, tmp_path / "ok.csv")
+    pacsv.write_csv(t.set_column(t.schema.get_field_index("w4sigmpro"), "w4sigmpro",
+                                 pa.array(np.full(t.num_rows, 9999.0))), tmp_path / "w4nd.csv")
+    assert main(["train", "--table", str(tmp_path / "w4nd.csv"), "--encoder", str(random_bundle),
+                 "-o", str(tmp_path / "nd"), "--members", "1", "--no-progress"]) == 1
+    assert "W4: fewer than 10 usable observations" in capsys.readouterr().err
+    assert main(["train", "--table", str(tmp_path / "ok.csv"), "--encoder", str(random_bundle), "-o", str(tmp_path / "m"),
+                 "--members", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    for argv, says in (([], "exists; choose another -o or pass --overwrite"),
+                       (["--overwrite", "--photometry", "x.parquet"], "--photometry go with --store")):
+        assert main(["train", "--table", str(tmp_path / "ok.csv"), "--encoder", str(random_bundle),
+                     "-o", str(tmp_path / "m"), "--members", "1", *argv]) == 1
+        assert says in capsys.readouterr().err
+    data = read_training_table(tmp_path / "ok.csv")
+    with pytest.raises(Exception, match="latents but"):
+        evaluate_bundle(tmp_path / "m", {**data, "latents": data["latents"][:, :4]}, update_card=False)
+    ab = dict(data, mag=data["mag"] + np.array([2.699, 3.339, 5.174, 6.620]))
+    with caplog.at_level(logging.WARNING, logger="catalogpred.model.train"):
+        evaluate_bundle(tmp_path / "m", ab, update_card=False)
+    assert "look like AB" in caplog.text
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "ok.csv"), "--png",
+                 str(tmp_path / "nodir" / "e.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
     from catalogpred.mock import write_sdss_survey
     from catalogpred.model.bundle import save_bundle

@@ -88,10 +88,14 @@ class LoadedModel:
     device: str = "cpu"
 
 
-def _sha256(paths) -> str:
+def _sha256(paths, grid: Grid | None = None) -> str:
+    """SHA-256 of the weight files and, for models of a grid other than SDSS's, the grid's name: the same
+    weights read as a DESI-grid encoder are another model (ids of SDSS-grid bundles are as before)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(Path(p).read_bytes())
+    if grid is not None and grid.name != "sdss":
+        h.update(f"grid:{grid.name}".encode())
     return h.hexdigest()
 
 
@@ -115,7 +119,7 @@ def save_bundle(path: str | os.PathLike, encoder: SpectrumEncoder, head, *, name
         weights.append(path / "head.pt")
     elif (path / "head.pt").exists():
         (path / "head.pt").unlink()
-    model_id = f"{name}-{version}+{_sha256(weights)[:8]}"
+    model_id = f"{name}-{version}+{_sha256(weights, grid)[:8]}"
     info = BundleInfo(name=name, version=version, model_id=model_id, grid=grid, n_latent=encoder.n_latent,
                       head_config=head.config() if head is not None else None, card=card, ood=ood,
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

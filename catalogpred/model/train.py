@@ -12,12 +12,17 @@ import logging
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..tables import BANDS, NON_DETECTION_SIGMA
 from .head import IRHead
 
 __all__ = ["fit_head", "evaluate_head"]
 
 log = logging.getLogger(__name__)
+
+
+#: usable observations a band needs, in training, and rows a validation or test split should have
+MIN_BAND_ROWS = 10
 
 
 def _valid(mag, err):
@@ -184,9 +189,15 @@ def read_training_table(path, mag_system: str = "auto") -> dict:
     def col(name):
         return t.column(cols[name]).to_numpy(zero_copy_only=False)
 
-    if "latent" in cols and pa.types.is_fixed_size_list(t.schema.field(cols["latent"]).type):
+    latent_type = t.schema.field(cols["latent"]).type if "latent" in cols else None
+    if latent_type is not None and (pa.types.is_fixed_size_list(latent_type) or pa.types.is_list(latent_type)
+                                    or pa.types.is_large_list(latent_type)):
         arr = t.column(cols["latent"]).combine_chunks()
-        latents = arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
+        sizes = set(pa.compute.list_value_length(arr).to_pylist()) if not pa.types.is_fixed_size_list(latent_type) else {arr.type.list_size}
+        if len(sizes) != 1 or arr.null_count:
+            raise ConfigError(f"{path}: the latent column has lists of lengths {sorted(s for s in sizes if s)} "
+                              "(or nulls); every row needs the same number of latents")
+        latents = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(arr), sizes.pop())
         layout = "catalogpred"
     else:
         for prefix, lay in (("spender_", "reference"), ("latent_", "catalogpred")):
@@ -197,20 +208,20 @@ def read_training_table(path, mag_system: str = "auto") -> dict:
                 layout = lay
                 break
         else:
-            raise ValueError(f"{path}: no latent columns (spender_0.. / latent_0.. / latent)")
+            raise ConfigError(f"{path}: no latent columns (spender_0.. / latent_0.. / a latent list column)")
     if "z" not in cols:
-        raise ValueError(f"{path}: no z column")
+        raise ConfigError(f"{path}: no z column")
     if "norm" in cols:
         log_norm = np.log10(col("norm").astype(np.float64))
     elif "reg" in cols:
         log_norm = col("reg").astype(np.float64)
     else:
-        raise ValueError(f"{path}: no normalisation column (norm, or reg in the reference layout)")
+        raise ConfigError(f"{path}: no normalisation column (norm, or reg in the reference layout)")
     mag, mag_err, _ = wise_vega_magnitudes(t, mag_system, what=str(path))
     id_col = next((cols[c] for c in ("source_id", "specobjid", "targetid", "id", "objid") if c in cols), None)
     ids = t.column(id_col).to_pylist() if id_col else list(range(t.num_rows))
     return {"ids": ids, "latents": latents, "z": col("z").astype(np.float64), "log_norm": log_norm,
-            "mag": mag, "mag_err": mag_err, "layout": layout}
+            "mag": mag, "mag_err": mag_err, "layout": layout, "source": str(path)}
 
 
 def calibrate_sigma_scale(mean: np.ndarray, sigma: np.ndarray, mag: np.ndarray, mag_err: np.ndarray) -> np.ndarray:
@@ -295,11 +306,21 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
                           f"encodes {enc.info.n_latent}")
     x = features_from(data)
     ok = np.isfinite(x).all(1)
+    usable = (_valid(data["mag"], data["mag_err"]) & ok[:, None]).sum(0)
+    empty = [b.upper() for b, k in zip(BANDS, usable) if k < MIN_BAND_ROWS]
+    if empty:
+        raise ConfigError(f"{', '.join(empty)}: fewer than {MIN_BAND_ROWS} usable observations (detections with "
+                          f"errors; rows per band: {dict(zip(BANDS, usable.tolist()))}); the head predicts all four "
+                          "WISE bands, so each needs observations to learn from")
     # by object where the table knows it (repeat spectra of one object matched to one photometry row): all of
     # an object's spectra fall in one split, so the test metrics are not measured on objects trained on
     split = split_by_hash(data.get("groups") or data["ids"])
     split = np.where(ok, split, 3)  # rows with unusable features take no part
     log.info("training on %d rows (%d train, %d validation, %d test, %d unusable)", len(x), *(int((split == k).sum()) for k in range(4)))
+    for k, what in ((1, "validation"), (2, "test")):
+        if (split == k).sum() < MIN_BAND_ROWS:
+            log.warning("only %d %s rows: early stopping, the sigma calibration and the card's metrics rest on "
+                        "them; train on more spectra", int((split == k).sum()), what)
     ens, metrics = fit_ensemble(x, data["mag"], data["mag_err"], split, n_members=n_members, seed=seed, progress=progress)
     ood = fit_latent_density(data["latents"][split == 0])
     assumption = (" The table's `reg` column is taken to be log10(norm), the feature catalogpred computes from spectra."
@@ -311,7 +332,9 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
         summary=(f"IR head (deep ensemble of {n_members} heteroscedastic MLPs) trained by `catalogpred train` on top of "
                  f"the encoder {enc.info.model_id}.{assumption}"
                  + (f" The encoder is a DEMO bundle: {enc.info.card.summary}" if demo else "")),
-        training_data=f"{source} ({len(x)} rows, layout {data.get('layout')}; split 80/10/10 by id hash; seed {seed})",
+        training_data=(f"{source} ({len(x)} rows, layout {data.get('layout')}; split 80/10/10 by a hash of "
+                       + ("the photometry row each spectrum matched (the object)" if data.get("groups")
+                          else "the id") + f"; seed {seed})"),
         metrics=metrics,
         limitations="Predictions are calibrated on data like the training set; check ood_score and flags.",
     )
@@ -334,6 +357,9 @@ def evaluate_bundle(bundle, data: dict, *, png=None, update_card: bool = True) -
     model = load_bundle(bundle)
     if model.head is None:
         raise BundleError(f"{bundle} has no IR head to evaluate; train one with `catalogpred train`")
+    if data["latents"].shape[1] != model.info.n_latent:
+        raise BundleError(f"the table has {data['latents'].shape[1]} latents but {bundle} encodes "
+                          f"{model.info.n_latent}: its latents come from another encoder")
     x = features_from(data)
     ok = np.isfinite(x).all(1)
     with torch.no_grad():
@@ -341,6 +367,9 @@ def evaluate_bundle(bundle, data: dict, *, png=None, update_card: bool = True) -
     mean, sigma = mean.numpy(), sigma.numpy()
     metrics = evaluate_head(mean, sigma, data["mag"][ok], data["mag_err"][ok])
     metrics["n_rows"] = int(ok.sum())
+    _warn_if_ab(metrics)
+    if data.get("source"):
+        metrics["table"] = str(data["source"])
     if png is not None:
         _plot_evaluation(mean, sigma, data["mag"][ok], data["mag_err"][ok], metrics, png)
     if update_card:
@@ -351,6 +380,19 @@ def evaluate_bundle(bundle, data: dict, *, png=None, update_card: bool = True) -
         (Path(bundle) / "MODEL_CARD.md").write_text(_card_markdown(read_bundle_info(bundle)) + "\n## Evaluation\n\n```\n"
                                                    + json.dumps(metrics, indent=1) + "\n```\n")
     return metrics
+
+
+def _warn_if_ab(metrics: dict) -> None:
+    """Warn when predicted − observed sits at the Vega − AB offsets in every band evaluated: the observed
+    magnitudes are very likely AB, read as Vega (``--mag-system ab``, or a ``mag(AB)`` column unit)."""
+    from ..spectra import VEGA_TO_AB
+
+    bias = {b: metrics.get(b, {}).get("bias") for b in BANDS}
+    near = [b for b, v in bias.items() if v is not None and np.isfinite(v) and abs(v + VEGA_TO_AB[b]) < 0.3]
+    if near and len(near) == sum(v is not None and np.isfinite(v) for v in bias.values()):
+        log.warning("predicted - observed is %s: the Vega-AB offsets (%s); the observed magnitudes look like AB "
+                    "read as Vega: pass --mag-system ab", ", ".join(f"{bias[b]:+.2f}" for b in near),
+                    ", ".join(f"-{VEGA_TO_AB[b]}" for b in near))
 
 
 def _plot_evaluation(mean, sigma, mag, err, metrics, png):
