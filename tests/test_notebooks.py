@@ -23,15 +23,25 @@ def demo(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def demo_with_desi(tmp_path_factory):
+    """SDSS for the catalog and the crossmatch, and one DESI file: rows that carry their own W1/W2."""
+    from catalogpred.demo import run_demo
+
+    out = tmp_path_factory.mktemp("nbdemo-desi") / "demo-output"
+    run_demo(out, n_spectra=200, n_workers=2, progress=False, surveys=("sdss", "desi"), n_desi_files=1)
+    return out
+
+
 def test_notebooks_exist():
     assert [p.name for p in NOTEBOOKS][:2] == ["01-demo-catalog.ipynb", "02-crossmatch-ir-excess.ipynb"]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(notebook, demo, tmp_path, monkeypatch):
+def test_notebook_executes(notebook, demo_with_desi, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("CATALOGPRED_CATALOG", str(demo / "catalog"))
+    monkeypatch.setenv("CATALOGPRED_CATALOG", str(demo_with_desi / "catalog"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(notebook, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
