@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
-from astropy.table import Table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
