@@ -644,18 +644,15 @@ def _result_columns(table, columns: str):
 def _with_ir_excess(q, args):
     """``query --ir-excess``: the rows of ``q`` with :func:`~catalogpred.crossmatch.ir_excess`'s columns from the
     catalog's own observed photometry (read as well, shown only if selected)."""
+    from .crossmatch import query_ir_excess
+
+    return _excess_rows(query_ir_excess(q, excess_threshold=args.excess_threshold), args)
+
+
+def _excess_rows(table, args):
+    """A table with ``ir_excess``: the count flagged logged, then ``--excess-only`` and ``--limit`` applied."""
     import pyarrow.compute as pc
 
-    from .crossmatch import PREDICTED_COLUMNS, ir_excess
-    from .tables import photometry_input_columns
-
-    names = q.schema.names
-    wanted = list(q.columns) if q.columns else names
-    observed = photometry_input_columns([n for n in names if n not in PREDICTED_COLUMNS])
-    read = wanted + [c for c in (*PREDICTED_COLUMNS, *observed) if c in names and c not in wanted]
-    table = ir_excess(q.select(read).to_arrow(), excess_threshold=args.excess_threshold)
-    added = table.column_names[len(read):]
-    table = table.select(wanted + added)
     flagged = pc.fill_null(table.column("ir_excess"), False)
     log.info("%d of %d rows flagged ir_excess (> %g sigma in any band)", pc.sum(flagged).as_py() or 0,
              table.num_rows, args.excess_threshold)
@@ -665,8 +662,6 @@ def _with_ir_excess(q, args):
 
 
 def cmd_crossmatch(args) -> int:
-    import pyarrow.compute as pc
-
     from .crossmatch import crossmatch
     from .errors import ConfigError
     from .query import open_catalog
@@ -679,14 +674,11 @@ def cmd_crossmatch(args) -> int:
                        columns=args.columns, excess_threshold=args.excess_threshold, keep_unmatched=args.keep_unmatched,
                        mag_system=args.mag_system)
     if "ir_excess" in table.column_names:
-        log.info("%d matches flagged ir_excess (> %g sigma in any band)",
-                 pc.sum(pc.fill_null(table.column("ir_excess"), False)).as_py() or 0, args.excess_threshold)
-    if args.excess_only:
-        if "ir_excess" not in table.column_names:
-            raise ConfigError(f"--excess-only needs observed W1-W4 with errors in {args.external} "
-                              "(columns like w1mpro/w1sigmpro or w1_mag/w1_mag_err)")
-        table = table.filter(pc.fill_null(table.column("ir_excess"), False))
-    if args.limit is not None:
+        table = _excess_rows(table, args)
+    elif args.excess_only:
+        raise ConfigError(f"--excess-only needs observed W1-W4 with errors in {args.external} "
+                          "(columns like w1mpro/w1sigmpro or w1_mag/w1_mag_err)")
+    elif args.limit is not None:
         table = table.slice(0, args.limit)
     _emit(table, args)
     return 0

@@ -40,10 +40,11 @@ import pyarrow.parquet as pq
 from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
-                     float_values, magnitude_systems, predicted_columns, with_flux_magnitudes)
+                     PREDICTED_COLUMNS, float_values, magnitude_systems, photometry_input_columns,
+                     predicted_columns, with_flux_magnitudes)
 from .query import CatalogQuery, Cone, angle_value, astropy_to_arrow, open_catalog
 
-__all__ = ["crossmatch", "ir_excess", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
+__all__ = ["crossmatch", "ir_excess", "query_ir_excess", "own_photometry_columns", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
            "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
 
 log = logging.getLogger(__name__)
@@ -358,10 +359,6 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-#: the catalog's predicted magnitude columns, which are not observations
-PREDICTED_COLUMNS = tuple(f"{b}_mag{s}" for b in BANDS for s in ("", "_err"))
-
-
 def ir_excess(table: pa.Table, *, excess_threshold: float = 3.0, mag_system: str = "auto") -> pa.Table:
     """``table`` (catalog rows: predicted ``w?_mag``/``w?_mag_err``) with the IR-excess columns of
     :func:`crossmatch` (``w?_mag_obs``, ``w?_mag_obs_err``, ``w?_excess``, ``w?_excess_sigma``, ``chi2_n``,
@@ -393,6 +390,22 @@ def ir_excess(table: pa.Table, *, excess_threshold: float = 3.0, mag_system: str
     for arr, fld in zip(arrays, fields):
         table = table.append_column(fld, arr)
     return table
+
+
+def own_photometry_columns(names) -> list[str]:
+    """The columns of a catalog (``names``) that hold observed W1-W4 of its own rows (DESI's ``flux_w1``,
+    ``flux_ivar_w1``, ...: :func:`~catalogpred.tables.photometry_input_columns`, predictions left out)."""
+    return photometry_input_columns([n for n in names if n not in PREDICTED_COLUMNS])
+
+
+def query_ir_excess(q: CatalogQuery, *, excess_threshold: float = 3.0) -> pa.Table:
+    """The rows of catalog query ``q``, its columns (all when it selects none), then :func:`ir_excess`'s, from the
+    catalog's own observed photometry (read as well, shown only where ``q`` selects it)."""
+    names = q.schema.names
+    wanted = list(q.columns) if q.columns else names
+    read = wanted + [c for c in (*PREDICTED_COLUMNS, *own_photometry_columns(names)) if c in names and c not in wanted]
+    table = ir_excess(q.select(read).to_arrow(), excess_threshold=excess_threshold)
+    return table.select(wanted + table.column_names[len(read):])
 
 
 def _field(name, type_, unit, ucd, description) -> pa.Field:

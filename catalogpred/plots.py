@@ -259,14 +259,11 @@ def _own_observations(q):
     :func:`~catalogpred.crossmatch.ir_excess`'s columns, as a DataFrame; None when the catalog has none."""
     import pyarrow.compute as pc
 
-    from .crossmatch import PREDICTED_COLUMNS, ir_excess
-    from .tables import photometry_input_columns
+    from .crossmatch import PREDICTED_COLUMNS, own_photometry_columns, query_ir_excess
 
-    names = q.schema.names
-    observed = photometry_input_columns([n for n in names if n not in PREDICTED_COLUMNS])
-    if not observed:
+    if not own_photometry_columns(q.schema.names):
         return None
-    t = ir_excess(q.select([*PREDICTED_COLUMNS, *observed]).to_arrow())
+    t = query_ir_excess(q.select(PREDICTED_COLUMNS))
     t = t.filter(pc.is_valid(t.column("chi2_n")))
     return t.to_pandas() if t.num_rows else None
 

@@ -56,21 +56,6 @@ def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
 
 
-def _deg(value, name: str) -> float:
-    """A float in degrees from a number or an astropy angle Quantity."""
-    if hasattr(value, "unit"):
-        import astropy.units as u
-
-        try:
-            return float(value.to_value(u.deg))
-        except (TypeError, ValueError, u.UnitsError) as exc:
-            raise ConfigError(f"{name} must be an angle, got {value!r}") from exc
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be a number in degrees or an astropy angle, got {value!r}") from exc
-
-
 def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
     """An angle as a float in ``unit``: a number (already in ``unit``), an astropy angle Quantity or ``Angle``
     (``0.5 * u.deg``), or text: a number, a value with its unit (``"10arcsec"``, ``"0.5 arcmin"``, ``"1deg"``)
@@ -370,7 +355,7 @@ class CatalogQuery:
         if r is None:
             raise ConfigError("cone needs a radius: cone(ra, dec, 60) in arcsec or cone(ra, dec, 1 * u.deg)")
         r_arcsec = angle_value(r, "arcsec", "cone radius")
-        ra, dec = _deg(ra, "ra"), _deg(dec, "dec")
+        ra, dec = angle_value(ra, "deg", "ra"), angle_value(dec, "deg", "dec")
         if not r_arcsec > 0:
             raise ConfigError(f"cone needs a positive radius (arcsec), got {r_arcsec}")
         if not (-90 <= dec <= 90):
@@ -382,8 +367,8 @@ class CatalogQuery:
 
         ``ra_min > ra_max`` wraps through RA = 0: ``box(350, 10, -5, 5)`` covers 20 degrees of RA.
         """
-        ra_min, ra_max = _deg(ra_min, "ra_min"), _deg(ra_max, "ra_max")
-        dec_min, dec_max = _deg(dec_min, "dec_min"), _deg(dec_max, "dec_max")
+        ra_min, ra_max = angle_value(ra_min, "deg", "ra_min"), angle_value(ra_max, "deg", "ra_max")
+        dec_min, dec_max = angle_value(dec_min, "deg", "dec_min"), angle_value(dec_max, "deg", "dec_max")
         if not (-90 <= dec_min <= dec_max <= 90):
             raise ConfigError(f"box needs -90 <= dec_min <= dec_max <= 90, got dec {dec_min}..{dec_max}")
         if ra_max - ra_min >= 360:

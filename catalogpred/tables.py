@@ -17,7 +17,7 @@ import pyarrow as pa
 from .spectra import VEGA_TO_AB, WISE_BANDS as BANDS
 from .errors import ConfigError
 
-__all__ = ["predicted_columns", "read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
+__all__ = ["PREDICTED_COLUMNS", "predicted_columns", "read_table_any", "BANDS", "NON_DETECTION_SIGMA", "MAG_SYSTEMS", "find_photometry_columns",
            "magnitude_systems", "wise_vega_magnitudes", "float_values", "nanomaggies_to_ab", "with_flux_magnitudes", "photometry_input_columns"]
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ _PHOT_PATTERNS = (("{b}mpro", "{b}sigmpro"), ("{b}_mag_obs", "{b}_mag_obs_err"),
 #: (flux, inverse variance) column name patterns of WISE fluxes in nanomaggies, lower case: Legacy Surveys
 #: (tractor catalogs, sweeps) and DESI FIBERMAP names. :func:`with_flux_magnitudes` reads them.
 _FLUX_PATTERNS = (("flux_{b}", "flux_ivar_{b}"),)
+#: catalogpred's predicted magnitude columns (a catalog's, an export's): predictions, not observations
+PREDICTED_COLUMNS = tuple(f"{b}_mag{s}" for b in BANDS for s in ("", "_err"))
 #: AB magnitude of a flux of 1 nanomaggy: m_AB = 22.5 - 2.5 log10(f / nanomaggy)
 NANOMAGGY_AB_ZERO_POINT = 22.5
 #: the systems of observed W1-W4 magnitudes that catalogpred takes (``--mag-system``)
@@ -77,9 +79,8 @@ def predicted_columns(table: pa.Table) -> list[str]:
     """The ``w?_mag``/``w?_mag_err`` columns of ``table`` that are catalogpred's predictions, not observations:
     those whose description says "Predicted" (a catalog export keeps it), or all of them in a table with the
     catalog's ``model_id`` column (a CSV export, which keeps no descriptions)."""
-    names = [f"{b}_mag{s}" for b in BANDS for s in ("", "_err")]
     lower = {n.lower(): n for n in table.column_names}
-    found = [lower[n] for n in names if n in lower]
+    found = [lower[n] for n in PREDICTED_COLUMNS if n in lower]
     if "model_id" in lower:
         return found
     return [c for c in found
@@ -115,16 +116,21 @@ def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str
 def photometry_input_columns(names) -> list[str]:
     """The columns of ``names`` that :func:`wise_vega_magnitudes` would read: magnitude and error columns
     (:func:`find_photometry_columns`), else WISE fluxes and inverse variances in nanomaggies."""
-    lower = {n.lower(): n for n in names}
     phot = find_photometry_columns(names)
-    out = [c for b in phot for c in phot[b]]
+    return [c for b in phot for c in phot[b]] + [c for b, cols in _flux_columns(names, skip=phot).items() for c in cols]
+
+
+def _flux_columns(names, skip=()) -> dict[str, tuple[str, str]]:
+    """``{band: (flux column, inverse-variance column)}`` of WISE fluxes in nanomaggies (:data:`_FLUX_PATTERNS`,
+    any case), for the bands not in ``skip``."""
+    lower = {n.lower(): n for n in names}
+    out = {}
     for b in BANDS:
-        if b not in phot:
-            for pats in _FLUX_PATTERNS:
-                cols = [lower.get(p.format(b=b)) for p in pats]
-                if all(cols):
-                    out += cols
-                    break
+        for pats in _FLUX_PATTERNS if b not in skip else ():
+            cols = [lower.get(p.format(b=b)) for p in pats]
+            if all(cols):
+                out[b] = tuple(cols)
+                break
     return out
 
 
@@ -155,24 +161,16 @@ def with_flux_magnitudes(table: pa.Table, exclude=()) -> pa.Table:
     ``exclude`` (e.g. :func:`predicted_columns`) do not count as magnitudes the table has.
     """
     have = find_photometry_columns([c for c in table.column_names if c not in set(exclude)])
-    lower = {n.lower(): n for n in table.column_names}
-    for b in BANDS:
-        if b in have:
-            continue
-        for fpat, ipat in _FLUX_PATTERNS:
-            fcol, icol = lower.get(fpat.format(b=b)), lower.get(ipat.format(b=b))
-            if fcol is None or icol is None:
-                continue
-            mag, err = nanomaggies_to_ab(float_values(table.column(fcol)), float_values(table.column(icol)))
-            miss = ~np.isfinite(mag)
-            for name, values, what in ((f"{b}_mag_from_flux", mag, f"{b.upper()} AB magnitude"),
-                                       (f"{b}_mag_from_flux_err", err, f"1-sigma error of {b}_mag_from_flux")):
-                meta = {b"unit": b"mag(AB)", b"derived_from": f"{fcol},{icol}".encode(),
-                        b"description": f"{what} from {fcol} (nanomaggy): 22.5 - 2.5 log10({fcol}); null where "
-                                        f"{fcol} <= 0 or {icol} = 0".encode()}
-                table = table.append_column(pa.field(name, pa.float64(), metadata=meta),
-                                            pa.array(np.where(miss, 0.0, values), pa.float64(), mask=miss))
-            break
+    for b, (fcol, icol) in _flux_columns(table.column_names, skip=have).items():
+        mag, err = nanomaggies_to_ab(float_values(table.column(fcol)), float_values(table.column(icol)))
+        miss = ~np.isfinite(mag)
+        for name, values, what in ((f"{b}_mag_from_flux", mag, f"{b.upper()} AB magnitude"),
+                                   (f"{b}_mag_from_flux_err", err, f"1-sigma error of {b}_mag_from_flux")):
+            meta = {b"unit": b"mag(AB)", b"derived_from": f"{fcol},{icol}".encode(),
+                    b"description": f"{what} from {fcol} (nanomaggy): 22.5 - 2.5 log10({fcol}); null where "
+                                    f"{fcol} <= 0 or {icol} = 0".encode()}
+            table = table.append_column(pa.field(name, pa.float64(), metadata=meta),
+                                        pa.array(np.where(miss, 0.0, values), pa.float64(), mask=miss))
     return table
 
 
