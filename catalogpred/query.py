@@ -535,7 +535,8 @@ class CatalogQuery:
     def to_lsdb(self):
         """The same query as a lazy :class:`lsdb.Catalog` (lsdb's own cone/box search on this catalog).
 
-        Regions become lsdb search filters, :meth:`where` becomes ``Catalog.query`` and :meth:`id`
+        Regions become lsdb search filters, :meth:`where` filters each partition with the evaluator
+        :meth:`to_arrow` uses (bit tests included), :meth:`id`
         a ``source_id in [...]`` query; :meth:`select` picks the columns. lsdb has no lazy row limit,
         so :meth:`limit` is not applied (use ``.head(n)`` on the result).
         """
@@ -550,8 +551,8 @@ class CatalogQuery:
         cat = lsdb.open_catalog(str(self.path), search_filter=search, error_empty_filter=False, **kwargs)
         for region in self.regions[1:]:
             cat = cat.search(region.lsdb_search())
-        for expr in self.filters:
-            cat = cat.query(expr)
+        for expr in self.filters:  # the same evaluator as to_arrow (bit tests, missing values False)
+            cat = cat.map_partitions(_filter_frame, expr, meta=cat.meta)
         if self.ids is not None:
             cat = cat.query(f"source_id in {list(self.ids)!r}")
         if self.columns and list(self.columns) != list(read_cols or []):
@@ -673,6 +674,17 @@ def _eval_filter(df, expr: str) -> np.ndarray:
         return np.asarray(res.fillna(False) if hasattr(res, "fillna") else res, dtype=bool).reshape(len(df))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the filter {expr!r} is not a true/false condition (e.g. 'z < 0.1'){hint}") from exc
+
+
+def _filter_frame(df, expr: str):
+    """The rows of a pandas frame (one lsdb partition) that pass a filter expression (:func:`_eval_filter`).
+
+    The expression is evaluated on a plain pandas view of the partition (nested-pandas' own ``eval`` adds
+    nested-column syntax and a deprecation warning per call; catalog filters reference scalar columns).
+    """
+    import pandas as pd
+
+    return df[_eval_filter(pd.DataFrame(df, copy=False), expr)]
 
 
 #: prefix of the names :func:`_bitwise_literals` gives integer literals (not a catalog column name)

@@ -219,11 +219,16 @@ def test_sql_equals_brute_force(catalog, everything):
 
 
 def test_to_lsdb_matches(catalog):
-    pytest.importorskip("lsdb")
+    lsdb = pytest.importorskip("lsdb")
     cat = open_catalog(catalog)
-    for q in (cat.cone(0.3, -1.0, 3 * 3600), cat.box(350, 10, -5, 5).where("z < 0.3").select("source_id,z")):
-        lz = q.to_lsdb().compute()
-        assert sorted(lz["source_id"]) == ids(q.to_arrow())
+    bits = [cat.where(f"(flags & {b}) == {b}").count() for b in (1, 2, 4)]
+    assert 0 < max(bits) < N_ROWS  # the bit tests below select some rows, not all
+    for q in (cat.cone(0.3, -1.0, 3 * 3600), cat.box(350, 10, -5, 5).where("z < 0.3").select("source_id,z"),
+              cat.where("(flags & 1) == 0"), cat.where("flags & 2").select("source_id"),
+              cat.where("flags | 0").select("source_id")):
+        lz = q.to_lsdb()
+        assert isinstance(lz, lsdb.Catalog)
+        assert sorted(lz.compute()["source_id"]) == ids(q.to_arrow())
     assert list(cat.select("source_id,z").to_lsdb().columns)[:2] == ["source_id", "z"]
 
 
