@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -283,6 +284,53 @@ def test_k8s_manifests_have_the_fields_their_kind_needs():
         _check_pod_spec(d["spec"], "client", pvcs)
         env = {e["name"]: e["value"] for e in d["spec"]["containers"][0]["env"]}
         assert env["DASK_SCHEDULER_ADDRESS"] == f"tcp://{next(iter(clusters))}-scheduler:8786"
+
+
+def _operator_worker_pod_specs() -> list[tuple[str, dict]]:
+    """(label, pod spec) of every worker that the Dask operator starts from deploy/k8s: DaskWorkerGroup and
+    DaskCluster spec.worker.spec, DaskJob spec.cluster.spec.worker.spec."""
+    where = {"DaskWorkerGroup": "spec.worker.spec", "DaskCluster": "spec.worker.spec",
+             "DaskJob": "spec.cluster.spec.worker.spec"}
+    return [(f"{p.name}:{d['kind']}/{d['metadata']['name']}", _get(d, where[d["kind"]]))
+            for p, d in _k8s_docs() if d.get("kind") in where]
+
+
+def _processes_per_pod(container: dict) -> tuple[bool, str]:
+    """(worker named $(DASK_WORKER_NAME)?, its --nworkers value, "1" if not given) for one worker container."""
+    args = [str(a) for a in container.get("args", []) + container.get("command", [])]
+    if len(args) >= 3 and args[0] in ("bash", "sh") and args[1] == "-c":  # a shell line: split it
+        args = shlex.split(args[2])
+    named = any(a == "--name" and b == "$(DASK_WORKER_NAME)" for a, b in zip(args, args[1:])) or \
+        "--name=$(DASK_WORKER_NAME)" in args
+    n = "1"
+    for a, b in zip(args, args[1:] + [""]):
+        if a in ("--nworkers", "--nprocs"):
+            n = b
+        elif a.startswith(("--nworkers=", "--nprocs=")):
+            n = a.split("=", 1)[1]
+    return named, n
+
+
+def test_operator_workers_run_one_dask_worker_per_pod():
+    """The operator scales a worker group down by asking the scheduler which workers to retire and deleting the
+    worker Deployments of those names. `dask worker --name X --nworkers N` (N > 1) names its processes X-0 ... X-N-1
+    (distributed/cli/dask_worker.py), which match no Deployment: one pod must be one Dask worker. `dask cuda worker`
+    starts one process per visible GPU, renamed the same way, so a GPU worker pod gets exactly one GPU."""
+    specs = _operator_worker_pod_specs()
+    assert len(specs) >= 3, specs  # the DaskWorkerGroup, the DaskCluster and the DaskJob's cluster
+    for label, spec in specs:
+        for container in spec["containers"]:
+            named, n = _processes_per_pod(container)
+            assert named, f"{label}: the worker must be named $(DASK_WORKER_NAME), the operator's pod name"
+            assert n == "1", f"{label}: --name $(DASK_WORKER_NAME) with --nworkers {n}: use replicas instead"
+            if container["args"][:3] == ["dask", "cuda", "worker"]:
+                for kind in ("requests", "limits"):
+                    assert int(container["resources"][kind]["nvidia.com/gpu"]) == 1, f"{label}: one GPU per pod"
+    # the check itself catches the pattern it is for
+    bad = {"args": ["dask", "worker", "$(DASK_SCHEDULER_ADDRESS)", "--name", "$(DASK_WORKER_NAME)", "--nworkers", "4"]}
+    assert _processes_per_pod(bad) == (True, "4")
+    assert _processes_per_pod({"args": ["bash", "-c", "dask worker x --name=$(DASK_WORKER_NAME) --nworkers=auto"]}) \
+        == (True, "auto")
 
 
 def test_one_image_everywhere_and_helm_values():
