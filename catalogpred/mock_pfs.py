@@ -67,6 +67,7 @@ import hashlib
 import math
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -494,7 +495,8 @@ def _fiber_flux(target: PfsTarget) -> dict[str, float]:
     return out
 
 
-def _observations(targets: list[PfsTarget]) -> dict[str, list]:
+def _observations(targets: list[PfsTarget], visit: int | None = None) -> dict[str, list]:
+    """OBSERVATIONS rows: each target's visits (:func:`_visits`), or only ``visit`` (a per-visit file)."""
     from astropy.time import Time
 
     rows: dict[str, list] = {k: [] for k in ("targetId", "visit", "arm", "spectrograph", "pfsDesignId", "fiberId",
@@ -503,7 +505,7 @@ def _observations(targets: list[PfsTarget]) -> dict[str, list]:
         rng = np.random.default_rng(np.random.SeedSequence([t.seed, 0x9F5, 22]))
         fiber = int(rng.integers(1, 2395))
         nominal = rng.uniform(-220.0, 220.0, 2)
-        for v in _visits(t):
+        for v in ([int(visit)] if visit is not None else _visits(t)):
             day = 60400 + (v - 100000) // 40
             secs = int(rng.integers(0, 86400))
             obs_time = Time(day + secs / 86400.0, format="mjd", scale="utc").isot
@@ -553,7 +555,7 @@ def _metadata_yaml(target: PfsTarget, planes: dict, kind: str) -> str:
     import yaml
 
     md = {"DAMD_VER": 1, "DATATYPE": kind, "CATID": int(target.cat_id), "OBJID": int(target.obj_id),
-          "NVISIT": int(target.n_visit)}
+          "NVISIT": 1 if kind == "pfsCalibrated" else int(target.n_visit)}
     md.update({f"MP_{k}": int(v) for k, v in planes.items()})
     return yaml.dump(md)
 
@@ -580,7 +582,7 @@ _COADD_DEFECTS = {"": "", "missing_flux": "missing_hdu", "missing_target": "miss
 
 def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: str = "pfsCoadd",
                     wave_nm: np.ndarray | None = None, mask_planes: dict | None = None, ragged: bool = False,
-                    fluxtable: bool = True, defect: str = "") -> pathlib.Path:
+                    fluxtable: bool = True, defect: str = "", visit: int | None = None) -> pathlib.Path:
     """Write a multi-object ``pfsCoadd`` or ``pfsCalibrated`` file (layout in the module docstring).
 
     Parameters
@@ -590,7 +592,8 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     targets : list of PfsTarget
         One spectrum per target, in TARGET order (targetId = 0..N-1).
     kind : str
-        ``"pfsCoadd"`` or ``"pfsCalibrated"`` (same layout; recorded in the primary header).
+        ``"pfsCoadd"`` or ``"pfsCalibrated"`` (same layout; recorded in the primary header). A pfsCalibrated
+        file holds one visit's spectra: every target's OBSERVATIONS rows name that ``visit``.
     wave_nm : float64 [NWAVE], optional
         Shared wavelength grid (nm); default :data:`PFS_WAVE_NM`.
     mask_planes : dict, optional
@@ -604,6 +607,8 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     defect : str
         ``""`` or a deliberately corrupt file: ``"missing_flux"`` (no FLUX HDU), ``"missing_target"``
         (no TARGET HDU), ``"row_mismatch"`` (FLUX has one row fewer than TARGET) or ``"truncated"``.
+    visit : int, optional
+        The visit of a pfsCalibrated file (default: the number in its name, ``pfsCalibrated-%06d.fits``).
 
     Returns
     -------
@@ -616,6 +621,13 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     if kind not in ("pfsCoadd", "pfsCalibrated"):
         raise ValueError(f"kind must be 'pfsCoadd' or 'pfsCalibrated', got {kind!r}")
     path = pathlib.Path(path)
+    if kind == "pfsCalibrated" and visit is None:
+        m = re.match(r"pfsCalibrated-(\d+)", path.name)
+        if not m:
+            raise ValueError("a pfsCalibrated file needs its visit: pass visit= or name it pfsCalibrated-%06d.fits")
+        visit = int(m.group(1))
+    if kind != "pfsCalibrated" and visit is not None:
+        raise ValueError("visit= is for pfsCalibrated (single-visit) files")
     path.parent.mkdir(parents=True, exist_ok=True)
     wave = PFS_WAVE_NM if wave_nm is None else np.asarray(wave_nm, np.float64)
     planes = dict(MASK_PLANES if mask_planes is None else mask_planes)
@@ -651,7 +663,7 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
         Column("filterName", "PA()", array=[f[1] for f in fluxes]),
         Column("fiberFlux", "E", array=np.array([f[2] for f in fluxes], np.float32)),
     ], name="TARGETFLUX"))
-    obs = _observations(targets)
+    obs = _observations(targets, visit)
     hdus.append(BinTableHDU.from_columns([
         Column("targetId", "I", array=np.array(obs["targetId"], np.int16)),
         Column("visit", "J", array=np.array(obs["visit"], np.int32)),
@@ -994,15 +1006,17 @@ def write_pfs_survey(out_dir: str | os.PathLike, n_objects: int = 24, seed: int 
                      n_bad: int = 0, special_cases: bool = True, fluxtable: bool = True) -> PfsSurvey:
     """Write a small mock PFS survey and return the truth for every spectrum.
 
-    Layout: ``n_files`` multi-object files (the last one a ``pfsCalibrated-%06d.fits`` holding targets of
-    every catId, the others ``pfsCoadd-%05d-%05d.fits`` of one catId each), each with its share of the
+    Layout: ``n_files`` multi-object files (the last one a ``pfsCalibrated-%06d.fits`` holding one visit's
+    spectra of targets of every catId, the others ``pfsCoadd-%05d-%05d.fits`` of one catId each), each with its share of the
     ``n_objects`` galaxies plus ``n_sky`` sky fibres and ``n_fluxstd`` flux standards in shuffled rows;
     ``n_pfs_objects`` legacy ``pfsObject`` files (galaxies of ``cat_ids[0]``); one
     ``pfsCoZCandidates-%05d.fits`` per science catId; and ``n_bad`` corrupt pfsCoadd files (cycling
     through missing FLUX, missing TARGET, FLUX/TARGET row mismatch, truncated), whose galaxies are in no
     redshift file. With ``special_cases`` (and ≥ 6 galaxies in the multi-object files), one galaxy is
     absent from its redshift file, one has a failed galaxy fit (both → ``no_redshift``) and one is
-    classified QSO (→ ``not_galaxy``).
+    classified QSO (→ ``not_galaxy``). The pfsCalibrated file also holds single-visit spectra (noisier) of
+    two galaxies of the first pfsCoadd, as a real visit file does: the same target twice, whose ``source_id``
+    differ by the visit suffix (``-v%06d``).
 
     Parameters
     ----------
@@ -1033,32 +1047,39 @@ def write_pfs_survey(out_dir: str | os.PathLike, n_objects: int = 24, seed: int 
         calibrated = n_files > 1 and i == n_files - 1
         planned = plan_pfs_targets(share[i], seed * 1000 + i, n_sky=n_sky, n_fluxstd=n_fluxstd,
                                    cat_id=cat_ids[i % len(cat_ids)], used_ids=used)
-        if calibrated:  # a per-visit file holds targets of every catalogue
-            planned = [replace(t, cat_id=cat_ids[k % len(cat_ids)]) if t.target_type == SCIENCE else t
-                       for k, t in enumerate(planned)]
+        if calibrated:  # a per-visit file holds targets of every catalogue, each seen once
+            planned = [replace(t, cat_id=cat_ids[k % len(cat_ids)], n_visit=1) if t.target_type == SCIENCE
+                       else replace(t, n_visit=1) for k, t in enumerate(planned)]
         science += [t for t in planned if t.target_type == SCIENCE]
         order = rng.permutation(len(planned))
         planned = [planned[k] for k in order]
         name = (f"pfsCalibrated-{120000 + i:06d}.fits" if calibrated
                 else f"pfsCoadd-{cat_ids[i % len(cat_ids)]:05d}-{i:05d}.fits")
         files.append((name, "pfsCalibrated" if calibrated else "pfsCoadd", planned))
+    visit_of = {name: 120000 + i for i, (name, kind, _) in enumerate(files) if kind == "pfsCalibrated"}
     if special_cases and len(science) >= 6:
         special = {science[0].obj_id: dict(redshift_status="absent"), science[2].obj_id: dict(redshift_status="failed"),
                    science[4].obj_id: dict(spectype="QSO")}
         files = [(name, kind, [replace(t, **special.get(t.obj_id, {})) for t in ts]) for name, kind, ts in files]
         science = [replace(t, **special.get(t.obj_id, {})) for t in science]
+    if visit_of:  # single-visit spectra of coadd galaxies in the visit file: one visit's noise (n_visit times the variance)
+        again = [replace(t, n_visit=1, noise_scale=t.noise_scale * t.n_visit, seed=t.seed + 7919)
+                 for t in files[0][2] if t.target_type == SCIENCE and t.redshift_status == "ok"
+                 and t.spectype == "GALAXY"][:2]
+        files[-1] = (files[-1][0], files[-1][1], files[-1][2] + again)
     singles = plan_pfs_targets(n_pfs_objects, seed * 1000 + 500, cat_id=cat_ids[0], used_ids=used)
     science += singles
 
     paths, truth_rows, all_targets = [], [], []
     for name, kind, ts in files:
         paths.append(write_pfs_coadd(out / name, ts, kind=kind, fluxtable=fluxtable))
+        suffix = f"-v{visit_of[name]:06d}" if name in visit_of else ""
         for row, t in enumerate(ts):
-            truth_rows.append((t, name, row, kind))
+            truth_rows.append((t, name, row, kind, t.source_id + suffix))
     for t in singles:
         p = write_pfs_object(out, t, fluxtable=fluxtable)
         paths.append(p)
-        truth_rows.append((t, p.name, 0, "pfsObject"))
+        truth_rows.append((t, p.name, 0, "pfsObject", t.source_id))
     redshift_paths = []
     for cid in sorted({t.cat_id for t in science}):
         redshift_paths.append(write_pfs_cozcandidates(out, cid, [t for t in science if t.cat_id == cid]))
@@ -1074,9 +1095,9 @@ def write_pfs_survey(out_dir: str | os.PathLike, n_objects: int = 24, seed: int 
     cols: dict[str, list] = {c: [] for c in ("source_id", "source_file", "row_in_file", "kind", "cat_id", "obj_id",
                                              "tract", "patch", "ra", "dec", "target_type", "z", "spectype",
                                              "expected_reason", "w1_true", "w2_true", "w3_true", "w4_true")}
-    for t, name, row, kind in truth_rows:
+    for t, name, row, kind, sid in truth_rows:
         all_targets.append(t)
-        for c, v in (("source_id", t.source_id), ("source_file", name), ("row_in_file", row), ("kind", kind),
+        for c, v in (("source_id", sid), ("source_file", name), ("row_in_file", row), ("kind", kind),
                      ("cat_id", t.cat_id), ("obj_id", t.obj_id), ("tract", t.tract), ("patch", t.patch),
                      ("ra", t.ra), ("dec", t.dec), ("target_type", t.target_type), ("z", t.z),
                      ("spectype", t.spectype), ("expected_reason", _expected_reason(t)), ("w1_true", t.w1_true),

@@ -158,7 +158,7 @@ def test_cozcandidates_layout(survey):
         assert gc.columns.names == ["targetId", "cRank", "redshift", "redshiftError", "redshiftProba", "subClass",
                                     "continuumFile", "lineCatalogRatioFile", "modelId"]
         tgt = h["TARGET"].data
-        truth = survey.truth.to_pandas().set_index("obj_id")
+        truth = survey.truth.to_pandas().drop_duplicates("obj_id").set_index("obj_id")  # a target's spectra share z
         best = {}
         for row in gc:
             if row["cRank"] == 0:
@@ -284,7 +284,8 @@ def test_n_visit_counts_distinct_visits(coadd, survey, tmp_path):
              fits.Column("visit", "J", array=np.tile(obs["visit"], 2))], name="OBSERVATIONS")
         h.writeto(twice)
     a, b = read_spectra(coadd), read_spectra(twice)
-    by_obj = {t.obj_id: t.n_visit for t in survey.targets}
+    files = survey.truth.column("source_file").to_pylist()  # targets are in truth order
+    by_obj = {t.obj_id: t.n_visit for t, f in zip(survey.targets, files) if f == coadd.name}
     assert a.meta["n_visit"].tolist() == [by_obj[o] for o in a.meta["obj_id"].tolist()]
     np.testing.assert_array_equal(a.meta["n_visit"], b.meta["n_visit"])
 
@@ -517,7 +518,7 @@ def test_selection_reasons_and_redshifts_from_cozcandidates(survey):
         np.testing.assert_array_equal(blk.meta["tract"], t.tract)
         assert list(blk.meta["patch"]) == list(t.patch)
         np.testing.assert_array_equal(blk.meta["ra"], t.ra)
-        assert (blk.meta["n_visit"] >= 2).all()
+        assert (blk.meta["n_visit"] >= 2).all() if path.name.startswith("pfsCoadd") else (blk.meta["n_visit"] == 1).all()
         for r, d in zip(blk.reject_reason, blk.reject_detail):
             assert bool(r) == bool(d)
     reasons = survey.truth.column("expected_reason").to_pylist()

@@ -37,7 +37,11 @@ other non-science types (UNASSIGNED, ENGINEERING, SUNSS) → ``unassigned_fibre`
 ``no_redshift``, a class not in ``Selection.spectypes`` → ``not_galaxy``. PFS redshift warnings
 (drp_1d ZLWarning flags) do not reject.
 
-Ids: ``source_id = "pfs-%05d-%016x" % (catId, objId)`` (as in PFS file names), unique across surveys.
+Ids: ``source_id = "pfs-%05d-%016x" % (catId, objId)`` (as in PFS file names), unique across surveys, for
+coadds (pfsCoadd, pfsObject). A ``pfsCalibrated-*`` file holds single-visit spectra, so its rows get the visit
+appended, ``"-v%06d"`` (the target's one OBSERVATIONS visit, else the visit in the file name), as DESI
+per-exposure rows get ``-e{expid}``: a target's coadd and its single-visit spectra stay separate rows, and the
+coadd keeps the plain id whichever file is ingested first.
 """
 from __future__ import annotations
 
@@ -78,7 +82,8 @@ PFS_DOCS = {
     "patch": ColumnDoc("Sky patch in the tract ('m,n')", "", "meta.id.part"),
     "target_type": ColumnDoc("PFS TargetType (1 SCIENCE, 2 SKY, 3 FLUXSTD, 4 UNASSIGNED, 5 ENGINEERING, ...)", "",
                              "meta.code"),
-    "n_visit": ColumnDoc("Distinct visits in the coadd (OBSERVATIONS.visit, as the datamodel counts nVisit)", "",
+    "n_visit": ColumnDoc("Distinct visits in the coadd (OBSERVATIONS.visit, as the datamodel counts nVisit); "
+                         "1 for the single-visit spectra of pfsCalibrated files", "",
                          "meta.number"),
     "spectype": ColumnDoc("Redshift-fit spectral class (GALAXY, QSO, STAR); empty when unknown", "", "src.class"),
 }
@@ -98,6 +103,8 @@ _PFS_HDUS = frozenset({"TARGET", "TARGETFLUX", "OBSERVATIONS", "WAVELENGTH", "FL
 _REDSHIFT_HDUS = ("GALAXY_CANDIDATES",)
 _UNIT_TO_ANGSTROM = {"nm": 10.0, "angstrom": 1.0, "a": 1.0, "aa": 1.0, "m": 1e10, "um": 1e4, "micron": 1e4,
                      "cm": 1e8}
+#: ``pfsCalibrated-%06d.fits`` (visit): single-visit spectra of every target of that visit
+_CALIBRATED_NAME = re.compile(r"^pfsCalibrated-0*(\d+)", re.I)
 _OBJECT_NAME = re.compile(r"^pfsObject-(\d{5})-(\d{5})-(.*)-([0-9a-f]{16})-(\d{3})-0x([0-9a-f]{16})\.fits", re.I)
 _CHUNK = 256  # spectra resampled at once (bounds memory for 2394-fibre files)
 _UINT64 = (1 << 64) - 1
@@ -475,6 +482,7 @@ def _read_multi(fits, name: str, names: set) -> dict:
         headers.append(_metadata_header(fits, name))
     headers += [fits["FLUX"].read_header(), fits[0].read_header()]
     n_visit = np.zeros(n, np.int32)
+    one_visit = np.full(n, -1, np.int64)  # the target's visit where its OBSERVATIONS rows name only one
     if "OBSERVATIONS" in names and "targetid" in tc:
         obs = fits["OBSERVATIONS"].read(columns=[c for c in fits["OBSERVATIONS"].get_colnames()
                                                  if c.lower() in ("targetid", "visit")])
@@ -485,6 +493,10 @@ def _read_multi(fits, name: str, names: set) -> dict:
             pairs = np.unique(np.stack([tid_obs, visit], 1), axis=0)  # a visit counts once per target
             counts = dict(zip(*np.unique(pairs[:, 0], return_counts=True)))
             n_visit = np.array([counts.get(int(t), 0) for t in target[tc["targetid"]]], np.int32)
+            if "visit" in oc:
+                last = dict(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
+                one_visit = np.array([last[int(t)] if counts.get(int(t), 0) == 1 else -1
+                                      for t in target[tc["targetid"]]], np.int64)
 
     def col(c, default, dtype):
         return np.asarray(target[tc[c]], dtype) if c in tc else np.full(n, default, dtype)
@@ -493,7 +505,7 @@ def _read_multi(fits, name: str, names: set) -> dict:
             "cat_id": col("catid", -1, np.int64), "obj_id": col("objid", -1, np.int64),
             "tract": col("tract", -1, np.int32), "patch": _text(target[tc["patch"]]) if "patch" in tc else
             np.full(n, "", dtype=object), "ra": col("ra", np.nan, np.float64), "dec": col("dec", np.nan, np.float64),
-            "target_type": col("targettype", SCIENCE, np.int32), "n_visit": n_visit}
+            "target_type": col("targettype", SCIENCE, np.int32), "n_visit": n_visit, "visit": one_visit}
 
 
 def _metadata_header(fits, name: str) -> dict | None:
@@ -596,8 +608,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     rejects.redshift_fit(sel, spectype=zs["spectype"], class_name="class")
 
     meta = {
-        "source_id": np.array([f"pfs-{int(c):05d}-{int(o) & _UINT64:016x}" for c, o in zip(cat_id, obj_id)],
-                              dtype=object),
+        "source_id": _source_ids(name, cat_id, obj_id, d.get("visit")),
         "survey": np.full(n, "pfs", dtype=object),
         "ra": np.asarray(d["ra"], np.float64),
         "dec": np.asarray(d["dec"], np.float64),
@@ -617,6 +628,19 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     assert list(meta) == list({**COMMON_META, **PFS_META})
     return SpectrumBlock(survey="pfs", grid=DESI_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
                          reject_reason=rejects.reason, reject_detail=rejects.detail)
+
+
+def _source_ids(name: str, cat_id, obj_id, visit) -> np.ndarray:
+    """``pfs-%05d-%016x`` per spectrum, with ``-v%06d`` (visit) for the single-visit spectra of a ``pfsCalibrated``
+    file (named ``pfsCalibrated-<visit>``): the target's own OBSERVATIONS visit, else the file name's. A per-visit
+    file under another name reads as a coadd, so a clash with the coadd is a ``duplicate_id`` reject."""
+    ids = [f"pfs-{int(c):05d}-{int(o) & _UINT64:016x}" for c, o in zip(cat_id, obj_id)]
+    m = _CALIBRATED_NAME.match(name)
+    if m:
+        visits = np.full(len(ids), -1, np.int64) if visit is None else np.asarray(visit, np.int64)
+        visits = np.where(visits >= 0, visits, int(m.group(1)))
+        ids = [f"{i}-v{int(v):06d}" for i, v in zip(ids, visits)]
+    return np.array(ids, dtype=object)
 
 
 register_reader(Reader(name="pfs", identify=identify, read=read, grid=DESI_GRID, priority=15,
