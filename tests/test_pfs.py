@@ -660,3 +660,31 @@ def test_end_to_end_ingest_and_predict(survey, client, pfs_bundle, tmp_path):
     for sid, reason in zip(truth.source_id, truth.expected_reason):
         if reason:
             assert by_id[sid] == reason
+
+
+def test_single_visit_spectra_keep_their_visit_in_the_id(survey, tmp_path):
+    """pfsCalibrated rows end in -v{visit}: from OBSERVATIONS, else from the file name; coadd ids stay plain."""
+    calib = next(p for p in survey.paths if p.name.startswith("pfsCalibrated"))
+    visit = int(re.match(r"pfsCalibrated-(\d+)", calib.name).group(1))
+    blk = read_spectra(calib)
+    assert all(s.endswith(f"-v{visit:06d}") for s in blk.meta["source_id"])
+    assert list(blk.meta["source_id"]) == list(_truth(survey, calib.name).source_id)
+    # the same target as coadd and single visit: two ids, one plain
+    coadd_ids = {s for p in survey.paths if p.name.startswith("pfsCoadd") for s in read_spectra(p).meta["source_id"]}
+    both = {s[: -len("-v000000")] for s in blk.meta["source_id"]} & coadd_ids
+    assert len(both) == 2
+    # OBSERVATIONS naming another visit wins over the file name; without OBSERVATIONS the file name gives it
+    for other, drop in ((123456, False), (None, True)):
+        out = tmp_path / f"{other}-{drop}" / calib.name
+        out.parent.mkdir()
+        with fits.open(calib) as h:
+            if drop:
+                del h["OBSERVATIONS"]
+            else:
+                h["OBSERVATIONS"].data["visit"][:] = other
+            h.writeto(out)
+        want = f"-v{other if other else visit:06d}"
+        assert all(s.endswith(want) for s in read_spectra(out).meta["source_id"])
+    renamed = tmp_path / "pfsCoadd-00009-00009.fits"  # the same file read as a coadd: plain ids
+    renamed.write_bytes(calib.read_bytes())
+    assert not any("-v" in s for s in read_spectra(renamed).meta["source_id"])
