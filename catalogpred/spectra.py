@@ -424,6 +424,36 @@ def flam17_to_fnu_njy(flam17, wave):
     return flam17 / factor
 
 
+def _covariance_terms(xp, covar, g, width_in, kl, kr, a_left, a_right, shape):
+    """``2 Σ_L Σ_i a_i a_{i+L} C_{i,i+L}`` over the input pixels ``kl..kr`` of each output pixel (see
+    :func:`resample_flux_conserving`): ``a`` is the end-bin overlap (``a_left``, ``a_right``) or the whole bin
+    width of a good pixel; float64 [n, n_out]."""
+    c = xp.asarray(covar, dtype=xp.float64)
+    c = c[None] if c.ndim == 2 else c
+    n, n_in = shape
+    if c.ndim != 3 or c.shape[0] not in (1, n) or c.shape[2] != n_in:
+        raise ValueError(f"covar {tuple(c.shape)} must be [K, n_in] or [n, K, n_in] with n_in = {n_in}, n = {n}")
+    c = xp.where(xp.isfinite(c), c, 0.0)
+    full = g * width_in  # a_i of a pixel wholly inside the output bin
+    zero = xp.zeros((n, 1), dtype=xp.float64)
+    out = xp.zeros((n, kl.shape[0]), dtype=xp.float64)
+    for lag in range(1, min(c.shape[1], n_in - 1) + 1):
+        cl = xp.broadcast_to(c[:, lag - 1, :], (n, n_in))
+
+        def at(i):  # column i (clipped into range; callers mask where i is out of it)
+            return xp.clip(i, 0, n_in - 1)
+
+        pair = full[:, :-lag] * full[:, lag:] * cl[:, :-lag]  # pairs (i, i+lag) of whole bins
+        cum = xp.concatenate([zero, xp.cumsum(pair, axis=1)], axis=1)
+        lo, hi = xp.clip(kl + 1, 0, n_in - lag), xp.clip(kr - lag, 0, n_in - lag)
+        inner = xp.where(kr - lag > kl + 1, cum[:, hi] - cum[:, lo], 0.0)  # both pixels whole, kl < i, i+lag < kr
+        partner = xp.where(kl + lag == kr, a_right, full[:, at(kl + lag)])
+        first = xp.where(kl + lag <= kr, a_left * partner * cl[:, at(kl)], 0.0)  # pair (kl, kl+lag)
+        last = xp.where(kr - lag > kl, full[:, at(kr - lag)] * a_right * cl[:, at(kr - lag)], 0.0)  # (kr-lag, kr)
+        out = out + 2.0 * (inner + first + last)
+    return out
+
+
 def pixel_edges(wave):
     """Bin edges of pixels centred on ``wave``: midpoints, with the end pixels mirrored.
 
@@ -445,7 +475,7 @@ def pixel_edges(wave):
     return xp.concatenate([first, mid, last])
 
 
-def resample_flux_conserving(wave_in, flux, ivar, wave_out, snap_tol: float = 1e-6):
+def resample_flux_conserving(wave_in, flux, ivar, wave_out, snap_tol: float = 1e-6, covar=None):
     """Resample F_λ onto another pixel grid, conserving flux, with consistent inverse variances.
 
     Each pixel is a bin (:func:`pixel_edges`) over which F_λ is constant. An output pixel's
@@ -455,9 +485,10 @@ def resample_flux_conserving(wave_in, flux, ivar, wave_out, snap_tol: float = 1e
 
     so with every input pixel good, ``F_j · width_j`` is exactly the integral of the input over
     output pixel j (flux conservation); a constant spectrum stays constant on any grid, and on
-    pixel-aligned grids every pixel keeps its value. The variance is that of this weighted mean of independent pixels,
-    ``σ_j² = Σ_i (o_ij g_i)² σ_i² / (Σ_i o_ij g_i)²`` (neighbouring output pixels that share an
-    input pixel are correlated; each pixel's own variance is exact, so χ² per pixel averages 1).
+    pixel-aligned grids every pixel keeps its value. The variance is that of this weighted mean,
+    ``σ_j² = Σ_i Σ_k o_ij g_i o_kj g_k C_ik / (Σ_i o_ij g_i)²``, with ``C_ii = σ_i² = 1/ivar_i`` and the
+    input covariances ``C_i,i+L`` of ``covar`` (0 without it: independent pixels). Neighbouring output pixels
+    that share an input pixel are correlated; each pixel's own variance is exact, so χ² per pixel averages 1.
 
     Input pixels with ``ivar <= 0``, non-finite ivar or non-finite flux are masked: they
     contribute nothing (their flux may be NaN). An output pixel is covered when its bin lies
@@ -481,6 +512,11 @@ def resample_flux_conserving(wave_in, flux, ivar, wave_out, snap_tol: float = 1e
     snap_tol : float
         Distance, as a fraction of the output pixel width, within which an output bin edge is
         snapped onto the nearest input bin edge (float rounding of aligned grids).
+    covar : float [K, n_in] or [n, K, n_in], optional
+        Covariance of neighbouring input pixels, ``covar[..., L - 1, i] = Cov(F_i, F_{i+L})`` for lags
+        L = 1..K, in the unit of ``1/ivar`` (the off-diagonal rows of a banded covariance, e.g. PFS COVAR
+        rows 1 and 2). Entries at masked pixels, non-finite ones and the last L of each lag are ignored.
+        On pixel-aligned grids no output pixel holds two inputs, and it changes nothing.
 
     Returns
     -------
@@ -552,6 +588,8 @@ def resample_flux_conserving(wave_in, flux, ivar, wave_out, snap_tol: float = 1e
     den = window_sum(g, g, g * width_in, o_left, o_right)
     num = window_sum(g * f, g * f, g * f * width_in, o_left, o_right)
     vsum = window_sum(var, var, var * width_in**2, o_left**2, o_right**2)
+    if covar is not None:
+        vsum = vsum + _covariance_terms(xp, covar, g, width_in, kl, kr, g[:, kl] * o_left, g[:, kr] * o_right, flux.shape)
     ok = covered & (den > 0)
     safe = xp.where(ok, den, 1.0)
     flux_out = xp.where(ok, num / safe, 0.0)

@@ -423,6 +423,88 @@ def test_resampled_ivar_gives_unit_chi2():
         assert np.median(ratio) == pytest.approx(1.0, abs=0.05)
 
 
+def test_resampled_variance_includes_input_covariance():
+    """With ``covar``, 1/ivar_out is diag(R C Rᵀ) exactly (R: the resampling weights, C: banded covariance)."""
+    rng = np.random.default_rng(3)
+    w_in = np.arange(4000.0, 4060.0, 1.0)  # 1 Å (legacy pfsObject) onto 0.8 Å and 2.7 Å
+    n_in = w_in.size
+    sigma = rng.uniform(0.5, 2.0, n_in)
+    c1 = 0.4 * sigma[:-1] * sigma[1:]
+    c2 = -0.1 * sigma[:-2] * sigma[2:]
+    cov = np.diag(sigma**2) + np.diag(c1, 1) + np.diag(c1, -1) + np.diag(c2, 2) + np.diag(c2, -2)
+    covar = np.zeros((2, n_in))
+    covar[0, :-1], covar[1, :-2] = c1, c2
+    ivar = 1.0 / sigma**2
+    ivar[[10, 11, 30]] = 0  # masked pixels: out of R and of C
+    for w_out in (np.arange(4003.3, 4055.0, 0.8), np.arange(4003.0, 4055.0, 2.7)):
+        # R from the (linear) resampling of unit spectra with the same mask
+        R = resample_flux_conserving(w_in, np.eye(n_in), np.broadcast_to(ivar, (n_in, n_in)), w_out)[0].T
+        _, iv, covered = resample_flux_conserving(w_in, np.zeros(n_in), ivar, w_out, covar=covar)
+        exact = np.einsum("ji,ik,jk->j", R, cov, R)
+        ok = covered & (iv > 0)
+        np.testing.assert_allclose(1.0 / iv[ok], exact[ok], rtol=1e-10)
+        _, iv0, _ = resample_flux_conserving(w_in, np.zeros(n_in), ivar, w_out)
+        assert np.abs(iv0[ok] / iv[ok] - 1).max() > 0.05  # without covar the variance is off
+    # per-spectrum covariances [n, K, n_in] and a constant one broadcast give the same
+    f2, iv2, _ = resample_flux_conserving(w_in, np.ones((2, n_in)), np.broadcast_to(ivar, (2, n_in)), w_out,
+                                          covar=np.stack([covar, covar]))
+    np.testing.assert_array_equal(iv2[0], iv) and np.testing.assert_array_equal(iv2[1], iv)
+    with pytest.raises(ValueError, match="covar"):
+        resample_flux_conserving(w_in, np.ones(n_in), ivar, w_out, covar=np.zeros((2, n_in - 1)))
+    # correlated noise drawn from C: empirical variance per output pixel matches 1/ivar_out
+    noise = rng.multivariate_normal(np.zeros(n_in), cov, size=20000)
+    f, iv, covered = resample_flux_conserving(w_in, noise, np.broadcast_to(ivar, noise.shape), w_out, covar=covar)
+    ok = covered & (iv[0] > 0)
+    assert np.median(f[:, ok].var(axis=0) * iv[0, ok]) == pytest.approx(1.0, abs=0.03)
+
+
+def test_covar_off_diagonals_enter_the_variance_off_the_desi_pixels(survey, coadd, tmp_path):
+    """Legacy 0.1 nm pfsObject: COVAR rows 1-2 change the resampled ivar as resample(covar=...) says; the
+    pixel-aligned pfsCoadd: they change nothing."""
+    from catalogpred.spectra import fnu_njy_to_flam17
+
+    path = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    corr = tmp_path / path.name
+    with fits.open(path) as h:
+        c = h["COVAR"].data.astype(np.float64)
+        sd = np.sqrt(np.where(np.isfinite(c[0]) & (c[0] > 0), c[0], 0.0))
+        c[1, :-1] = 0.3 * sd[:-1] * sd[1:]
+        c[2, :-2] = 0.1 * sd[:-2] * sd[2:]
+        h["COVAR"].data = c.astype(np.float32)
+        h.writeto(corr)
+        c32 = h["COVAR"].data.astype(np.float64)
+    a, b = read_spectra(path), read_spectra(corr)
+    np.testing.assert_array_equal(a.flux, b.flux)
+    ok = (a.ivar[0] > 0) & (b.ivar[0] > 0)
+    ratio = a.ivar[0, ok] / b.ivar[0, ok]  # = var with / var without covariance
+    assert ratio.max() > 1.1 and ratio.min() > 0.99  # positive correlations: larger variance where pixels share
+    # the reader's number is resample_flux_conserving's with the covariance in F_λ units
+    blk_wave = DESI_GRID.wave
+    from catalogpred.surveys.pfs import wcs_wavelength_angstrom
+
+    with fits.open(corr) as h:
+        w = wcs_wavelength_angstrom(h["FLUX"].header, h["FLUX"].data.size)
+        f_nu, mask = h["FLUX"].data.astype(np.float64), h["MASK"].data.astype(np.int64)
+    fac = fnu_njy_to_flam17(np.ones(1), w)
+    good = ((mask & bad_mask_bits(mask_planes(fits.getheader(corr, "MASK")))) == 0) & np.isfinite(f_nu) & (c32[0] > 0)
+    iv = np.where(good, 1.0 / np.where(good, c32[0], 1.0), 0.0) / fac**2
+    cov = np.zeros((2, w.size))
+    cov[0, :-1] = c32[1, :-1] * fac[:-1] * fac[1:]
+    cov[1, :-2] = c32[2, :-2] * fac[:-2] * fac[2:]
+    _, iv_ref, _ = resample_flux_conserving(w, np.where(good, f_nu * fac, 0.0), iv, blk_wave, covar=cov)
+    np.testing.assert_allclose(b.ivar[0], iv_ref.astype(np.float32), rtol=1e-6)
+    # pfsCoadd (0.8 Å on DESI's pixels): off-diagonals do not change any pixel
+    aligned = tmp_path / coadd.name
+    with fits.open(coadd) as h:
+        rows = h["COVAR"].data
+        for k in (1, 2):
+            for i in range(len(rows)):
+                rows[f"row_{k}"][i][:] = 0.3 * np.nan_to_num(rows["row_0"][i])
+        assert np.abs(rows["row_1"][0]).max() > 0
+        h.writeto(aligned)
+    np.testing.assert_array_equal(read_spectra(coadd).ivar, read_spectra(aligned).ivar)
+
+
 def test_resample_rejects_bad_input():
     with pytest.raises(ValueError, match="increasing"):
         resample_flux_conserving(np.array([2.0, 1.0, 3.0]), np.ones(3), np.ones(3), np.array([1.0, 2.0]))

@@ -14,7 +14,8 @@ Every spectrum is put on :data:`~catalogpred.spectra.DESI_GRID` so the DESI enco
 (MODEL.md; until a PFS encoder exists, PFS predictions come from a DESI-trained encoder):
 
 1. nm → Å; F_ν [nJy] → F_λ [1e-17 erg/s/cm²/Å] per pixel with
-   :func:`~catalogpred.spectra.fnu_njy_to_flam17` (ivar = 1/COVAR row_0, scaled by the inverse square).
+   :func:`~catalogpred.spectra.fnu_njy_to_flam17` (ivar = 1/COVAR row_0, scaled by the inverse square;
+   rows 1 and 2, the covariances with the next two pixels, enter the resampled variance off the DESI pixels).
 2. Pixels with a *bad* mask bit, NaN/inf flux, or variance ≤ 0 / non-finite get ivar 0 (NaN flux
    on NO_DATA pixels is masked data, not corruption). Bad = every bit except the informational
    planes :data:`INFO_PLANES` (DETECTED, DETECTED_NEGATIVE, OVERLAP, FIBERTRACE, REFLINE), read
@@ -399,20 +400,38 @@ def _component(fits, hdu: str, n_rows: int | None, name: str) -> list | np.ndarr
     return [np.asarray(v) for v in data[c["value"]]]
 
 
-def _variance(fits, name: str) -> list | np.ndarray:
-    """COVAR row 0 (variance) per spectrum: the table's ``row_0`` column, or the image's first row."""
+def _covariance(fits, name: str, off_diagonal: bool = False) -> tuple[list, list | None]:
+    """COVAR per spectrum: the variance (row 0: the table's ``row_0`` column, or the image's first row), and
+    with ``off_diagonal`` the covariances with the next pixels (rows 1 and 2, as float [2, nwave]; None when
+    the file has none). nJy²."""
     h = fits["COVAR"]
     if h.get_exttype() == "IMAGE_HDU":
         c = h.read()
-        if c.ndim == 3:  # [nobj, 3, nwave]
-            return c[:, 0, :]
         if c.ndim == 2:  # pfsObject [3, nwave]
-            return c[0][None, :]
-        raise InputFileError(f"{name}: COVAR image has shape {c.shape}", RejectReason.INCONSISTENT_FILE)
-    data = h.read(columns=["row_0"], vstorage="object") if "row_0" in h.get_colnames() else None
-    if data is None:
+            c = c[None]
+        if c.ndim != 3 or c.shape[1] < 1:  # [nobj, 3, nwave]
+            raise InputFileError(f"{name}: COVAR image has shape {c.shape}", RejectReason.INCONSISTENT_FILE)
+        return list(c[:, 0, :]), (list(c[:, 1:3, :]) if off_diagonal and c.shape[1] > 1 else None)
+    names = h.get_colnames()
+    if "row_0" not in names:
         raise InputFileError(f"{name}: COVAR table has no row_0 (variance) column", RejectReason.MISSING_HDU)
-    return [np.asarray(v) for v in data["row_0"]]
+    lags = [c for c in ("row_1", "row_2") if c in names] if off_diagonal else []
+    data = h.read(columns=["row_0", *lags], vstorage="object")
+    var = [np.asarray(v) for v in data["row_0"]]
+    if not lags:
+        return var, None
+    return var, [np.stack([np.asarray(data[c][i]) for c in lags]) for i in range(len(var))]
+
+
+def _aligned_with_desi(wave_nm) -> bool:
+    """True when every pixel of ``wave_nm`` is one DESI-grid pixel (0.8 Å steps on DESI's pixel centres, as
+    pfsCoadd's 0.08 nm grid from 370 nm): resampling then maps pixel to pixel, and neighbour covariances
+    cannot change any pixel's variance."""
+    w = np.asarray(wave_nm, np.float64) * 10.0
+    if w.size < 2 or DESI_GRID.kind != "linear":
+        return False
+    k = (w - DESI_GRID.start) / DESI_GRID.step
+    return bool(np.all(np.abs(k - np.round(k)) < 1e-4) and np.all(np.diff(np.round(k)) == 1))
 
 
 def _rows(x) -> list:
@@ -421,8 +440,11 @@ def _rows(x) -> list:
     return list(x)
 
 
-def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: int):
-    """nm/nJy arrays per spectrum → flux, ivar (1e-17 erg/s/cm²/Å) and PixelMask on the DESI grid."""
+def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: int, covariances: list | None = None):
+    """nm/nJy arrays per spectrum → flux, ivar (1e-17 erg/s/cm²/Å) and PixelMask on the DESI grid.
+
+    ``covariances`` (optional, per spectrum float [K, nwave] nJy², COVAR rows 1..K) enter the resampled variance
+    (:func:`~catalogpred.spectra.resample_flux_conserving`'s ``covar``)."""
     n = len(fluxes)
     out_flux = np.zeros((n, DESI_GRID.n_pix), np.float32)
     out_ivar = np.zeros((n, DESI_GRID.n_pix), np.float32)
@@ -442,7 +464,13 @@ def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: 
                 good = ((mask & bad_bits) == 0) & np.isfinite(flux) & np.isfinite(var) & (var > 0)
                 ivar = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0) / factor**2
             flam = np.where(good, flux, 0.0) * factor
-            f_out, iv_out, covered = resample_flux_conserving(wave_aa, flam, ivar, DESI_GRID.wave)
+            covar = None
+            if covariances is not None:  # Cov(F_λi, F_λi+L) = Cov(F_νi, F_νi+L) · factor_i · factor_i+L
+                c = np.stack([np.asarray(covariances[i], np.float64) for i in rows])
+                covar = np.zeros_like(c)
+                for lag in range(1, c.shape[1] + 1):
+                    covar[:, lag - 1, :-lag] = c[:, lag - 1, :-lag] * factor[:-lag] * factor[lag:]
+            f_out, iv_out, covered = resample_flux_conserving(wave_aa, flam, ivar, DESI_GRID.wave, covar=covar)
             m = np.where(covered, 0, int(PixelMask.NO_COVERAGE)).astype(np.uint8)[None, :]
             m = m | np.where(covered[None, :] & (iv_out <= 0), int(PixelMask.PIPELINE), 0).astype(np.uint8)
             out_flux[rows], out_ivar[rows], out_mask[rows] = f_out, iv_out, m
@@ -462,17 +490,18 @@ def _read_multi(fits, name: str, names: set) -> dict:
         raise InputFileError(f"{name}: TARGET lacks columns {missing}", RejectReason.MISSING_HDU)
     n = len(target)
     flux = _rows(_component(fits, "FLUX", n, name))
-    var = _rows(_variance(fits, name))
     mask = _rows(_component(fits, "MASK", n, name)) if "MASK" in names else [np.zeros(len(f), np.int64) for f in flux]
     wave = _rows(_component(fits, "WAVELENGTH", n, name))
     if len(wave) == 1 and n > 1:
         wave = wave * n
+    grids = {id(w): w for w in wave}.values()  # one shared grid, or one per spectrum
+    var, covar = _covariance(fits, name, off_diagonal=not all(_aligned_with_desi(w) for w in grids))
     shapes = {"FLUX": len(flux), "MASK": len(mask), "COVAR": len(var), "WAVELENGTH": len(wave)}
     if any(v != n for v in shapes.values()):
         raise InputFileError(f"{name}: TARGET has {n} rows but " + ", ".join(f"{k} {v}" for k, v in shapes.items()),
                              RejectReason.INCONSISTENT_FILE)
     for i in range(n):
-        lens = {len(wave[i]), len(flux[i]), len(var[i]), len(mask[i])}
+        lens = {len(wave[i]), len(flux[i]), len(var[i]), len(mask[i])} | ({covar[i].shape[-1]} if covar else set())
         if len(lens) != 1:
             raise InputFileError(f"{name}: spectrum {i} has WAVELENGTH/FLUX/COVAR/MASK lengths "
                                  f"{len(wave[i])}/{len(flux[i])}/{len(var[i])}/{len(mask[i])}",
@@ -501,7 +530,7 @@ def _read_multi(fits, name: str, names: set) -> dict:
     def col(c, default, dtype):
         return np.asarray(target[tc[c]], dtype) if c in tc else np.full(n, default, dtype)
 
-    return {"n": n, "wave": wave, "flux": flux, "var": var, "mask": mask, "planes": mask_planes(*headers),
+    return {"n": n, "wave": wave, "flux": flux, "var": var, "covar": covar, "mask": mask, "planes": mask_planes(*headers),
             "cat_id": col("catid", -1, np.int64), "obj_id": col("objid", -1, np.int64),
             "tract": col("tract", -1, np.int32), "patch": _text(target[tc["patch"]]) if "patch" in tc else
             np.full(n, "", dtype=object), "ra": col("ra", np.nan, np.float64), "dec": col("dec", np.nan, np.float64),
@@ -528,11 +557,11 @@ def _read_object(fits, name: str, names: set) -> dict:
     flux = np.asarray(fits["FLUX"].read(), np.float64).ravel()
     fhdr = fits["FLUX"].read_header()
     wave_aa = wcs_wavelength_angstrom(fhdr, flux.size, name)
-    var = _rows(_variance(fits, name)) if "COVAR" in names else None
-    if var is None:
+    if "COVAR" not in names:
         raise InputFileError(f"{name}: no COVAR HDU (variance)", RejectReason.MISSING_HDU)
+    var, covar = _covariance(fits, name, off_diagonal=not _aligned_with_desi(wave_aa / 10.0))
     mask = np.asarray(fits["MASK"].read(), np.int64).ravel() if "MASK" in names else np.zeros(flux.size, np.int64)
-    if len(var[0]) != flux.size or mask.size != flux.size:
+    if len(var[0]) != flux.size or mask.size != flux.size or (covar and covar[0].shape[-1] != flux.size):
         raise InputFileError(f"{name}: FLUX has {flux.size} pixels, COVAR {len(var[0])}, MASK {mask.size}",
                              RejectReason.INCONSISTENT_FILE)
     thdr = fits["TARGET"].read_header() if "TARGET" in names else {}
@@ -554,7 +583,8 @@ def _read_object(fits, name: str, names: set) -> dict:
     n_visit = _distinct_visits(fits) if "OBSERVATIONS" in names else (int(m.group(5)) if m else 0)
     headers = [fits["MASK"].read_header() if "MASK" in names else None, fhdr, fits[0].read_header()]
     patch = key("PATCH", m.group(3) if m else "")
-    return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "mask": [mask],
+    return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "covar": covar[:1] if covar else None,
+            "mask": [mask],
             "planes": mask_planes(*headers),
             "cat_id": np.array([int(cat_id)], np.int64), "obj_id": np.array([obj_id], np.int64),
             "tract": np.array([int(key("TRACT", m.group(2) if m else -1))], np.int32),
@@ -588,7 +618,7 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
         raise InputFileError(f"{name}: no TARGET HDU, so no ids or positions", RejectReason.MISSING_HDU)
     d = _read_object(fits, name, names) if single else _read_multi(fits, name, names)
     n = d["n"]
-    flux, ivar, mask = _to_desi(d["wave"], d["flux"], d["var"], d["mask"], bad_mask_bits(d["planes"]))
+    flux, ivar, mask = _to_desi(d["wave"], d["flux"], d["var"], d["mask"], bad_mask_bits(d["planes"]), d["covar"])
 
     cat_id, obj_id, ttype = d["cat_id"], d["obj_id"], d["target_type"]
     zs = _redshifts(str(path), options, cat_id, obj_id)
