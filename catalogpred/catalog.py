@@ -251,13 +251,19 @@ REJECTS_SCHEMA = pa.schema([
 ])
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_block_done(catalog_path, block_key: str, summary: dict, rejects: pa.Table) -> None:
     """Record a finished block: its rejects, then its done marker (the commit point)."""
     run = Path(catalog_path) / RUN_DIR / "blocks"
     _atomic_write(rejects.cast(REJECTS_SCHEMA), run / f"{block_key}.rejects.parquet")
-    tmp = run / f".{block_key}.json.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, run / f"{block_key}.json")
+    atomic_write_text(run / f"{block_key}.json", json.dumps(summary))
 
 
 def read_block_done(catalog_path) -> dict[str, dict]:
@@ -408,7 +414,6 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
 
     rejects = [pq.read_table(catalog_path / RUN_DIR / "blocks" / f"{b}.rejects.parquet") for b in blocks]
     rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()
-    _atomic_write(rejects, catalog_path / "rejects.parquet")
 
     pixels = sorted({int(p) for b in blocks for p in done[b]["pixels"]})
     n_rows = sum(done[b]["n_rows"] for b in blocks)
@@ -419,7 +424,10 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
                  or int(p.parent.parent.name.split("=")[1]) != order]
         if stray:
             raise CatalogError(f"{catalog_path}: leaves not written by this run ({stray[:2]}); use --overwrite")
-        total = write_parquet_metadata(catalog_path)
+        try:
+            total = write_parquet_metadata(catalog_path)
+        except (RuntimeError, pa.ArrowInvalid) as exc:  # e.g. part files of two runs with other columns
+            raise CatalogError(f"{catalog_path}: its part files do not share one schema ({exc}); use --overwrite") from exc
         if total != n_rows:
             raise CatalogError(f"{catalog_path}: dataset holds {total} rows but the blocks reported {n_rows}; "
                                "a part file is missing or stray: use --overwrite")
@@ -450,6 +458,7 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
     if accounted != expected_inputs:
         raise CatalogError(f"{catalog_path}: {n_rows} catalog rows + {rejects.num_rows} rejects = {accounted}, "
                            f"but the store holds {expected_inputs} input spectra")
+    _atomic_write(rejects, catalog_path / "rejects.parquet")  # after the checks: a refused run leaves the old one
 
     props = TableProperties(
         catalog_name=catalog_name, catalog_type="object", total_rows=n_rows, ra_column="ra", dec_column="dec",

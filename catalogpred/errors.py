@@ -21,6 +21,7 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "RejectReason",
+    "is_transient",
 ]
 
 
@@ -50,6 +51,17 @@ class CatalogError(CatalogpredError, OSError):
 
 class ConfigError(CatalogpredError, ValueError):
     """Arguments or configuration values that cannot work together."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors of the machine rather than the file: out of memory, or an operating-system I/O error
+    (``OSError`` with an ``errno``: EIO, ESTALE, a vanished network mount, ...). Readers re-raise these, so Dask
+    retries the task and a run whose retries fail stops and resumes on re-run, instead of rejecting a good
+    file. A corrupt or truncated FITS file raises ``OSError`` without an errno (cfitsio's status) and is a reject.
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, CatalogpredError) and exc.errno is not None
 
 
 class RejectReason(str, enum.Enum):

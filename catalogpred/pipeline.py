@@ -195,14 +195,18 @@ def plan_pieces(files: list[tuple[str, int]], shard_rows: int) -> list[list[tupl
     Returns one list of ``(path, lo, hi)`` pieces per shard; a file larger than a shard is
     split across consecutive shards. Pure function (tested directly).
     """
+    return plan_ranges([(path, 0, max(1, int(n))) for path, n in files], shard_rows)
+
+
+def plan_ranges(ranges: list[tuple[str, int, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
+    """Pack row ranges ``(path, lo, hi)`` (spectra ``lo..hi-1`` of a file) into shards of at most ``shard_rows``
+    spectra, splitting a range across consecutive shards where it does not fit. Pure function."""
     shards: list[list[tuple[str, int, int]]] = []
     current: list[tuple[str, int, int]] = []
     room = shard_rows
-    for path, n in files:
-        n = max(1, int(n))
-        lo = 0
-        while lo < n:
-            take = min(room, n - lo)
+    for path, lo, hi in ranges:
+        while lo < hi:
+            take = min(room, hi - lo)
             current.append((path, lo, lo + take))
             lo += take
             room -= take
@@ -212,6 +216,59 @@ def plan_pieces(files: list[tuple[str, int]], shard_rows: int) -> list[list[tupl
     if current:
         shards.append(current)
     return shards
+
+
+def missing_ranges(n: int, have) -> list[tuple[int, int]]:
+    """The runs ``(lo, hi)`` of spectra ``0..n-1`` of a file that are not among the row numbers ``have``."""
+    missing = np.ones(max(int(n), 0), bool)
+    have = np.asarray(have, np.int64)
+    missing[have[(have >= 0) & (have < len(missing))]] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], missing.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+class _FileRows:
+    """The store rows of each input file of a group: ``rows(path)`` (``row_in_file`` values, one per store row,
+    sorted) and ``unreadable`` (files quarantined whole, source_id ``file:<name>``). From :func:`store.read_meta`
+    columns ``source_path, row_in_file, source_id``."""
+
+    def __init__(self, meta: pa.Table):
+        import pyarrow.compute as pc
+
+        paths = meta.column("source_path").combine_chunks().dictionary_encode()
+        self._index = {p: i for i, p in enumerate(paths.dictionary.to_pylist())}
+        codes = paths.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = meta.column("row_in_file").to_numpy().astype(np.int64)
+        order = np.lexsort((rows, codes))
+        self._codes, self._rows = codes[order], rows[order]
+        whole = pc.starts_with(meta.column("source_id"), "file:").to_numpy(zero_copy_only=False)
+        self.unreadable = {paths.dictionary[int(c)].as_py() for c in np.unique(codes[whole])}
+        self.n_rows_of = np.bincount(codes, minlength=len(self._index))
+
+    def rows(self, path: str) -> np.ndarray:
+        i = self._index.get(path)
+        if i is None:
+            return np.zeros(0, np.int64)
+        lo, hi = np.searchsorted(self._codes, [i, i + 1])
+        return self._rows[lo:hi]
+
+    def problems(self, path: str, n: int) -> str:
+        """What is wrong with the rows of a file of ``n`` spectra ("" if each spectrum is there once, or the file
+        is one unreadable-file row)."""
+        rows = self.rows(path)
+        if path in self.unreadable:
+            return "" if len(rows) == 1 else f"an unreadable-file reject and {len(rows) - 1} more rows"
+        dup = np.unique(rows[1:][np.diff(rows) == 0])
+        gaps = missing_ranges(n, rows)
+        extra = rows[(rows < 0) | (rows >= n)]
+        out = []
+        if gaps:
+            out.append("missing spectra " + ", ".join(f"{a}..{b - 1}" for a, b in gaps[:3]))
+        if len(dup):
+            out.append("spectra stored twice " + ", ".join(map(str, dup[:5].tolist())))
+        if len(extra):
+            out.append(f"{len(extra)} rows beyond the file's {n} spectra")
+        return "; ".join(out)
 
 
 def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "auto", shard_rows: int = 4096,
@@ -241,7 +298,11 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     check_workers(client, paths[:1] + [store_path])
     summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
-    detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256))
+    try:
+        detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256, retries=2))
+    except (OSError, MemoryError) as exc:  # the machine's errors (EIO, ...), raised after Dask's retries
+        raise PipelineError(f"reading the inputs failed ({type(exc).__name__}: {exc}); nothing was ingested, "
+                            "re-run the same command") from exc
     by_survey: dict[str, list[tuple[str, int]]] = {}  # store group -> files
     reader_of: dict[str, str] = {}  # path -> reader name, where it differs from its group's name
     group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
@@ -285,60 +346,52 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
             store.create_survey(store_path, layout)
         pieces = plan_pieces(files, layout.shard_rows)
         if len(store.done_shards(store_path, name)):
-            done = store.read_meta(store_path, name, columns=["source_path", "row_in_file", "source_id"])
-            done_paths = done.column("source_path").to_pylist()
-            done_keys = set(zip(done_paths, done.column("row_in_file").to_pylist()))
-            # files that could not be read: one reject row (source_id "file:<name>") stands for all their pieces
-            unreadable = {p for p, sid in zip(done_paths, done.column("source_id").to_pylist()) if sid.startswith("file:")}
-            n_before = sum(len(b) for b in pieces)
-
-            def is_done(path, lo):
-                return (path, lo) in done_keys or (lo == 0 and (path, -1) in done_keys) or path in unreadable
-
-            todo = [(p, n) for p, n in files]
-            todo_pieces = [pc for b in pieces for pc in b if not is_done(pc[0], pc[1])]
-            skipped = len({p for p, _ in todo} - {pc[0] for pc in todo_pieces})
+            # resume: ingest exactly the spectra of each file that no finished shard holds (a file quarantined
+            # whole, source_id "file:<name>", is done), whatever the shard boundaries were last time
+            have = _FileRows(store.read_meta(store_path, name, columns=["source_path", "row_in_file", "source_id"]))
+            ranges = [(p, lo, hi) for p, n in files if p not in have.unreadable
+                      for lo, hi in missing_ranges(int(n), have.rows(p))]
+            skipped = len({p for p, _ in files} - {p for p, _, _ in ranges})
             summary.skipped_files += skipped
             if skipped and (options.redshifts or options.selection != Selection()):
                 log.warning("%d of these files are already in %s/%s and were skipped: their spectra keep the "
                             "redshifts and selection of their first ingest, not this run's --redshifts/--keep-*/"
                             "--spectypes; ingest them into a new store to apply those", skipped, store_path, name)
-            # re-pack what is left (resumed pieces keep their row ranges)
-            pieces, cur, room = [], [], layout.shard_rows
-            for pc in todo_pieces:
-                if pc[2] - pc[1] > room:
-                    pieces.append(cur)
-                    cur, room = [], layout.shard_rows
-                cur.append(pc)
-                room -= pc[2] - pc[1]
-            if cur:
-                pieces.append(cur)
-            log.info("resuming %s/%s: %d of %d file pieces already ingested", store_path, name,
-                     n_before - len(todo_pieces), n_before)
-        if not pieces:
-            continue
-        shards = store.allocate_shards(store_path, name, len(pieces))
-        keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
-        key_to_shard = dict(zip(keys, shards))
-        args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options,
-                 {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
-                for s, b in zip(shards, pieces)]
-        finished: list[int] = []
-        results, errors = _run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
-                                       progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))
-        store.mark_shards_done(store_path, name, finished)
+            n_all, n_todo = sum(int(n) for _, n in files), sum(hi - lo for _, lo, hi in ranges)
+            log.info("resuming %s/%s: %d of the inputs' %d spectra already ingested", store_path, name,
+                     n_all - n_todo, n_all)
+            pieces = plan_ranges(ranges, layout.shard_rows)
+        results, errors = {}, {}
+        if pieces:
+            shards = store.allocate_shards(store_path, name, len(pieces))
+            keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
+            key_to_shard = dict(zip(keys, shards))
+            args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options,
+                     {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
+                    for s, b in zip(shards, pieces)]
+            finished: list[int] = []
+            results, errors = _run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
+                                           progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))
+            store.mark_shards_done(store_path, name, finished)
+        # duplicates and the per-file row check run on every ingest, a resumed one included (a run stopped
+        # after marking its shards done still gets them)
+        meta = store.read_meta(store_path, name, columns=["source_id", "status", "source_path", "row_in_file"])
+        n_dup = _reject_duplicates(store_path, name, meta)
         if errors:
             raise PipelineError(f"{len(errors)} ingest tasks failed (e.g. {next(iter(errors.values()))}); "
                                 "re-run the same command to resume")
+        lengths = {p: k for r in results.values() for p, k in r.get("lengths", {}).items()}
+        _check_file_rows(store_path, name, _FileRows(meta), [(p, lengths.get(p, n)) for p, n in files])
         for r in results.values():
             summary.rows += r["n_rows"]
             summary.ok += r["n_ok"]
             summary.reasons.update(r["reasons"])
         summary.shards += len(results)
-        n_dup = _reject_duplicates(store_path, name)
         if n_dup:
             summary.ok -= n_dup
             summary.reasons[RejectReason.DUPLICATE_ID.value] += n_dup
+        if not pieces:
+            continue
         d = summary.by_survey.setdefault(name, {"rows": 0, "shards": 0})
         d["rows"] += sum(r["n_rows"] for r in results.values())
         d["shards"] += len(results)
@@ -355,9 +408,25 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     return summary
 
 
-def _reject_duplicates(store_path: str, survey: str) -> int:
-    """Mark later occurrences of an already ingested source_id as REJECTED (duplicate_id); returns the count."""
-    meta = store.read_meta(store_path, survey, columns=["source_id", "status", "source_path"])
+def _check_file_rows(store_path: str, survey: str, have: _FileRows, files: list[tuple[str, int]]) -> None:
+    """Every spectrum of every input file is in the store once (or the file is one unreadable-file reject).
+
+    ``files``: ``(path, n_spectra)``. Raises :class:`PipelineError` naming the files whose rows are missing or
+    doubled: an ingest never ends with a spectrum lost or stored twice without saying so.
+    """
+    bad = [(p, msg) for p, n in files if (msg := have.problems(p, max(int(n), 0) if p not in have.unreadable else 1))]
+    if bad:
+        shown = "; ".join(f"{os.path.basename(p)}: {msg}" for p, msg in bad[:3])
+        raise PipelineError(f"{store_path}/{survey}: {len(bad)} input files are not stored exactly once per spectrum "
+                            f"({shown}). Missing spectra are ingested by re-running the same command; spectra stored "
+                            "twice need a new store")
+
+
+def _reject_duplicates(store_path: str, survey: str, meta=None) -> int:
+    """Mark later occurrences of an already ingested source_id as REJECTED (duplicate_id); returns the count.
+    ``meta``: :func:`store.read_meta` with ``source_id, status, source_path`` (read when not given)."""
+    if meta is None:
+        meta = store.read_meta(store_path, survey, columns=["source_id", "status", "source_path"])
     ok = meta.column("status").to_numpy() == store.RowStatus.OK
     ids = np.asarray(meta.column("source_id").to_pylist(), dtype=object)[ok]
     rows = meta.column("row").to_numpy()[ok]
@@ -432,6 +501,27 @@ def _versions() -> dict:
 #: memory (batch × 128 channels × n_pix × 4 B per tensor, about three alive: 0.5 GB each at 256 SDSS
 #: spectra) and a smaller batch is no slower; GPUs want large batches.
 DEFAULT_BATCH = {"cpu": 64, "cuda": 2048}
+
+
+def _check_resumable(catalog_path: str, plan: dict, model_ids: list, store_path: str, groups: dict,
+                     column_names: list) -> None:
+    """Refuse to resume a catalog that another run's blocks would not match: other models, another store (or the
+    same path re-created: each survey group has a random id), other catalog columns (e.g. more surveys)."""
+    hint = "; pass --overwrite to start over, or write to another catalog path"
+    if plan.get("model_ids") != model_ids:
+        raise CatalogError(f"{catalog_path} was made with models {plan.get('model_ids')}, not {model_ids}{hint}")
+    if plan.get("store", store_path) != store_path:
+        raise CatalogError(f"{catalog_path} was made from the store {plan['store']}, not {store_path}{hint}")
+    old = plan.get("store_groups", {})
+    changed = [s for s in groups if s in old and old[s] and groups[s] and old[s] != groups[s]]
+    if changed:
+        raise CatalogError(f"{catalog_path}: the store's {', '.join(changed)} group was re-created since this catalog "
+                           f"was started (another ingest into {store_path}){hint}")
+    if "columns" in plan and plan["columns"] != column_names:
+        more = sorted(set(column_names) - set(plan["columns"]))
+        less = sorted(set(plan["columns"]) - set(column_names))
+        raise CatalogError(f"{catalog_path} has other columns than this run's surveys give (new: {more or 'none'}, "
+                           f"gone: {less or 'none'}){hint}")
 
 
 def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path: str, error: str) -> int:
@@ -602,16 +692,19 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         shutil.rmtree(catalog_path)
     if os.path.exists(catalog_path) and not plan_file.exists():
         raise CatalogError(f"{catalog_path} exists but is not a catalogpred catalog; choose another path or --overwrite")
+    groups = {s: store.group_uid(store_path, s) for s in chosen}
+    column_names = [c.name for c in columns]
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
-        if plan.get("model_ids") != model_ids:
-            raise CatalogError(f"{catalog_path} was made with models {plan.get('model_ids')}, not {model_ids}; "
-                               "pass --overwrite to start over")
+        _check_resumable(catalog_path, plan, model_ids, os.path.abspath(store_path), groups, column_names)
         order = plan["order"]
+        groups = {**plan.get("store_groups", {}), **groups}
     else:
         order = order if order is not None else cat.choose_order(inputs)
         plan_file.parent.mkdir(parents=True, exist_ok=True)
-        plan_file.write_text(json.dumps({"model_ids": model_ids, "order": order, "store": os.path.abspath(store_path)}))
+    cat.atomic_write_text(plan_file, json.dumps({"model_ids": model_ids, "order": order,
+                                                 "store": os.path.abspath(store_path), "store_groups": groups,
+                                                 "columns": column_names}))
     for stale in Path(catalog_path).glob("**/.*.tmp"):  # left by a run killed mid-write
         stale.unlink()
     done = cat.read_block_done(catalog_path)

@@ -34,6 +34,7 @@ import asyncio
 import enum
 import functools
 import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,7 +181,9 @@ def create_survey(store_path: str | os.PathLike, layout: SurveyLayout):
                 f"{existing.shard_rows}; use those or another store"
             )
         return root[layout.survey]
-    g = root.create_group(layout.survey, attributes=layout.to_attrs())
+    attrs = layout.to_attrs()
+    attrs["catalogpred_survey"]["uid"] = uuid.uuid4().hex  # tells a re-created group from the one a catalog used
+    g = root.create_group(layout.survey, attributes=attrs)
     n_pix = layout.grid.n_pix
     g.create_array("wave", shape=(n_pix,), dtype="f8", chunks=(n_pix,), compressors=None)[:] = layout.grid.wave
     shape, chunks, shards = (0, n_pix), (layout.chunk_rows, n_pix), (layout.shard_rows, n_pix)
@@ -195,6 +198,12 @@ def create_survey(store_path: str | os.PathLike, layout: SurveyLayout):
                           dtype=_zarr_dtype(code), fill_value=_fill_value(code), compressors=_compressor()
                           if code != "U" else "auto")
     return g
+
+
+def group_uid(store_path, survey: str) -> str | None:
+    """The random id a survey group got when it was created (None for groups written before ids existed)."""
+    g, _ = open_survey(store_path, survey)
+    return dict(g.attrs.get("catalogpred_survey", {})).get("uid")
 
 
 def list_surveys(store_path) -> list[str]:

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def detect_survey(path: str) -> tuple[str, str | None, int, str | None]:
-    """``(path, survey or None, n_spectra, reject or None)`` for one input file (never raises).
+    """``(path, survey or None, n_spectra, reject or None)`` for one input file.
 
-    ``survey`` is ``"aux:<name>"`` for redshift-only files; ``reject`` is ``"reason\tdetail"``.
+    ``survey`` is ``"aux:<name>"`` for redshift-only files; ``reject`` is ``"reason\tdetail"``. Raises only the
+    machine's errors (:func:`~catalogpred.errors.is_transient`), which Dask retries.
     """
     try:
         name, n = identify_survey(path, with_count=True)
@@ -151,13 +152,16 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
     like files that fail here. ``options`` (redshift table, selection) go to the reader.
     ``readers`` maps paths to the reader to use where it is not the one named ``survey``
     (a store group can take several formats, e.g. SDSS spec and spPlate files).
-    Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds"}``.
+    Returns ``{"shard", "n_rows", "n_ok", "reasons": {reason: count}, "seconds", "lengths"}``, ``lengths``
+    mapping each file read to its number of spectra. An error of the machine rather than the file
+    (:func:`~catalogpred.errors.is_transient`) is raised, for Dask to retry the task.
     """
     t0 = time.perf_counter()
     _keep_freed_memory(TRIM_MIB["ingest"])
     _, layout = store.open_survey(store_path, survey)
     file_rejects = dict(file_rejects or {})
     parts, reasons, details, src_paths = [], [], [], []  # parts: (block, lo, hi): rows lo..hi-1 of a block
+    lengths: dict[str, int] = {}
     for piece in pieces:
         path, lo, hi = (piece, 0, None) if isinstance(piece, str) else piece
         if path in file_rejects:
@@ -168,18 +172,19 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
         try:
             blk = read_spectra(path, readers.get(path, survey) if readers else survey, options)
         except InputFileError as exc:
-            if hi is not None and lo > 0:  # a later piece of a file split across shards: the piece that
-                continue  # starts at spectrum 0 holds the file's one reject row
+            if hi is not None and lo > 0:  # a later piece of a file split across shards: the piece that starts at
+                continue  # spectrum 0 holds the file's one reject row (the same file fails the same way there)
             blk = _empty_block(survey, path, layout.meta_columns, lo if hi is not None else -1)
             reasons.append(exc.reason.value), details.append(str(exc))
             lo, hi = 0, 1
         else:
+            lengths[path] = len(blk)
             lo, hi = (0, len(blk)) if hi is None else (lo, max(lo, min(hi, len(blk))))
             reasons.extend([r or None for r in blk.reject_reason[lo:hi]]), details.extend(list(blk.reject_detail[lo:hi]))
         parts.append((blk, lo, hi))
         src_paths.extend([path] * (hi - lo))
     if not parts:
-        return {"shard": shard, "n_rows": 0, "n_ok": 0, "reasons": {}, "seconds": 0.0}
+        return {"shard": shard, "n_rows": 0, "n_ok": 0, "reasons": {}, "seconds": 0.0, "lengths": lengths}
     grid = parts[0][0].grid
     if any(blk.grid != grid for blk, _, _ in parts):
         raise ValueError(f"shard {shard} of {survey}: spectra on different grids")
@@ -233,7 +238,7 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
     log.info("stage=ingest survey=%s shard=%d pieces=%d rows=%d ok=%d s=%.2f", survey, shard, len(pieces), n,
              int((status == store.RowStatus.OK).sum()), dt)
     return {"shard": shard, "n_rows": n, "n_ok": int((status == store.RowStatus.OK).sum()),
-            "reasons": dict(counts), "seconds": dt}
+            "reasons": dict(counts), "seconds": dt, "lengths": lengths}
 
 
 def block_key(survey: str, shard: int) -> str:

@@ -502,3 +502,38 @@ def test_worker_peak_rss_is_its_own_not_the_spawning_process(tmp_path):
     assert inherited > 800e6  # what the benchmarks used to report
     assert before < 500e6  # a fresh worker: Python, numpy, distributed
     assert after > before + 250e6 and after < 800e6
+
+
+def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_bundle, desi_bundle, cluster_client,
+                                                                        tmp_path):
+    """A catalog path resumes only the run that made it: not another store, not the same path re-created (each
+    survey group has a random id), not other catalog columns (e.g. more surveys); each says --overwrite."""
+    from catalogpred.errors import CatalogError
+    from catalogpred.mock_survey import write_desi_survey
+    from catalogpred.pipeline import run_ingest
+
+    client = cluster_client[1]
+    st_a, st_b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for st in (st_a, st_b):
+        bench_pipeline.write_synthetic_store(st, 16, shard_rows=8, chunk_rows=4)
+    write_desi_survey(tmp_path / "desi", 1, spectra_per_file=10, seed=3, resolution=False)
+    run_ingest([str(tmp_path / "desi")], str(st_a), client=client, shard_rows=8, chunk_rows=4, progress=False)
+    bundles = [str(random_bundle), str(desi_bundle)]
+    path = str(tmp_path / "catalog")
+    first = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
+    assert first.rows == 16
+    rejects_before = (Path(path) / "rejects.parquet").read_bytes()
+    with pytest.raises(CatalogError, match="made from the store .*a.zarr.*--overwrite"):
+        run_predict(str(st_b), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
+    with pytest.raises(CatalogError, match=r"other columns .*new: \['coadd_fiberstatus'.*--overwrite"):
+        run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1)
+    assert (Path(path) / "rejects.parquet").read_bytes() == rejects_before  # a refused run changes nothing
+    again = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
+    assert again.blocks_skipped == again.blocks == 2  # the same run resumes
+    shutil.rmtree(st_a)
+    bench_pipeline.write_synthetic_store(st_a, 16, shard_rows=8, chunk_rows=4)
+    with pytest.raises(CatalogError, match="sdss group was re-created"):
+        run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
+    fresh = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"],
+                        overwrite=True)
+    assert fresh.blocks_skipped == 0 and fresh.rows == 16

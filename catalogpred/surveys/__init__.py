@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ..errors import InputFileError, RejectReason
+from ..errors import InputFileError, RejectReason, is_transient
 from ..spectra import Grid
 
 __all__ = [
@@ -313,6 +313,8 @@ def _open_fits(path):
         end = max(h.get_offsets()["data_end"] for h in fits)
         size = os.path.getsize(str(path))
     except Exception as exc:  # fitsio raises OSError/ValueError/… for non-FITS and truncated files
+        if is_transient(exc):  # the machine's error (EIO, out of memory): Dask retries the task
+            raise
         raise InputFileError(
             f"{name}: not a readable FITS file ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})",
             RejectReason.UNREADABLE_FILE,
@@ -427,6 +429,8 @@ def read_spectra(path: str | os.PathLike, survey: str = "auto", options: ReadOpt
         except InputFileError:
             raise
         except Exception as exc:  # a truncated file often opens but fails on data access
+            if is_transient(exc):
+                raise
             raise InputFileError(
                 f"{os.path.basename(str(path))}: failed to read {name} data ({type(exc).__name__}: {exc})",
                 RejectReason.UNREADABLE_FILE,
