@@ -122,14 +122,20 @@ def _desi_demo_photometry(desi, path) -> Path:
     """Mock AllWISE photometry of the DESI mock galaxies, keyed by TARGETID."""
     from .mock import photometry_table
 
-    objs, tids = [], []
+    objs, tids, ras, decs = [], [], [], []
     for plan in desi.files:
-        for obj, role, tid in zip(plan.objects, plan.roles, plan.targetids):
+        for obj, role, tid, ra, dec in zip(plan.objects, plan.roles, plan.targetids, plan.ra, plan.dec):
             if role == "galaxy" and obj is not None:
                 objs.append(obj)
                 tids.append(int(tid))
+                ras.append(ra)
+                decs.append(dec)
     t = photometry_table(objs).drop_columns(["plate", "mjd", "fiberid", "specobjid"])
     t = t.append_column("targetid", pa.array(tids, pa.int64()))
+    # the targets' own positions (the FIBERMAP's TARGET_RA/DEC), so a positional cross-match finds them too
+    for name, values in (("ra", ras), ("dec", decs)):
+        i = t.schema.get_field_index(name)
+        t = t.set_column(i, t.schema.field(i), pa.array(values, pa.float64()))
     pq.write_table(t, path)
     return Path(path)
 

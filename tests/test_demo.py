@@ -56,6 +56,13 @@ def test_demo_end_to_end(tmp_path, capsys, client):
     data = training_table_from_store(str(out / "store.zarr"), str(out / "mock" / "desi_allwise_photometry.parquet"),
                                      str(out / "model-desi"), client=client, join_on="TARGETID")
     assert len(data["ids"]) == (cat_all.survey == "desi").sum() and all(i.startswith("desi-") for i in data["ids"])
+    # the mock DESI photometry sits at its targets' positions: a positional cross-match finds every DESI row
+    from catalogpred.crossmatch import crossmatch
+
+    xm = crossmatch(out / "catalog", out / "mock" / "desi_allwise_photometry.parquet", radius_arcsec=0.1,
+                    columns=["source_id", "targetid"])
+    assert xm.num_rows == (cat_all.survey == "desi").sum()
+    assert xm.column("targetid").to_pylist() == xm.column("targetid_ext").to_pylist()  # each with its own target
 
 
 def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys):
