@@ -40,7 +40,7 @@ EPILOGS = {
           catalogpred query catalog/ --cone 150.0 2.0 1deg --where 'w1_mag - w2_mag > 0.8' -o agn.fits
           catalogpred query catalog/ --cone 10:00:28.6 -02:12:21 30arcmin          # RA in hours
           catalogpred query catalog/ --box 350 10 -5 5 --limit 20          # RA 350..360 and 0..10
-          catalogpred query catalog/ --id sdss-0266-51602-0013
+          catalogpred query catalog/ --id sdss-0266-51602-0013     # ids as `--columns source_id` lists them
           catalogpred query catalog/ --where '(flags & 2) == 0' --limit 20      # bit 2 (LOW_SN) not set
           catalogpred query catalog/ --cone 150 2 3600 --sql 'SELECT survey, count(*) AS n FROM catalog GROUP BY survey'
         Magnitudes are Vega (AllWISE w?mpro). On a terminal the result is an aligned table (first 50
@@ -142,11 +142,66 @@ def _add_output_args(p: argparse.ArgumentParser, columns_help: str = "comma-sepa
 #: ``--mag-system`` choices: :data:`catalogpred.tables.MAG_SYSTEMS`, spelled out here so that the CLI starts
 #: without pyarrow (tests/test_cli.py checks that the two agree)
 MAG_SYSTEMS = ("auto", "vega", "ab")
+#: ``predict --order``: HEALPix orders of the leaves (the catalog's spatial index is at order 29)
+MIN_ORDER, MAX_ORDER = 0, 29
+#: ``demo --surveys`` (SDSS is always made) and the fewest SDSS spectra the demo's head can be trained on
+DEMO_SURVEYS = ("sdss", "desi", "pfs")
+DEMO_MIN_SPECTRA = 10
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="catalogpred", description="WISE W1-W4 predictions from optical spectra, at catalog scale.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _check_at_least(args, minimum: int, *options: str) -> None:
+    """ConfigError for the first of ``options`` (``--batch-size``, ...) given with a value below ``minimum``."""
+    for opt in options:
+        value = getattr(args, opt.lstrip("-").replace("-", "_"), None)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{opt} must be at least {minimum}, not {value}")
+
+
+def _check_ingest_args(args) -> None:
+    _check_at_least(args, 1, "--shard-rows", "--chunk-rows", "--workers", "--wait-workers")
+    if args.chunk_rows < args.shard_rows and args.shard_rows % args.chunk_rows:
+        raise ConfigError(f"--shard-rows {args.shard_rows} is not a multiple of --chunk-rows {args.chunk_rows}: "
+                          "a shard holds whole chunks (e.g. --shard-rows 4096 --chunk-rows 256)")
+
+
+def _check_predict_args(args) -> None:
+    _check_at_least(args, 1, "--batch-size", "--workers", "--wait-workers", "--torch-threads", "--blocks-per-gpu",
+                    "--workers-per-gpu")
+    _check_at_least(args, 0, "--io-workers")
+    if args.order is not None and not MIN_ORDER <= args.order <= MAX_ORDER:
+        raise ConfigError(f"--order {args.order}: a HEALPix order is {MIN_ORDER}-{MAX_ORDER} (default: from the row "
+                          "count, 1-7)")
+
+
+#: cheap checks of a command's argument values (no file read), run before any work; ``submit`` runs them on the
+#: command after ``--`` as well
+ARG_CHECKS = {"ingest": _check_ingest_args, "predict": _check_predict_args}
+
+
+class _ArgumentError(ConfigError):
+    """An argparse error of :func:`parse_command` (the parser's own message)."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises :class:`_ArgumentError` instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise _ArgumentError(f"{self.prog}: {message}")
+
+
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """``argv`` (a catalogpred command line without the program name) parsed by the CLI's own parser, and its
+    argument values checked (:data:`ARG_CHECKS`): a :class:`ConfigError` with the parser's message instead of
+    an exit. ``submit`` checks the command after ``--`` with it before submitting anything."""
+    args = build_parser(_RaisingParser).parse_args(_keep_coordinates_as_values(argv))
+    if args.command in ARG_CHECKS:
+        ARG_CHECKS[args.command](args)
+    return args
+
+
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog="catalogpred", description="WISE W1-W4 predictions from optical spectra, at catalog scale.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"catalogpred {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: tracebacks, debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (no summaries)")
@@ -227,10 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what reads a shard's numeric arrays (flux, ...) on the workers: tensorstore (C++, outside "
                         "the GIL) or zarr-python; same values. auto: tensorstore where it is installed and the store "
                         "is a local path (default)")
-    s.add_argument("--order", type=int, default=None, help="HEALPix order of the leaves (default: from the row count)")
+    s.add_argument("--order", type=int, default=None,
+                   help=f"HEALPix order of the leaves, {MIN_ORDER}-{MAX_ORDER} (default: from the row count, 1-7: "
+                        "about 20,000 rows per leaf; a higher order makes more, smaller part files); a resumed "
+                        "catalog keeps the order it was started with")
     s.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     s.add_argument("--strict", action="store_true", help="exit 1 if any spectrum is rejected")
-    s.add_argument("--dry-run", action="store_true", help="print the plan (blocks, model, order) and exit")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (blocks, models, HEALPix order) as JSON and exit")
     _add_cluster_args(s)
 
     s = add("query", "Cone, box, id, filter and SQL queries on a catalog; a table, CSV or a file.")
@@ -321,11 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read a spender checkpoint (['model'] state dict with encoder.* keys) into a bundle.",
                         epilog="example:\n  catalogpred models import-spender spender.sdss.paperII-c273bb69.pt --survey sdss -o sdss_II/",
                         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
-    m.add_argument("checkpoint")
+    m.add_argument("checkpoint", help="spender checkpoint file (.pt), e.g. from `catalogpred models fetch`")
     m.add_argument("--survey", required=True, choices=("sdss", "desi"), help="grid the encoder was trained on")
     m.add_argument("-o", "--output", required=True, help="output bundle directory")
-    m.add_argument("--name", default=None)
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--name", default=None,
+                   help="bundle name, the start of its model_id (default: spender-<checkpoint file name without .pt>)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o")
     m.add_argument("--allow-pickle", action="store_true", help="load non-tensor pickles (only for files you trust)")
     m = msub.add_parser("fetch", help="download a published spender checkpoint (needs a network)",
                         description="Download sdss_II or desi_edr_galaxy from HuggingFace with huggingface_hub.",
@@ -350,8 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("demo", "End to end on mock SDSS, DESI and PFS surveys (what `make demo` runs).")
     s.add_argument("--output", default="demo-output", help="output directory (default demo-output)")
-    s.add_argument("--n-spectra", type=int, default=2000, help="mock SDSS spectra to generate (default 2000)")
-    s.add_argument("--surveys", default="sdss,desi,pfs", help="mock surveys: any of sdss,desi,pfs (default all three)")
+    s.add_argument("--n-spectra", type=int, default=2000,
+                   help=f"mock SDSS spectra to generate, at least {DEMO_MIN_SPECTRA} (default 2000)")
+    s.add_argument("--surveys", default="sdss,desi,pfs",
+                   help="mock surveys, comma-separated: sdss (always made: the demo trains its head on it), desi, "
+                        "pfs (needs desi: PFS uses the DESI-grid bundle) (default all three)")
     s.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     s.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -441,10 +504,13 @@ def cmd_ingest(args) -> int:
     from collections import Counter
 
     from .pipeline import expand_inputs, run_ingest
+    from .store import check_store_target
     from .surveys import get_reader
     from .tasks import detect_survey
 
     # everything that can fail without workers fails before they start
+    _check_ingest_args(args)
+    check_store_target(args.store)
     paths = expand_inputs(args.inputs)
     if args.survey != "auto":
         get_reader(args.survey)
@@ -471,8 +537,8 @@ def cmd_ingest(args) -> int:
     if not args.quiet:
         print(summary.table(), file=sys.stderr)
     if args.strict and summary.rejected:
-        log.error("--strict: %d spectra rejected", summary.rejected)
-        return 1
+        raise CatalogpredError(f"--strict: {summary.rejected} spectra rejected (by reason: `catalogpred info "
+                               f"{args.store}`)")
     return 0
 
 
@@ -495,13 +561,14 @@ def cmd_predict(args) -> int:
     from .cluster import check_workers_per_gpu, resolve_device
     from .pipeline import run_predict
 
+    _check_predict_args(args)  # --order, --batch-size, --workers, ...: before anything is read
     # local cluster: auto -> cuda if NVML (no CUDA context) sees a GPU; an existing cluster: from its workers' resources
     local = not (args.scheduler or args.scheduler_file)
     device = resolve_device(args.device) if local else args.device
     check_workers_per_gpu(args.workers_per_gpu, device=device, local=local)  # as dask_client does, before a dry run
 
     from .cluster import check_scheduler_args, shared_path
-    from .pipeline import plan_predict
+    from .pipeline import check_catalog_target, plan_predict, predict_order
 
     # the plan reads the store and the bundles' bundle.json: a wrong path, or a survey without a bundle for its
     # grid, fails here, before a cluster starts
@@ -509,8 +576,14 @@ def cmd_predict(args) -> int:
     shared_path(args.catalog)  # says which URLs are not supported yet, and what to do instead
     surveys = args.surveys.split(",") if args.surveys else None
     plan = plan_predict(args.store, args.model, surveys)
+    check_catalog_target(args.catalog, overwrite=args.overwrite, keep=[plan.store_path, *plan.bundle_paths])
     if args.dry_run:
-        print(json.dumps({**plan.summary(), "catalog": args.catalog, "device": device, "precision": args.precision,
+        order, resumed = predict_order(args.catalog, plan.inputs, args.order, overwrite=args.overwrite)
+        if resumed and args.order is not None and args.order != order:
+            log.warning("--order %d would be ignored: %s is resumed at its order %d (--overwrite starts it again)",
+                        args.order, args.catalog, order)
+        print(json.dumps({**plan.summary(), "catalog": args.catalog, "order": order,
+                          "resume": resumed, "device": device, "precision": args.precision,
                           "compile": args.compile, "io_workers": args.io_workers,
                           "workers_per_gpu": args.workers_per_gpu, "read_engine": args.read_engine}, indent=2))
         return 0
@@ -524,9 +597,9 @@ def cmd_predict(args) -> int:
         print(summary.table(), file=sys.stderr)
         print(f"catalog written to {args.catalog}", file=sys.stderr)
     if args.strict and summary.rejects:
-        log.error("--strict: %d spectra rejected%s", summary.rejects,
-                  f" ({summary.blocks_failed} blocks failed on every retry: predict_error)" if summary.blocks_failed else "")
-        return 1
+        raise CatalogpredError(f"--strict: {summary.rejects} spectra rejected"
+                               + (f" ({summary.blocks_failed} blocks failed on every retry: predict_error)"
+                                  if summary.blocks_failed else "") + f"; they are in {args.catalog}/rejects.parquet")
     return 0
 
 
@@ -624,16 +697,28 @@ def cmd_query(args) -> int:
     else:
         table = (q.limit(args.limit) if args.limit is not None else q).to_arrow()
         if args.id and table.num_rows == 0:
+            cuts = bool(q.regions or q.filters)
+            examples = "" if cuts else _example_ids(args.catalog, exclude=args.id)
             raise CatalogError(f"no row with source_id {', '.join(args.id)} in {args.catalog}"
-                               + (" within the --cone/--box/--where cuts" if q.regions or q.filters else "")
-                               + "; ids look like sdss-0266-51602-0013")
+                               + (" within the --cone/--box/--where cuts" if cuts else "")
+                               + (f"; ids in it look like {examples}" if examples else ""))
     _emit(table, args)
     return 0
 
 
+def _example_ids(catalog: str, exclude=(), n: int = 3) -> str:
+    """The first ``n`` source_id values of the catalog (not those in ``exclude``), for an error message."""
+    from .query import open_catalog
+
+    ids = open_catalog(catalog).select("source_id").limit(n + len(exclude)).to_arrow().column("source_id").to_pylist()
+    return ", ".join([i for i in ids if i not in set(exclude)][:n])
+
+
 def _result_columns(table, columns: str):
     """``query --sql ... --columns a,b``: those columns of the SQL result."""
-    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    from .query import check_column_list
+
+    cols = list(check_column_list(columns))
     unknown = [c for c in cols if c not in table.column_names]
     if unknown:
         raise ConfigError(f"--columns {','.join(unknown)}: not in the --sql result (with --sql, --columns picks from "
@@ -701,6 +786,7 @@ def cmd_train(args) -> int:
 
     from .model.bundle import read_bundle_info
 
+    _check_at_least(args, 1, "--members", "--workers")
     progress = not args.no_progress and sys.stderr.isatty()
     read_bundle_info(args.encoder)  # before any work: the encoder exists, and the output may be written
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)) and not args.overwrite:
@@ -780,13 +866,26 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
+
+    _check_at_least(args, DEMO_MIN_SPECTRA, "--n-spectra")
+    _check_at_least(args, 1, "--workers")
+    surveys = tuple(dict.fromkeys(x.strip().lower() for x in args.surveys.split(",") if x.strip()))
+    unknown = [x for x in surveys if x not in DEMO_SURVEYS]
+    if unknown or not surveys:
+        raise ConfigError(f"--surveys {args.surveys!r}: " + (f"unknown survey {', '.join(unknown)}; " if unknown else "")
+                          + f"choose from {','.join(DEMO_SURVEYS)} (comma-separated)")
+    if "pfs" in surveys and "desi" not in surveys:
+        raise ConfigError("--surveys: pfs needs desi too (the PFS spectra are predicted by the DESI-grid bundle, "
+                          "trained on the mock DESI survey): --surveys sdss,desi,pfs")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ConfigError(f"--output {args.output} is a file; the demo writes a directory (mock/, store.zarr/, "
+                          "model/, catalog/): choose another --output")
     from .demo import run_demo
 
     _quiet_dask(args)
-
     run_demo(args.output, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
-             surveys=tuple(x.strip() for x in args.surveys.split(",")),
-             progress=False if args.no_progress else None)
+             surveys=surveys, progress=False if args.no_progress else None)
     return 0
 
 

@@ -178,6 +178,15 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
 
     t0 = time.perf_counter()
     out = Path(output)
+    unknown = sorted(set(surveys) - {"sdss", "desi", "pfs"})
+    if unknown:
+        raise ConfigError(f"unknown demo surveys {unknown}; choose from sdss, desi, pfs")
+    if "pfs" in surveys and "desi" not in surveys:
+        raise ConfigError("the PFS demo needs the DESI demo (PFS uses the DESI-grid bundle): surveys sdss,desi,pfs")
+    if n_spectra < 10:  # the demo's head is trained on them (1 spectrum failed in training; 5 and 10 worked)
+        raise ConfigError(f"n_spectra must be at least 10, not {n_spectra}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the demo writes a directory there: choose another output")
     subs = ("mock", "store.zarr", "model", "model-desi", "catalog")
     marker = out / DEMO_MARKER
     if not _made_by_demo(out) and any((out / sub).exists() for sub in subs):  # not ours: never delete it
@@ -214,9 +223,7 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
         info = build_demo_bundle(out / "store.zarr", survey.photometry_path, out / "model", client=client, seed=seed)
         log.info("demo bundle %s written to %s (%.1f s)", info.model_id, out / "model", time.perf_counter() - t)
         models = [str(out / "model")]
-        if desi is not None or "pfs" in surveys:
-            if desi is None:
-                raise ValueError("the PFS demo needs the DESI demo (PFS uses the DESI-grid bundle)")
+        if desi is not None:
             dinfo = build_desi_demo_bundle(out / "store.zarr", desi_phot, out / "model-desi", client=client, seed=seed)
             log.info("DESI-grid demo bundle %s written to %s", dinfo.model_id, out / "model-desi")
             models.append(str(out / "model-desi"))

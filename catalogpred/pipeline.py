@@ -326,6 +326,11 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     if summary.files == 0:
         raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
                           "(redrock, specObj/spAll, ...); give the spectra files too")
+    if not by_survey:  # nothing is a spectra file of any survey: say so rather than make a store of rejects
+        example = next(iter(file_rejects.values())).split("\t", 1)[-1]
+        raise ConfigError(f"none of the {summary.files} input file(s) is a spectra file of a known survey (SDSS spec/"
+                          f"spPlate, DESI, PFS; e.g. {example}); nothing was ingested (`catalogpred ingest ... "
+                          "--dry-run` says what each input is)")
     if redshift_files:  # the readers look among them as well as beside the spectra
         options = dataclasses.replace(options, redshift_files=tuple(redshift_files))
     if file_rejects:
@@ -673,8 +678,14 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     TensorStore by default where it is installed, else zarr-python (same values).
     """
     t0 = time.perf_counter()
+    if order is not None and not 0 <= order <= cat.SPATIAL_INDEX_ORDER:
+        raise ConfigError(f"order {order}: a HEALPix order is 0-{cat.SPATIAL_INDEX_ORDER} (default: from the row "
+                          "count, 1-7)")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
     planned = plan_predict(store_path, bundle_path, surveys)
     store_path, catalog_path, bundle_paths = planned.store_path, shared_path(catalog_path), planned.bundle_paths
+    check_catalog_target(catalog_path, overwrite=overwrite, keep=[store_path, *bundle_paths])
     infos, chosen, blocks, inputs, columns = planned.infos, planned.surveys, planned.blocks, planned.inputs, planned.columns
     survey_bundle, survey_model, model_ids, info = (planned.survey_bundle, planned.survey_model, planned.model_ids,
                                                     planned.model)
@@ -688,15 +699,16 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                           "`dask worker ... --resources GPU=1` (or `dask cuda worker`), or use --device cpu")
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if overwrite and os.path.exists(catalog_path):
-        _check_deletable(catalog_path, plan_file, [store_path, *bundle_paths])
+        check_catalog_target(catalog_path, overwrite=True, keep=[store_path, *bundle_paths])  # again, just before
         shutil.rmtree(catalog_path)
-    if os.path.exists(catalog_path) and not plan_file.exists():
-        raise CatalogError(f"{catalog_path} exists but is not a catalogpred catalog; choose another path or --overwrite")
     groups = {s: store.group_uid(store_path, s) for s in chosen}
     column_names = [c.name for c in columns]
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
         _check_resumable(catalog_path, plan, model_ids, os.path.abspath(store_path), groups, column_names)
+        if order is not None and order != plan["order"]:
+            log.warning("order %d ignored: resuming %s, whose leaves are at order %d (--overwrite starts it again)",
+                        order, catalog_path, plan["order"])
         order = plan["order"]
         groups = {**plan.get("store_groups", {}), **groups}
     else:
@@ -790,6 +802,31 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> None:
+    """Whether predict may write ``catalog_path``: a new path, an empty directory, a catalog that predict made
+    (resumed, or with ``overwrite`` replaced); never a file or another directory, and with ``overwrite`` never
+    one holding an input (``keep``: store and bundles). Raises :class:`CatalogError` saying what to do."""
+    path = Path(catalog_path)
+    plan_file = path / cat.RUN_DIR / "plan.json"
+    if path.exists() and not path.is_dir():
+        raise CatalogError(f"{catalog_path} is a file, not a catalog directory: predict writes a catalog (a "
+                           "directory) there; choose another --catalog")
+    if overwrite:
+        _check_deletable(str(catalog_path), plan_file, list(keep))
+    elif path.is_dir() and any(path.iterdir()) and not plan_file.exists():
+        raise CatalogError(f"{catalog_path} exists and is not a catalogpred catalog (no {cat.RUN_DIR}/plan.json in "
+                           "it); choose another --catalog (a new path or an empty directory)")
+
+
+def predict_order(catalog_path, inputs: int, order: int | None = None, *, overwrite: bool = False) -> tuple[int, bool]:
+    """The HEALPix order that :func:`run_predict` will use, and whether it resumes an existing catalog (which
+    keeps its order): ``predict --dry-run`` reports it."""
+    plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
+    if not overwrite and plan_file.exists():
+        return int(json.loads(plan_file.read_text())["order"]), True
+    return (order if order is not None else cat.choose_order(inputs)), False
 
 
 def _check_deletable(catalog_path: str, plan_file: Path, keep: list[str]) -> None:

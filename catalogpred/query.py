@@ -301,6 +301,18 @@ def _referenced_columns(expr: str, names) -> set[str]:
     return found
 
 
+def check_column_list(columns) -> tuple:
+    """Column names from ``"a,b"`` or a list, stripped; a :class:`ConfigError` when none is named or one twice."""
+    cols = tuple(columns.split(",")) if isinstance(columns, str) else tuple(columns)
+    cols = tuple(str(c).strip() for c in cols if str(c).strip())
+    if not cols:
+        raise ConfigError(f"no column names in {columns!r}; give a comma-separated list, e.g. source_id,ra,dec,w1_mag")
+    twice = sorted({c for c in cols if cols.count(c) > 1})
+    if twice:
+        raise ConfigError(f"columns named more than once: {', '.join(twice)}; name each column once")
+    return cols
+
+
 # --------------------------------------------------------------------------- the query
 @dataclass(frozen=True)
 class CatalogQuery:
@@ -389,8 +401,7 @@ class CatalogQuery:
     def select(self, columns) -> "CatalogQuery":
         """Only these columns in the output, in this order (region and filter columns are read as needed);
         ``"all"``: every column (as ``crossmatch(columns="all")``)."""
-        cols = tuple(columns.split(",")) if isinstance(columns, str) else tuple(columns)
-        cols = tuple(c.strip() for c in cols if c.strip())
+        cols = check_column_list(columns)
         if cols == ("all",) and "all" not in self.schema.names:
             cols = tuple(self.schema.names)
         unknown = [c for c in cols if c not in self.schema.names]
@@ -668,8 +679,19 @@ def _eval_filter(df, expr: str) -> np.ndarray:
         if "scalar only bool ops" in str(exc):  # e.g. 'flags & 2 == 2': '&' binds like 'and' in pandas
             hint += "; '&' and '|' bind like 'and'/'or' here, so bit tests need parentheses: '(flags & 2) == 2'"
         raise ConfigError(f"cannot evaluate the filter {expr!r}: {exc}{hint}; columns: {', '.join(df.columns)}") from exc
-    if getattr(getattr(res, "dtype", None), "kind", "f") in ("i", "u"):  # a bare bit test, 'flags & 4': nonzero
-        res = res != 0
+    kind = getattr(getattr(res, "dtype", None), "kind", None)
+    if kind in ("i", "u"):  # a bare bit test, 'flags & 4': nonzero
+        res, kind = res != 0, "b"
+    elif kind == "O":  # booleans with missing values (e.g. from a string method) are a condition too
+        import pandas as pd
+
+        kind = "b" if pd.api.types.infer_dtype(res, skipna=True) in ("boolean", "empty") else "O"
+    elif kind is None and isinstance(res, (bool, np.bool_)):
+        kind = "b"
+    if kind != "b":
+        what = f" (its values are {res.dtype})" if hasattr(res, "dtype") else ""
+        raise ConfigError(f"the filter {expr!r} is not a true/false condition{what}: compare it, e.g. 'z < 0.1', "
+                          f"or test bits of an integer column, e.g. '(flags & 1) > 0'{hint}")
     try:
         return np.asarray(res.fillna(False) if hasattr(res, "fillna") else res, dtype=bool).reshape(len(df))
     except (TypeError, ValueError) as exc:

@@ -36,6 +36,7 @@ import functools
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -117,6 +118,8 @@ class SurveyLayout:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
 
     def __post_init__(self):
+        if self.shard_rows < 1 or self.chunk_rows < 1:
+            raise StoreError(f"shard_rows ({self.shard_rows}) and chunk_rows ({self.chunk_rows}) must be at least 1")
         if self.shard_rows % self.chunk_rows:
             raise StoreError(f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
 
@@ -161,11 +164,41 @@ def _compressor():
 def _root(store_path, mode):
     import zarr
 
+    if mode != "r":
+        check_store_target(store_path)
     try:
         root = zarr.open_group(str(store_path), mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError) as exc:
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError
+            if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError) as exc:
+        if os.path.exists(store_path):
+            raise StoreError(f"{store_path} exists and is not a Zarr store (no zarr.json in it); give the store "
+                             "that `catalogpred ingest` made") from exc
         raise StoreError(f"no Zarr store at {store_path}; create one with `catalogpred ingest … --store {store_path}`") from exc
     return root
+
+
+def check_store_target(store_path) -> None:
+    """Whether ingest may write a store at ``store_path``: a new path, an empty directory or a catalogpred store.
+    Raises :class:`StoreError` for a file, a directory holding something else, or a Zarr store that
+    catalogpred did not make (ingest would write its groups among someone else's files)."""
+    import json
+
+    p = Path(store_path)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise StoreError(f"{store_path} exists and is a file, not a catalogpred store; give --store a new path "
+                         "(a directory is created) or an existing store")
+    if not any(p.iterdir()):
+        return
+    try:
+        attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        attrs = None
+    if attrs is None or "catalogpred_store" not in attrs:
+        raise StoreError(f"{store_path} exists and is not a catalogpred store ("
+                         + ("no zarr.json in it" if attrs is None else "a Zarr store that catalogpred did not make")
+                         + "); give --store a new path or an existing catalogpred store")
 
 
 def create_survey(store_path: str | os.PathLike, layout: SurveyLayout):
@@ -207,7 +240,9 @@ def group_uid(store_path, survey: str) -> str | None:
 
 
 def list_surveys(store_path) -> list[str]:
-    """Names of the survey groups in a store."""
+    """Names of the survey groups in a store (none in an empty directory: ingest creates the store there)."""
+    if os.path.isdir(store_path) and not any(os.scandir(store_path)):
+        return []
     root = _root(store_path, "r")
     return sorted(name for name, node in root.groups() if "catalogpred_survey" in node.attrs)
 

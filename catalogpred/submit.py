@@ -232,7 +232,48 @@ def _split_command(command: list[str]) -> list[str]:
     for flag in ("--scheduler", "--scheduler-file", "--workers"):
         if any(c == flag or c.startswith(flag + "=") for c in cmd):
             raise ConfigError(f"{flag} cannot be used after `--` in submit: the command runs on the submitted cluster")
+    from .cli import parse_command
+
+    try:  # the command's own parser and value checks, before anything is submitted
+        parse_command(cmd)
+    except ConfigError as exc:
+        raise ConfigError(f"the command after `--`: {exc}") from exc
     return cmd
+
+
+def _check_submit_command(system: str, job_cls) -> None:
+    """A :class:`ConfigError` unless the batch system's submit command (``sbatch``, ``qsub``) is on PATH."""
+    import shutil
+
+    exe = shlex.split(job_cls.submit_command)[0]
+    if shutil.which(exe) is None:
+        raise ConfigError(f"`{exe}` is not on PATH: submit {system} runs where {system.upper()} jobs can be submitted "
+                          f"(a login node with `{exe}`); --dry-run prints the job script without it")
+
+
+def _submit_jobs(cluster, n_jobs: int, system: str) -> None:
+    """Submit ``n_jobs`` jobs and wait until the batch system has taken each (what ``cluster.scale(jobs=n)``
+    does, but a refused submission raises here instead of being logged in the cluster's event loop while the
+    command waits for workers that never come)."""
+    while len(cluster.worker_spec) < n_jobs:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    try:
+        cluster.sync(cluster._correct_state)  # starts every job: runs the submit command once per job
+    except (OSError, RuntimeError, ValueError) as exc:
+        from distributed.core import Status
+
+        # closing the cluster cancels the jobs that were submitted (scancel/qdel), then asserts that every job
+        # it started is closed or failed: jobqueue's Job.close does not say so, and this one's traceback keeps them
+        submitted = sum(bool(getattr(job, "job_id", None)) for job in cluster.workers.values())
+        for job in cluster.workers.values():
+            job.status = Status.failed
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and "stderr:" in text:  # jobqueue's "Command exited with ..." message
+            code = re.search(r"Exit code: (\S+)", text)
+            detail = " ".join(text.split("stderr:", 1)[1].split()) or "no message"
+            text = f"exited with code {code.group(1) if code else '?'}: {detail}"
+        raise ConfigError(f"submitting the {system} jobs failed ({submitted} of {n_jobs} submitted, now cancelled): "
+                          f"{type(exc).__name__ + ': ' if not isinstance(exc, RuntimeError) else ''}{text}") from exc
 
 
 def run_submit(args) -> int:
@@ -256,14 +297,15 @@ def run_submit(args) -> int:
 def _run_on_jobs(args, kw: dict, cmd: list[str]) -> int:
     from .cli import main
 
-    cluster_cls, _ = _classes(args.system)
+    cluster_cls, job_cls = _classes(args.system)
+    _check_submit_command(args.system, job_cls)
     try:
         cluster = cluster_cls(**kw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"dask-jobqueue rejected the {args.system} settings: {exc}") from exc
     with cluster:
         log.debug("job script:\n%s", cluster.job_script())
-        cluster.scale(jobs=args.jobs)
+        _submit_jobs(cluster, args.jobs, args.system)
         n_workers = len(cluster.plan)  # worker names the submitted jobs will bring (jobs x processes per job)
         log.info("Dask scheduler at %s; submitted %d %s jobs for %d workers", cluster.scheduler_address, args.jobs,
                  args.system, n_workers)

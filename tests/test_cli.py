@@ -174,3 +174,245 @@ def test_logging_options_after_the_command():
     assert p.parse_args(["ingest", "x", "--store", "s", "-vv"]).verbose == 2 and p.parse_args(["-v", "ingest", "x", "--store", "s"]).verbose == 1
     assert p.parse_args(["models", "evaluate", "b", "t", "-vv"]).verbose == 2
     assert p.parse_args(["submit", "slurm", "--jobs", "1", "-q", "--", "predict"]).quiet is True
+
+
+# ------------------------------------------------------------------ user errors: one line, before any work
+
+
+def _one_line_error(capsys, argv, says, cluster=False):
+    """``main(argv)`` exits 1 with one ``catalogpred <cmd>: error: ...`` line (the last of stderr; log lines
+    may come before it) saying ``says``, and no traceback; unless ``cluster``, before a Dask cluster starts."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ": error:" in ln or "ERROR" in ln]
+    assert rc == 1 and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], (argv, err)
+    assert errors[0].startswith(f"catalogpred {argv[0]}: error: ") and says in errors[0], (argv, err)
+    assert "Traceback" not in err and (cluster or "Dask cluster" not in err), (argv, err)
+    return errors[0]
+
+
+def _no_sbatch_path(tmp_path):
+    """PATH with this interpreter's directory and the basic tools, and no sbatch/qsub."""
+    import os
+    import shutil
+
+    bin_dir = tmp_path / "nobatch-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("sh", "bash", "env", "cat", "mkdir", "rm"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    return f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}"
+
+
+def test_submit_without_a_batch_system_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """No `sbatch` on PATH, or one that refuses the job: a one-line error and exit 1, not a tornado traceback
+    and a wait for workers that never come."""
+    import os
+    import threading
+
+    monkeypatch.setenv("PATH", _no_sbatch_path(tmp_path))
+    argv = ["submit", "slurm", "--jobs", "1", "--cores", "1", "--memory", "1GB", "--", "ingest", "x.fits",
+            "--store", str(tmp_path / "x.zarr")]
+    _one_line_error(capsys, argv, "`sbatch` is not on PATH")
+    _one_line_error(capsys, ["submit", "pbs", *argv[2:]], "`qsub` is not on PATH")
+    # a batch system that refuses the second job: the first is cancelled, and the command never runs
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f"#!/bin/sh\nif mkdir {tmp_path}/first 2>/dev/null; then echo 'Submitted batch job 4242'; "
+                                 "exit 0; fi\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+                                 "exit 1\n")
+    (fake / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/cancelled\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", main([*argv[:3], "2", *argv[4:]])), daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "submit waited for workers although sbatch refused a job"
+    err = capsys.readouterr().err
+    assert result["rc"] == 1 and "Traceback" not in err, err
+    assert "submitting the slurm jobs failed (1 of 2 submitted, now cancelled)" in err and "Invalid account" in err
+    assert (tmp_path / "cancelled").read_text().split() == ["4242"]
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_submit_checks_the_command_with_its_own_parser(capsys, tmp_path, monkeypatch):
+    """The command after `--` is parsed (and its values checked) before anything is submitted, dry run or not."""
+    monkeypatch.setenv("PATH", _no_sbatch_path(tmp_path))
+    base = ["submit", "slurm", "--jobs", "1", "--cores", "1", "--memory", "1GB"]
+    predict = ["predict", "--store", "s.zarr", "--model", "m", "--catalog", "c"]
+    for dry in (["--dry-run"], []):
+        _one_line_error(capsys, [*base, *dry, "--", *predict, "--bogus"],
+                        "the command after `--`: catalogpred: unrecognized arguments: --bogus")
+        _one_line_error(capsys, [*base, *dry, "--", "predict", "--store", "s.zarr"],
+                        "catalogpred predict: the following arguments are required: --model, --catalog")
+        _one_line_error(capsys, [*base, *dry, "--", *predict, "--order", "99"], "--order 99: a HEALPix order is 0-29")
+        _one_line_error(capsys, [*base, *dry, "--", "ingest", "x", "--store", "s", "--shard-rows", "0"],
+                        "--shard-rows must be at least 1")
+    assert main([*base, "--dry-run", "--", *predict, "--order", "3"]) == 0
+    assert capsys.readouterr().out.startswith("#!/usr/bin/env bash")
+
+
+def test_predict_order_is_checked_first_and_dry_run_reports_it(tmp_path, capsys, random_bundle):
+    from catalogpred import catalog, cli
+
+    assert (cli.MIN_ORDER, cli.MAX_ORDER) == (0, catalog.SPATIAL_INDEX_ORDER)
+    st = tmp_path / "s.zarr"
+    bench_store(st)
+    cat = tmp_path / "cat"
+    predict = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(cat)]
+    for order in ("99", "-3", "30"):
+        _one_line_error(capsys, [*predict, "--order", order], f"--order {order}: a HEALPix order is 0-29")
+    for opt in ("--batch-size", "--workers"):
+        _one_line_error(capsys, [*predict, opt, "0"], f"{opt} must be at least 1, not 0")
+    assert not cat.exists()
+    assert main([*predict, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["order"] == 1 and plan["resume"] is False  # choose_order: 1 for a few rows
+    assert main([*predict, "--dry-run", "--order", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["order"] == 4
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "HEALPix order of the leaves, 0-29" in " ".join(capsys.readouterr().out.split())
+    from catalogpred.errors import ConfigError
+    from catalogpred.pipeline import run_predict
+
+    with pytest.raises(ConfigError, match="a HEALPix order is 0-29"):
+        run_predict(str(st), str(random_bundle), str(cat), client=None, order=99)
+    with pytest.raises(ConfigError, match="batch size must be at least 1"):
+        run_predict(str(st), str(random_bundle), str(cat), client=None, batch_size=0)
+
+
+def bench_store(path):
+    """An (empty) SDSS-grid store: enough for predict's plan, which every check here comes before or with."""
+    from catalogpred import store
+    from catalogpred.spectra import SDSS_GRID
+    from catalogpred.surveys import get_reader
+
+    store.create_survey(path, store.SurveyLayout(survey="sdss", grid=SDSS_GRID,
+                                                 meta_columns=get_reader("sdss").meta_columns))
+
+
+def test_predict_catalog_that_is_not_a_catalog(tmp_path, capsys, random_bundle):
+    """A file or a foreign directory as --catalog: refused before a cluster starts; --overwrite is only
+    suggested where it works, and never deletes them."""
+    st = tmp_path / "s.zarr"
+    bench_store(st)
+    f = tmp_path / "existing.fits"
+    f.write_text("SIMPLE")
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "thesis.tex").write_text("precious")
+    predict = ["predict", "--store", str(st), "--model", str(random_bundle), "--workers", "1"]
+    for extra in ([], ["--overwrite"]):
+        _one_line_error(capsys, [*predict, "--catalog", str(f), *extra], "is a file, not a catalog directory")
+    msg = _one_line_error(capsys, [*predict, "--catalog", str(d)], "exists and is not a catalogpred catalog")
+    assert "--overwrite" not in msg
+    _one_line_error(capsys, [*predict, "--catalog", str(d), "--overwrite"], "not a catalog that predict made")
+    assert f.read_text() == "SIMPLE" and (d / "thesis.tex").read_text() == "precious"
+
+
+def test_ingest_bad_rows_and_stores_fail_before_anything_is_made(tmp_path, capsys, sdss_files):
+    spec = str(sdss_files[0])
+    st = tmp_path / "s.zarr"
+    for argv, says in ((["--shard-rows", "-5"], "--shard-rows must be at least 1, not -5"),
+                       (["--shard-rows", "0"], "--shard-rows must be at least 1, not 0"),
+                       (["--chunk-rows", "0"], "--chunk-rows must be at least 1, not 0"),
+                       (["--chunk-rows", "-1"], "--chunk-rows must be at least 1, not -1"),
+                       (["--shard-rows", "100", "--chunk-rows", "30"], "is not a multiple of --chunk-rows 30"),
+                       (["--workers", "0"], "--workers must be at least 1")):
+        _one_line_error(capsys, ["ingest", spec, "--store", str(st), *argv], says)
+        assert not st.exists(), argv
+    from catalogpred.errors import StoreError
+    from catalogpred.store import SurveyLayout
+    from catalogpred.spectra import SDSS_GRID
+
+    with pytest.raises(StoreError, match="at least 1"):
+        SurveyLayout(survey="sdss", grid=SDSS_GRID, meta_columns={}, shard_rows=-5, chunk_rows=-5)
+    # not a store: say so, not "create one with `catalogpred ingest`" (the command just run)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("x")
+    f = tmp_path / "file.zarr"
+    f.write_text("x")
+    for target, says in ((other, "exists and is not a catalogpred store"), (f, "exists and is a file")):
+        msg = _one_line_error(capsys, ["ingest", spec, "--store", str(target), "--workers", "1"], says)
+        assert "create one with" not in msg
+    assert sorted(p.name for p in other.iterdir()) == ["a.txt"]
+    msg = _one_line_error(capsys, ["info", str(other / "a.txt")], "no such directory")  # unchanged
+
+
+def test_ingest_of_no_spectra_and_strict_are_standard_errors(tmp_path, capsys, sdss_files):
+    """Inputs of which none is a survey's spectra: an error, no store of rejects. --strict: the standard line."""
+    from pathlib import Path
+
+    st = tmp_path / "s.zarr"
+    readme = str(Path(__file__).parents[1] / "pyproject.toml")
+    _one_line_error(capsys, ["ingest", readme, "--store", str(st), "--workers", "1", "--no-progress"],
+                    "none of the 1 input file(s) is a spectra file of a known survey", cluster=True)
+    assert not st.exists()
+    empty = tmp_path / "empty"  # an empty directory is a new store
+    empty.mkdir()
+    msg = _one_line_error(capsys, ["ingest", str(sdss_files[0]), readme, "--store", str(empty), "--workers", "1",
+                                   "--no-progress", "--strict", "-q"], "--strict: 1 spectra rejected", cluster=True)
+    assert "ERROR" not in msg
+    assert main(["info", str(empty), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["surveys"]["sdss"]["rows_ok"] == 1
+
+
+@pytest.mark.realdata
+def test_query_columns_where_and_id_errors(tmp_path, capsys, sdss_files, random_bundle):
+    import shutil
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for p in sdss_files[:3]:
+        shutil.copy(p, inp)
+    st, cat = str(tmp_path / "s.zarr"), str(tmp_path / "cat")
+    assert main(["ingest", str(inp), "--store", st, "--workers", "1", "--no-progress", "-q"]) == 0
+    assert main(["predict", "--store", st, "--model", str(random_bundle), "--catalog", cat, "--workers", "1",
+                 "--no-progress", "-q"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["query", cat, "--columns", "source_id,source_id"], "named more than once: source_id")
+    _one_line_error(capsys, ["query", cat, "--columns", " , "], "no column names in ' , '")
+    _one_line_error(capsys, ["query", cat, "--sql", "SELECT * FROM catalog", "--columns", "ra,ra"], "more than once: ra")
+    for where in ("z", "survey", "w1_mag - w2_mag"):
+        _one_line_error(capsys, ["query", cat, "--where", where], "is not a true/false condition")
+    assert main(["query", cat, "--where", "z < 10", "--where", "flags & 0", "--columns", "source_id"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["source_id"]  # a bare bit test is a condition (no bit: none)
+    assert main(["query", cat, "--where", "(flags & 0) == 0", "--columns", "source_id"]) == 0
+    ids = capsys.readouterr().out.splitlines()[1:]
+    assert len(ids) == 3
+    msg = _one_line_error(capsys, ["query", cat, "--id", ids[0] + "x"], "no row with source_id")
+    assert msg.endswith("; ids in it look like " + ", ".join(ids))  # this catalog's, not a fixed example
+    msg = _one_line_error(capsys, ["query", cat, "--id", "nope", "--where", "z < 0"], "within the --cone/--box/--where")
+    assert "look like" not in msg
+
+
+def test_train_members_and_demo_arguments_are_checked_first(tmp_path, capsys, random_bundle):
+    _one_line_error(capsys, ["train", "--table", str(tmp_path / "none.csv"), "--encoder", str(random_bundle),
+                             "-o", str(tmp_path / "m"), "--members", "0"], "--members must be at least 1, not 0")
+    out = tmp_path / "o.fits"
+    out.write_text("x")
+    for argv, says in ((["--surveys", "pfs"], "pfs needs desi too"),
+                       (["--surveys", "sdss,nosuch"], "unknown survey nosuch; choose from sdss,desi,pfs"),
+                       (["--surveys", " , "], "choose from sdss,desi,pfs"),
+                       (["--output", str(out)], "is a file"),
+                       (["--n-spectra", "0"], "--n-spectra must be at least 10, not 0"),
+                       (["--workers", "0"], "--workers must be at least 1")):
+        _one_line_error(capsys, ["demo", "--output", str(tmp_path / "d"), *argv], says)
+    assert not (tmp_path / "d").exists() and out.read_text() == "x"
+    from catalogpred.errors import ConfigError
+    from catalogpred.model.train import train_bundle
+
+    with pytest.raises(ConfigError, match="at least 1 member"):
+        train_bundle({}, random_bundle, tmp_path / "m", n_members=0)
+
+
+def test_import_spender_help_describes_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["models", "import-spender", "--help"])
+    out = capsys.readouterr().out
+    for line in ("spender checkpoint file (.pt)", "bundle name, the start of its model_id", "replace an existing bundle"):
+        assert line in " ".join(out.split()), line

@@ -109,7 +109,8 @@ def test_slurm_cpu_job_script(capsys, tmp_path, no_batch_system):
 
 def test_pbs_gpu_and_cpu_job_scripts(capsys, tmp_path, no_batch_system):
     script = _dry_run(capsys, "pbs", "--dry-run", "--jobs", "2", "--cores", "8", "--memory", "32GB", "--gpus-per-job", "2",
-                      "--walltime", "01:00:00", "--queue", "gpuq", "--account", "astro", "--", "predict", "--store", "s")
+                      "--walltime", "01:00:00", "--queue", "gpuq", "--account", "astro", "--", "predict", "--store", "s",
+                      "--model", "m", "--catalog", "c")
     header = [ln for ln in script.splitlines() if ln.startswith("#PBS")]
     assert header == ["#PBS -N catalogpred", "#PBS -q gpuq", "#PBS -A astro", "#PBS -l select=1:ncpus=8:ngpus=2:mem=30GB",
                       "#PBS -l walltime=01:00:00"]

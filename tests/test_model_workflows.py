@@ -243,3 +243,42 @@ def test_store_training_encoder_only_and_ood(tmp_path, client, random_bundle):
     data3 = training_table_from_store(st, str(tmp_path / "ab.parquet"), str(tmp_path / "enc"), client=client,
                                       join_on="specobjid", mag_system="ab")
     np.testing.assert_allclose(data3["mag"], data["mag"], atol=1e-9)
+
+
+def test_evaluate_refuses_an_empty_table_and_another_models_rows(tmp_path, capsys, random_bundle):
+    """0 rows: an error, and neither the PNG nor the card is written (it printed n_rows 0 and replaced the card's
+    Evaluation with n=0 metrics). Rows predicted by another bundle (model_id): an error naming both ids, unless
+    --no-update-card (then a warning)."""
+    from catalogpred.model.bundle import read_bundle_info
+    from catalogpred.model.synthetic import synthetic_reference_table
+
+    t = synthetic_reference_table(600, seed=4)
+    pacsv.write_csv(t, tmp_path / "ok.csv")
+    assert main(["train", "--table", str(tmp_path / "ok.csv"), "--encoder", str(random_bundle), "-o", str(tmp_path / "m"),
+                 "--members", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    card = (tmp_path / "m" / "bundle.json").read_text(), (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    pacsv.write_csv(t.slice(0, 0), tmp_path / "empty.csv")
+    png = tmp_path / "eval.png"
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "empty.csv"), "--png", str(png)]) == 1
+    cap = capsys.readouterr()
+    assert "has no row to evaluate on (0 rows" in cap.err and "Traceback" not in cap.err and cap.out == ""
+    assert not png.exists()
+    assert ((tmp_path / "m" / "bundle.json").read_text(), (tmp_path / "m" / "MODEL_CARD.md").read_text()) == card
+    # the same rows as a catalog export of another bundle
+    mine = read_bundle_info(tmp_path / "m").model_id
+    other = t.append_column("model_id", pa.array(["someone-else-1+deadbeef"] * t.num_rows))
+    pacsv.write_csv(other, tmp_path / "other.csv")
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "other.csv"), "--png", str(png)]) == 1
+    err = capsys.readouterr().err
+    assert "someone-else-1+deadbeef" in err and mine in err and "--no-update-card" in err and not png.exists()
+    assert ((tmp_path / "m" / "bundle.json").read_text(), (tmp_path / "m" / "MODEL_CARD.md").read_text()) == card
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "other.csv"), "--no-update-card"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["n_rows"] == 600 and "someone-else-1+deadbeef" in cap.err
+    assert ((tmp_path / "m" / "bundle.json").read_text(), (tmp_path / "m" / "MODEL_CARD.md").read_text()) == card
+    # its own rows: evaluated and written into the card
+    pacsv.write_csv(t.append_column("model_id", pa.array([mine] * t.num_rows)), tmp_path / "mine.csv")
+    assert main(["models", "evaluate", str(tmp_path / "m"), str(tmp_path / "mine.csv")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_rows"] == 600
+    assert "## Evaluation" in (tmp_path / "m" / "MODEL_CARD.md").read_text()

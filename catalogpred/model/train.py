@@ -220,8 +220,11 @@ def read_training_table(path, mag_system: str = "auto") -> dict:
     mag, mag_err, _ = wise_vega_magnitudes(t, mag_system, what=str(path))
     id_col = next((cols[c] for c in ("source_id", "specobjid", "targetid", "id", "objid") if c in cols), None)
     ids = t.column(id_col).to_pylist() if id_col else list(range(t.num_rows))
-    return {"ids": ids, "latents": latents, "z": col("z").astype(np.float64), "log_norm": log_norm,
-            "mag": mag, "mag_err": mag_err, "layout": layout, "source": str(path)}
+    out = {"ids": ids, "latents": latents, "z": col("z").astype(np.float64), "log_norm": log_norm,
+           "mag": mag, "mag_err": mag_err, "layout": layout, "source": str(path)}
+    if "model_id" in cols:  # a catalog export: the bundle that predicted each row (its encoder made the latents)
+        out["model_ids"] = sorted({str(m) for m in t.column(cols["model_id"]).to_pylist() if m is not None})
+    return out
 
 
 def calibrate_sigma_scale(mean: np.ndarray, sigma: np.ndarray, mag: np.ndarray, mag_err: np.ndarray) -> np.ndarray:
@@ -300,6 +303,8 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
     from .bundle import ModelCard, load_bundle, save_bundle
     from .ood import fit_latent_density
 
+    if int(n_members) < 1:
+        raise ConfigError(f"the ensemble needs at least 1 member, not {n_members} (--members)")
     enc = load_bundle(encoder_bundle)
     if enc.info.n_latent != data["latents"].shape[1]:
         raise BundleError(f"the training table has {data['latents'].shape[1]} latents but {encoder_bundle} "
@@ -360,8 +365,20 @@ def evaluate_bundle(bundle, data: dict, *, png=None, update_card: bool = True) -
     if data["latents"].shape[1] != model.info.n_latent:
         raise BundleError(f"the table has {data['latents'].shape[1]} latents but {bundle} encodes "
                           f"{model.info.n_latent}: its latents come from another encoder")
+    table = data.get("source") or "the table"
+    others = [m for m in data.get("model_ids", ()) if m != model.info.model_id]
+    if others:
+        msg = (f"the rows of {table} were predicted by {', '.join(others)}, not by {bundle} "
+               f"({model.info.model_id}): their latents may come from another encoder")
+        if update_card:
+            raise BundleError(f"{msg}; evaluate on a table predicted by this bundle, or pass --no-update-card "
+                              "(update_card=False) to see the metrics without writing them into its card")
+        log.warning("%s", msg)
     x = features_from(data)
     ok = np.isfinite(x).all(1)
+    if not ok.any() or not (_valid(data["mag"], data["mag_err"]) & ok[:, None]).any():
+        raise ConfigError(f"{table} has no row to evaluate on ({len(x)} rows, {int(ok.sum())} with finite latents, "
+                          "z and norm; a row also needs an observed W1-W4 magnitude with its error); nothing written")
     with torch.no_grad():
         mean, sigma = model.head(torch.as_tensor(x[ok]))
     mean, sigma = mean.numpy(), sigma.numpy()
