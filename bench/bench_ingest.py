@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import source_stamp  # noqa: E402
 from _table import format_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def build_inputs(out: Path, quick: bool, rebuild: bool = False) -> tuple[dict, f
     """Write (or reuse) the mock inputs; returns ``({kind: folder}, seconds spent writing)``."""
     size = SIZES["quick" if quick else "full"]
     root = out / f"ingest-{'quick' if quick else 'full'}"
-    params = {**{k: v for k, v in size.items() if k != "repeats"}, "seed": SEED, "version": 1}
+    params = {**{k: v for k, v in size.items() if k != "repeats"}, "seed": SEED,
+              "code": source_stamp("catalogpred.mock", "catalogpred.mock_survey", "catalogpred.spectra")}
     marker = root / "params.json"
     dirs = {"spec": root / "spec", "spplate": root / "spplate", "desi": root / "desi"}
     if not rebuild and marker.exists() and json.loads(marker.read_text()) == params:
@@ -175,10 +177,9 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
         {"name": f"ingest: baseline astropy loop, 1 process ({len(base_files):,d} files)", "value": base_rate,
          "unit": "spectra/s", "baseline": None, "ratio": None, "target": None},
         {"name": f"ingest: DESI coadds, {N_WORKERS} workers ({n_desi:,d} spectra)", "value": desi_rate,
-         "unit": "spectra/s", "baseline": None, "ratio": desi_rate / TARGET_DESI, "target": f">= {TARGET_DESI:,.0f}"},
+         "unit": "spectra/s", "baseline": None, "ratio": None, "target": f">= {TARGET_DESI:,.0f}"},
         {"name": f"ingest: SDSS spPlate, {N_WORKERS} workers ({n_plate:,d} spectra)", "value": plate_rate,
-         "unit": "spectra/s", "baseline": None, "ratio": plate_rate / TARGET_SPPLATE,
-         "target": f">= {TARGET_SPPLATE:,.0f}"},
+         "unit": "spectra/s", "baseline": None, "ratio": None, "target": f">= {TARGET_SPPLATE:,.0f}"},
     ]
     # On a shared machine wall time depends on what else runs; the workers' CPU time does much less.
     for label, r in (("SDSS spec files", spec), ("DESI coadds", desi), ("SDSS spPlate", plate)):
@@ -192,9 +193,12 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
                      "ratio": None, "target": None})
     for row, r in zip((rows[0], rows[2], rows[3]), (spec, desi, plate)):
         row["note"] = f"best of {len(r['rates'])}; runs {', '.join(f'{x:,.0f}' for x in r['rates'])}/s"
-    for r in rows:  # a quick run is a smoke test: one shard per survey keeps one worker idle
-        r["pass"] = None if r["target"] is None or quick else bool(
-            r["ratio"] >= (TARGET_SPEC_RATIO if "spec files" in r["name"] else 1.0))
+    rows[0]["note"] += (f"; {N_WORKERS} worker processes against one: {rows[0]['ratio'] / N_WORKERS:.2f}x per "
+                        "process")
+    # a quick run is a smoke test: one shard per survey keeps one worker idle
+    judged = {0: rows[0]["ratio"] >= TARGET_SPEC_RATIO, 2: desi_rate >= TARGET_DESI, 3: plate_rate >= TARGET_SPPLATE}
+    for i, r in enumerate(rows):
+        r["pass"] = None if quick or i not in judged else bool(judged[i])
     return rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,21 +101,25 @@ def run(quick: bool = False) -> list[dict]:
     ours = SpectrumEncoder().eval()
     ref, ref_name = _reference(ours)
     head = IRHead().eval()
-    # bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX: time it on fewer spectra
-    n16 = 32 if quick else 128
+    native_bf16 = _has_native_bf16()
+    # bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX: there it is timed once, on fewer
+    # spectra; with bf16 arithmetic like the others (all spectra, interleaved, best of the repeats)
+    n16 = n if native_bf16 else (32 if quick else 128)
     _ref_encode(ref, y[:BATCH]), encode(ours, y[:BATCH]), encode(ours, y[:8], precision="bf16")  # warm up
     times = {"ref": [], "fp32": [], "bf16": []}
-    for _ in range(repeats):
+    for i in range(repeats):
         t = time.perf_counter(); lat_ref = _ref_encode(ref, y); times["ref"].append(time.perf_counter() - t)
         t = time.perf_counter(); lat32 = encode(ours, y, batch_size=BATCH); times["fp32"].append(time.perf_counter() - t)
-    t = time.perf_counter(); lat16 = encode(ours, y[:n16], batch_size=BATCH, precision="bf16"); times["bf16"].append(time.perf_counter() - t)
+        if native_bf16 or i == 0:
+            t = time.perf_counter()
+            lat16 = encode(ours, y[:n16], batch_size=BATCH, precision="bf16")
+            times["bf16"].append(time.perf_counter() - t)
     # torch.compile of the encoder (what `predict --compile` runs): compiled once, timed like fp32
     t = time.perf_counter(); encode(ours, y[:BATCH], batch_size=BATCH, compile=True); t_compile = time.perf_counter() - t
     times["compiled"] = []
     for _ in range(repeats):
         t = time.perf_counter(); lat_c = encode(ours, y, batch_size=BATCH, compile=True); times["compiled"].append(time.perf_counter() - t)
     errc = float(np.max(np.abs(lat_c - lat_ref)) / np.max(np.abs(lat_ref)))
-    native_bf16 = _has_native_bf16()
     # compiled bf16: what predict --precision bf16 runs at catalog scale (--compile auto: 50,000 spectra per CPU
     # worker); only where the CPU has bf16 arithmetic (emulated, it would take minutes)
     if native_bf16:
@@ -133,18 +138,26 @@ def run(quick: bool = False) -> list[dict]:
     err16 = float(np.max(np.abs(lat16 - lat16_ref)) / scale)
     z = torch.full((n16,), 0.1)
     norm = torch.full((n16,), 10.0)
+    # the head sees its inputs standardised as training leaves them (a random encoder's latents are small:
+    # unscaled, every spectrum got the same magnitudes and |dmag| was 0 by construction), outputs in 1-mag units
+    x32 = head_features(torch.from_numpy(lat32_16), z, norm)
+    head.x_mean.copy_(x32.mean(0))
+    head.x_std.copy_(x32.std(0).clamp_min(1e-6))
+    head.y_std.fill_(1.0)
     with torch.inference_mode():
         m32, _ = head(head_features(torch.from_numpy(lat32_16), z, norm))
         m16, _ = head(head_features(torch.from_numpy(lat16), z, norm))
     dmag = float((m32 - m16).abs().max())
+    spread = float(m32.std(0).min())  # how much the magnitudes vary across the spectra (the check's scale)
     flops = encoder_flops(SDSS_GRID.n_pix)
     peak, peak_note = _nominal_peak_gflops(threads)
     rows = [
         {"name": "encoder reference (eager fp32)", "value": rate["ref"], "unit": "spectra/s", "baseline": None,
          "ratio": None, "target": None, "note": ref_name},
         {"name": "encoder fp32 (catalogpred)", "value": rate["fp32"], "unit": "spectra/s", "baseline": rate["ref"],
-         "ratio": rate["fp32"] / rate["ref"], "target": ">= 1.0x, latents = ref to 1e-5",
-         "pass": rate["fp32"] / rate["ref"] >= 0.95 and err32 <= 1e-5, "note": f"latent max rel err {err32:.1e}"},
+         "ratio": rate["fp32"] / rate["ref"], "target": ">= 0.95x (same computation), latents = ref to 1e-5",
+         "pass": (quick or rate["fp32"] / rate["ref"] >= 0.95) and err32 <= 1e-5,
+         "note": f"latent max rel err {err32:.1e}; 0.95: the two run the same convolutions, timing noise allowed"},
         {"name": "encoder fp32 torch.compile (predict --compile)", "value": rate["compiled"], "unit": "spectra/s",
          "baseline": rate["ref"], "ratio": rate["compiled"] / rate["ref"], "target": "latents = ref to 1e-5",
          "pass": errc <= 1e-5, "note": f"latent max rel err {errc:.1e}; compiled in {t_compile:.0f} s (not timed)"},
@@ -155,19 +168,25 @@ def run(quick: bool = False) -> list[dict]:
         {"name": "encoder bf16 (mixed precision, eager)", "value": rate["bf16"], "unit": "spectra/s",
          "baseline": rate["ref"], "ratio": rate["bf16"] / rate["ref"], "target": "err <= 1%, dmag <= 0.02",
          "pass": err16 <= 0.01 and dmag <= 0.02,
-         "note": f"latent max rel err {err16:.2%}, max |dmag| {dmag:.3f} (head untrained); {n16} spectra; "
+         "note": f"latent max rel err {err16:.2%}, max |dmag| {dmag:.3f} (random head, inputs standardised; "
+                 f"magnitudes vary by {spread:.2f} mag across spectra); {n16} spectra; "
                  f"native bf16 on this CPU: {native_bf16}"},
         {"name": "encoder bf16 torch.compile (predict --precision bf16 at scale)", "unit": "spectra/s",
          "baseline": rate["ref"], "target": ">= 1.8x, err <= 1%",
          **({"value": rate["compiled_bf16"], "ratio": rate["compiled_bf16"] / rate["ref"],
-             "pass": rate["compiled_bf16"] / rate["ref"] >= 1.8 and errc16 <= 0.01,
+             "pass": (quick or rate["compiled_bf16"] / rate["ref"] >= 1.8) and errc16 <= 0.01,
              "note": f"latent max rel err {errc16:.2%}; compiled in {t_compile16:.0f} s (not timed)"}
             if native_bf16 else
             {"value": None, "ratio": None, "pass": None,
              "note": "not run: this CPU has no bf16 arithmetic (torch would emulate it)"})},
-        {"name": "achieved fp32 GFLOP/s", "value": rate["fp32"] * flops / 1e9, "unit": "GFLOP/s", "baseline": peak,
-         "ratio": rate["fp32"] * flops / 1e9 / peak, "target": None, "note": f"nominal peak: {peak_note}"},
     ]
+    if quick:  # one repeat on a few spectra: the accuracy is judged, the speed is not
+        for r in rows:
+            if r.get("pass") is not None and re.search(r"\dx\b", r.get("target") or ""):
+                r["note"] = (r.get("note") or "") + "; quick run: speed not judged"
+    rows.append(
+        {"name": "achieved fp32 GFLOP/s", "value": rate["fp32"] * flops / 1e9, "unit": "GFLOP/s", "baseline": peak,
+         "ratio": rate["fp32"] * flops / 1e9 / peak, "target": None, "note": f"nominal peak: {peak_note}"})
     return rows
 
 

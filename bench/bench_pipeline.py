@@ -2,6 +2,7 @@
 
     python bench/bench_pipeline.py            # see SIZES["full"]
     python bench/bench_pipeline.py --quick    # smoke run (CI-sized)
+    python bench/bench_pipeline.py --memory-at-issue-sizes   # peak RSS at 10k and 100k spectra (~30 min)
 
 Inputs are synthetic stores written straight through :mod:`catalogpred.store` (``create_survey``,
 ``allocate_shards``, ``write_shard``, ``mark_shards_done``; no FITS, no ingest): smooth continua with
@@ -16,10 +17,16 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
   encoder (:func:`catalogpred.model.bundle.encode`, the batch predict uses on CPUs) on the same rows
   with the same total threads, in two layouts: (a) one process with 2 torch threads, (b) 2 processes ×
   1 thread, each on half of the rows, started together (the layout the pipeline itself uses, so (b)
-  isolates what Dask, Zarr and Parquet add). Overhead = t_pipeline / t_bare − 1; target ≤ 15 % against
-  both. The machine may be shared, so the pipeline run and both baselines are interleaved and repeated
-  (best of ``REPEATS``). A second, load-independent figure comes from the pipeline run alone: worker
-  time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
+  isolates what Dask, Zarr and Parquet add). Both baselines run with the allocator settings of a predict
+  worker (Dask's nanny's ``MALLOC_TRIM_THRESHOLD_`` and :func:`catalogpred.tasks._keep_freed_memory`,
+  which make the encoder itself 1.15-1.4x faster), so the pipeline is compared like for like.
+  Overhead = t_pipeline / t_bare − 1; target ≤ 15 % against (b), the like-for-like layout; (a) is shown
+  for information (one process with two torch threads is a different parallel layout, slower than two
+  processes on these cores). An overhead below −5 % against (b) fails too: the pipeline cannot be
+  faster than its own encoder, so the comparison was disturbed (the machine's load changed between
+  the runs). The machine may be shared, so the pipeline run and both baselines are interleaved and
+  repeated (best of ``REPEATS``). A second, load-independent figure comes from the pipeline run alone:
+  worker time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
 - **Compiled predict.** ``run_predict(compile="yes")`` on the same ``N_small`` rows against the eager
   ``run_predict`` above, after a warm-up run in which each worker compiles the encoder (its time is
   reported, not counted: a large run pays it once per worker).
@@ -32,11 +39,13 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
 - **Fixed cost.** ``run_predict`` once more on the large store's finished catalog: every block is skipped,
   so what is left is what any run pays besides its blocks (set-up and finalize), against the whole run.
 
-On 2 CPU cores the encoder runs at only ~15–30 spectra/s per core (about 1 GFLOP per spectrum), so
-the sizes are far below the issue's 10k/100k spectra (100k would take about an hour). Growth with store
-size is still measured across 8× more blocks per worker (full: 1 vs 8 blocks of 512 rows per worker):
-a per-block leak shows up the same way. Blocks here are smaller than ingest's 4096-row shards; a
-4096-row block adds ~0.1 GB (its flux and the compressed shard) to a worker's peak.
+On 2 CPU cores predict runs at ~60 spectra/s (about 1 GFLOP per spectrum), so the default sizes are
+below the issue's 10k/100k spectra, to keep ``make bench`` under 10 minutes. Growth with store size is
+still measured across 8× more blocks per worker (full: 1 vs 8 blocks of 512 rows per worker): a
+per-block leak shows up the same way. ``--memory-at-issue-sizes`` measures the memory rows at the
+issue's sizes, 10,000 and 100,000 spectra in ingest's 4,096-row shards (a 4,096-row block adds
+~0.1 GB, its flux and the compressed shard, to a worker's peak), in about 30 minutes on 2 cores;
+its result is kept in ``bench/results/``.
 
 ``run(quick)`` returns rows ``{name, value, unit, baseline, ratio, target, pass}`` for ``bench/run.py``.
 """
@@ -66,9 +75,13 @@ SIZES = {
     # rows per shard (= per prediction block), store sizes for memory, rows of the overhead comparison
     "full": dict(shard_rows=512, chunk_rows=256, n_small=1024, n_large=8192),
     "quick": dict(shard_rows=128, chunk_rows=128, n_small=256, n_large=1024),
+    # the issue's sizes, ingest's shards (memory rows only: --memory-at-issue-sizes)
+    "issue": dict(shard_rows=4096, chunk_rows=256, n_small=10_000, n_large=100_000),
 }
 TARGET_OVERHEAD = 0.15
-REPEATS = 2  # timed pipeline runs on the small store, each followed by both bare-encoder baselines
+#: an overhead below this against the like-for-like baseline means the comparison was disturbed
+SANITY_OVERHEAD = -0.05
+REPEATS = 3  # timed pipeline runs on the small store, each followed by both bare-encoder baselines
 TARGET_RSS_BYTES = 1.5e9
 TARGET_GROWTH = 0.10
 SEED = 5
@@ -200,12 +213,25 @@ def _flux_of(store_path: str, survey: str = "sdss") -> np.ndarray:
     return store.read_flux(store_path, survey, rows)
 
 
+def _allocate_like_a_worker() -> None:
+    """This process's glibc allocator set as in a predict worker: Dask's nanny starts workers with
+    ``MALLOC_TRIM_THRESHOLD_=65536``, and every predict task calls :func:`_keep_freed_memory`."""
+    import os
+
+    from catalogpred.tasks import TRIM_MIB, _keep_freed_memory
+
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    _keep_freed_memory(TRIM_MIB["predict-cpu"])
+
+
 def bare_encoder_seconds(bundle: str, flux: np.ndarray, threads: int) -> float:
-    """Seconds for :func:`encode` on ``flux`` in this process with ``threads`` torch threads (after a warm-up)."""
+    """Seconds for :func:`encode` on ``flux`` in this process with ``threads`` torch threads (after a warm-up),
+    with a predict worker's allocator settings."""
     import torch
 
     from catalogpred.model.bundle import encode, load_bundle
 
+    _allocate_like_a_worker()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -221,6 +247,7 @@ def bare_encoder_seconds(bundle: str, flux: np.ndarray, threads: int) -> float:
 def _bare_worker(bundle, store_path, part, n_parts, barrier, queue):
     import torch
 
+    _allocate_like_a_worker()
     torch.set_num_threads(1)
     flux = _flux_of(store_path)
     flux = np.array_split(flux, n_parts)[part]
@@ -292,8 +319,8 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
     while sampling worker RSS; with ``baselines``, each is followed by the two bare-encoder runs on the
     same rows (interleaved, so a change in the machine's load hits both sides). Times are the best of
     the repeats. With ``compiled``, then a warm-up predict with ``compile="yes"`` (each worker compiles
-    the encoder: ``t_compile_warm``) and one timed compiled predict of the same store (``t_compiled``,
-    its worker RSS high-water mark ``maxrss_compiled``). With ``fixed_cost``, predict once more on the
+    the encoder: ``t_compile_warm``) and as many timed compiled predicts of the same store (the best of
+    them, ``t_compiled``; the worker RSS high-water mark after them, ``maxrss_compiled``). With ``fixed_cost``, predict once more on the
     finished catalog: every block is skipped, so the run is predict's fixed cost, set-up and finalize
     (``t_fixed``, ``t_finalize``)."""
     from distributed import Client, LocalCluster
@@ -331,10 +358,13 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
             run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False,
                         overwrite=True, compile="yes")
             comp["t_compile_warm"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            s = run_predict(str(st), bundle, str(root / f"{name}-cat"), client=client, progress=False, overwrite=True,
-                            compile="yes")
-            comp["t_compiled"] = time.perf_counter() - t0
+            t_comp = []
+            for _ in range(repeats):  # as many timed runs as the eager predict above, best of them
+                t0 = time.perf_counter()
+                s = run_predict(str(st), bundle, str(root / f"{name}-cat"), client=client, progress=False,
+                                overwrite=True, compile="yes")
+                t_comp.append(time.perf_counter() - t0)
+            comp["t_compiled"] = min(t_comp)
             assert s.rows == summary.rows and s.settings["compile"] is True, s.table()
             comp["maxrss_compiled"] = max(_worker_maxrss(client).values())
     seconds, summary = min(runs, key=lambda r: r[0])
@@ -345,26 +375,67 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
             "n_flux": len(flux) if flux is not None else None, **comp}
 
 
-def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
-    """Build the stores, measure; rows for the shared bench table."""
-    size = SIZES["quick" if quick else "full"]
+def memory_rows(small: dict, large: dict, size: dict) -> list[dict]:
+    """Peak RSS per worker at the two sizes and its growth (rows of the bench table)."""
+    gb = 1e9
+    growth = large["maxrss"] / small["maxrss"] - 1
+    return [
+        {"name": f"predict: peak RSS per worker, {size['n_small']:,d} spectra ({small['blocks']} blocks of "
+                 f"{size['shard_rows']:,d})", "value": small["maxrss"] / gb,
+         "unit": "GB", "baseline": None, "ratio": None, "target": f"< {TARGET_RSS_BYTES / gb:.1f}",
+         "pass": small["maxrss"] < TARGET_RSS_BYTES},
+        {"name": f"predict: peak RSS per worker, {size['n_large']:,d} spectra ({large['blocks']} blocks)",
+         "value": large["maxrss"] / gb, "unit": "GB", "baseline": small["maxrss"] / gb,
+         "ratio": large["maxrss"] / small["maxrss"], "target": f"< {TARGET_RSS_BYTES / gb:.1f}",
+         "pass": large["maxrss"] < TARGET_RSS_BYTES},
+        {"name": f"predict: RSS growth {size['n_small']:,d} -> {size['n_large']:,d} spectra", "value": 100 * growth,
+         "unit": "%", "baseline": None, "ratio": None, "target": f"< {100 * TARGET_GROWTH:.0f}",
+         "pass": growth < TARGET_GROWTH},
+        {"name": "predict: sampled peak RSS per worker (small; ratio large/small)", "value": small["peak_sampled"] / gb,
+         "unit": "GB", "baseline": None, "ratio": large["peak_sampled"] / small["peak_sampled"], "target": None,
+         "pass": None},
+    ]
+
+
+def _small_and_large(size: dict, out, keep: bool, prefix: str, small_kw: dict, large_kw: dict) -> tuple[dict, dict]:
+    """A seeded bundle and a warm-up store, then :func:`predict_run` at ``size``'s ``n_small`` and ``n_large``
+    (with ``small_kw``, ``large_kw``), in a temporary folder under ``out`` (kept with ``keep``)."""
     out = Path(out) if out is not None else REPO / "bench-output"
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir=out))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=out))
     try:
         bundle = write_bundle(root / "model")
         warm = root / "warm.zarr"
         write_synthetic_store(warm, 2 * N_WORKERS * 4, shard_rows=8, chunk_rows=8, seed=SEED + 1)
-        small = predict_run(root, bundle, size["n_small"], size, "small", str(warm), repeats=REPEATS, baselines=True,
-                            compiled=True)
-        large = predict_run(root, bundle, size["n_large"], size, "large", str(warm), fixed_cost=True)
+        small = predict_run(root, bundle, size["n_small"], size, "small", str(warm), **small_kw)
+        large = predict_run(root, bundle, size["n_large"], size, "large", str(warm), **large_kw)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+    return small, large
+
+
+def run_memory_at_issue_sizes(*, out=None, keep: bool = False) -> list[dict]:
+    """Only the memory rows, at the issue's sizes (:data:`SIZES` ``"issue"``): 10,000 and 100,000 spectra in
+    4,096-row blocks, each on a fresh 2-worker cluster (about 30 minutes on 2 cores)."""
+    size = SIZES["issue"]
+    small, large = _small_and_large(size, out, keep, "bench-memory-", {}, {})
+    rates = [{"name": f"predict: run_predict end to end ({r['rows']:,d} spectra, {r['blocks']} blocks)",
+              "value": r["rows"] / r["seconds"], "unit": "spectra/s", "baseline": None, "ratio": None,
+              "target": None, "pass": None} for r in (small, large)]
+    return rates + memory_rows(small, large, size)
+
+
+def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
+    """Build the stores, measure; rows for the shared bench table."""
+    size = SIZES["quick" if quick else "full"]
+    small, large = _small_and_large(size, out, keep, "bench-pipeline-",
+                                    dict(repeats=REPEATS, baselines=True, compiled=True), dict(fixed_cost=True))
     n, t_par, t_one = small["n_flux"], small["t_par"], small["t_one"]
     over_np = small["seconds"] / t_par - 1
     over_1p = small["seconds"] / t_one - 1
-    growth = large["maxrss"] / small["maxrss"] - 1
+    # a quick run (a few blocks, one core each) is a smoke test: the overhead is shown, not judged
+    ok_np = None if quick else SANITY_OVERHEAD <= over_np <= TARGET_OVERHEAD
     gb = 1e9
 
     def share(r):  # time inside encoder + head / worker time: what the pipeline adds, from one run alone
@@ -374,13 +445,15 @@ def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
         {"name": f"predict: run_predict end to end, {N_WORKERS} workers x 1 thread ({n:,d} spectra, "
                  f"{small['blocks']} blocks, best of {REPEATS})", "value": n / small["seconds"], "unit": "spectra/s",
          "baseline": n / t_par, "ratio": t_par / small["seconds"], "target": f"overhead <= {TARGET_OVERHEAD:.0%}",
-         "pass": over_np <= TARGET_OVERHEAD},
-        {"name": f"predict: overhead vs bare encoder, {N_WORKERS} processes x 1 thread", "value": 100 * over_np,
-         "unit": "%", "baseline": n / t_par, "ratio": None, "target": f"<= {100 * TARGET_OVERHEAD:.0f}",
-         "pass": over_np <= TARGET_OVERHEAD},
+         "pass": ok_np},
+        {"name": f"predict: overhead vs bare encoder, {N_WORKERS} processes x 1 thread (like for like)",
+         "value": 100 * over_np, "unit": "%", "baseline": n / t_par, "ratio": None,
+         "target": f"{100 * SANITY_OVERHEAD:.0f} to {100 * TARGET_OVERHEAD:.0f}", "pass": ok_np,
+         "note": "quick run: not judged" if quick else "below the range: the pipeline beat its own encoder, so the "
+         "machine's load changed between runs" if over_np < SANITY_OVERHEAD else ""},
         {"name": f"predict: overhead vs bare encoder, 1 process x {N_WORKERS} threads", "value": 100 * over_1p,
-         "unit": "%", "baseline": n / t_one, "ratio": None, "target": f"<= {100 * TARGET_OVERHEAD:.0f}",
-         "pass": over_1p <= TARGET_OVERHEAD},
+         "unit": "%", "baseline": n / t_one, "ratio": None, "target": None, "pass": None,
+         "note": "another parallel layout (one process, two torch threads): for information"},
         {"name": f"predict: overhead from model share of worker time ({n:,d} spectra)",
          "value": 100 * (1 / share(small) - 1), "unit": "%", "baseline": None, "ratio": None, "target": None,
          "pass": None},
@@ -399,18 +472,7 @@ def run(quick: bool = False, *, out=None, keep: bool = False) -> list[dict]:
          "value": large["t_fixed"], "unit": "s", "baseline": large["seconds"], "ratio": large["t_fixed"] / large["seconds"],
          "target": None, "pass": None,
          "note": f"set-up and finalize (finalize {large['t_finalize']:.2f} s); baseline: the whole run"},
-        {"name": f"predict: peak RSS per worker, {size['n_small']:,d} spectra", "value": small["maxrss"] / gb,
-         "unit": "GB", "baseline": None, "ratio": None, "target": f"< {TARGET_RSS_BYTES / gb:.1f}",
-         "pass": small["maxrss"] < TARGET_RSS_BYTES},
-        {"name": f"predict: peak RSS per worker, {size['n_large']:,d} spectra", "value": large["maxrss"] / gb,
-         "unit": "GB", "baseline": small["maxrss"] / gb, "ratio": large["maxrss"] / small["maxrss"],
-         "target": f"< {TARGET_RSS_BYTES / gb:.1f}", "pass": large["maxrss"] < TARGET_RSS_BYTES},
-        {"name": f"predict: RSS growth {size['n_small']:,d} -> {size['n_large']:,d} spectra", "value": 100 * growth,
-         "unit": "%", "baseline": None, "ratio": None, "target": f"< {100 * TARGET_GROWTH:.0f}",
-         "pass": growth < TARGET_GROWTH},
-        {"name": "predict: sampled peak RSS per worker (small; ratio large/small)", "value": small["peak_sampled"] / gb,
-         "unit": "GB", "baseline": None, "ratio": large["peak_sampled"] / small["peak_sampled"], "target": None,
-         "pass": None},
+        *memory_rows(small, large, size),
     ]
 
 
@@ -420,8 +482,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small stores (a smoke run)")
     p.add_argument("--out", default=None, help="where the temporary stores go (default bench-output/)")
     p.add_argument("--keep", action="store_true", help="keep the stores and catalogs")
+    p.add_argument("--memory-at-issue-sizes", action="store_true",
+                   help="only the memory rows, at 10,000 and 100,000 spectra in 4,096-row blocks (~30 min)")
     args = p.parse_args(argv)
-    rows = run(args.quick, out=args.out, keep=args.keep)
+    if args.memory_at_issue_sizes:
+        rows = run_memory_at_issue_sizes(out=args.out, keep=args.keep)
+    else:
+        rows = run(args.quick, out=args.out, keep=args.keep)
     print(format_rows(rows))
     failed = [r["name"] for r in rows if r["pass"] is False]
     print(f"\ntargets {'met' if not failed else 'NOT met: ' + '; '.join(failed)}")
