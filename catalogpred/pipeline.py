@@ -326,8 +326,9 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     if summary.files == 0:
         raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
                           "(redrock, specObj/spAll, ...); give the spectra files too")
-    if not by_survey:  # nothing is a spectra file of any survey: say so rather than make a store of rejects
-        example = next(iter(file_rejects.values())).split("\t", 1)[-1]
+    fits_named = [p for p in file_rejects if os.path.basename(p).lower().endswith((".fits", ".fit", ".fits.gz", ".fz"))]
+    if not by_survey and not fits_named:  # no input is even named like FITS: say so rather than make a store of
+        example = next(iter(file_rejects.values())).split("\t", 1)[-1]  # rejects (broken FITS files are rejects)
         raise ConfigError(f"none of the {summary.files} input file(s) is a spectra file of a known survey (SDSS spec/"
                           f"spPlate, DESI, PFS; e.g. {example}); nothing was ingested (`catalogpred ingest ... "
                           "--dry-run` says what each input is)")
