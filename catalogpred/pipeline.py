@@ -335,9 +335,12 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     if redshift_files:  # the readers look among them as well as beside the spectra
         options = dataclasses.replace(options, redshift_files=tuple(redshift_files))
     if file_rejects:
-        # undetectable files are quarantined in the main survey's group, so the accounting still holds
+        # undetectable files are quarantined in the main survey's group, so the accounting still holds; one
+        # quarantined by an earlier ingest into this store stays in the group that holds its reject row
         home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
-        by_survey.setdefault(home, []).extend((p, 1) for p in file_rejects)
+        before = _quarantined_in(store_path, set(file_rejects))
+        for p in file_rejects:
+            by_survey.setdefault(before.get(p, home), []).append((p, 1))
 
     for name, files in sorted(by_survey.items()):
         reader = get_reader(group_reader.get(name, name))
@@ -412,6 +415,26 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         })
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _quarantined_in(store_path: str, paths: set) -> dict[str, str]:
+    """The store group holding each of ``paths`` as a whole-file reject (source_id ``file:<name>``), if any."""
+    import pyarrow.compute as pc
+
+    out: dict[str, str] = {}
+    if not paths or not os.path.exists(store_path):
+        return out
+    try:
+        groups = store.list_surveys(store_path)
+    except store.StoreError:
+        return out
+    for group in groups:
+        if not len(store.done_shards(store_path, group)):
+            continue
+        meta = store.read_meta(store_path, group, columns=["source_path", "source_id"])
+        whole = meta.filter(pc.starts_with(meta.column("source_id"), "file:"))
+        out.update({p: group for p in whole.column("source_path").to_pylist() if p in paths})
+    return out
 
 
 def _check_file_rows(store_path: str, survey: str, have: _FileRows, files: list[tuple[str, int]]) -> None:

@@ -190,3 +190,22 @@ def test_a_lost_spectrum_fails_the_ingest_loudly(desi_inputs, tmp_path, local, m
         run_ingest(inputs, st, client=local, shard_rows=SHARD, chunk_rows=8, progress=False)
     assert "resuming" in caplog.text
     assert _rows_per_file(st, "desi") == {f: list(range(n)) for f, n in _coadds(desi_inputs).items()}
+
+
+def test_an_undetectable_file_stays_one_reject_across_runs(tmp_path, local):
+    """A file no reader identifies is quarantined in the run's main group; a later run whose main group differs
+    does not quarantine it again in another group (one reject row per input file in the whole store)."""
+    write_sdss_survey(tmp_path / "sdss", 2, seed=4)
+    write_desi_survey(tmp_path / "desi", 3, spectra_per_file=8, seed=8, resolution=False)
+    junk = tmp_path / "junk" / "notes.fits"
+    junk.parent.mkdir()
+    junk.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)  # FITS-like, but no survey's HDUs
+    st = str(tmp_path / "s.zarr")
+    sdss_files = sorted(str(p) for p in (tmp_path / "sdss").rglob("spec-*.fits"))
+    run_ingest([*sdss_files, str(junk)], st, client=local, progress=False)  # main group: sdss
+    again = run_ingest([str(tmp_path / "desi"), str(junk)], st, client=local, progress=False)  # main group: desi
+    assert again.skipped_files == 1
+    rows = {g: store.read_meta(st, g, columns=["source_path"]).column("source_path").to_pylist()
+            for g in store.list_surveys(st)}
+    assert set(rows) == {"sdss", "desi"}
+    assert sum(r.count(str(junk)) for r in rows.values()) == 1 and str(junk) in rows["sdss"]
