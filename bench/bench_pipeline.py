@@ -2,7 +2,7 @@
 
     python bench/bench_pipeline.py            # see SIZES["full"]
     python bench/bench_pipeline.py --quick    # smoke run (CI-sized)
-    python bench/bench_pipeline.py --memory-at-issue-sizes   # peak RSS at 10k and 100k spectra (~30 min)
+    python bench/bench_pipeline.py --memory-at-issue-sizes   # peak RSS at 10k and 100k spectra (~20 min)
 
 Inputs are synthetic stores written straight through :mod:`catalogpred.store` (``create_survey``,
 ``allocate_shards``, ``write_shard``, ``mark_shards_done``; no FITS, no ingest): smooth continua with
@@ -44,8 +44,8 @@ below the issue's 10k/100k spectra, to keep ``make bench`` under 10 minutes. Gro
 still measured across 8× more blocks per worker (full: 1 vs 8 blocks of 512 rows per worker): a
 per-block leak shows up the same way. ``--memory-at-issue-sizes`` measures the memory rows at the
 issue's sizes, 10,000 and 100,000 spectra in ingest's 4,096-row shards (a 4,096-row block adds
-~0.1 GB, its flux and the compressed shard, to a worker's peak), in about 30 minutes on 2 cores;
-its result is kept in ``bench/results/``.
+~0.1 GB, its flux and the compressed shard, to a worker's peak), in about 20 minutes on 2 cores (20-22 min
+measured); its results are kept in ``bench/results/``.
 
 ``run(quick)`` returns rows ``{name, value, unit, baseline, ratio, target, pass}`` for ``bench/run.py``.
 """
@@ -417,7 +417,7 @@ def _small_and_large(size: dict, out, keep: bool, prefix: str, small_kw: dict, l
 
 def run_memory_at_issue_sizes(*, out=None, keep: bool = False) -> list[dict]:
     """Only the memory rows, at the issue's sizes (:data:`SIZES` ``"issue"``): 10,000 and 100,000 spectra in
-    4,096-row blocks, each on a fresh 2-worker cluster (about 30 minutes on 2 cores)."""
+    4,096-row blocks, each on a fresh 2-worker cluster (about 20 minutes on 2 cores)."""
     size = SIZES["issue"]
     small, large = _small_and_large(size, out, keep, "bench-memory-", {}, {})
     rates = [{"name": f"predict: run_predict end to end ({r['rows']:,d} spectra, {r['blocks']} blocks)",
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where the temporary stores go (default bench-output/)")
     p.add_argument("--keep", action="store_true", help="keep the stores and catalogs")
     p.add_argument("--memory-at-issue-sizes", action="store_true",
-                   help="only the memory rows, at 10,000 and 100,000 spectra in 4,096-row blocks (~30 min)")
+                   help="only the memory rows, at 10,000 and 100,000 spectra in 4,096-row blocks (~20 min)")
     args = p.parse_args(argv)
     if args.memory_at_issue_sizes:
         rows = run_memory_at_issue_sizes(out=args.out, keep=args.keep)

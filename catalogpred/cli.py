@@ -144,8 +144,8 @@ def _add_output_args(p: argparse.ArgumentParser, columns_help: str = "comma-sepa
 MAG_SYSTEMS = ("auto", "vega", "ab")
 #: ``predict --order``: HEALPix orders of the leaves (the catalog's spatial index is at order 29)
 MIN_ORDER, MAX_ORDER = 0, 29
-#: ``demo --surveys`` (SDSS is always made) and the fewest SDSS spectra the demo's head can be trained on
-DEMO_SURVEYS = ("sdss", "desi", "pfs")
+#: the fewest SDSS spectra the demo's head can be trained on (:data:`catalogpred.demo.MIN_SPECTRA`, spelled
+#: out here for --help without importing pyarrow; tests/test_cli.py checks that the two agree)
 DEMO_MIN_SPECTRA = 10
 
 
@@ -257,7 +257,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                         "float32: the fast choice on GPUs (default fp32)")
     s.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="run the encoder through torch.compile on each worker (5-22 s to compile per worker; "
-                        "measured: the encoder 2.8x the eager one on an H200, predict 1.64x on an H100, 1.0-1.1x "
+                        "measured: the encoder 2.8x the eager one on an H200, predict 1.64x on an H100, 1.0-1.5x "
                         "end to end on 2 CPU cores; README, Running on GPUs); auto: yes from "
                         f"{COMPILE_AUTO_ROWS['cuda']:,d} spectra per GPU worker or {COMPILE_AUTO_ROWS['cpu']:,d} "
                         "per CPU worker (default auto)")
@@ -501,22 +501,23 @@ def _read_options(args):
 
 
 def cmd_ingest(args) -> int:
+    import os
     from collections import Counter
 
+    from . import store
     from .pipeline import expand_inputs, run_ingest
-    from .store import check_store_target
     from .surveys import get_reader
     from .tasks import detect_survey
 
     # everything that can fail without workers fails before they start
     _check_ingest_args(args)
-    check_store_target(args.store)
+    store.check_store_target(args.store)
     paths = expand_inputs(args.inputs)
     if args.survey != "auto":
         get_reader(args.survey)
     options = _read_options(args)
     if args.dry_run:  # what each file is, read from its headers here
-        done = _paths_in_store(args.store)
+        done = store.input_paths(args.store) if os.path.isdir(args.store) else {}
         kinds, n_aux, n_done = Counter(), 0, 0
         for path in paths:
             _, name, n, rej = detect_survey(path)
@@ -540,21 +541,6 @@ def cmd_ingest(args) -> int:
         raise CatalogpredError(f"--strict: {summary.rejected} spectra rejected (by reason: `catalogpred info "
                                f"{args.store}`)")
     return 0
-
-
-def _paths_in_store(store_path) -> set:
-    """Input paths already ingested into ``store_path`` (empty when it does not exist)."""
-    import os
-
-    from . import store
-
-    if not os.path.isdir(store_path):
-        return set()
-    done = set()
-    for name in store.list_surveys(store_path):
-        if len(store.done_shards(store_path, name)):
-            done |= set(store.read_meta(store_path, name, ["source_path"]).column("source_path").to_pylist())
-    return done
 
 
 def cmd_predict(args) -> int:
@@ -866,26 +852,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import os
-
     _check_at_least(args, DEMO_MIN_SPECTRA, "--n-spectra")
     _check_at_least(args, 1, "--workers")
-    surveys = tuple(dict.fromkeys(x.strip().lower() for x in args.surveys.split(",") if x.strip()))
-    unknown = [x for x in surveys if x not in DEMO_SURVEYS]
-    if unknown or not surveys:
-        raise ConfigError(f"--surveys {args.surveys!r}: " + (f"unknown survey {', '.join(unknown)}; " if unknown else "")
-                          + f"choose from {','.join(DEMO_SURVEYS)} (comma-separated)")
-    if "pfs" in surveys and "desi" not in surveys:
-        raise ConfigError("--surveys: pfs needs desi too (the PFS spectra are predicted by the DESI-grid bundle, "
-                          "trained on the mock DESI survey): --surveys sdss,desi,pfs")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise ConfigError(f"--output {args.output} is a file; the demo writes a directory (mock/, store.zarr/, "
-                          "model/, catalog/): choose another --output")
-    from .demo import run_demo
+    from .demo import run_demo  # it checks --surveys and --output before any work
 
     _quiet_dask(args)
     run_demo(args.output, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
-             surveys=surveys, progress=False if args.no_progress else None)
+             surveys=args.surveys.split(","), progress=False if args.no_progress else None)
     return 0
 
 

@@ -30,6 +30,10 @@ __all__ = ["run_demo", "build_demo_bundle", "plot_colour_colour"]
 log = logging.getLogger(__name__)
 
 DEMO_BAD_INPUTS = 7
+#: mock surveys of the demo (SDSS is always made: the demo trains its head on it)
+DEMO_SURVEYS = ("sdss", "desi", "pfs")
+#: the fewest SDSS spectra the demo's head can be trained on (``catalogpred.cli.DEMO_MIN_SPECTRA`` says it too)
+MIN_SPECTRA = 10
 #: the file that marks a directory as `catalogpred demo` output, whose subdirectories a re-run may replace
 DEMO_MARKER = ".catalogpred-demo"
 N_TRAIN_MAX = 1000
@@ -178,15 +182,19 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
 
     t0 = time.perf_counter()
     out = Path(output)
-    unknown = sorted(set(surveys) - {"sdss", "desi", "pfs"})
-    if unknown:
-        raise ConfigError(f"unknown demo surveys {unknown}; choose from sdss, desi, pfs")
+    surveys = tuple(dict.fromkeys(str(x).strip().lower() for x in surveys if str(x).strip()))
+    unknown = [x for x in surveys if x not in DEMO_SURVEYS]
+    if unknown or not surveys:
+        raise ConfigError(f"surveys {','.join(surveys) or 'none'}: " + (f"unknown survey {', '.join(unknown)}; "
+                          if unknown else "") + f"choose from {','.join(DEMO_SURVEYS)} (comma-separated)")
     if "pfs" in surveys and "desi" not in surveys:
-        raise ConfigError("the PFS demo needs the DESI demo (PFS uses the DESI-grid bundle): surveys sdss,desi,pfs")
-    if n_spectra < 10:  # the demo's head is trained on them (1 spectrum failed in training; 5 and 10 worked)
-        raise ConfigError(f"n_spectra must be at least 10, not {n_spectra}")
+        raise ConfigError("surveys: pfs needs desi too (the PFS spectra are predicted by the DESI-grid bundle, "
+                          "trained on the mock DESI survey): sdss,desi,pfs")
+    if n_spectra < MIN_SPECTRA:  # the demo's head is trained on them (1 spectrum failed in training; 5 and 10 worked)
+        raise ConfigError(f"n_spectra must be at least {MIN_SPECTRA}, not {n_spectra}")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; the demo writes a directory there: choose another output")
+        raise ConfigError(f"{out} is a file; the demo writes a directory (mock/, store.zarr/, model/, catalog/) "
+                          "there: choose another output")
     subs = ("mock", "store.zarr", "model", "model-desi", "catalog")
     marker = out / DEMO_MARKER
     if not _made_by_demo(out) and any((out / sub).exists() for sub in subs):  # not ours: never delete it

@@ -243,7 +243,6 @@ class _FileRows:
         self._codes, self._rows = codes[order], rows[order]
         whole = pc.starts_with(meta.column("source_id"), "file:").to_numpy(zero_copy_only=False)
         self.unreadable = {paths.dictionary[int(c)].as_py() for c in np.unique(codes[whole])}
-        self.n_rows_of = np.bincount(codes, minlength=len(self._index))
 
     def rows(self, path: str) -> np.ndarray:
         i = self._index.get(path)
@@ -338,7 +337,7 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         # undetectable files are quarantined in the main survey's group, so the accounting still holds; one
         # quarantined by an earlier ingest into this store stays in the group that holds its reject row
         home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
-        before = _quarantined_in(store_path, set(file_rejects))
+        before = store.input_paths(store_path, whole_file_rejects=True) if os.path.isdir(store_path) else {}
         for p in file_rejects:
             by_survey.setdefault(before.get(p, home), []).append((p, 1))
 
@@ -417,33 +416,13 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     return summary
 
 
-def _quarantined_in(store_path: str, paths: set) -> dict[str, str]:
-    """The store group holding each of ``paths`` as a whole-file reject (source_id ``file:<name>``), if any."""
-    import pyarrow.compute as pc
-
-    out: dict[str, str] = {}
-    if not paths or not os.path.exists(store_path):
-        return out
-    try:
-        groups = store.list_surveys(store_path)
-    except store.StoreError:
-        return out
-    for group in groups:
-        if not len(store.done_shards(store_path, group)):
-            continue
-        meta = store.read_meta(store_path, group, columns=["source_path", "source_id"])
-        whole = meta.filter(pc.starts_with(meta.column("source_id"), "file:"))
-        out.update({p: group for p in whole.column("source_path").to_pylist() if p in paths})
-    return out
-
-
 def _check_file_rows(store_path: str, survey: str, have: _FileRows, files: list[tuple[str, int]]) -> None:
     """Every spectrum of every input file is in the store once (or the file is one unreadable-file reject).
 
     ``files``: ``(path, n_spectra)``. Raises :class:`PipelineError` naming the files whose rows are missing or
     doubled: an ingest never ends with a spectrum lost or stored twice without saying so.
     """
-    bad = [(p, msg) for p, n in files if (msg := have.problems(p, max(int(n), 0) if p not in have.unreadable else 1))]
+    bad = [(p, msg) for p, n in files if (msg := have.problems(p, int(n)))]
     if bad:
         shown = "; ".join(f"{os.path.basename(p)}: {msg}" for p, msg in bad[:3])
         raise PipelineError(f"{store_path}/{survey}: {len(bad)} input files are not stored exactly once per spectrum "
@@ -722,8 +701,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         raise ConfigError("--device cuda: no Dask worker offers the GPU resource; start GPU workers with "
                           "`dask worker ... --resources GPU=1` (or `dask cuda worker`), or use --device cpu")
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
-    if overwrite and os.path.exists(catalog_path):
-        check_catalog_target(catalog_path, overwrite=True, keep=[store_path, *bundle_paths])  # again, just before
+    if overwrite and os.path.exists(catalog_path):  # check_catalog_target (above) allowed it
         shutil.rmtree(catalog_path)
     groups = {s: store.group_uid(store_path, s) for s in chosen}
     column_names = [c.name for c in columns]

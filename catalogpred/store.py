@@ -239,6 +239,22 @@ def group_uid(store_path, survey: str) -> str | None:
     return dict(g.attrs.get("catalogpred_survey", {})).get("uid")
 
 
+def input_paths(store_path, *, whole_file_rejects: bool = False) -> dict[str, str]:
+    """The input files ingested into a store, each with the survey group holding its rows; with
+    ``whole_file_rejects``, only the files quarantined whole (one reject row, source_id ``file:<name>``)."""
+    import pyarrow.compute as pc
+
+    out: dict[str, str] = {}
+    for group in list_surveys(store_path):
+        if not len(done_shards(store_path, group)):
+            continue
+        meta = read_meta(store_path, group, ["source_path", "source_id"] if whole_file_rejects else ["source_path"])
+        if whole_file_rejects:
+            meta = meta.filter(pc.starts_with(meta.column("source_id"), "file:"))
+        out.update(dict.fromkeys(meta.column("source_path").to_pylist(), group))
+    return out
+
+
 def list_surveys(store_path) -> list[str]:
     """Names of the survey groups in a store (none in an empty directory: ingest creates the store there)."""
     if os.path.isdir(store_path) and not any(os.scandir(store_path)):

@@ -99,16 +99,24 @@ def _keep_freed_memory(trim_mib: int | None) -> None:
     _malloc_trim = trim_mib
     trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024)) if trim_mib is None else trim_mib * 2**20
     mmap = HEAP_ARRAYS_MIB * 2**20
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    if libc is not None:  # else not glibc (macOS, musl): nothing to tune
         m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
         libc.mallopt(m_mmap_threshold, mmap)
         libc.mallopt(m_trim_threshold, trim)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """This process's C library if it has glibc's ``mallopt`` and ``malloc_trim``, else None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _return_freed_memory() -> None:
@@ -126,13 +134,9 @@ def _return_freed_memory() -> None:
     import gc
 
     gc.collect()  # arrays held by reference cycles of the last block are freed now, not at some later block
-    try:
-        import ctypes
-        import ctypes.util
-
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _row_chunks(parts: list, size: int):
@@ -315,10 +319,10 @@ def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu",
     finished shard (:func:`~catalogpred.store.read_shard` with ``engine``: metadata of its non-EMPTY rows as
     an Arrow table, flux float32 [n_OK, n_pix] of its OK rows). ``device`` is where the block will be
     predicted (it sets how much freed memory this process keeps, :data:`TRIM_MIB`)."""
+    if device.startswith("cpu"):
+        _return_freed_memory()  # not counted as reading
     t0 = time.perf_counter()
     _keep_freed_memory(TRIM_MIB[f"predict-{device.split(':')[0]}"])
-    if device.startswith("cpu"):
-        _return_freed_memory()
     engine = store.resolve_read_engine(engine, store_path)
     meta, flux = store.read_shard(store_path, survey, shard, engine=engine)  # flux of the OK rows, in table order
     return {"block": block_key(survey, shard), "meta": meta, "flux": flux, "seconds_read": time.perf_counter() - t0,

@@ -131,6 +131,9 @@ def test_mag_system_choices_are_the_tables_ones():
     from catalogpred import cli, tables
 
     assert cli.MAG_SYSTEMS == tables.MAG_SYSTEMS
+    from catalogpred import demo
+
+    assert cli.DEMO_MIN_SPECTRA == demo.MIN_SPECTRA  # spelled out in the CLI for --help, as MAG_SYSTEMS
 
 
 def test_help_says_what_plot_and_outputs_do(capsys):

@@ -583,7 +583,7 @@ def _read_object(fits, name: str, names: set) -> dict:
     n_visit = _distinct_visits(fits) if "OBSERVATIONS" in names else (int(m.group(5)) if m else 0)
     headers = [fits["MASK"].read_header() if "MASK" in names else None, fhdr, fits[0].read_header()]
     patch = key("PATCH", m.group(3) if m else "")
-    return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "covar": covar[:1] if covar else None,
+    return {"n": 1, "wave": [wave_aa / 10.0], "flux": [flux], "var": var, "covar": covar,
             "mask": [mask],
             "planes": mask_planes(*headers),
             "cat_id": np.array([int(cat_id)], np.int64), "obj_id": np.array([obj_id], np.int64),
