@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import getpass
 import logging
 import os
 import re
 import shlex
+import subprocess
 import sys
+import time
 
 from .errors import ConfigError
 
@@ -49,6 +52,12 @@ RUNNABLE = ("ingest", "predict")
 PLACEHOLDER_ADDRESS = "tcp://<scheduler-address>:8786"
 GPU_WORKER_COMMAND = "dask cuda worker"  # jobqueue runs `<python> -m <worker_command>`: python -m dask cuda worker
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: batch system → the command that lists this user's jobs still in the queue (pending, running, held), one id a
+#: line: what :func:`_wait_for_job_workers` asks while the workers start, to notice jobs that ended without them
+QUEUE_COMMANDS = {"slurm": ["squeue", "--noheader", "--format=%i", "--user={user}"], "pbs": ["qselect", "-u", "{user}"]}
+#: seconds between two such questions while waiting for workers (a queue command per half minute is what SLURM
+#: sites ask of their users' scripts at most)
+JOB_POLL_S = 30.0
 
 
 def _requests_gpus(directive: str) -> bool:
@@ -276,6 +285,83 @@ def _submit_jobs(cluster, n_jobs: int, system: str) -> None:
                           f"{type(exc).__name__ + ': ' if not isinstance(exc, RuntimeError) else ''}{text}") from exc
 
 
+def queued_job_ids(system: str) -> set[str] | None:
+    """Ids of this user's jobs that the batch system still lists (:data:`QUEUE_COMMANDS`), each without a PBS
+    ``.server`` suffix, or None when it cannot be asked (the command is missing, fails or takes over a minute)."""
+    cmd = [part.format(user=getpass.getuser()) for part in QUEUE_COMMANDS[system]]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("cannot list the %s queue with `%s`: %s", system, " ".join(cmd), exc)
+        return None
+    return {word.split(".")[0] for word in out.split()}
+
+
+def _job_workers(cluster) -> dict[str, tuple[str, int]]:
+    """``{job name: (batch job id, worker processes it starts)}`` of the submitted jobs of a jobqueue cluster."""
+    return {name: (str(job.job_id).split(".")[0], len(cluster.worker_spec[name].get("group", [""])))
+            for name, job in cluster.workers.items() if getattr(job, "job_id", None)}
+
+
+def _wait_for_job_workers(cluster, want: int, system: str, *, poll_s: float | None = None) -> int:
+    """Wait until ``want`` workers are connected to the cluster's scheduler, asking the batch system every
+    ``poll_s`` seconds (:data:`JOB_POLL_S`) which of the submitted jobs are still queued or running. A job that
+    ended before its workers connected (a wrong partition, an environment missing on the nodes, a worker that
+    cannot start) lowers the target to what the other jobs can still bring, with a warning that names it;
+    when no job is left, a :class:`ConfigError` says so instead of waiting for ever. Returns the number of
+    workers the command then waits for (``want`` or fewer). No overall timeout: batch queues take hours."""
+    from distributed import Client
+
+    poll_s = JOB_POLL_S if poll_s is None else poll_s
+    jobs, ended = _job_workers(cluster), set()
+    last_line = -float("inf")
+    with Client(cluster.scheduler_address, timeout="60s") as client:
+        while True:
+            have = len(client.scheduler_info()["workers"])
+            if have >= want:
+                return want
+            if time.monotonic() - last_line >= 60:  # a line every minute
+                log.info("waiting for %d Dask workers from %d %s jobs (%d connected)", want, len(jobs) - len(ended),
+                         system, have)
+                last_line = time.monotonic()
+            try:
+                client.wait_for_workers(want, timeout=poll_s)
+                continue
+            except TimeoutError:
+                pass
+            queued = queued_job_ids(system)
+            if queued is None:
+                continue  # cannot ask: wait as before
+            gone = sorted(name for name, (job_id, _) in jobs.items() if job_id not in queued and name not in ended)
+            if not gone:
+                continue
+            ended.update(gone)
+            left = sum(n for name, (_, n) in jobs.items() if name not in ended)
+            ids = ", ".join(jobs[name][0] for name in gone)
+            where = ("SLURM writes slurm-<id>.out in the directory it was submitted from" if system == "slurm"
+                     else "PBS writes <name>.o<id> in the directory it was submitted from")
+            if left == 0:
+                raise ConfigError(f"every {system} job ended before its Dask workers connected ({len(jobs)} jobs, last "
+                                  f"ids {ids}; {have} workers connected): see the jobs' output ({where}, unless the "
+                                  f"job script sets another); --dry-run prints the job script")
+            want = min(want, left)
+            log.warning("%s job(s) %s ended before their Dask workers connected; waiting for %d workers from the "
+                        "other jobs (%s)", system, ids, want, where)
+
+
+def _pop_option(cmd: list[str], flag: str) -> tuple[list[str], str | None]:
+    """``cmd`` without ``flag VALUE``/``flag=VALUE``, and that value (None if absent; the last one wins)."""
+    out, value, it = [], None, iter(cmd)
+    for word in it:
+        if word == flag:
+            value = next(it, None)
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+        else:
+            out.append(word)
+    return out, value
+
+
 def run_submit(args) -> int:
     """``catalogpred submit``: see the module docstring. Returns the exit code of the command it ran."""
     want_command = not args.dry_run or args.run_args not in ([], ["--"])
@@ -309,10 +395,12 @@ def _run_on_jobs(args, kw: dict, cmd: list[str]) -> int:
         n_workers = len(cluster.plan)  # worker names the submitted jobs will bring (jobs x processes per job)
         log.info("Dask scheduler at %s; submitted %d %s jobs for %d workers", cluster.scheduler_address, args.jobs,
                  args.system, n_workers)
-        argv = ["-v"] * args.verbose + (["-q"] if args.quiet else []) + cmd + ["--scheduler", cluster.scheduler_address]
-        if "--wait-workers" not in cmd:
-            argv += ["--wait-workers", str(min(n_workers, args.wait_workers or n_workers))]
+        cmd, theirs = _pop_option(cmd, "--wait-workers")  # checked by parse_command: a positive integer
+        want = min(n_workers, int(theirs) if theirs else args.wait_workers or n_workers)
         try:
+            want = _wait_for_job_workers(cluster, want, args.system)
+            argv = (["-v"] * args.verbose + (["-q"] if args.quiet else []) + cmd
+                    + ["--scheduler", cluster.scheduler_address, "--wait-workers", str(want)])
             return main(argv)
         finally:
             log.info("cancelling the %s jobs", args.system)

@@ -511,3 +511,21 @@ def test_pbs_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle):
     env.update(PBS_JOBID="77.fake", PBS_NODEFILE=str(nodefile), NCPUS="2", PBS_O_WORKDIR=str(tmp_path))
     result = _run_batch_script(DEPLOY / "pbs" / "catalog-build.pbs", env, tmp_path)
     _check_built_catalog(result, tmp_path, tmp_path / "catalogpred-run-77.fake")
+
+
+def test_queued_job_ids_asks_the_batch_system(tmp_path, monkeypatch):
+    """submit's job watch: the ids the queue command prints (a PBS id without its server), None when it cannot ask."""
+    from catalogpred.submit import _pop_option, queued_job_ids
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert queued_job_ids("slurm") is None and queued_job_ids("pbs") is None  # no squeue, no qselect
+    (tmp_path / "qselect").write_text('#!/bin/sh\n[ "$1" = -u ] && printf "123.pbs01\\n124.pbs01\\n"\n')
+    (tmp_path / "squeue").write_text("#!/bin/sh\necho 'squeue: error: slurm_load_jobs error' >&2\nexit 1\n")
+    for name in ("qselect", "squeue"):
+        (tmp_path / name).chmod(0o755)
+    assert queued_job_ids("pbs") == {"123", "124"}
+    assert queued_job_ids("slurm") is None  # a failing squeue: keep waiting, do not treat the jobs as ended
+    assert _pop_option(["predict", "--wait-workers", "3", "--store", "s"], "--wait-workers") == (
+        ["predict", "--store", "s"], "3")
+    assert _pop_option(["predict", "--wait-workers=4"], "--wait-workers") == (["predict"], "4")
+    assert _pop_option(["predict"], "--wait-workers") == (["predict"], None)

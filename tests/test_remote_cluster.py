@@ -10,6 +10,7 @@ the generated job scripts as local processes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -252,11 +253,25 @@ def _kill_fake_jobs(batch_dir: Path) -> None:
                 pass
 
 
-def test_submit_slurm_runs_predict_on_batch_jobs(tmp_path, monkeypatch, remote_store, local_reference, random_bundle):
+FAKE_SQUEUE = """\
+#!/usr/bin/env bash
+# stand-in for squeue --noheader --format=%i --user=...: the fake jobs whose process is alive (not a zombie)
+for f in "$FAKE_BATCH_DIR"/job-*.pid; do
+  [ -e "$f" ] || continue
+  pid=$(cat "$f")
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
+  if [ -n "$state" ] && [ "$state" != Z ]; then echo "$pid"; fi
+done
+"""
+
+
+def _fake_slurm(tmp_path: Path, monkeypatch, prologue: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """sbatch, scancel and squeue stand-ins on PATH and a jobqueue config for them: ``(batch dir, config)``.
+    ``prologue``: job-script lines that run before the worker starts."""
     bin_dir, batch_dir = tmp_path / "bin", tmp_path / "batch"
     bin_dir.mkdir()
     batch_dir.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL), ("squeue", FAKE_SQUEUE)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     config = tmp_path / "jobqueue.yaml"
@@ -266,20 +281,30 @@ def test_submit_slurm_runs_predict_on_batch_jobs(tmp_path, monkeypatch, remote_s
             death-timeout: 30
             local-directory: {tmp_path / "scratch"}
             worker-extra-args: ["--host", "127.0.0.1", "--no-dashboard"]
+            job-script-prologue: {json.dumps(list(prologue))}
             scheduler-options:
               host: 127.0.0.1
               dashboard_address: "127.0.0.1:0"
         """))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_BATCH_DIR", str(batch_dir))
-    catalog = tmp_path / "cat-submit"
+    return batch_dir, config
+
+
+def _submit_predict(batch_dir: Path, config: Path, catalog: Path, remote_store, random_bundle, jobs: int = 2) -> int:
     try:
-        rc = main(["-q", "submit", "slurm", "--config", str(config), "--jobs", "2", "--cores", "1", "--memory", "2GB",
-                   "--walltime", "00:10:00", "--", "predict", "--store", str(remote_store), "--model", str(random_bundle),
-                   "--catalog", str(catalog), "--no-progress"])
+        return main(["-q", "submit", "slurm", "--config", str(config), "--jobs", str(jobs), "--cores", "1",
+                     "--memory", "2GB", "--walltime", "00:10:00", "--", "predict", "--store", str(remote_store),
+                     "--model", str(random_bundle), "--catalog", str(catalog), "--no-progress"])
     finally:
         time.sleep(1)  # let the scancel'ed workers exit on their own first
         _kill_fake_jobs(batch_dir)
+
+
+def test_submit_slurm_runs_predict_on_batch_jobs(tmp_path, monkeypatch, remote_store, local_reference, random_bundle):
+    batch_dir, config = _fake_slurm(tmp_path, monkeypatch)
+    catalog = tmp_path / "cat-submit"
+    rc = _submit_predict(batch_dir, config, catalog, remote_store, random_bundle)
     logs = _tail(*sorted(batch_dir.glob("job-*.log")))
     assert rc == 0, logs
     _assert_same_catalog(catalog, local_reference)
@@ -291,3 +316,37 @@ def test_submit_slurm_runs_predict_on_batch_jobs(tmp_path, monkeypatch, remote_s
         assert f"{sys.executable} -m distributed.cli.dask_worker tcp://127.0.0.1:" in text
     cancelled = (batch_dir / "cancelled").read_text().split()
     assert sorted(cancelled) == sorted(p.read_text().strip() for p in batch_dir.glob("job-*.pid"))
+
+
+def test_submit_stops_when_every_job_ends_before_its_workers(tmp_path, monkeypatch, remote_store, random_bundle,
+                                                             capsys):
+    """Jobs that the batch system ends before a worker connects (here: their script exits at once) make submit
+    fail with a one-line error naming the jobs, instead of waiting for workers for ever."""
+    monkeypatch.setattr("catalogpred.submit.JOB_POLL_S", 0.5)
+    batch_dir, config = _fake_slurm(tmp_path, monkeypatch, prologue=("exit 3",))
+    t0 = time.monotonic()
+    rc = _submit_predict(batch_dir, config, tmp_path / "cat", remote_store, random_bundle)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and time.monotonic() - t0 < 60
+    assert err[-1].startswith("catalogpred submit: error: every slurm job ended before its Dask workers connected "
+                              "(2 jobs, last ids ")
+    assert "slurm-<id>.out" in err[-1]
+    ids = sorted(p.read_text().strip() for p in batch_dir.glob("job-*.pid"))
+    assert len(ids) == 2 and all(i in err[-1] for i in ids)
+    assert not (tmp_path / "cat").exists()  # predict never started
+
+
+def test_submit_goes_on_with_the_jobs_left_when_one_ends(tmp_path, monkeypatch, remote_store, local_reference,
+                                                        random_bundle, caplog):
+    """One of two jobs ends before its worker connects: submit waits for the other job's worker only and the
+    catalog is the same as a local run's."""
+    monkeypatch.setattr("catalogpred.submit.JOB_POLL_S", 0.5)
+    # the first job to take the lock exits; the other starts its worker
+    batch_dir, config = _fake_slurm(tmp_path, monkeypatch, prologue=('mkdir "$FAKE_BATCH_DIR/lock" && exit 3',))
+    catalog = tmp_path / "cat"
+    with caplog.at_level(logging.WARNING, logger="catalogpred.submit"):
+        rc = _submit_predict(batch_dir, config, catalog, remote_store, random_bundle)
+    assert rc == 0, _tail(*sorted(batch_dir.glob("job-*.log")))
+    ended = [r.getMessage() for r in caplog.records if "ended before their Dask workers connected" in r.getMessage()]
+    assert len(ended) == 1 and "waiting for 1 workers from the other jobs" in ended[0]
+    _assert_same_catalog(catalog, local_reference)
