@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 from . import __version__
-from .cluster import BLOCKS_PER_GPU, COMPILE_AUTO_ROWS
+from .cluster import BLOCKS_PER_GPU, COMPILE_AUTO_ROWS, DEFAULT_DASHBOARD
 from .errors import CatalogpredError, ConfigError
 
 log = logging.getLogger("catalogpred")
@@ -124,6 +124,11 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler-file", default=None, help="scheduler file of an existing Dask cluster")
     g.add_argument("--wait-workers", type=int, default=None, metavar="N",
                    help="with --scheduler/--scheduler-file: wait until N workers are connected (default 1)")
+    g.add_argument("--dashboard", action="store_true",
+                   help="local cluster: serve the Dask dashboard at --dashboard-address and log its link")
+    g.add_argument("--dashboard-address", default=None, metavar="HOST:PORT",
+                   help=f"where --dashboard serves it (default {DEFAULT_DASHBOARD}; another free port if that one is "
+                        "taken); implies --dashboard")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
 
@@ -468,6 +473,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
 
+def _dashboard_address(args) -> str | None:
+    """The local cluster's dashboard address from ``--dashboard``/``--dashboard-address``, or None (none)."""
+    address = getattr(args, "dashboard_address", None)
+    return address or (DEFAULT_DASHBOARD if getattr(args, "dashboard", False) else None)
+
+
 def _client(args, device: str = "cpu"):
     from .cluster import dask_client
 
@@ -477,7 +488,8 @@ def _client(args, device: str = "cpu"):
                        wait_workers=args.wait_workers, device=device,
                        blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU),
                        io_workers=getattr(args, "io_workers", 0),  # local clusters only, as --workers
-                       workers_per_gpu=getattr(args, "workers_per_gpu", 1))
+                       workers_per_gpu=getattr(args, "workers_per_gpu", 1),
+                       dashboard=_dashboard_address(args))
 
 
 def _progress(args):

@@ -30,9 +30,13 @@ from .errors import ConfigError
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
-           "share_gpus", "check_workers_per_gpu"]
+           "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD"]
 
 log = logging.getLogger(__name__)
+
+#: where ``--dashboard`` serves a local cluster's Dask dashboard: this machine only (on a login or batch node,
+#: reach it through an SSH tunnel, ``ssh -L 8787:127.0.0.1:8787 host``)
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
 
 #: tasks the pipeline keeps in flight per worker (``pipeline._run_bounded`` submits at most 2 × workers)
 TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -145,7 +149,7 @@ def check_scheduler_args(scheduler: str | None, scheduler_file: str | None) -> N
 def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, scheduler: str | None = None,
                 scheduler_file: str | None = None, memory_limit: str | None = "auto", wait_workers: int | None = None,
                 device: str = "cpu", blocks_per_gpu: int = BLOCKS_PER_GPU, io_workers: int = 0,
-                workers_per_gpu: int = 1):
+                workers_per_gpu: int = 1, dashboard: str | None = None):
     """Yield a ``distributed.Client``; a local cluster is started and closed around it.
 
     Parameters
@@ -174,6 +178,10 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         Local CUDA cluster only: worker processes per GPU (default 1, dask-cuda's one). More than one
         gives each GPU more host processes for reads and Parquet writes, each with its own interpreter
         lock and CUDA context (see :func:`share_gpus`).
+    dashboard : str, optional
+        Local cluster only: serve the Dask dashboard at this ``host:port`` (e.g. ``127.0.0.1:8787``; another
+        free port when that one is taken) and log its link. Default: no dashboard. With a scheduler, the link
+        to its dashboard is logged when it serves one.
 
     Raises
     ------
@@ -206,18 +214,23 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
                     pass
                 have = len(client.scheduler_info()["workers"])
             log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
+            if "dashboard" in client.scheduler_info().get("services", {}):
+                log.info("Dask dashboard: %s", client.dashboard_link)
             yield client
         finally:
             client.close()
         return
+    _ignore_taken_port_warnings()
     if device == "cuda":
-        cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu, workers_per_gpu)
+        cluster = _local_cuda_cluster(n_workers, memory_limit, blocks_per_gpu, workers_per_gpu, dashboard)
         n, threads_per_worker = len(cluster.workers) * workers_per_gpu, blocks_per_gpu
     else:
         n = n_workers or default_n_workers()
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None, memory_limit=memory_limit, silence_logs=logging.WARNING)
+                               dashboard_address=dashboard, memory_limit=memory_limit, silence_logs=logging.WARNING)
     client = Client(cluster)
+    if dashboard:
+        log.info("Dask dashboard: %s", client.dashboard_link)
     if workers_per_gpu > 1:
         share_gpus(cluster, client, workers_per_gpu)
     log.info("local Dask %scluster: %d worker processes × %d thread(s)", "CUDA " if device == "cuda" else "", n,
@@ -230,6 +243,17 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         _quiet_shutdown(client)
         client.close()
         cluster.close()
+
+
+def _ignore_taken_port_warnings() -> None:
+    """No "Port 8787 is already in use" warning from a local cluster's scheduler. Its HTTP server (health and
+    metrics routes, and the dashboard with ``--dashboard``) starts on 8787 even without a dashboard and moves to
+    a free port when another run or notebook holds 8787; that is not a problem, and ``--dashboard`` logs the
+    link it got."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning,
+                            module=r"distributed\.node")
 
 
 def _quiet_logs_below_critical() -> None:
@@ -300,7 +324,7 @@ def share_gpus(cluster, client, workers_per_gpu: int) -> None:
 
 
 def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int = BLOCKS_PER_GPU,
-                        workers_per_gpu: int = 1):
+                        workers_per_gpu: int = 1, dashboard: str | None = None):
     """A ``LocalCUDACluster``: one worker per GPU with ``blocks_per_gpu`` threads and ``resources={"GPU": 1}``;
     dask_cuda is imported only here. ``memory_limit="auto"`` gives each of the ``workers_per_gpu`` processes
     per GPU (:func:`share_gpus` adds them) an equal share of this machine's memory."""
@@ -319,7 +343,7 @@ def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int
         memory_limit = 1 / (n * workers_per_gpu)  # a fraction of system memory (distributed's parse_memory_limit)
     return LocalCUDACluster(n_workers=n, threads_per_worker=blocks_per_gpu, memory_limit=memory_limit,
                             resources=dict(GPU_RESOURCE),
-                            dashboard_address=None, silence_logs=logging.WARNING)
+                            dashboard_address=dashboard, silence_logs=logging.WARNING)
 
 
 def shared_path(path: str | os.PathLike) -> str:

@@ -419,3 +419,51 @@ def test_import_spender_help_describes_every_argument(capsys):
     out = capsys.readouterr().out
     for line in ("spender checkpoint file (.pt)", "bundle name, the start of its model_id", "replace an existing bundle"):
         assert line in " ".join(out.split()), line
+
+
+def test_dashboard_flag_serves_the_dask_dashboard_and_a_taken_port_is_not_a_warning():
+    """--dashboard/--dashboard-address give a local cluster a dashboard and log its link. Without them the
+    scheduler's HTTP server still starts (on 8787, or a free port when 8787 is held by another run): that
+    move is no warning for the user."""
+    import logging
+    import socket
+    import urllib.request
+    import warnings
+
+    from catalogpred.cli import _dashboard_address, build_parser
+    from catalogpred.cluster import DEFAULT_DASHBOARD, dask_client
+
+    parse = build_parser().parse_args
+    assert _dashboard_address(parse(["predict", "--store", "s", "--model", "m", "--catalog", "c"])) is None
+    assert _dashboard_address(parse(["predict", "--store", "s", "--model", "m", "--catalog", "c",
+                                     "--dashboard"])) == DEFAULT_DASHBOARD
+    assert _dashboard_address(parse(["ingest", "a.fits", "--store", "s", "--dashboard-address", ":9999"])) == ":9999"
+
+    held = socket.socket()
+    try:
+        try:
+            held.bind(("127.0.0.1", 8787))  # another run's dashboard; if the bind fails, someone holds it already
+            held.listen()
+        except OSError:
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with dask_client(1, memory_limit=None) as client:
+                assert client.submit(sum, [1, 2]).result() == 3
+        assert not [w for w in caught if "already in use" in str(w.message)]
+        records, logger = [], logging.getLogger("catalogpred.cluster")
+        handler, level = logging.Handler(), logger.level
+        handler.emit = records.append
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            with dask_client(1, memory_limit=None, dashboard="127.0.0.1:0") as client:
+                link = client.dashboard_link
+                page = urllib.request.urlopen(link, timeout=30).read().decode()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        assert link.startswith("http://127.0.0.1:") and ":8787/" not in link and "Dask" in page
+        assert f"Dask dashboard: {link}" in [r.getMessage() for r in records]
+    finally:
+        held.close()
