@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: reach it through an SSH tunnel, ``ssh -L 8787:127.0.0.1:8787 host``)
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 
-#: tasks the pipeline keeps in flight per worker (``pipeline._run_bounded`` submits at most 2 × workers)
+#: tasks the pipeline keeps in flight per worker (``pipeline.run_bounded`` submits at most 2 × workers)
 TASKS_IN_FLIGHT_PER_WORKER = 2
 #: the Dask worker resource a GPU worker offers: one per GPU (``dask cuda worker --resources GPU=1``)
 GPU_RESOURCE = {"GPU": 1}

@@ -95,7 +95,7 @@ def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
     """dask_client(device="cuda") with dask-cuda and NVML stood in by ordinary LocalCluster workers."""
     from distributed import LocalCluster
 
-    from catalogpred.pipeline import _n_workers, _run_bounded
+    from catalogpred.pipeline import n_workers, run_bounded
 
     calls = []
 
@@ -113,11 +113,11 @@ def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
                               silence_logs=logging.WARNING)]
         workers = client.scheduler_info()["workers"].values()
         assert len(workers) == 2 and all(w["resources"] == {"GPU": 1} for w in workers)
-        assert resolve_device("auto", client) == "cuda" and _n_workers(client, GPU_RESOURCE) == 2
+        assert resolve_device("auto", client) == "cuda" and n_workers(client, GPU_RESOURCE) == 2
         assert default_torch_threads(client) == max(1, (os.cpu_count() or 1) // 2)
         # tasks carry resources={"GPU": 0.5} on submit: two blocks share a worker's GPU, never more
         n = 12
-        results, errors = _run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
+        results, errors = run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
                                        keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
                                        resources=gpu_task_resources(2), tasks_per_worker=2)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
@@ -140,7 +140,7 @@ def test_workers_per_gpu_twins_each_gpu_worker(monkeypatch):
 
     from distributed import LocalCluster
 
-    from catalogpred.pipeline import _n_workers, _run_bounded
+    from catalogpred.pipeline import n_workers, run_bounded
 
     calls = []
 
@@ -164,14 +164,14 @@ def test_workers_per_gpu_twins_each_gpu_worker(monkeypatch):
         assert calls == [dict(n_workers=2, memory_limit=0.25)]
         info = client.scheduler_info()["workers"]
         assert sorted(str(w["name"]) for w in info.values()) == ["0", "0-1", "1", "1-1"]
-        assert all(w["resources"] == {"GPU": 1} for w in info.values()) and _n_workers(client, GPU_RESOURCE) == 4
+        assert all(w["resources"] == {"GPU": 1} for w in info.values()) and n_workers(client, GPU_RESOURCE) == 4
         from distributed.system import MEMORY_LIMIT
         assert all(w["memory_limit"] == int(0.25 * MEMORY_LIMIT) for w in info.values())
         visible = client.run(_env, "CUDA_VISIBLE_DEVICES")
         by_name = {str(info[a]["name"]): v for a, v in visible.items()}
         assert by_name == {"0": "0,1", "0-1": "0,1", "1": "1,0", "1-1": "1,0"}  # a twin drives its worker's GPU
         n = 8
-        results, errors = _run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
+        results, errors = run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
                                        keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
                                        resources=gpu_task_resources(1), tasks_per_worker=1)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))

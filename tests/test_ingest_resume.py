@@ -14,11 +14,12 @@ import os
 import numpy as np
 import pytest
 
-from catalogpred import pipeline, store
+from catalogpred import store
 from catalogpred.errors import InputFileError, StoreError, is_transient
 from catalogpred.mock import write_sdss_survey
 from catalogpred.mock_survey import write_desi_survey
 from catalogpred.pipeline import PipelineError, _FileRows, missing_ranges, plan_ranges, run_ingest
+from catalogpred.pipeline import ingest as pipeline  # run_ingest looks its tasks up in this module
 from catalogpred.surveys import get_reader
 
 SHARD = 16  # 30-spectrum DESI files are split across shards

@@ -1,5 +1,5 @@
 """Reliability of predict on a real multi-process LocalCluster: a worker killed mid-run, a shard that
-fails on every retry, and the bounded task window of ``pipeline._run_bounded``.
+fails on every retry, and the bounded task window of ``pipeline.run_bounded``.
 
 Stores are synthetic (``bench/bench_pipeline.py::write_synthetic_store``: written straight through
 :mod:`catalogpred.store`, no FITS), small enough that a whole predict takes seconds on 2 cores.
@@ -23,7 +23,7 @@ import pytest
 
 from catalogpred import catalog as cat
 from catalogpred.errors import ConfigError
-from catalogpred.pipeline import PipelineError, _run_bounded, run_predict
+from catalogpred.pipeline import PipelineError, run_bounded, run_predict
 
 SHARD_ROWS = 8
 N_SHARDS = 12
@@ -444,7 +444,7 @@ def counting(monkeypatch):
 def test_run_bounded_keeps_at_most_two_tasks_per_worker(cluster_client, counting):
     client = cluster_client[1]
     n = 12
-    results, errors = _run_bounded(client, _slow_identity, [(i, 0.05) for i in range(n)], {}, desc="t",
+    results, errors = run_bounded(client, _slow_identity, [(i, 0.05) for i in range(n)], {}, desc="t",
                                    keys=[f"bounded-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
     assert counting.peak == 2 * len(client.scheduler_info()["workers"]) == 4
@@ -463,7 +463,7 @@ def test_run_bounded_gives_work_to_workers_that_join_later(counting):
             if len(done) == 2:
                 cluster.scale(2)  # a worker joins mid-run
 
-        results, errors = _run_bounded(client, _slow_identity, [(i, 0.3) for i in range(n)], {}, desc="t",
+        results, errors = run_bounded(client, _slow_identity, [(i, 0.3) for i in range(n)], {}, desc="t",
                                        keys=[f"join-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
                                        on_done=on_done, recount_s=0)
     assert not errors and len(results) == n

@@ -1,0 +1,364 @@
+"""Ingest on Dask: survey files → shards of the Zarr store, one task per shard (:func:`run_ingest`).
+
+Files are identified by content and packed into shards (:func:`plan_pieces`); a resumed run ingests exactly
+the spectra that no finished shard holds (:func:`missing_ranges`, :func:`plan_ranges`). Every run ends with the
+duplicate-id check and a check that each input file's spectra are stored once each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import __version__
+from .. import store
+from ..cluster import check_workers, shared_path
+from ..errors import ConfigError, RejectReason
+from ..surveys import get_reader
+from ..tasks import detect_survey, ingest_shard
+from .runner import PipelineError, run_bounded
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["FITS_PATTERNS", "expand_inputs", "run_ingest", "IngestSummary", "plan_pieces", "plan_ranges",
+           "missing_ranges"]
+
+log = logging.getLogger(__name__)
+
+FITS_PATTERNS = ("*.fits", "*.fits.gz", "*.fit", "*.fits.fz")
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, directories (searched recursively for FITS files), globs and ``@filelist.txt`` → sorted absolute paths.
+
+    Raises
+    ------
+    ConfigError
+        If an input matches nothing.
+    """
+    out: list[str] = []
+    for item in inputs:
+        item = str(item)
+        if item.startswith("@"):
+            if not os.path.isfile(item[1:]):
+                raise ConfigError(f"file list {item[1:]} does not exist (@FILE names a text file of paths, one per line)")
+            lines = Path(item[1:]).read_text().splitlines()
+            out += expand_inputs([ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+        elif os.path.isdir(item):
+            found = [p for pat in FITS_PATTERNS for p in glob.glob(os.path.join(item, "**", pat), recursive=True)]
+            if not found:
+                raise ConfigError(f"directory {item} holds no FITS files ({', '.join(FITS_PATTERNS)})")
+            out += found
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            found = glob.glob(item, recursive=True)
+            if not found:
+                raise ConfigError(f"input {item!r} matches no file")
+            out += found
+    return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+
+@dataclass
+class IngestSummary:
+    store: str
+    files: int = 0
+    auxiliary_files: int = 0
+    skipped_files: int = 0
+    rows: int = 0
+    ok: int = 0
+    shards: int = 0
+    by_survey: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.reasons.values())
+
+    def table(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        lines = [f"ingest summary: {self.store}",
+                 f"  input files      {self.files:>9,d}   (already in the store, skipped: {self.skipped_files:,d}; "
+                 f"redshift-only files used: {self.auxiliary_files:,d})",
+                 f"  spectra          {self.rows:>9,d}   ok {self.ok:,d}, rejected {self.rejected:,d}",
+                 f"  shards written   {self.shards:>9,d}",
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} spectra/s)"]
+        for s, d in self.by_survey.items():
+            lines.append(f"  survey {s:<9} {d['rows']:>9,d} spectra in {d['shards']} shards")
+        if self.reasons:
+            lines.append("  rejects by reason:")
+            lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
+        return "\n".join(lines)
+
+
+def plan_pieces(files: list[tuple[str, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
+    """Pack ``(path, n_spectra)`` into shards of at most ``shard_rows`` spectra.
+
+    Returns one list of ``(path, lo, hi)`` pieces per shard; a file larger than a shard is
+    split across consecutive shards. Pure function (tested directly).
+    """
+    return plan_ranges([(path, 0, max(1, int(n))) for path, n in files], shard_rows)
+
+
+def plan_ranges(ranges: list[tuple[str, int, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
+    """Pack row ranges ``(path, lo, hi)`` (spectra ``lo..hi-1`` of a file) into shards of at most ``shard_rows``
+    spectra, splitting a range across consecutive shards where it does not fit. Pure function."""
+    shards: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = shard_rows
+    for path, lo, hi in ranges:
+        while lo < hi:
+            take = min(room, hi - lo)
+            current.append((path, lo, lo + take))
+            lo += take
+            room -= take
+            if room == 0:
+                shards.append(current)
+                current, room = [], shard_rows
+    if current:
+        shards.append(current)
+    return shards
+
+
+def missing_ranges(n: int, have) -> list[tuple[int, int]]:
+    """The runs ``(lo, hi)`` of spectra ``0..n-1`` of a file that are not among the row numbers ``have``."""
+    missing = np.ones(max(int(n), 0), bool)
+    have = np.asarray(have, np.int64)
+    missing[have[(have >= 0) & (have < len(missing))]] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], missing.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+class _FileRows:
+    """The store rows of each input file of a group: ``rows(path)`` (``row_in_file`` values, one per store row,
+    sorted) and ``unreadable`` (files quarantined whole, source_id ``file:<name>``). From :func:`store.read_meta`
+    columns ``source_path, row_in_file, source_id``."""
+
+    def __init__(self, meta: pa.Table):
+        import pyarrow.compute as pc
+
+        paths = meta.column("source_path").combine_chunks().dictionary_encode()
+        self._index = {p: i for i, p in enumerate(paths.dictionary.to_pylist())}
+        codes = paths.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = meta.column("row_in_file").to_numpy().astype(np.int64)
+        order = np.lexsort((rows, codes))
+        self._codes, self._rows = codes[order], rows[order]
+        whole = pc.starts_with(meta.column("source_id"), "file:").to_numpy(zero_copy_only=False)
+        self.unreadable = {paths.dictionary[int(c)].as_py() for c in np.unique(codes[whole])}
+
+    def rows(self, path: str) -> np.ndarray:
+        i = self._index.get(path)
+        if i is None:
+            return np.zeros(0, np.int64)
+        lo, hi = np.searchsorted(self._codes, [i, i + 1])
+        return self._rows[lo:hi]
+
+    def problems(self, path: str, n: int) -> str:
+        """What is wrong with the rows of a file of ``n`` spectra ("" if each spectrum is there once, or the file
+        is one unreadable-file row)."""
+        rows = self.rows(path)
+        if path in self.unreadable:
+            return "" if len(rows) == 1 else f"an unreadable-file reject and {len(rows) - 1} more rows"
+        dup = np.unique(rows[1:][np.diff(rows) == 0])
+        gaps = missing_ranges(n, rows)
+        extra = rows[(rows < 0) | (rows >= n)]
+        out = []
+        if gaps:
+            out.append("missing spectra " + ", ".join(f"{a}..{b - 1}" for a, b in gaps[:3]))
+        if len(dup):
+            out.append("spectra stored twice " + ", ".join(map(str, dup[:5].tolist())))
+        if len(extra):
+            out.append(f"{len(extra)} rows beyond the file's {n} spectra")
+        return "; ".join(out)
+
+
+def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "auto", shard_rows: int = 4096,
+               chunk_rows: int = 256, progress: bool | None = None, options=None) -> IngestSummary:
+    """Ingest survey files into the Zarr store at ``store_path`` (created if needed, resumed if partial).
+
+    Parameters
+    ----------
+    inputs : list of str
+        Files, directories, globs, ``@filelist.txt``.
+    survey : str
+        A reader name, or ``"auto"`` to identify every file by content. Redshift-only files
+        (DESI ``redrock-*``, SDSS ``specObj``/``spAll``) are recognised either way and used by the
+        readers, not ingested. Files go to their reader's store group (:attr:`Reader.group`), so
+        SDSS ``spec-*`` and ``spPlate-*`` files land in one ``sdss`` group.
+    shard_rows, chunk_rows : int
+        Rows per shard (= per ingest task and per prediction block) and per compressed chunk.
+    options : ReadOptions, optional
+        External redshift table and target selection for multi-object surveys.
+    """
+    from ..surveys import ReadOptions, Selection
+
+    options = options or ReadOptions()
+    t0 = time.perf_counter()
+    store_path = shared_path(store_path)  # workers get absolute paths (their cwd differs)
+    paths = expand_inputs(inputs)
+    check_workers(client, paths[:1] + [store_path])
+    summary = IngestSummary(store=str(store_path))
+    file_rejects: dict[str, str] = {}
+    try:
+        detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256, retries=2))
+    except (OSError, MemoryError) as exc:  # the machine's errors (EIO, ...), raised after Dask's retries
+        raise PipelineError(f"reading the inputs failed ({type(exc).__name__}: {exc}); nothing was ingested, "
+                            "re-run the same command") from exc
+    by_survey: dict[str, list[tuple[str, int]]] = {}  # store group -> files
+    reader_of: dict[str, str] = {}  # path -> reader name, where it differs from its group's name
+    group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
+    redshift_files = []
+    for path, name, n, rej in detected:
+        if name is not None and name.startswith("aux:"):
+            summary.auxiliary_files += 1
+            redshift_files.append(path)
+            continue
+        summary.files += 1
+        if survey != "auto":
+            name = survey
+        elif name is None:
+            file_rejects[path] = rej
+            continue
+        group = get_reader(name).group  # e.g. spPlate files ("sdss-plate") go to the "sdss" group
+        by_survey.setdefault(group, []).append((path, n))
+        group_reader.setdefault(group, name)
+        if name != group:
+            reader_of[path] = name
+    if summary.files == 0:
+        raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
+                          "(redrock, specObj/spAll, ...); give the spectra files too")
+    fits_named = [p for p in file_rejects if os.path.basename(p).lower().endswith((".fits", ".fit", ".fits.gz", ".fz"))]
+    if not by_survey and not fits_named:  # no input is even named like FITS: say so rather than make a store of
+        example = next(iter(file_rejects.values())).split("\t", 1)[-1]  # rejects (broken FITS files are rejects)
+        raise ConfigError(f"none of the {summary.files} input file(s) is a spectra file of a known survey (SDSS spec/"
+                          f"spPlate, DESI, PFS; e.g. {example}); nothing was ingested (`catalogpred ingest ... "
+                          "--dry-run` says what each input is)")
+    if redshift_files:  # the readers look among them as well as beside the spectra
+        options = dataclasses.replace(options, redshift_files=tuple(redshift_files))
+    if file_rejects:
+        # undetectable files are quarantined in the main survey's group, so the accounting still holds; one
+        # quarantined by an earlier ingest into this store stays in the group that holds its reject row
+        home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
+        before = store.input_paths(store_path, whole_file_rejects=True) if os.path.isdir(store_path) else {}
+        for p in file_rejects:
+            by_survey.setdefault(before.get(p, home), []).append((p, 1))
+
+    for name, files in sorted(by_survey.items()):
+        reader = get_reader(group_reader.get(name, name))
+        if os.path.exists(store_path) and name in store.list_surveys(store_path):
+            _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
+            if (layout.shard_rows, layout.chunk_rows) != (shard_rows, chunk_rows):
+                log.info("%s/%s exists: appending with its shard_rows=%d, chunk_rows=%d", store_path, name,
+                         layout.shard_rows, layout.chunk_rows)
+        else:
+            layout = store.SurveyLayout(survey=name, grid=reader.grid, meta_columns=reader.meta_columns,
+                                        shard_rows=shard_rows, chunk_rows=min(chunk_rows, shard_rows))
+            store.create_survey(store_path, layout)
+        pieces = plan_pieces(files, layout.shard_rows)
+        if len(store.done_shards(store_path, name)):
+            # resume: ingest exactly the spectra of each file that no finished shard holds (a file quarantined
+            # whole, source_id "file:<name>", is done), whatever the shard boundaries were last time
+            have = _FileRows(store.read_meta(store_path, name, columns=["source_path", "row_in_file", "source_id"]))
+            ranges = [(p, lo, hi) for p, n in files if p not in have.unreadable
+                      for lo, hi in missing_ranges(int(n), have.rows(p))]
+            skipped = len({p for p, _ in files} - {p for p, _, _ in ranges})
+            summary.skipped_files += skipped
+            if skipped and (options.redshifts or options.selection != Selection()):
+                log.warning("%d of these files are already in %s/%s and were skipped: their spectra keep the "
+                            "redshifts and selection of their first ingest, not this run's --redshifts/--keep-*/"
+                            "--spectypes; ingest them into a new store to apply those", skipped, store_path, name)
+            n_all, n_todo = sum(int(n) for _, n in files), sum(hi - lo for _, lo, hi in ranges)
+            log.info("resuming %s/%s: %d of the inputs' %d spectra already ingested", store_path, name,
+                     n_all - n_todo, n_all)
+            pieces = plan_ranges(ranges, layout.shard_rows)
+        results, errors = {}, {}
+        if pieces:
+            shards = store.allocate_shards(store_path, name, len(pieces))
+            keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
+            key_to_shard = dict(zip(keys, shards))
+            args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options,
+                     {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
+                    for s, b in zip(shards, pieces)]
+            finished: list[int] = []
+            results, errors = run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
+                                          progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))
+            store.mark_shards_done(store_path, name, finished)
+        # duplicates and the per-file row check run on every ingest, a resumed one included (a run stopped
+        # after marking its shards done still gets them)
+        meta = store.read_meta(store_path, name, columns=["source_id", "status", "source_path", "row_in_file"])
+        n_dup = _reject_duplicates(store_path, name, meta)
+        if errors:
+            raise PipelineError(f"{len(errors)} ingest tasks failed (e.g. {next(iter(errors.values()))}); "
+                                "re-run the same command to resume")
+        lengths = {p: k for r in results.values() for p, k in r.get("lengths", {}).items()}
+        _check_file_rows(store_path, name, _FileRows(meta), [(p, lengths.get(p, n)) for p, n in files])
+        for r in results.values():
+            summary.rows += r["n_rows"]
+            summary.ok += r["n_ok"]
+            summary.reasons.update(r["reasons"])
+        summary.shards += len(results)
+        if n_dup:
+            summary.ok -= n_dup
+            summary.reasons[RejectReason.DUPLICATE_ID.value] += n_dup
+        if not pieces:
+            continue
+        d = summary.by_survey.setdefault(name, {"rows": 0, "shards": 0})
+        d["rows"] += sum(r["n_rows"] for r in results.values())
+        d["shards"] += len(results)
+        reasons = Counter()
+        for r in results.values():
+            reasons.update(r["reasons"])
+        store.record_ingest(store_path, name, {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "catalogpred": __version__,
+            "files": len({p for b in pieces for p, _, _ in b}), "rows": d["rows"], "shards": len(results),
+            "redshifts": options.redshifts, "selection": options.selection.to_manifest(),
+            "rejects_by_reason": dict(reasons) | ({"duplicate_id": n_dup} if n_dup else {}),
+        })
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_file_rows(store_path: str, survey: str, have: _FileRows, files: list[tuple[str, int]]) -> None:
+    """Every spectrum of every input file is in the store once (or the file is one unreadable-file reject).
+
+    ``files``: ``(path, n_spectra)``. Raises :class:`PipelineError` naming the files whose rows are missing or
+    doubled: an ingest never ends with a spectrum lost or stored twice without saying so.
+    """
+    bad = [(p, msg) for p, n in files if (msg := have.problems(p, int(n)))]
+    if bad:
+        shown = "; ".join(f"{os.path.basename(p)}: {msg}" for p, msg in bad[:3])
+        raise PipelineError(f"{store_path}/{survey}: {len(bad)} input files are not stored exactly once per spectrum "
+                            f"({shown}). Missing spectra are ingested by re-running the same command; spectra stored "
+                            "twice need a new store")
+
+
+def _reject_duplicates(store_path: str, survey: str, meta=None) -> int:
+    """Mark later occurrences of an already ingested source_id as REJECTED (duplicate_id); returns the count.
+    ``meta``: :func:`store.read_meta` with ``source_id, status, source_path`` (read when not given)."""
+    if meta is None:
+        meta = store.read_meta(store_path, survey, columns=["source_id", "status", "source_path"])
+    ok = meta.column("status").to_numpy() == store.RowStatus.OK
+    ids = np.asarray(meta.column("source_id").to_pylist(), dtype=object)[ok]
+    rows = meta.column("row").to_numpy()[ok]
+    paths = np.asarray(meta.column("source_path").to_pylist(), dtype=object)[ok]
+    if len(ids) == 0:
+        return 0
+    _, first_idx, inverse = np.unique(ids.astype(str), return_index=True, return_inverse=True)
+    dup = np.flatnonzero(first_idx[inverse] != np.arange(len(ids)))
+    if len(dup):
+        details = [f"{ids[i]} already ingested from {os.path.basename(str(paths[first_idx[inverse[i]]]))}" for i in dup]
+        store.set_rejected(store_path, survey, rows[dup], RejectReason.DUPLICATE_ID.value, details)
+        log.warning("%d duplicate source_id values in %s/%s rejected (first occurrence kept)", len(dup), store_path, survey)
+    return int(len(dup))
+

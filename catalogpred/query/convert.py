@@ -1,0 +1,121 @@
+"""Arrow tables to and from astropy and pandas, keeping the column metadata (unit, UCD, description).
+
+:func:`arrow_to_astropy` and :func:`astropy_to_arrow` convert with units; ``_to_pandas`` keeps integer
+columns with nulls exact; ``_restore_metadata`` puts a catalog schema's field metadata back on a result.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _to_pandas(table: pa.Table):
+    """``table.to_pandas()`` with pandas' nullable integer and boolean types: an integer column with nulls (one
+    survey's ids in a mixed catalog, e.g. 17-digit DESI TARGETIDs) stays exact instead of becoming float64."""
+    import pandas as pd
+
+    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
+    return table.to_pandas(types_mapper=nullable.get)
+
+
+def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Give result columns that are catalog columns (same name and type) their unit/ucd/description back."""
+    fields = []
+    for f in table.schema:
+        i = schema.get_field_index(f.name)
+        if i >= 0 and schema.field(i).metadata and (schema.field(i).type == f.type or
+                                                    (_is_list(f.type) and _is_list(schema.field(i).type))):
+            f = f.with_metadata(schema.field(i).metadata)
+        fields.append(f)
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields))
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)
+
+
+def _field_meta(field: pa.Field) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+
+
+def arrow_to_astropy(table: pa.Table):
+    """An astropy QTable with the units (and descriptions, UCDs) from the Arrow field metadata.
+
+    List columns (``latent``) become 2-D columns; nulls become masked values (NaN for floats).
+    """
+    import astropy.units as u
+    from astropy.table import MaskedColumn, QTable
+
+    out = QTable()
+    for fld, col in zip(table.schema, table.columns):
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        mask = None
+        if _is_list(fld.type):
+            if pa.types.is_fixed_size_list(fld.type):
+                size = fld.type.list_size
+            else:
+                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                size = int(lengths.max()) if len(lengths) else 0
+            values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), size)
+        elif pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type):
+            mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
+            values = np.asarray(col.fill_null("").to_pylist(), dtype=str) if len(col) else np.array([], dtype="U1")
+        elif pa.types.is_floating(fld.type):
+            values = col.to_numpy(zero_copy_only=False)
+        elif col.null_count:
+            mask = col.is_null().to_numpy(zero_copy_only=False)
+            values = col.fill_null(pa.scalar(False if pa.types.is_boolean(fld.type) else 0).cast(fld.type)) \
+                .to_numpy(zero_copy_only=False)
+        else:
+            values = col.to_numpy(zero_copy_only=False)
+        md = _field_meta(fld)
+        unit = md.get("unit", "")
+        if unit:
+            unit = u.Unit(unit.replace("Angstrom", "AA"), parse_strict="silent")
+            # a QTable makes a masked column with a unit a MaskedQuantity: the nulls stay nulls
+            out[fld.name] = MaskedColumn(values, mask=mask, unit=unit) if mask is not None else values * unit
+        elif mask is not None:
+            out[fld.name] = MaskedColumn(values, mask=mask)
+        else:
+            out[fld.name] = values
+        out[fld.name].info.description = md.get("description", "")
+        if md.get("ucd"):
+            out[fld.name].info.meta = {**(out[fld.name].info.meta or {}), "ucd": md["ucd"]}
+    return out
+
+
+def astropy_to_arrow(t) -> pa.Table:
+    """An astropy Table as Arrow, units and descriptions into the field metadata (inverse of :func:`arrow_to_astropy`)."""
+    arrays, fields = [], []
+    for name in t.colnames:
+        col = t[name]
+        unit = getattr(col, "unit", None)
+        values = col.value if hasattr(col, "value") and unit is not None else col
+        data = np.asarray(values)
+        mask = np.asarray(getattr(col, "mask", np.zeros(len(data), bool)))
+        if data.dtype.byteorder not in ("=", "|"):  # FITS is big-endian; Arrow wants native order
+            data = data.astype(data.dtype.newbyteorder("="))
+        if data.dtype.kind == "S":
+            data = np.char.decode(data, "utf-8")
+        if data.dtype.kind == "U":
+            data = np.char.strip(data)
+        if data.ndim > 1:
+            inner = pa.array(data.reshape(len(data), -1).ravel())
+            arr = pa.FixedSizeListArray.from_arrays(inner, int(np.prod(data.shape[1:])))
+        else:
+            m = mask if mask.shape == data.shape and mask.any() else None
+            if data.dtype.kind == "f":
+                m = (m if m is not None else np.zeros(len(data), bool)) | ~np.isfinite(data)
+                m = m if m.any() else None
+            arr = pa.array(data.tolist() if data.dtype.kind == "U" else data, mask=m)
+        md = {b"unit": (unit.to_string() if unit is not None else "").encode(),
+              b"description": (getattr(col.info, "description", None) or "").encode()}
+        ucd = (getattr(col.info, "meta", None) or {}).get("ucd")
+        if ucd:
+            md[b"ucd"] = str(ucd).encode()
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type, metadata=md))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))

@@ -1,0 +1,263 @@
+"""Query results out: :func:`write_table` (Parquet, FITS, VOTable, CSV, by extension) and
+:func:`format_table` (an aligned text table for a terminal).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import CatalogError, ConfigError
+from .convert import _field_meta, _is_list, _to_pandas, arrow_to_astropy
+
+log = logging.getLogger(__name__)
+
+#: output formats of :func:`write_table` (by file extension).
+OUTPUT_FORMATS = (".csv", ".parquet", ".fits", ".vot")
+_FORMAT_ALIASES = {".fit": ".fits", ".fts": ".fits", ".votable": ".vot", ".xml": ".vot", ".pq": ".parquet"}
+
+
+def _normalise_format(dest, fmt: str | None) -> str:
+    if fmt is None:
+        name = str(dest).lower()
+        fmt = os.path.splitext(name[:-3] if name.endswith(".gz") else name)[1]
+    fmt = fmt.lower() if fmt.startswith(".") else "." + fmt.lower()
+    fmt = _FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in OUTPUT_FORMATS:
+        raise ConfigError(f"unknown output format {fmt!r} for {dest}; use one of {', '.join(OUTPUT_FORMATS)} "
+                          "(by file extension)")
+    return fmt
+
+
+def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: bool = True) -> None:
+    """Write a query result by extension (or ``fmt``):
+
+    - ``.csv``: values only, no units (latents as ``latent_0..``);
+    - ``.parquet``: as is, with the field metadata (units, UCDs, descriptions), astropy's ``table::len::``
+      string widths (so that ``astropy.table.Table.read`` reads null strings) and, for a table that carries
+      VO-Parquet metadata (a catalog query), that metadata rewritten for the columns written
+      (``Table.read(dest, format="parquet.votable")``);
+    - ``.fits`` and ``.vot`` (VOTable): units, descriptions and UCDs. A unit without a FITS spelling (the
+      Legacy Surveys' nanomaggy) is kept in astropy's column metadata, which ``Table.read`` restores (its
+      TTYPE comment names it for other readers); VOTable writes it as a quoted VOUnit (``'nanomaggy'``).
+
+    Nulls in a boolean column (``ir_excess`` of unmatched rows) stay nulls: empty in VOTable; in FITS, which
+    has no null logical astropy reads, the column (F where null) comes with a ``<name>.mask`` logical column,
+    from which ``Table.read`` rebuilds the masked column.
+
+    ``dest`` may be a path or a stream (CSV only for text streams). ``overwrite=False`` refuses an existing file.
+
+    Raises
+    ------
+    ConfigError
+        If ``dest``'s directory does not exist, or ``dest`` is a directory.
+    CatalogError
+        If ``dest`` exists and ``overwrite`` is false, or the file cannot be written.
+    """
+    if not isinstance(dest, (str, os.PathLike)):
+        _write(table, dest, _normalise_format(dest, fmt))
+        return
+    _check_destination(Path(dest), overwrite)
+    fmt = _normalise_format(dest, fmt)
+    try:
+        _write(table, dest, fmt)
+    except OSError as exc:
+        raise CatalogError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """A one-line error, before any work, for an output path that cannot be written."""
+    if dest.is_dir():
+        raise ConfigError(f"{dest} is a directory; give a file name, e.g. {dest / 'result.fits'}")
+    parent = dest.parent
+    if not parent.exists():
+        raise ConfigError(f"cannot write {dest}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {dest}: {parent} is a file, not a directory")
+    if not overwrite and dest.exists():
+        raise CatalogError(f"{dest} exists; replace it with --overwrite on the command line, overwrite=True in Python")
+
+
+def _write(table: pa.Table, dest, fmt: str) -> None:
+    if fmt == ".parquet":
+        pq.write_table(_parquet_export(table), dest)
+    elif fmt == ".fits":
+        _write_fits(table, dest)
+    elif fmt == ".vot":
+        _write_votable(table, dest)
+    else:
+        _to_pandas(_flatten_lists(table)).to_csv(dest, index=False)
+
+
+def _parquet_export(table: pa.Table) -> pa.Table:
+    """``table`` with astropy's string widths and, when it has VO-Parquet metadata, that metadata for its columns."""
+    from ..catalog import _with_string_lengths
+
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"table::len::")}
+    table = _with_string_lengths(table.replace_schema_metadata(meta or None))
+    if b"IVOA.VOTable-Parquet.content" in meta:
+        meta = dict(table.schema.metadata)
+        try:
+            meta[b"IVOA.VOTable-Parquet.content"] = _vo_parquet_content(table.schema).encode()
+        except Exception as exc:  # a column type VOTable cannot describe: no VO metadata rather than a wrong one
+            log.warning("no VO-Parquet metadata in the export (%s)", exc)
+            meta = {k: v for k, v in meta.items() if not k.startswith(b"IVOA.VOTable-Parquet.")}
+        table = table.replace_schema_metadata(meta)
+    return table
+
+
+def _vo_parquet_content(schema: pa.Schema) -> str:
+    """The VO-Parquet VOTable XML (:func:`catalogpred.catalog.vo_table_xml`) of exactly ``schema``'s columns, in
+    its order, strings as wide as the ``table::len::`` metadata says: astropy's ``format="parquet.votable"``
+    stacks the FIELDs' empty table on the data, and a variable-length (``*``) string does not stack on a fixed one.
+    """
+    import io
+    import warnings
+
+    from astropy.io.votable import parse
+    from astropy.units import UnitsWarning
+
+    from ..catalog import Column, vo_table_xml
+
+    cols = [Column(f.name, f.type, *(_field_meta(f).get(k, "") for k in ("unit", "ucd", "description")))
+            for f in schema if f.name != "_healpix_29"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # VOUnit deprecates 'erg' and 'Angstrom', still valid
+        vot = parse(io.BytesIO(vo_table_xml(cols).encode()))
+    fields = vot.get_first_table().fields
+    by_name = {f.name: f for f in fields}
+    ordered = [by_name[n] for n in schema.names]  # vo_table_xml adds _healpix_29 last: where it is, or not at all
+    lengths = schema.metadata or {}
+    for f in ordered:
+        if f.datatype in ("char", "unicodeChar") and f"table::len::{f.name}".encode() in lengths:
+            f.arraysize = lengths[f"table::len::{f.name}".encode()].decode()
+    fields.clear()
+    fields.extend(ordered)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)
+        vot.to_xml(buf)
+    return buf.getvalue().decode("utf-8")
+
+
+def _write_fits(table: pa.Table, dest) -> None:
+    import warnings
+
+    from astropy.units import UnitsWarning
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    t = arrow_to_astropy(table)
+    no_fits_unit = {}
+    for name in t.colnames:
+        col = t[name]
+        if col.dtype == bool and np.any(getattr(col, "mask", False)):  # FITS logicals have no null astropy reads
+            col.info.serialize_method["fits"] = "data_mask"           # so add <name>.mask; Table.read masks it
+        elif _fits_unit_missing(getattr(col, "unit", None)):  # e.g. nanomaggy: astropy keeps it in its metadata
+            no_fits_unit[name] = _field_meta(table.schema.field(name))["unit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
+        warnings.filterwarnings("ignore", "The unit .* could not be saved in native FITS", AstropyUserWarning)
+        t.write(dest, format="fits", overwrite=True)
+    if no_fits_unit:
+        from astropy.io import fits
+
+        with warnings.catch_warnings(), fits.open(dest, mode="update") as hdus:  # not TUNITn: a unit astropy
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)            # cannot parse overrides its
+            header = hdus[1].header                                               # metadata (a long comment: cut)
+            for i in range(1, header["TFIELDS"] + 1):
+                if header[f"TTYPE{i}"] in no_fits_unit:
+                    header.comments[f"TTYPE{i}"] = f"unit: {no_fits_unit[header[f'TTYPE{i}']]}"
+
+
+def _write_votable(table: pa.Table, dest) -> None:
+    import warnings
+
+    from astropy.table import Table
+    from astropy.units import UnitsWarning
+
+    from ..catalog import _vo_unit
+
+    t = Table(arrow_to_astropy(table))  # Columns, whose unit can be set (Quantities' cannot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnitsWarning)  # VOUnit deprecates 'erg' and 'Angstrom', still valid
+        for fld in table.schema:
+            unit = _field_meta(fld).get("unit", "")
+            if unit:  # valid VOUnit: 'nanomaggy', not astropy's nmgy
+                t[fld.name].unit = _vo_unit(unit)
+        t.write(dest, format="votable", overwrite=True)  # UCDs from the column meta
+
+
+def _fits_unit_missing(unit) -> bool:
+    """Whether a unit has no FITS spelling (astropy then leaves TUNITn out, e.g. nanomaggy)."""
+    if unit is None or isinstance(unit, str):
+        return False
+    try:
+        unit.to_string("fits")
+    except ValueError:
+        return True
+    return False
+
+
+def _flatten_lists(table: pa.Table) -> pa.Table:
+    """List columns as ``name_0, name_1, ...`` (CSV and terminal output)."""
+    cols, fields = [], []
+    for fld, col in zip(table.schema, table.columns):
+        if _is_list(fld.type):
+            col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            size = fld.type.list_size if pa.types.is_fixed_size_list(fld.type) else \
+                int(pc.max(pc.list_value_length(col)).as_py() or 0)
+            for j in range(size):
+                cols.append(pc.list_element(col, j) if size else pa.nulls(len(col)))
+                fields.append(pa.field(f"{fld.name}_{j}", cols[-1].type, metadata=fld.metadata))
+        else:
+            cols.append(col)
+            fields.append(fld)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def _format_value(v, unit: str, is_float: bool) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(f"{x:.3g}" for x in list(v)[:3]) + (", …]" if len(v) > 3 else "]")
+    if is_float:
+        if not math.isfinite(v):
+            return str(v)
+        if unit == "deg":
+            return f"{v:.6f}"
+        if unit == "mag":
+            return f"{v:.3f}"
+        if unit == "arcsec":
+            return f"{v:.3f}"
+        return f"{v:.6g}"
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    return str(v)
+
+
+def format_table(table: pa.Table, max_rows: int | None = None) -> str:
+    """An aligned text table for a terminal: header, a units line, and the rows (numbers right-aligned)."""
+    shown = table if max_rows is None else table.slice(0, max_rows)
+    cols = []
+    for fld, col in zip(shown.schema, shown.columns):
+        unit = _field_meta(fld).get("unit", "")
+        is_float = pa.types.is_floating(fld.type)
+        right = pa.types.is_integer(fld.type) or is_float
+        cells = [_format_value(v, unit, is_float) for v in col.to_pylist()]
+        width = max([len(fld.name), len(unit)] + [len(c) for c in cells])
+        cols.append((fld.name, unit, cells, width, right))
+    if not cols:
+        return ""
+    lines = ["  ".join(n.ljust(w) if not r else n.rjust(w) for n, _, _, w, r in cols).rstrip()]
+    if any(u for _, u, _, _, _ in cols):
+        lines.append("  ".join(u.ljust(w) if not r else u.rjust(w) for _, u, _, w, r in cols).rstrip())
+    lines.append("  ".join("-" * w for *_, w, _ in cols))
+    for i in range(shown.num_rows):
+        lines.append("  ".join(c[i].rjust(w) if r else c[i].ljust(w) for _, _, c, w, r in cols).rstrip())
+    return "\n".join(lines)
