@@ -118,8 +118,8 @@ def test_cuda_cluster_one_worker_per_gpu_with_gpu_resource(monkeypatch):
         # tasks carry resources={"GPU": 0.5} on submit: two blocks share a worker's GPU, never more
         n = 12
         results, errors = run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
-                                       keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
-                                       resources=gpu_task_resources(2), tasks_per_worker=2)
+                                      keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                      resources=gpu_task_resources(2), tasks_per_worker=2)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
     assert all(r[2]["GPU"] in (0, 0.5) for r in results.values())
     assert any(r[2]["GPU"] == 0 for r in results.values())  # two tasks ran at once on one worker
@@ -172,8 +172,8 @@ def test_workers_per_gpu_twins_each_gpu_worker(monkeypatch):
         assert by_name == {"0": "0,1", "0-1": "0,1", "1": "1,0", "1-1": "1,0"}  # a twin drives its worker's GPU
         n = 8
         results, errors = run_bounded(client, _gpu_task, [(i,) for i in range(n)], {}, desc="gpu",
-                                       keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
-                                       resources=gpu_task_resources(1), tasks_per_worker=1)
+                                      keys=[f"gpu-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                      resources=gpu_task_resources(1), tasks_per_worker=1)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
     assert len({r[1] for r in results.values()}) == 4  # every process ran blocks
     with pytest.raises(ConfigError, match=">= 1"):

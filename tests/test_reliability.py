@@ -445,9 +445,33 @@ def test_run_bounded_keeps_at_most_two_tasks_per_worker(cluster_client, counting
     client = cluster_client[1]
     n = 12
     results, errors = run_bounded(client, _slow_identity, [(i, 0.05) for i in range(n)], {}, desc="t",
-                                   keys=[f"bounded-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False)
+                                  keys=[f"bounded-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False)
     assert not errors and sorted(r[0] for r in results.values()) == list(range(n))
     assert counting.peak == 2 * len(client.scheduler_info()["workers"]) == 4
+
+
+def test_run_bounded_logs_progress_lines_where_no_bar_is_shown(cluster_client, monkeypatch, caplog):
+    """Off a terminal (a batch job's log; pytest's captured stderr here) the bar is off and progress goes to the
+    log as lines, every PROGRESS_LOG_S seconds; --no-progress (progress=False) turns them off as well."""
+    from catalogpred.pipeline import runner
+
+    client = cluster_client[1]
+    monkeypatch.setattr(runner, "PROGRESS_LOG_S", 0.0)  # a line after every task but the last
+    n = 6
+    for progress, lines in ((None, n - 1), (False, 0)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="catalogpred.pipeline.runner"):
+            results, errors = run_bounded(client, _slow_identity, [(i, 0.01) for i in range(n)], {}, desc="predict",
+                                          keys=[f"lines-{i}-{os.urandom(3).hex()}" for i in range(n)],
+                                          progress=progress)
+        assert not errors and len(results) == n
+        got = [r.getMessage() for r in caplog.records if r.name == "catalogpred.pipeline.runner"]
+        assert len(got) == lines, got
+        if lines:
+            assert got[0].startswith("predict: 1 of 6 tasks done (17 %), ") and "left" in got[0]
+            assert got[-1].startswith("predict: 5 of 6 tasks done (83 %), ")
+    assert runner.duration_text(40) == "40 s" and runner.duration_text(700) == "12 min"
+    assert runner.duration_text(3 * 3600 + 300) == "3 h 05 min"
 
 
 def test_run_bounded_gives_work_to_workers_that_join_later(counting):
@@ -464,8 +488,8 @@ def test_run_bounded_gives_work_to_workers_that_join_later(counting):
                 cluster.scale(2)  # a worker joins mid-run
 
         results, errors = run_bounded(client, _slow_identity, [(i, 0.3) for i in range(n)], {}, desc="t",
-                                       keys=[f"join-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
-                                       on_done=on_done, recount_s=0)
+                                      keys=[f"join-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
+                                      on_done=on_done, recount_s=0)
     assert not errors and len(results) == n
     assert counting.history[:2] == [1, 2] and counting.peak == 4  # the window grew with the second worker
     assert len({addr for _, addr in results.values()}) == 2  # and the new worker got tasks

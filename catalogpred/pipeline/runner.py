@@ -10,9 +10,13 @@ from .. import __version__
 from ..cluster import TASKS_IN_FLIGHT_PER_WORKER
 from ..errors import CatalogError
 
-__all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "versions"]
+__all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "progress_line", "duration_text", "versions"]
 
 log = logging.getLogger(__name__)
+
+#: seconds between two progress lines in the log when the progress bar is off because stderr is not a
+#: terminal (a batch job's log file); ``--no-progress`` and ``-q`` turn the lines off too
+PROGRESS_LOG_S = 60.0
 
 
 class PipelineError(CatalogError):
@@ -25,6 +29,22 @@ def progress_bar(total: int, desc: str, enabled: bool | None):
 
     return tqdm(total=total, desc=desc, unit="task", file=sys.stderr, disable=(None if enabled is None else not enabled),
                 dynamic_ncols=True)
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` for a person: ``"40 s"``, ``"12 min"``, ``"3 h 05 min"``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def progress_line(desc: str, done: int, total: int, elapsed_s: float) -> str:
+    """One progress line for a log: tasks done of ``total``, the rate so far and the time left at that rate."""
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    left = f", about {duration_text((total - done) / rate)} left" if rate > 0 else ""
+    return f"{desc}: {done:,d} of {total:,d} tasks done ({100 * done / max(total, 1):.0f} %), {rate:.3g} tasks/s{left}"
 
 
 def n_workers(client, resources: dict | None = None) -> int:
@@ -48,12 +68,18 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     ``submit(key, args) -> Future`` replaces the one ``client.submit`` per item (e.g. a chain of tasks
     whose last one has ``key``); then ``io_resources`` workers count towards the window too.
     Returns ``(results by key, errors by key)``. Failed tasks (after retries) do not stop the others.
+
+    ``progress``: True/False shows a progress bar or not; None shows it on a terminal, and elsewhere (a batch
+    job's log) logs a :func:`progress_line` every :data:`PROGRESS_LOG_S` seconds instead.
     """
     from distributed import as_completed
 
     results, errors = {}, {}
     pending = list(zip(keys, arg_list))[::-1]
     bar = progress_bar(len(arg_list), desc, progress)
+    log_lines = progress is None and bar.disable  # no terminal: lines in the log instead of a bar
+    started = last_line = time.monotonic()
+    done = 0
     window = {"n": 0, "at": float("-inf")}
     in_flight = 0
 
@@ -93,6 +119,11 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
                 on_done(fut.key, res)
         fut.release()
         bar.update(1)
+        done += 1
+        now = time.monotonic()
+        if log_lines and now - last_line >= PROGRESS_LOG_S and done < len(arg_list):
+            log.info("%s", progress_line(desc, done, len(arg_list), now - started))
+            last_line = now
         fill(ac)
     bar.close()
     return results, errors
