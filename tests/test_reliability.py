@@ -561,3 +561,29 @@ def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_b
     fresh = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"],
                         overwrite=True)
     assert fresh.blocks_skipped == 0 and fresh.rows == 16
+
+
+def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, cluster_client, tmp_path):
+    """A survey's store grows (new files ingested into it); predict on the same catalog path predicts only the new
+    blocks and finalizes the whole: the catalog and rejects equal those of one predict over the grown store."""
+    from catalogpred.mock import write_sdss_survey
+    from catalogpred.pipeline import run_ingest
+
+    client = cluster_client[1]
+    write_sdss_survey(tmp_path / "night1", 12, seed=1)
+    write_sdss_survey(tmp_path / "night2", 10, seed=2, n_bad=2)
+    st, path = str(tmp_path / "store.zarr"), str(tmp_path / "catalog")
+    kw = dict(client=client, progress=False, torch_threads=1)
+    run_ingest([str(tmp_path / "night1")], st, client=client, shard_rows=8, progress=False)
+    first = run_predict(st, str(random_bundle), path, **kw)
+    assert (first.blocks, first.rows, first.rejects) == (2, 12, 0)
+    run_ingest([str(tmp_path / "night2")], st, client=client, shard_rows=8, progress=False)
+    grown = run_predict(st, str(random_bundle), path, **kw)
+    assert (grown.blocks, grown.blocks_skipped, grown.inputs, grown.rows, grown.rejects) == (4, 2, 24, 22, 2)
+    assert grown.order == first.order  # a catalog keeps its HEALPix order (--overwrite re-partitions)
+    whole = run_predict(st, str(random_bundle), str(tmp_path / "whole"), **kw)
+    assert whole.blocks_skipped == 0
+    for name in ("dataset", "rejects.parquet"):
+        a, b = (pq.read_table(Path(p) / name).to_pandas().sort_values("source_id").reset_index(drop=True)
+                for p in (path, tmp_path / "whole"))
+        assert len(a) == (22 if name == "dataset" else 2) and a.equals(b), name
