@@ -563,12 +563,16 @@ def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_b
     assert fresh.blocks_skipped == 0 and fresh.rows == 16
 
 
-def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, cluster_client, tmp_path):
+def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, cluster_client, tmp_path, monkeypatch,
+                                                            caplog):
     """A survey's store grows (new files ingested into it); predict on the same catalog path predicts only the new
-    blocks and finalizes the whole: the catalog and rejects equal those of one predict over the grown store."""
+    blocks and finalizes the whole: the catalog and rejects equal those of one predict over the grown store. A
+    catalog that outgrew its HEALPix order says how to re-partition it."""
     from catalogpred.mock import write_sdss_survey
     from catalogpred.pipeline import run_ingest
 
+    real_order = cat.choose_order  # the order for 12 rows, and (as if the survey grew 16-fold) 2 more for 22
+    monkeypatch.setattr(cat, "choose_order", lambda n, *a, **k: real_order(n, *a, **k) + (2 if n > 20 else 0))
     client = cluster_client[1]
     write_sdss_survey(tmp_path / "night1", 12, seed=1)
     write_sdss_survey(tmp_path / "night2", 10, seed=2, n_bad=2)
@@ -578,10 +582,14 @@ def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, clust
     first = run_predict(st, str(random_bundle), path, **kw)
     assert (first.blocks, first.rows, first.rejects) == (2, 12, 0)
     run_ingest([str(tmp_path / "night2")], st, client=client, shard_rows=8, progress=False)
-    grown = run_predict(st, str(random_bundle), path, **kw)
+    with caplog.at_level(logging.WARNING, logger="catalogpred.pipeline"):
+        grown = run_predict(st, str(random_bundle), path, **kw)
     assert (grown.blocks, grown.blocks_skipped, grown.inputs, grown.rows, grown.rejects) == (4, 2, 24, 22, 2)
     assert grown.order == first.order  # a catalog keeps its HEALPix order (--overwrite re-partitions)
-    whole = run_predict(st, str(random_bundle), str(tmp_path / "whole"), **kw)
+    assert [r.getMessage() for r in caplog.records if "re-partitions" in r.getMessage()] == [
+        f"{path} holds 22 rows at HEALPix order {first.order} (about 0 per leaf on an all-sky spread); order "
+        f"{first.order + 2} suits it: predict --overwrite --order {first.order + 2} re-partitions it"]
+    whole = run_predict(st, str(random_bundle), str(tmp_path / "whole"), order=first.order, **kw)
     assert whole.blocks_skipped == 0
     for name in ("dataset", "rejects.parquet"):
         a, b = (pq.read_table(Path(p) / name).to_pandas().sort_values("source_id").reset_index(drop=True)

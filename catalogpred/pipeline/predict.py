@@ -370,6 +370,11 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.seconds_finalize = time.perf_counter() - t_finalize
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
+    if cat.choose_order(summary.rows) > order + 1:  # a grown catalog: 16x or more the rows per pixel K was chosen for
+        log.warning("%s holds %s rows at HEALPix order %d (about %s per leaf on an all-sky spread); order %d suits "
+                    "it: predict --overwrite --order %d re-partitions it", catalog_path, f"{summary.rows:,d}", order,
+                    f"{summary.rows // (12 * 4 ** order):,d}", cat.choose_order(summary.rows),
+                    cat.choose_order(summary.rows))
     summary.seconds = time.perf_counter() - t0
     return summary
 
