@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   # mock SDSS survey -> ingest -> predict -> HATS catalog -> query, on a local Dask cluster
+#   make demo   # mock SDSS, DESI and PFS surveys -> ingest -> predict -> HATS catalog -> query, on a local Dask cluster
 #   make test   # the test suite (reads ../shared/realdata when present)
 # Both create .venv/ when missing and install catalogpred into it, with CPU torch pinned in constraints.txt.
 PYTHON ?= python3

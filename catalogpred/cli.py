@@ -575,6 +575,11 @@ def cmd_predict(args) -> int:
     surveys = args.surveys.split(",") if args.surveys else None
     plan = plan_predict(args.store, args.model, surveys)
     check_catalog_target(args.catalog, overwrite=args.overwrite, keep=[plan.store_path, *plan.bundle_paths])
+    for path, info in plan.infos.values():
+        if info.card.kind == "demo":
+            log.warning("%s is a DEMO bundle (%s): its encoder has random weights and its head was fitted on mock "
+                        "surveys, so its predictions have no scientific value; see `catalogpred models --help` for a "
+                        "real one", path, info.model_id)
     if args.dry_run:
         order, resumed = predict_order(args.catalog, plan.inputs, args.order, overwrite=args.overwrite)
         if resumed and args.order is not None and args.order != order:

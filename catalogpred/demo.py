@@ -176,7 +176,7 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
     files (``n_desi_files`` × 150 fibres) and PFS pfsCoadd/pfsObject files (``n_pfs_objects``), all in one store.
     """
     from .cluster import dask_client
-    from .mock import write_sdss_survey
+    from .mock import PHOTOMETRY_FILENAME, write_sdss_survey
     from .pipeline import run_ingest, run_predict
     from .query import open_catalog, write_table
 
@@ -217,7 +217,7 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
 
             desi = write_desi_survey(out / "mock" / "desi", n_desi_files, spectra_per_file=150, seed=seed,
                                      resolution=False, mapper=_dask_mapper(client))
-            desi_phot = _desi_demo_photometry(desi, out / "mock" / "desi_allwise_photometry.parquet")
+            desi_phot = _desi_demo_photometry(desi, out / "mock" / "desi" / PHOTOMETRY_FILENAME)
             log.info("mock DESI survey: %d coadd + redrock files", len(desi.coadd_paths))
         if "pfs" in surveys:
             from .mock_pfs import write_pfs_survey
@@ -254,5 +254,6 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
     print(f"\ndemo finished in {dt:.0f} s\n  catalog: {out / 'catalog'}\n  store:   {out / 'store.zarr'}\n"
           f"  models:  {out / 'model'} (SDSS), {out / 'model-desi'} (DESI + PFS): DEMO bundles, see MODEL_CARD.md\n"
           f"  plot:    {png}\n"
-          f"try: catalogpred query {out / 'catalog'} --cone {obj.plate_ra:.4f} {obj.plate_dec:.4f} 600 --where 'w1_mag - w2_mag > 0.8'")
+          f"try: catalogpred query {out / 'catalog'} --cone {obj.plate_ra:.4f} {obj.plate_dec:.4f} 600 --where 'z < 0.1' "
+          "--columns source_id,z,w1_mag,w1_mag_err,w2_mag,w2_mag_err")
     return {"ingest": ing, "predict": pred, "survey": survey, "png": png, "seconds": dt}

@@ -467,3 +467,16 @@ def test_dashboard_flag_serves_the_dask_dashboard_and_a_taken_port_is_not_a_warn
         assert f"Dask dashboard: {link}" in [r.getMessage() for r in records]
     finally:
         held.close()
+
+
+def test_predict_warns_that_a_demo_bundle_is_not_science(tmp_path, capsys, random_bundle):
+    """A DEMO bundle (random encoder, head fitted on mocks; the model card's kind) runs, with a warning naming it."""
+    import bench_pipeline
+
+    st = tmp_path / "s.zarr"
+    bench_pipeline.write_synthetic_store(st, 8, shard_rows=8, chunk_rows=8)
+    rc = main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "c"),
+               "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert f"{random_bundle} is a DEMO bundle (test-0+" in err and "no scientific value" in err

@@ -53,13 +53,14 @@ def test_demo_end_to_end(tmp_path, capsys, client):
     # the 17-digit TARGETIDs still join exactly (they went through float64 before)
     from catalogpred.pipeline import training_table_from_store
 
-    data = training_table_from_store(str(out / "store.zarr"), str(out / "mock" / "desi_allwise_photometry.parquet"),
-                                     str(out / "model-desi"), client=client, join_on="TARGETID")
+    desi_phot = out / "mock" / "desi" / "allwise_photometry.parquet"
+    data = training_table_from_store(str(out / "store.zarr"), str(desi_phot), str(out / "model-desi"), client=client,
+                                     join_on="TARGETID")
     assert len(data["ids"]) == (cat_all.survey == "desi").sum() and all(i.startswith("desi-") for i in data["ids"])
     # the mock DESI photometry sits at its targets' positions: a positional cross-match finds every DESI row
     from catalogpred.crossmatch import crossmatch
 
-    xm = crossmatch(out / "catalog", out / "mock" / "desi_allwise_photometry.parquet", radius_arcsec=0.1,
+    xm = crossmatch(out / "catalog", desi_phot, radius_arcsec=0.1,
                     columns=["source_id", "targetid"])
     assert xm.num_rows == (cat_all.survey == "desi").sum()
     assert xm.column("targetid").to_pylist() == xm.column("targetid_ext").to_pylist()  # each with its own target

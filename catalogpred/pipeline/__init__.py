@@ -7,8 +7,10 @@
 - :mod:`.runner`: what they share: the bounded task window with its progress bar (:func:`run_bounded`).
 
 Both runs are resumable: ingest skips the spectra already in finished shards; predict skips blocks with a done
-marker. Tasks are the functions in :mod:`catalogpred.tasks`. At most ``2 × workers`` tasks are in flight, so
-memory stays bounded for any store size.
+marker. Tasks are the functions in :mod:`catalogpred.tasks`: one per shard (with ``--io-workers``, a prediction
+block is a chain of three: read, model, write). At most two per task slot of the connected workers are in
+flight (:func:`run_bounded`; a GPU worker has ``--blocks-per-gpu`` slots), so memory stays bounded for any
+store size.
 """
 from .ingest import (FITS_PATTERNS, IngestSummary, _FileRows, expand_inputs, missing_ranges, plan_pieces,  # noqa: F401
                      plan_ranges, run_ingest)

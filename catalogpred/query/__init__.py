@@ -1,8 +1,8 @@
 """Queries on a catalogpred catalog: cone and box searches, filters, id lookup, SQL, exports.
 
 >>> cat = open_catalog("demo-output/catalog")                                    # doctest: +SKIP
->>> t = cat.cone(150.1, 2.2, 600).where("w1_mag - w2_mag > 0.8").to_astropy()  # doctest: +SKIP
->>> cat.box(350, 10, -5, 5).sql("SELECT survey, count(*) AS n FROM catalog GROUP BY survey")  # doctest: +SKIP
+>>> t = cat.cone(192.53, 7.05, 600).where("z < 0.1").to_astropy()  # doctest: +SKIP
+>>> cat.box(185, 200, 0, 15).sql("SELECT survey, count(*) AS n FROM catalog GROUP BY survey")  # doctest: +SKIP
 
 A :class:`CatalogQuery` is lazy and immutable: each method returns a new query, and
 ``to_arrow``/``to_pandas``/``to_astropy``/``sql`` run it. Spatial queries first select the
