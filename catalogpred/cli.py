@@ -393,7 +393,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     m.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o")
     m.add_argument("--allow-pickle", action="store_true", help="load non-tensor pickles (only for files you trust)")
     m = msub.add_parser("fetch", help="download a published spender checkpoint (needs a network)",
-                        description="Download sdss_II or desi_edr_galaxy from HuggingFace with huggingface_hub.",
+                        description="Download sdss_II or desi_edr_galaxy from the HuggingFace Hub ($HF_ENDPOINT, or "
+                                    "https://huggingface.co); offline it fails at once and says where to put the file.",
                         epilog="example:\n  catalogpred models fetch sdss_II --dest checkpoints/",
                         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[logging_opts])
     m.add_argument("model", choices=("sdss_II", "desi_edr_galaxy"))

@@ -269,7 +269,9 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         Catalog columns, then external columns (``_ext`` appended to names the catalog also has),
         ``ext_row`` (row number in the external table), ``separation_arcsec`` and, when the external
         table has W1–W4 photometry, ``w?_excess``, ``w?_excess_sigma``, ``chi2_n``, ``ir_excess``,
-        ``ir_excess_bands``. Units are in the field metadata.
+        ``ir_excess_bands``. Units are in the field metadata (an external column without one: deg for the
+        positions, mag for the magnitudes compared); the catalog's table metadata (VO-Parquet) comes along, as
+        with a query's rows, so that :func:`~catalogpred.query.write_table` describes every column in Parquet.
     """
     radius_arcsec = angle_value(radius_arcsec, "arcsec", "crossmatch radius")
     if not radius_arcsec > 0:
@@ -341,11 +343,13 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
              *(f"{b}{s}" for b in phot for s in ("_mag_obs", "_mag_obs_err", "_excess", "_excess_sigma"))}
     # every catalog column name, selected or not: an external column is named the same whatever --columns says
     taken = set(schema.names) | (added if phot else {"ext_row", "separation_arcsec"})
+    # the units the positions and magnitudes were taken in, for those that do not say
+    ext_units = {rcol: "deg", dcol: "deg", **{c: "mag" for b in phot for c in phot[b]}}
     for fld in ext.schema:
         name = fld.name if fld.name not in taken else fld.name + EXTERNAL_SUFFIX
         taken.add(name)
         arrays.append(ext_m.column(fld.name))
-        fields.append(fld.with_name(name))
+        fields.append(_external_field(fld, name, ext_units.get(fld.name, "")))
     arrays.append(pa.array(rows, pa.int64()))
     fields.append(_field("ext_row", pa.int64(), "", "meta.id", "Row number (0-based) in the external table"))
     sep_out = sep[rows]
@@ -356,7 +360,21 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         a, f = _excess_columns(cat_m, ext_m, phot, excess_threshold, systems)
         arrays += a
         fields += f
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    # the catalog's table metadata (VO-Parquet), as a query's rows carry it: write_table describes the columns
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
+
+
+def _external_field(fld: pa.Field, name: str, unit: str) -> pa.Field:
+    """An external column's field in the output: named ``name``, its metadata (units of a FITS or VOTable) kept,
+    a description where it has none, and ``unit`` where it has none and is numeric: the unit crossmatch took it in
+    (deg for the positions, mag for the magnitudes)."""
+    meta = dict(fld.metadata or {})
+    numeric = pa.types.is_integer(fld.type) or pa.types.is_floating(fld.type)
+    if unit and numeric and not meta.get(b"unit"):
+        meta[b"unit"] = unit.encode()
+    if not meta.get(b"description"):
+        meta[b"description"] = f"{fld.name} of the external table".encode()
+    return pa.field(name, fld.type, nullable=fld.nullable, metadata=meta)
 
 
 def ir_excess(table: pa.Table, *, excess_threshold: float = 3.0, mag_system: str = "auto") -> pa.Table:

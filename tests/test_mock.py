@@ -1,7 +1,6 @@
 """Tests of catalogpred.mock: format fidelity, determinism, physical coupling, bad files."""
 from __future__ import annotations
 
-import pathlib
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -15,7 +14,6 @@ from astropy.io import fits
 
 from catalogpred import mock
 
-REALDATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "sdss"
 COADD_COLUMNS = [
     ("flux", "E"), ("loglam", "E"), ("ivar", "E"), ("and_mask", "J"),
     ("or_mask", "J"), ("wdisp", "E"), ("sky", "E"), ("model", "E"),
@@ -192,12 +190,13 @@ def test_boss_file_format(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not REALDATA.is_dir(), reason="shared/realdata/sdss not present")
-def test_formats_match_real_files(tmp_path):
+def test_formats_match_real_files(tmp_path, sdss_files):
+    """Mock files against real ones (conftest's ``sdss_files``: $CATALOGPRED_SHARED or ../shared, else a skip)."""
+    real = {p.name: p for p in sdss_files}
     legacy, boss = mock.plan_sdss_survey(2, seed=4, n_plates=2, boss_fraction=0.5)
     for obj, real_name in ((legacy, "spec-0266-51602-0107.fits"), (boss, "spec-3586-55181-0003.fits")):
         path = mock.write_sdss_spec(obj, tmp_path)
-        with fits.open(REALDATA / real_name) as r, fits.open(path) as m:
+        with fits.open(real[real_name]) as r, fits.open(path) as m:
             assert [h.name for h in m] == [h.name for h in r][:3]
             assert [(c.name, tform(c)) for c in m["COADD"].columns] == [(c.name, tform(c)) for c in r["COADD"].columns]
             hdu2 = m[2].name

@@ -63,6 +63,88 @@ def test_fetch_offline_says_where_to_put_the_file(tmp_path, capsys, monkeypatch)
     assert "spender.sdss.paperII-c273bb69.pt" in err and "import-spender" in err
 
 
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released): a connection there is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("hub", ["closed port", "http://catalogpred-no-such-host.invalid"])
+def test_fetch_without_a_network_fails_at_once_in_one_line(tmp_path, capsys, caplog, monkeypatch, hub):
+    """A Hub that cannot be reached (a refused connection, a name that does not resolve): one try, no retry
+    warnings, then one line that says what to do. It used to take 23 s, with 12 retry warnings printed twice."""
+    import logging
+    import time
+
+    closed = hub == "closed port"
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}" if closed else hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    assert main(["models", "fetch", "sdss_II", "--dest", str(tmp_path / "ck")]) == 1
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "could not download http" in err and "/resolve/main/spender.sdss.paperII-c273bb69.pt (" in err
+    assert "models import-spender" in err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert not list((tmp_path / "ck").iterdir())  # nothing half-written
+    if closed:  # a name lookup's time is the resolver's; a refused connection is immediate
+        assert elapsed < 3, elapsed
+
+
+def test_fetch_retries_only_transient_http_errors_briefly(tmp_path, monkeypatch):
+    """A local server answers 503 twice, then the file: three tries, under 3 s. A lasting 503 gives up after
+    three tries; a 404 after one. The file appears only when complete."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from catalogpred.errors import BundleError
+    from catalogpred.model.spender_import import fetch_published
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    answers, seen = [503, 503, 200], []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append(self.path)
+            code = answers[min(len(seen), len(answers)) - 1]
+            body = b"checkpoint bytes" if code == 200 else b"busy"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hub) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        hub = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            start = time.monotonic()
+            path = fetch_published("sdss_II", tmp_path, endpoint=hub)
+            assert time.monotonic() - start < 3
+            assert path == tmp_path / "spender.sdss.paperII-c273bb69.pt" and path.read_bytes() == b"checkpoint bytes"
+            assert seen == ["/pmelchior/spender/resolve/main/spender.sdss.paperII-c273bb69.pt"] * 3
+            answers[:], seen[:] = [503], []
+            with pytest.raises(BundleError, match=r"HTTP 503 .*models import-spender"):
+                fetch_published("desi_edr_galaxy", tmp_path, endpoint=hub)
+            assert len(seen) == 3
+            answers[:], seen[:] = [404], []
+            with pytest.raises(BundleError, match="HTTP 404"):
+                fetch_published("desi_edr_galaxy", tmp_path, endpoint=hub)
+            assert len(seen) == 1
+            assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no .part left behind
+            seen[:] = []
+            assert fetch_published("sdss_II", tmp_path, endpoint=hub) == path and seen == []  # already there
+        finally:
+            server.shutdown()
+
+
 def test_train_evaluate_calibrated_on_synthetic_benchmark(tmp_path, capsys, random_bundle):
     from catalogpred.model.synthetic import synthetic_reference_table
 

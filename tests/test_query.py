@@ -570,6 +570,18 @@ def test_parquet_export_reads_in_astropy(catalog, tmp_path):
     assert full.colnames == t.column_names and full["latent"].shape == (t.num_rows, bench_query.N_LATENT)
 
 
+def test_plain_astropy_read_of_a_parquet_export_has_units(catalog, tmp_path):
+    """``Table.read(x.parquet)`` (astropy's plain Parquet reader, not parquet.votable) takes units, descriptions
+    and UCDs from the astropy ``table_meta_yaml`` header an export carries; it had none (w1_mag's unit None)."""
+    from astropy.table import Table
+
+    assert main(["query", str(catalog), "--limit", "5", "-o", str(tmp_path / "q.parquet")]) == 0
+    back = Table.read(tmp_path / "q.parquet")
+    assert back["w1_mag"].unit == u.mag and back["ra"].unit == u.deg and back["flux_w1"].unit == u.nanomaggy
+    assert back["ra"].meta["ucd"] == "pos.eq.ra;meta.main" and back["w1_mag"].description.startswith("Predicted WISE")
+    assert back["source_id"].unit is None and len(back) == 5
+
+
 def test_votable_export_parses_strictly(catalog, tmp_path):
     """Every FIELD's UCD and unit is valid VOTable: astropy's parser with verify="exception" reads the export
     (meta.file, a secondary UCD word, cannot stand first: source_file is meta.id;meta.file)."""

@@ -88,27 +88,71 @@ def import_spender(checkpoint: str | os.PathLike, survey: str, out: str | os.Pat
                        grid=grid, card=card, overwrite=overwrite)
 
 
-def fetch_published(model: str, dest: str | os.PathLike) -> Path:
-    """Download a published spender checkpoint with huggingface_hub (needs a network).
+#: HTTP statuses worth another try (the server or a proxy is busy); any other error is final at once
+TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
+#: seconds to wait before each further try after a transient HTTP error: three tries, at most 2 s of waiting
+RETRY_WAITS = (0.5, 1.5)
+
+
+def fetch_published(model: str, dest: str | os.PathLike, *, endpoint: str | None = None,
+                    timeout: float = 10.0) -> Path:
+    """Download a published spender checkpoint from the HuggingFace Hub (needs a network) to ``dest``.
+
+    ``endpoint``: the Hub (default ``$HF_ENDPOINT``, as huggingface_hub reads it, else https://huggingface.co).
+    The file is written under a temporary name and renamed when complete; one already in ``dest`` is kept.
+    Without a network it fails at once: one try, no retries for a host that cannot be resolved or reached
+    (or with ``$HF_HUB_OFFLINE`` set); only a transient HTTP status (:data:`TRANSIENT_HTTP`) is tried again,
+    after :data:`RETRY_WAITS`. ``timeout``: seconds to connect, and the most a read may stall.
 
     Raises
     ------
     BundleError
-        Offline, or huggingface_hub missing: the message says where to put the file by hand.
+        Unknown model, or the download failed: a one-line message that says why and where to put the file by hand.
     """
     if model not in PUBLISHED:
         raise BundleError(f"unknown model {model!r}; published: {', '.join(PUBLISHED)}")
-    repo, filename, _ = PUBLISHED[model]
+    repo, filename, survey = PUBLISHED[model]
     dest = Path(dest)
-    manual = (f"download https://huggingface.co/{repo}/resolve/main/{filename} on a machine with a network, "
-              f"copy it to {dest / filename}, then run `catalogpred models import-spender {dest / filename} "
-              f"--survey {PUBLISHED[model][2]} -o BUNDLE`")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise BundleError(f"huggingface_hub is not installed (pip install huggingface_hub); or {manual}") from None
-    try:
-        path = hf_hub_download(repo_id=repo, filename=filename, local_dir=str(dest))
-    except Exception as exc:  # noqa: BLE001 - offline errors come in many types
-        raise BundleError(f"could not download {filename} ({type(exc).__name__}); offline? {manual}") from exc
-    return Path(path)
+    target = dest / filename
+    hub = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = f"{hub}/{repo}/resolve/main/{filename}"
+    manual = (f"download it on a machine with a network, copy it to {target}, then run "
+              f"`catalogpred models import-spender {target} --survey {survey} -o BUNDLE`")
+    if target.is_file():
+        log.info("%s is already there; not downloaded again", target)
+        return target
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise BundleError(f"HF_HUB_OFFLINE is set, so {url} is not downloaded; {manual}")
+    dest.mkdir(parents=True, exist_ok=True)
+    _download(url, target, timeout, manual)
+    return target
+
+
+def _download(url: str, target: Path, timeout: float, manual: str) -> None:
+    """``url`` to ``target`` (via ``target``.part): one try, more only after a transient HTTP status."""
+    import shutil
+    import time
+    import urllib.error
+    import urllib.request
+
+    part = target.with_name(target.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": "catalogpred"})
+    for wait in (*RETRY_WAITS, None):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as fh:
+                shutil.copyfileobj(response, fh, 1 << 20)
+            os.replace(part, target)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code in TRANSIENT_HTTP and wait is not None:
+                log.info("HTTP %d from %s; trying again in %g s", exc.code, url, wait)
+                time.sleep(wait)
+                continue
+            why = f"HTTP {exc.code} {exc.reason}"
+        except urllib.error.URLError as exc:  # name not resolved, refused, no route: offline, no point in retrying
+            why = str(exc.reason)
+        except OSError as exc:  # a connection that stalled or broke mid-file
+            why = str(exc) or type(exc).__name__
+        finally:
+            part.unlink(missing_ok=True)
+        raise BundleError(f"could not download {url} ({why}); offline? {manual}")

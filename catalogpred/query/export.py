@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,20 +97,84 @@ def _write(table: pa.Table, dest, fmt: str) -> None:
 
 
 def _parquet_export(table: pa.Table) -> pa.Table:
-    """``table`` with astropy's string widths and, when it has VO-Parquet metadata, that metadata for its columns."""
+    """``table`` as :func:`write_table` writes it to Parquet: a ``<name>.mask`` column after each boolean column
+    with nulls, astropy's string widths and ``table_meta_yaml`` header (:func:`_astropy_header`: plain
+    ``Table.read`` takes units, descriptions and UCDs from it) and, when it has VO-Parquet metadata, that metadata
+    for its columns."""
     from ..catalog import _with_string_lengths
 
-    meta = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"table::len::")}
-    table = _with_string_lengths(table.replace_schema_metadata(meta or None))
+    meta = {k: v for k, v in (table.schema.metadata or {}).items()
+            if not k.startswith(b"table::len::") and k != b"table_meta_yaml"}
+    table, masked = _with_mask_columns(table.replace_schema_metadata(meta or None))
+    table = _with_string_lengths(table)
+    meta = dict(table.schema.metadata or {})
     if b"IVOA.VOTable-Parquet.content" in meta:
-        meta = dict(table.schema.metadata)
         try:
             meta[b"IVOA.VOTable-Parquet.content"] = _vo_parquet_content(table.schema).encode()
         except Exception as exc:  # a column type VOTable cannot describe: no VO metadata rather than a wrong one
             log.warning("no VO-Parquet metadata in the export (%s)", exc)
             meta = {k: v for k, v in meta.items() if not k.startswith(b"IVOA.VOTable-Parquet.")}
-        table = table.replace_schema_metadata(meta)
-    return table
+    meta[b"table_meta_yaml"] = _astropy_header(table.schema, masked).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
+    """``table`` with a ``<name>.mask`` column (true where ``<name>`` is null) after each boolean column that has
+    nulls (``ir_excess`` of rows with no band compared), and those names. The Parquet column keeps its nulls;
+    the mask is for astropy, whose Parquet reader ignores Arrow nulls (a boolean column with nulls came back
+    as objects, and failed ``format="parquet.votable"``) but rebuilds a masked column from ``<name>.mask``,
+    its own convention, which :func:`_astropy_header` declares. Other readers see one more column."""
+    names = [f.name for f, col in zip(table.schema, table.columns)
+             if pa.types.is_boolean(f.type) and col.null_count and f"{f.name}.mask" not in table.column_names]
+    for name in names:
+        meta = {b"unit": b"", b"ucd": b"meta.code",
+                b"description": f"True where {name} is null (astropy's mask of {name}: Table.read restores a masked "
+                                f"{name} from it)".encode()}
+        table = table.add_column(table.schema.get_field_index(name) + 1,
+                                 pa.field(f"{name}.mask", pa.bool_(), nullable=False, metadata=meta),
+                                 pc.is_null(table.column(name)))
+    return table, names
+
+
+def _astropy_header(schema: pa.Schema, masked=()) -> str:
+    """astropy's ``table_meta_yaml`` for ``schema``, as astropy's own Parquet writer stores it: plain
+    ``Table.read`` (format "parquet") takes each column's unit, description and UCD (``meta["ucd"]``) from it,
+    and builds each column of ``masked`` as a masked boolean column from it and its ``<name>.mask`` column."""
+    from collections import OrderedDict
+
+    from astropy.table import Column
+    from astropy.table.meta import get_yaml_from_header
+    from astropy.table.serialize import SerializedColumn
+
+    def np_dtype(t: pa.DataType):
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return np.dtype("U1")
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return np.dtype("S1")
+        try:
+            return np.dtype(t.to_pandas_dtype())
+        except (NotImplementedError, TypeError):
+            return np.dtype(object)
+
+    cols = []
+    for fld in schema:
+        md = _field_meta(fld)
+        t = fld.type
+        shape = (0, t.list_size) if pa.types.is_fixed_size_list(t) else (0,)
+        dtype = np_dtype(t.value_type) if pa.types.is_fixed_size_list(t) else \
+            np.dtype(object) if _is_list(t) else np_dtype(t)
+        col = Column(np.zeros(shape, dtype), name=fld.name, unit=md.get("unit") or None,
+                     description=md.get("description") or None)
+        if md.get("ucd"):
+            col.meta["ucd"] = md["ucd"]
+        cols.append(col)
+    header = {"cols": cols}
+    if masked:
+        header["meta"] = OrderedDict(__serialized_columns__={
+            name: {"__class__": "astropy.table.column.MaskedColumn", "data": SerializedColumn({"name": name}),
+                   "mask": SerializedColumn({"name": f"{name}.mask"}), "dtype": "bool"}  # Arrow nulls read as objects
+            for name in masked})
+    return "\n".join(get_yaml_from_header(header))
 
 
 def _vo_parquet_content(schema: pa.Schema) -> str:
@@ -119,8 +184,10 @@ def _vo_parquet_content(schema: pa.Schema) -> str:
     """
     import io
     import warnings
+    from xml.sax.saxutils import escape as xml_escape
 
     from astropy.io.votable import parse
+    from astropy.io.votable.exceptions import W50
     from astropy.units import UnitsWarning
 
     from ..catalog import Column, vo_table_xml
@@ -129,21 +196,31 @@ def _vo_parquet_content(schema: pa.Schema) -> str:
             for f in schema if f.name != "_healpix_29"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)  # VOUnit deprecates 'erg' and 'Angstrom', still valid
+        warnings.simplefilter("ignore", W50)  # mag(AB) (an external flux as AB magnitudes): no VOUnit, kept as is
         vot = parse(io.BytesIO(vo_table_xml(cols).encode()))
     fields = vot.get_first_table().fields
     by_name = {f.name: f for f in fields}
     ordered = [by_name[n] for n in schema.names]  # vo_table_xml adds _healpix_29 last: where it is, or not at all
     lengths = schema.metadata or {}
-    for f in ordered:
+    # astropy's writer wraps a long DESCRIPTION over indented lines (breaking at hyphens too), which its reader
+    # keeps: each is written as a short token, then replaced by the description itself, so that it reads back
+    # as written, as the table_meta_yaml header has it (parquet.votable stacks the two: no merge conflict)
+    descriptions = {}
+    for i, f in enumerate(ordered):
         if f.datatype in ("char", "unicodeChar") and f"table::len::{f.name}".encode() in lengths:
             f.arraysize = lengths[f"table::len::{f.name}".encode()].decode()
+        text = _field_meta(schema.field(f.name)).get("description", "")
+        if text:
+            f.description = f"catalogpred-description-{i}"
+            descriptions[f.description] = xml_escape(text)
     fields.clear()
     fields.extend(ordered)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)
+        warnings.simplefilter("ignore", W50)
         vot.to_xml(buf)
-    return buf.getvalue().decode("utf-8")
+    return re.sub(r"catalogpred-description-\d+", lambda m: descriptions[m.group(0)], buf.getvalue().decode("utf-8"))
 
 
 def _write_fits(table: pa.Table, dest) -> None:
