@@ -582,6 +582,20 @@ def test_plain_astropy_read_of_a_parquet_export_has_units(catalog, tmp_path):
     assert back["source_id"].unit is None and len(back) == 5
 
 
+def test_sql_results_export_with_vo_parquet_metadata(catalog, tmp_path):
+    """A ``--sql`` result exported to Parquet describes its columns as a query's export does: catalog columns keep
+    unit/UCD/description in the VO-Parquet header, computed ones are described without them."""
+    from astropy.table import Table
+
+    out = tmp_path / "s.parquet"
+    assert main(["query", str(catalog), "--sql", "SELECT source_id, w1_mag, w1_mag - w2_mag AS w12 FROM catalog "
+                 "LIMIT 4", "-o", str(out)]) == 0
+    back = Table.read(out, format="parquet.votable")
+    assert back.colnames == ["source_id", "w1_mag", "w12"] and len(back) == 4
+    assert back["w1_mag"].unit == u.mag and back["w1_mag"].meta["ucd"].startswith("phot.mag")
+    assert back["w12"].unit is None
+
+
 def test_votable_export_parses_strictly(catalog, tmp_path):
     """Every FIELD's UCD and unit is valid VOTable: astropy's parser with verify="exception" reads the export
     (meta.file, a secondary UCD word, cannot stand first: source_file is meta.id;meta.file)."""

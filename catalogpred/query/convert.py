@@ -22,7 +22,9 @@ def _to_pandas(table: pa.Table):
 
 
 def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Give result columns that are catalog columns (same name and type) their unit/ucd/description back."""
+    """Give result columns that are catalog columns (same name and type) their unit/ucd/description back, and the
+    result the catalog's VO-Parquet keys, so that a Parquet export describes its columns as a query's does
+    (:func:`~catalogpred.query.export.write_table` rewrites the ``content`` for the result's own columns)."""
     fields = []
     for f in table.schema:
         i = schema.get_field_index(f.name)
@@ -30,7 +32,8 @@ def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
                                                     (_is_list(f.type) and _is_list(schema.field(i).type))):
             f = f.with_metadata(schema.field(i).metadata)
         fields.append(f)
-    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields))
+    vo = {k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"IVOA.VOTable-Parquet.")}
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=vo or None))
 
 
 def _is_list(t: pa.DataType) -> bool:
