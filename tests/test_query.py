@@ -582,6 +582,27 @@ def test_plain_astropy_read_of_a_parquet_export_has_units(catalog, tmp_path):
     assert back["source_id"].unit is None and len(back) == 5
 
 
+def test_parquet_export_warns_that_astropy_cannot_read_its_nullable_big_integers(catalog, tmp_path, caplog):
+    """A multi-survey export has integer columns with nulls (DESI's 17-digit targetid in an SDSS row): astropy's
+    Parquet readers turn them into float64, which cannot hold such values exactly; the export says so, and
+    pyarrow keeps them exact."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "all.parquet"
+    with caplog.at_level(logging.WARNING, logger="catalogpred.query.export"):
+        assert main(["query", str(catalog), "-o", str(out)]) == 0
+    warned = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
+    ids = [v for v in pq.read_table(out).column("targetid").to_pylist() if v is not None]
+    assert ids and max(ids) > 2 ** 53 and None in pq.read_table(out).column("targetid").to_pylist()
+    assert len(warned) == 1 and warned[0].startswith("targetid") and "pyarrow" in warned[0]
+    with caplog.at_level(logging.WARNING, logger="catalogpred.query.export"):
+        caplog.clear()
+        assert main(["query", str(catalog), "--columns", "source_id,ra,dec", "-o", str(tmp_path / "s.parquet")]) == 0
+    assert not [r for r in caplog.records if "float64" in r.getMessage()]
+
+
 def test_sql_results_export_with_vo_parquet_metadata(catalog, tmp_path):
     """A ``--sql`` result exported to Parquet describes its columns as a query's export does: catalog columns keep
     unit/UCD/description in the VO-Parquet header, computed ones are described without them."""

@@ -105,6 +105,7 @@ def _parquet_export(table: pa.Table) -> pa.Table:
 
     meta = {k: v for k, v in (table.schema.metadata or {}).items()
             if not k.startswith(b"table::len::") and k != b"table_meta_yaml"}
+    _warn_inexact_integers(table)
     table, masked = _with_mask_columns(table.replace_schema_metadata(meta or None))
     table = _with_string_lengths(table)
     meta = dict(table.schema.metadata or {})
@@ -123,7 +124,10 @@ def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
     nulls (``ir_excess`` of rows with no band compared), and those names. The Parquet column keeps its nulls;
     the mask is for astropy, whose Parquet reader ignores Arrow nulls (a boolean column with nulls came back
     as objects, and failed ``format="parquet.votable"``) but rebuilds a masked column from ``<name>.mask``,
-    its own convention, which :func:`_astropy_header` declares. Other readers see one more column."""
+    its own convention, which :func:`_astropy_header` declares. Other readers see one more column. Strings and
+    numbers get none: a multi-survey export has a dozen columns with nulls (a DESI column in an SDSS row), and
+    as many extra columns would clutter every reader; astropy reads their nulls as ``'None'`` and NaN (README;
+    :func:`_warn_inexact_integers`)."""
     names = [f.name for f, col in zip(table.schema, table.columns)
              if pa.types.is_boolean(f.type) and col.null_count and f"{f.name}.mask" not in table.column_names]
     for name in names:
@@ -134,6 +138,25 @@ def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
                                  pa.field(f"{name}.mask", pa.bool_(), nullable=False, metadata=meta),
                                  pc.is_null(table.column(name)))
     return table, names
+
+
+def _warn_inexact_integers(table: pa.Table) -> list[str]:
+    """Warn about (and return) integer columns with nulls whose values float64 cannot hold exactly (above 2**53,
+    e.g. DESI's 17-digit TARGETID in a multi-survey export): astropy's Parquet readers turn an integer column with
+    nulls into float64, so use pyarrow/pandas (nullable Int64) or a FITS/VOTable export to read them exactly."""
+    import pyarrow.compute as pc
+
+    names = []
+    for f, col in zip(table.schema, table.columns):
+        if pa.types.is_integer(f.type) and col.null_count and col.null_count < len(col):
+            big = pc.max(pc.abs(col.cast(pa.int64()))).as_py() if f.type != pa.uint64() else pc.max(col).as_py()
+            if big is not None and big > 2 ** 53:
+                names.append(f.name)
+    if names:
+        log.warning("%s: integers with nulls (rows of another survey); astropy's Parquet readers read such a column "
+                    "as float64, which cannot hold these values exactly: read the file with pyarrow or pandas, or "
+                    "export .fits/.vot for astropy", ", ".join(names))
+    return names
 
 
 def _astropy_header(schema: pa.Schema, masked=()) -> str:
