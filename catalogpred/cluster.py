@@ -30,7 +30,7 @@ from .errors import ConfigError
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
-           "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD"]
+           "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +204,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
                               f"`dask scheduler --scheduler-file {scheduler_file}` first")
         client = Client(address=scheduler, scheduler_file=scheduler_file)
         try:
-            want = max(1, wait_workers or 1)
-            have = len(client.scheduler_info()["workers"])
-            while have < want:  # no overall timeout (batch queues take hours); a line every minute
-                log.info("waiting for %d Dask workers at %s (%d connected)", want, client.scheduler.address, have)
-                try:
-                    client.wait_for_workers(want, timeout=60)
-                except TimeoutError:
-                    pass
-                have = len(client.scheduler_info()["workers"])
+            wait_for_workers(client, max(1, wait_workers or 1), where=f"at {client.scheduler.address}")
             log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
             if "dashboard" in client.scheduler_info().get("services", {}):
                 log.info("Dask dashboard: %s", client.dashboard_link)
@@ -243,6 +235,26 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         _quiet_shutdown(client)
         client.close()
         cluster.close()
+
+
+def wait_for_workers(client, want: int, *, where: str, poll_s: float = 60.0, recheck=None) -> int:
+    """Block until ``want`` workers are connected to ``client``'s scheduler, with a line in the log every minute
+    (``where``: which cluster, for that line). No overall timeout: batch queues take hours. ``recheck(have,
+    want) -> want`` runs after every ``poll_s`` seconds without them and may lower the target or raise (``submit``
+    asks the batch system which jobs are left). Returns the target that was reached."""
+    import time
+
+    last_line = -float("inf")
+    while (have := len(client.scheduler_info()["workers"])) < want:
+        if time.monotonic() - last_line >= 60:
+            log.info("waiting for %d Dask workers %s (%d connected)", want, where, have)
+            last_line = time.monotonic()
+        try:
+            client.wait_for_workers(want, timeout=poll_s)
+        except TimeoutError:
+            if recheck is not None:
+                want = recheck(have, want)
+    return want
 
 
 def _ignore_taken_port_warnings() -> None:

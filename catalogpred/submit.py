@@ -36,7 +36,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 
 from .errors import ConfigError
 
@@ -304,49 +303,41 @@ def _job_workers(cluster) -> dict[str, tuple[str, int]]:
 
 
 def _wait_for_job_workers(cluster, want: int, system: str, *, poll_s: float | None = None) -> int:
-    """Wait until ``want`` workers are connected to the cluster's scheduler, asking the batch system every
-    ``poll_s`` seconds (:data:`JOB_POLL_S`) which of the submitted jobs are still queued or running. A job that
-    ended before its workers connected (a wrong partition, an environment missing on the nodes, a worker that
-    cannot start) lowers the target to what the other jobs can still bring, with a warning that names it;
-    when no job is left, a :class:`ConfigError` says so instead of waiting for ever. Returns the number of
-    workers the command then waits for (``want`` or fewer). No overall timeout: batch queues take hours."""
+    """Wait until ``want`` workers are connected to the cluster's scheduler (:func:`~catalogpred.cluster.
+    wait_for_workers`), asking the batch system every ``poll_s`` seconds (:data:`JOB_POLL_S`) which of the
+    submitted jobs are still queued or running. A job that ended before its workers connected (a wrong
+    partition, an environment missing on the nodes, a worker that cannot start) lowers the target to what the
+    other jobs can still bring, with a warning that names it; when no job is left, a :class:`ConfigError` says
+    so instead of waiting for ever. Returns the number of workers the command then waits for (``want`` or
+    fewer)."""
     from distributed import Client
 
-    poll_s = JOB_POLL_S if poll_s is None else poll_s
+    from .cluster import wait_for_workers
+
     jobs, ended = _job_workers(cluster), set()
-    last_line = -float("inf")
+    where = ("SLURM writes slurm-<id>.out in the directory it was submitted from" if system == "slurm"
+             else "PBS writes <name>.o<id> in the directory it was submitted from")
+
+    def recheck(have: int, want: int) -> int:
+        queued = queued_job_ids(system)
+        gone = sorted(name for name, (job_id, _) in jobs.items()
+                      if queued is not None and job_id not in queued and name not in ended)
+        if not gone:
+            return want  # all still queued or running, or the queue cannot be asked: wait as before
+        ended.update(gone)
+        left = sum(n for name, (_, n) in jobs.items() if name not in ended)
+        ids = ", ".join(jobs[name][0] for name in gone)
+        if left == 0:
+            raise ConfigError(f"every {system} job ended before its Dask workers connected ({len(jobs)} jobs, last "
+                              f"ids {ids}; {have} workers connected): see the jobs' output ({where}, unless the "
+                              f"job script sets another); --dry-run prints the job script")
+        log.warning("%s job(s) %s ended before their Dask workers connected; waiting for %d workers from the "
+                    "other jobs (%s)", system, ids, min(want, left), where)
+        return min(want, left)
+
     with Client(cluster.scheduler_address, timeout="60s") as client:
-        while True:
-            have = len(client.scheduler_info()["workers"])
-            if have >= want:
-                return want
-            if time.monotonic() - last_line >= 60:  # a line every minute
-                log.info("waiting for %d Dask workers from %d %s jobs (%d connected)", want, len(jobs) - len(ended),
-                         system, have)
-                last_line = time.monotonic()
-            try:
-                client.wait_for_workers(want, timeout=poll_s)
-                continue
-            except TimeoutError:
-                pass
-            queued = queued_job_ids(system)
-            if queued is None:
-                continue  # cannot ask: wait as before
-            gone = sorted(name for name, (job_id, _) in jobs.items() if job_id not in queued and name not in ended)
-            if not gone:
-                continue
-            ended.update(gone)
-            left = sum(n for name, (_, n) in jobs.items() if name not in ended)
-            ids = ", ".join(jobs[name][0] for name in gone)
-            where = ("SLURM writes slurm-<id>.out in the directory it was submitted from" if system == "slurm"
-                     else "PBS writes <name>.o<id> in the directory it was submitted from")
-            if left == 0:
-                raise ConfigError(f"every {system} job ended before its Dask workers connected ({len(jobs)} jobs, last "
-                                  f"ids {ids}; {have} workers connected): see the jobs' output ({where}, unless the "
-                                  f"job script sets another); --dry-run prints the job script")
-            want = min(want, left)
-            log.warning("%s job(s) %s ended before their Dask workers connected; waiting for %d workers from the "
-                        "other jobs (%s)", system, ids, want, where)
+        return wait_for_workers(client, want, where=f"from {len(jobs)} {system} jobs",
+                                poll_s=JOB_POLL_S if poll_s is None else poll_s, recheck=recheck)
 
 
 def _pop_option(cmd: list[str], flag: str) -> tuple[list[str], str | None]:

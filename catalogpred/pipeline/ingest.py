@@ -24,7 +24,7 @@ from ..cluster import check_workers, shared_path
 from ..errors import ConfigError, RejectReason
 from ..surveys import get_reader
 from ..tasks import detect_survey, ingest_shard
-from .runner import PipelineError, run_bounded
+from .runner import PipelineError, reasons_lines, run_bounded
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,10 +96,7 @@ class IngestSummary:
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} spectra/s)"]
         for s, d in self.by_survey.items():
             lines.append(f"  survey {s:<9} {d['rows']:>9,d} spectra in {d['shards']} shards")
-        if self.reasons:
-            lines.append("  rejects by reason:")
-            lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
-        return "\n".join(lines)
+        return "\n".join(lines + reasons_lines(self.reasons))
 
 
 def plan_pieces(files: list[tuple[str, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:

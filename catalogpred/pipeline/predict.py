@@ -24,7 +24,7 @@ from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch
 from ..errors import CatalogError, ConfigError, RejectReason
 from ..surveys import column_docs
 from ..tasks import block_key, infer_block, predict_block, read_block, write_block
-from .runner import PipelineError, n_workers, run_bounded, versions
+from .runner import PipelineError, n_workers, reasons_lines, run_bounded, versions
 
 __all__ = ["run_predict", "plan_predict", "PredictPlan", "PredictSummary", "DEFAULT_BATCH", "check_catalog_target",
            "predict_order"]
@@ -65,10 +65,7 @@ class PredictSummary:
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; finalize {self.seconds_finalize:.2f} s)",
                  f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
                  f"write {self.seconds_write:.1f} s (summed over tasks)"]
-        if self.reasons:
-            lines.append("  rejects by reason:")
-            lines += [f"    {r:<22} {n:>6,d}" for r, n in sorted(self.reasons.items())]
-        return "\n".join(lines)
+        return "\n".join(lines + reasons_lines(self.reasons))
 
 
 
@@ -370,11 +367,11 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
     summary.seconds_finalize = time.perf_counter() - t_finalize
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
-    if cat.choose_order(summary.rows) > order + 1:  # a grown catalog: 16x or more the rows per pixel K was chosen for
+    suited = cat.choose_order(summary.rows)
+    if suited > order + 1:  # a grown catalog: 16x or more the rows per pixel its order was chosen for
         log.warning("%s holds %s rows at HEALPix order %d (about %s per leaf on an all-sky spread); order %d suits "
                     "it: predict --overwrite --order %d re-partitions it", catalog_path, f"{summary.rows:,d}", order,
-                    f"{summary.rows // (12 * 4 ** order):,d}", cat.choose_order(summary.rows),
-                    cat.choose_order(summary.rows))
+                    f"{summary.rows // (12 * 4 ** order):,d}", suited, suited)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -10,7 +10,8 @@ from .. import __version__
 from ..cluster import TASKS_IN_FLIGHT_PER_WORKER
 from ..errors import CatalogError
 
-__all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "progress_line", "duration_text", "versions"]
+__all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "progress_line", "duration_text", "reasons_lines",
+           "versions"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ def progress_line(desc: str, done: int, total: int, elapsed_s: float) -> str:
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
     left = f", about {duration_text((total - done) / rate)} left" if rate > 0 else ""
     return f"{desc}: {done:,d} of {total:,d} tasks done ({100 * done / max(total, 1):.0f} %), {rate:.3g} tasks/s{left}"
+
+
+def reasons_lines(reasons: dict) -> list[str]:
+    """A run summary's "rejects by reason" lines (none without rejects)."""
+    if not reasons:
+        return []
+    return ["  rejects by reason:", *(f"    {r:<22} {n:>6,d}" for r, n in sorted(reasons.items()))]
 
 
 def n_workers(client, resources: dict | None = None) -> int:

@@ -140,8 +140,8 @@ def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
     return table, names
 
 
-def _warn_inexact_integers(table: pa.Table) -> list[str]:
-    """Warn about (and return) integer columns with nulls whose values float64 cannot hold exactly (above 2**53,
+def _warn_inexact_integers(table: pa.Table) -> None:
+    """Warn about integer columns with nulls whose values float64 cannot hold exactly (above 2**53,
     e.g. DESI's 17-digit TARGETID in a multi-survey export): astropy's Parquet readers turn an integer column with
     nulls into float64, so use pyarrow/pandas (nullable Int64) or a FITS/VOTable export to read them exactly."""
     import pyarrow.compute as pc
@@ -156,7 +156,6 @@ def _warn_inexact_integers(table: pa.Table) -> list[str]:
         log.warning("%s: integers with nulls (rows of another survey); astropy's Parquet readers read such a column "
                     "as float64, which cannot hold these values exactly: read the file with pyarrow or pandas, or "
                     "export .fits/.vot for astropy", ", ".join(names))
-    return names
 
 
 def _astropy_header(schema: pa.Schema, masked=()) -> str:
