@@ -444,6 +444,43 @@ def test_fits_export_keeps_null_ir_excess(catalog, rows, tmp_path):
         assert back["ir_excess"].info.description.startswith("True if any band")
 
 
+def test_unmatched_rows_latents_export_to_every_format(catalog, rows, tmp_path):
+    """crossmatch --columns all --keep-unmatched: an unmatched external row has a null latent list. The FITS and
+    VOTable writers failed on it ("cannot reshape array of size 24 into shape (5,6)") and astropy could not read
+    the Parquet file ("all input arrays must have the same shape"). Now every format reads back in astropy with
+    that row masked and the matched rows' latents exact; Parquet has NaN there and a latent.mask list."""
+    import pyarrow.csv as pacsv
+    from astropy.table import Table
+
+    picks = np.array([10, 20, 30, 40])
+    cols, _, _ = photometry_case(rows, picks)
+    ra, dec = rows.column("ra").to_numpy()[picks], rows.column("dec").to_numpy()[picks]
+    src = tmp_path / "allwise.csv"
+    pacsv.write_csv(pa.table({"ra": np.r_[(ra[0] + 1.0) % 360, ra], "dec": np.r_[dec[0], dec],
+                              **{k: np.r_[v[0], v] for k, v in cols.items()}}), src)
+    want = rows.column("latent").to_numpy(zero_copy_only=False)[picks]
+    want = np.stack(want)
+    for ext_ in (".parquet", ".fits", ".vot", ".csv"):
+        out = tmp_path / f"m{ext_}"
+        assert main(["crossmatch", str(catalog), str(src), "--columns", "all", "--keep-unmatched",
+                     "-o", str(out)]) == 0
+        if ext_ == ".csv":
+            back = pacsv.read_csv(out)
+            assert back.column("latent_0").null_count == 1 and back.column("latent_0")[0].as_py() is None
+            continue
+        for fmt in ((None, "parquet.votable") if ext_ == ".parquet" else (None,)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", u.UnitsWarning)  # VOUnit deprecates erg, Angstrom (norm)
+                back = Table.read(out, format=fmt)
+            mask = np.ma.getmaskarray(back["latent"])
+            assert back["latent"].shape == (5, want.shape[1]), (ext_, fmt)
+            assert mask[0].all() and not mask[1:].any(), (ext_, fmt)
+            np.testing.assert_array_equal(np.ma.getdata(back["latent"])[1:], want)
+    arrow = pq.read_table(tmp_path / "m.parquet")
+    assert arrow.column("latent").null_count == 0 and np.isnan(arrow.column("latent")[0].values.to_numpy()).all()
+    assert arrow.column("latent.mask").to_pylist() == [[True] * want.shape[1]] + [[False] * want.shape[1]] * 4
+
+
 def test_parquet_exports_read_in_astropy_with_units_and_null_flags(catalog, rows, tmp_path):
     """crossmatch -o x.parquet carries the VO-Parquet metadata of a query export (it had none: parquet.votable
     failed with KeyError b'IVOA.VOTable-Parquet.content') and astropy's header: both astropy readers get the

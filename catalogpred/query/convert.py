@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import CatalogError
+
 
 def _to_pandas(table: pa.Table):
     """``table.to_pandas()`` with pandas' nullable integer and boolean types: an integer column with nulls (one
@@ -44,10 +46,31 @@ def _field_meta(field: pa.Field) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
 
 
+def _list_to_2d(fld: pa.Field, col: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    """A list column as a 2-D array ``[n, size]`` and its mask (``None`` without null rows; else true in every
+    element of a null row, which holds NaN, or 0 for integers). Rows must all have one length."""
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(fld.type):
+        size = fld.type.list_size
+    else:
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)[valid]
+        size = int(lengths.max()) if len(lengths) else 0
+        if len(lengths) and lengths.min() != size:
+            raise CatalogError(f"column {fld.name}: lists of different lengths ({lengths.min()} to {size}) "
+                               "cannot become a 2-D column")
+    flat = col.flatten().to_numpy(zero_copy_only=False)  # null rows contribute nothing
+    if valid.all():
+        return flat.reshape(len(col), size), None
+    values = np.full((len(col), size), np.nan if flat.dtype.kind == "f" else 0, dtype=flat.dtype)
+    values[valid] = flat.reshape(-1, size)
+    return values, np.repeat(~valid[:, None], size, axis=1)
+
+
 def arrow_to_astropy(table: pa.Table):
     """An astropy QTable with the units (and descriptions, UCDs) from the Arrow field metadata.
 
-    List columns (``latent``) become 2-D columns; nulls become masked values (NaN for floats).
+    List columns (``latent``) become 2-D columns; nulls become masked values (NaN for floats), a null list a
+    masked row (NaN, ``crossmatch --keep-unmatched``).
     """
     import astropy.units as u
     from astropy.table import MaskedColumn, QTable
@@ -57,12 +80,7 @@ def arrow_to_astropy(table: pa.Table):
         col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         mask = None
         if _is_list(fld.type):
-            if pa.types.is_fixed_size_list(fld.type):
-                size = fld.type.list_size
-            else:
-                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-                size = int(lengths.max()) if len(lengths) else 0
-            values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), size)
+            values, mask = _list_to_2d(fld, col)
         elif pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type):
             mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
             values = np.asarray(col.fill_null("").to_pylist(), dtype=str) if len(col) else np.array([], dtype="U1")

@@ -50,7 +50,8 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
 
     Nulls in a boolean column (``ir_excess`` of unmatched rows) stay nulls: empty in VOTable; in FITS, which
     has no null logical astropy reads, the column (F where null) comes with a ``<name>.mask`` logical column,
-    from which ``Table.read`` rebuilds the masked column.
+    from which ``Table.read`` rebuilds the masked column. A null list (``latent`` of an unmatched row) is a
+    masked row: NaN in FITS and Parquet (with a ``<name>.mask`` list there), empty in VOTable.
 
     ``dest`` may be a path or a stream (CSV only for text streams). ``overwrite=False`` refuses an existing file.
 
@@ -97,10 +98,10 @@ def _write(table: pa.Table, dest, fmt: str) -> None:
 
 
 def _parquet_export(table: pa.Table) -> pa.Table:
-    """``table`` as :func:`write_table` writes it to Parquet: a ``<name>.mask`` column after each boolean column
-    with nulls, astropy's string widths and ``table_meta_yaml`` header (:func:`_astropy_header`: plain
-    ``Table.read`` takes units, descriptions and UCDs from it) and, when it has VO-Parquet metadata, that metadata
-    for its columns."""
+    """``table`` as :func:`write_table` writes it to Parquet: a ``<name>.mask`` column after each boolean or list
+    column with nulls (:func:`_with_mask_columns`), astropy's string widths and ``table_meta_yaml`` header
+    (:func:`_astropy_header`: plain ``Table.read`` takes units, descriptions and UCDs from it) and, when it has
+    VO-Parquet metadata, that metadata for its columns."""
     from ..catalog import _with_string_lengths
 
     meta = {k: v for k, v in (table.schema.metadata or {}).items()
@@ -120,24 +121,51 @@ def _parquet_export(table: pa.Table) -> pa.Table:
 
 
 def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
-    """``table`` with a ``<name>.mask`` column (true where ``<name>`` is null) after each boolean column that has
-    nulls (``ir_excess`` of rows with no band compared), and those names. The Parquet column keeps its nulls;
-    the mask is for astropy, whose Parquet reader ignores Arrow nulls (a boolean column with nulls came back
-    as objects, and failed ``format="parquet.votable"``) but rebuilds a masked column from ``<name>.mask``,
-    its own convention, which :func:`_astropy_header` declares. Other readers see one more column. Strings and
-    numbers get none: a multi-survey export has a dozen columns with nulls (a DESI column in an SDSS row), and
-    as many extra columns would clutter every reader; astropy reads their nulls as ``'None'`` and NaN (README;
-    :func:`_warn_inexact_integers`)."""
-    names = [f.name for f, col in zip(table.schema, table.columns)
-             if pa.types.is_boolean(f.type) and col.null_count and f"{f.name}.mask" not in table.column_names]
-    for name in names:
+    """``table`` with a ``<name>.mask`` column (true where ``<name>`` is null) after each column with nulls that
+    astropy's Parquet reader cannot read, and those names; :func:`_astropy_header` declares the pairs, and
+    astropy (``Table.read``, ``format="parquet.votable"``) rebuilds a masked column from them, its own convention.
+
+    - A boolean column with nulls (``ir_excess`` of rows with no band compared) keeps its nulls for Arrow
+      readers; astropy read it as objects, and ``format="parquet.votable"`` failed.
+    - A list column with null rows (``latent`` of an unmatched external row, ``crossmatch --keep-unmatched``)
+      gets NaN in those rows, and a ``<name>.mask`` list of the same size: astropy cannot read a null array
+      (``ValueError: all input arrays must have the same shape``), so Arrow readers see NaN there, as astropy's
+      own writer would write a masked 2-D column.
+
+    Other readers see one more column per pair. Strings and numbers get none: a multi-survey export has a dozen
+    columns with nulls (a DESI column in an SDSS row), and as many extra columns would clutter every reader;
+    astropy reads their nulls as ``'None'`` and NaN (README; :func:`_warn_inexact_integers`)."""
+    names = []
+    for f, col in zip(table.schema, table.columns):
+        if not col.null_count or f"{f.name}.mask" in table.column_names:
+            continue
+        if pa.types.is_boolean(f.type):
+            mask_type, mask = pa.bool_(), pc.is_null(col)
+        elif pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type):
+            col, mask = _nan_filled_list(col.combine_chunks())
+            mask_type = pa.list_(pa.bool_(), f.type.list_size)
+            table = table.set_column(table.schema.get_field_index(f.name), f.with_nullable(False), col)
+        else:
+            continue
         meta = {b"unit": b"", b"ucd": b"meta.code",
-                b"description": f"True where {name} is null (astropy's mask of {name}: Table.read restores a masked "
-                                f"{name} from it)".encode()}
-        table = table.add_column(table.schema.get_field_index(name) + 1,
-                                 pa.field(f"{name}.mask", pa.bool_(), nullable=False, metadata=meta),
-                                 pc.is_null(table.column(name)))
+                b"description": f"True where {f.name} is null (astropy's mask of {f.name}: Table.read restores a "
+                                f"masked {f.name} from it)".encode()}
+        table = table.add_column(table.schema.get_field_index(f.name) + 1,
+                                 pa.field(f"{f.name}.mask", mask_type, nullable=False, metadata=meta), mask)
+        names.append(f.name)
     return table, names
+
+
+def _nan_filled_list(col: pa.FixedSizeListArray) -> tuple[pa.FixedSizeListArray, pa.FixedSizeListArray]:
+    """A fixed-size float list column with NaN lists in place of its null rows, and its mask (a boolean list of
+    the same size, true in the null rows)."""
+    size = col.type.list_size
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    values = np.full((len(col), size), np.nan, dtype=col.type.value_type.to_pandas_dtype())
+    values[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)  # flatten skips null rows
+    mask = np.repeat(~valid, size)
+    return (pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), col.type.value_type), size),
+            pa.FixedSizeListArray.from_arrays(pa.array(mask), size))
 
 
 def _warn_inexact_integers(table: pa.Table) -> None:
@@ -161,7 +189,7 @@ def _warn_inexact_integers(table: pa.Table) -> None:
 def _astropy_header(schema: pa.Schema, masked=()) -> str:
     """astropy's ``table_meta_yaml`` for ``schema``, as astropy's own Parquet writer stores it: plain
     ``Table.read`` (format "parquet") takes each column's unit, description and UCD (``meta["ucd"]``) from it,
-    and builds each column of ``masked`` as a masked boolean column from it and its ``<name>.mask`` column."""
+    and builds each column of ``masked`` as a masked column from it and its ``<name>.mask`` column."""
     from collections import OrderedDict
 
     from astropy.table import Column
@@ -194,8 +222,9 @@ def _astropy_header(schema: pa.Schema, masked=()) -> str:
     if masked:
         header["meta"] = OrderedDict(__serialized_columns__={
             name: {"__class__": "astropy.table.column.MaskedColumn", "data": SerializedColumn({"name": name}),
-                   "mask": SerializedColumn({"name": f"{name}.mask"}), "dtype": "bool"}  # Arrow nulls read as objects
-            for name in masked})
+                   "mask": SerializedColumn({"name": f"{name}.mask"}),
+                   **({"dtype": "bool"} if pa.types.is_boolean(schema.field(name).type) else {})}  # Arrow nulls
+            for name in masked})                                                                # read as objects
     return "\n".join(get_yaml_from_header(header))
 
 
