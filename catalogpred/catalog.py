@@ -168,18 +168,20 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
 
 
 def _with_string_lengths(table: pa.Table) -> pa.Table:
-    """``table`` with astropy's ``table::len::<column>`` schema metadata (the longest value, at least 1) for
-    each string column, as astropy writes it: ``astropy.table.Table.read`` of a part file takes the string
-    widths from there; without it astropy measures the values and fails on a null (a DESI column in an SDSS
-    row of a multi-survey catalog). A width at least the longest value is enough, so :func:`write_fragment`
+    """``table`` with astropy's ``table::len::<column>`` schema metadata (the longest value, at least 1, or 4 with
+    nulls, which astropy reads as ``'None'``) for each string column, as astropy writes it:
+    ``astropy.table.Table.read`` of a part file takes the string widths from there; without it astropy measures
+    the values and fails on a null (a DESI column in an SDSS row of a multi-survey catalog). A width at least the longest value is enough, so :func:`write_fragment`
     computes it once per block for all its part files (0.1-0.3 ms per call measured on 2 cores)."""
     import pyarrow.compute as pc
 
     lengths = {}
     for f in table.schema:
         if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            longest = pc.max(pc.utf8_length(table.column(f.name))).as_py() if table.num_rows else None
-            lengths[f"table::len::{f.name}".encode()] = str(max(longest or 0, 1)).encode()
+            col = table.column(f.name)
+            longest = pc.max(pc.utf8_length(col)).as_py() if table.num_rows else None
+            # astropy reads a null as the text 'None': wide enough for it where there are nulls (README)
+            lengths[f"table::len::{f.name}".encode()] = str(max(longest or 0, 4 if col.null_count else 1)).encode()
     return table.replace_schema_metadata({**(table.schema.metadata or {}), **lengths}) if lengths else table
 
 
@@ -272,6 +274,13 @@ def read_block_done(catalog_path) -> dict[str, dict]:
     if not run.exists():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(run.glob("*.json"))}
+
+
+def _model_ids(manifest: dict) -> str:
+    """Every model id of a run, comma-separated (the run manifest's ``models``, by survey; else its ``model``)."""
+    ids = [m.get("model_id", "") for m in (manifest.get("models") or {}).values() if isinstance(m, dict)]
+    ids = ids or [manifest.get("model", {}).get("model_id", "")]
+    return ",".join(sorted(set(filter(None, ids))))
 
 
 def _vo_unit(unit: str):
@@ -465,7 +474,7 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
         healpix_column="_healpix_29", healpix_order=SPATIAL_INDEX_ORDER, npix_suffix="/", hats_max_rows=max_rows,
         default_columns=["source_id", "survey", "ra", "dec", "z", "w1_mag", "w2_mag", "w3_mag", "w4_mag",
                          "w1_mag_err", "w2_mag_err", "w3_mag_err", "w4_mag_err", "flags"],
-        **{"catalogpred_model_id": manifest.get("model", {}).get("model_id", ""),
+        **{"catalogpred_model_id": _model_ids(manifest),
            "catalogpred_version": manifest.get("versions", {}).get("catalogpred", ""),
            "catalogpred_magnitude_system": "Vega (AllWISE w?mpro)",
            "catalogpred_chi_convention": "chi = (m_pred - m_obs) / sqrt(sigma_pred^2 + sigma_obs^2); chi2_N = mean chi^2",

@@ -365,7 +365,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="system of the observed W1-W4 in --table/--photometry; AB is converted to Vega, the system "
                         "of the predictions (default auto: AB where a column's unit says mag(AB), else Vega)")
     s.add_argument("--join-on", default=None, help="id column shared by store and photometry (e.g. specobjid, targetid)")
-    s.add_argument("--match-radius", type=float, default=None, help="or: positional crossmatch radius, arcsec")
+    s.add_argument("--match-radius", default=None,
+                   help="or: positional crossmatch radius, arcsec or with a unit (e.g. 1.5 or 0.05arcmin)")
     s.add_argument("--surveys", default=None,
                    help="with --store: comma-separated store groups to train on (default: every group on the "
                         "encoder's grid)")
@@ -612,22 +613,10 @@ TTY_ROWS = 50
 
 
 def _coordinate(text: str, sexagesimal: str) -> float:
-    """RA or Dec in degrees: a number (deg), a value with units ('192.5deg', '12h50m07.6s', '+7d02m55s'), or
-    sexagesimal with ':' or spaces ('12:50:07.6'), read in ``sexagesimal`` ("hourangle" for RA, "deg" for Dec)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    import astropy.units as u
-    from astropy.coordinates import Angle
+    """RA (``sexagesimal="hourangle"``) or Dec (``"deg"``) in degrees (:func:`catalogpred.query.coordinate_value`)."""
+    from .query import coordinate_value
 
-    text = text.strip()
-    try:
-        return float(Angle(text, unit=sexagesimal).deg)  # a unit in the text wins over ``sexagesimal``
-    except (TypeError, ValueError, u.UnitsError) as exc:
-        what = "RA" if sexagesimal == "hourangle" else "Dec"
-        raise ConfigError(f"cannot read {text!r} as {what}; give degrees (150.2), a value with units (10h00m48s, "
-                          f"+2d12m) or sexagesimal ({'10:00:48' if what == 'RA' else '-2:12:00'})") from exc
+    return coordinate_value(text, "ra" if sexagesimal == "hourangle" else "dec")
 
 
 def _keep_coordinates_as_values(argv: list[str]) -> list[str]:
@@ -810,7 +799,8 @@ def cmd_train(args) -> int:
         args.wait_workers = None
         with _client(args) as client:
             data = training_table_from_store(args.store, args.photometry, args.encoder, client=client,
-                                             join_on=args.join_on, match_radius_arcsec=args.match_radius,
+                                             join_on=args.join_on, match_radius_arcsec=None if args.match_radius
+                                             is None else _angle(args.match_radius, "arcsec", "--match-radius"),
                                              mag_system=args.mag_system,
                                              surveys=args.surveys.split(",") if args.surveys else None)
         source = f"{args.store} x {args.photometry}"
@@ -856,6 +846,9 @@ def cmd_info(args) -> int:
         card = model_card(path)
         print((path / "bundle.json").read_text().rstrip() if args.json else card.rstrip())
         return 0
+    if (path / "meta").is_dir() and (path.parent / "zarr.json").exists():  # one survey group of a store
+        raise ConfigError(f"{path} is the {path.name} group of the store {path.parent}; "
+                          f"`catalogpred info {path.parent}` describes every group")
     if (path / "zarr.json").exists() and not (path / "hats.properties").exists():  # a spectra store
         from .store import format_store_info as fmt
         from .store import store_info as describe

@@ -41,7 +41,7 @@ from .spectra import VEGA_TO_AB, WISE_UCD_RANGE
 from .errors import ConfigError, InputFileError, RejectReason
 from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_columns,  # noqa: F401 (re-exported)
                      PREDICTED_COLUMNS, float_values, magnitude_systems, photometry_input_columns,
-                     predicted_columns, with_flux_magnitudes)
+                     predicted_columns, warn_if_ab_read_as_vega, with_flux_magnitudes)
 from .query import CatalogQuery, Cone, angle_value, astropy_to_arrow, open_catalog
 
 __all__ = ["crossmatch", "ir_excess", "query_ir_excess", "own_photometry_columns", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 #: suffix of external columns whose name is also a catalog column.
 EXTERNAL_SUFFIX = "_ext"
+#: matched rows a band needs before crossmatch checks its median excess for AB magnitudes read as Vega
+MIN_ROWS_AB_CHECK = 10
+#: crossmatch radius when none is given, arcsec (AllWISE positions are good to ~0.5 arcsec; SDSS fibres are 3 arcsec)
+DEFAULT_RADIUS_ARCSEC = 1.5
 _RA_NAMES = ("ra", "ra_deg", "radeg", "ra_icrs", "raj2000", "_raj2000", "ra_j2000", "plug_ra", "target_ra", "alpha")
 _DEC_NAMES = ("dec", "dec_deg", "decdeg", "de_icrs", "dec_icrs", "dej2000", "_dej2000", "decj2000", "dec_j2000",
               "plug_dec", "target_dec", "delta")
@@ -141,8 +145,8 @@ def find_radec_columns(names, ra_col: str | None = None, dec_col: str | None = N
         for c in candidates:
             if c in lower:
                 return lower[c]
-        raise ConfigError(f"cannot tell which external column is {what}; pass --{what}-col "
-                          f"(columns: {', '.join(names)})")
+        raise ConfigError(f"cannot tell which external column is {what}; pass --{what}-col ({what}_col= in "
+                          f"Python) (columns: {', '.join(names)})")
 
     return pick(ra_col, _RA_NAMES, "ra"), pick(dec_col, _DEC_NAMES, "dec")
 
@@ -235,7 +239,7 @@ def _pixels_near(ra: np.ndarray, dec: np.ndarray, radius_deg: float, order: int,
     return None
 
 
-def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | None = None,
+def crossmatch(catalog, external, *, radius_arcsec: float | None = None, radius=None, ra_col: str | None = None,
                dec_col: str | None = None, columns=None, excess_threshold: float = 3.0,
                keep_unmatched: bool = False, mag_system: str = "auto") -> pa.Table:
     """Nearest catalog row within ``radius_arcsec`` of each external row, with IR-excess columns.
@@ -243,17 +247,20 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     Parameters
     ----------
     catalog : path or CatalogQuery
-        A catalog (or a query on one: its cone/box/where cuts apply to the candidates).
+        A catalog, or a query on one: its cone/box/where cuts apply to the candidates, its ``select`` columns
+        are the output's catalog columns (unless ``columns`` is given) and its ``limit`` caps the output rows.
     external : path, pyarrow Table, astropy Table or pandas DataFrame
         The external table; a path may be CSV, Parquet, FITS or VOTable.
     radius_arcsec : float, str or astropy Quantity
-        Match radius: a number in arcsec, an angle Quantity (``2 * u.arcsec``) or text with a unit
-        (``"0.5arcmin"``; :func:`~catalogpred.query.angle_value`).
+        Match radius (default 1.5 arcsec): a number in arcsec, an angle Quantity (``2 * u.arcsec``) or text with a
+        unit (``"0.5arcmin"``; :func:`~catalogpred.query.angle_value`).
+    radius : astropy Quantity or str, optional
+        Same as ``radius_arcsec`` (keyword form, as :meth:`~catalogpred.query.CatalogQuery.cone` takes it).
     ra_col, dec_col : str, optional
         External position columns (ICRS), guessed from common names when omitted: numbers in the column's unit
         (FITS TUNITn, VOTable unit: deg, rad, hourangle...; degrees when it has none), or sexagesimal text.
     columns : list of str or "all", optional
-        Catalog columns in the output (default: the catalog's default columns).
+        Catalog columns in the output (default: the query's ``select``, else the catalog's default columns).
     excess_threshold : float
         ``ir_excess`` is true where any band's ``w?_excess_sigma`` exceeds this.
     keep_unmatched : bool
@@ -273,7 +280,10 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         positions, mag for the magnitudes compared); the catalog's table metadata (VO-Parquet) comes along, as
         with a query's rows, so that :func:`~catalogpred.query.write_table` describes every column in Parquet.
     """
-    radius_arcsec = angle_value(radius_arcsec, "arcsec", "crossmatch radius")
+    if radius is not None and radius_arcsec is not None:
+        raise ConfigError(f"crossmatch takes one radius, got radius_arcsec={radius_arcsec!r} and radius={radius!r}")
+    radius_arcsec = angle_value(next((r for r in (radius, radius_arcsec) if r is not None), DEFAULT_RADIUS_ARCSEC),
+                                "arcsec", "crossmatch radius")
     if not radius_arcsec > 0:
         raise ConfigError(f"crossmatch needs a positive radius (arcsec), got {radius_arcsec}")
     q = catalog if isinstance(catalog, CatalogQuery) else open_catalog(catalog)
@@ -290,7 +300,9 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
     radius_deg = radius_arcsec / 3600.0
 
     schema = q.schema
-    if columns is None:
+    if columns is None and q.columns:
+        out_cols = list(q.columns)
+    elif columns is None:
         default = q.properties.get("hats_cols_default", "").split()
         out_cols = [c for c in default if c in schema.names] or [c for c in schema.names if c != "latent"]
     elif columns == "all" or columns == ["all"]:
@@ -328,7 +340,7 @@ def crossmatch(catalog, external, *, radius_arcsec: float = 1.5, ra_col: str | N
         idx[ok] = i
         sep[ok] = d2.to_value(u.arcsec)
         matched[ok] = sep[ok] <= radius_arcsec
-    rows = np.flatnonzero(matched | keep_unmatched)
+    rows = np.flatnonzero(matched | keep_unmatched)[:q.max_rows]  # the query's limit: the first rows of the output
     take = pa.array(idx[rows], mask=~matched[rows])
     log.info("%d of %d external rows matched within %g arcsec", int(matched.sum()), n, radius_arcsec)
 
@@ -435,6 +447,7 @@ def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: flo
     arrays, fields = [], []
     chi2 = []
     over = []
+    medians = {}  # median predicted - observed of bands read as Vega: AB read as Vega shows as the offsets
     n = cat_m.num_rows
     for b, (mcol, ecol) in phot.items():
         m_pred, s_pred = float_values(cat_m.column(f"{b}_mag")), float_values(cat_m.column(f"{b}_mag_err"))
@@ -466,6 +479,9 @@ def _excess_columns(cat_m: pa.Table, ext_m: pa.Table, phot: dict, threshold: flo
                              f"({b}_mag - {obs}) / sqrt({b}_mag_err^2 + {ecol}^2); positive = IR excess"))
         chi2.append(np.where(valid, sig ** 2, np.nan))
         over.append(np.where(valid, sig > threshold, False))
+        if not ab and valid.sum() >= MIN_ROWS_AB_CHECK:
+            medians[b] = float(np.median(ex[valid]))
+    warn_if_ab_read_as_vega(medians, "crossmatch")
     chi2 = np.vstack(chi2) if chi2 else np.zeros((0, n))
     n_valid = np.isfinite(chi2).sum(0)
     with np.errstate(invalid="ignore"):

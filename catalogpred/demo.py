@@ -251,8 +251,10 @@ def run_demo(output="demo-output", *, n_spectra: int = 2000, seed: int = 42, n_w
           f"(first 10; magnitudes Vega)")
     write_table(res.slice(0, 10), sys.stdout, ".csv")
     dt = time.perf_counter() - t0
+    bundles = f"{out / 'model'} (SDSS)" + (f", {out / 'model-desi'} (" + " + ".join(
+        s.upper() for s in ("desi", "pfs") if s in surveys) + ")" if desi is not None else "")
     print(f"\ndemo finished in {dt:.0f} s\n  catalog: {out / 'catalog'}\n  store:   {out / 'store.zarr'}\n"
-          f"  models:  {out / 'model'} (SDSS), {out / 'model-desi'} (DESI + PFS): DEMO bundles, see MODEL_CARD.md\n"
+          f"  models:  {bundles}: DEMO bundles, see MODEL_CARD.md\n"
           f"  plot:    {png}\n"
           f"try: catalogpred query {out / 'catalog'} --cone {obj.plate_ra:.4f} {obj.plate_dec:.4f} 600 --where 'z < 0.1' "
           "--columns source_id,z,w1_mag,w1_mag_err,w2_mag,w2_mag_err")

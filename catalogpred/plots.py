@@ -120,19 +120,20 @@ def plot_sky_density(catalog, png_path, **kw) -> Path:
 
 
 # --------------------------------------------------------------------------- colour-colour
-def colour_colour_figure(catalog, photometry=None, *, title: str | None = None):
+def colour_colour_figure(catalog, photometry=None, *, title: str | None = None, mag_system: str = "auto"):
     """Predicted W1−W2 vs W2−W3 (Vega) with the Jarrett et al. (2011) AGN wedge.
 
-    ``photometry`` (a path or table with ``w1mpro..w3mpro``) draws the observed colours behind.
+    ``photometry`` (a path or table: pyarrow, astropy or pandas) draws the observed colours behind: its W1-W3
+    found by name (``w1mpro``, ``W1mag``, DESI's ``flux_w1`` in nanomaggies, ...) and in Vega (AB converted;
+    ``mag_system`` as :func:`~catalogpred.tables.wise_vega_magnitudes` takes it).
     """
     t = _columns(catalog, ["w1_mag", "w2_mag", "w3_mag"])
     x, y = t["w2_mag"] - t["w3_mag"], t["w1_mag"] - t["w2_mag"]
     fig = _figure(figsize=(5.5, 4.5), dpi=120)
     ax = fig.add_subplot()
     if photometry is not None:
-        o = _photometry_frame(photometry, ["w1mpro", "w2mpro", "w3mpro"])
-        ax.scatter(o["w2mpro"] - o["w3mpro"], o["w1mpro"] - o["w2mpro"], s=3, alpha=0.35, color="0.6",
-                   label=f"observed ({len(o)})")
+        w1, w2, w3 = _observed_vega(photometry, mag_system).T[:3]
+        ax.scatter(w2 - w3, w1 - w2, s=3, alpha=0.35, color="0.6", label=f"observed ({len(w1)})")
     ax.scatter(x, y, s=4, alpha=0.6, color="C0", label=f"predicted ({len(t)})")
     ax.plot(*JARRETT11_WEDGE, color="C3", lw=1.2, label="Jarrett+11 AGN box")
     ax.set_xlabel("W2 − W3 [Vega mag]")
@@ -143,14 +144,13 @@ def colour_colour_figure(catalog, photometry=None, *, title: str | None = None):
     return fig
 
 
-def _photometry_frame(photometry, cols):
-    if isinstance(photometry, (str, Path)):
-        from .crossmatch import read_external
+def _observed_vega(photometry, mag_system: str) -> np.ndarray:
+    """float64 [n, 4]: the observed W1-W4 (Vega; NaN where a band is missing) of a photometry path or table."""
+    from .crossmatch import _to_arrow
+    from .tables import wise_vega_magnitudes
 
-        t = read_external(photometry)
-        lower = {n.lower(): n for n in t.column_names}
-        return t.select([lower[c] for c in cols]).rename_columns(cols).to_pandas()
-    return photometry[cols]
+    what = str(photometry) if isinstance(photometry, (str, Path)) else "the photometry table"
+    return wise_vega_magnitudes(_to_arrow(photometry), mag_system, what=what, need_errors=False)[0]
 
 
 def plot_colour_colour(catalog_path, png_path, photometry_path=None, *, title: str | None = None) -> Path:

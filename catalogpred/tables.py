@@ -41,9 +41,10 @@ MAG_SYSTEMS = ("auto", "vega", "ab")
 _AB_UNITS = ("mag(ab)", "abmag", "ab", "mag_ab", "magab", "ab_mag")
 
 
-def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
+def find_photometry_columns(names, *, need_errors: bool = True) -> dict[str, tuple[str, str | None]]:
     """Observed WISE magnitude and error columns per band: ``{"w1": ("w1mpro", "w1sigmpro"), ...}``
-    (case-insensitive; bands without both columns are left out)."""
+    (case-insensitive; bands without both columns are left out, or with ``need_errors=False`` kept with
+    ``None`` for the error column: a colour plot needs no errors)."""
     lower = {n.lower(): n for n in names}
     out = {}
     for b in BANDS:
@@ -52,6 +53,10 @@ def find_photometry_columns(names) -> dict[str, tuple[str, str]]:
             if m in lower and e in lower:
                 out[b] = (lower[m], lower[e])
                 break
+        else:
+            mags = [mag.format(b=b) for mag, _ in _PHOT_PATTERNS if mag.format(b=b) in lower]
+            if mags and not need_errors:
+                out[b] = (lower[mags[0]], None)
     return out
 
 
@@ -87,30 +92,48 @@ def predicted_columns(table: pa.Table) -> list[str]:
             if (table.schema.field(c).metadata or {}).get(b"description", b"").decode().lower().startswith("predicted")]
 
 
-def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str = "the table"):
+def wise_vega_magnitudes(table: pa.Table, mag_system: str = "auto", *, what: str = "the table",
+                         need_errors: bool = True):
     """Observed W1-W4 of ``table`` as Vega: ``(mag, err, columns)``, float64 [n, 4] each (NaN where a band has
     no column; AB converted with :data:`VEGA_TO_AB`), and ``{band: (mag column, err column, system)}``.
+    ``need_errors=False`` also reads magnitudes without an error column (``err`` NaN there).
 
-    Raises ConfigError when no band has both a magnitude and an error column.
+    Raises ConfigError when no band has both a magnitude and an error column (a magnitude column, with
+    ``need_errors=False``).
     """
     table = with_flux_magnitudes(table.drop_columns(predicted_columns(table)))  # a catalog's own predictions
-    phot = find_photometry_columns(table.column_names)
+    phot = find_photometry_columns(table.column_names, need_errors=need_errors)
     if not phot:
-        raise ConfigError(f"{what} has no W1-W4 magnitude and error columns (e.g. w1mpro/w1sigmpro, "
-                          f"W1mag/e_W1mag, w1_mag/w1_mag_err) nor fluxes in nanomaggies (flux_w1/flux_ivar_w1); "
-                          f"columns: {', '.join(table.column_names)}")
+        raise ConfigError(f"{what} has no W1-W4 magnitude" + (" and error" if need_errors else "")
+                          + " columns (e.g. w1mpro/w1sigmpro, W1mag/e_W1mag, w1_mag/w1_mag_err) nor fluxes in "
+                          f"nanomaggies (flux_w1/flux_ivar_w1); columns: {', '.join(table.column_names)}")
     systems = magnitude_systems(table.schema, phot, mag_system)
     n = table.num_rows
     mag, err = np.full((n, len(BANDS)), np.nan), np.full((n, len(BANDS)), np.nan)
     for j, b in enumerate(BANDS):
         if b in phot:
-            m, e = (float_values(table.column(c)) for c in phot[b])
+            mcol, ecol = phot[b]
+            m = float_values(table.column(mcol))
             mag[:, j] = m - VEGA_TO_AB[b] if systems[b] == "ab" else m
-            err[:, j] = e
+            err[:, j] = float_values(table.column(ecol)) if ecol is not None else np.nan
     for b in BANDS:  # which columns were read, in which system: a wrong guess shows up in the log
         if b in phot:
             log.info("%s: observed %s from %s/%s (%s)", what, b.upper(), *phot[b], systems[b])
     return mag, err, {b: (*phot[b], systems[b]) for b in phot}
+
+
+def warn_if_ab_read_as_vega(offset: dict, what: str) -> bool:
+    """Warn (and return True) when predicted − observed (``offset``: band -> mean or median, mag) sits at the Vega
+    − AB offset (−:data:`VEGA_TO_AB`, within 0.3 mag) in every band that has one: the observed magnitudes are
+    then very likely AB read as Vega (fix: ``--mag-system ab``, or a ``mag(AB)`` column unit). A real population
+    is not 2.7-6.6 mag fainter than predicted in every band at once."""
+    have = {b: v for b, v in offset.items() if v is not None and np.isfinite(v)}
+    if not have or any(abs(v + VEGA_TO_AB[b]) >= 0.3 for b, v in have.items()):
+        return False
+    log.warning("%s: predicted - observed is %s, the Vega-AB offsets (%s); the observed magnitudes look like AB "
+                "read as Vega: pass --mag-system ab (mag_system=\"ab\" in Python)", what,
+                ", ".join(f"{v:+.2f}" for v in have.values()), ", ".join(f"-{VEGA_TO_AB[b]}" for b in have))
+    return True
 
 
 def photometry_input_columns(names) -> list[str]:

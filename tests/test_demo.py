@@ -14,6 +14,7 @@ def test_demo_end_to_end(tmp_path, capsys, client):
                  "--surveys", "sdss,desi,pfs"]) == 0
     captured = capsys.readouterr()
     assert "cone query" in captured.out and str(out / "catalog") in captured.out
+    assert f"{out / 'model'} (SDSS), {out / 'model-desi'} (DESI + PFS)" in captured.out
     for p in ("store.zarr/zarr.json", "model/bundle.json", "model/MODEL_CARD.md", "model-desi/bundle.json",
               "catalog/hats.properties",
               "catalog/rejects.parquet", "catalog/run_manifest.json", "colour_colour.png"):
@@ -26,6 +27,16 @@ def test_demo_end_to_end(tmp_path, capsys, client):
             "sky_fibre", "unassigned_fibre", "flux_standard"} <= set(manifest["counts"]["rejects_by_reason"])
     rej = pq.read_table(out / "catalog" / "rejects.parquet").to_pandas()
     assert (rej.survey == "sdss").sum() == 7
+    # `catalogpred info CATALOG` lists each bundle once, with its grid and the surveys it predicted (it listed the
+    # DESI-grid bundle twice, as grids "desi" and "pfs", and not the SDSS one); the header names both models
+    from catalogpred.query import catalog_info
+
+    models = {m["model_id"]: m for m in catalog_info(out / "catalog")["models"]}
+    sdss_id, desi_id = (json.loads((out / b / "bundle.json").read_text())["model_id"] for b in ("model", "model-desi"))
+    assert set(models) == {sdss_id, desi_id}
+    assert models[sdss_id]["grid"] == "sdss" and models[sdss_id]["surveys"] == ["sdss"]
+    assert models[desi_id]["grid"] == "desi" and sorted(models[desi_id]["surveys"]) == ["desi", "pfs"]
+    assert f"catalogpred_model_id={','.join(sorted([sdss_id, desi_id]))}" in (out / "catalog" / "hats.properties").read_text()
     # `catalogpred info STORE` accounts for the same spectra, per survey and per reason
     from catalogpred.store import store_info
 

@@ -1,5 +1,8 @@
 """The Zarr store: shard-aligned writes, padding, metadata round trip, and ingest planning."""
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from catalogpred import store
@@ -153,6 +156,47 @@ def test_read_engines_return_the_same_shard(tmp_path):
     assert store.resolve_read_engine("auto", "s3://bucket/s.zarr") == "zarr"  # not a local directory
     with pytest.raises(ValueError, match="read engine"):
         store.read_shard(st, "sdss", 1, engine="h5py")
+
+
+def test_string_columns_read_from_their_chunk_files_as_zarr_reads_them(tmp_path):
+    """With the tensorstore engine the string columns are read from their chunk files with zarr-python's own
+    codecs (_StringChunks), not through its event loop: the same values as zarr-python for zarr's default
+    codecs (vlen-utf8 + zstd), for vlen-utf8 alone, and for a missing chunk (zarr reads its fill value); a
+    string array with other codecs (gzip) is
+    left to zarr-python."""
+    pytest.importorskip("tensorstore")
+    import zarr
+    from zarr.codecs import GzipCodec
+
+    st = str(tmp_path / "s.zarr")
+    store.create_survey(st, _layout(shard_rows=8, chunk_rows=4))
+    store.allocate_shards(st, "sdss", 2)
+    flux = np.ones((6, SDSS_GRID.n_pix), np.float32)
+    for shard in (0, 1):
+        meta = _meta(6, start=8 * shard)
+        meta["reject_reason"][:] = ""
+        meta["source_file"][2] = "spec-0266-51602-0003.fits ✓"
+        store.write_shard(st, "sdss", shard, flux, flux, np.zeros(flux.shape, np.uint8), meta)
+    store.mark_shards_done(st, "sdss", [0, 1])
+    base = f"{st}/sdss/meta"
+    Path(base, "reject_reason", "c", "0").unlink()  # as if never written: zarr reads the fill value
+    for name, compressors in (("subclass", None), ("run2d", [GzipCodec(level=1)])):
+        old = zarr.open_array(f"{base}/{name}")[:]
+        z = zarr.create_array(f"{base}/{name}", shape=old.shape, dtype=str, chunks=(8,), compressors=compressors,
+                              fill_value="", overwrite=True)
+        z[:] = old
+    _, _, arrays = store._shard_arrays(st, "sdss", "tensorstore")
+    fast = {p for p, a in arrays.items() if isinstance(a, store._StringChunks)}
+    assert {"meta/source_id", "meta/source_file", "meta/reject_reason", "meta/subclass"} <= fast
+    assert "meta/run2d" not in fast and "meta/ra" not in fast
+    for shard in (0, 1):
+        m_ts, _ = store.read_shard(st, "sdss", shard, engine="tensorstore")
+        m_z, _ = store.read_shard(st, "sdss", shard, engine="zarr")
+        assert m_ts.equals(m_z) and m_ts.num_rows == 6
+        assert m_ts.column("reject_reason").to_pylist() == [""] * 6
+        assert m_ts.column("source_file")[2].as_py() == "spec-0266-51602-0003.fits ✓"
+        assert m_ts.column("subclass").to_pylist() == [f"subclass-{8 * shard + i}" for i in range(6)]
+        assert m_ts.schema.field("run2d").type == pa.string() == m_ts.schema.field("subclass").type
 
 
 def test_tensorstore_failure_says_to_use_zarr(tmp_path):

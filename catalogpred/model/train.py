@@ -400,16 +400,11 @@ def evaluate_bundle(bundle, data: dict, *, png=None, update_card: bool = True) -
 
 
 def _warn_if_ab(metrics: dict) -> None:
-    """Warn when predicted − observed sits at the Vega − AB offsets in every band evaluated: the observed
-    magnitudes are very likely AB, read as Vega (``--mag-system ab``, or a ``mag(AB)`` column unit)."""
-    from ..spectra import VEGA_TO_AB
+    """Warn when the bias (predicted − observed) of every band evaluated is the Vega − AB offset
+    (:func:`~catalogpred.tables.warn_if_ab_read_as_vega`)."""
+    from ..tables import warn_if_ab_read_as_vega
 
-    bias = {b: metrics.get(b, {}).get("bias") for b in BANDS}
-    near = [b for b, v in bias.items() if v is not None and np.isfinite(v) and abs(v + VEGA_TO_AB[b]) < 0.3]
-    if near and len(near) == sum(v is not None and np.isfinite(v) for v in bias.values()):
-        log.warning("predicted - observed is %s: the Vega-AB offsets (%s); the observed magnitudes look like AB "
-                    "read as Vega: pass --mag-system ab", ", ".join(f"{bias[b]:+.2f}" for b in near),
-                    ", ".join(f"-{VEGA_TO_AB[b]}" for b in near))
+    warn_if_ab_read_as_vega({b: metrics.get(b, {}).get("bias") for b in BANDS}, "models evaluate")
 
 
 def _plot_evaluation(mean, sigma, mag, err, metrics, png):

@@ -341,7 +341,9 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         "surveys": chosen,
         "model": {"path": infos[info.grid.name][0], "model_id": info.model_id, "kind": info.card.kind,
                   "grid": info.grid.name},
-        "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name]} for name in chosen},
+        # by survey: the bundle each survey's rows come from (one bundle may serve several surveys of its grid)
+        "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name], "grid": planned.grids[name],
+                          "kind": infos[planned.grids[name]][1].card.kind} for name in chosen},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
                      "torch_threads": torch_threads, "compile": compile,
                      # GPU worker processes (more than the GPUs with --workers-per-gpu)

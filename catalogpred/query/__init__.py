@@ -15,7 +15,7 @@ with the query registered as a view named ``catalog``.
 The submodules, in the order the data flows through them (each imports only those above it):
 
 - :mod:`.regions`: angles and sky regions: :func:`angular_separation_deg`, :func:`angle_value` (numbers,
-  Quantities or text such as ``"10arcsec"``), :class:`Cone` and :class:`Box` with their HEALPix leaf cover,
+  Quantities or text such as ``"10arcsec"``), :func:`coordinate_value` (RA/Dec, sexagesimal too), :class:`Cone` and :class:`Box` with their HEALPix leaf cover,
   exact cut and SQL condition; ``SKY_AREA_DEG2``.
 - :mod:`.convert`: Arrow tables to astropy (:func:`arrow_to_astropy`, units from the field metadata) and back
   (:func:`astropy_to_arrow`), to pandas with nullable integers, and the field-metadata helpers.
@@ -29,12 +29,13 @@ The submodules, in the order the data flows through them (each imports only thos
 - :mod:`.info`: ``catalogpred info``: :func:`catalog_info` (rows, sky area, models and cards, run manifest,
   columns) and :func:`format_info`.
 """
-from .regions import SKY_AREA_DEG2, Box, Cone, angle_value, angular_separation_deg  # noqa: F401
+from .regions import SKY_AREA_DEG2, Box, Cone, angle_value, angular_separation_deg, coordinate_value  # noqa: F401
 from .convert import arrow_to_astropy, astropy_to_arrow
 from .filters import check_column_list  # noqa: F401
 from .catalog_query import CatalogQuery, open_catalog
 from .export import OUTPUT_FORMATS, _check_destination, format_table, write_table  # noqa: F401
 from .info import _model_summary, catalog_info, format_info  # noqa: F401
 
-__all__ = ["open_catalog", "CatalogQuery", "Cone", "Box", "angular_separation_deg", "angle_value", "write_table",
+__all__ = ["open_catalog", "CatalogQuery", "Cone", "Box", "angular_separation_deg", "angle_value",
+           "coordinate_value", "write_table",
            "arrow_to_astropy", "astropy_to_arrow", "format_table", "catalog_info", "format_info", "OUTPUT_FORMATS"]

@@ -23,7 +23,7 @@ from ..catalog import DATASET_DIR, pixel_dir
 from ..errors import CatalogError, ConfigError
 from .convert import _restore_metadata, _to_pandas, arrow_to_astropy
 from .filters import _eval_filter, _filter_frame, _flat_frame, _referenced_columns, check_column_list
-from .regions import Box, Cone, angle_value
+from .regions import Box, Cone, angle_value, coordinate_value
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ class CatalogQuery:
 
         Parameters
         ----------
-        ra, dec : float or astropy Quantity
-            Centre, degrees (ICRS). ``ra`` may instead be an astropy ``SkyCoord`` in any frame (transformed to
+        ra, dec : float, str or astropy Quantity
+            Centre (ICRS): degrees, an angle Quantity, or text (``"12h50m07.6s"``, or sexagesimal ``"12:50:07.6"``
+            in hours for RA and ``"+7:02:55"`` in degrees for Dec; :func:`~catalogpred.query.coordinate_value`).
+            RA is taken modulo 360. ``ra`` may instead be an astropy ``SkyCoord`` in any frame (transformed to
             ICRS); then the second argument, if given, is the radius.
         radius_arcsec : float, str or astropy Quantity
             Radius in arcsec, any angle Quantity (``0.5 * u.deg``) or text with a unit (``"10arcsec"``,
@@ -80,11 +82,13 @@ class CatalogQuery:
             ra, dec = ra.icrs.ra.deg, ra.icrs.dec.deg
         elif dec is None:
             raise ConfigError("cone needs a centre: cone(ra, dec, radius) in deg or cone(SkyCoord, radius)")
+        if radius is not None and radius_arcsec is not None:
+            raise ConfigError(f"cone takes one radius, got radius_arcsec={radius_arcsec!r} and radius={radius!r}")
         r = radius if radius is not None else radius_arcsec
         if r is None:
             raise ConfigError("cone needs a radius: cone(ra, dec, 60) in arcsec or cone(ra, dec, 1 * u.deg)")
         r_arcsec = angle_value(r, "arcsec", "cone radius")
-        ra, dec = angle_value(ra, "deg", "ra"), angle_value(dec, "deg", "dec")
+        ra, dec = coordinate_value(ra, "ra"), coordinate_value(dec, "dec")
         if not r_arcsec > 0:
             raise ConfigError(f"cone needs a positive radius (arcsec), got {r_arcsec}")
         if not (-90 <= dec <= 90):
@@ -92,12 +96,13 @@ class CatalogQuery:
         return replace(self, regions=self.regions + (Cone(ra % 360.0, dec, r_arcsec / 3600.0),))
 
     def box(self, ra_min, ra_max, dec_min, dec_max) -> "CatalogQuery":
-        """Rows with ``ra_min <= ra <= ra_max`` and ``dec_min <= dec <= dec_max`` (degrees or Quantities).
+        """Rows with ``ra_min <= ra <= ra_max`` and ``dec_min <= dec <= dec_max`` (degrees, Quantities or text, as
+        :meth:`cone` takes them).
 
         ``ra_min > ra_max`` wraps through RA = 0: ``box(350, 10, -5, 5)`` covers 20 degrees of RA.
         """
-        ra_min, ra_max = angle_value(ra_min, "deg", "ra_min"), angle_value(ra_max, "deg", "ra_max")
-        dec_min, dec_max = angle_value(dec_min, "deg", "dec_min"), angle_value(dec_max, "deg", "dec_max")
+        ra_min, ra_max = coordinate_value(ra_min, "ra"), coordinate_value(ra_max, "ra")
+        dec_min, dec_max = coordinate_value(dec_min, "dec"), coordinate_value(dec_max, "dec")
         if not (-90 <= dec_min <= dec_max <= 90):
             raise ConfigError(f"box needs -90 <= dec_min <= dec_max <= 90, got dec {dec_min}..{dec_max}")
         if ra_max - ra_min >= 360:
@@ -128,13 +133,19 @@ class CatalogQuery:
 
     def limit(self, n: int) -> "CatalogQuery":
         """At most ``n`` rows (reading stops once they are found)."""
-        if n is None or int(n) < 0:
-            raise ConfigError(f"limit needs a count >= 0, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"limit needs a whole count >= 0, got {n!r}")
         return replace(self, max_rows=int(n))
 
     def id(self, source_id) -> "CatalogQuery":
         """Rows whose ``source_id`` is ``source_id`` (a string, or several in a list)."""
-        ids = (source_id,) if isinstance(source_id, str) else tuple(str(s) for s in source_id)
+        if isinstance(source_id, str):
+            ids = (source_id,)
+        elif isinstance(source_id, (list, tuple, set, np.ndarray, pa.Array, pa.ChunkedArray)):
+            ids = tuple(str(s) for s in source_id)
+        else:
+            raise ConfigError(f"id needs a source_id string (e.g. 'sdss-0266-51602-0003') or a list of them, "
+                              f"got {source_id!r}")
         if not ids:
             raise ConfigError("id needs at least one source_id")
         return replace(self, ids=ids if self.ids is None else tuple(i for i in self.ids if i in set(ids)))
@@ -369,9 +380,16 @@ def open_catalog(path: str | os.PathLike) -> CatalogQuery:
     CatalogError
         If ``path`` is not a finished catalog (no ``hats.properties``).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"open_catalog needs a catalog directory path, got {path!r}")
     path = Path(path)
     props = path / "hats.properties"
     if not props.exists():
+        if (path / "bundle.json").exists():
+            raise CatalogError(f"{path} is a model bundle, not a catalog; `catalogpred info {path}` shows its card")
+        if (path / "zarr.json").exists():
+            raise CatalogError(f"{path} is a spectra store (Zarr), not a catalog; make one from it with "
+                               f"`catalogpred predict --store {path} --model BUNDLE --catalog OUT`")
         raise CatalogError(f"{path} is not a finished catalog (no hats.properties); run `catalogpred predict` "
                            "(or re-run it to finish an interrupted one)")
     properties = {}

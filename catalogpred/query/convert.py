@@ -84,6 +84,8 @@ def arrow_to_astropy(table: pa.Table):
         elif pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type):
             mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
             values = np.asarray(col.fill_null("").to_pylist(), dtype=str) if len(col) else np.array([], dtype="U1")
+        elif pa.types.is_null(fld.type):  # no values and no type (SQL's NULL AS x): a masked float column
+            values, mask = np.full(len(col), np.nan), np.ones(len(col), bool)
         elif pa.types.is_floating(fld.type):
             values = col.to_numpy(zero_copy_only=False)
         elif col.null_count:
@@ -131,7 +133,8 @@ def astropy_to_arrow(t) -> pa.Table:
             if data.dtype.kind == "f":
                 m = (m if m is not None else np.zeros(len(data), bool)) | ~np.isfinite(data)
                 m = m if m.any() else None
-            arr = pa.array(data.tolist() if data.dtype.kind == "U" else data, mask=m)
+            arr = (pa.array(data.tolist(), type=pa.string(), mask=m) if data.dtype.kind == "U"  # all masked: not
+                   else pa.array(data, mask=m))                                                  # Arrow's null type
         md = {b"unit": (unit.to_string() if unit is not None else "").encode(),
               b"description": (getattr(col.info, "description", None) or "").encode()}
         ucd = (getattr(col.info, "meta", None) or {}).get("ucd")

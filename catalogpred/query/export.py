@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -26,14 +27,36 @@ _FORMAT_ALIASES = {".fit": ".fits", ".fts": ".fits", ".votable": ".vot", ".xml":
 
 def _normalise_format(dest, fmt: str | None) -> str:
     if fmt is None:
+        if not isinstance(dest, (str, os.PathLike)):
+            raise ConfigError(f"writing to a stream needs a format: fmt= one of {', '.join(OUTPUT_FORMATS)}")
         name = str(dest).lower()
         fmt = os.path.splitext(name[:-3] if name.endswith(".gz") else name)[1]
+        if name.endswith(".gz") and _FORMAT_ALIASES.get(fmt, fmt) == ".parquet":
+            raise ConfigError(f"{dest}: Parquet compresses its columns itself, and no reader opens a gzipped "
+                              "Parquet file; name it .parquet")
     fmt = fmt.lower() if fmt.startswith(".") else "." + fmt.lower()
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown output format {fmt!r} for {dest}; use one of {', '.join(OUTPUT_FORMATS)} "
                           "(by file extension)")
     return fmt
+
+
+def _as_arrow(table) -> pa.Table:
+    """A result as an Arrow table: a pyarrow Table as it is, a :class:`CatalogQuery` run, an astropy Table or a
+    pandas DataFrame converted with its units (:func:`~catalogpred.query.astropy_to_arrow`)."""
+    if isinstance(table, pa.Table):
+        return table
+    if hasattr(table, "to_arrow"):  # a CatalogQuery
+        return table.to_arrow()
+    if hasattr(table, "colnames"):  # astropy Table / QTable
+        from .convert import astropy_to_arrow
+
+        return astropy_to_arrow(table)
+    if hasattr(table, "columns") and hasattr(table, "dtypes"):  # pandas
+        return pa.Table.from_pandas(table, preserve_index=False)
+    raise ConfigError(f"cannot write a {type(table).__name__}: give a pyarrow Table, a catalog query, an astropy "
+                      "Table or a pandas DataFrame")
 
 
 def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: bool = True) -> None:
@@ -53,7 +76,9 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
     from which ``Table.read`` rebuilds the masked column. A null list (``latent`` of an unmatched row) is a
     masked row: NaN in FITS and Parquet (with a ``<name>.mask`` list there), empty in VOTable.
 
-    ``dest`` may be a path or a stream (CSV only for text streams). ``overwrite=False`` refuses an existing file.
+    ``table`` may be a pyarrow Table, a catalog query (run first), an astropy Table (units kept) or a pandas
+    DataFrame. ``dest`` may be a path (``.gz`` compresses FITS, VOTable and CSV) or a stream with ``fmt`` (CSV
+    only for text streams). ``overwrite=False`` refuses an existing file.
 
     Raises
     ------
@@ -62,6 +87,7 @@ def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: boo
     CatalogError
         If ``dest`` exists and ``overwrite`` is false, or the file cannot be written.
     """
+    table = _as_arrow(table)
     if not isinstance(dest, (str, os.PathLike)):
         _write(table, dest, _normalise_format(dest, fmt))
         return
@@ -233,7 +259,6 @@ def _vo_parquet_content(schema: pa.Schema) -> str:
     its order, strings as wide as the ``table::len::`` metadata says: astropy's ``format="parquet.votable"``
     stacks the FIELDs' empty table on the data, and a variable-length (``*``) string does not stack on a fixed one.
     """
-    import io
     import warnings
     from xml.sax.saxutils import escape as xml_escape
 
@@ -277,6 +302,7 @@ def _vo_parquet_content(schema: pa.Schema) -> str:
 def _write_fits(table: pa.Table, dest) -> None:
     import warnings
 
+    from astropy.io import fits
     from astropy.units import UnitsWarning
     from astropy.utils.exceptions import AstropyUserWarning
 
@@ -291,16 +317,19 @@ def _write_fits(table: pa.Table, dest) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)  # FITS units: 'erg', 'Angstrom' are fine, VOUnit frowns
         warnings.filterwarnings("ignore", "The unit .* could not be saved in native FITS", AstropyUserWarning)
-        t.write(dest, format="fits", overwrite=True)
-    if no_fits_unit:
-        from astropy.io import fits
-
-        with warnings.catch_warnings(), fits.open(dest, mode="update") as hdus:  # not TUNITn: a unit astropy
-            warnings.simplefilter("ignore", fits.verify.VerifyWarning)            # cannot parse overrides its
-            header = hdus[1].header                                               # metadata (a long comment: cut)
-            for i in range(1, header["TFIELDS"] + 1):
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # a long TTYPE comment below is cut, as meant
+        if not no_fits_unit:
+            t.write(dest, format="fits", overwrite=True)
+            return
+        buf = io.BytesIO()  # written by astropy (which keeps such units in its metadata), then commented in memory:
+        t.write(buf, format="fits")  # a stream cannot be reopened for update
+        buf.seek(0)
+        with fits.open(buf) as hdus:
+            header = hdus[1].header
+            for i in range(1, header["TFIELDS"] + 1):  # not TUNITn: a unit astropy cannot parse overrides its metadata
                 if header[f"TTYPE{i}"] in no_fits_unit:
                     header.comments[f"TTYPE{i}"] = f"unit: {no_fits_unit[header[f'TTYPE{i}']]}"
+            hdus.writeto(dest, overwrite=True)
 
 
 def _write_votable(table: pa.Table, dest) -> None:
@@ -370,7 +399,9 @@ def _format_value(v, unit: str, is_float: bool) -> str:
 
 
 def format_table(table: pa.Table, max_rows: int | None = None) -> str:
-    """An aligned text table for a terminal: header, a units line, and the rows (numbers right-aligned)."""
+    """An aligned text table for a terminal: header, a units line, and the rows (numbers right-aligned). ``table``
+    as :func:`write_table` takes it."""
+    table = _as_arrow(table)
     shown = table if max_rows is None else table.slice(0, max_rows)
     cols = []
     for fld, col in zip(shown.schema, shown.columns):

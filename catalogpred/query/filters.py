@@ -30,7 +30,12 @@ def _referenced_columns(expr: str, names) -> set[str]:
 
 def check_column_list(columns) -> tuple:
     """Column names from ``"a,b"`` or a list, stripped; a :class:`ConfigError` when none is named or one twice."""
-    cols = tuple(columns.split(",")) if isinstance(columns, str) else tuple(columns)
+    if isinstance(columns, str):
+        cols = tuple(columns.split(","))
+    elif isinstance(columns, (list, tuple)):
+        cols = tuple(columns)
+    else:
+        raise ConfigError(f"columns must be names, comma-separated ('source_id,ra,dec') or in a list, got {columns!r}")
     cols = tuple(str(c).strip() for c in cols if str(c).strip())
     if not cols:
         raise ConfigError(f"no column names in {columns!r}; give a comma-separated list, e.g. source_id,ra,dec,w1_mag")

@@ -66,22 +66,24 @@ def _type_name(t: pa.DataType) -> str:
 
 
 def _manifest_models(manifest: dict) -> list[dict]:
-    """Model entries of a run manifest: ``models`` (by grid) merged with the single ``model`` entry."""
-    entries = []
+    """The models of a run manifest, each once, with the surveys whose rows it predicted: ``models`` is keyed by
+    survey (a DESI-grid bundle serves DESI and PFS), and the single ``model`` entry (the first survey's) fills
+    in what older manifests did not record per survey (grid, kind)."""
+    entries: dict[str, dict] = {}
     models = manifest.get("models")
     if isinstance(models, dict):
-        entries = [{"grid": grid, **m} for grid, m in models.items() if isinstance(m, dict)]
-    elif isinstance(models, list):
-        entries = [dict(m) for m in models if isinstance(m, dict)]
+        models = [{**m, "surveys": [survey]} for survey, m in models.items() if isinstance(m, dict)]
+    for m in models if isinstance(models, list) else []:
+        if not isinstance(m, dict):
+            continue
+        e = entries.setdefault(m.get("model_id", "?"), {**m, "surveys": []})
+        e["surveys"] = e["surveys"] + [s for s in m.get("surveys", []) if s not in e["surveys"]]
     single = manifest.get("model")
     if isinstance(single, dict):
-        same = [e for e in entries if e.get("model_id") == single.get("model_id")]
-        for e in same:
-            for k, v in single.items():
-                e.setdefault(k, v)
-        if not same:
-            entries.insert(0, dict(single))
-    return entries
+        e = entries.setdefault(single.get("model_id", "?"), {"surveys": []})
+        for k, v in single.items():
+            e.setdefault(k, v)
+    return list(entries.values())
 
 
 def _model_summary(model: dict) -> dict:
@@ -103,6 +105,8 @@ def _model_summary(model: dict) -> dict:
     model["n_latent"] = b.get("n_latent")
     model["card"] = {k: card[k] for k in ("kind", "summary", "training_data", "limitations") if card.get(k)}
     model.setdefault("kind", card.get("kind", "?"))
+    if isinstance(b.get("grid"), dict) and b["grid"].get("name"):
+        model.setdefault("grid", b["grid"]["name"])  # manifests before 2026-11-27 name one model's grid only
     model["card"]["metrics"] = _band_metrics(metrics)
     model["card"]["metrics_on"] = metrics.get("evaluated_on", "validation")  # bundles before the test split: validation
     if isinstance(metrics.get("evaluation"), dict):  # `catalogpred models evaluate` on a held-out table
@@ -129,7 +133,8 @@ def format_info(info: dict, width: int = 70) -> str:
                f"{a['moc_cells']} cells); leaves {info['leaves']} HEALPix pixels at order {info['order']} "
                f"= {a['leaves']:.1f} deg2")
     for m in info["models"]:
-        out.append(f"  model     {m.get('model_id', '?')} (kind {m.get('kind', '?')}, grid {m.get('grid', '?')})")
+        surveys = f", surveys {', '.join(m['surveys'])}" if m.get("surveys") else ""
+        out.append(f"  model     {m.get('model_id', '?')} (kind {m.get('kind', '?')}, grid {m.get('grid', '?')}{surveys})")
         out.append(f"    path    {m.get('path', '?')}")
         card = m.get("card") or {}
         for k in ("summary", "training_data", "limitations"):

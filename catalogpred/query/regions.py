@@ -29,48 +29,93 @@ def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
 
 
 def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
-    """An angle as a float in ``unit``: a number (already in ``unit``), an astropy angle Quantity or ``Angle``
-    (``0.5 * u.deg``), or text: a number, a value with its unit (``"10arcsec"``, ``"0.5 arcmin"``, ``"1deg"``)
-    or with primes (``"10'"``, ``'1.5"'``, ``"0d10m"``, as astropy ``Angle`` reads them).
+    """An angle as a finite float in ``unit``: a number (already in ``unit``), an astropy angle Quantity or
+    ``Angle`` (``0.5 * u.deg``), or text: a number, a value with its unit (``"10arcsec"``, ``"0.5 arcmin"``,
+    ``"1deg"``) or with primes (``"10'"``, ``'1.5"'``, ``"0d10m"``, as astropy ``Angle`` reads them).
 
     Raises
     ------
     ConfigError
-        If ``value`` is none of those, or its unit is not an angle (``"10 m"``).
+        If ``value`` is none of those, is not finite, or is a number with a unit that is not an angle or is
+        ambiguous: ``"10 m"`` (ten metres to astropy's units, ten arcminutes to its ``Angle``), ``"1h"``, ``"5s"``:
+        write ``10arcmin``, ``15deg``, ``5arcsec``.
     """
+    import re
+
     import astropy.units as u
 
     want = u.Unit(unit)
     if isinstance(value, str):
         text = value.strip()
-        try:
-            return float(text)
-        except ValueError:
-            pass
+        number = _float_or_none(text)
+        if number is not None:
+            return _finite(number, name, value)
+        if re.fullmatch(r"[-+]?[\d.]+(?:[eE][-+]?\d+)?\s*[hms]", text):
+            raise ConfigError(f"{name} {value!r} is ambiguous: m, s and h are metres, seconds and hours as units "
+                              f"but minutes, seconds and hours of arc in sexagesimal; give a number ({unit}) or a value "
+                              "with an angle unit, e.g. 10arcsec, 0.5arcmin, 1deg")
         try:
             q = u.Quantity(text)
-            if not q.unit.is_equivalent(u.deg):  # '30m' is 30 metres as a Quantity, 30 arcmin as an Angle
+            if not q.unit.is_equivalent(u.deg):
                 raise u.UnitsError(f"{q.unit} is not an angle")
-            return float(q.to_value(want))
         except (TypeError, ValueError, u.UnitsError):
-            pass
-        from astropy.coordinates import Angle
+            q = None  # primes and sexagesimal ("10'", "0d10m"): astropy's Angle reads them
+        if q is None:
+            from astropy.coordinates import Angle
 
-        try:
-            return float(Angle(text).to_value(want))
-        except (TypeError, ValueError, u.UnitsError) as exc:
-            raise ConfigError(f"cannot read {name} {value!r} as an angle; give a number ({unit}) or a value with "
-                              "its unit, e.g. 10arcsec, 0.5arcmin, 1deg") from exc
+            try:
+                q = Angle(text)
+            except (TypeError, ValueError, u.UnitsError) as exc:
+                raise ConfigError(f"cannot read {name} {value!r} as an angle; give a number ({unit}) or a value "
+                                  "with its unit, e.g. 10arcsec, 0.5arcmin, 1deg") from exc
+        return _finite(float(q.to_value(want)), name, value)
     if hasattr(value, "unit"):
         try:
-            return float(u.Quantity(value).to_value(want))
+            number = float(u.Quantity(value).to_value(want))
         except (TypeError, ValueError, u.UnitsError) as exc:
             raise ConfigError(f"{name} must be an angle, got {value!r} ({exc})") from exc
+        return _finite(number, name, value)
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a number ({unit}), an angle Quantity or text such as '10arcsec', "
                           f"got {value!r}") from exc
+    return _finite(number, name, value)
+
+
+def coordinate_value(value, axis: str) -> float:
+    """RA (``axis="ra"``) or Dec (``"dec"``) in degrees, finite: a number (deg), an angle Quantity, or text: a
+    number, a value with units (``"192.5deg"``, ``"12h50m07.6s"``, ``"+7d02m55s"``) or sexagesimal with ``:``
+    or spaces, read in hours for RA and degrees for Dec (``"12:50:07.6"``, ``"-7:02:55"``). Not wrapped or
+    range-checked here (a cone wraps RA into [0, 360) and checks Dec)."""
+    import astropy.units as u
+    from astropy.coordinates import Angle
+
+    what = {"ra": "RA", "dec": "Dec"}[axis]
+    if not isinstance(value, str):
+        return angle_value(value, "deg", what)
+    text = value.strip()
+    number = _float_or_none(text)
+    if number is None:
+        try:  # a unit in the text wins over the sexagesimal unit
+            number = float(Angle(text, unit="hourangle" if axis == "ra" else "deg").deg)
+        except (TypeError, ValueError, u.UnitsError) as exc:
+            raise ConfigError(f"cannot read {text!r} as {what}; give degrees (150.2), a value with units (10h00m48s, "
+                              f"+2d12m) or sexagesimal ({'10:00:48' if axis == 'ra' else '-2:12:00'})") from exc
+    return _finite(number, what, value)
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _finite(x: float, name: str, value) -> float:
+    if not math.isfinite(x):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    return x
 
 
 @dataclass(frozen=True)
