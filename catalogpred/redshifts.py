@@ -6,6 +6,7 @@
 - ids: ``targetid`` (DESI) or ``cat_id`` + ``obj_id`` (PFS; ``catId``/``objId`` accepted), or
   ``plate`` + ``mjd`` + ``fiberid`` (SDSS ``specObj``/``spAll``; these also keep the columns in
   :data:`EXTRA_COLUMNS`, e.g. ``specobjid``, ``subclass``, ``plug_ra``/``plug_dec``, for :attr:`RedshiftTable.extra`);
+  any table keeps redrock's ``deltachi2`` there too;
 - ``z`` (also ``redshift``), ``z_err`` (``zerr``, ``redshift_error``), ``zwarn`` (``zwarning``),
   ``spectype`` (``class``).
 
@@ -27,7 +28,7 @@ __all__ = ["RedshiftTable", "load_redshift_table", "normalise_name", "SDSS_ID_CO
 #: id columns of SDSS object tables (specObj, spAll): one row per spectrum
 SDSS_ID_COLUMNS = ("plate", "mjd", "fiberid")
 #: further columns (normalised names) a table keeps in :attr:`RedshiftTable.extra` when present
-EXTRA_COLUMNS = ("specobjid", "subclass", "plug_ra", "plug_dec", "ra", "dec", "sn_median_all", "run2d")
+EXTRA_COLUMNS = ("specobjid", "subclass", "plug_ra", "plug_dec", "ra", "dec", "sn_median_all", "run2d", "deltachi2")
 
 
 def _pack_sdss(plate, mjd, fiberid) -> np.ndarray:

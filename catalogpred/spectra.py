@@ -372,7 +372,7 @@ def check_spectra(flux, ivar, mask, wave, z, window=NORM_WINDOW_RESTFRAME):
             details[i] = "no pixel with ivar > 0 outside the pipeline and sky-line masks"
         elif not np.isfinite(h_z[i]) or h_z[i] <= -0.01:
             reasons[i] = RejectReason.BAD_REDSHIFT
-            details[i] = f"z = {h_z[i]!r}"
+            details[i] = f"z = {float(h_z[i])}"  # -0.5, nan: not np.float64(-0.5)
         elif h_nwin[i] == 0:
             lo, hi = (window[0] * (1 + h_z[i]), window[1] * (1 + h_z[i]))
             reasons[i] = RejectReason.NORM_WINDOW_EMPTY

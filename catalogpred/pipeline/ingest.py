@@ -22,7 +22,7 @@ from .. import __version__
 from .. import store
 from ..cluster import check_workers, shared_path
 from ..errors import ConfigError, RejectReason
-from ..surveys import get_reader
+from ..surveys import get_reader, readers, survey_from_name
 from ..tasks import detect_survey, ingest_shard
 from .runner import PipelineError, reasons_lines, run_bounded
 
@@ -37,33 +37,40 @@ log = logging.getLogger(__name__)
 FITS_PATTERNS = ("*.fits", "*.fits.gz", "*.fit", "*.fits.fz")
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
+def expand_inputs(inputs: list[str], _listed_in: str | None = None) -> list[str]:
     """Files, directories (searched recursively for FITS files), globs and ``@filelist.txt`` → sorted absolute paths.
+
+    Relative paths in a file list are relative to the list's directory (as in most tools), not to the
+    working directory.
 
     Raises
     ------
     ConfigError
-        If an input matches nothing.
+        If an input matches nothing (naming the file list it came from).
     """
     out: list[str] = []
+    where = f" (listed in {_listed_in})" if _listed_in else ""
     for item in inputs:
         item = str(item)
         if item.startswith("@"):
             if not os.path.isfile(item[1:]):
-                raise ConfigError(f"file list {item[1:]} does not exist (@FILE names a text file of paths, one per line)")
-            lines = Path(item[1:]).read_text().splitlines()
-            out += expand_inputs([ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+                raise ConfigError(f"file list {item[1:]}{where} does not exist (@FILE names a text file of paths, "
+                                  "one per line)")
+            base = os.path.dirname(os.path.abspath(item[1:]))
+            lines = [ln.strip() for ln in Path(item[1:]).read_text().splitlines()]
+            out += expand_inputs([(ln[0] + os.path.join(base, ln[1:])) if ln.startswith("@") else os.path.join(base, ln)
+                                  for ln in lines if ln and not ln.startswith("#")], _listed_in=item[1:])
         elif os.path.isdir(item):
             found = [p for pat in FITS_PATTERNS for p in glob.glob(os.path.join(item, "**", pat), recursive=True)]
             if not found:
-                raise ConfigError(f"directory {item} holds no FITS files ({', '.join(FITS_PATTERNS)})")
+                raise ConfigError(f"directory {item}{where} holds no FITS files ({', '.join(FITS_PATTERNS)})")
             out += found
         elif os.path.exists(item):
             out.append(item)
         else:
             found = glob.glob(item, recursive=True)
             if not found:
-                raise ConfigError(f"input {item!r} matches no file")
+                raise ConfigError(f"input {item!r}{where} matches no file")
             out += found
     return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
 
@@ -80,18 +87,26 @@ class IngestSummary:
     shards: int = 0
     by_survey: dict = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
+    #: rejects the store already held for the inputs' spectra that this run skipped (``--strict`` counts them)
+    earlier_reasons: Counter = field(default_factory=Counter)
+    #: inputs skipped because the store holds them only as an ``unreadable_file`` reject
+    quarantined_files: int = 0
     seconds: float = 0.0
 
     @property
     def rejected(self) -> int:
-        return sum(self.reasons.values())
+        """Rejected spectra of the given inputs: this run's, and those the store holds for the inputs it skipped
+        (a re-run of an ingest that had rejects still has them: ``--strict`` fails the same way)."""
+        return sum(self.reasons.values()) + sum(self.earlier_reasons.values())
 
     def table(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
         lines = [f"ingest summary: {self.store}",
                  f"  input files      {self.files:>9,d}   (already in the store, skipped: {self.skipped_files:,d}; "
                  f"redshift-only files used: {self.auxiliary_files:,d})",
-                 f"  spectra          {self.rows:>9,d}   ok {self.ok:,d}, rejected {self.rejected:,d}",
+                 f"  spectra          {self.rows:>9,d}   ok {self.ok:,d}, rejected {sum(self.reasons.values()):,d}"
+                 + (f" (and {sum(self.earlier_reasons.values()):,d} rejects of skipped inputs already in the store)"
+                    if self.earlier_reasons else ""),
                  f"  shards written   {self.shards:>9,d}",
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} spectra/s)"]
         for s, d in self.by_survey.items():
@@ -198,7 +213,7 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     options : ReadOptions, optional
         External redshift table and target selection for multi-object surveys.
     """
-    from ..surveys import ReadOptions, Selection
+    from ..surveys import ReadOptions
 
     options = options or ReadOptions()
     t0 = time.perf_counter()
@@ -216,18 +231,27 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     reader_of: dict[str, str] = {}  # path -> reader name, where it differs from its group's name
     group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
     redshift_files = []
+    # every input already in the store, in whichever group: a path never sits in two groups
+    stored = _stored_inputs(store_path)
+    elsewhere: dict[str, list[str]] = {}  # group -> inputs it holds that this run would file in another group
+    quarantined = []  # inputs the store holds only as an unreadable_file reject
     for path, name, n, rej in detected:
         if name is not None and name.startswith("aux:"):
             summary.auxiliary_files += 1
             redshift_files.append(path)
             continue
         summary.files += 1
+        if path in stored and stored[path][1]:
+            quarantined.append((path, name is not None))
         if survey != "auto":
             name = survey
         elif name is None:
             file_rejects[path] = rej
             continue
         group = get_reader(name).group  # e.g. spPlate files ("sdss-plate") go to the "sdss" group
+        if path in stored and stored[path][0] != group:  # e.g. quarantined under another group by an older ingest
+            elsewhere.setdefault(stored[path][0], []).append(path)
+            continue
         by_survey.setdefault(group, []).append((path, n))
         group_reader.setdefault(group, name)
         if name != group:
@@ -236,23 +260,43 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         raise ConfigError(f"no spectra among the inputs: {summary.auxiliary_files} redshift-only file(s) "
                           "(redrock, specObj/spAll, ...); give the spectra files too")
     fits_named = [p for p in file_rejects if os.path.basename(p).lower().endswith((".fits", ".fit", ".fits.gz", ".fz"))]
-    if not by_survey and not fits_named:  # no input is even named like FITS: say so rather than make a store of
-        example = next(iter(file_rejects.values())).split("\t", 1)[-1]  # rejects (broken FITS files are rejects)
+    if not by_survey and not fits_named and not elsewhere:  # no input is even named like FITS: say so rather than
+        example = next(iter(file_rejects.values())).split("\t", 1)[-1]  # make a store of rejects (broken FITS files are)
         raise ConfigError(f"none of the {summary.files} input file(s) is a spectra file of a known survey (SDSS spec/"
                           f"spPlate, DESI, PFS; e.g. {example}); nothing was ingested (`catalogpred ingest ... "
                           "--dry-run` says what each input is)")
     if redshift_files:  # the readers look among them as well as beside the spectra
         options = dataclasses.replace(options, redshift_files=tuple(redshift_files))
     if file_rejects:
-        # undetectable files are quarantined in the main survey's group, so the accounting still holds; one
-        # quarantined by an earlier ingest into this store stays in the group that holds its reject row
-        home = max(by_survey, key=lambda s: len(by_survey[s])) if by_survey else "sdss"
-        before = store.input_paths(store_path, whole_file_rejects=True) if os.path.isdir(store_path) else {}
+        # a file that cannot be read is quarantined (one reject row) in the group its name says (spec-* → sdss,
+        # coadd-* → desi, ...), else the main survey's group, so the accounting still holds; one quarantined by an
+        # earlier ingest into this store stays in the group that holds its reject row
+        main = (max(by_survey, key=lambda s: len(by_survey[s])) if by_survey
+                else max(Counter(g for g, _ in stored.values()).items(), key=lambda kv: kv[1])[0] if stored else "sdss")
         for p in file_rejects:
-            by_survey.setdefault(before.get(p, home), []).append((p, 1))
+            group = stored[p][0] if p in stored else survey_from_name(p) or main
+            by_survey.setdefault(group, []).append((p, 1))
+    if quarantined:
+        readable = sum(ok for _, ok in quarantined)
+        log.warning("%d input file(s) are in %s only as unreadable_file rejects and were skipped (e.g. %s)%s; "
+                    "if repaired, ingest them into a new store", len(quarantined), store_path,
+                    os.path.basename(quarantined[0][0]), f", {readable} of them readable now" if readable else "")
+        summary.quarantined_files = len(quarantined)
+    table_ids = _redshift_table_ids(options.redshifts)
 
-    for name, files in sorted(by_survey.items()):
+    for name in sorted(set(by_survey) | set(elsewhere)):
+        files = by_survey.get(name, [])
+        if name in elsewhere:  # inputs in the store under this group that this run would file elsewhere: skipped
+            summary.skipped_files += len(elsewhere[name])
+            summary.earlier_reasons.update(_stored_rejects(store_path, name, elsewhere[name]))
+            if not files:
+                continue
         reader = get_reader(group_reader.get(name, name))
+        # the redshift table this group's readers use (a table keyed by another survey's ids is not theirs)
+        redshifts = options.redshifts if table_ids is not None and table_ids in _redshift_ids(name) else None
+        if options.redshifts and redshifts is None and name in group_reader:
+            log.warning("--redshifts %s is keyed by %s, which the %s readers do not use: its %d files keep their own "
+                        "redshifts", os.path.basename(options.redshifts), ", ".join(table_ids), name, len(files))
         if os.path.exists(store_path) and name in store.list_surveys(store_path):
             _, layout = store.open_survey(store_path, name)  # an existing group keeps its own layout
             if (layout.shard_rows, layout.chunk_rows) != (shard_rows, chunk_rows):
@@ -271,21 +315,25 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
                       for lo, hi in missing_ranges(int(n), have.rows(p))]
             skipped = len({p for p, _ in files} - {p for p, _, _ in ranges})
             summary.skipped_files += skipped
-            if skipped and (options.redshifts or options.selection != Selection()):
+            earlier = _earlier_options(store_path, name)
+            if skipped and earlier != [(redshifts, options.selection.to_manifest())]:
                 log.warning("%d of these files are already in %s/%s and were skipped: their spectra keep the "
-                            "redshifts and selection of their first ingest, not this run's --redshifts/--keep-*/"
-                            "--spectypes; ingest them into a new store to apply those", skipped, store_path, name)
+                            "redshifts and selection of their first ingest (%s), not this run's (%s); ingest them "
+                            "into a new store to apply those", skipped, store_path, name,
+                            "; ".join(_describe_options(*o) for o in earlier) or "not recorded",
+                            _describe_options(redshifts, options.selection.to_manifest()))
             n_all, n_todo = sum(int(n) for _, n in files), sum(hi - lo for _, lo, hi in ranges)
             log.info("resuming %s/%s: %d of the inputs' %d spectra already ingested", store_path, name,
                      n_all - n_todo, n_all)
             pieces = plan_ranges(ranges, layout.shard_rows)
-        results, errors = {}, {}
+        results, errors, shards = {}, {}, []
         if pieces:
             shards = store.allocate_shards(store_path, name, len(pieces))
             keys = [f"ingest-{name}-{s:06d}-{os.urandom(4).hex()}" for s in shards]
             key_to_shard = dict(zip(keys, shards))
-            args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects}, options,
-                     {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
+            group_options = options if redshifts == options.redshifts else dataclasses.replace(options, redshifts=None)
+            args = [(str(store_path), name, s, b, {p: file_rejects[p] for p, _, _ in b if p in file_rejects},
+                     group_options, {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
                     for s, b in zip(shards, pieces)]
             finished: list[int] = []
             results, errors = run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
@@ -293,7 +341,9 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
             store.mark_shards_done(store_path, name, finished)
         # duplicates and the per-file row check run on every ingest, a resumed one included (a run stopped
         # after marking its shards done still gets them)
-        meta = store.read_meta(store_path, name, columns=["source_id", "status", "source_path", "row_in_file"])
+        meta = store.read_meta(store_path, name, columns=["source_id", "status", "source_path", "row_in_file",
+                                                          "reject_reason"])
+        summary.earlier_reasons.update(_earlier_rejects(meta, [p for p, _ in files], shards, layout.shard_rows))
         n_dup = _reject_duplicates(store_path, name, meta)
         if errors:
             raise PipelineError(f"{len(errors)} ingest tasks failed (e.g. {next(iter(errors.values()))}); "
@@ -319,11 +369,83 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         store.record_ingest(store_path, name, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "catalogpred": __version__,
             "files": len({p for b in pieces for p, _, _ in b}), "rows": d["rows"], "shards": len(results),
-            "redshifts": options.redshifts, "selection": options.selection.to_manifest(),
+            "redshifts": redshifts, "selection": options.selection.to_manifest(),
             "rejects_by_reason": dict(reasons) | ({"duplicate_id": n_dup} if n_dup else {}),
         })
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _stored_inputs(store_path) -> dict[str, tuple[str, bool]]:
+    """Every input file a store holds: path -> (survey group, whether its only row is an unreadable-file reject,
+    source_id ``file:<name>``). Empty for a new store."""
+    import pyarrow.compute as pc
+
+    if not os.path.isdir(store_path):
+        return {}
+    out: dict[str, tuple[str, bool]] = {}
+    for group in store.list_surveys(store_path):
+        if not len(store.done_shards(store_path, group)):
+            continue
+        meta = store.read_meta(store_path, group, ["source_path", "source_id"])
+        whole = set(meta.filter(pc.starts_with(meta.column("source_id"), "file:")).column("source_path").to_pylist())
+        out.update((p, (group, p in whole)) for p in meta.column("source_path").unique().to_pylist())
+    return out
+
+
+def _stored_rejects(store_path, group: str, paths) -> Counter:
+    """Rejects (by reason) the store's ``group`` holds for the input files ``paths``."""
+    meta = store.read_meta(store_path, group, ["source_path", "status", "reject_reason"])
+    return _earlier_rejects(meta, paths, [], 1)
+
+
+def _earlier_rejects(meta, paths, new_shards, shard_rows: int) -> Counter:
+    """Rejects (by reason) among ``meta``'s rows of the files ``paths`` outside this run's ``new_shards``: what
+    the store held for the inputs before this run."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not paths or not meta.num_rows:
+        return Counter()
+    rejected = (meta.column("status").to_numpy() == store.RowStatus.REJECTED)
+    rejected &= pc.is_in(meta.column("source_path"), value_set=pa.array(list(paths), pa.string())).to_numpy(
+        zero_copy_only=False)
+    if len(new_shards):
+        rejected &= ~np.isin(meta.column("row").to_numpy() // shard_rows, np.asarray(new_shards, np.int64))
+    return Counter(meta.column("reject_reason").filter(pa.array(rejected)).to_pylist())
+
+
+def _redshift_table_ids(path) -> tuple | None:
+    """The id columns of the ``--redshifts`` table (None without one), read as the workers read it (cached)."""
+    if not path:
+        return None
+    from ..redshifts import load_redshift_table
+
+    return load_redshift_table(path).id_columns
+
+
+def _redshift_ids(group: str) -> set:
+    """The id columns of the redshift tables that the readers writing to store ``group`` use."""
+    return {ids for r in readers() if r.group == group for ids in r.redshift_ids}
+
+
+def _earlier_options(store_path, group: str) -> list[tuple]:
+    """The distinct ``(redshifts, selection)`` of the ingest runs recorded for a store group, in order."""
+    runs = store.ingest_history(store_path, group)
+    out = []
+    for run in runs:
+        o = (run.get("redshifts"), run.get("selection"))
+        if o not in out:
+            out.append(o)
+    return out
+
+
+def _describe_options(redshifts, selection: dict) -> str:
+    from ..surveys import Selection
+
+    changed = [f"{k}={v}" for k, v in (selection or {}).items() if v != Selection().to_manifest().get(k)]
+    return ", ".join([f"--redshifts {os.path.basename(redshifts)}" if redshifts else "no --redshifts"]
+                     + (changed or ["default selection"]))
 
 
 def _check_file_rows(store_path: str, survey: str, have: _FileRows, files: list[tuple[str, int]]) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "get_reader",
     "readers",
     "identify_survey",
+    "survey_from_name",
     "read_spectra",
     "COMMON_META",
     "ColumnDoc",
@@ -141,17 +142,32 @@ class ReadOptions:
     redshift_files: tuple = ()
 
 
+def _compression_variants(name: str) -> list[str]:
+    """``name`` and its compressed or uncompressed twins (``x.fits``, ``x.fits.gz``, ``x.fits.fz``), ``name``
+    first: a ``coadd-X.fits.gz`` may sit beside a ``redrock-X.fits`` and the other way round."""
+    base = name
+    for ext in (".gz", ".fz"):
+        if base.lower().endswith(".fits" + ext):
+            base = base[: -len(ext)]
+    if not base.lower().endswith(".fits"):
+        return [name]
+    return list(dict.fromkeys([name, base, base + ".gz", base + ".fz"]))
+
+
 def given_or_beside(names, directory: str, given=()) -> str | None:
     """The first of the file ``names`` (base names, in order of preference) in ``directory``, else among the
-    ``given`` paths (:attr:`ReadOptions.redshift_files`), else None."""
+    ``given`` paths (:attr:`ReadOptions.redshift_files`), else None. A name also matches its gzip/fpack twin
+    (``redrock-X.fits`` finds ``redrock-X.fits.gz``)."""
     by_name = {os.path.basename(str(p)): str(p) for p in given}
     for name in names:
-        beside = os.path.join(directory, name)
-        if os.path.exists(beside):
-            return beside
+        for variant in _compression_variants(name):
+            beside = os.path.join(directory, variant)
+            if os.path.exists(beside):
+                return beside
     for name in names:
-        if name in by_name:
-            return by_name[name]
+        for variant in _compression_variants(name):
+            if variant in by_name:
+                return by_name[variant]
     return None
 
 
@@ -262,6 +278,12 @@ class Reader:
     store_survey: str | None = None
     #: descriptions, units and UCDs of the native columns in ``meta_columns`` (name -> :class:`ColumnDoc`)
     column_docs: dict = field(default_factory=dict)
+    #: how the survey names its files (``"spec-"``, ``"coadd-"``, ...): :func:`survey_from_name` files a file
+    #: that cannot be read, and so not identified by content, in the group its name says
+    name_prefixes: tuple = ()
+    #: the id columns (:attr:`~catalogpred.redshifts.RedshiftTable.id_columns`) of a ``--redshifts`` table that
+    #: this reader applies; a table keyed otherwise leaves its files' redshifts as they are
+    redshift_ids: tuple = ()
 
     @property
     def group(self) -> str:
@@ -293,6 +315,17 @@ def column_docs(groups=None) -> dict[str, ColumnDoc]:
     return out
 
 
+def survey_from_name(path) -> str | None:
+    """The store group a file's name says it belongs to (``spec-*.fits`` → ``sdss``, ``coadd-*``/``spectra-*``
+    → ``desi``, ``pfsObject-*``/``pfsCoadd-*`` → ``pfs``), by the readers' :attr:`Reader.name_prefixes`; None
+    for other names. Only for files that could not be identified by content (unreadable, truncated)."""
+    base = os.path.basename(str(path)).lower()
+    for reader in readers():
+        if any(base.startswith(p.lower()) for p in reader.name_prefixes):
+            return reader.group
+    return None
+
+
 def get_reader(name: str) -> Reader:
     try:
         return _READERS[name]
@@ -303,15 +336,50 @@ def get_reader(name: str) -> Reader:
         ) from None
 
 
+#: FITS files are made of 2,880-byte blocks
+FITS_BLOCK = 2880
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _fits_size(path: str, head: bytes) -> int | None:
+    """Bytes of FITS data in ``path``: its size, or for a gzip file the size it decompresses to (cfitsio reads
+    ``.gz`` itself and reports offsets in the decompressed file); None for other compression cfitsio reads
+    (``.Z``, ``.zip``), whose size is not checked. Raises :class:`InputFileError` for a truncated or corrupt
+    gzip stream."""
+    if head.startswith(_GZIP_MAGIC):
+        import gzip
+        import zlib
+
+        n = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    n += len(chunk)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise InputFileError(f"{os.path.basename(path)}: truncated or corrupt gzip file ({exc})",
+                                 RejectReason.UNREADABLE_FILE) from exc
+        return n
+    if head.startswith(b"SIMPLE"):
+        return os.path.getsize(path)
+    return None
+
+
 def _open_fits(path):
+    """``(fitsio.FITS, {EXTNAME, ...})`` of a FITS file (also gzipped, ``.fits.gz``), after checking it is whole:
+    a FITS file is a whole number of 2,880-byte blocks and ends where its last HDU ends. A download cut short
+    fails that, even where cfitsio opens it (a cut inside the last header hides that HDU)."""
     import fitsio
 
     name = os.path.basename(str(path))
     try:
+        with open(str(path), "rb") as f:
+            head = f.read(FITS_BLOCK)
+        size = _fits_size(str(path), head)
         fits = fitsio.FITS(str(path))
         hdu_names = {(h.get_extname() or "").upper() for h in fits}
         end = max(h.get_offsets()["data_end"] for h in fits)
-        size = os.path.getsize(str(path))
+    except InputFileError:
+        raise
     except Exception as exc:  # fitsio raises OSError/ValueError/… for non-FITS and truncated files
         if is_transient(exc):  # the machine's error (EIO, out of memory): Dask retries the task
             raise
@@ -319,11 +387,34 @@ def _open_fits(path):
             f"{name}: not a readable FITS file ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})",
             RejectReason.UNREADABLE_FILE,
         ) from exc
-    if end > size:
+    what = "decompresses to" if head.startswith(_GZIP_MAGIC) else "has"
+    problem = None
+    if size is None:
+        pass
+    elif end > size:
+        problem = f"its headers need {end:,d} bytes, the file {what} {size:,d}"
+    elif size % FITS_BLOCK:
+        problem = f"the file {what} {size:,d} bytes, not a multiple of {FITS_BLOCK:,d}"
+    elif size > end and _starts_hdu(str(path), end, head):
+        problem = f"an HDU header at byte {end:,d} is cut short (the file {what} {size:,d} bytes)"
+    if problem:
         fits.close()
-        raise InputFileError(f"{name}: truncated FITS file: its headers need {end:,d} bytes, the file has {size:,d}",
-                             RejectReason.UNREADABLE_FILE)
+        raise InputFileError(f"{name}: truncated FITS file: {problem}", RejectReason.UNREADABLE_FILE)
     return fits, hdu_names
+
+
+def _starts_hdu(path: str, offset: int, head: bytes) -> bool:
+    """Whether the bytes at ``offset`` (past the last HDU cfitsio found) begin another extension's header: one
+    whose header cfitsio could not read to its END card."""
+    if head.startswith(_GZIP_MAGIC):
+        import gzip
+
+        with gzip.open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(9) == b"XTENSION="
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(9) == b"XTENSION="
 
 
 #: auxiliary (redshift-only) formats: name -> identify(hdu_names)
@@ -388,7 +479,7 @@ def _identify(path, hdu_names: set, fits=None) -> str:
             return AUXILIARY + name
     shown = ", ".join(sorted(h or "PRIMARY" for h in hdu_names))
     raise InputFileError(
-        f"{os.path.basename(str(path))}: no reader matched (HDUs: {shown}); pass survey=… "
+        f"{os.path.basename(str(path))}: no reader matched (HDUs: {shown}); name the reader with --survey "
         f"(one of {', '.join(sorted(_READERS))})",
         RejectReason.UNKNOWN_FORMAT,
     )

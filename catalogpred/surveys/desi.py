@@ -298,17 +298,9 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
         rs = load_redshift_table(zsource)
         got = rs.lookup(targetid)
         found, z, z_err, zwarn, spectype = got["found"], got["z"], got["z_err"], got["zwarn"].astype(np.int64), got["spectype"]
-        if not options.redshifts:
-            import fitsio
-
-            with fitsio.FITS(zsource) as zf:
-                zh = {(h.get_extname() or "").upper() for h in zf}
-                hdu = "REDSHIFTS" if "REDSHIFTS" in zh else "ZBEST"
-                zc = {c.upper() for c in zf[hdu].get_colnames()}
-                if "DELTACHI2" in zc:
-                    zd = zf[hdu].read(columns=["TARGETID", "DELTACHI2"])
-                    lut = dict(zip(zd["TARGETID"].tolist(), zd["DELTACHI2"].tolist()))
-                    deltachi2 = np.array([lut.get(t, np.nan) for t in targetid.tolist()])
+        if "deltachi2" in rs.extra and len(rs):  # redrock's DELTACHI2: from a redrock file beside or --redshifts
+            j = rs.rows(targetid)
+            deltachi2 = np.where(j >= 0, np.asarray(rs.extra["deltachi2"], np.float64)[np.maximum(j, 0)], np.nan)
 
     rejects = SelectionRejects(n)
     reject = rejects.add
@@ -359,5 +351,6 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
 
 register_reader(Reader(name="desi", identify=identify, read=read, grid=DESI_GRID, priority=20,
                        meta_columns={**COMMON_META, **DESI_META}, count=count, column_docs=DESI_DOCS,
-                       description="DESI coadd-*/spectra-*.fits (healpix and tile), redshifts from redrock"))
+                       description="DESI coadd-*/spectra-*.fits (healpix and tile), redshifts from redrock",
+                       name_prefixes=("coadd-", "spectra-"), redshift_ids=(("targetid",),)))
 register_auxiliary("desi-redshifts", identify_redshifts)

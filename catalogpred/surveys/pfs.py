@@ -675,5 +675,6 @@ def _source_ids(name: str, cat_id, obj_id, visit) -> np.ndarray:
 
 register_reader(Reader(name="pfs", identify=identify, read=read, grid=DESI_GRID, priority=15,
                        meta_columns={**COMMON_META, **PFS_META}, count=count, column_docs=PFS_DOCS,
-                       description="PFS pfsCoadd/pfsCalibrated (multi-object) and pfsObject, on the DESI grid"))
+                       description="PFS pfsCoadd/pfsCalibrated (multi-object) and pfsObject, on the DESI grid",
+                       name_prefixes=("pfsCoadd-", "pfsCalibrated-", "pfsObject-"), redshift_ids=(("cat_id", "obj_id"),)))
 register_auxiliary("pfs-redshifts", identify_redshifts)

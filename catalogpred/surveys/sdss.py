@@ -7,6 +7,9 @@ log-λ grid with 1e-4 dex steps, so each pixel goes to
 :data:`~catalogpred.spectra.SDSS_GRID` by integer index, with no interpolation.
 Pixels outside the grid (BOSS reaches 3600–10400 Å) are dropped.
 
+Redshifts: the file's own (SPECOBJ/SPALL), or those of a ``--redshifts`` specObj/spAll table keyed by PLATE,
+MJD, FIBERID (``ReadOptions.redshifts``; a table keyed otherwise is for other surveys and is not used here).
+
 Selection (:class:`~catalogpred.surveys.Selection`, as for DESI and PFS): a ``CLASS`` not in
 ``spectypes`` (default GALAXY: QSOs and stars are ``not_galaxy`` rejects). ``ZWARNING`` != 0 is not
 a reject: the row is kept and flagged (``CatalogFlag.ZWARNING``), as SDSS catalogs carry it.
@@ -23,6 +26,7 @@ import os
 import numpy as np
 
 from ..errors import InputFileError, RejectReason
+from ..redshifts import SDSS_ID_COLUMNS, load_redshift_table
 from ..spectra import SDSS_GRID, PixelMask, loglam_to_sdss_index
 from . import COMMON_META, ColumnDoc, ReadOptions, Reader, SelectionRejects, SpectrumBlock, register_reader
 
@@ -73,6 +77,31 @@ def _text(value) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value).strip()
+
+
+def _apply_redshift_table(table_path: str, meta: dict, rejects: SelectionRejects, has_plate: bool) -> None:
+    """A ``--redshifts`` table keyed by PLATE, MJD, FIBERID (specObj/spAll) replaces the file's own Z, Z_ERR,
+    ZWARNING and CLASS; a spectrum it lacks is a ``no_redshift`` reject, as for spPlate and DESI files. A table
+    keyed otherwise (DESI TARGETID, PFS catId/objId) is for other surveys' files: the file keeps its own
+    redshift (ingest says so and does not record the table for the sdss group)."""
+    table = load_redshift_table(table_path)
+    if table.id_columns != SDSS_ID_COLUMNS:
+        return
+    plate, mjd, fiber = (meta[c] for c in ("plate", "mjd", "fiberid"))
+    if not has_plate or fiber[0] < 0:  # SDSS-V (FIELD, CATALOGID): no (plate, mjd, fiberid) key
+        rejects.add([True], RejectReason.NO_REDSHIFT,
+                    lambda i: f"--redshifts {os.path.basename(table_path)} is keyed by PLATE, MJD, FIBERID, which "
+                              "this SDSS-V file (FIELD, CATALOGID) does not have")
+        return
+    got = table.lookup(plate, mjd, fiber)
+    if not got["found"][0]:
+        rejects.add([True], RejectReason.NO_REDSHIFT, lambda i: f"plate {plate[0]} MJD {mjd[0]} fibre {fiber[0]} "
+                                                                f"not in {os.path.basename(table_path)}")
+        return
+    meta["z"], meta["z_err"] = np.asarray(got["z"], np.float64), np.asarray(got["z_err"], np.float64)
+    meta["zwarning"] = np.asarray(got["zwarn"], np.int64)
+    if str(got["spectype"][0]):
+        meta["spec_class"] = np.array([str(got["spectype"][0])])
 
 
 def read(fits, path, options=None) -> SpectrumBlock:
@@ -151,13 +180,17 @@ def read(fits, path, options=None) -> SpectrumBlock:
         "run2d": np.array([_text(_col(obj, ("RUN2D",), ""))]),
     }
     assert list(meta)[: len(COMMON_META)] == list(COMMON_META)
+    options = options or ReadOptions()
     rejects = SelectionRejects(1)
+    if options.redshifts:
+        _apply_redshift_table(options.redshifts, meta, rejects, "PLATE" in obj.dtype.names)
     # ZWARNING != 0 stays in the catalog, flagged (CatalogFlag.ZWARNING): only the class is selected
-    rejects.redshift_fit((options or ReadOptions()).selection, spectype=meta["spec_class"], class_name="CLASS")
+    rejects.redshift_fit(options.selection, spectype=meta["spec_class"], class_name="CLASS")
     return SpectrumBlock(survey="sdss", grid=SDSS_GRID, flux=flux, ivar=ivar, mask=mask, meta=meta,
                          reject_reason=rejects.reason, reject_detail=rejects.detail)
 
 
 register_reader(Reader(name="sdss", identify=identify, read=read, grid=SDSS_GRID, priority=10,
                        meta_columns={**COMMON_META, **SDSS_META}, column_docs=SDSS_DOCS,
-                       description="SDSS spec-*.fits (legacy, BOSS, eBOSS, SDSS-V)"))
+                       description="SDSS spec-*.fits (legacy, BOSS, eBOSS, SDSS-V)",
+                       name_prefixes=("spec-",), redshift_ids=(SDSS_ID_COLUMNS,)))

@@ -254,5 +254,6 @@ register_reader(Reader(name="sdss-plate", identify=identify, identify_fits=ident
                        grid=SDSS_GRID, priority=15, meta_columns={**COMMON_META, **SDSS_META}, count=count,
                        column_docs=SDSS_DOCS,
                        store_survey="sdss",
-                       description="SDSS spPlate-*.fits (whole plates) + specObj/spAll object table"))
+                       description="SDSS spPlate-*.fits (whole plates) + specObj/spAll object table",
+                       name_prefixes=("spPlate-",), redshift_ids=(SDSS_ID_COLUMNS,)))
 register_auxiliary("sdss-objects", _object_table_names, identify_object_table)
