@@ -498,12 +498,20 @@ def _progress(args):
     return False if args.no_progress else None
 
 
+#: the classes SDSS (CLASS), DESI (SPECTYPE) and PFS redshift files give a spectrum
+KNOWN_SPECTYPES = ("GALAXY", "QSO", "STAR")
+
+
 def _read_options(args):
     import os
 
     from .surveys import ReadOptions, Selection
 
     spectypes = () if args.spectypes.lower() == "any" else tuple(t.strip().upper() for t in args.spectypes.split(","))
+    unknown = [t for t in spectypes if t not in KNOWN_SPECTYPES]
+    if unknown:
+        log.warning("--spectypes %s: no survey here uses the class %s (SDSS CLASS, DESI SPECTYPE and PFS use %s): "
+                    "no spectrum will match it", args.spectypes, ", ".join(unknown), ", ".join(KNOWN_SPECTYPES))
     if args.redshifts:
         from .redshifts import load_redshift_table
 
@@ -532,19 +540,23 @@ def cmd_ingest(args) -> int:
     options = _read_options(args)
     if args.dry_run:  # what each file is, read from its headers here
         done = store.input_paths(args.store) if os.path.isdir(args.store) else {}
-        kinds, n_aux, n_done = Counter(), 0, 0
+        quarantined = store.input_paths(args.store, whole_file_rejects=True) if done else {}
+        kinds, n_aux, n_done, n_rej = Counter(), 0, 0, 0
         for path in paths:
             _, name, n, rej = detect_survey(path)
             aux = bool(name and name.startswith("aux:"))
             kind = "redshifts" if aux else name if name else "reject: " + rej.split("\t", 1)[0]
             n_aux += aux
             n_done += (not aux) and path in done
+            n_rej += (not aux) and not name and path not in done
             kinds[kind] += not aux
-            print(f"{path}\t{kind}\t{'' if aux else n}" + ("\talready in the store" if path in done else ""))
-        log.info("dry run: %d spectra files (%s): %d would be ingested into %s, %d already there skipped; "
-                 "%d redshift-only file(s) would give redshifts", len(paths) - n_aux,
+            where = ("\tin the store only as an unreadable_file reject" if path in quarantined
+                     else "\talready in the store" if path in done else "")
+            print(f"{path}\t{kind}\t{'' if aux else n}{where}")
+        log.info("dry run: %d spectra files (%s): %d would be ingested into %s (%d of them as whole-file rejects), "
+                 "%d already there skipped; %d redshift-only file(s) would give redshifts", len(paths) - n_aux,
                  ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()) if v) or "none",
-                 len(paths) - n_aux - n_done, args.store, n_done, n_aux)
+                 len(paths) - n_aux - n_done, args.store, n_rej, n_done, n_aux)
         return 0
     with _client(args) as client:
         summary = run_ingest(paths, args.store, client=client, survey=args.survey, shard_rows=args.shard_rows,
@@ -583,7 +595,7 @@ def cmd_predict(args) -> int:
                         "surveys, so its predictions have no scientific value; see `catalogpred models --help` for a "
                         "real one", path, info.model_id)
     if args.dry_run:
-        order, resumed = predict_order(args.catalog, plan.inputs, args.order, overwrite=args.overwrite)
+        order, resumed = predict_order(args.catalog, plan.inputs, args.order, overwrite=args.overwrite, plan=plan)
         if resumed and args.order is not None and args.order != order:
             log.warning("--order %d would be ignored: %s is resumed at its order %d (--overwrite starts it again)",
                         args.order, args.catalog, order)
@@ -605,6 +617,11 @@ def cmd_predict(args) -> int:
         raise CatalogpredError(f"--strict: {summary.rejects} spectra rejected"
                                + (f" ({summary.blocks_failed} blocks failed on every retry: predict_error)"
                                   if summary.blocks_failed else "") + f"; they are in {args.catalog}/rejects.parquet")
+    if summary.blocks_failed:  # not bad data but a broken store or machine: a batch job must see it
+        raise CatalogpredError(f"{summary.blocks_failed} prediction blocks failed on every retry; the catalog is "
+                               f"finished without them (their spectra are predict_error rejects, the error in "
+                               f"{args.catalog}/rejects.parquet's detail): fix the cause and re-run the same command "
+                               "to retry them")
     return 0
 
 
@@ -689,14 +706,38 @@ def cmd_query(args) -> int:
         table = _with_ir_excess(q, args)
     else:
         table = (q.limit(args.limit) if args.limit is not None else q).to_arrow()
+        cuts = bool(q.regions or q.filters)
         if args.id and table.num_rows == 0:
-            cuts = bool(q.regions or q.filters)
-            examples = "" if cuts else _example_ids(args.catalog, exclude=args.id)
+            rejected = _rejected_ids(args.catalog, args.id)
+            examples = "" if cuts or rejected else _example_ids(args.catalog, exclude=args.id)
             raise CatalogError(f"no row with source_id {', '.join(args.id)} in {args.catalog}"
                                + (" within the --cone/--box/--where cuts" if cuts else "")
+                               + (f"; in its rejects.parquet: {rejected}" if rejected else "")
                                + (f"; ids in it look like {examples}" if examples else ""))
+        if args.id and not cuts and args.limit is None and "source_id" in table.column_names:
+            missing = sorted(set(args.id) - set(table.column("source_id").to_pylist()))
+            if missing:
+                rejected = _rejected_ids(args.catalog, missing)
+                log.warning("no catalog row for %s%s", ", ".join(missing),
+                            f" (in its rejects.parquet: {rejected})" if rejected else "")
     _emit(table, args)
     return 0
+
+
+def _rejected_ids(catalog: str, ids) -> str:
+    """The reject reasons of those ``ids`` that are in the catalog's rejects.parquet, as text ("" if none)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(catalog) / "rejects.parquet"
+    if not path.exists():
+        return ""
+    rej = pq.read_table(path, columns=["source_id", "reason"])
+    rej = rej.filter(pc.is_in(rej.column("source_id"), pa.array(list(ids), pa.string())))
+    return ", ".join(f"{i} ({r})" for i, r in zip(rej.column("source_id").to_pylist(), rej.column("reason").to_pylist()))
 
 
 def _example_ids(catalog: str, exclude=(), n: int = 3) -> str:
@@ -856,7 +897,8 @@ def cmd_info(args) -> int:
         from .query import catalog_info as describe
         from .query import format_info as fmt
     else:
-        raise ConfigError(f"{path}: no such directory; info takes a catalog, a store (.zarr) or a model bundle")
+        raise ConfigError(f"{path}: " + ("a file, not a directory" if path.exists() else "no such directory")
+                          + "; info takes a catalog, a store (.zarr) or a model bundle")
     info = describe(path)
     print(json.dumps(info, indent=2, default=str) if args.json else fmt(info))
     return 0

@@ -221,6 +221,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=dashboard, memory_limit=memory_limit, silence_logs=logging.WARNING)
     client = Client(cluster)
+    client.register_plugin(one_line_task_errors(), name="catalogpred-one-line-task-errors")
     if dashboard:
         log.info("Dask dashboard: %s", client.dashboard_link)
     if workers_per_gpu > 1:
@@ -271,6 +272,32 @@ def _ignore_taken_port_warnings() -> None:
 def _quiet_logs_below_critical() -> None:
     for name in ("distributed.worker", "distributed.core", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def one_line_task_errors():
+    """A Dask worker plugin for local clusters: a failed task is logged as one WARNING line (its key and error)
+    instead of distributed's ERROR "Compute Failed" block with the task's repr and traceback. Dask retries the
+    task, and catalogpred reports a block that fails every time (a ``predict_error`` reject, with the error
+    text in its ``detail``), so the traceback only buried that report. ``-vv`` shows tracebacks client-side."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class OneLineTaskErrors(WorkerPlugin):
+        def setup(self, worker) -> None:
+            logger = logging.getLogger("distributed.worker")
+            if not any(isinstance(f, _OneLineComputeFailed) for f in logger.filters):
+                logger.addFilter(_OneLineComputeFailed())
+
+    return OneLineTaskErrors()
+
+
+class _OneLineComputeFailed(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Compute Failed") and len(record.args or ()) >= 4:
+            key, _, _, error = record.args[:4]
+            first = str(error).strip().splitlines()[-1] if str(error).strip() else "?"
+            record.msg, record.args = "task %s failed (Dask retries it): %s", (key, first[:500])
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _quiet_shutdown(client) -> None:

@@ -278,20 +278,28 @@ def n_shards(group) -> int:
 
 
 def allocate_shards(store_path, survey: str, n_new: int) -> list[int]:
-    """Grow every row array by ``n_new`` shards; returns the new shard indices. Client-side only."""
+    """``n_new`` shards for an ingest run's tasks: first the shards an earlier, interrupted run allocated but never
+    finished (their rows are invisible: :func:`read_meta` reads finished shards only, and a task writes its shard
+    whole, padding included), then new ones, growing every row array. Client-side only.
+
+    One ingest at a time per store: a second ingest running into the same store at once would be given the
+    shards the first is filling (there is no lock; two runs also raced for new shards before)."""
     import zarr
 
     g = zarr.open_group(str(store_path), mode="r+")[survey]
     layout = SurveyLayout.from_attrs(dict(g.attrs), f"{store_path}/{survey}")
-    first = g["shard_done"].shape[0]
-    total = first + n_new
-    rows = total * layout.shard_rows
-    for name in ("flux", "ivar", "mask"):
-        g[name].resize((rows, layout.grid.n_pix))
-    for name in g["meta"].array_keys():
-        g["meta"][name].resize((rows,))
-    g["shard_done"].resize((total,))
-    return list(range(first, total))
+    done = g["shard_done"][:]
+    reuse = np.flatnonzero(done == 0)[:n_new].tolist()
+    first = done.shape[0]
+    total = first + n_new - len(reuse)
+    if total > first:
+        rows = total * layout.shard_rows
+        for name in ("flux", "ivar", "mask"):
+            g[name].resize((rows, layout.grid.n_pix))
+        for name in g["meta"].array_keys():
+            g["meta"][name].resize((rows,))
+        g["shard_done"].resize((total,))
+    return [int(s) for s in reuse] + list(range(first, total))
 
 
 def write_shard(store_path, survey: str, shard: int, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray,
@@ -561,10 +569,12 @@ class _StringChunks:
     event loop: the chunk file's bytes, decoded with the codecs zarr-python itself decodes them with (numcodecs'
     ``Zstd`` and ``VLenUTF8``), in the calling thread.
 
-    zarr-python read a shard's 11 string columns of SDSS in 12-15 ms, 1.1-1.4 ms each, mostly in hand-offs
-    between the reading thread, its event loop and its codec threads, which wait for the interpreter lock that
-    the other blocks of a GPU worker hold; this reads them in 3.8 ms, with the same values (2 cores,
-    ``tests/test_store.py`` checks the values). Only for the codecs zarr writes a ``str`` array with by default
+    zarr-python reads a shard's 11 SDSS string columns in 16 ms one after the other (12 ms concurrently), mostly
+    in hand-offs between the reading thread, its event loop and its codec threads, each of which waits for the
+    interpreter lock that the other blocks of a GPU worker hold; this reads them in 4.0 ms (2 cores, the same
+    values: ``tests/test_store.py``). A shard read beside a thread running Python went from 263-320 to 146-167 ms,
+    and the emulated host side of a GPU worker with two block threads from 60,854-61,991 to 70,085-72,571
+    spectra/s (``bench/GPU_RESULTS.md``). Only for the codecs zarr writes a ``str`` array with by default
     (``vlen-utf8``, optionally then ``zstd``) and one chunk per shard; any other string array stays zarr-python's.
     """
 
@@ -701,7 +711,8 @@ def format_store_info(info: dict) -> str:
         unfinished = s["shards"] - s["shards_done"]
         out += [f"  {name:<8}  {s['rows_ok']:,d} spectra ready, {s['rows_rejected']:,d} rejected at ingest; "
                 f"{s['shards_done']:,d} shards of {s['shard_rows']:,d} rows"
-                + (f" ({unfinished:,d} unfinished: re-run ingest)" if unfinished else ""),
+                + (f" ({unfinished:,d} more left empty by an interrupted ingest: harmless, the next ingest of "
+                   "new files fills them)" if unfinished else ""),
                 f"            grid {s['grid']} ({s['n_pix']} px, {s['wave_angstrom'][0]:.1f}-{s['wave_angstrom'][1]:.1f} "
                 f"Angstrom); {s['bytes'] / 1e9:.2f} GB on disk; {s['ingest_runs']} ingest run(s), last "
                 f"{s['last_ingest'] or '?'}"]

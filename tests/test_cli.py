@@ -287,6 +287,33 @@ def test_predict_order_is_checked_first_and_dry_run_reports_it(tmp_path, capsys,
         run_predict(str(st), str(random_bundle), str(cat), client=None, batch_size=0)
 
 
+def test_predict_dry_run_refuses_a_resume_the_run_would_refuse(tmp_path, capsys, random_bundle):
+    """--dry-run on a catalog made with another model said "resume": true, and then the run refused it; the
+    dry run now refuses it the same way, and still reports a resume the run would make."""
+    import torch
+
+    from catalogpred.model.bundle import ModelCard, save_bundle
+    from catalogpred.model.encoder import SpectrumEncoder
+    from catalogpred.model.head import IRHead
+    from catalogpred.spectra import SDSS_GRID
+
+    st, cat = tmp_path / "s.zarr", tmp_path / "cat"
+    bench_store(st)
+    predict = ["predict", "--store", str(st), "--catalog", str(cat), "--workers", "1", "--no-progress"]
+    assert main([*predict, "--model", str(random_bundle)]) == 0
+    capsys.readouterr()
+    assert main([*predict, "--model", str(random_bundle), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["resume"] is True
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    save_bundle(other, SpectrumEncoder(), IRHead(), name="other", version="0", grid=SDSS_GRID,
+                card=ModelCard(kind="demo", summary="another seeded bundle"))
+    for dry in (["--dry-run"], []):
+        assert main([*predict, "--model", str(other), *dry]) == 1
+        err = capsys.readouterr().err
+        assert "was made with models" in err and "--overwrite" in err, dry
+
+
 def bench_store(path):
     """An (empty) SDSS-grid store: enough for predict's plan, which every check here comes before or with."""
     from catalogpred import store
@@ -343,7 +370,7 @@ def test_ingest_bad_rows_and_stores_fail_before_anything_is_made(tmp_path, capsy
         msg = _one_line_error(capsys, ["ingest", spec, "--store", str(target), "--workers", "1"], says)
         assert "create one with" not in msg
     assert sorted(p.name for p in other.iterdir()) == ["a.txt"]
-    msg = _one_line_error(capsys, ["info", str(other / "a.txt")], "no such directory")  # unchanged
+    msg = _one_line_error(capsys, ["info", str(other / "a.txt")], "a file, not a directory")  # unchanged
 
 
 def test_ingest_of_no_spectra_and_strict_are_standard_errors(tmp_path, capsys, sdss_files):

@@ -561,3 +561,59 @@ def test_cli_plot_errors_are_one_line(catalog, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="0 to 29"):
         sky_density_figure(open_catalog(catalog), order=-1)
+
+
+def test_crossmatch_keeps_a_querys_select_and_limit_and_takes_radius(catalog, rows):
+    """crossmatch(cat.limit(5), ...) returned every match and crossmatch(cat.select(...), ...) the default
+    columns; crossmatch(radius=...) was a TypeError (cone takes it)."""
+    picks = np.arange(10, 30)
+    ext = pa.table({"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks]})
+    q = open_catalog(catalog)
+    assert crossmatch(q, ext).num_rows == 20
+    assert crossmatch(q.limit(5), ext).num_rows == 5
+    t = crossmatch(q.select(["source_id", "z"]), ext)
+    assert t.column_names[:2] == ["source_id", "z"] and "w1_mag" not in t.column_names
+    assert crossmatch(q.select("source_id"), ext, columns=["ra"]).column_names[0] == "ra"  # columns= wins
+    assert crossmatch(q, ext, radius=2 * u.arcsec).num_rows == 20
+    with pytest.raises(ConfigError, match="one radius"):
+        crossmatch(q, ext, radius=2 * u.arcsec, radius_arcsec=1.0)
+
+
+def test_crossmatch_warns_when_ab_magnitudes_look_read_as_vega(catalog, rows, caplog):
+    """AB magnitudes without a unit are read as Vega: every band's excess sits at the Vega-AB offset and nothing
+    was flagged, silently (models evaluate warned; crossmatch did not)."""
+    import logging
+
+    from catalogpred.spectra import VEGA_TO_AB
+
+    picks = np.arange(100, 140)
+    pred = {b: rows.column(f"{b}_mag").to_numpy()[picks].astype(float) for b in ("w1", "w2", "w3", "w4")}
+    ab = pa.table({"ra": rows.column("ra").to_numpy()[picks], "dec": rows.column("dec").to_numpy()[picks],
+                   **{f"{b}mpro": pred[b] + VEGA_TO_AB[b] for b in pred},
+                   **{f"{b}sigmpro": np.full(len(picks), 0.05) for b in pred}})
+    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+        crossmatch(catalog, ab, radius_arcsec=1.0)
+    assert "look like AB read as Vega" in caplog.text and "--mag-system ab" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+        t = crossmatch(catalog, ab, radius_arcsec=1.0, mag_system="ab")
+    assert "look like AB" not in caplog.text
+    assert np.allclose(t.column("w1_excess").to_numpy(), 0, atol=1e-4)
+
+
+def test_colour_colour_plot_finds_observed_magnitudes_by_name(catalog, rows, tmp_path):
+    """The observed colours were read from w1mpro..w3mpro only: VizieR's W1mag raised KeyError 'w1mpro'. Now any
+    name crossmatch knows works, magnitudes without errors too, and AB is converted."""
+    from catalogpred.plots import _observed_vega, colour_colour_figure
+    from catalogpred.spectra import VEGA_TO_AB
+
+    picks = np.array([10, 20, 30, 40])
+    cols, _, _ = photometry_case(rows, picks, "vizier")
+    vizier = pa.table(cols)
+    mags_only = pa.table({"w1mpro": [15.0, 16.0], "w2mpro": [14.0, 15.5], "w3mpro": [11.0, 12.0]})
+    np.testing.assert_allclose(_observed_vega(vizier, "auto")[:, 1], cols["W2mag"])
+    np.testing.assert_allclose(_observed_vega(mags_only, "auto")[:, :3], [[15, 14, 11], [16, 15.5, 12]])
+    np.testing.assert_allclose(_observed_vega(mags_only, "ab")[:, 0], [15 - VEGA_TO_AB["w1"], 16 - VEGA_TO_AB["w1"]])
+    assert colour_colour_figure(catalog, vizier) is not None
+    with pytest.raises(ConfigError, match="no W1-W4 magnitude columns"):
+        colour_colour_figure(catalog, pa.table({"x": [1.0]}))

@@ -617,6 +617,23 @@ def test_sql_results_export_with_vo_parquet_metadata(catalog, tmp_path):
     assert back["w12"].unit is None
 
 
+def test_sql_computed_columns_do_not_take_a_catalog_columns_metadata_by_name(catalog):
+    """``ra / 15 AS ra`` (hours) kept ra's unit deg, and ``w1_mag + 2.699 AS w1_mag`` (AB) its description "Vega",
+    because metadata was restored by name; now only columns passed through unchanged keep it (DuckDB's parse of
+    the query says which), also renamed, qualified or from ``*``."""
+    q = open_catalog(catalog)
+
+    def units(sql):
+        return {f.name: (f.metadata or {}).get(b"unit", b"-").decode() for f in q.sql(sql + " LIMIT 3").schema}
+
+    got = units("SELECT source_id, ra / 15 AS ra, w1_mag + 2.699 AS w1_mag, dec, w2_mag AS w2, c.z FROM catalog c")
+    assert got == {"source_id": "", "ra": "-", "w1_mag": "-", "dec": "deg", "w2": "mag", "z": ""}
+    assert units("SELECT * REPLACE (ra / 15 AS ra) FROM catalog")["ra"] == "-"
+    assert units("SELECT * FROM catalog")["ra"] == "deg"
+    assert units("SELECT ra FROM (SELECT ra * 2 AS ra FROM catalog)") == {"ra": "-"}
+    assert units("SELECT a.ra FROM catalog a JOIN catalog b USING (source_id)") == {"ra": "deg"}
+
+
 def test_votable_export_parses_strictly(catalog, tmp_path):
     """Every FIELD's UCD and unit is valid VOTable: astropy's parser with verify="exception" reads the export
     (meta.file, a secondary UCD word, cannot stand first: source_file is meta.id;meta.file)."""
@@ -628,3 +645,112 @@ def test_votable_export_parses_strictly(catalog, tmp_path):
         warnings.simplefilter("ignore", u.UnitsWarning)  # VOUnit deprecates erg and Angstrom (norm): still valid
         t = parse(str(dest), verify="exception").get_first_table()
     assert t.get_field_by_id("source_file").ucd == "meta.id;meta.file"
+
+
+def test_cone_and_box_read_sexagesimal_and_refuse_what_they_cannot_search(catalog):
+    """cone/box read RA/Dec text as the CLI does (colon sexagesimal was refused in Python), and refuse a NaN or
+    infinite centre (it searched nothing and said nothing), two radii (radius= won silently) and an ambiguous
+    unit ('10 m' was read as 10 arcmin, against its docstring)."""
+    from catalogpred.query import angle_value, coordinate_value
+
+    from astropy.coordinates import Angle
+
+    q = open_catalog(catalog)
+    first = q.limit(1).to_arrow()
+    ra, dec = round(first.column("ra")[0].as_py(), 2), round(first.column("dec")[0].as_py(), 2)
+    ra_text = Angle(ra, u.deg).to_string(unit=u.hourangle, sep=":", precision=3)
+    dec_text = Angle(dec, u.deg).to_string(unit=u.deg, sep=":", precision=3, alwayssign=True)
+    assert (coordinate_value(ra_text, "ra"), coordinate_value(dec_text, "dec")) == pytest.approx((ra, dec))
+    a = q.cone(ra_text, dec_text, "30arcmin").to_arrow()
+    b = q.cone(ra, dec, 1800).to_arrow()
+    assert a.num_rows == b.num_rows > 0 and a.column("source_id").equals(b.column("source_id"))
+    lo = Angle(ra - 0.5, u.deg).to_string(unit=u.hourangle, sep=":", precision=4)
+    hi = Angle(ra + 0.5, u.deg).to_string(unit=u.hourangle, sep=":", precision=4)
+    assert q.box(lo, hi, dec - 0.5, dec + 0.5).to_arrow().num_rows == \
+        q.box(ra - 0.5, ra + 0.5, dec - 0.5, dec + 0.5).to_arrow().num_rows > 0
+    for bad, match in ((lambda: q.cone(float("nan"), 7, 60), "RA must be finite"),
+                       (lambda: q.cone(150, float("inf"), 60), "Dec must be finite"),
+                       (lambda: q.box(float("nan"), 10, 0, 1), "RA must be finite"),
+                       (lambda: q.cone(150, 2, 600, radius=1 * u.deg), "one radius"),
+                       (lambda: q.cone(150, 2, "10 m"), "ambiguous"),
+                       (lambda: q.cone(150, 2, float("nan")), "must be finite")):
+        with pytest.raises(ConfigError, match=match):
+            bad()
+    assert angle_value("0d10m") == angle_value("10'") == angle_value("10arcmin") == 600
+    assert main(["query", str(catalog), "--cone", "nan", "7", "60"]) == 1
+
+
+def test_write_table_takes_what_the_api_returns_and_refuses_what_it_cannot_write(catalog, tmp_path):
+    """write_table/format_table took only pyarrow Tables (AttributeError on a QTable, TypeError on a query);
+    FITS to a stream failed (OSError) for a column in nanomaggies; a stream without fmt got a garbled message;
+    .parquet.gz wrote a plain Parquet file under a .gz name."""
+    from astropy.table import Table
+
+    first = open_catalog(catalog).limit(1).to_arrow()
+    q = open_catalog(catalog).cone(first.column("ra")[0].as_py(), first.column("dec")[0].as_py(), 1800)
+    rows = q.to_arrow()
+    assert rows.num_rows > 0
+    empty = open_catalog(catalog).where("ra > 1000")
+    write_table(empty.to_astropy(), tmp_path / "empty.fits")  # an empty QTable with its 2-D latent column
+    assert len(Table.read(tmp_path / "empty.fits")) == 0
+    write_table(q.to_astropy(), tmp_path / "a.fits")
+    write_table(q, tmp_path / "b.fits")
+    write_table(q.to_pandas(), tmp_path / "c.csv")
+    for name in ("a.fits", "b.fits"):
+        back = Table.read(tmp_path / name)
+        assert len(back) == rows.num_rows and back["w1_mag"].unit == u.mag and back["ra"].unit == u.deg
+    assert "source_id" in format_table(q.to_astropy(), max_rows=2)
+    everything = open_catalog(catalog).select("all").limit(5).to_arrow()
+    assert "flux_w1" in everything.column_names
+    buf = io.BytesIO()
+    write_table(everything, buf, fmt="fits")
+    assert Table.read(io.BytesIO(buf.getvalue()), format="fits")["flux_w1"].unit == u.nmgy
+    for bad, match in ((lambda: write_table(everything, io.StringIO()), "needs a format"),
+                       (lambda: write_table(everything, tmp_path / "x.parquet.gz"), "name it .parquet"),
+                       (lambda: write_table(5, tmp_path / "x.csv"), "cannot write a int")):
+        with pytest.raises(ConfigError, match=match):
+            bad()
+
+
+def test_a_string_column_of_nulls_reads_as_none_in_astropy(tmp_path):
+    """A string column null in every row was given width 1, so astropy read 'N', not the 'None' the README says."""
+    from astropy.table import Table
+
+    t = pa.table({"source_id": ["a", "b"], "patch": pa.array([None, None], pa.string())})
+    write_table(t, tmp_path / "n.parquet")
+    assert list(Table.read(tmp_path / "n.parquet")["patch"]) == ["None", "None"]
+
+
+def test_where_refuses_a_string_column_compared_with_a_number(catalog):
+    """``source_id == 5`` compared a string with a number: pandas found no row, silently."""
+    q = open_catalog(catalog)
+    with pytest.raises(ConfigError, match="source_id is a string column.*quote the value"):
+        q.where("source_id == 5")
+    with pytest.raises(ConfigError, match="string column"):
+        q.where("12 != source_id")
+    assert q.where("ra > 150").to_arrow().num_rows > 0  # numbers against numbers as before
+
+
+def test_open_catalog_says_what_the_path_is_instead(tmp_path):
+    import zarr
+
+    for bad in (5, None):
+        with pytest.raises(ConfigError, match="catalog directory path"):
+            open_catalog(bad)
+    with pytest.raises(CatalogError, match="no such catalog directory"):
+        open_catalog(tmp_path / "nope")
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    with pytest.raises(CatalogError, match="is a spectra store .*catalogpred predict --store"):
+        open_catalog(tmp_path / "s.zarr")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "bundle.json").write_text("{}")
+    with pytest.raises(CatalogError, match="is a model bundle"):
+        open_catalog(tmp_path / "model")
+
+
+def test_select_id_and_limit_refuse_wrong_types(catalog):
+    q = open_catalog(catalog)
+    for bad, match in ((lambda: q.select(5), "columns must be names"), (lambda: q.id(5), "source_id string"),
+                       (lambda: q.limit("a"), "whole count"), (lambda: q.limit(2.7), "whole count")):
+        with pytest.raises(ConfigError, match=match):
+            bad()

@@ -312,6 +312,27 @@ def test_every_block_failing_raises(random_bundle, cluster_client, tmp_path):
         run_predict(str(st), random_bundle, str(tmp_path / "catalog"), client=cluster_client[1], progress=False)
 
 
+def test_cli_exits_1_when_a_block_fails_on_every_retry_with_one_line_worker_logs(random_bundle, tmp_path, capfd):
+    """A block that fails on every retry (a corrupted shard) is not bad data: without --strict the run still
+    finishes its catalog, but exits 1 (it exited 0) and says to re-run. The workers log each failed try as one
+    line, not distributed's "Compute Failed" block with a traceback (three of them before); the count of spectra
+    sent to predict_error excludes the block's ingest rejects."""
+    from catalogpred.cli import main
+
+    st = tmp_path / "store.zarr"
+    bench_pipeline.write_synthetic_store(st, 6, shard_rows=3, chunk_rows=3)
+    corrupt_shard(str(st), 1)
+    argv = ["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "catalog"),
+            "--workers", "1", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert "1 prediction blocks failed on every retry" in err and "re-run the same command" in err
+    assert "Compute Failed" not in err and "Traceback" not in err
+    assert "failed (Dask retries it)" in err and "its 3 spectra go to rejects as predict_error" in err
+    manifest = json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())
+    assert manifest["counts"]["catalog_rows"] == 3 and manifest["counts"]["rejects"] == 3
+
+
 def test_cli_strict_exits_1_on_predict_errors(random_bundle, tmp_path, capsys):
     from catalogpred.cli import main
 
@@ -544,7 +565,8 @@ def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_b
     run_ingest([str(tmp_path / "desi")], str(st_a), client=client, shard_rows=8, chunk_rows=4, progress=False)
     bundles = [str(random_bundle), str(desi_bundle)]
     path = str(tmp_path / "catalog")
-    first = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
+    first = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"],
+                        read_engine="zarr")
     assert first.rows == 16
     rejects_before = (Path(path) / "rejects.parquet").read_bytes()
     with pytest.raises(CatalogError, match="made from the store .*a.zarr.*--overwrite"):
@@ -554,6 +576,8 @@ def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_b
     assert (Path(path) / "rejects.parquet").read_bytes() == rejects_before  # a refused run changes nothing
     again = run_predict(str(st_a), bundles, path, client=client, progress=False, torch_threads=1, surveys=["sdss"])
     assert again.blocks_skipped == again.blocks == 2  # the same run resumes
+    # with no block run, the manifest keeps what read the shards (it said "auto", the re-run's default)
+    assert json.loads((Path(path) / "run_manifest.json").read_text())["settings"]["read_engine"] == "zarr"
     shutil.rmtree(st_a)
     bench_pipeline.write_synthetic_store(st_a, 16, shard_rows=8, chunk_rows=4)
     with pytest.raises(CatalogError, match="sdss group was re-created"):
@@ -595,3 +619,24 @@ def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, clust
         a, b = (pq.read_table(Path(p) / name).to_pandas().sort_values("source_id").reset_index(drop=True)
                 for p in (path, tmp_path / "whole"))
         assert len(a) == (22 if name == "dataset" else 2) and a.equals(b), name
+
+
+def test_query_id_of_a_rejected_spectrum_names_its_reject_reason(random_bundle, tmp_path, capsys):
+    """``query --id`` of a spectrum that is in rejects.parquet said only "no row with source_id ..."; with several
+    ids, a missing one was dropped silently. Now both name the reject reason."""
+    from catalogpred.cli import main
+
+    st = tmp_path / "store.zarr"
+    bench_pipeline.write_synthetic_store(st, 6, shard_rows=6, chunk_rows=3, n_rejected=2)
+    cat = str(tmp_path / "catalog")
+    assert main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", cat, "--workers", "1",
+                 "--no-progress", "--device", "cpu"]) == 0
+    rejected = pq.read_table(Path(cat) / "rejects.parquet").column("source_id").to_pylist()
+    kept = pq.read_table(Path(cat) / "dataset", columns=["source_id"]).column("source_id").to_pylist()
+    assert len(rejected) == 2 and len(kept) == 4
+    capsys.readouterr()
+    assert main(["query", cat, "--id", rejected[0]]) == 1
+    assert f"in its rejects.parquet: {rejected[0]} (bad_redshift)" in capsys.readouterr().err
+    assert main(["query", cat, "--id", kept[0], "--id", rejected[1], "--columns", "source_id"]) == 0
+    out, err = capsys.readouterr()
+    assert kept[0] in out and f"no catalog row for {rejected[1]}" in err and "(bad_redshift)" in err

@@ -35,6 +35,11 @@ def encoder_state_from_checkpoint(path: str | os.PathLike, *, allow_pickle: bool
     path = Path(path)
     if not path.exists():
         raise BundleError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip file, or a pickle (legacy)
+        raise BundleError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle: it starts with "
+                          f"{head!r}); is it an HTML error page or a truncated download?")
     try:
         struct = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a non-tensor pickle

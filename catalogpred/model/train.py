@@ -322,10 +322,10 @@ def train_bundle(data: dict, encoder_bundle, out, *, n_members: int = 5, seed: i
     split = split_by_hash(data.get("groups") or data["ids"])
     split = np.where(ok, split, 3)  # rows with unusable features take no part
     log.info("training on %d rows (%d train, %d validation, %d test, %d unusable)", len(x), *(int((split == k).sum()) for k in range(4)))
-    for k, what in ((1, "validation"), (2, "test")):
+    for k, what, uses in ((1, "validation", "early stopping and the sigma calibration"),
+                          (2, "test", "the model card's metrics")):
         if (split == k).sum() < MIN_BAND_ROWS:
-            log.warning("only %d %s rows: early stopping, the sigma calibration and the card's metrics rest on "
-                        "them; train on more spectra", int((split == k).sum()), what)
+            log.warning("only %d %s rows: %s rest on them; train on more spectra", int((split == k).sum()), what, uses)
     ens, metrics = fit_ensemble(x, data["mag"], data["mag_err"], split, n_members=n_members, seed=seed, progress=progress)
     ood = fit_latent_density(data["latents"][split == 0])
     assumption = (" The table's `reg` column is taken to be log10(norm), the feature catalogpred computes from spectra."

@@ -97,7 +97,8 @@ def _check_resumable(catalog_path: str, plan: dict, model_ids: list, store_path:
 
 
 def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path: str, error: str) -> int:
-    """Close a block whose task failed on every retry (client side); returns its rejects count.
+    """Close a block whose task failed on every retry (client side); returns how many of its spectra became
+    ``predict_error`` rejects (its OK rows).
 
     Its OK rows become ``predict_error`` rejects with ``error`` as detail (ingest rejects keep their
     reason), part files it may have left are removed, and its done marker records the error, so the
@@ -124,7 +125,7 @@ def _reject_failed_block(store_path: str, survey: str, shard: int, catalog_path:
     })
     cat.write_block_done(catalog_path, key, {"block": key, "n_rows": 0, "n_rejects": rejects.num_rows, "pixels": {},
                                              "seconds": 0.0, "seconds_model": 0.0, "error": detail}, rejects)
-    return rejects.num_rows
+    return int(ok.sum())
 
 
 @dataclass
@@ -325,15 +326,16 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     failed = {}
     for k, err in sorted(errors.items()):
         s, sh = key_block[k]
-        n_rej = _reject_failed_block(str(store_path), s, sh, catalog_path, err)
+        n_ok = _reject_failed_block(str(store_path), s, sh, catalog_path, err)
         failed[block_key(s, sh)] = err
         log.error("block %s failed on every retry: its %d spectra go to rejects as %s (%s); re-run to retry it",
-                  block_key(s, sh), n_rej, RejectReason.PREDICT_ERROR.value, err)
+                  block_key(s, sh), n_ok, RejectReason.PREDICT_ERROR.value, err)
     summary.blocks_failed = len(failed)
     summary.seconds_model = sum(r["seconds_model"] for r in results.values())
     summary.seconds_read = sum(r["seconds_read"] for r in results.values())
     summary.seconds_write = sum(r["seconds_write"] for r in results.values())
     writers = {r["write_threads"] for r in results.values() if r.get("write_threads")}
+    earlier = _earlier_settings(catalog_path) if not results else {}
     manifest = {
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -350,11 +352,13 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                      **({"blocks_per_gpu": blocks_per_gpu, "gpu_workers": n_workers(client, resources)}
                         if resources else {}),
                      **({"io_workers": n_io} if n_io else {}),
-                     # what read the shards on the workers ("auto" resolves there)
+                     # what read the shards on the workers ("auto" resolves there); a re-run that ran no block
+                     # keeps what the earlier run recorded
                      "read_engine": ",".join(sorted({r.get("read_engine") or read_engine for r in results.values()}))
-                     or read_engine,
+                     or earlier.get("read_engine") or read_engine,
                      # part-file writer threads per block on the workers (catalog.default_write_threads)
-                     **({"write_threads": ",".join(map(str, sorted(writers)))} if writers else {})},
+                     **({"write_threads": ",".join(map(str, sorted(writers)))} if writers else
+                        {"write_threads": earlier["write_threads"]} if "write_threads" in earlier else {})},
         "versions": versions(),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
@@ -394,12 +398,27 @@ def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> N
                            "it); choose another --catalog (a new path or an empty directory)")
 
 
-def predict_order(catalog_path, inputs: int, order: int | None = None, *, overwrite: bool = False) -> tuple[int, bool]:
+def _earlier_settings(catalog_path) -> dict:
+    """The ``settings`` of the run manifest a catalog has from an earlier run ({} if none or unreadable)."""
+    try:
+        return json.loads((Path(catalog_path) / "run_manifest.json").read_text()).get("settings", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def predict_order(catalog_path, inputs: int, order: int | None = None, *, overwrite: bool = False,
+                  plan: PredictPlan | None = None) -> tuple[int, bool]:
     """The HEALPix order that :func:`run_predict` will use, and whether it resumes an existing catalog (which
-    keeps its order): ``predict --dry-run`` reports it."""
+    keeps its order): ``predict --dry-run`` reports it. With the run's ``plan``, a catalog that this run would
+    refuse to resume (other models, store or columns: :func:`_check_resumable`) raises here as it would there."""
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if not overwrite and plan_file.exists():
-        return int(json.loads(plan_file.read_text())["order"]), True
+        made = json.loads(plan_file.read_text())
+        if plan is not None:
+            _check_resumable(str(catalog_path), made, plan.model_ids, plan.store_path,
+                             {s: store.group_uid(plan.store_path, s) for s in plan.surveys},
+                             [c.name for c in plan.columns])
+        return int(made["order"]), True
     return (order if order is not None else cat.choose_order(inputs)), False
 
 

@@ -118,6 +118,7 @@ class CatalogQuery:
         column: ``"(flags & 2) > 0"`` (the parentheses are needed); a missing value is false."""
         if not isinstance(expr, str) or not expr.strip():
             raise ConfigError(f"where needs an expression string such as 'z < 0.1', got {expr!r}")
+        _check_string_comparisons(expr, self.schema)
         return replace(self, filters=self.filters + (expr,))
 
     def select(self, columns) -> "CatalogQuery":
@@ -305,8 +306,9 @@ class CatalogQuery:
 
         Only the part files left after HEALPix pruning are read, and the view already holds the
         exact region cut, :meth:`id` and :meth:`select` (``where`` filters are pandas expressions,
-        so with them the query is run first and its result is the view). Result columns named like
-        catalog columns keep their units.
+        so with them the query is run first and its result is the view). A result column that is a catalog
+        column as it is (``ra``, ``c.ra``, ``ra AS alpha``, ``*``) keeps its unit, UCD and description; a
+        computed one (``ra / 15 AS ra``, ``avg(w1_mag)``) has none, whatever its name.
 
         Examples
         --------
@@ -343,13 +345,14 @@ class CatalogQuery:
                     return pa.table({})
                 fetch = getattr(rel, "to_arrow_table", None) or getattr(rel, "fetch_arrow_table", None) or rel.arrow
                 table = fetch()
+                sources = _sql_column_sources(con, query, table.column_names)
             except duckdb.Error as exc:
                 msg = " ".join(str(exc).split())
                 raise ConfigError(f"SQL failed: {msg}; the view is named 'catalog', columns: "
                                   f"{', '.join(self._output_columns(schema))}") from exc
         finally:
             con.close()
-        return _restore_metadata(table, schema)
+        return _restore_metadata(table, schema, sources)
 
     def __repr__(self) -> str:
         parts = [f"{str(self.path)!r}", f"order={self.order}", f"leaves={len(self._leaf_pixels())}/{len(self.pixels)}"]
@@ -372,6 +375,56 @@ def _sql_ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
+def _check_string_comparisons(expr: str, schema: pa.Schema) -> None:
+    """Refuse a string column compared with a bare number (``specobjid == 299492975510054912``): pandas compares
+    them as unequal on every row, so the filter would silently keep nothing (or everything, with ``!=``)."""
+    import re
+
+    strings = {f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+    number = r"[-+]?\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?"
+    for m in re.finditer(rf"\b([A-Za-z_]\w*)\s*(==|!=|<=|>=|<|>)\s*({number})(?![\w.'\"])|"
+                         rf"(?<![\w.'\"])({number})\s*(==|!=|<=|>=|<|>)\s*([A-Za-z_]\w*)\b", expr):
+        col, value = (m.group(1), m.group(3)) if m.group(1) else (m.group(6), m.group(4))
+        if col in strings:
+            raise ConfigError(f"{col} is a string column, compared with the number {value} in {expr!r}: quote the "
+                              f"value, e.g. {col} == '{value}'")
+
+
+def _sql_column_sources(con, query: str, names: list[str]) -> dict[str, str]:
+    """``{result column: catalog column}`` for the result columns of ``query`` that are catalog columns passed
+    through unchanged, read from DuckDB's own parse of the query (``json_serialize_sql``): a plain column
+    reference (``ra``, ``c.ra``, ``ra AS alpha``) or ``*`` (less its ``EXCLUDE``/``REPLACE`` columns) in a
+    single ``SELECT`` from the view ``catalog`` (or joins of it with itself). Anything else (a computed column,
+    a subquery, a CTE, a set operation) keeps no metadata: it may hold other values than the catalog column."""
+    try:
+        parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+        (statement,) = parsed["statements"]
+        node = statement["node"]
+    except Exception:  # a statement DuckDB's serializer does not take: no column is known to be passed through
+        return {}
+    if node.get("type") != "SELECT_NODE" or (node.get("cte_map") or {}).get("map") or not _from_catalog_only(
+            node.get("from_table") or {}):
+        return {}
+    items = node.get("select_list", [])
+    if any(e.get("class") == "STAR" for e in items):
+        if len(items) != 1:  # "*, expr": positions unknown; names made by expressions are not passed through
+            made = {e.get("alias") for e in items if e.get("class") != "STAR"}
+            return {n: n for n in names if n not in made}
+        changed = {r["key"] for r in items[0].get("replace_list", [])}
+        return {n: n for n in names if n not in changed}
+    if len(items) != len(names):
+        return {}
+    return {name: e["column_names"][-1] for name, e in zip(names, items) if e.get("class") == "COLUMN_REF"}
+
+
+def _from_catalog_only(table: dict) -> bool:
+    if table.get("type") == "BASE_TABLE":
+        return table.get("table_name") == "catalog" and not table.get("schema_name")
+    if table.get("type") == "JOIN":
+        return _from_catalog_only(table.get("left") or {}) and _from_catalog_only(table.get("right") or {})
+    return False
+
+
 def open_catalog(path: str | os.PathLike) -> CatalogQuery:
     """Open a catalog written by ``catalogpred predict`` (reads only its small metadata files).
 
@@ -387,6 +440,8 @@ def open_catalog(path: str | os.PathLike) -> CatalogQuery:
     if not props.exists():
         if (path / "bundle.json").exists():
             raise CatalogError(f"{path} is a model bundle, not a catalog; `catalogpred info {path}` shows its card")
+        if not path.exists():
+            raise CatalogError(f"{path}: no such catalog directory")
         if (path / "zarr.json").exists():
             raise CatalogError(f"{path} is a spectra store (Zarr), not a catalog; make one from it with "
                                f"`catalogpred predict --store {path} --model BUNDLE --catalog OUT`")

@@ -23,13 +23,15 @@ def _to_pandas(table: pa.Table):
     return table.to_pandas(types_mapper=nullable.get)
 
 
-def _restore_metadata(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Give result columns that are catalog columns (same name and type) their unit/ucd/description back, and the
-    result the catalog's VO-Parquet keys, so that a Parquet export describes its columns as a query's does
+def _restore_metadata(table: pa.Table, schema: pa.Schema, sources: dict[str, str] | None = None) -> pa.Table:
+    """Give result columns that are catalog columns their unit/ucd/description back (``sources``: result column
+    -> the catalog column it passes through, of the same type; default: by name), and the result the catalog's
+    VO-Parquet keys, so that a Parquet export describes its columns as a query's does
     (:func:`~catalogpred.query.export.write_table` rewrites the ``content`` for the result's own columns)."""
     fields = []
     for f in table.schema:
-        i = schema.get_field_index(f.name)
+        source = f.name if sources is None else sources.get(f.name)
+        i = schema.get_field_index(source) if source is not None else -1
         if i >= 0 and schema.field(i).metadata and (schema.field(i).type == f.type or
                                                     (_is_list(f.type) and _is_list(schema.field(i).type))):
             f = f.with_metadata(schema.field(i).metadata)
@@ -126,7 +128,7 @@ def astropy_to_arrow(t) -> pa.Table:
         if data.dtype.kind == "U":
             data = np.char.strip(data)
         if data.ndim > 1:
-            inner = pa.array(data.reshape(len(data), -1).ravel())
+            inner = pa.array(data.reshape(len(data), int(np.prod(data.shape[1:]))).ravel())  # no -1: 0 rows
             arr = pa.FixedSizeListArray.from_arrays(inner, int(np.prod(data.shape[1:])))
         else:
             m = mask if mask.shape == data.shape and mask.any() else None
