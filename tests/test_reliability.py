@@ -640,3 +640,19 @@ def test_query_id_of_a_rejected_spectrum_names_its_reject_reason(random_bundle, 
     assert main(["query", cat, "--id", kept[0], "--id", rejected[1], "--columns", "source_id"]) == 0
     out, err = capsys.readouterr()
     assert kept[0] in out and f"no catalog row for {rejected[1]}" in err and "(bad_redshift)" in err
+
+
+def test_a_group_of_rejects_only_needs_no_bundle(desi_bundle, cluster_client, tmp_path):
+    """A store group that holds only rejects (e.g. one broken spec-*.fits beside DESI files) made predict ask for a
+    bundle of its grid; its blocks need no model, so predict now writes their rejects without one. A group with
+    spectra to predict still needs its bundle."""
+    st = tmp_path / "store.zarr"
+    bench_pipeline.write_synthetic_store(st, 4, shard_rows=4, chunk_rows=4, n_rejected=4)  # sdss: 4 rejects
+    summary = run_predict(str(st), str(desi_bundle), str(tmp_path / "catalog"), client=cluster_client[1],
+                          progress=False, torch_threads=1)
+    assert (summary.rows, summary.rejects, summary.inputs) == (0, 4, 4)
+    assert pq.read_table(tmp_path / "catalog" / "rejects.parquet").column("reason").to_pylist() == ["bad_redshift"] * 4
+    good = tmp_path / "good.zarr"
+    bench_pipeline.write_synthetic_store(good, 4, shard_rows=4, chunk_rows=4, n_rejected=1)
+    with pytest.raises(ConfigError, match="on the sdss grid but no --model bundle"):
+        run_predict(str(good), str(desi_bundle), str(tmp_path / "c2"), client=cluster_client[1], progress=False)

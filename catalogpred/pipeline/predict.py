@@ -149,12 +149,12 @@ class PredictPlan:
     @property
     def survey_bundle(self) -> dict:
         """survey -> bundle path"""
-        return {s: self.infos[g][0] for s, g in self.grids.items()}
+        return {s: self.infos[g][0] if g in self.infos else None for s, g in self.grids.items()}
 
     @property
     def survey_model(self) -> dict:
         """survey -> model_id"""
-        return {s: self.infos[g][1].model_id for s, g in self.grids.items()}
+        return {s: self.infos[g][1].model_id if g in self.infos else None for s, g in self.grids.items()}
 
     @property
     def model_ids(self) -> list:
@@ -163,7 +163,7 @@ class PredictPlan:
     @property
     def model(self):
         """BundleInfo of the first survey's bundle (the run manifest's ``model``)"""
-        return self.infos[next(iter(self.grids.values()))][1]
+        return self.infos[next((g for g in self.grids.values() if g in self.infos), next(iter(self.infos)))][1]
 
     def summary(self) -> dict:
         return {"store": self.store_path, "models": {g: i.model_id for g, (_, i) in self.infos.items()},
@@ -200,15 +200,16 @@ def plan_predict(store_path: str, bundle_path, surveys: list[str] | None = None)
     blocks, inputs, native, grids = [], 0, {}, {}
     for name in chosen:
         g, layout = store.open_survey(store_path, name)
-        if layout.grid.name not in infos:
+        status = g["meta"]["status"][:]
+        done_rows = np.repeat(g["shard_done"][:].astype(bool), layout.shard_rows)
+        if layout.grid.name not in infos and ((status == store.RowStatus.OK) & done_rows).any():
             raise ConfigError(f"{store_path}/{name} is on the {layout.grid.name} grid but no --model bundle is "
                               f"(given: {', '.join(f'{k}: {v[1].model_id}' for k, v in infos.items())}); add a "
                               f"{layout.grid.name} bundle" + ("" if surveys else " or restrict with --surveys"))
+        # a group of rejects only (e.g. one broken file) needs no bundle: its blocks only write their rejects
         grids[name] = layout.grid.name
         for s in store.done_shards(store_path, name):
             blocks.append((name, int(s)))
-        status = g["meta"]["status"][:]
-        done_rows = np.repeat(g["shard_done"][:].astype(bool), layout.shard_rows)
         inputs += int(((status != store.RowStatus.EMPTY) & done_rows).sum())
         native.update(layout.meta_columns)
     columns = cat.catalog_columns(next(iter(n_latent)), native, column_docs(chosen))
@@ -345,7 +346,8 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                   "grid": info.grid.name},
         # by survey: the bundle each survey's rows come from (one bundle may serve several surveys of its grid)
         "models": {name: {"path": survey_bundle[name], "model_id": survey_model[name], "grid": planned.grids[name],
-                          "kind": infos[planned.grids[name]][1].card.kind} for name in chosen},
+                          "kind": infos[planned.grids[name]][1].card.kind} for name in chosen
+                   if survey_bundle[name] is not None},
         "settings": {"precision": precision, "batch_size": batch_size, "order": order, "device": device,
                      "torch_threads": torch_threads, "compile": compile,
                      # GPU worker processes (more than the GPUs with --workers-per-gpu)
