@@ -43,8 +43,19 @@ def test_a_survey_without_a_bundle_for_its_grid_fails_before_a_cluster(tmp_path,
     from catalogpred.spectra import DESI_GRID
     from catalogpred.surveys import get_reader
 
+    import numpy as np
+
     st = tmp_path / "s.zarr"
-    store.create_survey(st, store.SurveyLayout(survey="desi", grid=DESI_GRID, meta_columns=get_reader("desi").meta_columns))
+    columns = get_reader("desi").meta_columns
+    store.create_survey(st, store.SurveyLayout(survey="desi", grid=DESI_GRID, meta_columns=columns,
+                                               shard_rows=4, chunk_rows=4))
+    store.allocate_shards(st, "desi", 1)
+    meta = {k: (np.array([f"{k}-0"], dtype=object) if code == "U" else np.zeros(1, code))
+            for k, code in {**columns, **store.STORE_META}.items()}
+    meta["status"] = np.full(1, store.RowStatus.OK, np.uint8)  # a spectrum to predict: a group of rejects only
+    flux = np.ones((1, DESI_GRID.n_pix), np.float32)              # would need no bundle
+    store.write_shard(st, "desi", 0, flux, flux, np.zeros(flux.shape, np.uint8), meta)
+    store.mark_shards_done(st, "desi", [0])
     rc = main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "cat")])
     err = capsys.readouterr().err
     assert rc == 1 and "is on the desi grid but no --model bundle is" in err and "Dask cluster" not in err
