@@ -48,11 +48,18 @@ RUN_DIR = "_run"
 SPATIAL_INDEX_ORDER = 29
 
 
+#: surveys whose ``zwarning`` bits are redshift-quality warnings (SDSS ZWARNING, DESI ZWARN: bits 0-9 shared), so a
+#: non-zero value sets :attr:`CatalogFlag.ZWARNING`. PFS's are drp_1d's galaxyZWarning, notes of the fit's processing
+#: (bit 0 AIR_VACUUM_CONVERSION_IGNORED, PDF_PEAK_NOT_FOUND, ...; the numbering changes between drp_1d versions):
+#: kept in the column, not flagged.
+ZWARNING_SURVEYS = ("sdss", "desi")
+
+
 class CatalogFlag(enum.IntFlag):
     """Bits of the catalog ``flags`` column (0 = nothing to report)."""
 
     #: the survey's redshift warning (SDSS ZWARNING / DESI ZWARN) is non-zero (DESI's are rejects unless
-    #: ingested with ``--keep-zwarn``)
+    #: ingested with ``--keep-zwarn``); not for PFS (:data:`ZWARNING_SURVEYS`)
     ZWARNING = 1
     #: median per-pixel S/N of the spectrum below 2
     LOW_SN = 2
@@ -82,7 +89,8 @@ def core_columns(n_latent: int) -> list[Column]:
         Column("dec", pa.float64(), "deg", "pos.eq.dec;meta.main", "Declination (ICRS) of the fibre"),
         Column("z", pa.float64(), "", "src.redshift", "Spectroscopic redshift used for normalisation and the head"),
         Column("z_err", pa.float64(), "", "stat.error;src.redshift", "Redshift error"),
-        Column("zwarning", pa.int64(), "", "meta.code.qual", "Survey redshift warning bits (0 = good)"),
+        Column("zwarning", pa.int64(), "", "meta.code.qual", "Survey redshift warning bits (0 = good): SDSS ZWARNING, "
+               "DESI ZWARN; for PFS drp_1d's galaxyZWarning (processing notes, not flagged)"),
     ]
     for b in ("w1", "w2", "w3", "w4"):
         cols.append(Column(f"{b}_mag", pa.float32(), "mag", f"phot.mag;em.IR.{WISE_UCD_RANGE[b]}",

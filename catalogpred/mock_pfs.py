@@ -594,8 +594,9 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     kind : str
         ``"pfsCoadd"`` or ``"pfsCalibrated"`` (same layout; recorded in the primary header). A pfsCalibrated
         file holds one visit's spectra: every target's OBSERVATIONS rows name that ``visit``.
-    wave_nm : float64 [NWAVE], optional
-        Shared wavelength grid (nm); default :data:`PFS_WAVE_NM`.
+    wave_nm : float64 or float32 [NWAVE], optional
+        Shared wavelength grid (nm); default :data:`PFS_WAVE_NM`. A float32 grid is written as float32, as
+        drp_stella writes its ``WavelengthArray`` (PROVENANCE.md says f8; the real writer follows the array).
     mask_planes : dict, optional
         Plane name -> bit for the ``MP_*`` keywords (default :data:`MASK_PLANES`).
     ragged : bool
@@ -629,7 +630,9 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     if kind != "pfsCalibrated" and visit is not None:
         raise ValueError("visit= is for pfsCalibrated (single-visit) files")
     path.parent.mkdir(parents=True, exist_ok=True)
-    wave = PFS_WAVE_NM if wave_nm is None else np.asarray(wave_nm, np.float64)
+    # a float32 grid stays float32 (BITPIX -32), as drp_stella's WavelengthArray writes it
+    wave = PFS_WAVE_NM if wave_nm is None else np.asarray(wave_nm, np.float32 if np.asarray(wave_nm).dtype ==
+                                                          np.float32 else np.float64)
     planes = dict(MASK_PLANES if mask_planes is None else mask_planes)
     n = len(targets)
     rendered, waves = [], []

@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import catalog as cat
 from . import store
@@ -385,7 +386,10 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
         latents, mean, sigma, ood = pred["latents"], pred["mean"], pred["sigma"], pred["ood"]
         n = good.num_rows
         flags = np.zeros(n, np.int32)
-        flags |= np.where(good.column("zwarning").to_numpy() != 0, int(cat.CatalogFlag.ZWARNING), 0).astype(np.int32)
+        quality = pc.is_in(good.column("survey"), value_set=pa.array(cat.ZWARNING_SURVEYS)).to_numpy(
+            zero_copy_only=False)
+        flags |= np.where((good.column("zwarning").to_numpy() != 0) & quality, int(cat.CatalogFlag.ZWARNING),
+                          0).astype(np.int32)
         snr = good.column("snr_median").to_numpy()
         flags |= np.where(~(snr >= 2), int(cat.CatalogFlag.LOW_SN), 0).astype(np.int32)
         flags |= np.where(good.column("coverage").to_numpy() < 0.8, int(cat.CatalogFlag.PARTIAL_COVERAGE), 0).astype(np.int32)

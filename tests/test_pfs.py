@@ -565,6 +565,63 @@ def test_pfs_object_wcs_in_metres_reads_the_same(survey, tmp_path):
     np.testing.assert_array_equal(b.mask, a.mask)
 
 
+def test_float32_wavelengths_keep_masked_pixels_masked(tmp_path):
+    """drp_stella writes its WavelengthArray as float32: the 0.08 nm grid is then off the exact one by up to
+    5.9e-4 A. The reader took that grid as not aligned with DESI's, and every DESI pixel kept a sliver of its
+    neighbour, so a masked (e.g. cosmic-ray) pixel came out with the neighbour's flux at full weight. Now edges
+    that close snap together: the float32 file reads as the float64 one does."""
+    from catalogpred.mock_pfs import PFS_WAVE_NM
+
+    ts = plan_pfs_targets(3, seed=11)
+    p64 = write_pfs_coadd(tmp_path / "a" / "pfsCoadd-00001-00011.fits", ts, fluxtable=False)
+    p32 = write_pfs_coadd(tmp_path / "b" / "pfsCoadd-00001-00011.fits", ts, fluxtable=False,
+                          wave_nm=PFS_WAVE_NM.astype(np.float32))
+    with fits.open(p32) as h:
+        assert h["WAVELENGTH"].header["BITPIX"] == -32
+        bad = (h["MASK"].data & bad_mask_bits(mask_planes(h["MASK"].header))) != 0
+    a, b = read_spectra(p64), read_spectra(p32)
+    assert bad.sum() > 50
+    for i in range(3):
+        k = np.flatnonzero(bad[i])
+        j = k + OFFSET  # the DESI pixel that input pixel k is (pfsCoadd's grid starts 125 DESI pixels in)
+        assert (b.ivar[i, j[j < DESI_GRID.n_pix]] == 0).all()
+    np.testing.assert_array_equal(b.mask, a.mask)
+    np.testing.assert_array_equal(b.ivar > 0, a.ivar > 0)
+    np.testing.assert_allclose(b.flux, a.flux, rtol=1e-3, atol=1e-3)  # the model rendered at float32 wavelengths
+
+
+def test_pfs_object_with_a_wavelength_hdu_reads_the_same(survey, tmp_path):
+    """The datamodel writes a pfsObject's wavelength as a WAVELENGTH image (nm) instead of a WCS when it is not a
+    uniform WavelengthArray; the reader took such a file for a pfsCoadd and failed ("TARGET lacks columns")."""
+    src = next(p for p in survey.paths if p.name.startswith("pfsObject"))
+    dst = tmp_path / src.name
+    with fits.open(src) as h:
+        n = h["FLUX"].data.size
+        from astropy.wcs import WCS
+
+        wave_nm = WCS(h["FLUX"].header).sub(["spectral"]).pixel_to_world(np.arange(1.0, n + 1.0)).to_value("nm")
+        for key in ("CTYPE1", "CUNIT1", "CRVAL1", "CRPIX1", "CDELT1"):
+            h["FLUX"].header.remove(key, ignore_missing=True)
+        h.insert(2, fits.ImageHDU(wave_nm, name="WAVELENGTH"))
+        h.writeto(dst)
+    for z in survey.redshift_paths:
+        (tmp_path / z.name).write_bytes(z.read_bytes())
+    a, b = read_spectra(src), read_spectra(dst)
+    np.testing.assert_allclose(b.flux, a.flux, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(b.mask, a.mask)
+    assert list(b.meta["source_id"]) == list(a.meta["source_id"])
+
+
+def test_pfs_calibrated_butler_names_get_per_visit_ids(tmp_path):
+    """Only ``pfsCalibrated-<digits>`` names got the ``-v<visit>`` ids of single-visit spectra; a butler-style name
+    read as a coadd and its rows collided with the coadd's as duplicate_id."""
+    from catalogpred.surveys.pfs import _source_ids
+
+    for name in ("pfsCalibrated-000123.fits", "pfsCalibrated-PFS-000123-abc.fits"):
+        assert list(_source_ids(name, [1], [2], None)) == ["pfs-00001-0000000000000002-v000123"], name
+    assert list(_source_ids("pfsCoadd-00001-00002.fits", [1], [2], None)) == ["pfs-00001-0000000000000002"]
+
+
 def test_ragged_coadd_reads_per_spectrum_grids(tmp_path):
     ts = plan_pfs_targets(3, seed=8)
     path = write_pfs_coadd(tmp_path / "pfsCoadd-00001-00009.fits", ts, ragged=True, fluxtable=False)
@@ -738,6 +795,8 @@ def test_end_to_end_ingest_and_predict(survey, client, pfs_bundle, tmp_path):
     np.testing.assert_allclose(rows.z.to_numpy(), good.z.to_numpy(), rtol=1e-6)
     assert np.isfinite(rows[[f"w{i}_mag" for i in range(1, 5)]].to_numpy()).all()
     assert rejects.reason.value_counts().to_dict() == expected
+    # drp_1d's galaxyZWarning (AIR_VACUUM_CONVERSION_IGNORED in the mock) is kept, not flagged as a bad redshift
+    assert (rows["zwarning"] != 0).any() and not (rows["flags"] & 1).any()
     by_id = dict(zip(rejects.source_id, rejects.reason))
     for sid, reason in zip(truth.source_id, truth.expected_reason):
         if reason:

@@ -24,7 +24,9 @@ Every spectrum is put on :data:`~catalogpred.spectra.DESI_GRID` so the DESI enco
 3. :func:`~catalogpred.spectra.resample_flux_conserving` onto the DESI grid. Output pixels outside
    the PFS range (3600–3700 Å for the 370–1270 nm grid) get ``NO_COVERAGE``; covered pixels without
    any good input get ``PIPELINE`` (both with ivar 0). The pfsCoadd grid (0.8 Å from 3700 Å) is
-   pixel-aligned with DESI's, so there the resampling keeps each pixel's value.
+   pixel-aligned with DESI's, so there the resampling keeps each pixel's value, also for drp_stella's
+   float32 wavelengths (edges within :data:`_SNAP_TOL` of a pixel snap together). PFS light beyond the
+   DESI grid's red end (9824 Å: 982–1270 nm, most of the near-IR arm) is not used.
 
 Redshifts: from a user table (``ReadOptions.redshifts``; columns ``catId``/``objId`` or
 ``cat_id``/``obj_id`` and ``z``, or a ``pfsCoZCandidates`` file) when it is keyed by (catId, objId),
@@ -104,10 +106,18 @@ _PFS_HDUS = frozenset({"TARGET", "TARGETFLUX", "OBSERVATIONS", "WAVELENGTH", "FL
 _REDSHIFT_HDUS = ("GALAXY_CANDIDATES",)
 _UNIT_TO_ANGSTROM = {"nm": 10.0, "angstrom": 1.0, "a": 1.0, "aa": 1.0, "m": 1e10, "um": 1e4, "micron": 1e4,
                      "cm": 1e8}
-#: ``pfsCalibrated-%06d.fits`` (visit): single-visit spectra of every target of that visit
-_CALIBRATED_NAME = re.compile(r"^pfsCalibrated-0*(\d+)", re.I)
+#: a ``pfsCalibrated`` file (``pfsCalibrated-%06d.fits``, or a butler name such as ``pfsCalibrated-PFS-123456-...``):
+#: single-visit spectra of every target of one visit; the first number in the name is the visit when the
+#: OBSERVATIONS HDU does not give a target's own
+_CALIBRATED_NAME = re.compile(r"^pfsCalibrated\D*?0*(\d+)", re.I)
 _OBJECT_NAME = re.compile(r"^pfsObject-(\d{5})-(\d{5})-(.*)-([0-9a-f]{16})-(\d{3})-0x([0-9a-f]{16})\.fits", re.I)
 _CHUNK = 256  # spectra resampled at once (bounds memory for 2394-fibre files)
+#: how far (in DESI pixels, 0.8 Å) a PFS pixel edge may sit from a DESI edge and still count as the same edge.
+#: drp_stella's WavelengthArray is float32: its 0.08 nm grid is off the exact one by up to 5.9e-4 Å = 7.4e-4 px,
+#: and with the resampler's default 1e-6 every DESI pixel kept a sliver of its neighbour, so a masked pixel took
+#: its neighbour's flux at full weight. Snapping moves a bin edge by at most 0.0016 Å (flux conserved to 2e-3
+#: of a pixel over the nominal bins).
+_SNAP_TOL = 2e-3
 _UINT64 = (1 << 64) - 1
 
 
@@ -431,7 +441,7 @@ def _aligned_with_desi(wave_nm) -> bool:
     if w.size < 2 or DESI_GRID.kind != "linear":
         return False
     k = (w - DESI_GRID.start) / DESI_GRID.step
-    return bool(np.all(np.abs(k - np.round(k)) < 1e-4) and np.all(np.diff(np.round(k)) == 1))
+    return bool(np.all(np.abs(k - np.round(k)) < _SNAP_TOL) and np.all(np.diff(np.round(k)) == 1))
 
 
 def _rows(x) -> list:
@@ -470,7 +480,8 @@ def _to_desi(waves: list, fluxes: list, variances: list, masks: list, bad_bits: 
                 covar = np.zeros_like(c)
                 for lag in range(1, c.shape[1] + 1):
                     covar[:, lag - 1, :-lag] = c[:, lag - 1, :-lag] * factor[:-lag] * factor[lag:]
-            f_out, iv_out, covered = resample_flux_conserving(wave_aa, flam, ivar, DESI_GRID.wave, covar=covar)
+            f_out, iv_out, covered = resample_flux_conserving(wave_aa, flam, ivar, DESI_GRID.wave, covar=covar,
+                                                              snap_tol=_SNAP_TOL)
             m = np.where(covered, 0, int(PixelMask.NO_COVERAGE)).astype(np.uint8)[None, :]
             m = m | np.where(covered[None, :] & (iv_out <= 0), int(PixelMask.PIPELINE), 0).astype(np.uint8)
             out_flux[rows], out_ivar[rows], out_mask[rows] = f_out, iv_out, m
@@ -553,10 +564,18 @@ def _metadata_header(fits, name: str) -> dict | None:
 
 
 def _read_object(fits, name: str, names: set) -> dict:
-    """Legacy pfsObject: one spectrum, wavelength from the FLUX WCS, ids from TARGET header keywords."""
+    """Legacy pfsObject: one spectrum, wavelength from the FLUX WCS (or a WAVELENGTH image in nm, which the
+    datamodel writes instead of a WCS for a wavelength that is not a uniform WavelengthArray), ids from TARGET
+    header keywords."""
     flux = np.asarray(fits["FLUX"].read(), np.float64).ravel()
     fhdr = fits["FLUX"].read_header()
-    wave_aa = wcs_wavelength_angstrom(fhdr, flux.size, name)
+    if "WAVELENGTH" in names:
+        wave_aa = np.asarray(fits["WAVELENGTH"].read(), np.float64).ravel() * 10.0
+        if wave_aa.size != flux.size:
+            raise InputFileError(f"{name}: WAVELENGTH has {wave_aa.size} values, FLUX {flux.size}",
+                                 RejectReason.INCONSISTENT_FILE)
+    else:
+        wave_aa = wcs_wavelength_angstrom(fhdr, flux.size, name)
     if "COVAR" not in names:
         raise InputFileError(f"{name}: no COVAR HDU (variance)", RejectReason.MISSING_HDU)
     var, covar = _covariance(fits, name, off_diagonal=not _aligned_with_desi(wave_aa / 10.0))
@@ -610,8 +629,8 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
     if "FLUX" not in names:
         raise InputFileError(f"{name}: no FLUX HDU (PFS spectra need FLUX, TARGET and COVAR)", RejectReason.MISSING_HDU)
     flux_hdu = fits["FLUX"]
-    single = ("WAVELENGTH" not in names and flux_hdu.get_exttype() == "IMAGE_HDU"
-              and len(flux_hdu.get_dims()) == 1)
+    # one spectrum (pfsObject): a 1-D FLUX image, its wavelength in a WCS or a WAVELENGTH image of its own
+    single = flux_hdu.get_exttype() == "IMAGE_HDU" and len(flux_hdu.get_dims()) == 1
     if not single and "WAVELENGTH" not in names:
         raise InputFileError(f"{name}: no WAVELENGTH HDU (pfsCoadd/pfsCalibrated)", RejectReason.MISSING_HDU)
     if not single and "TARGET" not in names:
