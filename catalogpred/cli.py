@@ -485,13 +485,28 @@ def _client(args, device: str = "cpu"):
     from .cluster import dask_client
 
     _quiet_dask(args)
-
+    _warn_ignored_cluster_flags(args)
     return dask_client(args.workers, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                        wait_workers=args.wait_workers, device=device,
                        blocks_per_gpu=getattr(args, "blocks_per_gpu", BLOCKS_PER_GPU),
                        io_workers=getattr(args, "io_workers", 0),  # local clusters only, as --workers
                        workers_per_gpu=getattr(args, "workers_per_gpu", 1),
                        dashboard=_dashboard_address(args))
+
+
+def _warn_ignored_cluster_flags(args) -> None:
+    """Say which flags this run ignores: the local cluster's on an existing cluster, --wait-workers without one."""
+    if args.scheduler or args.scheduler_file:
+        local = [flag for flag, on in (("--workers", args.workers is not None),
+                                       ("--io-workers", bool(getattr(args, "io_workers", 0))),
+                                       ("--dashboard", bool(_dashboard_address(args))))
+                 if on]
+        if local:
+            log.warning("%s: for the local cluster only, ignored with --scheduler/--scheduler-file (the existing "
+                        "cluster's workers and dashboard are its own)", ", ".join(local))
+    elif args.wait_workers is not None:
+        log.warning("--wait-workers is for an existing cluster (--scheduler/--scheduler-file); the local cluster "
+                    "starts its own workers")
 
 
 def _progress(args):

@@ -202,7 +202,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         if scheduler_file and not os.path.exists(scheduler_file):
             raise ConfigError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
                               f"`dask scheduler --scheduler-file {scheduler_file}` first")
-        client = Client(address=scheduler, scheduler_file=scheduler_file)
+        client = _connect(scheduler, scheduler_file)
         try:
             wait_for_workers(client, max(1, wait_workers or 1), where=f"at {client.scheduler.address}")
             log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
@@ -236,6 +236,20 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         _quiet_shutdown(client)
         client.close()
         cluster.close()
+
+
+def _connect(scheduler: str | None, scheduler_file: str | None):
+    """A ``Client`` of an existing scheduler, or a one-line :class:`ConfigError` that says why not (no scheduler
+    listening there, an address without a port, an empty or half-written scheduler file)."""
+    from distributed import Client
+
+    where = f"--scheduler {scheduler}" if scheduler else f"--scheduler-file {scheduler_file}"
+    try:
+        return Client(address=scheduler, scheduler_file=scheduler_file)
+    except (OSError, TimeoutError, ValueError, AssertionError, KeyError) as exc:  # json errors are ValueErrors
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"cannot connect to the Dask scheduler of {where} ({detail}); is it running, and is the "
+                          "address tcp://HOST:PORT (a stale scheduler file names a scheduler that has ended)?") from exc
 
 
 def wait_for_workers(client, want: int, *, where: str, poll_s: float = 60.0, recheck=None) -> int:
@@ -449,13 +463,37 @@ def check_workers(client, paths=()) -> None:
             raise ConfigError(f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, scheduler "
                               "and workers must run the same versions (deploy/README.md, version table)")
     for path in dict.fromkeys(_nearest_existing(os.fspath(p)) for p in paths):
-        seen = client.run(os.path.exists, path, on_error="return")
+        # a file the client writes there now: a directory that exists on every node but is not shared (/tmp,
+        # node-local scratch) passes an existence check, not this one (unless the client may not write there)
+        token = _write_token(path)
+        try:
+            seen = client.run(os.path.exists, token or path, on_error="return")
+        finally:
+            if token:
+                os.unlink(token)
         missing = sorted(addr for addr, ok in seen.items() if ok is not True)
         if missing:
-            raise ConfigError(f"{path} is not visible on Dask worker {missing[0]}"
+            what = f"a file the client just wrote in {path}" if token else path
+            raise ConfigError(f"{what} is not visible on Dask worker {missing[0]}"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: store, catalog and "
-                              "model must be on a filesystem that the client and every worker mount at the same path")
+                              "model must be on a filesystem that the client and every worker mount at the same path "
+                              "(not a node-local /tmp or scratch)")
     log.debug("%d workers run catalogpred %s and see %s", len(versions), __version__, list(paths))
+
+
+def _write_token(directory: str) -> str | None:
+    """An empty file the client writes in ``directory`` (for the workers to look for), or None where it cannot."""
+    import uuid
+
+    if not os.path.isdir(directory):
+        return None
+    token = os.path.join(directory, f".catalogpred-shared-{uuid.uuid4().hex}")
+    try:
+        with open(token, "x"):
+            pass
+    except OSError:
+        return None
+    return token
 
 
 def default_torch_threads(client) -> int | None:

@@ -174,7 +174,11 @@ def _root(store_path, mode):
         if os.path.exists(store_path):
             raise StoreError(f"{store_path} exists and is not a Zarr store (no zarr.json in it); give the store "
                              "that `catalogpred ingest` made") from exc
-        raise StoreError(f"no Zarr store at {store_path}; create one with `catalogpred ingest … --store {store_path}`") from exc
+        import socket
+
+        raise StoreError(f"no Zarr store at {store_path} (seen from host {socket.gethostname()}); create one with "
+                         f"`catalogpred ingest … --store {store_path}`, or, on a cluster, put it on a filesystem that "
+                         "the client and every Dask worker mount at the same path") from exc
     return root
 
 

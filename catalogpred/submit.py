@@ -125,6 +125,35 @@ def _activate_lines() -> list[str]:
     return []
 
 
+#: a batch walltime: [D-]HH:MM[:SS] (SLURM also takes D-HH and MM; PBS HH:MM:SS)
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+#: a queue, partition or account name: no spaces or shell characters (it lands in a #SBATCH/#PBS line)
+_BATCH_NAME = re.compile(r"^[A-Za-z0-9_.@+-]+(,[A-Za-z0-9_.@+-]+)*$")
+
+
+def _check_job_values(cores: int, memory: str, processes, gpus_per_job, walltime, queue, account) -> None:
+    """One-line errors for job settings that would crash dask-jobqueue or land in the job script as nonsense."""
+    from dask.utils import parse_bytes
+
+    if cores < 1:
+        raise ConfigError(f"--cores must be at least 1, not {cores}")
+    if processes is not None and not 1 <= int(processes) <= cores:
+        raise ConfigError(f"--processes must be 1..--cores ({cores}), not {processes}: each worker needs a core")
+    if gpus_per_job is not None and int(gpus_per_job) < 0:
+        raise ConfigError(f"--gpus-per-job must be 0 (CPU workers) or more, not {gpus_per_job}")
+    try:
+        ok = parse_bytes(str(memory)) > 0 and not str(memory).strip().isdigit()
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--memory {memory!r}: give the memory per job with a unit, e.g. 64GB or 500MB")
+    if walltime is not None and not _WALLTIME.match(str(walltime)):
+        raise ConfigError(f"--walltime {walltime!r}: give HH:MM:SS (or D-HH:MM:SS), e.g. 04:00:00")
+    for what, value in (("--queue", queue), ("--account", account)):
+        if value is not None and not _BATCH_NAME.match(str(value)):
+            raise ConfigError(f"{what} {value!r}: a name without spaces or shell characters")
+
+
 def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = None, processes: int | None = None,
                walltime: str | None = None, queue: str | None = None, account: str | None = None,
                gpus_per_job: int = 0, env: list[str] | tuple = ()) -> dict:
@@ -165,9 +194,14 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
         raise ConfigError(f"cores and memory per job are not set: pass e.g. --cores 16 --memory 64GB, or set "
                           f"jobqueue.{system}.cores and jobqueue.{system}.memory in --config (deploy/{system}/jobqueue.yaml)")
     kw: dict = {"cores": int(cores), "memory": str(memory)}
+    _check_job_values(kw["cores"], kw["memory"], processes, gpus_per_job,
+                      walltime if walltime is not None else conf("walltime"), queue, account)
     for key, value in (("walltime", walltime), ("queue", queue), ("account", account), ("processes", processes)):
         if value is not None:
             kw[key] = value
+    if walltime is None and conf("walltime") in (None, "00:30:00"):
+        log.warning("no --walltime (nor jobqueue.%s.walltime in --config): the jobs get dask-jobqueue's default of "
+                    "00:30:00, and their workers end with it; pass e.g. --walltime 04:00:00", system)
     if conf("name") in (None, "dask-worker"):  # jobqueue's default job name; ours says what the jobs are
         kw["job_name"] = "catalogpred"
 
@@ -203,6 +237,10 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
 
             kw["resource_spec"] = (f"select=1:ncpus={kw['cores']}:ngpus={gpus}:"
                                    f"mem={pbs_format_bytes_ceil(parse_bytes(kw['memory']))}")
+        elif not re.search(r"\b(ngpus|gpus|gpu)\s*=", str(conf("resource-spec"))):
+            raise ConfigError(f"--gpus-per-job {gpus}, but jobqueue.pbs.resource-spec in --config "
+                              f"({conf('resource-spec')!r}) requests no GPUs: add ngpus={gpus} to its select "
+                              "statement, or leave resource-spec out and catalogpred writes it")
     kw["worker_extra_args"] = extra_args
     return kw
 
@@ -359,6 +397,8 @@ def run_submit(args) -> int:
     cmd = _split_command(args.run_args) if want_command else []
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
+    if getattr(args, "wait_workers", None) is not None and args.wait_workers < 1:
+        raise ConfigError(f"--wait-workers must be at least 1, not {args.wait_workers}")
     with jobqueue_config(args.config, args.system):
         kw = job_kwargs(args.system, cores=args.cores, memory=args.memory, processes=args.processes,
                         walltime=args.walltime, queue=args.queue, account=args.account,

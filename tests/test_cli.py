@@ -251,6 +251,36 @@ def test_submit_without_a_batch_system_is_one_line_error(tmp_path, capsys, monke
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_submit_refuses_job_settings_that_would_crash_or_land_in_the_script_as_nonsense(capsys, tmp_path, caplog):
+    """--cores 0 was a ZeroDivisionError traceback; negative cores and GPUs, more processes than cores, a walltime
+    of 'banana' and a queue with shell characters went into the job script; --memory 8 (no unit) got an unhelpful
+    dask-jobqueue error; --wait-workers -3 was checked only after the jobs were submitted. A GPU job under a PBS
+    resource-spec without ngpus requested no GPU at all. Without a walltime the jobs get dask-jobqueue's 30 min."""
+    import logging
+
+    base = ["submit", "slurm", "--jobs", "1", "--dry-run"]
+    for extra, says in ((["--cores", "0", "--memory", "8GB"], "--cores must be at least 1"),
+                        (["--cores", "-4", "--memory", "8GB"], "--cores must be at least 1"),
+                        (["--cores", "8", "--memory", "8GB", "--processes", "16"], "--processes must be 1..--cores"),
+                        (["--cores", "8", "--memory", "8GB", "--gpus-per-job", "-1"], "--gpus-per-job must be 0"),
+                        (["--cores", "8", "--memory", "8"], "with a unit"),
+                        (["--cores", "8", "--memory", "8GB", "--walltime", "banana"], "HH:MM:SS"),
+                        (["--cores", "8", "--memory", "8GB", "--queue", "gpu; rm -rf"], "shell characters"),
+                        (["--cores", "8", "--memory", "8GB", "--wait-workers", "-3"], "--wait-workers must be at least 1")):
+        _one_line_error(capsys, [*base, *extra], says)
+    config = tmp_path / "pbs.yaml"
+    config.write_text('jobqueue:\n  pbs:\n    resource-spec: "select=1:ncpus=8:mem=32GB"\n')
+    _one_line_error(capsys, ["submit", "pbs", "--jobs", "1", "--dry-run", "--config", str(config), "--cores", "8",
+                             "--memory", "32GB", "--gpus-per-job", "2"], "requests no GPUs: add ngpus=2")
+    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+        assert main([*base, "--cores", "8", "--memory", "8GB"]) == 0
+    assert "default of 00:30:00" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+        assert main([*base, "--cores", "8", "--memory", "8GB", "--walltime", "1-04:00:00"]) == 0
+    assert "00:30:00" not in caplog.text and "#SBATCH -t 1-04:00:00" in capsys.readouterr().out
+
+
 def test_submit_checks_the_command_with_its_own_parser(capsys, tmp_path, monkeypatch):
     """The command after `--` is parsed (and its values checked) before anything is submitted, dry run or not."""
     monkeypatch.setenv("PATH", _no_sbatch_path(tmp_path))

@@ -198,6 +198,46 @@ def test_scheduler_and_scheduler_file_together_is_an_error(deployment, random_bu
     assert rc == 1 and "not both" in capsys.readouterr().err
 
 
+def test_a_scheduler_that_cannot_be_reached_is_a_one_line_error(random_bundle, tmp_path, capsys):
+    """An address without a port, and an empty (half-written) scheduler file, ended in a traceback (ValueError,
+    a bare AssertionError); now a one-line error that says what to check."""
+    from catalogpred.store import create_survey
+
+    from catalogpred.spectra import SDSS_GRID
+    from catalogpred.store import SurveyLayout
+    from catalogpred.surveys import get_reader
+
+    sched = tmp_path / "scheduler.json"
+    sched.write_text("{}")
+    st = tmp_path / "s.zarr"
+
+    create_survey(st, SurveyLayout(survey="sdss", grid=SDSS_GRID, meta_columns=get_reader("sdss").meta_columns))
+    for opt, says in ((["--scheduler", "127.0.0.1"], "missing port number"), (["--scheduler-file", str(sched)], "")):
+        rc = main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "c"),
+                   *opt])
+        err = capsys.readouterr().err
+        assert rc == 1 and "Traceback" not in err and "cannot connect to the Dask scheduler of " + opt[0] in err, err
+        assert says in err
+
+
+def test_local_cluster_flags_with_an_existing_cluster_are_said_to_be_ignored(deployment, random_bundle, tmp_path,
+                                                                              caplog):
+    """--workers, --io-workers and --dashboard with --scheduler-file were ignored without a word."""
+    import logging
+
+    from catalogpred.spectra import SDSS_GRID
+    from catalogpred.store import SurveyLayout, create_survey
+    from catalogpred.surveys import get_reader
+
+    st = tmp_path / "s.zarr"
+    create_survey(st, SurveyLayout(survey="sdss", grid=SDSS_GRID, meta_columns=get_reader("sdss").meta_columns))
+    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+        assert main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "c"),
+                     "--scheduler-file", deployment["scheduler_file"], "--workers", "8", "--io-workers", "2",
+                     "--dashboard", "--no-progress"]) == 0
+    assert "--workers, --io-workers, --dashboard: for the local cluster only, ignored" in caplog.text
+
+
 def test_shared_path():
     assert shared_path("file:///scratch/store.zarr") == "/scratch/store.zarr"
     assert shared_path("rel/store.zarr") == os.path.join(os.getcwd(), "rel", "store.zarr")
@@ -216,6 +256,40 @@ def test_check_workers_versions_paths_and_threads(deployment, remote_store, monk
         monkeypatch.setattr(catalogpred, "__version__", "9.9.9")
         with pytest.raises(ConfigError, match=r"runs catalogpred 0\.1\.0, this client 9\.9\.9"):
             check_workers(c, [])
+
+
+def test_check_workers_finds_a_directory_that_exists_on_a_worker_but_is_not_shared(deployment, tmp_path):
+    """A directory that exists on every node but is not shared (node-local /tmp or scratch, an empty mount point)
+    passed the existence check, and the blind worker's part files or shards went missing later. The client now
+    writes a file there and every worker must see it. The blind worker runs in its own mount namespace, where the
+    directory is an empty tmpfs (needs `unshare -m` and mount rights: skipped without them)."""
+    import shutil as sh
+
+    from distributed import Client
+
+    out = tmp_path / "outputs"
+    out.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {out}"], capture_output=True)
+    if sh.which("unshare") is None or probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare -m: {probe.stderr.decode().strip()[:200]})")
+    log = tmp_path / "blind-worker.log"
+    blind = _start(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {out} && exec {DASK} worker "
+                    f"{deployment['address']} --host 127.0.0.1 --nthreads 1 --no-dashboard --name blind "
+                    f"--local-directory {tmp_path / 'wb'}"], log, tmp_path)
+    try:
+        with Client(deployment["address"], timeout="30s") as c:
+            c.wait_for_workers(3, timeout=90)
+            with pytest.raises(ConfigError, match=r"a file the client just wrote in .*outputs is not visible on Dask "
+                                                  r"worker .*not a node-local /tmp"):
+                check_workers(c, [out / "catalog"])
+            assert not list(out.iterdir())  # the file it wrote is gone
+    finally:
+        _stop([blind])
+    with Client(deployment["address"], timeout="30s") as c:  # the shared workers see it
+        deadline = time.monotonic() + 30
+        while len(c.scheduler_info()["workers"]) > 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        check_workers(c, [out / "catalog"])
 
 
 # ----------------------------------------------------------------------------- submit on fake sbatch
