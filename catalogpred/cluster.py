@@ -22,6 +22,7 @@ paths must mean the same thing on the client and on every worker:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -462,6 +463,14 @@ def check_workers(client, paths=()) -> None:
         if v != __version__:
             raise ConfigError(f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, scheduler "
                               "and workers must run the same versions (deploy/README.md, version table)")
+    # the same version string from another commit (or a client with local edits): compare the code itself
+    mine = source_fingerprint()
+    theirs = client.run(_worker_fingerprint, on_error="return")
+    for addr, fp in sorted(theirs.items()):
+        if not isinstance(fp, BaseException) and fp != mine:
+            raise ConfigError(f"Dask worker {addr} runs other catalogpred code than this client (version {__version__} "
+                              f"both, source {fp} against {mine}): install the same commit for client and workers "
+                              "(deploy/README.md, version table)")
     for path in dict.fromkeys(_nearest_existing(os.fspath(p)) for p in paths):
         # a file the client writes there now: a directory that exists on every node but is not shared (/tmp,
         # node-local scratch) passes an existence check, not this one (unless the client may not write there)
@@ -479,6 +488,25 @@ def check_workers(client, paths=()) -> None:
                               "model must be on a filesystem that the client and every worker mount at the same path "
                               "(not a node-local /tmp or scratch)")
     log.debug("%d workers run catalogpred %s and see %s", len(versions), __version__, list(paths))
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """12 hex digits of a SHA-256 over catalogpred's own ``.py`` files (names and contents, in order): equal for
+    two installs of one commit, different for another commit or local edits, which the version string is not."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def _worker_fingerprint() -> str:
+    """:func:`source_fingerprint` as the worker that runs this computes it (sent by reference, run there)."""
+    return source_fingerprint()
 
 
 def _write_token(directory: str) -> str | None:

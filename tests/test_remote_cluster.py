@@ -256,6 +256,13 @@ def test_check_workers_versions_paths_and_threads(deployment, remote_store, monk
         monkeypatch.setattr(catalogpred, "__version__", "9.9.9")
         with pytest.raises(ConfigError, match=r"runs catalogpred 0\.1\.0, this client 9\.9\.9"):
             check_workers(c, [])
+        monkeypatch.setattr(catalogpred, "__version__", "0.1.0")
+        # the same version from other code (another commit, local edits): the source fingerprints differ
+        import catalogpred.cluster as cluster
+
+        monkeypatch.setattr(cluster, "source_fingerprint", lambda: "000000000000")
+        with pytest.raises(ConfigError, match=r"runs other catalogpred code than this client .*against 000000000000"):
+            check_workers(c, [])
 
 
 def test_check_workers_finds_a_directory_that_exists_on_a_worker_but_is_not_shared(deployment, tmp_path):
