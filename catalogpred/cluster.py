@@ -207,8 +207,8 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         try:
             wait_for_workers(client, max(1, wait_workers or 1), where=f"at {client.scheduler.address}")
             log.info("connected to %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
-            if "dashboard" in client.scheduler_info().get("services", {}):
-                log.info("Dask dashboard: %s", client.dashboard_link)
+            if "dashboard" in client.scheduler_info().get("services", {}) and _answers(client.dashboard_link):
+                log.info("Dask dashboard: %s", client.dashboard_link)  # the port is listed even without one
             yield client
         finally:
             client.close()
@@ -237,6 +237,17 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         _quiet_shutdown(client)
         client.close()
         cluster.close()
+
+
+def _answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP GET of ``url`` succeeds within ``timeout_s``."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return True
+    except Exception:  # refused, 404, timeout, a proxy: no link worth printing
+        return False
 
 
 def _connect(scheduler: str | None, scheduler_file: str | None):

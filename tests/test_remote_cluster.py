@@ -222,7 +222,8 @@ def test_a_scheduler_that_cannot_be_reached_is_a_one_line_error(random_bundle, t
 
 def test_local_cluster_flags_with_an_existing_cluster_are_said_to_be_ignored(deployment, random_bundle, tmp_path,
                                                                               caplog):
-    """--workers, --io-workers and --dashboard with --scheduler-file were ignored without a word."""
+    """--workers, --io-workers and --dashboard with --scheduler-file were ignored without a word; a dashboard link
+    was logged for a scheduler started with --no-dashboard (its port is listed anyway)."""
     import logging
 
     from catalogpred.spectra import SDSS_GRID
@@ -231,11 +232,12 @@ def test_local_cluster_flags_with_an_existing_cluster_are_said_to_be_ignored(dep
 
     st = tmp_path / "s.zarr"
     create_survey(st, SurveyLayout(survey="sdss", grid=SDSS_GRID, meta_columns=get_reader("sdss").meta_columns))
-    with caplog.at_level(logging.WARNING, logger="catalogpred"):
+    with caplog.at_level(logging.INFO, logger="catalogpred"):
         assert main(["predict", "--store", str(st), "--model", str(random_bundle), "--catalog", str(tmp_path / "c"),
                      "--scheduler-file", deployment["scheduler_file"], "--workers", "8", "--io-workers", "2",
                      "--dashboard", "--no-progress"]) == 0
     assert "--workers, --io-workers, --dashboard: for the local cluster only, ignored" in caplog.text
+    assert "connected to tcp://" in caplog.text and "Dask dashboard" not in caplog.text
 
 
 def test_shared_path():
