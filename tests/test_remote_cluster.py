@@ -433,3 +433,50 @@ def test_submit_goes_on_with_the_jobs_left_when_one_ends(tmp_path, monkeypatch, 
     ended = [r.getMessage() for r in caplog.records if "ended before their Dask workers connected" in r.getMessage()]
     assert len(ended) == 1 and "waiting for 1 workers from the other jobs" in ended[0]
     _assert_same_catalog(catalog, local_reference)
+
+
+def test_losing_the_scheduler_mid_run_stops_the_run_without_rejects(random_bundle, tmp_path):
+    """Killing the scheduler mid-predict ended in a KeyError traceback ('workers'), and tasks cut off by the lost
+    connection could be counted as blocks that failed on every retry (predict_error rejects). Now the run stops
+    with a PipelineError that says to re-run, and writes no rejects for those blocks."""
+    import threading
+
+    import bench_pipeline
+    from distributed import Client
+
+    from catalogpred.pipeline.runner import PipelineError
+
+    st = tmp_path / "store.zarr"
+    bench_pipeline.write_synthetic_store(st, 48, shard_rows=4, chunk_rows=4)
+    sched_file = tmp_path / "scheduler.json"
+    logs = [tmp_path / "scheduler.log", tmp_path / "worker.log"]
+    procs = [_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+                     sched_file], logs[0], tmp_path)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (sched_file.exists() and sched_file.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        procs.append(_start([DASK, "worker", "--scheduler-file", sched_file, "--host", "127.0.0.1", "--nthreads", "1",
+                             "--no-dashboard", "--local-directory", tmp_path / "w", "--death-timeout", "30"],
+                            logs[1], tmp_path))
+        cat = tmp_path / "catalog"
+        blocks = cat / "_run" / "blocks"
+
+        def kill_scheduler_after_a_block():
+            end = time.monotonic() + 120
+            while not (blocks.exists() and any(blocks.glob("*.json"))) and time.monotonic() < end:
+                time.sleep(0.05)
+            os.killpg(procs[0].pid, signal.SIGKILL)
+
+        with Client(scheduler_file=str(sched_file), timeout="30s") as c:
+            c.wait_for_workers(1, timeout=90)
+            killer = threading.Thread(target=kill_scheduler_after_a_block, daemon=True)
+            killer.start()
+            with pytest.raises(PipelineError, match="lost the Dask scheduler.*re-run the same command"):
+                run_predict(str(st), str(random_bundle), str(cat), client=c, progress=False, torch_threads=1)
+            killer.join(10)
+        markers = [json.loads(p.read_text()) for p in blocks.glob("*.json")]
+        assert markers and not any(m.get("error") for m in markers), _tail(*logs)
+        assert not (cat / "rejects.parquet").exists()
+    finally:
+        _stop(procs)

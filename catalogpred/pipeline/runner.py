@@ -56,8 +56,12 @@ def reasons_lines(reasons: dict) -> list[str]:
 
 
 def n_workers(client, resources: dict | None = None) -> int:
-    """Connected workers (those offering ``resources``, when given)."""
-    workers = client.scheduler_info()["workers"].values()
+    """Connected workers (those offering ``resources``, when given). Raises :class:`PipelineError` when the
+    client has lost its scheduler."""
+    info = client.scheduler_info()
+    if "workers" not in info:
+        _lost_scheduler(client)
+    workers = info["workers"].values()
     if not resources:
         return len(workers)
     return sum(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers)
@@ -119,6 +123,8 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
         try:
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
+            if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
+                _lost_scheduler(client)
             errors[fut.key] = f"{type(exc).__name__}: {exc}"
             log.error("task %s failed: %s", fut.key, errors[fut.key])
         else:
@@ -135,6 +141,13 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
         fill(ac)
     bar.close()
     return results, errors
+
+
+def _lost_scheduler(client):
+    """Stop a run whose client lost its scheduler: its tasks did not fail, so they must not become rejects."""
+    address = getattr(client.scheduler, "address", None) if client.scheduler is not None else None
+    raise PipelineError(f"lost the Dask scheduler{f' at {address}' if address else ''} (client {client.status}); "
+                        "finished blocks are kept: re-run the same command to resume")
 
 
 def versions() -> dict:
