@@ -199,9 +199,6 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
     for key, value in (("walltime", walltime), ("queue", queue), ("account", account), ("processes", processes)):
         if value is not None:
             kw[key] = value
-    if walltime is None and conf("walltime") in (None, "00:30:00"):
-        log.warning("no --walltime (nor jobqueue.%s.walltime in --config): the jobs get dask-jobqueue's default of "
-                    "00:30:00, and their workers end with it; pass e.g. --walltime 04:00:00", system)
     if conf("name") in (None, "dask-worker"):  # jobqueue's default job name; ours says what the jobs are
         kw["job_name"] = "catalogpred"
 
@@ -242,6 +239,9 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
                               f"({conf('resource-spec')!r}) requests no GPUs: add ngpus={gpus} to its select "
                               "statement, or leave resource-spec out and catalogpred writes it")
     kw["worker_extra_args"] = extra_args
+    if walltime is None and conf("walltime") in (None, "00:30:00"):  # after every error: a warning, then a job
+        log.warning("no --walltime (nor jobqueue.%s.walltime in --config): the jobs get dask-jobqueue's default of "
+                    "00:30:00, and their workers end with it; pass e.g. --walltime 04:00:00", system)
     return kw
 
 

@@ -4,16 +4,19 @@ No batch system, Kubernetes or Docker daemon is needed: job scripts are rendered
 `submit --dry-run` (a stand-in `sbatch`/`qsub` on PATH proves nothing is submitted), the Dask
 operator manifests are checked against the CRD fields listed below, and the batch scripts in
 deploy/slurm and deploy/pbs run for real on this machine with stand-ins for `srun`/`pbs_tmrsh`
-(marked slow: `pytest --runslow`).
+(a whole build is marked slow: `pytest --runslow`; a worker launch that fails at once is not).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -218,11 +221,39 @@ def _check_dask_cluster_spec(spec: dict, cluster_name: str, pvc_names: set[str])
     """Fields of DaskCluster.spec in the operator's CRD: scheduler.{spec,service}, worker.{replicas,spec}."""
     sched = _check_pod_spec(_get(spec, "scheduler.spec"), "scheduler", pvc_names)
     assert sched[0]["args"][:2] == ["dask", "scheduler"]
+    _check_scheduler_http_routes(sched[0], cluster_name)
     service = _get(spec, "scheduler.service")
     assert service["selector"] == {"dask.org/cluster-name": cluster_name, "dask.org/component": "scheduler"}
     assert {(p["name"], p["port"]) for p in service["ports"]} >= {("tcp-comm", 8786)}
     assert isinstance(_get(spec, "worker.replicas"), int)
     _check_worker(_check_pod_spec(_get(spec, "worker.spec"), "worker", pvc_names)[0])
+
+
+ROUTES_ENV = "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"
+#: what the operator's autoscaler and its graceful scale-down need (/api/v1/adaptive_target, /api/v1/retire_workers)
+API_ROUTES = ("distributed.http.scheduler.api", "distributed.http.health")
+
+
+def _scheduler_http_routes(container: dict, label: str) -> list[str]:
+    """The scheduler's distributed.scheduler.http.routes as dask reads them from the container's environment."""
+    import dask
+
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    assert ROUTES_ENV in env, f"{label}: the scheduler container does not set {ROUTES_ENV} (no HTTP API)"
+    return dask.config.collect_env({ROUTES_ENV: env[ROUTES_ENV]})["distributed"]["scheduler"]["http"]["routes"]
+
+
+def _check_scheduler_http_routes(container: dict, label: str) -> None:
+    """The Dask operator calls the scheduler's HTTP API to autoscale and to retire workers before it deletes their
+    pods; distributed serves no API by default, and without it the operator falls back to the RPC and may delete
+    busy pods. The manifests add the API to distributed's default routes, so the dashboard keeps its statics."""
+    import distributed
+
+    routes = _scheduler_http_routes(container, label)
+    assert isinstance(routes, list) and set(API_ROUTES) <= set(routes), f"{label}: {ROUTES_ENV} = {routes}"
+    with open(Path(distributed.__file__).parent / "distributed.yaml") as f:  # what the variable replaces
+        defaults = yaml.safe_load(f)["distributed"]["scheduler"]["http"]["routes"]
+    assert set(defaults) <= set(routes), f"{label}: {ROUTES_ENV} drops default routes {set(defaults) - set(routes)}"
 
 
 def _check_worker(container: dict, gpu: bool | None = True) -> None:
@@ -332,6 +363,122 @@ def test_operator_workers_run_one_dask_worker_per_pod():
     assert _processes_per_pod(bad) == (True, "4")
     assert _processes_per_pod({"args": ["bash", "-c", "dask worker x --name=$(DASK_WORKER_NAME) --nworkers=auto"]}) \
         == (True, "auto")
+
+
+def test_every_operator_scheduler_serves_the_http_api():
+    """Every scheduler the operator starts from deploy/k8s sets the routes env var (checked also by the CRD test)."""
+    where = {"DaskCluster": "spec.scheduler.spec", "DaskJob": "spec.cluster.spec.scheduler.spec"}
+    specs = [(f"{p.name}:{d['kind']}/{d['metadata']['name']}", _get(d, where[d["kind"]]))
+             for p, d in _k8s_docs() if d.get("kind") in where]
+    assert len(specs) >= 2, specs  # the DaskCluster and the DaskJob's cluster
+    for label, spec in specs:
+        for container in spec["containers"]:
+            _check_scheduler_http_routes(container, label)
+
+
+def test_scheduler_with_the_manifests_routes_serves_api_health_and_dashboard(tmp_path):
+    """A real `dask scheduler` with the manifests' routes answers the operator's API calls, /health (the probes)
+    and the dashboard's statics."""
+    doc = next(d for _, d in _k8s_docs() if d["kind"] == "DaskCluster")
+    scheduler = doc["spec"]["scheduler"]["spec"]["containers"][0]
+    value = next(e["value"] for e in scheduler["env"] if e["name"] == ROUTES_ENV)
+    sched_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, **{ROUTES_ENV: value})
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                             "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (sched_file.exists() and sched_file.stat().st_size) and time.monotonic() < deadline:
+            assert proc.poll() is None, "dask scheduler exited"
+            time.sleep(0.2)
+        time.sleep(0.2)  # the file is written in one go, but be safe about a partial read
+        port = json.loads(sched_file.read_text())["services"]["dashboard"]
+
+        def get(path: str) -> tuple[int, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, r.read().decode(errors="replace")
+
+        assert get("/health") == (200, "ok")
+        status, body = get("/api/v1/adaptive_target")
+        assert status == 200 and json.loads(body) == {"workers": 0}
+        assert get("/statics/css/base.css")[0] == 200  # the dashboard pages' stylesheet
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_K8S_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _k8s_bytes(quantity) -> int:
+    """A Kubernetes memory quantity ("32Gi", "4G", "512Mi", 1073741824) in bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i|[kMGT])?", str(quantity))
+    assert m, f"not a memory quantity: {quantity!r}"
+    return int(float(m.group(1)) * _K8S_UNITS.get(m.group(2) or "", 1))
+
+
+def _last_option(args: list, name: str):
+    """The value of the last `name VALUE` / `name=VALUE` in args (the one click uses), or None."""
+    args = [str(a) for a in args]
+    value = None
+    for a, b in zip(args, args[1:] + [None]):
+        if a == name:
+            value = b
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _dask_and_pod_memory_limits() -> list[tuple[str, str, object]]:
+    """(label, the worker's Dask --memory-limit, its pod's memory limit) for every worker in deploy/ that sets both:
+    the operator manifests' workers and the Helm chart's worker."""
+    out = []
+    for label, spec in _operator_worker_pod_specs():
+        for c in spec["containers"]:
+            dask_limit = _last_option(c.get("command", []) + c.get("args", []), "--memory-limit")
+            pod_limit = c.get("resources", {}).get("limits", {}).get("memory")
+            if dask_limit is not None and pod_limit is not None:
+                out.append((label, dask_limit, pod_limit))
+
+    def merged(group: dict, base: dict) -> dict:  # the chart's `merge group worker`: the group's values win
+        return {k: merged(group[k], base[k]) if isinstance(group.get(k), dict) and isinstance(base.get(k), dict)
+                else group.get(k, base.get(k)) for k in {*group, *base}}
+
+    values = _yaml_docs(DEPLOY / "helm" / "values.yaml")[0]
+    groups = [("worker", values["worker"])] + [(f"additional_worker_groups[{i}]", merged(g, values["worker"]))
+                                               for i, g in enumerate(values.get("additional_worker_groups") or [])]
+    for group, worker in groups:
+        pod_limit = ((worker.get("resources") or {}).get("limits") or {}).get("memory")
+        if pod_limit is None:
+            continue
+        # the chart passes limits.memory as --memory-limit, then extraArgs: the last --memory-limit counts
+        dask_limit = _last_option(["--memory-limit", pod_limit, *(worker.get("extraArgs") or [])], "--memory-limit")
+        out.append((f"helm/values.yaml:{group}", dask_limit, pod_limit))
+    return out
+
+
+def test_dask_memory_limit_leaves_headroom_under_the_pod_limit():
+    """A Dask memory limit equal to the pod's lets the kernel OOM-kill the pod before Dask spills, pauses or
+    restarts the worker: every worker in deploy/ keeps Dask's limit at most ~90 % of the pod's (28GiB of 32Gi)."""
+    from dask.utils import parse_bytes
+
+    limits = _dask_and_pod_memory_limits()
+    labels = {label.split(":")[0] for label, _, _ in limits}
+    assert {"daskjob-catalog-build.yaml", "daskcluster-interactive.yaml", "daskworkergroup-cpu.yaml",
+            "helm/values.yaml"} <= labels, limits
+    for label, dask_limit, pod_limit in limits:
+        assert parse_bytes(str(dask_limit)) <= 0.9 * _k8s_bytes(pod_limit), \
+            f"{label}: Dask --memory-limit {dask_limit} leaves too little of the pod's {pod_limit}"
+    # the check itself: the chart's own --memory-limit (= limits.memory) alone fails it
+    assert parse_bytes("32Gi") > 0.9 * _k8s_bytes("32Gi")
+    assert _last_option(["--memory-limit", "32Gi", "--resources", "GPU=1", "--memory-limit=28GiB"],
+                        "--memory-limit") == "28GiB"
+    assert _k8s_bytes("3584Mi") == parse_bytes("3584MiB") and _k8s_bytes("4G") == 4 * 10**9
 
 
 def test_one_image_everywhere_and_helm_values():
@@ -452,14 +599,18 @@ exec "$@"
 """
 
 
-def _run_batch_script(script: Path, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run a batch script as the batch system would (own process group), tear the group down whatever happens."""
+def _run_batch_script(script: Path, env: dict, tmp_path: Path, timeout: float = 400,
+                      left_over: list | None = None) -> subprocess.CompletedProcess:
+    """Run a batch script as the batch system would (own process group), tear the group down whatever happens.
+    `left_over`, if given, gets whether any process of the group outlived the script (checked before tear-down)."""
     log = tmp_path / "job.out"
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=out,
                                 text=True, start_new_session=True)
         try:
-            stdout, _ = proc.communicate(timeout=400)
+            stdout, _ = proc.communicate(timeout=timeout)
+            if left_over is not None:
+                left_over.append(_group_alive(proc.pid))
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -469,7 +620,21 @@ def _run_batch_script(script: Path, env: dict, tmp_path: Path) -> subprocess.Com
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, log.read_text())
 
 
-def _batch_env(tmp_path: Path, sdss_files, bundle, fake: dict[str, str]) -> dict:
+def _group_alive(pgid: int, grace_s: float = 5.0) -> bool:
+    """Whether a process of group `pgid` is still there `grace_s` seconds on (processes that exit on SIGTERM
+    may take a moment)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+
+
+def _batch_env(tmp_path: Path, inputs: Path, bundle: Path, fake: dict[str, str]) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in fake.items():
@@ -477,7 +642,7 @@ def _batch_env(tmp_path: Path, sdss_files, bundle, fake: dict[str, str]) -> dict
         (bin_dir / name).chmod(0o755)
     (tmp_path / "scratch").mkdir()
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CATALOGPRED_VENV=sys.prefix,
-                CATALOGPRED_INPUTS=str(sdss_files[0].parent), CATALOGPRED_STORE=str(tmp_path / "store.zarr"),
+                CATALOGPRED_INPUTS=str(inputs), CATALOGPRED_STORE=str(tmp_path / "store.zarr"),
                 CATALOGPRED_MODEL=str(bundle), CATALOGPRED_CATALOG=str(tmp_path / "catalog"), CATALOGPRED_WORKER="cpu",
                 CATALOGPRED_SCHEDULER_ARGS="--host 127.0.0.1 --port 0 --no-dashboard",
                 CATALOGPRED_WORKER_ARGS="--host 127.0.0.1 --no-dashboard", TMPDIR=str(tmp_path / "scratch"))
@@ -496,7 +661,7 @@ def _check_built_catalog(result, tmp_path: Path, run_dir: Path) -> None:
 @pytest.mark.realdata
 @pytest.mark.slow  # about a minute each on 2 cores: run with --runslow
 def test_slurm_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle):
-    env = _batch_env(tmp_path, sdss_files, random_bundle, {"srun": FAKE_SRUN})
+    env = _batch_env(tmp_path, sdss_files[0].parent, random_bundle, {"srun": FAKE_SRUN})
     env.update(SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="2", SLURM_SUBMIT_DIR=str(tmp_path))
     result = _run_batch_script(DEPLOY / "slurm" / "catalog-build.sbatch", env, tmp_path)
     _check_built_catalog(result, tmp_path, tmp_path / "catalogpred-run-4242")
@@ -505,12 +670,59 @@ def test_slurm_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle
 @pytest.mark.realdata
 @pytest.mark.slow  # about a minute each on 2 cores: run with --runslow
 def test_pbs_batch_script_builds_a_catalog(tmp_path, sdss_files, random_bundle):
-    env = _batch_env(tmp_path, sdss_files, random_bundle, {"pbs_tmrsh": FAKE_TMRSH})
+    env = _batch_env(tmp_path, sdss_files[0].parent, random_bundle, {"pbs_tmrsh": FAKE_TMRSH})
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("localhost\nlocalhost\n")
     env.update(PBS_JOBID="77.fake", PBS_NODEFILE=str(nodefile), NCPUS="2", PBS_O_WORKDIR=str(tmp_path))
     result = _run_batch_script(DEPLOY / "pbs" / "catalog-build.pbs", env, tmp_path)
     _check_built_catalog(result, tmp_path, tmp_path / "catalogpred-run-77.fake")
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs"])
+def test_batch_script_stops_when_the_worker_launch_fails(system, tmp_path):
+    """`--wait-workers` has no timeout: when the worker launch dies (here `dask cuda worker` without dask-cuda:
+    "Error: No such command 'cuda'"), the script must not wait for those workers until the walltime but stop with
+    one line that names the workers' log, kill the client and the scheduler, and fail. Needs no data: the client
+    waits for the workers before it reads anything."""
+    import importlib.util
+
+    inputs = tmp_path / "spectra"
+    inputs.mkdir()
+    (inputs / "spec-0000-00000-0000.fits").write_bytes(b"never read")
+    fake = {"srun": FAKE_SRUN} if system == "slurm" else {"pbs_tmrsh": FAKE_TMRSH}
+    env = _batch_env(tmp_path, inputs, tmp_path / "no-model", fake)
+    if importlib.util.find_spec("dask_cuda") is None:
+        env["CATALOGPRED_WORKER"] = "gpu"  # the reported case: "Error: No such command 'cuda'"
+        expect_in_log = "No such command 'cuda'"
+    else:  # dask-cuda installed: any worker command that fails at once
+        env["CATALOGPRED_WORKER_ARGS"] += " --no-such-option"
+        expect_in_log = "No such option"
+    if system == "slurm":
+        env.update(SLURM_JOB_ID="4243", SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="2",
+                   SLURM_SUBMIT_DIR=str(tmp_path))
+        script, run_dir, log = DEPLOY / "slurm" / "catalog-build.sbatch", tmp_path / "catalogpred-run-4243", \
+            "workers.log"
+    else:
+        nodefile = tmp_path / "nodefile"
+        nodefile.write_text("localhost\nlocalhost\n")
+        env.update(PBS_JOBID="78.fake", PBS_NODEFILE=str(nodefile), NCPUS="2", PBS_O_WORKDIR=str(tmp_path))
+        script, run_dir, log = DEPLOY / "pbs" / "catalog-build.pbs", tmp_path / "catalogpred-run-78.fake", \
+            "workers-0.log"
+    start = time.monotonic()
+    left_over: list = []
+    try:
+        result = _run_batch_script(script, env, tmp_path, timeout=60, left_over=left_over)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the script still waited for the workers after 60 s:\n{(tmp_path / 'job.out').read_text()}")
+    took = time.monotonic() - start
+    assert result.returncode != 0, result.stderr
+    assert expect_in_log in (run_dir / log).read_text()
+    errors = [ln for ln in result.stderr.splitlines() if "exited with status" in ln]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: the Dask workers") and "catalogpred ingest" in errors[0], errors[0]
+    assert errors[0].endswith(f"see {run_dir / log}"), errors[0]
+    assert left_over == [False], "the client or the scheduler outlived the script"
+    assert not (tmp_path / "store.zarr").exists() and took < 60
 
 
 def test_queued_job_ids_asks_the_batch_system(tmp_path, monkeypatch):
