@@ -179,8 +179,9 @@ def _with_string_lengths(table: pa.Table) -> pa.Table:
     """``table`` with astropy's ``table::len::<column>`` schema metadata (the longest value, at least 1, or 4 with
     nulls, which astropy reads as ``'None'``) for each string column, as astropy writes it:
     ``astropy.table.Table.read`` of a part file takes the string widths from there; without it astropy measures
-    the values and fails on a null (a DESI column in an SDSS row of a multi-survey catalog). A width at least the longest value is enough, so :func:`write_fragment`
-    computes it once per block for all its part files (0.1-0.3 ms per call measured on 2 cores)."""
+    the values and fails on a null (a DESI column in an SDSS row of a multi-survey catalog). A width at least the
+    longest value is enough, so :func:`write_fragment` computes it once per block for all its part files (0.1-0.3 ms
+    per call measured on 2 cores)."""
     import pyarrow.compute as pc
 
     lengths = {}

@@ -554,19 +554,18 @@ def cmd_ingest(args) -> int:
         get_reader(args.survey)
     options = _read_options(args)
     if args.dry_run:  # what each file is, read from its headers here
-        done = store.input_paths(args.store) if os.path.isdir(args.store) else {}
-        quarantined = store.input_paths(args.store, whole_file_rejects=True) if done else {}
+        stored = store.stored_inputs(args.store)  # path -> (group, only an unreadable_file reject)
         kinds, n_aux, n_done, n_rej = Counter(), 0, 0, 0
         for path in paths:
             _, name, n, rej = detect_survey(path)
             aux = bool(name and name.startswith("aux:"))
             kind = "redshifts" if aux else name if name else "reject: " + rej.split("\t", 1)[0]
             n_aux += aux
-            n_done += (not aux) and path in done
-            n_rej += (not aux) and not name and path not in done
+            n_done += (not aux) and path in stored
+            n_rej += (not aux) and not name and path not in stored
             kinds[kind] += not aux
-            where = ("\tin the store only as an unreadable_file reject" if path in quarantined
-                     else "\talready in the store" if path in done else "")
+            where = ("" if path not in stored else "\tin the store only as an unreadable_file reject"
+                     if stored[path][1] else "\talready in the store")
             print(f"{path}\t{kind}\t{'' if aux else n}{where}")
         log.info("dry run: %d spectra files (%s): %d would be ingested into %s (%d of them as whole-file rejects), "
                  "%d already there skipped; %d redshift-only file(s) would give redshifts", len(paths) - n_aux,

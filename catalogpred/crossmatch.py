@@ -43,6 +43,7 @@ from .tables import (BANDS, MAG_SYSTEMS, NON_DETECTION_SIGMA, find_photometry_co
                      PREDICTED_COLUMNS, float_values, magnitude_systems, photometry_input_columns,
                      predicted_columns, warn_if_ab_read_as_vega, with_flux_magnitudes)
 from .query import CatalogQuery, Cone, angle_value, astropy_to_arrow, open_catalog
+from .query.convert import in_memory_to_arrow
 
 __all__ = ["crossmatch", "ir_excess", "query_ir_excess", "own_photometry_columns", "read_external", "find_radec_columns", "find_photometry_columns", "magnitude_systems", "MAG_SYSTEMS", "BANDS",
            "EXTERNAL_SUFFIX", "NON_DETECTION_SIGMA"]
@@ -115,15 +116,12 @@ def read_external(path, format: str | None = None) -> pa.Table:
 
 
 def _to_arrow(external) -> pa.Table:
-    if isinstance(external, pa.Table):
-        return external
-    if isinstance(external, (str, os.PathLike)):
-        return read_external(external)
-    if hasattr(external, "colnames"):  # astropy Table
-        return astropy_to_arrow(external)
-    if hasattr(external, "to_numpy") and hasattr(external, "columns"):  # pandas
-        return pa.Table.from_pandas(external, preserve_index=False)
-    raise ConfigError(f"external must be a path, pyarrow/astropy Table or pandas DataFrame, got {type(external).__name__}")
+    """An external table given as a path (:func:`read_external`) or in memory (pyarrow, astropy, pandas)."""
+    out = read_external(external) if isinstance(external, (str, os.PathLike)) else in_memory_to_arrow(external)
+    if out is None:
+        raise ConfigError(f"external must be a path, pyarrow/astropy Table or pandas DataFrame, got "
+                          f"{type(external).__name__}")
+    return out
 
 
 def _unit_of(field: pa.Field) -> str:

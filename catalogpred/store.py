@@ -244,19 +244,20 @@ def group_uid(store_path, survey: str) -> str | None:
     return dict(g.attrs.get("catalogpred_survey", {})).get("uid")
 
 
-def input_paths(store_path, *, whole_file_rejects: bool = False) -> dict[str, str]:
-    """The input files ingested into a store, each with the survey group holding its rows; with
-    ``whole_file_rejects``, only the files quarantined whole (one reject row, source_id ``file:<name>``)."""
+def stored_inputs(store_path) -> dict[str, tuple[str, bool]]:
+    """The input files ingested into a store: path -> (survey group holding its rows, whether its only row is an
+    unreadable-file reject, source_id ``file:<name>``). Empty for a path that is not a directory yet."""
     import pyarrow.compute as pc
 
-    out: dict[str, str] = {}
+    if not os.path.isdir(store_path):
+        return {}
+    out: dict[str, tuple[str, bool]] = {}
     for group in list_surveys(store_path):
         if not len(done_shards(store_path, group)):
             continue
-        meta = read_meta(store_path, group, ["source_path", "source_id"] if whole_file_rejects else ["source_path"])
-        if whole_file_rejects:
-            meta = meta.filter(pc.starts_with(meta.column("source_id"), "file:"))
-        out.update(dict.fromkeys(meta.column("source_path").to_pylist(), group))
+        meta = read_meta(store_path, group, ["source_path", "source_id"])
+        whole = set(meta.filter(pc.starts_with(meta.column("source_id"), "file:")).column("source_path").to_pylist())
+        out.update((p, (group, p in whole)) for p in meta.column("source_path").unique().to_pylist())
     return out
 
 

@@ -232,7 +232,7 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
     group_reader: dict[str, str] = {}  # store group -> a reader writing to it (grid, columns)
     redshift_files = []
     # every input already in the store, in whichever group: a path never sits in two groups
-    stored = _stored_inputs(store_path)
+    stored = store.stored_inputs(store_path)
     elsewhere: dict[str, list[str]] = {}  # group -> inputs it holds that this run would file in another group
     quarantined = []  # inputs the store holds only as an unreadable_file reject
     for path, name, n, rej in detected:
@@ -374,23 +374,6 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         })
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _stored_inputs(store_path) -> dict[str, tuple[str, bool]]:
-    """Every input file a store holds: path -> (survey group, whether its only row is an unreadable-file reject,
-    source_id ``file:<name>``). Empty for a new store."""
-    import pyarrow.compute as pc
-
-    if not os.path.isdir(store_path):
-        return {}
-    out: dict[str, tuple[str, bool]] = {}
-    for group in store.list_surveys(store_path):
-        if not len(store.done_shards(store_path, group)):
-            continue
-        meta = store.read_meta(store_path, group, ["source_path", "source_id"])
-        whole = set(meta.filter(pc.starts_with(meta.column("source_id"), "file:")).column("source_path").to_pylist())
-        out.update((p, (group, p in whole)) for p in meta.column("source_path").unique().to_pylist())
-    return out
 
 
 def _stored_rejects(store_path, group: str, paths) -> Counter:

@@ -75,10 +75,16 @@ class PredictSummary:
 DEFAULT_BATCH = {"cpu": 64, "cuda": 2048}
 
 
-def _check_resumable(catalog_path: str, plan: dict, model_ids: list, store_path: str, groups: dict,
-                     column_names: list) -> None:
-    """Refuse to resume a catalog that another run's blocks would not match: other models, another store (or the
-    same path re-created: each survey group has a random id), other catalog columns (e.g. more surveys)."""
+def _store_groups(planned: "PredictPlan") -> dict:
+    """The random id of each store group the run predicts (a re-created group has a new one)."""
+    return {s: store.group_uid(planned.store_path, s) for s in planned.surveys}
+
+
+def _check_resumable(catalog_path: str, plan: dict, planned: "PredictPlan", groups: dict) -> None:
+    """Refuse to resume a catalog (its ``plan.json``: ``plan``) that this run's blocks (``planned``, store groups
+    ``groups``) would not match: other models, another store (or the same path re-created: each survey group has a
+    random id), other catalog columns (e.g. more surveys)."""
+    model_ids, store_path, column_names = planned.model_ids, planned.store_path, [c.name for c in planned.columns]
     hint = "; pass --overwrite to start over, or write to another catalog path"
     if plan.get("model_ids") != model_ids:
         raise CatalogError(f"{catalog_path} was made with models {plan.get('model_ids')}, not {model_ids}{hint}")
@@ -269,11 +275,11 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     plan_file = Path(catalog_path) / cat.RUN_DIR / "plan.json"
     if overwrite and os.path.exists(catalog_path):  # check_catalog_target (above) allowed it
         shutil.rmtree(catalog_path)
-    groups = {s: store.group_uid(store_path, s) for s in chosen}
+    groups = _store_groups(planned)
     column_names = [c.name for c in columns]
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
-        _check_resumable(catalog_path, plan, model_ids, os.path.abspath(store_path), groups, column_names)
+        _check_resumable(catalog_path, plan, planned, groups)
         if order is not None and order != plan["order"]:
             log.warning("order %d ignored: resuming %s, whose leaves are at order %d (--overwrite starts it again)",
                         order, catalog_path, plan["order"])
@@ -417,9 +423,7 @@ def predict_order(catalog_path, inputs: int, order: int | None = None, *, overwr
     if not overwrite and plan_file.exists():
         made = json.loads(plan_file.read_text())
         if plan is not None:
-            _check_resumable(str(catalog_path), made, plan.model_ids, plan.store_path,
-                             {s: store.group_uid(plan.store_path, s) for s in plan.surveys},
-                             [c.name for c in plan.columns])
+            _check_resumable(str(catalog_path), made, plan, _store_groups(plan))
         return int(made["order"]), True
     return (order if order is not None else cat.choose_order(inputs)), False
 

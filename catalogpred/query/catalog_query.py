@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from ..catalog import DATASET_DIR, pixel_dir
 from ..errors import CatalogError, ConfigError
 from .convert import _restore_metadata, _to_pandas, arrow_to_astropy
-from .filters import _eval_filter, _filter_frame, _flat_frame, _referenced_columns, check_column_list
+from .filters import (_check_string_comparisons, _eval_filter, _filter_frame, _flat_frame, _referenced_columns,
+                      check_column_list)
 from .regions import Box, Cone, angle_value, coordinate_value
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,11 @@ class CatalogQuery:
 
     def id(self, source_id) -> "CatalogQuery":
         """Rows whose ``source_id`` is ``source_id`` (a string, or several in a list)."""
-        if isinstance(source_id, str):
-            ids = (source_id,)
-        elif isinstance(source_id, (list, tuple, set, np.ndarray, pa.Array, pa.ChunkedArray)):
-            ids = tuple(str(s) for s in source_id)
-        else:
+        try:
+            ids = (source_id,) if isinstance(source_id, str) else tuple(str(s) for s in source_id)
+        except TypeError:
             raise ConfigError(f"id needs a source_id string (e.g. 'sdss-0266-51602-0003') or a list of them, "
-                              f"got {source_id!r}")
+                              f"got {source_id!r}") from None
         if not ids:
             raise ConfigError("id needs at least one source_id")
         return replace(self, ids=ids if self.ids is None else tuple(i for i in self.ids if i in set(ids)))
@@ -373,21 +372,6 @@ def _sql_str(s: str) -> str:
 
 def _sql_ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
-
-
-def _check_string_comparisons(expr: str, schema: pa.Schema) -> None:
-    """Refuse a string column compared with a bare number (``specobjid == 299492975510054912``): pandas compares
-    them as unequal on every row, so the filter would silently keep nothing (or everything, with ``!=``)."""
-    import re
-
-    strings = {f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
-    number = r"[-+]?\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?"
-    for m in re.finditer(rf"\b([A-Za-z_]\w*)\s*(==|!=|<=|>=|<|>)\s*({number})(?![\w.'\"])|"
-                         rf"(?<![\w.'\"])({number})\s*(==|!=|<=|>=|<|>)\s*([A-Za-z_]\w*)\b", expr):
-        col, value = (m.group(1), m.group(3)) if m.group(1) else (m.group(6), m.group(4))
-        if col in strings:
-            raise ConfigError(f"{col} is a string column, compared with the number {value} in {expr!r}: quote the "
-                              f"value, e.g. {col} == '{value}'")
 
 
 def _sql_column_sources(con, query: str, names: list[str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Arrow tables to and from astropy and pandas, keeping the column metadata (unit, UCD, description).
 
-:func:`arrow_to_astropy` and :func:`astropy_to_arrow` convert with units; ``_to_pandas`` keeps integer
+:func:`arrow_to_astropy` and :func:`astropy_to_arrow` convert with units (:func:`in_memory_to_arrow` takes
+pandas too); ``_to_pandas`` keeps integer
 columns with nulls exact; ``_restore_metadata`` puts a catalog schema's field metadata back on a result.
 """
 from __future__ import annotations
@@ -110,6 +111,18 @@ def arrow_to_astropy(table: pa.Table):
         if md.get("ucd"):
             out[fld.name].info.meta = {**(out[fld.name].info.meta or {}), "ucd": md["ucd"]}
     return out
+
+
+def in_memory_to_arrow(table) -> pa.Table | None:
+    """An in-memory table as Arrow: a pyarrow Table as it is, an astropy Table with its units
+    (:func:`astropy_to_arrow`), a pandas DataFrame; ``None`` for anything else (the caller says what it takes)."""
+    if isinstance(table, pa.Table):
+        return table
+    if hasattr(table, "colnames"):  # astropy Table / QTable
+        return astropy_to_arrow(table)
+    if hasattr(table, "columns") and hasattr(table, "dtypes"):  # pandas
+        return pa.Table.from_pandas(table, preserve_index=False)
+    return None
 
 
 def astropy_to_arrow(t) -> pa.Table:

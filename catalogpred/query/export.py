@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import CatalogError, ConfigError
-from .convert import _field_meta, _is_list, _to_pandas, arrow_to_astropy
+from .convert import _field_meta, _is_list, _list_to_2d, _to_pandas, arrow_to_astropy, in_memory_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,12 @@ def _normalise_format(dest, fmt: str | None) -> str:
 
 
 def _as_arrow(table) -> pa.Table:
-    """A result as an Arrow table: a pyarrow Table as it is, a :class:`CatalogQuery` run, an astropy Table or a
-    pandas DataFrame converted with its units (:func:`~catalogpred.query.astropy_to_arrow`)."""
-    if isinstance(table, pa.Table):
-        return table
-    if hasattr(table, "to_arrow"):  # a CatalogQuery
-        return table.to_arrow()
-    if hasattr(table, "colnames"):  # astropy Table / QTable
-        from .convert import astropy_to_arrow
-
-        return astropy_to_arrow(table)
-    if hasattr(table, "columns") and hasattr(table, "dtypes"):  # pandas
-        return pa.Table.from_pandas(table, preserve_index=False)
-    raise ConfigError(f"cannot write a {type(table).__name__}: give a pyarrow Table, a catalog query, an astropy "
-                      "Table or a pandas DataFrame")
+    """A result as an Arrow table: a :class:`CatalogQuery` run, else :func:`~.convert.in_memory_to_arrow`."""
+    out = table.to_arrow() if hasattr(table, "to_arrow") else in_memory_to_arrow(table)
+    if out is None:
+        raise ConfigError(f"cannot write a {type(table).__name__}: give a pyarrow Table, a catalog query, an astropy "
+                          "Table or a pandas DataFrame")
+    return out
 
 
 def write_table(table: pa.Table, dest, fmt: str | None = None, *, overwrite: bool = True) -> None:
@@ -168,9 +160,13 @@ def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
         if pa.types.is_boolean(f.type):
             mask_type, mask = pa.bool_(), pc.is_null(col)
         elif pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type):
-            col, mask = _nan_filled_list(col.combine_chunks())
-            mask_type = pa.list_(pa.bool_(), f.type.list_size)
-            table = table.set_column(table.schema.get_field_index(f.name), f.with_nullable(False), col)
+            size = f.type.list_size
+            values, mask2d = _list_to_2d(f, col.combine_chunks())  # NaN in the null rows, and their mask
+            mask_type = pa.list_(pa.bool_(), size)
+            mask = pa.FixedSizeListArray.from_arrays(pa.array(mask2d.ravel()), size)
+            table = table.set_column(table.schema.get_field_index(f.name), f.with_nullable(False),
+                                     pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), f.type.value_type),
+                                                                       size))
         else:
             continue
         meta = {b"unit": b"", b"ucd": b"meta.code",
@@ -182,24 +178,10 @@ def _with_mask_columns(table: pa.Table) -> tuple[pa.Table, list[str]]:
     return table, names
 
 
-def _nan_filled_list(col: pa.FixedSizeListArray) -> tuple[pa.FixedSizeListArray, pa.FixedSizeListArray]:
-    """A fixed-size float list column with NaN lists in place of its null rows, and its mask (a boolean list of
-    the same size, true in the null rows)."""
-    size = col.type.list_size
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    values = np.full((len(col), size), np.nan, dtype=col.type.value_type.to_pandas_dtype())
-    values[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)  # flatten skips null rows
-    mask = np.repeat(~valid, size)
-    return (pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), col.type.value_type), size),
-            pa.FixedSizeListArray.from_arrays(pa.array(mask), size))
-
-
 def _warn_inexact_integers(table: pa.Table) -> None:
     """Warn about integer columns with nulls whose values float64 cannot hold exactly (above 2**53,
     e.g. DESI's 17-digit TARGETID in a multi-survey export): astropy's Parquet readers turn an integer column with
     nulls into float64, so use pyarrow/pandas (nullable Int64) or a FITS/VOTable export to read them exactly."""
-    import pyarrow.compute as pc
-
     names = []
     for f, col in zip(table.schema, table.columns):
         if pa.types.is_integer(f.type) and col.null_count and col.null_count < len(col):

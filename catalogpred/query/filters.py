@@ -28,14 +28,29 @@ def _referenced_columns(expr: str, names) -> set[str]:
     return found
 
 
+def _check_string_comparisons(expr: str, schema: pa.Schema) -> None:
+    """Refuse a string column compared with a bare number (``specobjid == 299492975510054912``): pandas compares
+    them as unequal on every row, so the filter would silently keep nothing (or everything, with ``!=``)."""
+    strings = {f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)}
+    number = r"[-+]?\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?"
+    for m in re.finditer(rf"\b([A-Za-z_]\w*)\s*(==|!=|<=|>=|<|>)\s*({number})(?![\w.'\"])|"
+                         rf"(?<![\w.'\"])({number})\s*(==|!=|<=|>=|<|>)\s*([A-Za-z_]\w*)\b", expr):
+        col, value = (m.group(1), m.group(3)) if m.group(1) else (m.group(6), m.group(4))
+        if col in strings:
+            raise ConfigError(f"{col} is a string column, compared with the number {value} in {expr!r}: quote the "
+                              f"value, e.g. {col} == '{value}'")
+
+
 def check_column_list(columns) -> tuple:
     """Column names from ``"a,b"`` or a list, stripped; a :class:`ConfigError` when none is named or one twice."""
     if isinstance(columns, str):
         cols = tuple(columns.split(","))
-    elif isinstance(columns, (list, tuple)):
-        cols = tuple(columns)
     else:
-        raise ConfigError(f"columns must be names, comma-separated ('source_id,ra,dec') or in a list, got {columns!r}")
+        try:  # a list, a tuple, a schema's names, a pandas Index ...
+            cols = tuple(columns)
+        except TypeError:
+            raise ConfigError(f"columns must be names, comma-separated ('source_id,ra,dec') or in a list, got "
+                              f"{columns!r}") from None
     cols = tuple(str(c).strip() for c in cols if str(c).strip())
     if not cols:
         raise ConfigError(f"no column names in {columns!r}; give a comma-separated list, e.g. source_id,ra,dec,w1_mag")

@@ -40,6 +40,11 @@ def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
         ambiguous: ``"10 m"`` (ten metres to astropy's units, ten arcminutes to its ``Angle``), ``"1h"``, ``"5s"``:
         write ``10arcmin``, ``15deg``, ``5arcsec``.
     """
+    return _finite(_angle_number(value, unit, name), name, value)
+
+
+def _angle_number(value, unit: str, name: str) -> float:
+    """:func:`angle_value` before its finiteness check."""
     import re
 
     import astropy.units as u
@@ -49,7 +54,7 @@ def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
         text = value.strip()
         number = _float_or_none(text)
         if number is not None:
-            return _finite(number, name, value)
+            return number
         if re.fullmatch(r"[-+]?[\d.]+(?:[eE][-+]?\d+)?\s*[hms]", text):
             raise ConfigError(f"{name} {value!r} is ambiguous: m, s and h are metres, seconds and hours as units "
                               f"but minutes, seconds and hours of arc in sexagesimal; give a number ({unit}) or a value "
@@ -68,19 +73,17 @@ def angle_value(value, unit: str = "arcsec", name: str = "radius") -> float:
             except (TypeError, ValueError, u.UnitsError) as exc:
                 raise ConfigError(f"cannot read {name} {value!r} as an angle; give a number ({unit}) or a value "
                                   "with its unit, e.g. 10arcsec, 0.5arcmin, 1deg") from exc
-        return _finite(float(q.to_value(want)), name, value)
+        return float(q.to_value(want))
     if hasattr(value, "unit"):
         try:
-            number = float(u.Quantity(value).to_value(want))
+            return float(u.Quantity(value).to_value(want))
         except (TypeError, ValueError, u.UnitsError) as exc:
             raise ConfigError(f"{name} must be an angle, got {value!r} ({exc})") from exc
-        return _finite(number, name, value)
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a number ({unit}), an angle Quantity or text such as '10arcsec', "
                           f"got {value!r}") from exc
-    return _finite(number, name, value)
 
 
 def coordinate_value(value, axis: str) -> float:

@@ -168,7 +168,6 @@ def read(fits, path, options: ReadOptions | None = None) -> SpectrumBlock:
                else np.arange(1, n + 1, dtype=np.int32))
     objtype = _text(plug[pcols["OBJTYPE"]]) if "OBJTYPE" in pcols else np.full(n, "", dtype=object)
 
-    # the object table: redshifts and ids
     # the object table: redshifts and ids (without one, every fibre is a no_redshift reject)
     table_path = options.redshifts or find_object_table(path, options.redshift_files)
     if table_path is not None:
