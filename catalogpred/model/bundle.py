@@ -335,8 +335,11 @@ def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size:
         torch.backends.cudnn.benchmark = True
         if precision == "fp32":
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32)).to(device)
     with torch.inference_mode():
+        # the block becomes an inference tensor, like the compiled graph's warm-up batch: a batch that is a
+        # view of a tensor made outside inference mode carries autograd dispatch keys, and torch.compile
+        # would compile the graph again for it (seconds per worker process, on its first full block)
+        x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32)).to(device)
         out = torch.empty((flux.shape[0], encoder.n_latent), dtype=torch.float32, device=x.device)
         if not flux.shape[0]:
             return out
