@@ -10,7 +10,7 @@ import logging
 import sys
 import textwrap
 
-from . import __version__
+from . import __version__, runlock
 from .cluster import BLOCKS_PER_GPU, COMPILE_AUTO_ROWS, DEFAULT_DASHBOARD
 from .errors import CatalogpredError, ConfigError
 
@@ -542,6 +542,7 @@ def cmd_ingest(args) -> int:
     from collections import Counter
 
     from . import store
+    from .cluster import shared_path
     from .pipeline import expand_inputs, run_ingest
     from .surveys import get_reader
     from .tasks import detect_survey
@@ -549,6 +550,7 @@ def cmd_ingest(args) -> int:
     # everything that can fail without workers fails before they start
     _check_ingest_args(args)
     store.check_store_target(args.store)
+    runlock.check_not_written(shared_path(args.store))  # another ingest writing it: say so before a cluster starts
     paths = expand_inputs(args.inputs)
     if args.survey != "auto":
         get_reader(args.survey)
@@ -603,6 +605,8 @@ def cmd_predict(args) -> int:
     surveys = args.surveys.split(",") if args.surveys else None
     plan = plan_predict(args.store, args.model, surveys)
     check_catalog_target(args.catalog, overwrite=args.overwrite, keep=[plan.store_path, *plan.bundle_paths])
+    runlock.check_not_written(plan.store_path)  # an ingest writing the store, or a predict writing the catalog
+    runlock.check_not_written(shared_path(args.catalog))
     for path, info in plan.infos.values():
         if info.card.kind == "demo":
             log.warning("%s is a DEMO bundle (%s): its encoder has random weights and its head was fitted on mock "

@@ -288,7 +288,7 @@ def allocate_shards(store_path, survey: str, n_new: int) -> list[int]:
     whole, padding included), then new ones, growing every row array. Client-side only.
 
     One ingest at a time per store: a second ingest running into the same store at once would be given the
-    shards the first is filling (there is no lock; two runs also raced for new shards before)."""
+    shards the first is filling, which is why ingest holds the store's lock (:mod:`catalogpred.runlock`)."""
     import zarr
 
     g = zarr.open_group(str(store_path), mode="r+")[survey]

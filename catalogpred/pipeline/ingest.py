@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from .. import store
+from .. import runlock, store
 from ..cluster import check_workers, shared_path
 from ..errors import ConfigError, RejectReason
 from ..surveys import get_reader, readers, survey_from_name
@@ -212,12 +212,25 @@ def run_ingest(inputs: list[str], store_path: str, *, client, survey: str = "aut
         Rows per shard (= per ingest task and per prediction block) and per compressed chunk.
     options : ReadOptions, optional
         External redshift table and target selection for multi-object surveys.
+
+    Raises
+    ------
+    BusyError
+        If another ingest is writing the store (:mod:`catalogpred.runlock`): one ingest at a time per store.
     """
+    store_path = shared_path(store_path)  # workers get absolute paths (their cwd differs)
+    with runlock.write_lock(store_path, "ingest"):
+        return _ingest(inputs, store_path, client=client, survey=survey, shard_rows=shard_rows, chunk_rows=chunk_rows,
+                       progress=progress, options=options)
+
+
+def _ingest(inputs: list[str], store_path: str, *, client, survey: str, shard_rows: int, chunk_rows: int,
+            progress: bool | None, options) -> IngestSummary:
+    """:func:`run_ingest` with the store's lock held."""
     from ..surveys import ReadOptions
 
     options = options or ReadOptions()
     t0 = time.perf_counter()
-    store_path = shared_path(store_path)  # workers get absolute paths (their cwd differs)
     paths = expand_inputs(inputs)
     check_workers(client, paths[:1] + [store_path])
     summary = IngestSummary(store=str(store_path))

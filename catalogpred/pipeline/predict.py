@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import catalog as cat
-from .. import store
+from .. import runlock, store
 from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch_threads, gpu_task_resources,
                        resolve_compile, resolve_device, shared_path)
 from ..errors import CatalogError, ConfigError, RejectReason
@@ -251,7 +251,25 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     on each worker: the same latents to float32 rounding, faster on large runs. ``read_engine``
     (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
     TensorStore by default where it is installed, else zarr-python (same values).
+
+    One predict at a time writes a catalog, and none starts while an ingest writes its store
+    (:mod:`catalogpred.runlock`; :class:`~catalogpred.runlock.BusyError` otherwise). Several predicts may read
+    one store into different catalogs.
     """
+    catalog_path = shared_path(catalog_path)
+    runlock.check_not_written(shared_path(store_path))
+    with runlock.write_lock(catalog_path, "predict"):
+        return _predict(store_path, bundle_path, catalog_path, client=client, overwrite=overwrite, precision=precision,
+                        batch_size=batch_size, order=order, torch_threads=torch_threads, device=device,
+                        progress=progress, catalog_name=catalog_name, surveys=surveys, blocks_per_gpu=blocks_per_gpu,
+                        compile=compile, read_engine=read_engine)
+
+
+def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool, precision: str,
+             batch_size: int | None, order: int | None, torch_threads: int | None, device: str, progress: bool | None,
+             catalog_name: str | None, surveys: list[str] | None, blocks_per_gpu: int, compile: str | bool,
+             read_engine: str) -> PredictSummary:
+    """:func:`run_predict` with the catalog's lock held."""
     t0 = time.perf_counter()
     if order is not None and not 0 <= order <= cat.SPATIAL_INDEX_ORDER:
         raise ConfigError(f"order {order}: a HEALPix order is 0-{cat.SPATIAL_INDEX_ORDER} (default: from the row "
