@@ -186,6 +186,39 @@ def measure(path, *, centres: int = 5, repeats: int = 3, seed: int = 1) -> dict:
             "catalog_rows": int(q0.properties.get("hats_nrows", 0))}
 
 
+_DUPLICATE_CHECK = """
+import json, sys, time
+import pyarrow.compute as pc, pyarrow.dataset as pads
+from catalogpred import catalog as cat
+
+def peak_mb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+
+path, how = sys.argv[1], sys.argv[2]
+base, t0 = peak_mb(), time.perf_counter()
+if how == "leaf":  # finalize's check
+    n_dup = cat.count_duplicate_ids(path)
+else:  # every source_id at once (finalize's check until 2026-11-27)
+    ids = pads.parquet_dataset(f"{path}/{cat.DATASET_DIR}/_metadata").to_table(columns=["source_id"]).column("source_id")
+    n_dup = len(ids) - len(pc.unique(ids))
+print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "dup": n_dup}))
+"""
+
+
+def duplicate_check(path) -> dict:
+    """Peak memory (MB over the process's peak before it) and seconds of finalize's duplicate check, leaf by
+    leaf and, as the baseline, every ``source_id`` at once; each in a fresh process (a peak only grows)."""
+    import json
+    import subprocess
+
+    out = {}
+    for how in ("all", "leaf"):
+        r = subprocess.run([sys.executable, "-c", _DUPLICATE_CHECK, str(path), how], capture_output=True, text=True,
+                           check=True, cwd=REPO)
+        out[how] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
     """Build (or reuse) the synthetic catalog and measure; rows for the shared bench table."""
     out = Path(out) if out is not None else REPO / "bench-output"
@@ -209,6 +242,11 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
         {"name": f"query: catalog layout (order {m['order']}, {m['leaves']} leaves)", "value": m["files"],
          "unit": "part files", "baseline": None, "ratio": None, "target": None},
     ]
+    dup = duplicate_check(path)
+    rows.append({"name": f"finalize: duplicate check leaf by leaf, peak memory ({label})", "value": dup["leaf"]["mb"],
+                 "unit": "MB", "baseline": dup["all"]["mb"], "ratio": dup["leaf"]["mb"] / max(dup["all"]["mb"], 1e-9),
+                 "target": None, "note": f"{dup['leaf']['s']:.2f} s against {dup['all']['s']:.2f} s for every "
+                                         f"source_id at once (the baseline); duplicates found: {dup['leaf']['dup']}"})
     if build_s:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})

@@ -402,6 +402,35 @@ def import_finalize_deps_in_background() -> threading.Thread:
     return t
 
 
+def count_duplicate_ids(catalog_path, threads: int = 4) -> int:
+    """Rows of the catalog's dataset (the part files its ``_metadata`` lists) whose ``source_id`` repeats within
+    their leaf (``Norder=K/Dir=D/Npix=N``), read one leaf at a time by ``threads`` threads.
+
+    A row written twice (a retried block whose first part files survived, a part file copied by hand) lands in
+    the same leaf twice, since its leaf follows from its position. A source_id shared by two different spectra
+    cannot reach a catalog: ingest rejects the second as ``duplicate_id``. So the check holds the ids of a few
+    leaves at a time rather than all of them. On the query benchmark's catalogs (``bench_query.duplicate_check``,
+    2 cores), its peak is 115 MB against 224 MB with every id at once for 1M rows, and 1,118-1,124 MB against
+    1,579-1,621 MB for 4M rows in 12,288 part files. What is left is ``_metadata`` itself, all part files'
+    footers, which grows with part files × columns (hats' writer holds it too).
+    """
+    import pyarrow.dataset as pads  # here, not at import: it adds ~0.4 s to every process importing this module
+
+    # the part files as _metadata lists them, with their footers (just read by finalize, not read again)
+    dataset = pads.parquet_dataset(str(Path(catalog_path, DATASET_DIR, "_metadata")))
+    by_leaf: dict[str, list] = {}
+    for fragment in dataset.get_fragments():
+        by_leaf.setdefault(os.path.dirname(fragment.path), []).append(fragment)
+
+    def repeats(fragments: list) -> int:
+        ids = pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem).to_table(
+            columns=["source_id"], use_threads=False).column("source_id")
+        return len(ids) - len(ids.unique())
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return sum(pool.map(repeats, by_leaf.values()))
+
+
 def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: list[str], columns: list[Column],
                      expected_inputs: int, manifest: dict) -> dict:
     """Write HATS metadata, the rejects table and the run manifest; check the accounting.
@@ -411,7 +440,6 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
     CatalogError
         If a block is missing, a source_id is duplicated, or catalog + rejects ≠ inputs.
     """
-    import pyarrow.dataset as pads  # here, not at import: it adds ~0.4 s to every process importing this module
     from hats.catalog import PartitionInfo, TableProperties
     from hats.io.parquet_metadata import write_parquet_metadata
     from hats.pixel_math import HealpixPixel
@@ -450,12 +478,9 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
             raise CatalogError(f"{catalog_path}: dataset holds {total} rows but the blocks reported {n_rows}; "
                                "a part file is missing or stray: use --overwrite")
         _write_vo_common_metadata(catalog_path, columns)
-        # the dataset as _metadata lists it (its footers, just read, are not read again): every row of every file
-        ids = pads.parquet_dataset(str(catalog_path / DATASET_DIR / "_metadata")).to_table(
-            columns=["source_id"]).column("source_id")
-        n_unique = len(pa.compute.unique(ids))
-        if n_unique != len(ids):
-            raise CatalogError(f"{catalog_path}: {len(ids) - n_unique} duplicated source_id values")
+        n_dup = count_duplicate_ids(catalog_path)
+        if n_dup:
+            raise CatalogError(f"{catalog_path}: {n_dup} duplicated source_id values")
         PartitionInfo.from_healpix([HealpixPixel(order, p) for p in pixels]).write_to_file(
             catalog_path / "partition_info.csv")
         per_pixel: dict[int, int] = {}

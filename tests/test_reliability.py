@@ -210,6 +210,7 @@ def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
                          cat.REJECTS_SCHEMA.empty_table())
     with pytest.raises(CatalogError, match="3 duplicated source_id"):
         cat.finalize_catalog(path, blocks=[*blocks, "bench-000002"], expected_inputs=2003, **kw)
+    assert cat.count_duplicate_ids(path) == 3  # leaf by leaf: each repeated row is in its first copy's leaf
 
 
 def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path,
