@@ -41,7 +41,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
    GPU busy % is sampled with NVML during each run; task time is split into store reads, model and
    Parquet writes, which tells what bounds the run. Then each block count again with
    ``compile="yes"`` (``predict --compile yes``; ``--compile-e2e no`` skips these): each worker compiles
-   the encoder in a warm-up run (its time is in the note), then the timed run.
+   the encoder in a warm-up run (its time is in the note), then the timed run; the note counts the graphs
+   compiled inside the timed run, which should be 0. ``--e2e-repeats N`` times N runs per configuration (the
+   value is their median, the note lists each): two machines of one kind, and two runs, differ.
 5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16, outside predict:
    compile time and speed.
 
@@ -715,17 +717,23 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             graphs = client.run(_graphs_compiled)
-            with GpuSampler() as gpu:
-                t0 = time.perf_counter()
-                s = run_predict(stores["large"], bundle, str(root / f"large-{tag}"), client=client, **opts)
-                wall = time.perf_counter() - t0
-            # a compilation inside the timed run (a worker's first block of another input kind, say) costs
+            timed = []  # (wall s, summary, GPU busy %) of each timed run, into a new catalog each
+            for r in range(size.get("e2e_repeats", 1)):
+                with GpuSampler() as gpu:
+                    t0 = time.perf_counter()
+                    s = run_predict(stores["large"], bundle, str(root / f"large-{tag}-{r}"), client=client, **opts)
+                    timed.append((time.perf_counter() - t0, s, gpu.mean))
+                assert s.rows + s.rejects == n_large and s.settings["compile"] is (compile == "yes"), s.table()
+            # a compilation inside the timed runs (a worker's first block of another input kind, say) costs
             # seconds: the H100 figures of 2026-11-27 before the fix of _encode_on_device show it
             compiled = sum(n - graphs.get(w, 0) for w, n in client.run(_graphs_compiled).items())
             rss_large = _maxrss(client)
-        assert s.rows + s.rejects == n_large and s.settings["compile"] is (compile == "yes"), s.table()
+        # the value is the median run (of an odd number; the slower middle one of an even number), the note lists all
+        wall, s, busy_mean = sorted(timed, key=lambda t: t[0])[len(timed) // 2]
         rate = n_large / wall
-        busy = f"GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "no NVML"
+        busy = f"GPU busy {busy_mean:.0f}%" if busy_mean is not None else "no NVML"
+        if len(timed) > 1:
+            busy += f"; {len(timed)} timed runs: " + " / ".join(f"{n_large / t[0]:,.0f}" for t in timed) + "/s, the median shown"
         how = ((f", {procs} worker processes per GPU" if procs > 1 else "") + (", torch.compile" if compile == "yes" else "")
                + (f", {io} I/O workers (read, model, write tasks)" if io else "")
                + f", reader {s.settings['read_engine']}"
@@ -740,7 +748,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                        f"{s.seconds_write:.1f}; wall {wall:.1f} s, finalize {s.seconds_finalize:.2f} s; cluster start {t_cluster:.0f} s; "
                        f"reader alone {reader_rate:,.0f}/s per thread"
                        + (f"; warm-up run with compilation {t_warm:.0f} s" if compile == "yes" else "")
-                       + (f"; {compiled} graph(s) compiled in the timed run" if compile == "yes" else "")}
+                       + (f"; {compiled} graph(s) compiled in the timed run(s)" if compile == "yes" else "")}
         if compile == "yes":
             row["graphs_compiled_in_timed_run"] = compiled
         if dev.startswith("cuda"):
@@ -875,6 +883,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-large", type=int, default=None,
                    help="spectra in the end-to-end store (default 100,000). More spreads predict's fixed costs "
                         "(start-up, finalize: ~0.4 s at 100,000 on 2 cores) over more blocks, as in a survey run")
+    p.add_argument("--e2e-repeats", type=int, default=None,
+                   help="timed end-to-end runs per configuration, each into a new catalog (default 1): the row's "
+                        "value is the median, its note lists each, e.g. 3 (about 3 s more per run on a GPU)")
     p.add_argument("--procs", default=None, help="also run with this many worker processes per GPU (predict "
                                                  "--workers-per-gpu), e.g. 2,3: end to end on a GPU, and the host "
                                                  "emulation (--parts host) on any machine")
@@ -897,6 +908,11 @@ def main(argv=None) -> int:
     if args.n_large:
         for v in SIZES.values():
             v["n_large"] = args.n_large
+    if args.e2e_repeats:
+        if args.e2e_repeats < 1:
+            p.error("--e2e-repeats must be at least 1")
+        for v in SIZES.values():
+            v["e2e_repeats"] = args.e2e_repeats
     if args.procs:
         for v in SIZES.values():
             v["procs"] = tuple(int(p) for p in args.procs.split(","))
