@@ -205,6 +205,49 @@ print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "dup": 
 """
 
 
+_DATASET_METADATA = """
+import json, sys, time
+from catalogpred import catalog as cat
+
+def peak_mb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+
+path, how = sys.argv[1], sys.argv[2]
+if how == "hats":
+    from hats.io.parquet_metadata import write_parquet_metadata
+else:
+    sys.path.insert(0, "bench")
+    import bench_query
+    columns = bench_query._columns()
+    cat.common_schema(cat.catalog_schema(columns), columns)  # the VO table, built while the blocks run in predict
+order = int(open(f"{path}/hats.properties").read().split("hats_order_fixed=")[1].split()[0])
+done = cat.read_block_done(path)
+base, t0 = peak_mb(), time.perf_counter()
+if how == "hats":  # finalize's metadata writer until 2026-11-28
+    total = write_parquet_metadata(path)
+else:
+    total = sum(md.num_rows for md in cat.write_dataset_metadata(path, order, {b: d["pixels"] for b, d in done.items()},
+                                                                 columns).values())
+print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "rows": total}))
+"""
+
+
+def dataset_metadata(path) -> dict:
+    """Seconds and peak memory (MB over the process's peak before it) of writing ``dataset/_metadata`` and
+    ``_common_metadata``: hats' ``write_parquet_metadata`` (the baseline), then finalize's
+    :func:`~catalogpred.catalog.write_dataset_metadata` (which leaves the files as finalize wrote them); each in a
+    fresh process, page cache warm from the catalog's build or the query rows."""
+    import json
+    import subprocess
+
+    out = {}
+    for how in ("hats", "catalogpred"):
+        r = subprocess.run([sys.executable, "-c", _DATASET_METADATA, str(path), how], capture_output=True, text=True,
+                           check=True, cwd=REPO)
+        out[how] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def duplicate_check(path) -> dict:
     """Peak memory (MB over the process's peak before it) and seconds of finalize's duplicate check, leaf by
     leaf and, as the baseline, every ``source_id`` at once; each in a fresh process (a peak only grows)."""
@@ -247,6 +290,13 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
                  "unit": "MB", "baseline": dup["all"]["mb"], "ratio": dup["leaf"]["mb"] / max(dup["all"]["mb"], 1e-9),
                  "target": None, "note": f"{dup['leaf']['s']:.2f} s against {dup['all']['s']:.2f} s for every "
                                          f"source_id at once (the baseline); duplicates found: {dup['leaf']['dup']}"})
+    md = dataset_metadata(path)
+    rows.append({"name": f"finalize: dataset/_metadata of {m['files']:,d} part files ({label})",
+                 "value": md["catalogpred"]["s"], "unit": "s", "baseline": md["hats"]["s"],
+                 "ratio": md["catalogpred"]["s"] / max(md["hats"]["s"], 1e-9), "target": None,
+                 "note": f"catalogpred's writer ({cat._finalize_threads()} threads) against hats' write_parquet_metadata "
+                         f"(the baseline); peak memory {md['catalogpred']['mb']:.0f} against "
+                         f"{md['hats']['mb']:.0f} MB; rows {md['catalogpred']['rows']:,d} = {md['hats']['rows']:,d}"})
     if build_s:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})

@@ -211,6 +211,85 @@ def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
     with pytest.raises(CatalogError, match="3 duplicated source_id"):
         cat.finalize_catalog(path, blocks=[*blocks, "bench-000002"], expected_inputs=2003, **kw)
     assert cat.count_duplicate_ids(path) == 3  # leaf by leaf: each repeated row is in its first copy's leaf
+    # the leaves finalize reads: those where the third block's id range overlaps the first's (its footers' statistics)
+    footers = cat.write_dataset_metadata(path, 2, {b: d["pixels"] for b, d in cat.read_block_done(path).items()},
+                                         kw["columns"])
+    third = {os.path.dirname(p) for p in footers if p.endswith("part-bench-000002.parquet")}
+    assert set(cat.leaves_to_check(footers)) == third
+    assert cat.count_duplicate_ids(path, leaves=sorted(third)) == 3
+
+
+def test_finalize_checks_the_part_files_against_the_done_markers(tmp_path):
+    """finalize writes ``_metadata`` from exactly the part files the done markers name (in pixel order, valid for
+    hats), reuses a footer read while the blocks ran only if its file is unchanged, and refuses a stray, a missing
+    or an unreadable part file."""
+    import bench_query
+    import hats
+    import pyarrow.dataset as pads
+    from hats.io.validation import is_valid_catalog
+
+    from catalogpred.errors import CatalogError
+
+    path = tmp_path / "catalog"
+    bench_query.build_catalog(path, 2000, block_rows=1000, order=2)
+    blocks = [f"bench-{b:06d}" for b in range(2)]
+    columns = bench_query._columns()
+    kw = dict(catalog_name="c", order=2, blocks=blocks, columns=columns, expected_inputs=2000, manifest={})
+    ds = path / cat.DATASET_DIR
+    parts = sorted(str(p) for p in ds.glob("Norder=2/Dir=*/Npix=*/part-*.parquet"))
+    md = pq.read_metadata(ds / "_metadata")
+    listed = [md.row_group(i).column(0).file_path for i in range(md.num_row_groups)]
+    assert sorted(listed) == sorted(os.path.relpath(p, ds) for p in parts) and md.num_rows == 2000
+    pixels = [int(f.split("Npix=")[1].split("/")[0]) for f in listed]
+    assert pixels == sorted(pixels)  # pixel order, as hats writes it
+    assert is_valid_catalog(str(path))  # strict=True fails on leaves of several part files, with hats' writer too
+    assert {px.pixel for px in hats.read_hats(str(path)).get_healpix_pixels()} == set(pixels)
+    common = pq.read_schema(ds / "_common_metadata").metadata
+    assert common[b"IVOA.VOTable-Parquet.content"].decode() == cat.vo_table_xml(columns)
+    assert not [k for k in common if k.startswith(b"table::len::")]
+    # the two blocks' ids do not interleave: no leaf needs its ids read
+    assert cat.leaves_to_check(cat.write_dataset_metadata(path, 2, {b: cat.read_block_done(path)[b]["pixels"]
+                                                                    for b in blocks}, columns)) == []
+
+    # a footer read while the blocks ran, then its file rewritten (the same rows, another layout): read again
+    reader = cat.FooterReader(path, 2)
+    for b in blocks:
+        reader.block_done(b, cat.read_block_done(path)[b]["pixels"])
+    footers = reader.footers()
+    assert sorted(footers) == parts
+    changed = parts[0]
+    pq.write_table(pq.read_table(changed), changed, compression="gzip", row_group_size=7)
+    cat.finalize_catalog(path, footers=footers, **kw)
+    via_metadata = pads.parquet_dataset(str(ds / "_metadata")).to_table().sort_by("source_id")
+    assert via_metadata.equals(pads.dataset(parts, format="parquet").to_table().sort_by("source_id"))
+
+    stray = Path(parts[1]).with_name("part-other-run.parquet")
+    shutil.copy(parts[1], stray)
+    with pytest.raises(CatalogError, match="1 files in the dataset were not written by this run"):
+        cat.finalize_catalog(path, **kw)
+    stray.unlink()
+    moved = Path(parts[2]).with_name(".moved")
+    os.replace(parts[2], moved)
+    with pytest.raises(CatalogError, match="1 part files of finished blocks are missing"):
+        cat.finalize_catalog(path, **kw)
+    os.replace(moved, parts[2])
+    Path(parts[3]).write_bytes(b"not a Parquet file")
+    with pytest.raises(CatalogError, match="not a readable Parquet file"):
+        cat.finalize_catalog(path, **kw)
+
+
+def test_a_part_file_never_holds_a_source_id_twice(tmp_path):
+    """write_fragment refuses a block whose table holds a source_id twice (finalize's duplicate check relies on
+    it) and writes nothing."""
+    import pyarrow as pa
+
+    from catalogpred.errors import CatalogError
+
+    table = _fragment_table(100)
+    twice = pa.concat_tables([table, table.slice(10, 2)])
+    with pytest.raises(CatalogError, match="block sdss-000000: 2 source_id values are in it twice"):
+        cat.write_fragment(tmp_path, twice, 1, "sdss-000000")
+    assert not (tmp_path / cat.DATASET_DIR).exists()
 
 
 def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_client, reference, tmp_path,

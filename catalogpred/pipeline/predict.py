@@ -338,10 +338,16 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                              resources=resources)
         return client.submit(write_block, pred, catalog_p, order_, columns_, key=key, **io)
 
-    # hats imports while the blocks run rather than after them (set-up above is done, so it imports alone)
-    cat.import_finalize_deps_in_background()
+    # hats imports (and the VO table is built) while the blocks run rather than after them (set-up above is done)
+    cat.import_finalize_deps_in_background(columns)
+    footers = cat.FooterReader(catalog_path, order)  # read as blocks finish, not all after the last one
+
+    def block_done(key, summary):
+        if summary.get("pixels"):
+            footers.block_done(summary["block"], summary["pixels"])
+
     results, errors = run_bounded(client, predict_block, args, {**kwargs, "read_engine": read_engine}, desc="predict",
-                                  keys=keys, progress=progress, resources=resources,
+                                  keys=keys, progress=progress, resources=resources, on_done=block_done,
                                   tasks_per_worker=blocks_per_gpu if resources else 1,
                                   submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
     if errors and not results and len(todo) > 1:
@@ -396,7 +402,8 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                                  "io_workers", "read_engine", "write_threads")}
     t_finalize = time.perf_counter()
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
-                                  blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest)
+                                  blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest,
+                                  footers=footers.footers())
     summary.seconds_finalize = time.perf_counter() - t_finalize
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     suited = cat.choose_order(summary.rows)
