@@ -457,7 +457,7 @@ class FooterReader:
     """
 
     def __init__(self, catalog_path, order: int):
-        self.catalog_path, self.order = catalog_path, order
+        self.catalog_path, self.order = os.fspath(Path(catalog_path)), order  # as finalize spells the paths
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalogpred-footers")
         self._futures = []
 

@@ -482,7 +482,12 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
     # then two worker processes (spawned, each with its share of the shards), 1 and 2 block threads each
     assert [r["name"].split(", reader")[0] for r in host[-2:]] == [
         f"host side of 2 GPU worker processes, {t} block thread(s) each" for t in (1, 2)]
-    rows = [r for r in rows if r not in host]
+    # then finalize of the catalog the host side wrote: every footer read in finalize, then read beforehand
+    fin = [r for r in rows if r["name"].startswith("finalize:")]
+    assert [r["name"].split(" files, ")[1] for r in fin] == ["all footers in finalize", "footers read as blocks finished"]
+    assert all(r["name"].startswith("finalize: 8,192 rows in ") and r["unit"] == "s" and r["value"] > 0 for r in fin)
+    assert fin[1]["baseline"] == fin[0]["value"]
+    rows = [r for r in rows if r not in host and r not in fin]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)
     assert sum("one thread" in n for n in names) == 2 and sum("switch interval 0.5 ms" in n for n in names) == 2
