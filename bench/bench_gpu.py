@@ -418,8 +418,9 @@ def reader_rows(dev: str, store_path: str, repeats: int, switch_ms=(None,)) -> t
     return rows, rate[store.resolve_read_engine("auto", store_path)]
 
 
-def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
-    """The catalog columns and HEALPix order that :func:`~catalogpred.pipeline.run_predict` would use."""
+def _predict_columns(store_path: str, bundle: str | None = None) -> tuple[list, int]:
+    """The catalog columns and HEALPix order that :func:`~catalogpred.pipeline.run_predict` would use (without a
+    ``bundle``: the 10 latents of :func:`_emulated_infer`)."""
     from catalogpred import catalog as cat
     from catalogpred import store
     from catalogpred.model.bundle import read_bundle_info
@@ -427,7 +428,8 @@ def _predict_columns(store_path: str, bundle: str) -> tuple[list, int]:
 
     _, layout = store.open_survey(store_path, "sdss")
     n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # non-EMPTY rows, as run_predict counts them
-    return cat.catalog_columns(read_bundle_info(bundle).n_latent, layout.meta_columns, column_docs(["sdss"])), cat.choose_order(n)
+    n_latent = read_bundle_info(bundle).n_latent if bundle else 10
+    return cat.catalog_columns(n_latent, layout.meta_columns, column_docs(["sdss"])), cat.choose_order(n)
 
 
 def block_rows(dev: str, root: Path, bundle: str, store_path: str, threads=(1, 2, 4)) -> list[dict]:
@@ -560,13 +562,10 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
 
     from catalogpred import catalog as cat
     from catalogpred import store
-    from catalogpred.surveys import column_docs
     from catalogpred.tasks import block_key
 
     shards = [int(s) for s in store.done_shards(store_path, "sdss")]
-    _, layout = store.open_survey(store_path, "sdss")
-    columns = cat.catalog_columns(10, layout.meta_columns, column_docs(["sdss"]))
-    order = cat.choose_order(store.read_meta(store_path, "sdss", ["status"]).num_rows)
+    columns, order = _predict_columns(store_path)
     engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
     default_switch = sys.getswitchinterval()
     rows, base = [], None
@@ -634,14 +633,11 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
     Best of ``repeats`` each; the metadata files are rewritten each time."""
     from catalogpred import catalog as cat
     from catalogpred import store
-    from catalogpred.surveys import column_docs
     from catalogpred.tasks import block_key
 
     shards = [int(s) for s in store.done_shards(store_path, "sdss")]
-    _, layout = store.open_survey(store_path, "sdss")
-    columns = cat.catalog_columns(10, layout.meta_columns, column_docs(["sdss"]))
-    n = store.read_meta(store_path, "sdss", ["status"]).num_rows
-    order = cat.choose_order(n)
+    columns, order = _predict_columns(store_path)
+    n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # the inputs finalize accounts for
     cat_path = str(root / "finalize")
     res = _host_process(store_path, shards, cat_path, order, columns, "auto", 2)
     cat.import_finalize_deps_in_background(columns).join()

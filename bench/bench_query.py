@@ -186,15 +186,19 @@ def measure(path, *, centres: int = 5, repeats: int = 3, seed: int = 1) -> dict:
             "catalog_rows": int(q0.properties.get("hats_nrows", 0))}
 
 
-_DUPLICATE_CHECK = """
+#: the start of each script :func:`_in_fresh_processes` runs: ``peak_mb()``, ``path``, ``how``
+_PRELUDE = """
 import json, sys, time
-import pyarrow.compute as pc, pyarrow.dataset as pads
 from catalogpred import catalog as cat
 
 def peak_mb():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 
 path, how = sys.argv[1], sys.argv[2]
+"""
+
+_DUPLICATE_CHECK = _PRELUDE + """
+import pyarrow.compute as pc, pyarrow.dataset as pads
 base, t0 = peak_mb(), time.perf_counter()
 if how == "leaf":  # finalize's check
     n_dup = cat.count_duplicate_ids(path)
@@ -205,14 +209,7 @@ print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "dup": 
 """
 
 
-_DATASET_METADATA = """
-import json, sys, time
-from catalogpred import catalog as cat
-
-def peak_mb():
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-
-path, how = sys.argv[1], sys.argv[2]
+_DATASET_METADATA = _PRELUDE + """
 if how == "hats":
     from hats.io.parquet_metadata import write_parquet_metadata
 else:
@@ -232,34 +229,32 @@ print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "rows":
 """
 
 
+def _in_fresh_processes(script: str, path, hows: tuple[str, ...]) -> dict:
+    """``{how: the JSON that script printed last}``, ``script`` run with ``path`` and each ``how`` in a fresh
+    Python process (a peak RSS only grows)."""
+    import json
+    import subprocess
+
+    out = {}
+    for how in hows:
+        r = subprocess.run([sys.executable, "-c", script, str(path), how], capture_output=True, text=True,
+                           check=True, cwd=REPO)
+        out[how] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def dataset_metadata(path) -> dict:
     """Seconds and peak memory (MB over the process's peak before it) of writing ``dataset/_metadata`` and
     ``_common_metadata``: hats' ``write_parquet_metadata`` (the baseline), then finalize's
     :func:`~catalogpred.catalog.write_dataset_metadata` (which leaves the files as finalize wrote them); each in a
     fresh process, page cache warm from the catalog's build or the query rows."""
-    import json
-    import subprocess
-
-    out = {}
-    for how in ("hats", "catalogpred"):
-        r = subprocess.run([sys.executable, "-c", _DATASET_METADATA, str(path), how], capture_output=True, text=True,
-                           check=True, cwd=REPO)
-        out[how] = json.loads(r.stdout.strip().splitlines()[-1])
-    return out
+    return _in_fresh_processes(_DATASET_METADATA, path, ("hats", "catalogpred"))
 
 
 def duplicate_check(path) -> dict:
     """Peak memory (MB over the process's peak before it) and seconds of finalize's duplicate check, leaf by
     leaf and, as the baseline, every ``source_id`` at once; each in a fresh process (a peak only grows)."""
-    import json
-    import subprocess
-
-    out = {}
-    for how in ("all", "leaf"):
-        r = subprocess.run([sys.executable, "-c", _DUPLICATE_CHECK, str(path), how], capture_output=True, text=True,
-                           check=True, cwd=REPO)
-        out[how] = json.loads(r.stdout.strip().splitlines()[-1])
-    return out
+    return _in_fresh_processes(_DUPLICATE_CHECK, path, ("all", "leaf"))
 
 
 def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
