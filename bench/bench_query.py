@@ -97,17 +97,20 @@ def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=N
 
 
 def build_catalog(path, n_rows: int, *, seed: int = 6, block_rows: int = BLOCK_ROWS, order: int | None = None,
-                  ra=None, dec=None) -> dict:
+                  ra=None, dec=None, vo_table: bool = False) -> dict:
     """Write a synthetic ``n_rows`` catalog at ``path`` the way ``predict`` does; returns the finalize counts.
 
     Positions are uniform on the sphere unless ``ra``/``dec`` (deg, length ``n_rows``) are given;
-    ``order`` defaults to :func:`catalogpred.catalog.choose_order` of the row count.
+    ``order`` defaults to :func:`catalogpred.catalog.choose_order` of the row count. With ``vo_table`` every part
+    file carries the VO-Parquet table, as predict's do (their footers are 3-4x larger).
     """
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     columns = _columns()
-    schema = cat.catalog_schema(columns, {"IVOA.VOTable-Parquet.version": "1.0"})
+    schema = cat.catalog_schema(columns, {"IVOA.VOTable-Parquet.version": "1.0",
+                                          **({"IVOA.VOTable-Parquet.content": cat.vo_table_xml(columns)}
+                                             if vo_table else {})})
     order = cat.choose_order(n_rows) if order is None else order
     rng = np.random.default_rng(seed)
     blocks = []
@@ -229,6 +232,32 @@ print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "rows":
 """
 
 
+_FOOTERS = _PRELUDE + """
+sys.path.insert(0, "bench")
+import bench_query
+columns = bench_query._columns()
+cat.common_schema(cat.catalog_schema(columns), columns)  # the VO table, built while the blocks run in predict
+import pyarrow.dataset
+
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+order = int(open(f"{path}/hats.properties").read().split("hats_order_fixed=")[1].split()[0])
+done = cat.read_block_done(path)
+base, t0 = rss_mb(), time.perf_counter()
+reader = cat.FooterReader(path, order, keep=10 ** 9 if how == "parsed" else int(how.split("=")[1]))
+for b, d in done.items():  # predict's client, as each block finishes
+    reader.block_done(b, d["pixels"])
+footers = reader.footers()
+held, t1 = rss_mb() - base, time.perf_counter()
+written = cat.write_dataset_metadata(path, order, {b: d["pixels"] for b, d in done.items()}, columns, footers)
+dup = cat.count_duplicate_ids(path, leaves=cat.leaves_to_check(written))
+print(json.dumps({"held_mb": held, "peak_mb": peak_mb() - base, "read_s": t1 - t0, "finalize_s": time.perf_counter() - t1,
+                  "rows": sum(f.num_rows for f in written.values()), "files": len(written), "dup": dup,
+                  "keep": reader.keep}))
+"""
+
+
 def _in_fresh_processes(script: str, path, hows: tuple[str, ...]) -> dict:
     """``{how: the JSON that script printed last}``, ``script`` run with ``path`` and each ``how`` in a fresh
     Python process (a peak RSS only grows)."""
@@ -255,6 +284,30 @@ def duplicate_check(path) -> dict:
     """Peak memory (MB over the process's peak before it) and seconds of finalize's duplicate check, leaf by
     leaf and, as the baseline, every ``source_id`` at once; each in a fresh process (a peak only grows)."""
     return _in_fresh_processes(_DUPLICATE_CHECK, path, ("all", "leaf"))
+
+
+def footers_held(path, keep: int = cat.FOOTERS_KEPT) -> dict:
+    """Memory of the part-file footers predict's client holds while the blocks run (:class:`FooterReader`, over
+    every block of the catalog at ``path``), and of finalize's ``_metadata`` and duplicate check with them: every
+    footer kept parsed (``"parsed"``, the baseline: predict until 2026-11-28) against the first ``keep`` parsed and
+    the rest compact (``"compact"``, predict's default); each in a fresh process."""
+    out = _in_fresh_processes(_FOOTERS, path, ("parsed", f"keep={keep}"))
+    return {"parsed": out["parsed"], "compact": out[f"keep={keep}"]}
+
+
+#: the many-part-files catalog of the footer rows: (rows, blocks, order) -> 16 blocks x every pixel of the order
+MANY_PARTS_FULL = (96_000, 16, 3)
+MANY_PARTS_QUICK = (24_000, 16, 2)
+
+
+def _ensure_many_parts(out: Path, quick: bool, rebuild: bool) -> Path:
+    n_rows, n_blocks, order = MANY_PARTS_QUICK if quick else MANY_PARTS_FULL
+    path = out / f"parts-{n_rows}-{order}"
+    stamp = source_stamp("catalogpred.catalog", "catalogpred.tables", __name__)
+    if rebuild or not (path / ".bench-stamp").exists() or (path / ".bench-stamp").read_text() != stamp:
+        build_catalog(path, n_rows, block_rows=n_rows // n_blocks, order=order, vo_table=True)
+        (path / ".bench-stamp").write_text(stamp)
+    return path
 
 
 def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
@@ -292,6 +345,15 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
                  "note": f"catalogpred's writer ({cat._finalize_threads()} threads) against hats' write_parquet_metadata "
                          f"(the baseline); peak memory {md['catalogpred']['mb']:.0f} against "
                          f"{md['hats']['mb']:.0f} MB; rows {md['catalogpred']['rows']:,d} = {md['hats']['rows']:,d}"})
+    held = footers_held(_ensure_many_parts(out, quick, rebuild))
+    new, old = held["compact"], held["parsed"]
+    rows.append({"name": f"finalize: part-file footers held by predict's client, {new['files']:,d} part files",
+                 "value": new["held_mb"], "unit": "MB", "baseline": old["held_mb"],
+                 "ratio": new["held_mb"] / max(old["held_mb"], 1e-9), "target": None,
+                 "note": f"the first {new['keep']:,d} kept parsed, the rest compact, against all parsed (the baseline); "
+                         f"finalize then peaks at {new['peak_mb']:.0f} against {old['peak_mb']:.0f} MB and takes "
+                         f"{new['finalize_s']:.2f} against {old['finalize_s']:.2f} s; rows {new['rows']:,d} = "
+                         f"{old['rows']:,d}; part files carry the VO table, as predict's do"})
     if build_s:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})

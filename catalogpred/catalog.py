@@ -31,6 +31,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -436,17 +437,64 @@ def _listed_files(dataset: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
-#: a part file's footer as read, with the file's (bytes, mtime ns) then
-Footer = tuple[tuple[int, int], pq.FileMetaData]
+class PartFooter(NamedTuple):
+    """What finalize needs of one part file's footer (:func:`read_part_footer`).
+
+    ``metadata`` is the footer with its file path set relative to ``dataset/`` (what ``_metadata`` lists), either
+    parsed or, for most footers a run's client keeps while the blocks run (:class:`FooterReader`), serialized
+    without the Arrow schema and key-value metadata (:func:`compact_footer`): 7.9 KB against 185 KB parsed for a
+    part file of predict's 55 columns (measured, pyarrow 26).
+    """
+
+    stat: tuple[int, int]  # the file's (bytes, mtime ns) when read
+    num_rows: int
+    ranges: tuple | None  # (min, max) of source_id in each row group; None without statistics
+    metadata: pq.FileMetaData | bytes | None  # None in what write_dataset_metadata returns
 
 
-def read_footer(path: str) -> Footer:
-    """``((bytes, mtime ns), footer)`` of one part file; CatalogError if it is not a readable Parquet file."""
+def read_part_footer(path: str, dataset: str) -> PartFooter:
+    """:class:`PartFooter` of the part file ``path`` under ``dataset`` (its file path set relative to it); a
+    :class:`CatalogError` if it is not a readable Parquet file."""
     try:
         st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns), pq.read_metadata(path)
+        md = pq.read_metadata(path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise CatalogError(f"{path}: not a readable Parquet file ({exc}); use --overwrite") from exc
+    md.set_file_path(os.path.relpath(path, dataset))
+    ranges = _value_ranges([md], "source_id") if "source_id" in md.schema.names else None
+    return PartFooter((st.st_size, st.st_mtime_ns), md.num_rows, None if ranges is None else tuple(ranges), md)
+
+
+def compact_footer(md: pq.FileMetaData, template: bytes) -> bytes | None:
+    """``md``'s row groups (file paths, statistics, offsets: what ``_metadata`` lists) in a serialized footer
+    without the Arrow schema and the key-value metadata, from ``template`` (:func:`footer_template` of ``md``);
+    None if ``md``'s Parquet schema is not the template's."""
+    out = pq.read_metadata(pa.BufferReader(template))
+    try:
+        out.append_row_groups(md)
+    except RuntimeError:  # "AppendRowGroups requires equal schemas"
+        return None
+    sink = pa.BufferOutputStream()
+    out.write_metadata_file(sink)
+    return sink.getvalue().to_pybytes()
+
+
+def footer_template(md: pq.FileMetaData) -> bytes:
+    """A serialized footer with ``md``'s Parquet schema, no row groups, no Arrow schema and no key-value
+    metadata: what :func:`compact_footer` appends a part file's row groups to."""
+    arrow = md.schema.to_arrow_schema()
+    sink = pa.BufferOutputStream()
+    pq.write_metadata(pa.schema([f.remove_metadata() for f in arrow]), sink, store_schema=False)
+    return sink.getvalue().to_pybytes()
+
+
+def _parsed(footer: PartFooter) -> pq.FileMetaData:
+    md = footer.metadata
+    return pq.read_metadata(pa.BufferReader(md)) if isinstance(md, bytes) else md
+
+
+#: part-file footers a run's client keeps parsed (:class:`FooterReader`); the others it keeps compact
+FOOTERS_KEPT = 1024
 
 
 class FooterReader:
@@ -457,30 +505,48 @@ class FooterReader:
     up), and a block writes one part file per HEALPix pixel it touches, so after the last block this was about a
     quarter of finalize (211 part files for 100,000 spectra). Usage: ``block_done(key, pixels)`` from
     :func:`~catalogpred.pipeline.runner.run_bounded`'s ``on_done``, then ``footers()`` for finalize.
+
+    The first ``keep`` footers (default :data:`FOOTERS_KEPT`) stay parsed: 185 KB each in memory for predict's 55
+    columns (measured). The others are kept compact (:func:`compact_footer`, 7.9 KB), so that a run of tens of
+    millions of spectra (tens of thousands of part files) does not hold gigabytes in its client; finalize parses
+    a compact footer again (about 0.13 ms on 2 cores). For 12,279 part files the client held 209 MB of footers
+    against 1,417 MB all parsed (``bench/bench_query.py``, the ``footers held`` row).
     """
 
-    def __init__(self, catalog_path, order: int):
+    def __init__(self, catalog_path, order: int, keep: int = FOOTERS_KEPT):
         self.catalog_path, self.order = os.fspath(Path(catalog_path)), order  # as finalize spells the paths
+        self.dataset = os.path.join(self.catalog_path, DATASET_DIR)
+        self.keep = keep
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalogpred-footers")
         self._futures = []
+        self._kept = 0  # footers kept parsed (only the one background thread counts)
+        self._template: bytes | None = None
 
     def block_done(self, key: str, pixels) -> None:
         """Read the footers of block ``key``'s part files (one per pixel of ``pixels``) in the background."""
         paths = [part_path(self.catalog_path, self.order, int(p), key) for p in pixels]
         self._futures.append(self._pool.submit(self._read, paths))
 
-    @staticmethod
-    def _read(paths: list[str]) -> dict[str, Footer]:
+    def _read(self, paths: list[str]) -> dict[str, PartFooter]:
         out = {}
         for path in paths:
             try:
-                out[path] = read_footer(path)
+                footer = read_part_footer(path, self.dataset)
             except CatalogError:  # finalize reads it again, and reports it
-                pass
+                continue
+            if self._kept < self.keep:
+                self._kept += 1
+            else:
+                if self._template is None:
+                    self._template = footer_template(footer.metadata)
+                compact = compact_footer(footer.metadata, self._template)
+                if compact is not None:  # else another schema: finalize refuses it, kept parsed to say so
+                    footer = footer._replace(metadata=compact)
+            out[path] = footer
         return out
 
-    def footers(self) -> dict[str, Footer]:
-        """``{path: Footer}`` of every block handed to :meth:`block_done`, once all are read."""
+    def footers(self) -> dict[str, PartFooter]:
+        """``{path: PartFooter}`` of every block handed to :meth:`block_done`, once all are read."""
         out = {}
         for f in self._futures:
             out.update(f.result())
@@ -488,15 +554,20 @@ class FooterReader:
         return out
 
 
+#: part-file footers read at once by :func:`write_dataset_metadata` (a window of them is held parsed)
+_READ_WINDOW = 256
+
+
 def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]], columns: list[Column],
-                           footers: dict[str, Footer] | None = None) -> dict[str, pq.FileMetaData]:
+                           footers: dict[str, PartFooter] | None = None) -> dict[str, PartFooter]:
     """Write ``dataset/_metadata`` (the row-group footers of every part file, in pixel order, as hats' own writer
     orders them) and ``dataset/_common_metadata`` (the schema with the VO-Parquet keys of ``columns``) for the
     part files that ``parts`` (block key -> its HEALPix pixels at ``order``, from the done markers) names, and
-    return their footers, ``{path: FileMetaData}`` in that order.
+    return their footers, ``{path: PartFooter}`` in that order, each without its metadata.
 
     ``footers`` are footers read earlier (:class:`FooterReader`); one is used if its file has the same size and
-    modification time now, and every other footer is read here.
+    modification time now, and every other footer is read here, in threads, a window at a time: the parsed
+    footers held are a window's and ``_metadata``'s own row groups (about 50 KB per part file of 55 columns).
 
     hats' ``write_parquet_metadata`` discovers the part files by walking the dataset and reads all their footers;
     here the done markers say which files there must be, so every file in the dataset is checked against that
@@ -521,40 +592,63 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
                            f"(e.g. {missing[:2]}); use --overwrite")
     paths = sorted(expected, key=expected.get)  # by pixel, then block: the order hats gives _metadata
     footers = footers or {}
-    known = {p: footers[p][1] for p in paths if p in footers and footers[p][0] == found[p]}
-    todo = [p for p in paths if p not in known]
+    known = {p: footers[p] for p in paths if p in footers and footers[p].stat == found[p]}
+    out: dict[str, PartFooter] = {}
+
+    def in_order(pool):
+        """Every part file's footer, parsed, in ``paths``' order; those not ``known`` read in the threads of
+        ``pool``, a window at a time. (Parsing the compact ones in threads too was slower on 2 cores: 2.6 against
+        2.5 s for 12,279 part files.)"""
+        for i in range(0, len(paths), _READ_WINDOW):
+            window = paths[i:i + _READ_WINDOW]
+            todo = [p for p in window if p not in known]
+            read = dict(zip(todo, pool.map(lambda p: read_part_footer(p, str(dataset)), todo)))
+            for p in window:
+                footer = known[p] if p in known else read[p]
+                out[p] = footer._replace(metadata=None)
+                yield p, _parsed(footer)
+
     with ThreadPoolExecutor(_finalize_threads()) as pool:
-        known.update(zip(todo, pool.map(lambda p: read_footer(p)[1], todo)))
-    mds = [known[p] for p in paths]
-    first = mds[0].schema
-    odd = [p for p, md in zip(paths, mds) if not md.schema.equals(first)]
-    if odd:
-        raise CatalogError(f"{catalog_path}: its part files do not share one schema ({odd[0]} differs from "
-                           f"{paths[0]}); use --overwrite")
-    for p, md in zip(paths, mds):
-        md.set_file_path(os.path.relpath(p, dataset))
-    schema = common_schema(mds[0].schema.to_arrow_schema(), columns)  # field units from the footer's Arrow schema
-    for name, collector in (("_common_metadata", None), ("_metadata", mds)):
+        footers_in_order = in_order(pool)
+        first_path, first = next(footers_in_order)
+        if not first.metadata or b"ARROW:schema" not in first.metadata:  # a compact footer: no field units in it
+            first = read_part_footer(first_path, str(dataset)).metadata
+        schema = common_schema(first.schema.to_arrow_schema(), columns)  # field units from the Arrow schema
+        sink = pa.BufferOutputStream()
+        pq.write_metadata(schema, sink)
+        metadata = pq.read_metadata(pa.BufferReader(sink.getvalue()))  # the schema, no row groups
+        metadata.append_row_groups(first)
+        for p, md in footers_in_order:
+            if not md.schema.equals(first.schema):
+                raise CatalogError(f"{catalog_path}: its part files do not share one schema ({p} differs from "
+                                   f"{first_path}); use --overwrite")
+            metadata.append_row_groups(md)
+    for name, write in (("_metadata", metadata.write_metadata_file),
+                        ("_common_metadata", lambda where: pq.write_metadata(schema, where))):
         tmp = dataset / f".{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_metadata(schema, tmp, metadata_collector=collector)
+        write(str(tmp))
         os.replace(tmp, dataset / name)
-    return dict(zip(paths, mds))
+    return out
 
 
-def leaves_to_check(footers: dict[str, pq.FileMetaData], column: str = "source_id") -> list[str]:
-    """The leaf directories in which two part files may share a ``column`` value: those whose part files' value
-    ranges (min-max, from the footers' statistics) overlap, or lack statistics. A part file never holds a value
-    twice (:func:`write_fragment` refuses such a table), so the other leaves cannot hold a duplicate."""
-    by_leaf: dict[str, list] = {}
-    for path, md in footers.items():
-        by_leaf.setdefault(os.path.dirname(path), []).append(md)
-    out = []
-    for leaf, mds in by_leaf.items():
-        if len(mds) < 2:
+def leaves_to_check(footers: dict[str, PartFooter]) -> dict[str, list[str]]:
+    """``{leaf directory: its part files}`` of the leaves in which two part files may share a ``source_id``: those
+    whose part files' id ranges (min-max, from the footers' statistics) overlap, or lack statistics. A part file
+    never holds an id twice (:func:`write_fragment` refuses such a table), so the other leaves cannot hold a
+    duplicate."""
+    by_leaf: dict[str, list[str]] = {}
+    for path in footers:
+        by_leaf.setdefault(os.path.dirname(path), []).append(path)
+    out = {}
+    for leaf, paths in by_leaf.items():
+        if len(paths) < 2:
             continue
-        ranges = _value_ranges(mds, column)  # sorted by min: ranges overlap if and only if two neighbours do
-        if ranges is None or any(nxt[0] <= prev[1] for prev, nxt in zip(ranges, ranges[1:])):
-            out.append(leaf)
+        if any(footers[p].ranges is None for p in paths):
+            out[leaf] = paths
+            continue
+        ranges = sorted(r for p in paths for r in footers[p].ranges)  # by min: an overlap is between neighbours
+        if any(nxt[0] <= prev[1] for prev, nxt in zip(ranges, ranges[1:])):
+            out[leaf] = paths
     return out
 
 
@@ -599,10 +693,11 @@ def import_finalize_deps_in_background(columns: list[Column] | None = None) -> t
     return t
 
 
-def count_duplicate_ids(catalog_path, threads: int | None = None, leaves: list[str] | None = None) -> int:
+def count_duplicate_ids(catalog_path, threads: int | None = None, leaves: dict[str, list[str]] | None = None) -> int:
     """Rows of the catalog's dataset (the part files its ``_metadata`` lists) whose ``source_id`` repeats within
     their leaf (``Norder=K/Dir=D/Npix=N``), read one leaf at a time by ``threads`` threads (default
-    :func:`_finalize_threads`); only the leaf directories ``leaves`` if given (finalize: :func:`leaves_to_check`).
+    :func:`_finalize_threads`); if ``leaves`` (``{leaf directory: its part files}``, finalize's
+    :func:`leaves_to_check`) is given, only those files, without reading ``_metadata``.
 
     A row written twice (a retried block whose first part files survived, a part file copied by hand) lands in
     the same leaf twice, since its leaf follows from its position. A source_id shared by two different spectra
@@ -610,33 +705,37 @@ def count_duplicate_ids(catalog_path, threads: int | None = None, leaves: list[s
     leaves at a time rather than all of them. On the query benchmark's catalogs (``bench_query.duplicate_check``,
     2 cores), its peak is 115 MB against 224 MB with every id at once for 1M rows, and 1,118-1,124 MB against
     1,579-1,621 MB for 4M rows in 12,288 part files. What is left is ``_metadata`` itself, all part files'
-    footers, which grows with part files × columns (hats' writer holds it too).
+    footers, which grows with part files × columns (hats' writer holds it too): finalize passes ``leaves``.
     """
     import pyarrow.dataset as pads  # here, not at import: it adds ~0.4 s to every process importing this module
 
-    if leaves is not None and not leaves:
-        return 0
-
-    # the part files as _metadata lists them, with their footers (just read by finalize, not read again)
-    dataset = pads.parquet_dataset(str(Path(catalog_path, DATASET_DIR, "_metadata")))
-    by_leaf: dict[str, list] = {}
-    for fragment in dataset.get_fragments():
-        by_leaf.setdefault(os.path.dirname(fragment.path), []).append(fragment)
-
-    def repeats(fragments: list) -> int:
-        ids = pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem).to_table(
-            columns=["source_id"], use_threads=False).column("source_id")
-        return len(ids) - len(ids.unique())
-
     if leaves is not None:
-        wanted = {os.path.normpath(leaf) for leaf in leaves}
-        by_leaf = {leaf: f for leaf, f in by_leaf.items() if os.path.normpath(leaf) in wanted}
+        def repeats(files: list[str]) -> int:
+            ids = pads.dataset(files, format="parquet").to_table(columns=["source_id"], use_threads=False)
+            return ids.num_rows - len(ids.column("source_id").unique())
+
+        groups = list(leaves.values())
+    else:
+        # the part files as _metadata lists them, with their footers (not read again)
+        dataset = pads.parquet_dataset(str(Path(catalog_path, DATASET_DIR, "_metadata")))
+        by_leaf: dict[str, list] = {}
+        for fragment in dataset.get_fragments():
+            by_leaf.setdefault(os.path.dirname(fragment.path), []).append(fragment)
+
+        def repeats(fragments: list) -> int:
+            ids = pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem).to_table(
+                columns=["source_id"], use_threads=False).column("source_id")
+            return len(ids) - len(ids.unique())
+
+        groups = list(by_leaf.values())
+    if not groups:
+        return 0
     with ThreadPoolExecutor(max(1, threads or _finalize_threads())) as pool:
-        return sum(pool.map(repeats, by_leaf.values()))
+        return sum(pool.map(repeats, groups))
 
 
 def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: list[str], columns: list[Column],
-                     expected_inputs: int, manifest: dict, footers: dict[str, Footer] | None = None) -> dict:
+                     expected_inputs: int, manifest: dict, footers: dict[str, PartFooter] | None = None) -> dict:
     """Write HATS metadata, the rejects table and the run manifest; check the accounting.
 
     ``footers``: part-file footers read while the blocks ran (:class:`FooterReader`, :func:`write_dataset_metadata`).

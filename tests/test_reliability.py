@@ -215,8 +215,10 @@ def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
     footers = cat.write_dataset_metadata(path, 2, {b: d["pixels"] for b, d in cat.read_block_done(path).items()},
                                          kw["columns"])
     third = {os.path.dirname(p) for p in footers if p.endswith("part-bench-000002.parquet")}
-    assert set(cat.leaves_to_check(footers)) == third
-    assert cat.count_duplicate_ids(path, leaves=sorted(third)) == 3
+    leaves = cat.leaves_to_check(footers)
+    assert set(leaves) == third and all(p.endswith(".parquet") for files in leaves.values() for p in files)
+    assert cat.count_duplicate_ids(path, leaves=leaves) == 3  # these leaves' part files, not _metadata
+    assert cat.count_duplicate_ids(path, leaves={}) == 0
 
 
 def test_finalize_checks_the_part_files_against_the_done_markers(tmp_path):
@@ -249,14 +251,24 @@ def test_finalize_checks_the_part_files_against_the_done_markers(tmp_path):
     assert not [k for k in common if k.startswith(b"table::len::")]
     # the two blocks' ids do not interleave: no leaf needs its ids read
     assert cat.leaves_to_check(cat.write_dataset_metadata(path, 2, {b: cat.read_block_done(path)[b]["pixels"]
-                                                                    for b in blocks}, columns)) == []
+                                                                    for b in blocks}, columns)) == {}
+
+    # footers read while the blocks ran, kept parsed or compact: the same _metadata as footers read in finalize
+    written = {name: (ds / name).read_bytes() for name in ("_metadata", "_common_metadata")}
+    for keep in (0, 3):
+        reader = cat.FooterReader(path, 2, keep=keep)
+        for b in blocks:
+            reader.block_done(b, cat.read_block_done(path)[b]["pixels"])
+        footers = reader.footers()
+        assert sorted(footers) == parts
+        kinds = [type(f.metadata) for f in footers.values()]
+        assert kinds.count(pq.FileMetaData) == min(keep, len(parts)) and kinds.count(bytes) == len(parts) - min(keep, len(parts))
+        cat.finalize_catalog(path, footers=footers, **kw)
+        assert {name: (ds / name).read_bytes() for name in written} == written
+    compact = next(f for f in footers.values() if isinstance(f.metadata, bytes))
+    assert len(compact.metadata) < pq.read_metadata(parts[0]).serialized_size / 2  # no Arrow schema, no VO table
 
     # a footer read while the blocks ran, then its file rewritten (the same rows, another layout): read again
-    reader = cat.FooterReader(path, 2)
-    for b in blocks:
-        reader.block_done(b, cat.read_block_done(path)[b]["pixels"])
-    footers = reader.footers()
-    assert sorted(footers) == parts
     changed = parts[0]
     pq.write_table(pq.read_table(changed), changed, compression="gzip", row_group_size=7)
     cat.finalize_catalog(path, footers=footers, **kw)
@@ -273,6 +285,15 @@ def test_finalize_checks_the_part_files_against_the_done_markers(tmp_path):
     with pytest.raises(CatalogError, match="1 part files of finished blocks are missing"):
         cat.finalize_catalog(path, **kw)
     os.replace(moved, parts[2])
+    # a part file of another schema (w1_mag as float64): refused, whether its footer was kept parsed or compact
+    odd = pq.read_table(parts[3])
+    pq.write_table(odd.set_column(odd.schema.get_field_index("w1_mag"), "w1_mag", odd["w1_mag"].cast("float64")),
+                   parts[3])
+    reader = cat.FooterReader(path, 2, keep=0)
+    for b in blocks:
+        reader.block_done(b, cat.read_block_done(path)[b]["pixels"])
+    with pytest.raises(CatalogError, match="its part files do not share one schema"):
+        cat.finalize_catalog(path, footers=reader.footers(), **kw)
     Path(parts[3]).write_bytes(b"not a Parquet file")
     with pytest.raises(CatalogError, match="not a readable Parquet file"):
         cat.finalize_catalog(path, **kw)
@@ -736,3 +757,19 @@ def test_a_group_of_rejects_only_needs_no_bundle(desi_bundle, cluster_client, tm
     bench_pipeline.write_synthetic_store(good, 4, shard_rows=4, chunk_rows=4, n_rejected=1)
     with pytest.raises(ConfigError, match="on the sdss grid but no --model bundle"):
         run_predict(str(good), str(desi_bundle), str(tmp_path / "c2"), client=cluster_client[1], progress=False)
+
+
+def test_the_footer_memory_benchmark_runs(tmp_path):
+    """bench_query's footer rows: a catalog whose part files carry the VO table, as predict's do, read by a
+    FooterReader keeping all footers parsed and one keeping 8; the same rows and part files (4 blocks × 48 pixels)
+    either way."""
+    import bench_query
+
+    path = tmp_path / "catalog"
+    bench_query.build_catalog(path, 2000, block_rows=500, order=1, vo_table=True)
+    part = next((path / cat.DATASET_DIR).glob("**/part-*.parquet"))
+    assert b"IVOA.VOTable-Parquet.content" in pq.read_schema(part).metadata
+    held = bench_query.footers_held(path, keep=8)
+    for how in ("parsed", "compact"):
+        assert (held[how]["rows"], held[how]["files"], held[how]["dup"]) == (2000, 4 * 48, 0), held
+    assert (held["parsed"]["keep"], held["compact"]["keep"]) == (10 ** 9, 8)
