@@ -288,11 +288,16 @@ def atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def block_done_path(catalog_path, block_key: str) -> str:
+    """The done marker of block ``block_key``: ``_run/blocks/<block>.json``."""
+    return os.path.join(os.fspath(catalog_path), RUN_DIR, "blocks", f"{block_key}.json")
+
+
 def write_block_done(catalog_path, block_key: str, summary: dict, rejects: pa.Table) -> None:
     """Record a finished block: its rejects, then its done marker (the commit point)."""
     run = Path(catalog_path) / RUN_DIR / "blocks"
     _atomic_write(rejects.cast(REJECTS_SCHEMA), run / f"{block_key}.rejects.parquet")
-    atomic_write_text(run / f"{block_key}.json", json.dumps(summary))
+    atomic_write_text(Path(block_done_path(catalog_path, block_key)), json.dumps(summary))
 
 
 def read_block_done(catalog_path) -> dict[str, dict]:

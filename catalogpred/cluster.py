@@ -17,7 +17,10 @@ paths must mean the same thing on the client and on every worker:
   because the store, catalog and bundle are still written with local file I/O.
 - :func:`check_workers` asks every connected worker whether it runs the same
   catalogpred version and sees those paths, so a missing mount or an outdated
-  environment fails before any task runs instead of in every task.
+  environment fails before any task runs instead of in every task. Workers that
+  join a running job (adaptive scaling, a replaced node) are checked as they come
+  (:func:`retire_unfit_workers`), and a finished task whose outputs the client
+  cannot see has its worker retired and runs again (``pipeline.run_bounded``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from .errors import ConfigError
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
-           "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers"]
+           "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
+           "retire_unfit_workers", "retire_workers", "worker_address"]
 
 log = logging.getLogger(__name__)
 
@@ -447,58 +451,101 @@ def _nearest_existing(path: str) -> str:
     return p
 
 
-def check_workers(client, paths=()) -> None:
-    """Check that every connected worker runs this catalogpred version and sees ``paths``.
+def worker_problems(client, paths=(), workers: list[str] | None = None) -> dict[str, str]:
+    """``{worker address: what is wrong with it}`` for the connected workers (only ``workers`` if given) that do not
+    run this catalogpred version and code, or do not see ``paths``; empty when all are fit.
 
-    A path that does not exist yet on the client (an output) is checked through
-    its closest existing parent directory. Workers that have not connected yet are
-    not checked; with none connected this does nothing.
-
-    Raises
-    ------
-    ConfigError
-        Naming the first worker without catalogpred, with another version, or without a path.
+    A path that does not exist yet on the client (an output) is checked through its closest existing parent
+    directory, by a file the client writes there: a directory that exists on every node but is not shared (a
+    node-local /tmp or scratch) passes an existence check, not this one.
     """
     import importlib.metadata as md
 
     from . import __version__
 
-    workers = client.scheduler_info()["workers"]
+    if workers is None:
+        workers = sorted(client.scheduler_info()["workers"])
     if not workers:
-        return
-    versions = client.run(md.version, "catalogpred", on_error="return")
+        return {}
+    problems: dict[str, str] = {}
+    versions = client.run(md.version, "catalogpred", workers=workers, on_error="return")
     for addr, v in sorted(versions.items()):
         if isinstance(v, BaseException):
-            raise ConfigError(f"Dask worker {addr} cannot find catalogpred ({type(v).__name__}: {v}); start the workers "
-                              "from an environment with catalogpred installed (deploy/README.md)")
-        if v != __version__:
-            raise ConfigError(f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, scheduler "
-                              "and workers must run the same versions (deploy/README.md, version table)")
+            problems[addr] = (f"Dask worker {addr} cannot find catalogpred ({type(v).__name__}: {v}); start the "
+                              "workers from an environment with catalogpred installed (deploy/README.md)")
+        elif v != __version__:
+            problems[addr] = (f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, "
+                              "scheduler and workers must run the same versions (deploy/README.md, version table)")
     # the same version string from another commit (or a client with local edits): compare the code itself
     mine = source_fingerprint()
-    theirs = client.run(_worker_fingerprint, on_error="return")
+    fit = [w for w in workers if w not in problems]
+    theirs = client.run(_worker_fingerprint, workers=fit, on_error="return") if fit else {}
     for addr, fp in sorted(theirs.items()):
         if not isinstance(fp, BaseException) and fp != mine:
-            raise ConfigError(f"Dask worker {addr} runs other catalogpred code than this client (version {__version__} "
-                              f"both, source {fp} against {mine}): install the same commit for client and workers "
-                              "(deploy/README.md, version table)")
+            problems[addr] = (f"Dask worker {addr} runs other catalogpred code than this client (version "
+                              f"{__version__} both, source {fp} against {mine}): install the same commit for client "
+                              "and workers (deploy/README.md, version table)")
     for path in dict.fromkeys(_nearest_existing(os.fspath(p)) for p in paths):
-        # a file the client writes there now: a directory that exists on every node but is not shared (/tmp,
-        # node-local scratch) passes an existence check, not this one (unless the client may not write there)
+        fit = [w for w in workers if w not in problems]
+        if not fit:
+            break
         token = _write_token(path)
         try:
-            seen = client.run(os.path.exists, token or path, on_error="return")
+            seen = client.run(os.path.exists, token or path, workers=fit, on_error="return")
         finally:
             if token:
                 os.unlink(token)
-        missing = sorted(addr for addr, ok in seen.items() if ok is not True)
-        if missing:
-            what = f"a file the client just wrote in {path}" if token else path
-            raise ConfigError(f"{what} is not visible on Dask worker {missing[0]}"
-                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: store, catalog and "
-                              "model must be on a filesystem that the client and every worker mount at the same path "
-                              "(not a node-local /tmp or scratch)")
-    log.debug("%d workers run catalogpred %s and see %s", len(versions), __version__, list(paths))
+        what = f"a file the client just wrote in {path}" if token else path
+        for addr, ok in sorted(seen.items()):
+            if ok is not True:
+                problems[addr] = (f"{what} is not visible on Dask worker {addr}: store, catalog and model must be "
+                                  "on a filesystem that the client and every worker mount at the same path (not a "
+                                  "node-local /tmp or scratch)")
+    return problems
+
+
+def check_workers(client, paths=()) -> list[str]:
+    """Check that every connected worker runs this catalogpred version and code and sees ``paths``
+    (:func:`worker_problems`), and return their addresses. Workers that have not connected yet are not checked
+    here: a run checks those that join later with :func:`retire_unfit_workers`. With none connected this does
+    nothing.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first worker without catalogpred, with another version or code, or without a path (and how
+        many more have that problem).
+    """
+    workers = sorted(client.scheduler_info()["workers"])
+    problems = worker_problems(client, paths, workers=workers)
+    if problems:
+        first = min(problems)
+        same = [a for a in problems if a != first and problems[a].replace(a, first) == problems[first]]
+        more = f" (and {len(same)} more)" if same else ""
+        raise ConfigError(problems[first].replace(f"worker {first}", f"worker {first}{more}", 1))
+    log.debug("%d workers run catalogpred and see %s", len(workers), list(paths))
+    return workers
+
+
+def retire_unfit_workers(client, workers: list[str], paths=()) -> list[str]:
+    """Check ``workers`` (workers that joined a running job) like :func:`check_workers`, and retire those that
+    fail, with the reason in the log, so that the run goes on without them instead of losing their output (a
+    worker writing to a node-local directory) or failing every task it takes. Returns the retired addresses."""
+    problems = worker_problems(client, paths, workers=workers)
+    for addr, why in sorted(problems.items()):
+        log.error("%s; retiring it: the run goes on without it", why)
+    if problems:
+        retire_workers(client, sorted(problems))
+    return sorted(problems)
+
+
+def retire_workers(client, workers: list[str]) -> None:
+    """Close ``workers`` (and their nannies) after their tasks move elsewhere; errors are logged, not raised
+    (a worker may already be gone)."""
+    try:
+        client.retire_workers(workers=workers, close_workers=True)
+    except Exception as exc:  # noqa: BLE001 - best effort: the run goes on either way
+        log.warning("could not retire Dask workers %s: %s", workers, exc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -554,6 +601,16 @@ def default_torch_threads(client) -> int | None:
         return None
     nthreads = max(1, min(int(w.get("nthreads") or 1) for w in workers))
     return max(1, nthreads // min(nthreads, TASKS_IN_FLIGHT_PER_WORKER))
+
+
+def worker_address() -> str | None:
+    """The address of the Dask worker running the calling task; None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def peak_rss_bytes() -> int:

@@ -57,6 +57,7 @@ __all__ = [
     "write_shard",
     "mark_shards_done",
     "done_shards",
+    "shard_written",
     "record_ingest",
     "ingest_history",
     "read_meta",
@@ -390,6 +391,22 @@ def done_shards(store_path, survey: str) -> np.ndarray:
     """Indices of shards whose ingest finished."""
     g, _ = open_survey(store_path, survey)
     return np.flatnonzero(g["shard_done"][:])
+
+
+def shard_written(store_path, survey: str, shard: int) -> bool:
+    """Whether shard ``shard``'s ``meta/status`` chunk file is there as this process sees the store. Every ingest
+    task writes it (a shard holds at least one input row, OK or REJECTED, and zarr skips only chunks that are all
+    fill value, EMPTY), so the client can tell a finished task whose worker wrote somewhere it cannot see."""
+    path = os.path.join(os.fspath(store_path), survey, "meta", "status")
+    return os.path.exists(os.path.join(path, *_chunk_key_encoder(path)((shard,)).split("/")))
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_key_encoder(array_path: str):
+    """zarr's chunk-key encoding of the array at ``array_path`` (chunk coordinates -> ``"c/3"``)."""
+    import zarr
+
+    return zarr.open_array(array_path, mode="r").metadata.encode_chunk_key
 
 
 def _rows(lo: int, hi: int, ndim: int) -> tuple:

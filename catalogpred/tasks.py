@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from . import catalog as cat
 from . import store
+from .cluster import worker_address
 from .errors import InputFileError, RejectReason
 from .spectra import IVAR_FLOOR, PixelMask, check_positions, check_spectra
 from .surveys import ReadOptions, SpectrumBlock, get_reader, identify_survey, read_spectra
@@ -213,7 +214,8 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
         parts.append((blk, lo, hi))
         src_paths.extend([path] * (hi - lo))
     if not parts:
-        return {"shard": shard, "n_rows": 0, "n_ok": 0, "reasons": {}, "seconds": 0.0, "lengths": lengths}
+        return {"shard": shard, "n_rows": 0, "n_ok": 0, "reasons": {}, "seconds": 0.0, "lengths": lengths,
+                "worker": worker_address()}
     grid = parts[0][0].grid
     if any(blk.grid != grid for blk, _, _ in parts):
         raise ValueError(f"shard {shard} of {survey}: spectra on different grids")
@@ -267,7 +269,7 @@ def ingest_shard(store_path: str, survey: str, shard: int, pieces: list, file_re
     log.info("stage=ingest survey=%s shard=%d pieces=%d rows=%d ok=%d s=%.2f", survey, shard, len(pieces), n,
              int((status == store.RowStatus.OK).sum()), dt)
     return {"shard": shard, "n_rows": n, "n_ok": int((status == store.RowStatus.OK).sum()),
-            "reasons": dict(counts), "seconds": dt, "lengths": lengths}
+            "reasons": dict(counts), "seconds": dt, "lengths": lengths, "worker": worker_address()}
 
 
 def block_key(survey: str, shard: int) -> str:
@@ -454,7 +456,7 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
                "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine"),
-               "write_threads": write_threads}
+               "write_threads": write_threads, "worker": worker_address()}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary

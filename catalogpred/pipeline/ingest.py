@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from .. import runlock, store
-from ..cluster import check_workers, shared_path
+from ..cluster import check_workers, retire_unfit_workers, shared_path
 from ..errors import ConfigError, RejectReason
 from ..surveys import get_reader, readers, survey_from_name
 from ..tasks import detect_survey, ingest_shard
@@ -232,7 +232,8 @@ def _ingest(inputs: list[str], store_path: str, *, client, survey: str, shard_ro
     options = options or ReadOptions()
     t0 = time.perf_counter()
     paths = expand_inputs(inputs)
-    check_workers(client, paths[:1] + [store_path])
+    shared = paths[:1] + [store_path]  # what every worker must see, at the same paths
+    checked = check_workers(client, shared)
     summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
     try:
@@ -349,9 +350,22 @@ def _ingest(inputs: list[str], store_path: str, *, client, survey: str, shard_ro
                      group_options, {p: reader_of[p] for p, _, _ in b if p in reader_of} or None)
                     for s, b in zip(shards, pieces)]
             finished: list[int] = []
-            results, errors = run_bounded(client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys,
-                                          progress=progress, on_done=lambda k, r: finished.append(key_to_shard[k]))
-            store.mark_shards_done(store_path, name, finished)
+
+            def visible(key, result, name=name) -> str | None:
+                """None if the shard's data are there as this client sees the store (its worker shares it)."""
+                shard = key_to_shard[key]
+                if not result.get("n_rows"):  # nothing to write
+                    return None
+                return None if store.shard_written(store_path, name, shard) else \
+                    f"shard {shard} of {store_path}/{name} is not there"
+
+            try:
+                results, errors = run_bounded(
+                    client, ingest_shard, args, {}, desc=f"ingest {name}", keys=keys, progress=progress,
+                    on_done=lambda k, r: finished.append(key_to_shard[k]), verify=visible, checked_workers=checked,
+                    on_new_workers=lambda addrs: retire_unfit_workers(client, addrs, shared))
+            finally:  # what finished is kept, also when the run stops
+                store.mark_shards_done(store_path, name, finished)
         # duplicates and the per-file row check run on every ingest, a resumed one included (a run stopped
         # after marking its shards done still gets them)
         meta = store.read_meta(store_path, name, columns=["source_id", "status", "source_path", "row_in_file",

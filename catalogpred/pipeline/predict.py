@@ -20,7 +20,7 @@ import numpy as np
 from .. import catalog as cat
 from .. import runlock, store
 from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch_threads, gpu_task_resources,
-                       resolve_compile, resolve_device, shared_path)
+                       resolve_compile, resolve_device, retire_unfit_workers, shared_path)
 from ..errors import CatalogError, ConfigError, RejectReason
 from ..surveys import column_docs
 from ..tasks import block_key, infer_block, predict_block, read_block, write_block
@@ -283,7 +283,8 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     survey_bundle, survey_model, model_ids, info = (planned.survey_bundle, planned.survey_model, planned.model_ids,
                                                     planned.model)
 
-    check_workers(client, [store_path, *bundle_paths, catalog_path])
+    shared = [store_path, *bundle_paths, catalog_path]  # what every worker must see, at the same paths
+    checked = check_workers(client, shared)
     device = resolve_device(device, client)
     resources = gpu_task_resources(blocks_per_gpu) if device == "cuda" else None
     batch_size = batch_size or DEFAULT_BATCH[device]
@@ -346,8 +347,15 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
         if summary.get("pixels"):
             footers.block_done(summary["block"], summary["pixels"])
 
+    def visible(key, summary) -> str | None:
+        """None if the block's done marker is there as this client sees the catalog (its worker shares it)."""
+        marker = cat.block_done_path(catalog_path, summary["block"])
+        return None if os.path.exists(marker) else f"its done marker {marker} is not there"
+
     results, errors = run_bounded(client, predict_block, args, {**kwargs, "read_engine": read_engine}, desc="predict",
                                   keys=keys, progress=progress, resources=resources, on_done=block_done,
+                                  verify=visible, checked_workers=checked,
+                                  on_new_workers=lambda addrs: retire_unfit_workers(client, addrs, shared),
                                   tasks_per_worker=blocks_per_gpu if resources else 1,
                                   submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
     if errors and not results and len(todo) > 1:

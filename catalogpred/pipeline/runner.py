@@ -58,18 +58,30 @@ def reasons_lines(reasons: dict) -> list[str]:
 def n_workers(client, resources: dict | None = None) -> int:
     """Connected workers (those offering ``resources``, when given). Raises :class:`PipelineError` when the
     client has lost its scheduler."""
+    return _count(_workers_info(client), resources)
+
+
+def _workers_info(client) -> dict:
     info = client.scheduler_info()
     if "workers" not in info:
         _lost_scheduler(client)
-    workers = info["workers"].values()
+    return info["workers"]
+
+
+def _count(workers: dict, resources: dict | None) -> int:
     if not resources:
         return len(workers)
-    return sum(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers)
+    return sum(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers.values())
+
+
+#: times a task whose outputs the client cannot see (:func:`run_bounded`'s ``verify``) is submitted again
+RESUBMITS = 2
 
 
 def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, keys: list[str], progress,
                 on_done=None, max_in_flight: int | None = None, resources: dict | None = None, recount_s: float = 1.0,
-                tasks_per_worker: int = 1, submit=None, io_resources: dict | None = None):
+                tasks_per_worker: int = 1, submit=None, io_resources: dict | None = None, verify=None,
+                on_new_workers=None, checked_workers=()):
     """Submit ``fn(*args, **kwargs)`` for every args tuple, at most ``max_in_flight`` at once.
 
     The default window is :data:`~.cluster.TASKS_IN_FLIGHT_PER_WORKER` × workers × ``tasks_per_worker``
@@ -81,10 +93,19 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     whose last one has ``key``); then ``io_resources`` workers count towards the window too.
     Returns ``(results by key, errors by key)``. Failed tasks (after retries) do not stop the others.
 
+    Workers that join while it runs (any not in ``checked_workers``) are handed to ``on_new_workers(addresses)``
+    at the same recounts (e.g. :func:`~catalogpred.cluster.retire_unfit_workers`). ``verify(key, result)``
+    checks a finished task from the client's side and returns what is wrong, or None: a task whose outputs the
+    client cannot see (its worker wrote to a node-local directory) has that worker (``result["worker"]``)
+    retired and is submitted again, at most :data:`RESUBMITS` times; after that the run stops with a
+    :class:`PipelineError` once the other tasks are done (not an error of the task's data: nothing is rejected).
+
     ``progress``: True/False shows a progress bar or not; None shows it on a terminal, and elsewhere (a batch
     job's log) logs a :func:`progress_line` every :data:`PROGRESS_LOG_S` seconds instead.
     """
     from distributed import as_completed
+
+    from ..cluster import retire_workers
 
     results, errors = {}, {}
     pending = list(zip(keys, arg_list))[::-1]
@@ -93,53 +114,83 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     started = last_line = time.monotonic()
     done = 0
     window = {"n": 0, "at": float("-inf")}
-    in_flight = 0
+    seen_workers = set(checked_workers)
+    in_flight: dict[str, tuple] = {}  # Dask key -> (item key, args)
+    tries: dict[str, int] = {}  # item key -> submissions so far
+    unseen: dict[str, str] = {}  # item key -> why its outputs are not visible, after its last try
+    retired: set[str] = set()
 
-    def limit() -> int:
-        if max_in_flight:
-            return max_in_flight
+    def recount():
         now = time.monotonic()
-        if now - window["at"] >= recount_s:
-            slots = tasks_per_worker * max(1, n_workers(client, resources))
-            if io_resources:
-                slots = max(slots, n_workers(client, io_resources))
-            window["n"] = TASKS_IN_FLIGHT_PER_WORKER * slots
-            window["at"] = now
-        return window["n"]
+        if now - window["at"] < recount_s:
+            return
+        window["at"] = now
+        workers = _workers_info(client)
+        slots = tasks_per_worker * max(1, _count(workers, resources))
+        if io_resources:
+            slots = max(slots, _count(workers, io_resources))
+        window["n"] = max_in_flight or TASKS_IN_FLIGHT_PER_WORKER * slots
+        new = sorted(set(workers) - seen_workers)
+        seen_workers.update(workers)
+        if new and on_new_workers is not None:
+            on_new_workers(new)
 
     def fill(ac):
-        nonlocal in_flight
-        n = limit()
-        while pending and in_flight < n:
+        recount()
+        while pending and len(in_flight) < window["n"]:
             key, args = pending.pop()
-            ac.add(submit(key, args) if submit is not None
-                   else client.submit(fn, *args, **kwargs, key=key, retries=2, pure=False, resources=resources))
-            in_flight += 1
+            n = tries[key] = tries.get(key, 0) + 1
+            dkey = key if n == 1 else f"{key}~{n}"  # a new Dask key: the finished first try may still be known
+            ac.add(submit(dkey, args) if submit is not None
+                   else client.submit(fn, *args, **kwargs, key=dkey, retries=2, pure=False, resources=resources))
+            in_flight[dkey] = (key, args)
 
     ac = as_completed(loop=client.loop)  # not the default client's loop: a process may hold several clients
     fill(ac)
     for fut in ac:
-        in_flight -= 1
+        key, args = in_flight.pop(fut.key)
         try:
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
             if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
                 _lost_scheduler(client)
-            errors[fut.key] = f"{type(exc).__name__}: {exc}"
-            log.error("task %s failed: %s", fut.key, errors[fut.key])
+            errors[key] = f"{type(exc).__name__}: {exc}"
+            log.error("task %s failed: %s", key, errors[key])
         else:
-            results[fut.key] = res
-            if on_done is not None:
-                on_done(fut.key, res)
+            problem = verify(key, res) if verify is not None else None
+            if problem is None:
+                results[key] = res
+                if on_done is not None:
+                    on_done(key, res)
+            else:
+                worker = res.get("worker") if isinstance(res, dict) else None
+                again = tries[key] <= RESUBMITS
+                log.error("task %s finished on Dask worker %s, but %s: that worker does not write where this client "
+                          "reads (a node-local /tmp or scratch?); %s", key, worker or "(unknown)", problem,
+                          "retiring it and running the task again" if again else "giving up on the task")
+                if worker and worker not in retired:
+                    retired.add(worker)
+                    retire_workers(client, [worker])
+                if again:
+                    pending.append((key, args))
+                else:
+                    unseen[key] = f"{problem} (last on Dask worker {worker or '(unknown)'})"
         fut.release()
-        bar.update(1)
-        done += 1
+        if key in results or key in errors or key in unseen:
+            bar.update(1)
+            done += 1
         now = time.monotonic()
         if log_lines and now - last_line >= PROGRESS_LOG_S and done < len(arg_list):
             log.info("%s", progress_line(desc, done, len(arg_list), now - started))
             last_line = now
         fill(ac)
     bar.close()
+    if unseen:
+        key, why = next(iter(unseen.items()))
+        raise PipelineError(f"{len(unseen)} tasks finished {RESUBMITS + 1} times, but their outputs are not visible "
+                            f"to this client (e.g. {key}: {why}); the workers that wrote them are retired. Check that "
+                            "every worker mounts the store and catalog at the same path (deploy/README.md); finished "
+                            "tasks are kept: re-run the same command to resume")
     return results, errors
 
 
