@@ -9,6 +9,7 @@ the generated job scripts as local processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -267,18 +268,29 @@ def test_check_workers_versions_paths_and_threads(deployment, remote_store, monk
             check_workers(c, [])
 
 
-def _blind_worker(deployment, tmp_path: Path, out: Path) -> subprocess.Popen:
-    """A `dask worker` named "blind" in its own mount namespace, where the directory ``out`` is an empty tmpfs: what
-    it writes there the client never sees (a node-local /tmp or scratch). Needs `unshare -m` and mount rights:
-    the test is skipped without them."""
+@contextlib.contextmanager
+def _blind_worker(deployment, tmp_path: Path):
+    """A `dask worker` named "blind" in its own mount namespace, where ``tmp_path/outputs`` (yielded) is an empty
+    tmpfs: what it writes there the client never sees (a node-local /tmp or scratch); a client connected with it
+    and the two shared workers. Needs `unshare -m` and mount rights: the test is skipped without them."""
     import shutil as sh
 
+    from distributed import Client
+
+    out = tmp_path / "outputs"
+    out.mkdir(exist_ok=True)
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {out}"], capture_output=True)
     if sh.which("unshare") is None or probe.returncode != 0:
         pytest.skip(f"no private mount namespace here (unshare -m: {probe.stderr.decode().strip()[:200]})")
-    return _start(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {out} && exec {DASK} worker "
-                   f"{deployment['address']} --host 127.0.0.1 --nthreads 1 --no-dashboard --name blind "
-                   f"--local-directory {tmp_path / 'wb'}"], tmp_path / "blind-worker.log", tmp_path)
+    blind = _start(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {out} && exec {DASK} worker "
+                    f"{deployment['address']} --host 127.0.0.1 --nthreads 1 --no-dashboard --name blind "
+                    f"--local-directory {tmp_path / 'wb'}"], tmp_path / "blind-worker.log", tmp_path)
+    try:
+        with Client(deployment["address"], timeout="30s") as c:
+            c.wait_for_workers(3, timeout=90)
+            yield out, c
+    finally:
+        _stop([blind])
 
 
 def _address_of(client, name: str) -> str | None:
@@ -298,18 +310,11 @@ def test_check_workers_finds_a_directory_that_exists_on_a_worker_but_is_not_shar
     writes a file there and every worker must see it."""
     from distributed import Client
 
-    out = tmp_path / "outputs"
-    out.mkdir()
-    blind = _blind_worker(deployment, tmp_path, out)
-    try:
-        with Client(deployment["address"], timeout="30s") as c:
-            c.wait_for_workers(3, timeout=90)
-            with pytest.raises(ConfigError, match=r"a file the client just wrote in .*outputs is not visible on Dask "
-                                                  r"worker .*not a node-local /tmp"):
-                check_workers(c, [out / "catalog"])
-            assert not list(out.iterdir())  # the file it wrote is gone
-    finally:
-        _stop([blind])
+    with _blind_worker(deployment, tmp_path) as (out, c):
+        with pytest.raises(ConfigError, match=r"a file the client just wrote in .*outputs is not visible on Dask "
+                                              r"worker .*not a node-local /tmp"):
+            check_workers(c, [out / "catalog"])
+        assert not list(out.iterdir())  # the file it wrote is gone
     with Client(deployment["address"], timeout="30s") as c:  # the shared workers see it
         assert _until_gone(c, "blind")
         check_workers(c, [out / "catalog"])
@@ -331,35 +336,26 @@ def test_a_worker_whose_outputs_the_client_cannot_see_is_retired_and_its_task_ru
     """A task that finished on a worker writing to a node-local directory: run_bounded's ``verify`` finds its
     output missing on the client, retires that worker and submits the task again; every output is there at the
     end and nothing counts as an error. Task 0's first try is pinned to the blind worker."""
-    from distributed import Client
-
     from catalogpred.pipeline import run_bounded
 
-    out = tmp_path / "outputs"
-    out.mkdir()
-    blind = _blind_worker(deployment, tmp_path, out)
-    try:
-        with Client(deployment["address"], timeout="30s") as c:
-            c.wait_for_workers(3, timeout=90)
-            addr = _address_of(c, "blind")
-            task = _write_in(str(out))
+    with _blind_worker(deployment, tmp_path) as (out, c):
+        addr = _address_of(c, "blind")
+        task = _write_in(str(out))
 
-            def submit(key, args):
-                return c.submit(task, *args, key=key, pure=False, workers=[addr] if key == "task-0" else None)
+        def submit(key, args):
+            return c.submit(task, *args, key=key, pure=False, workers=[addr] if key == "task-0" else None)
 
-            with caplog.at_level(logging.ERROR, logger="catalogpred.pipeline.runner"):
-                results, errors = run_bounded(
-                    c, task, [(i,) for i in range(8)], {}, desc="t", keys=[f"task-{i}" for i in range(8)],
-                    progress=False, submit=submit,
-                    verify=lambda key, r: None if (out / f"task-{r['i']}").exists() else "its file is not there")
-            assert errors == {} and sorted(results) == [f"task-{i}" for i in range(8)]
-            assert sorted(p.name for p in out.iterdir()) == sorted(f"task-{i}" for i in range(8))
-            assert results["task-0"]["worker"] != addr  # task 0's second try, on a worker that shares the directory
-            assert f"task task-0 finished on Dask worker {addr}, but its file is not there" in caplog.text
-            assert "retiring it and running the task again" in caplog.text
-            assert _until_gone(c, "blind")  # retired, and its nanny did not bring it back
-    finally:
-        _stop([blind])
+        with caplog.at_level(logging.ERROR, logger="catalogpred.pipeline.runner"):
+            results, errors = run_bounded(
+                c, task, [(i,) for i in range(8)], {}, desc="t", keys=[f"task-{i}" for i in range(8)],
+                progress=False, submit=submit,
+                verify=lambda key, r: None if (out / f"task-{r['i']}").exists() else "its file is not there")
+        assert errors == {} and sorted(results) == [f"task-{i}" for i in range(8)]
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"task-{i}" for i in range(8))
+        assert results["task-0"]["worker"] != addr  # task 0's second try, on a worker that shares the directory
+        assert f"task task-0 finished on Dask worker {addr}, but its file is not there" in caplog.text
+        assert "retiring it and running the task again" in caplog.text
+        assert _until_gone(c, "blind")  # retired, and its nanny did not bring it back
 
 
 def test_a_worker_that_joins_a_run_is_checked_and_retired_when_blind(deployment, tmp_path, caplog):
@@ -371,27 +367,21 @@ def test_a_worker_that_joins_a_run_is_checked_and_retired_when_blind(deployment,
     from catalogpred.cluster import retire_unfit_workers
     from catalogpred.pipeline import run_bounded
 
-    out = tmp_path / "outputs"
-    out.mkdir()
+    (tmp_path / "outputs").mkdir()
     with Client(deployment["address"], timeout="30s") as c:
-        checked = check_workers(c, [out])  # the run's start: the two shared workers
+        checked = check_workers(c, [tmp_path / "outputs"])  # the run's start: the two shared workers
     assert len(checked) == 2
-    blind = _blind_worker(deployment, tmp_path, out)
-    try:
-        with Client(deployment["address"], timeout="30s") as c:
-            c.wait_for_workers(3, timeout=90)  # it joined after the start's check
-            addr = _address_of(c, "blind")
-            with caplog.at_level(logging.ERROR, logger="catalogpred.cluster"):
-                results, errors = run_bounded(
-                    c, _write_in(str(out)), [(i,) for i in range(6)], {}, desc="t", keys=[f"t-{i}" for i in range(6)],
-                    progress=False, checked_workers=checked,
-                    on_new_workers=lambda addrs: retire_unfit_workers(c, addrs, [out]),
-                    verify=lambda key, r: None if (out / f"task-{r['i']}").exists() else "its file is not there")
-            assert errors == {} and len(results) == 6 and len(list(out.iterdir())) == 6
-            assert f"is not visible on Dask worker {addr}" in caplog.text and "retiring it" in caplog.text
-            assert _until_gone(c, "blind")
-    finally:
-        _stop([blind])
+    with _blind_worker(deployment, tmp_path) as (out, c):  # it joins after the start's check
+        addr = _address_of(c, "blind")
+        with caplog.at_level(logging.ERROR, logger="catalogpred.cluster"):
+            results, errors = run_bounded(
+                c, _write_in(str(out)), [(i,) for i in range(6)], {}, desc="t", keys=[f"t-{i}" for i in range(6)],
+                progress=False, checked_workers=checked,
+                on_new_workers=lambda addrs: retire_unfit_workers(c, addrs, [out]),
+                verify=lambda key, r: None if (out / f"task-{r['i']}").exists() else "its file is not there")
+        assert errors == {} and len(results) == 6 and len(list(out.iterdir())) == 6
+        assert f"is not visible on Dask worker {addr}" in caplog.text and "retiring it" in caplog.text
+        assert _until_gone(c, "blind")
 
 
 # ----------------------------------------------------------------------------- submit on fake sbatch
