@@ -187,7 +187,7 @@ def ceilings(dev: str, quick: bool) -> tuple[list[dict], dict]:
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
         with _Tf32(tf32):
-            t = _best(lambda: [a @ b for _ in range(5)], dev, 2) / 5
+            t = _best(lambda a=a, b=b: [a @ b for _ in range(5)], dev, 2) / 5
         out[name] = 2 * n**3 / t / 1e12
         del a, b
     rows = [{"name": f"ceiling: {k} matmul {n}^3", "value": v, "unit": "TFLOP/s", "note": "IEEE fp32 (no TF32)"
