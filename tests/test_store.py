@@ -35,7 +35,10 @@ def test_write_read_shards(tmp_path):
     assert store.allocate_shards(st, "sdss", 2) == [0, 1]
     rng = np.random.default_rng(0)
     flux = rng.normal(size=(5, SDSS_GRID.n_pix)).astype(np.float32)
+    assert not store.shard_written(st, "sdss", 1)
     store.write_shard(st, "sdss", 1, flux, flux, np.zeros(flux.shape, np.uint8), _meta(5))
+    # what ingest's client checks of a finished task: shard 1's data are on disk, shard 0's are not
+    assert store.shard_written(st, "sdss", 1) and not store.shard_written(st, "sdss", 0)
     # a shard is invisible until marked done
     assert store.read_meta(st, "sdss").num_rows == 0
     store.mark_shards_done(st, "sdss", [1])
