@@ -601,20 +601,68 @@ def test_run_bounded_gives_work_to_workers_that_join_later(counting):
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        from catalogpred.cluster import check_workers, retire_unfit_workers
+
         n = 24
-        done = []
+        done, joined, retired = [], [], []
+        first = check_workers(client)
 
         def on_done(key, res):
             done.append(res)
             if len(done) == 2:
                 cluster.scale(2)  # a worker joins mid-run
 
+        def on_new_workers(addrs):  # as predict and ingest wire it
+            joined.extend(addrs)
+            retired.extend(retire_unfit_workers(client, addrs))
+
         results, errors = run_bounded(client, _slow_identity, [(i, 0.3) for i in range(n)], {}, desc="t",
                                       keys=[f"join-{i}-{os.urandom(3).hex()}" for i in range(n)], progress=False,
-                                      on_done=on_done, recount_s=0)
+                                      on_done=on_done, recount_s=0, checked_workers=first,
+                                      on_new_workers=on_new_workers)
     assert not errors and len(results) == n
     assert counting.history[:2] == [1, 2] and counting.peak == 4  # the window grew with the second worker
-    assert len({addr for _, addr in results.values()}) == 2  # and the new worker got tasks
+    workers = {addr for _, addr in results.values()}
+    assert len(workers) == 2  # and the new worker got tasks
+    assert joined == sorted(workers - set(first)) and retired == []  # checked when it joined, and fit
+
+
+def test_run_bounded_looks_again_at_an_output_before_it_doubts_a_worker(cluster_client, caplog):
+    """A finished task's output that shows only at the second look (a shared filesystem's attribute cache) is
+    accepted: no worker retired, nothing submitted again."""
+    from collections import Counter
+
+    client = cluster_client[1]
+    keys = [f"late-{i}-{os.urandom(3).hex()}" for i in range(4)]
+    looks = Counter()
+
+    def verify(key, res):
+        looks[key] += 1
+        return "not there yet" if key == keys[0] and looks[key] == 1 else None
+
+    with caplog.at_level(logging.ERROR, logger="catalogpred.pipeline.runner"):
+        results, errors = run_bounded(client, _slow_identity, [(i, 0.01) for i in range(4)], {}, desc="t", keys=keys,
+                                      progress=False, verify=verify)
+    assert not errors and sorted(results) == sorted(keys)
+    assert looks == {keys[0]: 2, **{k: 1 for k in keys[1:]}} and not caplog.records
+    assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_run_bounded_stops_when_an_output_never_shows(cluster_client, monkeypatch):
+    """A task whose output the client never sees runs 1 + RESUBMITS times, then the run stops with an error that
+    says why once the other tasks are done; it is neither a result nor an error of the task's data."""
+    from catalogpred.pipeline import runner
+
+    monkeypatch.setattr(runner, "VERIFY_WAITS_S", ())
+    client = cluster_client[1]
+    keys = [f"never-{i}-{os.urandom(3).hex()}" for i in range(4)]
+    looks, finished = [], []
+    with pytest.raises(PipelineError, match=rf"1 tasks finished {runner.RESUBMITS + 1} times, but their outputs are "
+                                            rf"not visible to this client \(e\.g\. {keys[0]}: never there"):
+        run_bounded(client, _slow_identity, [(i, 0.01) for i in range(4)], {}, desc="t", keys=keys, progress=False,
+                    on_done=lambda k, r: finished.append(k),
+                    verify=lambda key, res: looks.append(key) or ("never there" if key == keys[0] else None))
+    assert looks.count(keys[0]) == runner.RESUBMITS + 1 and sorted(finished) == sorted(keys[1:])
 
 
 def _allocate_and_report(n_bytes: int) -> int:

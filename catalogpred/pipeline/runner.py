@@ -95,8 +95,9 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
 
     Workers that join while it runs (any not in ``checked_workers``) are handed to ``on_new_workers(addresses)``
     at the same recounts (e.g. :func:`~catalogpred.cluster.retire_unfit_workers`). ``verify(key, result)``
-    checks a finished task from the client's side and returns what is wrong, or None: a task whose outputs the
-    client cannot see (its worker wrote to a node-local directory) has that worker (``result["worker"]``)
+    checks a finished task from the client's side and returns what is wrong, or None (asked again for a few
+    seconds, :func:`_verified`): a task whose outputs the client cannot see (its worker wrote to a node-local
+    directory) has that worker (``result["worker"]``)
     retired and is submitted again, at most :data:`RESUBMITS` times; after that the run stops with a
     :class:`PipelineError` once the other tasks are done (not an error of the task's data: nothing is rejected).
 
@@ -157,7 +158,7 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
             errors[key] = f"{type(exc).__name__}: {exc}"
             log.error("task %s failed: %s", key, errors[key])
         else:
-            problem = verify(key, res) if verify is not None else None
+            problem = _verified(verify, key, res) if verify is not None else None
             if problem is None:
                 results[key] = res
                 if on_done is not None:
@@ -192,6 +193,23 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
                             "every worker mounts the store and catalog at the same path (deploy/README.md); finished "
                             "tasks are kept: re-run the same command to resume")
     return results, errors
+
+
+#: seconds :func:`_verified` waits before each new look at a finished task's missing output
+VERIFY_WAITS_S = (0.2, 0.5, 1.0, 2.0)
+
+
+def _verified(verify, key: str, result) -> str | None:
+    """``verify(key, result)``, asked again after each of :data:`VERIFY_WAITS_S` while it finds a problem: a file
+    that another host has just written may take a moment to show on some shared filesystems (NFS attribute
+    caches), and retiring a worker for that would be wrong."""
+    problem = verify(key, result)
+    for wait in VERIFY_WAITS_S:
+        if problem is None:
+            break
+        time.sleep(wait)
+        problem = verify(key, result)
+    return problem
 
 
 def _lost_scheduler(client):
