@@ -258,6 +258,28 @@ print(json.dumps({"held_mb": held, "peak_mb": peak_mb() - base, "read_s": t1 - t
 """
 
 
+_REJECTS = _PRELUDE + """
+import os
+blocks = sorted(k for k in cat.read_block_done(path))
+dest = f"{path}/rejects-{how}.parquet"
+base, t0 = peak_mb(), time.perf_counter()
+if how == "all":  # finalize until 2026-11-28: every block's rejects in memory, reasons as Python strings
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    with ThreadPoolExecutor(cat._finalize_threads()) as pool:
+        tables = list(pool.map(pq.read_table, [f"{path}/_run/blocks/{b}.rejects.parquet" for b in blocks]))
+    rejects = pa.concat_tables(tables)
+    n = rejects.num_rows
+    by_reason = {str(k): int(v) for k, v in zip(*np.unique(
+        np.asarray(rejects.column("reason").to_pylist(), dtype=object).astype(str), return_counts=True))}
+    cat._atomic_write(rejects, cat.Path(dest))
+else:
+    n, by_reason = cat.merge_rejects(path, blocks, dest)
+print(json.dumps({"mb": peak_mb() - base, "s": time.perf_counter() - t0, "rows": n, "by_reason": by_reason,
+                  "bytes": os.path.getsize(dest)}))
+"""
+
+
 def _in_fresh_processes(script: str, path, hows: tuple[str, ...]) -> dict:
     """``{how: the JSON that script printed last}``, ``script`` run with ``path`` and each ``how`` in a fresh
     Python process (a peak RSS only grows)."""
@@ -293,6 +315,43 @@ def footers_held(path, keep: int = cat.FOOTERS_KEPT) -> dict:
     the rest compact (``"compact"``, predict's default); each in a fresh process."""
     out = _in_fresh_processes(_FOOTERS, path, ("parsed", f"keep={keep}"))
     return {"parsed": out["parsed"], "compact": out[f"keep={keep}"]}
+
+
+#: the rejects-only run of the rejects row: (blocks, rejects per block); a DESI block of 4,096 spectra can be
+#: mostly rejects (sky fibres, stars, …): 1.2M rejects is a run of a few million DESI targets
+MANY_REJECTS_FULL = (300, 4096)
+MANY_REJECTS_QUICK = (40, 4096)
+
+
+def _ensure_many_rejects(out: Path, quick: bool, rebuild: bool) -> Path:
+    """A catalog directory with only the per-block rejects files (and done markers) finalize merges."""
+    n_blocks, n = MANY_REJECTS_QUICK if quick else MANY_REJECTS_FULL
+    path = out / f"rejects-{n_blocks}x{n}"
+    stamp = source_stamp("catalogpred.catalog", __name__)
+    if rebuild or not (path / ".bench-stamp").exists() or (path / ".bench-stamp").read_text() != stamp:
+        shutil.rmtree(path, ignore_errors=True)
+        rng = np.random.default_rng(5)
+        reasons = np.array(["sky_fibre", "not_galaxy", "zwarn", "flux_standard", "bad_fiberstatus"])
+        for b in range(n_blocks):
+            key = f"desi-{b:06d}"
+            ids = np.arange(b * n, (b + 1) * n)
+            t = pa.table({"source_id": [f"desi-{39627657385600000 + i}" for i in ids], "survey": ["desi"] * n,
+                          "source_file": [f"coadd-main-dark-{10000 + b}.fits"] * n,
+                          "source_path": [f"/global/cfs/cdirs/desi/spectro/redux/iron/healpix/main/dark/{b}/"
+                                          f"coadd-main-dark-{10000 + b}.fits"] * n,
+                          "row_in_file": np.arange(n, dtype=np.int32), "store_row": ids,
+                          "stage": ["ingest"] * n, "reason": reasons[rng.integers(0, len(reasons), n)],
+                          "detail": ["OBJTYPE='SKY'"] * n}, schema=cat.REJECTS_SCHEMA)
+            cat.write_block_done(path, key, {"block": key, "n_rows": 0, "pixels": {}}, t)
+        (path / ".bench-stamp").write_text(stamp)
+    return path
+
+
+def rejects_merge(path) -> dict:
+    """Peak memory (MB over the process's peak before it) and seconds of writing ``rejects.parquet`` from every
+    block's rejects: :func:`~catalogpred.catalog.merge_rejects` against the whole table in memory (the baseline,
+    finalize until 2026-11-28); each in a fresh process."""
+    return _in_fresh_processes(_REJECTS, path, ("all", "merged"))
 
 
 #: the many-part-files catalog of the footer rows: (rows, blocks, order) -> 16 blocks x every pixel of the order
@@ -354,6 +413,14 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
                          f"finalize then peaks at {new['peak_mb']:.0f} against {old['peak_mb']:.0f} MB and takes "
                          f"{new['finalize_s']:.2f} against {old['finalize_s']:.2f} s; rows {new['rows']:,d} = "
                          f"{old['rows']:,d}; part files carry the VO table, as predict's do"})
+    rej = rejects_merge(_ensure_many_rejects(out, quick, rebuild))
+    new, old = rej["merged"], rej["all"]
+    rows.append({"name": f"finalize: rejects.parquet from {new['rows']:,d} rejects, peak memory", "value": new["mb"],
+                 "unit": "MB", "baseline": old["mb"], "ratio": new["mb"] / max(old["mb"], 1e-9), "target": None,
+                 "pass": new["rows"] == old["rows"] and new["by_reason"] == old["by_reason"],
+                 "note": f"merged a row group at a time against the whole table in memory (the baseline); "
+                         f"{new['s']:.2f} against {old['s']:.2f} s; rows and reasons equal: "
+                         f"{new['rows'] == old['rows'] and new['by_reason'] == old['by_reason']}"})
     if build_s:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})

@@ -739,6 +739,54 @@ def count_duplicate_ids(catalog_path, threads: int | None = None, leaves: dict[s
         return sum(pool.map(repeats, groups))
 
 
+#: rows per row group of ``rejects.parquet`` (as :func:`_atomic_write` writes a table)
+REJECTS_ROW_GROUP = 65536
+
+
+def merge_rejects(catalog_path, blocks: list[str], dest) -> tuple[int, dict[str, int]]:
+    """Write the rejects of ``blocks`` (their ``_run/blocks/<block>.rejects.parquet``, in that order) to the
+    Parquet file ``dest``, a row group of :data:`REJECTS_ROW_GROUP` rows at a time, and return ``(rows, rows by
+    reason)``.
+
+    The blocks' files are read in threads a window at a time, and rows are written as they come, so memory
+    stays a window's and a row group's whatever the number of rejects: a DESI run rejects sky fibres, stars
+    and others (``not_galaxy``, ``sky_fibre``, …), which can be a third of its inputs. Until 2026-11-28 finalize
+    concatenated them all in memory and counted the reasons as Python strings.
+    """
+    import pyarrow.compute as pc
+
+    paths = [os.path.join(os.fspath(catalog_path), RUN_DIR, "blocks", f"{b}.rejects.parquet") for b in blocks]
+    by_reason: dict[str, int] = {}
+    n = 0
+    pending: list[pa.Table] = []
+    threads = _finalize_threads()
+    window = 2 * threads  # files read at once: a block holds at most its shard's rows (4,096 by default)
+    with (ThreadPoolExecutor(threads) as pool,
+          pq.ParquetWriter(dest, REJECTS_SCHEMA, compression="zstd",
+                           use_dictionary=_dictionary_columns(REJECTS_SCHEMA)) as writer):
+        for i in range(0, len(paths), window):
+            for table in pool.map(pq.read_table, paths[i:i + window]):
+                table = table.cast(REJECTS_SCHEMA)
+                n += table.num_rows
+                for row in pc.value_counts(table.column("reason")).to_pylist():
+                    key = str(row["values"])  # a null reason counts as "None", as before
+                    by_reason[key] = by_reason.get(key, 0) + row["counts"]
+                pending.append(table)
+                if sum(t.num_rows for t in pending) >= REJECTS_ROW_GROUP:
+                    pending = [_write_row_groups(writer, pa.concat_tables(pending))]
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=REJECTS_ROW_GROUP)
+    return n, dict(sorted(by_reason.items()))
+
+
+def _write_row_groups(writer: pq.ParquetWriter, table: pa.Table) -> pa.Table:
+    """Write the whole row groups of ``table`` (:data:`REJECTS_ROW_GROUP` rows each); return the rest."""
+    whole = table.num_rows - table.num_rows % REJECTS_ROW_GROUP
+    if whole:
+        writer.write_table(table.slice(0, whole), row_group_size=REJECTS_ROW_GROUP)
+    return table.slice(whole)
+
+
 def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: list[str], columns: list[Column],
                      expected_inputs: int, manifest: dict, footers: dict[str, PartFooter] | None = None) -> dict:
     """Write HATS metadata, the rejects table and the run manifest; check the accounting.
@@ -750,8 +798,7 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
     CatalogError
         If a block is missing, a source_id is duplicated, or catalog + rejects ≠ inputs.
     """
-    from hats.catalog import PartitionInfo, TableProperties
-    from hats.pixel_math import HealpixPixel
+    from hats.catalog import TableProperties
 
     catalog_path = Path(catalog_path)
     done = read_block_done(catalog_path)
@@ -766,43 +813,18 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
     for half_written in catalog_path.glob("**/.*.tmp"):
         half_written.unlink(missing_ok=True)
 
-    with ThreadPoolExecutor(_finalize_threads()) as pool:
-        rejects = list(pool.map(pq.read_table, [catalog_path / RUN_DIR / "blocks" / f"{b}.rejects.parquet"
-                                                for b in blocks]))
-    rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()
-
-    pixels = sorted({int(p) for b in blocks for p in done[b]["pixels"]})
     n_rows = sum(done[b]["n_rows"] for b in blocks)
-    max_rows = 0
-    if pixels:
-        footers = write_dataset_metadata(catalog_path, order, {b: done[b]["pixels"] for b in blocks}, columns, footers)
-        total = sum(md.num_rows for md in footers.values())
-        if total != n_rows:
-            raise CatalogError(f"{catalog_path}: dataset holds {total} rows but the blocks reported {n_rows}; "
-                               "a part file was changed after its block: use --overwrite")
-        n_dup = count_duplicate_ids(catalog_path, leaves=leaves_to_check(footers))
-        if n_dup:
-            raise CatalogError(f"{catalog_path}: {n_dup} duplicated source_id values")
-        PartitionInfo.from_healpix([HealpixPixel(order, p) for p in pixels]).write_to_file(
-            catalog_path / "partition_info.csv")
-        per_pixel: dict[int, int] = {}
-        for b in blocks:
-            for p, k in done[b]["pixels"].items():
-                per_pixel[int(p)] = per_pixel.get(int(p), 0) + k
-        max_rows = max(per_pixel.values())
-    else:  # every input was rejected: an empty catalog that still opens (schema, units, no leaves)
-        ds = catalog_path / DATASET_DIR
-        ds.mkdir(parents=True, exist_ok=True)
-        schema = common_schema(catalog_schema(columns), columns)
-        pq.write_metadata(schema, ds / "_metadata")
-        pq.write_metadata(schema, ds / "_common_metadata")
-        PartitionInfo.from_healpix([]).write_to_file(catalog_path / "partition_info.csv")
-
-    accounted = n_rows + rejects.num_rows
-    if accounted != expected_inputs:
-        raise CatalogError(f"{catalog_path}: {n_rows} catalog rows + {rejects.num_rows} rejects = {accounted}, "
-                           f"but the store holds {expected_inputs} input spectra")
-    _atomic_write(rejects, catalog_path / "rejects.parquet")  # after the checks: a refused run leaves the old one
+    merged = catalog_path / f".rejects.parquet.{uuid.uuid4().hex}.tmp"  # rejects.parquet once the checks pass
+    try:
+        n_rejects, by_reason = merge_rejects(catalog_path, blocks, merged)
+        pixels, max_rows = _write_dataset_files(catalog_path, order, {b: done[b] for b in blocks}, columns, footers)
+        accounted = n_rows + n_rejects
+        if accounted != expected_inputs:
+            raise CatalogError(f"{catalog_path}: {n_rows} catalog rows + {n_rejects} rejects = {accounted}, "
+                               f"but the store holds {expected_inputs} input spectra")
+        os.replace(merged, catalog_path / "rejects.parquet")  # after the checks: a refused run leaves the old one
+    finally:
+        merged.unlink(missing_ok=True)
 
     props = TableProperties(
         catalog_name=catalog_name, catalog_type="object", total_rows=n_rows, ra_column="ra", dec_column="dec",
@@ -816,10 +838,43 @@ def finalize_catalog(catalog_path, *, catalog_name: str, order: int, blocks: lis
            "hats_order_fixed": str(order)},
     )
     props.to_properties_file(catalog_path)
-    counts = {"catalog_rows": n_rows, "rejects": rejects.num_rows, "inputs": expected_inputs,
-              "rejects_by_reason": {str(k): int(v) for k, v in zip(*np.unique(
-                  np.asarray(rejects.column("reason").to_pylist(), dtype=object).astype(str), return_counts=True))}
-              if rejects.num_rows else {}, "pixels": len(pixels), "order": order}
+    counts = {"catalog_rows": n_rows, "rejects": n_rejects, "inputs": expected_inputs,
+              "rejects_by_reason": by_reason, "pixels": len(pixels), "order": order}
     manifest = {**manifest, "counts": counts}
     (catalog_path / "run_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return counts
+
+
+def _write_dataset_files(catalog_path: Path, order: int, done: dict[str, dict], columns: list[Column],
+                         footers: dict[str, PartFooter] | None) -> tuple[list[int], int]:
+    """Finalize's dataset part for the blocks ``done`` (block key -> done marker): ``_metadata`` and
+    ``_common_metadata`` (:func:`write_dataset_metadata`), the row and duplicate checks, ``partition_info.csv``.
+    Returns the HEALPix pixels at ``order`` and the most rows in one of them."""
+    from hats.catalog import PartitionInfo
+    from hats.pixel_math import HealpixPixel
+
+    pixels = sorted({int(p) for d in done.values() for p in d["pixels"]})
+    if not pixels:  # every input was rejected: an empty catalog that still opens (schema, units, no leaves)
+        ds = catalog_path / DATASET_DIR
+        ds.mkdir(parents=True, exist_ok=True)
+        schema = common_schema(catalog_schema(columns), columns)
+        pq.write_metadata(schema, ds / "_metadata")
+        pq.write_metadata(schema, ds / "_common_metadata")
+        PartitionInfo.from_healpix([]).write_to_file(catalog_path / "partition_info.csv")
+        return pixels, 0
+    n_rows = sum(d["n_rows"] for d in done.values())
+    footers = write_dataset_metadata(catalog_path, order, {b: d["pixels"] for b, d in done.items()}, columns, footers)
+    total = sum(f.num_rows for f in footers.values())
+    if total != n_rows:
+        raise CatalogError(f"{catalog_path}: dataset holds {total} rows but the blocks reported {n_rows}; "
+                           "a part file was changed after its block: use --overwrite")
+    n_dup = count_duplicate_ids(catalog_path, leaves=leaves_to_check(footers))
+    if n_dup:
+        raise CatalogError(f"{catalog_path}: {n_dup} duplicated source_id values")
+    PartitionInfo.from_healpix([HealpixPixel(order, p) for p in pixels]).write_to_file(
+        catalog_path / "partition_info.csv")
+    per_pixel: dict[int, int] = {}
+    for d in done.values():
+        for p, k in d["pixels"].items():
+            per_pixel[int(p)] = per_pixel.get(int(p), 0) + k
+    return pixels, max(per_pixel.values())

@@ -201,6 +201,7 @@ def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
     kw = dict(catalog_name="c", order=2, columns=bench_query._columns(), manifest={})
     with pytest.raises(CatalogError, match=r"2000 catalog rows \+ 0 rejects = 2000, but the store holds 2001"):
         cat.finalize_catalog(path, blocks=blocks, expected_inputs=2001, **kw)
+    assert not list(path.glob(".rejects.parquet.*")) and pq.read_table(path / "rejects.parquet").num_rows == 0
     # a third block that holds three rows of the first again (as a block written twice under two keys would)
     part = next((path / cat.DATASET_DIR).glob("**/part-bench-000000.parquet"))
     again = pq.read_table(part).slice(0, 3)
@@ -219,6 +220,36 @@ def test_finalize_refuses_duplicated_ids_and_unaccounted_rows(tmp_path):
     assert set(leaves) == third and all(p.endswith(".parquet") for files in leaves.values() for p in files)
     assert cat.count_duplicate_ids(path, leaves=leaves) == 3  # these leaves' part files, not _metadata
     assert cat.count_duplicate_ids(path, leaves={}) == 0
+
+
+def test_rejects_are_merged_a_row_group_at_a_time(tmp_path):
+    """finalize's rejects.parquet: every block's rejects in block order, in row groups of REJECTS_ROW_GROUP rows
+    (more rows than one row group here), counted by reason; the same table as concatenating them all."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    reasons = np.array(["sky_fibre", "not_galaxy", "zwarn"])
+    blocks, tables = [], []
+    for b, n in enumerate((30_000, 0, 41_000, 1)):
+        key = f"desi-{b:06d}"
+        t = pa.table({"source_id": [f"{key}-{i}" for i in range(n)], "survey": ["desi"] * n,
+                      "source_file": ["coadd.fits"] * n, "source_path": ["/data/coadd.fits"] * n,
+                      "row_in_file": np.arange(n, dtype=np.int32), "store_row": np.arange(n, dtype=np.int64),
+                      "stage": ["ingest"] * n, "reason": reasons[rng.integers(0, 3, n)], "detail": [""] * n},
+                     schema=cat.REJECTS_SCHEMA)
+        cat.write_block_done(tmp_path, key, {"block": key, "n_rows": 0, "pixels": {}}, t)
+        blocks.append(key)
+        tables.append(t)
+    n, by_reason = cat.merge_rejects(tmp_path, blocks, tmp_path / "rejects.parquet")
+    everything = pa.concat_tables(tables)
+    merged = pq.ParquetFile(tmp_path / "rejects.parquet")
+    assert merged.read().equals(everything) and n == everything.num_rows == 71_001
+    sizes = [merged.metadata.row_group(i).num_rows for i in range(merged.metadata.num_row_groups)]
+    assert sizes == [cat.REJECTS_ROW_GROUP, n - cat.REJECTS_ROW_GROUP]
+    assert by_reason == {r: int((everything.column("reason").to_numpy(zero_copy_only=False) == r).sum())
+                         for r in sorted(reasons)}
+    assert cat.merge_rejects(tmp_path, [blocks[1]], tmp_path / "none.parquet") == (0, {})
+    assert pq.read_table(tmp_path / "none.parquet").schema.equals(cat.REJECTS_SCHEMA)
 
 
 def test_finalize_checks_the_part_files_against_the_done_markers(tmp_path):
@@ -807,11 +838,15 @@ def test_a_group_of_rejects_only_needs_no_bundle(desi_bundle, cluster_client, tm
         run_predict(str(good), str(desi_bundle), str(tmp_path / "c2"), client=cluster_client[1], progress=False)
 
 
-def test_the_footer_memory_benchmark_runs(tmp_path):
-    """bench_query's footer rows: a catalog whose part files carry the VO table, as predict's do, read by a
-    FooterReader keeping all footers parsed and one keeping 8; the same rows and part files (4 blocks × 48 pixels)
-    either way."""
+def test_the_finalize_memory_benchmarks_run(tmp_path):
+    """bench_query's finalize rows. Footers: a catalog whose part files carry the VO table, as predict's do, read
+    by a FooterReader keeping all footers parsed and one keeping 8; the same rows and part files (4 blocks × 48
+    pixels) either way. Rejects: the quick run's 40 blocks merged both ways into the same file and counts."""
     import bench_query
+
+    rej = bench_query.rejects_merge(bench_query._ensure_many_rejects(tmp_path, quick=True, rebuild=False))
+    assert rej["merged"]["rows"] == rej["all"]["rows"] == 40 * 4096
+    assert rej["merged"]["by_reason"] == rej["all"]["by_reason"] and rej["merged"]["bytes"] == rej["all"]["bytes"]
 
     path = tmp_path / "catalog"
     bench_query.build_catalog(path, 2000, block_rows=500, order=1, vo_table=True)
