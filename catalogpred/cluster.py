@@ -470,9 +470,11 @@ def worker_problems(client, paths=(), workers: list[str] | None = None) -> dict[
     problems: dict[str, str] = {}
     versions = client.run(md.version, "catalogpred", workers=workers, on_error="return")
     for addr, v in sorted(versions.items()):
-        if isinstance(v, BaseException):
+        if isinstance(v, (md.PackageNotFoundError, ImportError)):
             problems[addr] = (f"Dask worker {addr} cannot find catalogpred ({type(v).__name__}: {v}); start the "
                               "workers from an environment with catalogpred installed (deploy/README.md)")
+        elif isinstance(v, BaseException):  # it left, or its connection failed
+            problems[addr] = f"Dask worker {addr} did not answer the client's check ({type(v).__name__}: {v})"
         elif v != __version__:
             problems[addr] = (f"Dask worker {addr} runs catalogpred {v}, this client {__version__}; client, "
                               "scheduler and workers must run the same versions (deploy/README.md, version table)")

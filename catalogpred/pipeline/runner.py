@@ -96,10 +96,10 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     Workers that join while it runs (any not in ``checked_workers``) are handed to ``on_new_workers(addresses)``
     at the same recounts (e.g. :func:`~catalogpred.cluster.retire_unfit_workers`). ``verify(key, result)``
     checks a finished task from the client's side and returns what is wrong, or None (asked again for a few
-    seconds, :func:`_verified`): a task whose outputs the client cannot see (its worker wrote to a node-local
-    directory) has that worker (``result["worker"]``)
-    retired and is submitted again, at most :data:`RESUBMITS` times; after that the run stops with a
-    :class:`PipelineError` once the other tasks are done (not an error of the task's data: nothing is rejected).
+    seconds, :func:`_verified`). A task whose outputs the client cannot see (its worker wrote to a node-local
+    directory) has that worker (``result["worker"]``) retired and is submitted again, at most
+    :data:`RESUBMITS` times; after that the run stops with a :class:`PipelineError` once the other tasks are
+    done (not an error of the task's data: nothing is rejected).
 
     ``progress``: True/False shows a progress bar or not; None shows it on a terminal, and elsewhere (a batch
     job's log) logs a :func:`progress_line` every :data:`PROGRESS_LOG_S` seconds instead.
