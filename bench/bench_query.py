@@ -237,7 +237,7 @@ sys.path.insert(0, "bench")
 import bench_query
 columns = bench_query._columns()
 cat.common_schema(cat.catalog_schema(columns), columns)  # the VO table, built while the blocks run in predict
-import pyarrow.dataset
+import pyarrow.dataset  # imported by the duplicate check: before the baseline, as predict's client has it
 
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
@@ -267,7 +267,7 @@ if how == "all":  # finalize until 2026-11-28: every block's rejects in memory, 
     from concurrent.futures import ThreadPoolExecutor
     import numpy as np, pyarrow as pa, pyarrow.parquet as pq
     with ThreadPoolExecutor(cat._finalize_threads()) as pool:
-        tables = list(pool.map(pq.read_table, [f"{path}/_run/blocks/{b}.rejects.parquet" for b in blocks]))
+        tables = list(pool.map(pq.read_table, [cat.block_rejects_path(path, b) for b in blocks]))
     rejects = pa.concat_tables(tables)
     n = rejects.num_rows
     by_reason = {str(k): int(v) for k, v in zip(*np.unique(

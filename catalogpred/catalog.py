@@ -293,10 +293,14 @@ def block_done_path(catalog_path, block_key: str) -> str:
     return os.path.join(os.fspath(catalog_path), RUN_DIR, "blocks", f"{block_key}.json")
 
 
+def block_rejects_path(catalog_path, block_key: str) -> str:
+    """The rejects of block ``block_key``: ``_run/blocks/<block>.rejects.parquet`` (finalize merges them)."""
+    return os.path.join(os.fspath(catalog_path), RUN_DIR, "blocks", f"{block_key}.rejects.parquet")
+
+
 def write_block_done(catalog_path, block_key: str, summary: dict, rejects: pa.Table) -> None:
     """Record a finished block: its rejects, then its done marker (the commit point)."""
-    run = Path(catalog_path) / RUN_DIR / "blocks"
-    _atomic_write(rejects.cast(REJECTS_SCHEMA), run / f"{block_key}.rejects.parquet")
+    _atomic_write(rejects.cast(REJECTS_SCHEMA), Path(block_rejects_path(catalog_path, block_key)))
     atomic_write_text(Path(block_done_path(catalog_path, block_key)), json.dumps(summary))
 
 
@@ -466,8 +470,7 @@ def read_part_footer(path: str, dataset: str) -> PartFooter:
     except (OSError, pa.ArrowInvalid) as exc:
         raise CatalogError(f"{path}: not a readable Parquet file ({exc}); use --overwrite") from exc
     md.set_file_path(os.path.relpath(path, dataset))
-    ranges = _value_ranges([md], "source_id") if "source_id" in md.schema.names else None
-    return PartFooter((st.st_size, st.st_mtime_ns), md.num_rows, None if ranges is None else tuple(ranges), md)
+    return PartFooter((st.st_size, st.st_mtime_ns), md.num_rows, _id_ranges(md), md)
 
 
 def compact_footer(md: pq.FileMetaData, template: bytes) -> bytes | None:
@@ -514,7 +517,7 @@ class FooterReader:
     The first ``keep`` footers (default :data:`FOOTERS_KEPT`) stay parsed: 185 KB each in memory for predict's 55
     columns (measured). The others are kept compact (:func:`compact_footer`, 7.9 KB), so that a run of tens of
     millions of spectra (tens of thousands of part files) does not hold gigabytes in its client; finalize parses
-    a compact footer again (about 0.13 ms on 2 cores). For 12,279 part files the client held 209 MB of footers
+    a compact footer again (0.13-0.16 ms on 2 cores). For 12,279 part files the client held 209 MB of footers
     against 1,417 MB all parsed (``bench/bench_query.py``, the ``footers held`` row).
     """
 
@@ -657,17 +660,19 @@ def leaves_to_check(footers: dict[str, PartFooter]) -> dict[str, list[str]]:
     return out
 
 
-def _value_ranges(mds: list[pq.FileMetaData], column: str) -> list[tuple] | None:
-    """``(min, max)`` of ``column`` in every row group of the footers ``mds``, sorted; None if one lacks them."""
+def _id_ranges(md: pq.FileMetaData) -> tuple | None:
+    """``(min, max)`` of ``source_id`` in each row group of the footer ``md``; None without the column or where
+    a row group lacks the statistics."""
+    if "source_id" not in md.schema.names:
+        return None
+    j = md.schema.names.index("source_id")
     ranges = []
-    for md in mds:
-        j = md.schema.names.index(column)
-        for g in range(md.num_row_groups):
-            st = md.row_group(g).column(j).statistics
-            if st is None or not st.has_min_max:
-                return None
-            ranges.append((st.min, st.max))
-    return sorted(ranges)
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(j).statistics
+        if st is None or not st.has_min_max:
+            return None
+        ranges.append((st.min, st.max))
+    return tuple(ranges)
 
 
 #: what :func:`finalize_catalog` imports: hats and its dependencies (mocpy, …) take seconds to import
@@ -750,15 +755,15 @@ def merge_rejects(catalog_path, blocks: list[str], dest) -> tuple[int, dict[str,
 
     The blocks' files are read in threads a window at a time, and rows are written as they come, so memory
     stays a window's and a row group's whatever the number of rejects: a DESI run rejects sky fibres, stars
-    and others (``not_galaxy``, ``sky_fibre``, …), which can be a third of its inputs. Until 2026-11-28 finalize
+    and others (``not_galaxy``, ``sky_fibre``, …), which can be a large share of its inputs. Until 2026-11-28 finalize
     concatenated them all in memory and counted the reasons as Python strings.
     """
     import pyarrow.compute as pc
 
-    paths = [os.path.join(os.fspath(catalog_path), RUN_DIR, "blocks", f"{b}.rejects.parquet") for b in blocks]
+    paths = [block_rejects_path(catalog_path, b) for b in blocks]
     by_reason: dict[str, int] = {}
-    n = 0
-    pending: list[pa.Table] = []
+    n = written = 0  # rows read, rows written
+    pending: list[pa.Table] = []  # rows read, not yet written: less than a row group
     threads = _finalize_threads()
     window = 2 * threads  # files read at once: a block holds at most its shard's rows (4,096 by default)
     with (ThreadPoolExecutor(threads) as pool,
@@ -772,9 +777,10 @@ def merge_rejects(catalog_path, blocks: list[str], dest) -> tuple[int, dict[str,
                     key = str(row["values"])  # a null reason counts as "None", as before
                     by_reason[key] = by_reason.get(key, 0) + row["counts"]
                 pending.append(table)
-                if sum(t.num_rows for t in pending) >= REJECTS_ROW_GROUP:
-                    pending = [_write_row_groups(writer, pa.concat_tables(pending))]
-        if pending:
+                if n - written >= REJECTS_ROW_GROUP:
+                    rest = _write_row_groups(writer, pa.concat_tables(pending))
+                    written, pending = n - rest.num_rows, [rest]
+        if n > written:
             writer.write_table(pa.concat_tables(pending), row_group_size=REJECTS_ROW_GROUP)
     return n, dict(sorted(by_reason.items()))
 

@@ -249,6 +249,12 @@ def test_rejects_are_merged_a_row_group_at_a_time(tmp_path):
     assert by_reason == {r: int((everything.column("reason").to_numpy(zero_copy_only=False) == r).sum())
                          for r in sorted(reasons)}
     assert cat.merge_rejects(tmp_path, [blocks[1]], tmp_path / "none.parquet") == (0, {})
+    # exactly whole row groups: no empty row group after them
+    key = "desi-000009"
+    cat.write_block_done(tmp_path, key, {"block": key, "n_rows": 0, "pixels": {}},
+                         everything.slice(0, cat.REJECTS_ROW_GROUP))
+    assert cat.merge_rejects(tmp_path, [key], tmp_path / "whole.parquet")[0] == cat.REJECTS_ROW_GROUP
+    assert pq.ParquetFile(tmp_path / "whole.parquet").metadata.num_row_groups == 1
     assert pq.read_table(tmp_path / "none.parquet").schema.equals(cat.REJECTS_SCHEMA)
 
 

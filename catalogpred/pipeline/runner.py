@@ -7,7 +7,7 @@ import sys
 import time
 
 from .. import __version__
-from ..cluster import TASKS_IN_FLIGHT_PER_WORKER
+from ..cluster import TASKS_IN_FLIGHT_PER_WORKER, retire_workers
 from ..errors import CatalogError
 
 __all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "progress_line", "duration_text", "reasons_lines",
@@ -97,16 +97,16 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     at the same recounts (e.g. :func:`~catalogpred.cluster.retire_unfit_workers`). ``verify(key, result)``
     checks a finished task from the client's side and returns what is wrong, or None (asked again for a few
     seconds, :func:`_verified`). A task whose outputs the client cannot see (its worker wrote to a node-local
-    directory) has that worker (``result["worker"]``) retired and is submitted again, at most
-    :data:`RESUBMITS` times; after that the run stops with a :class:`PipelineError` once the other tasks are
-    done (not an error of the task's data: nothing is rejected).
+    directory) has that worker retired and is submitted again, at most :data:`RESUBMITS` times; after that the
+    run stops with a :class:`PipelineError` once the other tasks are done (not an error of the task's data:
+    nothing is rejected). The worker is the task's own report, ``result["worker"]``: the scheduler's ``who_has``
+    names whoever holds the result, and retiring a worker moves its results to others (tried: it retired a
+    shared worker in ``tests/test_remote_cluster.py``).
 
     ``progress``: True/False shows a progress bar or not; None shows it on a terminal, and elsewhere (a batch
     job's log) logs a :func:`progress_line` every :data:`PROGRESS_LOG_S` seconds instead.
     """
     from distributed import as_completed
-
-    from ..cluster import retire_workers
 
     results, errors = {}, {}
     pending = list(zip(keys, arg_list))[::-1]
