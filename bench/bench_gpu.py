@@ -43,7 +43,9 @@ Everything is measured in one run, each figure against a baseline of the same ru
    ``compile="yes"`` (``predict --compile yes``; ``--compile-e2e no`` skips these): each worker compiles
    the encoder in a warm-up run (its time is in the note), then the timed run; the note counts the graphs
    compiled inside the timed run, which should be 0. ``--e2e-repeats N`` times N runs per configuration (the
-   value is their median, the note lists each): two machines of one kind, and two runs, differ.
+   value is their median, the note lists each): two machines of one kind, and two runs, differ. Each run
+   merges the leaves' part files after the last block, as ``predict`` does by default (the note gives the merge's
+   seconds); ``--no-merge-e2e`` also runs each block count with ``predict --no-merge``.
 5. **torch.compile** (``--parts …,compile``) of the GEMM and NHWC encoders in bf16, outside predict:
    compile time and speed.
 
@@ -630,7 +632,10 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
     """``finalize_catalog`` after the host side of a GPU worker (:func:`host_rows`, 2 block threads) wrote the
     catalog: with the part files' footers read as the blocks finished (``predict`` reads them in a thread of its
     client while the workers run: here before the timer) against reading them all in finalize (the baseline).
-    Best of ``repeats`` each; the metadata files are rewritten each time."""
+    Best of ``repeats`` each; the metadata files are rewritten each time. Then predict's merge of the leaves'
+    part files (:func:`~catalogpred.catalog.merge_leaf` in threads), and finalize once after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from catalogpred import catalog as cat
     from catalogpred import store
     from catalogpred.tasks import block_key
@@ -655,12 +660,33 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
                                           blocks=[block_key("sdss", s) for s in shards], columns=columns,
                                           expected_inputs=n, manifest={}, footers=footers)
             best[how] = min(best.get(how, float("inf")), time.perf_counter() - t0)
-    shutil.rmtree(cat_path, ignore_errors=True)
     parts = sum(len(r["pixels"]) for r in res)
     base = best["all footers in finalize"]
-    return [{"name": f"finalize: {counts['catalog_rows']:,d} rows in {parts} part files, {how}", "value": t, "unit": "s",
+    rows = [{"name": f"finalize: {counts['catalog_rows']:,d} rows in {parts} part files, {how}", "value": t, "unit": "s",
              "baseline": base, "ratio": t / base, "note": f"best of {repeats}; {len(res)} blocks"}
             for how, t in best.items()]
+    # predict's merge of each leaf's part files (before finalize), here from threads as in a GPU worker's task slots
+    threads = min(4, os.cpu_count() or 1)
+    todo = cat.leaves_to_merge(cat_path, order, {r["block"]: r["pixels"] for r in res})
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        merged = list(pool.map(lambda leaf: cat.merge_leaf(cat_path, order, *leaf), todo))
+    t_merge = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    counts_after = cat.finalize_catalog(cat_path, catalog_name="bench", order=order,
+                                        blocks=[block_key("sdss", s) for s in shards], columns=columns,
+                                        expected_inputs=n, manifest={})
+    t_after = time.perf_counter() - t0
+    assert counts_after["catalog_rows"] == counts["catalog_rows"]
+    files = sum(r["merged"] for r in merged)
+    shutil.rmtree(cat_path, ignore_errors=True)
+    return rows + [
+        {"name": f"merge: {files} of the {parts} part files into {len(merged)} leaf files, {threads} threads",
+         "value": t_merge, "unit": "s", "note": "predict's merge_leaves after the last block (one task per leaf); "
+                                                "the other leaves hold one part file"},
+        {"name": "finalize after the merge, all footers in finalize", "value": t_after, "unit": "s", "baseline": base,
+         "ratio": t_after / base, "note": "one run; merge + finalize after it against finalize on the part files: "
+                                          f"{t_merge + t_after:.3f} against {best['footers read as blocks finished']:.3f} s"}]
 
 
 # ----------------------------------------------------------------------------------------- 4. end to end
@@ -723,19 +749,22 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
     writers = size.get("write_threads", (None,))  # None: catalog.default_write_threads()
     e0, sw0, w0 = engines[0], switches[0], writers[0]
     procs = [p for p in size.get("procs", ()) if p > 1] if dev.startswith("cuda") else []  # GPU workers per GPU
-    configs = ([(b, 1, m, 0, e0, sw0, w0) for m in modes for b in blocks]
-               + [(b, p, modes[0], 0, e0, sw0, w0) for p in procs for b in blocks]
-               + [(b, 1, m, io, e0, sw0, w0) for io in size.get("io_workers", ()) if io > 0 for m in modes for b in blocks]
-               + [(b, 1, modes[0], 0, e, sw0, w0) for e in engines[1:] for b in blocks]
-               + [(b, 1, modes[0], 0, e0, sw, w0) for sw in switches[1:] for b in blocks]
-               + [(b, 1, modes[0], 0, e0, sw0, w) for w in writers[1:] for b in blocks])
-    for b, procs, compile, io, engine, switch_ms, writer in configs:
+    configs = ([(b, 1, m, 0, e0, sw0, w0, True) for m in modes for b in blocks]
+               + [(b, p, modes[0], 0, e0, sw0, w0, True) for p in procs for b in blocks]
+               + [(b, 1, m, io, e0, sw0, w0, True) for io in size.get("io_workers", ()) if io > 0 for m in modes
+                  for b in blocks]
+               + [(b, 1, modes[0], 0, e, sw0, w0, True) for e in engines[1:] for b in blocks]
+               + [(b, 1, modes[0], 0, e0, sw, w0, True) for sw in switches[1:] for b in blocks]
+               + [(b, 1, modes[0], 0, e0, sw0, w, True) for w in writers[1:] for b in blocks]
+               # predict --no-merge: the part files left as the blocks wrote them (predict before 2026-11-28)
+               + [(b, 1, modes[0], 0, e0, sw0, w0, False) for b in blocks if size.get("no_merge_e2e")])
+    for b, procs, compile, io, engine, switch_ms, writer, merge in configs:
         kw = (dict(device="cuda", blocks_per_gpu=b, workers_per_gpu=procs) if dev.startswith("cuda")
               else dict(n_workers=2, device="cpu"))
         kw["io_workers"] = io
         opts = dict(progress=False, precision=precision, device=dev.split(":")[0], blocks_per_gpu=b, compile=compile,
-                    read_engine=engine)
-        tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}-{writer}"
+                    read_engine=engine, merge=merge)
+        tag = f"{b}-{procs}-{compile}-{io}-{engine}-{switch_ms}-{writer}-{merge}"
         t_start = time.perf_counter()
         with dask_client(**kw) as client:
             t_cluster = time.perf_counter() - t_start
@@ -749,7 +778,7 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
             t_warm = time.perf_counter() - t0
             rss_small = None
             if (b == blocks[0] and procs == 1 and compile == modes[0] and not io and engine == e0 and switch_ms == sw0
-                    and writer == w0):
+                    and writer == w0 and merge):
                 run_predict(stores["small"], bundle, str(root / f"small-{tag}"), client=client, **opts)
                 rss_small = _maxrss(client)
             graphs = client.run(_graphs_compiled)
@@ -774,14 +803,17 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                + (f", {io} I/O workers (read, model, write tasks)" if io else "")
                + f", reader {s.settings['read_engine']}"
                + (f", GIL switch interval {switch_ms:g} ms" if switch_ms is not None else "")
-               + (f", {writer} part-file writer thread(s)" if writer is not None else ""))
+               + (f", {writer} part-file writer thread(s)" if writer is not None else "")
+               + ("" if merge else ", --no-merge"))
         row = {"name": f"predict end to end, {precision}, {b} block(s) per GPU{how} ({n_large:,d} spectra)"
                if dev.startswith("cuda") else "predict end to end, CPU twin, 2 workers"
                                               f"{how} ({n_large:,d} spectra)",
                "value": rate, "unit": "spectra/s", "baseline": bare_rate,
                "ratio": rate / bare_rate if bare_rate else None,
                "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
-                       f"{s.seconds_write:.1f}; wall {wall:.1f} s, finalize {s.seconds_finalize:.2f} s; cluster start {t_cluster:.0f} s; "
+                       f"{s.seconds_write:.1f}; wall {wall:.1f} s, merge {s.seconds_merge:.2f} s ({s.files_merged} "
+                       f"files into {s.leaves_merged} leaves), finalize {s.seconds_finalize:.2f} s; "
+                       f"cluster start {t_cluster:.0f} s; "
                        f"reader alone {reader_rate:,.0f}/s per thread"
                        + (f"; warm-up run with compilation {t_warm:.0f} s" if compile == "yes" else "")
                        + (f"; {compiled} graph(s) compiled in the timed run(s)" if compile == "yes" else "")}
@@ -923,6 +955,9 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-repeats", type=int, default=None,
                    help="timed end-to-end runs per configuration, each into a new catalog (default 1): the row's "
                         "value is the median, its note lists each, e.g. 3 (about 3 s more per run on a GPU)")
+    p.add_argument("--no-merge-e2e", action="store_true",
+                   help="also run each block count end to end with predict --no-merge (part files left as the blocks "
+                        "wrote them), to show what merging the leaves costs")
     p.add_argument("--procs", default=None, help="also run with this many worker processes per GPU (predict "
                                                  "--workers-per-gpu), e.g. 2,3: end to end on a GPU, and the host "
                                                  "emulation (--parts host) on any machine")
@@ -945,6 +980,9 @@ def main(argv=None) -> int:
     if args.n_large:
         for v in SIZES.values():
             v["n_large"] = args.n_large
+    if args.no_merge_e2e:
+        for v in SIZES.values():
+            v["no_merge_e2e"] = True
     if args.e2e_repeats:
         if args.e2e_repeats < 1:
             p.error("--e2e-repeats must be at least 1")

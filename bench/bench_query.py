@@ -369,6 +369,73 @@ def _ensure_many_parts(out: Path, quick: bool, rebuild: bool) -> Path:
     return path
 
 
+#: the merge rows' catalog: (rows, rows per block): predict's blocks are store shards of 4,096 spectra
+MERGE_FULL = (1_000_000, 4096)
+MERGE_QUICK = (100_000, 4096)
+
+
+def merge_rows(out: Path, quick: bool, repeats: int = 2) -> list[dict]:
+    """What merging each leaf's part files into one file (predict's default since 2026-11-28) costs, and what it
+    gains: a column filter that scans every leaf, a 1° cone and finalize, on the catalog as the blocks wrote it
+    (the baseline, ``predict --no-merge``) and after :func:`~catalogpred.pipeline.merge_leaves` on a 2-process
+    local cluster (predict's local default on 2 cores). The catalog is rebuilt each run (the merge changes it).
+
+    Positions are uniform on the sky in every block, so every block has rows in every leaf: the worst case. A
+    survey's blocks, ingested in plate or tile order, each touch a few leaves, and leave fewer, larger part files.
+    """
+    from distributed import Client, LocalCluster
+
+    from catalogpred.pipeline import merge_leaves
+
+    n_rows, block_rows = MERGE_QUICK if quick else MERGE_FULL
+    path = out / f"merge-{n_rows}-{block_rows}"
+    build_catalog(path, n_rows, block_rows=block_rows, vo_table=True)
+    blocks = sorted(cat.read_block_done(path))
+    order = open_catalog(path).order
+    finalize_kw = dict(catalog_name="catalogpred_bench", order=order, blocks=blocks, columns=_columns(),
+                       expected_inputs=n_rows, manifest={})
+
+    def measure_layout() -> dict:
+        q = open_catalog(path)
+        t_filter, n_filter = _time(lambda: q.where("w1_mag < 14").select("source_id,w1_mag").to_arrow().num_rows,
+                                   repeats)
+        t_cone, n_cone = _time(lambda: q.cone(150.0, 20.0, RADIUS_DEG * 3600).to_arrow().num_rows, repeats)
+        t0 = time.perf_counter()
+        cat.finalize_catalog(path, **finalize_kw)
+        return {"files": len(q.files()), "leaves": len(q.pixels), "filter_s": t_filter, "filter_rows": n_filter,
+                "cone_s": t_cone, "cone_rows": n_cone, "finalize_s": time.perf_counter() - t0}
+
+    before = measure_layout()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: None)  # the workers are up before the timer
+        t0 = time.perf_counter()
+        merged = merge_leaves(client, str(path), order, blocks, progress=False)
+        merge_s = time.perf_counter() - t0
+    after = measure_layout()
+    same = before["filter_rows"] == after["filter_rows"] and before["cone_rows"] == after["cone_rows"]
+    label = f"{n_rows / 1e6:g}M rows" if n_rows >= 1_000_000 else f"{n_rows // 1000}k rows"
+    layout = (f"{before['files']:,d} part files ({n_rows // block_rows + bool(n_rows % block_rows)} blocks of "
+              f"{block_rows:,d} rows, each over the whole sky) against {after['files']:,d} merged leaf files")
+    return [
+        {"name": f"merge: {merged['files']:,d} part files into {merged['leaves']:,d} leaf files ({label})",
+         "value": merge_s, "unit": "s", "baseline": None, "ratio": None, "target": None,
+         "note": f"merge_leaves on a 2-process local cluster; {merged['rows']:,d} rows; task-seconds "
+                 f"{merged['seconds']:.1f}"},
+        {"name": f"query: column filter over every leaf, merged leaves ({label})", "value": after["filter_s"],
+         "unit": "s", "baseline": before["filter_s"], "ratio": before["filter_s"] / max(after["filter_s"], 1e-9),
+         "target": None, "pass": same,
+         "note": f"ratio: times faster than the part files as written (the baseline); {layout}; "
+                 f"rows {after['filter_rows']:,d} = {before['filter_rows']:,d}; median of {repeats}"},
+        {"name": f"query: 1 deg cone, merged leaves ({label})", "value": after["cone_s"], "unit": "s",
+         "baseline": before["cone_s"], "ratio": before["cone_s"] / max(after["cone_s"], 1e-9), "target": None,
+         "pass": same, "note": f"as above; rows {after['cone_rows']:,d} = {before['cone_rows']:,d}"},
+        {"name": f"finalize: merged leaves ({label})", "value": after["finalize_s"], "unit": "s",
+         "baseline": before["finalize_s"], "ratio": before["finalize_s"] / max(after["finalize_s"], 1e-9),
+         "target": None, "note": "ratio: times faster than finalize on the part files as written (the baseline)"},
+    ]
+
+
 def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
     """Build (or reuse) the synthetic catalog and measure; rows for the shared bench table."""
     out = Path(out) if out is not None else REPO / "bench-output"
@@ -421,6 +488,7 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
                  "note": f"merged a row group at a time against the whole table in memory (the baseline); "
                          f"{new['s']:.2f} against {old['s']:.2f} s; rows and reasons equal: "
                          f"{new['rows'] == old['rows'] and new['by_reason'] == old['by_reason']}"})
+    rows += merge_rows(out, quick)
     if build_s:
         rows.append({"name": f"query: build synthetic catalog ({label})", "value": build_s, "unit": "s",
                      "baseline": None, "ratio": None, "target": None})

@@ -9,13 +9,17 @@ Layout::
       rejects.parquet                    every input spectrum that is not in the catalog, with its reason
       dataset/
         _common_metadata, _metadata      schema (with VO-Parquet units/UCDs/descriptions) and row-group footers
-        Norder=K/Dir=D/Npix=N/part-<block>.parquet    one file per (prediction block, HEALPix pixel)
+        Norder=K/Dir=D/Npix=N/part-<block>.parquet    one file per (prediction block, HEALPix pixel) ...
+        Norder=K/Dir=D/Npix=N/Npix=N.parquet          ... merged into one file per leaf once the blocks are done
       _run/                              per-block done markers and rejects (resume state)
 
 All leaves use one fixed order K (chosen from the expected row count), and leaves
 are directories (``hats_npix_suffix=/``) so that concurrent tasks each write their own
 file. Part files are written to a temporary name and renamed: a retried task
-overwrites, never duplicates. This module does no computation scheduling (no Dask).
+overwrites, never duplicates. After the last block, :func:`merge_leaf` merges each leaf's
+part files into one file (the file lists the blocks it holds), so that a query opens one
+file per leaf, as in a catalog hats-import writes. This module does no computation
+scheduling (no Dask).
 
 Magnitudes are **Vega** (AllWISE ``w?mpro`` system); add 2.699, 3.339, 5.174, 6.620
 (W1..W4) for AB. χ convention: χ = (m_pred − m_obs)/sqrt(σ_pred² + σ_obs²).
@@ -41,8 +45,8 @@ from .errors import CatalogError, ConfigError
 from .spectra import VEGA_TO_AB, WISE_UCD_RANGE, WISE_WAVELENGTH_UM  # noqa: F401 (re-exported: the catalog's units)
 
 __all__ = ["Column", "CatalogFlag", "core_columns", "native_columns", "catalog_schema", "choose_order",
-           "write_fragment", "write_block_done", "read_block_done", "finalize_catalog", "REJECTS_SCHEMA",
-           "VEGA_TO_AB", "WISE_WAVELENGTH_UM", "WISE_UCD_RANGE", "DATASET_DIR"]
+           "write_fragment", "write_block_done", "read_block_done", "merge_leaf", "leaves_to_merge", "finalize_catalog",
+           "REJECTS_SCHEMA", "VEGA_TO_AB", "WISE_WAVELENGTH_UM", "WISE_UCD_RANGE", "DATASET_DIR"]
 
 DATASET_DIR = "dataset"
 RUN_DIR = "_run"
@@ -272,6 +276,161 @@ def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,
     return {p: n for p, _, n in parts}
 
 
+# --- merged leaves: one file per HEALPix leaf once the blocks are done
+
+#: key-value metadata of a merged leaf file: the JSON list of the blocks whose rows it holds
+MERGED_BLOCKS_KEY = b"catalogpred.merged_blocks"
+
+
+def merged_path(catalog_path, order: int, pixel: int) -> str:
+    """``<catalog>/dataset/Norder=K/Dir=D/Npix=N/Npix=N.parquet``: the one file of a merged leaf (hats' own name for
+    the file in a directory leaf), a string spelled as :func:`part_path` spells part files."""
+    return os.path.join(os.fspath(catalog_path), DATASET_DIR, _leaf(order, pixel), f"Npix={pixel}.parquet")
+
+
+def merged_blocks(path) -> list[str]:
+    """The blocks whose rows the merged leaf file ``path`` holds (its :data:`MERGED_BLOCKS_KEY`)."""
+    try:
+        md = pq.read_metadata(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CatalogError(f"{path}: not a readable Parquet file ({exc}); use --overwrite") from exc
+    listed = (md.metadata or {}).get(MERGED_BLOCKS_KEY)
+    if listed is None:
+        raise CatalogError(f"{path}: a leaf file that does not list the blocks it holds (not written by "
+                           "catalogpred); use --overwrite")
+    return json.loads(listed)
+
+
+def _pixel_blocks(parts: dict[str, list[int]]) -> dict[int, list[str]]:
+    """``{pixel: blocks with rows in it}`` from ``{block: its pixels}`` (the done markers' ``pixels``)."""
+    out: dict[int, list[str]] = {}
+    for block, pixels in parts.items():
+        for p in pixels:
+            out.setdefault(int(p), []).append(block)
+    return out
+
+
+def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
+                   found) -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """The data files that the finished blocks ``parts`` (block key -> its HEALPix pixels at ``order``) leave in the
+    dataset, given the files ``found`` there: ``{path: (pixel, block)}``, a merged leaf file with block ``""``.
+    A leaf holds its merged file (:func:`merged_path`) if it has one, and the part files of the blocks that the
+    merged file does not hold. Also returns the part files that a merged file already holds: a merge stopped after
+    its rename leaves them, and they are to be deleted.
+
+    Raises CatalogError if a merged file holds a block that is not in ``parts`` (another run's).
+    """
+    expected: dict[str, tuple[int, str]] = {}
+    leftovers: list[str] = []
+    for pixel, blocks in _pixel_blocks(parts).items():
+        merged = merged_path(catalog_path, order, pixel)
+        held: set[str] = set()
+        if merged in found:
+            held = set(merged_blocks(merged))
+            stray = sorted(held - set(blocks))
+            if stray:
+                raise CatalogError(f"{merged} holds rows of blocks that are not finished blocks of this run "
+                                   f"(e.g. {stray[:3]}); use --overwrite")
+            expected[merged] = (pixel, "")
+        for block in blocks:
+            path = part_path(catalog_path, order, pixel, block)
+            if block not in held:
+                expected[path] = (pixel, block)
+            elif path in found:
+                leftovers.append(path)
+    return expected, leftovers
+
+
+def leaves_to_merge(catalog_path, order: int, parts: dict[str, list[int]]) -> list[tuple[int, list[str]]]:
+    """``[(pixel, its blocks)]`` of the leaves that hold more than one data file now, for :func:`merge_leaf`, from
+    ``parts`` (block key -> its HEALPix pixels at ``order``: the done markers'). A leaf of one file is left alone."""
+    by_leaf: dict[str, int] = {}
+    for path in _listed_files(Path(catalog_path) / DATASET_DIR):
+        leaf = os.path.dirname(path)
+        by_leaf[leaf] = by_leaf.get(leaf, 0) + 1
+    return [(pixel, sorted(blocks)) for pixel, blocks in sorted(_pixel_blocks(parts).items())
+            if by_leaf.get(os.path.dirname(merged_path(catalog_path, order, pixel)), 0) > 1]
+
+
+def _read_whole(path: str) -> pa.Table:
+    """Every row and column of the Parquet file ``path``. (``ParquetFile.read`` takes 1.4 ms for a part file of 55
+    columns and ~20 rows, ``pq.read_table`` 2.1 ms: measured on 2 cores, pyarrow 26; most of it is per column.)"""
+    with pq.ParquetFile(path) as f:
+        return f.read()
+
+
+def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str]) -> dict:
+    """Merge the part files of the leaf ``pixel`` (HEALPix NESTED at ``order``) into one file,
+    :func:`merged_path`, and delete them.
+
+    ``blocks`` are the finished blocks with rows in the leaf (their done markers' ``pixels``). Rows that the leaf's
+    merged file already holds (a leaf merged by an earlier run, whose store has grown since) are merged with the
+    part files of the other blocks. The merged file is sorted by ``_healpix_29`` then ``source_id`` (as hats-import
+    sorts a leaf), checked to hold every row of its sources and each ``source_id`` once, written under a temporary
+    name and renamed; only then are its part files deleted. A merge stopped after the rename leaves part files
+    that the merged file lists (:data:`MERGED_BLOCKS_KEY`): the next merge of the leaf, or finalize, deletes them.
+    A leaf of one part file is left as it is (it already is one file).
+
+    The leaf is held in memory twice (read, then sorted): ``choose_order`` aims at about 20,000 rows per leaf.
+
+    Returns ``{"pixel", "file", "rows", "merged", "deleted"}``: the leaf's one file, its rows (None if nothing was
+    merged), the files merged into it and the files deleted.
+
+    Raises
+    ------
+    CatalogError
+        If a part file of ``blocks`` is missing, the merged file holds a block not in ``blocks``, the files do not
+        share one schema, or a ``source_id`` is in the leaf twice. The leaf is left as it was.
+    """
+    import pyarrow.compute as pc
+
+    target = merged_path(catalog_path, order, pixel)
+    held = merged_blocks(target) if os.path.exists(target) else []
+    stray = sorted(set(held) - set(blocks))
+    if stray:
+        raise CatalogError(f"{target} holds rows of blocks that are not finished blocks of this run "
+                           f"(e.g. {stray[:3]}); use --overwrite")
+    new_blocks = sorted(set(blocks) - set(held))
+    new = [part_path(catalog_path, order, pixel, b) for b in new_blocks]
+    missing = [p for p in new if not os.path.exists(p)]
+    if missing:
+        raise CatalogError(f"{catalog_path}: {len(missing)} part files of finished blocks are missing "
+                           f"(e.g. {missing[:2]}); use --overwrite")
+    leftovers = [p for p in (part_path(catalog_path, order, pixel, b) for b in held) if os.path.exists(p)]
+    if (not held and len(new) <= 1) or (held and not new):  # one file already, perhaps with leftovers
+        for p in leftovers:
+            Path(p).unlink(missing_ok=True)  # missing_ok: a second merge of the leaf (a retried task) may race it
+        return {"pixel": pixel, "file": target if held else (new[0] if new else None), "rows": None, "merged": 0,
+                "deleted": len(leftovers)}
+
+    sources = ([target] if held else []) + new
+    tables = [_read_whole(p) for p in sources]
+    first = tables[0].schema
+    for path, t in zip(sources, tables):
+        if not t.schema.equals(first, check_metadata=False):
+            raise CatalogError(f"{catalog_path}: the part files of leaf {pixel} do not share one schema ({path} "
+                               f"differs from {sources[0]}); use --overwrite")
+    n_rows = sum(t.num_rows for t in tables)
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    del tables
+    if "source_id" in table.column_names:
+        n_unique = pc.count_distinct(table.column("source_id"), mode="all").as_py()
+        if n_unique != n_rows:
+            raise CatalogError(f"{catalog_path}: leaf {pixel} holds {n_rows - n_unique} source_id values twice; "
+                               "use --overwrite")
+    table = table.sort_by([("_healpix_29", "ascending"), ("source_id", "ascending")])
+    meta = {k: v for k, v in (first.metadata or {}).items()
+            if not k.startswith(b"table::len::") and k != MERGED_BLOCKS_KEY}
+    table = _with_string_lengths(table.replace_schema_metadata(meta))
+    table = table.replace_schema_metadata({**table.schema.metadata,
+                                           MERGED_BLOCKS_KEY: json.dumps(sorted(set(held) | set(new_blocks))).encode()})
+    _atomic_write(table, Path(target))
+    for p in new + leftovers:
+        Path(p).unlink(missing_ok=True)
+    return {"pixel": pixel, "file": target, "rows": n_rows, "merged": len(sources),
+            "deleted": len(new) + len(leftovers)}
+
+
 #: the rejects table: every input spectrum that did not make it into the catalog.
 REJECTS_SCHEMA = pa.schema([
     ("source_id", pa.string()), ("survey", pa.string()), ("source_file", pa.string()), ("source_path", pa.string()),
@@ -414,8 +573,10 @@ def _vo_table_xml_cached(columns: tuple) -> str:
 
 def common_schema(schema: pa.Schema, columns: list[Column]) -> pa.Schema:
     """The dataset's schema for ``_common_metadata`` and ``_metadata``: ``schema`` (a part file's: field units and
-    descriptions) with the VO-Parquet keys of ``columns``, without one part file's ``table::len::`` string widths."""
-    meta = {k: v for k, v in (schema.metadata or {}).items() if not k.startswith(b"table::len::")}
+    descriptions) with the VO-Parquet keys of ``columns``, without one file's ``table::len::`` string widths and
+    merged blocks."""
+    meta = {k: v for k, v in (schema.metadata or {}).items()
+            if not k.startswith(b"table::len::") and k != MERGED_BLOCKS_KEY}
     meta |= {b"IVOA.VOTable-Parquet.version": b"1.0",
              b"IVOA.VOTable-Parquet.content": _vo_table_xml_cached(tuple(columns)).encode()}
     return schema.with_metadata(meta)
@@ -570,8 +731,9 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
                            footers: dict[str, PartFooter] | None = None) -> dict[str, PartFooter]:
     """Write ``dataset/_metadata`` (the row-group footers of every part file, in pixel order, as hats' own writer
     orders them) and ``dataset/_common_metadata`` (the schema with the VO-Parquet keys of ``columns``) for the
-    part files that ``parts`` (block key -> its HEALPix pixels at ``order``, from the done markers) names, and
-    return their footers, ``{path: PartFooter}`` in that order, each without its metadata.
+    data files that ``parts`` (block key -> its HEALPix pixels at ``order``, from the done markers) leaves: part
+    files and merged leaf files (:func:`expected_files`; part files a merged file already holds are deleted).
+    Returns their footers, ``{path: PartFooter}`` in that order, each without its metadata.
 
     ``footers`` are footers read earlier (:class:`FooterReader`); one is used if its file has the same size and
     modification time now, and every other footer is read here, in threads, a window at a time: the parsed
@@ -588,8 +750,11 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
         file of another run), or the part files do not share one schema.
     """
     dataset = Path(catalog_path) / DATASET_DIR
-    expected = {part_path(catalog_path, order, int(p), b): (int(p), b) for b, pixels in parts.items() for p in pixels}
     found = _listed_files(dataset)
+    expected, leftovers = expected_files(catalog_path, order, parts, found)
+    for path in leftovers:  # part files a merged leaf file holds: a merge stopped after its rename left them
+        Path(path).unlink(missing_ok=True)
+        del found[path]
     stray = sorted(set(found) - set(expected))
     if stray:
         raise CatalogError(f"{catalog_path}: {len(stray)} files in the dataset were not written by this run "
@@ -598,7 +763,7 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
     if missing:
         raise CatalogError(f"{catalog_path}: {len(missing)} part files of finished blocks are missing "
                            f"(e.g. {missing[:2]}); use --overwrite")
-    paths = sorted(expected, key=expected.get)  # by pixel, then block: the order hats gives _metadata
+    paths = sorted(expected, key=expected.get)  # by pixel, then block (a merged file first): as hats orders _metadata
     footers = footers or {}
     known = {p: footers[p] for p in paths if p in footers and footers[p].stat == found[p]}
     out: dict[str, PartFooter] = {}

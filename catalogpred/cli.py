@@ -287,6 +287,10 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="what reads a shard's numeric arrays (flux, ...) on the workers: tensorstore (C++, outside "
                         "the GIL) or zarr-python; same values. auto: tensorstore where it is installed and the store "
                         "is a local path (default)")
+    s.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="keep each block's part file in each HEALPix leaf instead of merging every leaf's part files "
+                        "into one file after the last block (the default, as hats-import writes a catalog: queries "
+                        "open one file per leaf)")
     s.add_argument("--order", type=int, default=None,
                    help=f"HEALPix order of the leaves, {MIN_ORDER}-{MAX_ORDER} (default: from the row count, 1-7: "
                         "about 20,000 rows per leaf; a higher order makes more, smaller part files); a resumed "
@@ -620,14 +624,16 @@ def cmd_predict(args) -> int:
         print(json.dumps({**plan.summary(), "catalog": args.catalog, "order": order,
                           "resume": resumed, "device": device, "precision": args.precision,
                           "compile": args.compile, "io_workers": args.io_workers,
-                          "workers_per_gpu": args.workers_per_gpu, "read_engine": args.read_engine}, indent=2))
+                          "workers_per_gpu": args.workers_per_gpu, "read_engine": args.read_engine,
+                          "merge_leaves": args.merge}, indent=2))
         return 0
     with _client(args, device=device if local else "cpu") as client:
         summary = run_predict(args.store, args.model, args.catalog, client=client, overwrite=args.overwrite,
                               precision=args.precision, batch_size=args.batch_size, order=args.order,
                               torch_threads=args.torch_threads, progress=_progress(args), device=device,
                               surveys=surveys,
-                              blocks_per_gpu=args.blocks_per_gpu, compile=args.compile, read_engine=args.read_engine)
+                              blocks_per_gpu=args.blocks_per_gpu, compile=args.compile, read_engine=args.read_engine,
+                              merge=args.merge)
     if not args.quiet:
         print(summary.table(), file=sys.stderr)
         print(f"catalog written to {args.catalog}", file=sys.stderr)

@@ -462,6 +462,16 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     return summary
 
 
+def merge_leaf(catalog_path: str, order: int, pixel: int, blocks: list[str]) -> dict:
+    """One leaf's part files merged into one file after the last block (:func:`catalogpred.catalog.merge_leaf`):
+    its summary, with ``seconds`` and ``worker``."""
+    t0 = time.perf_counter()
+    out = cat.merge_leaf(catalog_path, order, pixel, blocks)
+    out.update(seconds=time.perf_counter() - t0, worker=worker_address())
+    log.info("stage=merge leaf=%d files=%d rows=%s s=%.2f", pixel, out["merged"], out["rows"], out["seconds"])
+    return out
+
+
 def encode_rows(store_path: str, survey: str, rows, bundle_path: str, *, torch_threads: int | None = None,
                 precision: str = "fp32") -> np.ndarray:
     """Latents float32 [len(rows), S] of store rows, with the bundle's encoder (e.g. to build head training sets)."""

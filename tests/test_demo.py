@@ -58,6 +58,10 @@ def test_demo_end_to_end(tmp_path, capsys, client):
     assert np.corrcoef(m["w1_mag"], m["w1mpro"])[0, 1] > 0.7
     lsdb = pytest.importorskip("lsdb")
     assert len(lsdb.open_catalog(str(out / "catalog")).compute()) == manifest["counts"]["catalog_rows"]
+    from hats.io.validation import is_valid_catalog
+
+    assert is_valid_catalog(str(out / "catalog"), strict=True)  # one file per leaf: the leaves' part files merged
+    assert manifest["merged_leaves"]["leaves"] > 0
     # the DESI-grid demo bundle, trained on a DEMO encoder, says it is a demo
     assert json.loads((out / "model-desi" / "bundle.json").read_text())["card"]["kind"] == "demo"
     # training rows from a store whose DESI-grid groups (desi, pfs) differ in columns: PFS has no targetid, and

@@ -435,7 +435,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_small=48, n_large=96, compile_e2e=True,
                                                  io_workers=(2,), read_engines=("tensorstore", "zarr"), switch_ms=(None, 1.0),
-                                                 write_threads=(None, 3)))
+                                                 write_threads=(None, 3), no_merge_e2e=True))
     rows = mod.run("cpu", True, None, tmp_path, str(tmp_path / "rows.json"), ["blocks", "e2e"])
     names = [r["name"] for r in rows]
     in_process = [r for r in rows if r["name"].startswith("in-process: predict_block")]
@@ -447,6 +447,9 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert sum("end to end" in n and "reader zarr" in n for n in names) == 1  # the other engine: one plain run
     assert sum("end to end" in n and "GIL switch interval 1 ms" in n for n in names) == 1
     assert sum("end to end" in n and "3 part-file writer thread(s)" in n for n in names) == 1
+    assert sum("end to end" in n and "--no-merge" in n for n in names) == 1
+    e2e = [r for r in rows if "end to end" in r["name"]]
+    assert all(" merge " in r["note"] and "finalize" in r["note"] for r in e2e)
     readers = [r for r in rows if r["name"].startswith("reader:")]
     # 2 engines: alone, and beside Python at the default and a 1 ms switch interval
     assert len(readers) == 6 and all(r["value"] > 0 for r in readers)
@@ -487,7 +490,10 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
     assert [r["name"].split(" files, ")[1] for r in fin] == ["all footers in finalize", "footers read as blocks finished"]
     assert all(r["name"].startswith("finalize: 8,192 rows in ") and r["unit"] == "s" and r["value"] > 0 for r in fin)
     assert fin[1]["baseline"] == fin[0]["value"]
-    rows = [r for r in rows if r not in host and r not in fin]
+    # then predict's merge of the leaves' part files, and finalize after it
+    merge = [r for r in rows if r["name"].startswith("merge: ") or r["name"].startswith("finalize after the merge")]
+    assert len(merge) == 2 and all(r["value"] > 0 for r in merge) and " part files into " in merge[0]["name"]
+    rows = [r for r in rows if r not in host and r not in fin and r not in merge]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)
     assert sum("one thread" in n for n in names) == 2 and sum("switch interval 0.5 ms" in n for n in names) == 2

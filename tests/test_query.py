@@ -399,6 +399,24 @@ def test_cli_info(catalog, capsys):
     assert main(["info", str(catalog)]) == 0
     out = capsys.readouterr().out
     assert "rows      12,000" in out and "desi" in out and "deg2" in out and "w1_mag" in out
+    # one block: one file per leaf
+    assert info["files"] == info["leaves"] and info["leaves_of_several_files"] == 0
+    assert f"files     {info['files']:,d} Parquet files, one per leaf" in out
+
+
+def test_cli_info_counts_the_leaves_of_several_files(tmp_path, capsys):
+    """A catalog written with predict --no-merge: info counts the leaves that hold several files and says how to
+    merge them."""
+    path = tmp_path / "catalog"
+    bench_query.build_catalog(path, 600, order=1, block_rows=200)
+    files = sorted((path / "dataset").glob("Norder=*/Dir=*/Npix=*/*.parquet"))
+    several = {f.parent for f in files if len(list(f.parent.glob("*.parquet"))) > 1}
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["files"], info["leaves_of_several_files"]) == (len(files), len(several)) and several
+    assert main(["info", str(path)]) == 0
+    assert (f"files     {len(files):,d} Parquet files: {len(several):,d} leaves hold several (written with predict "
+            "--no-merge; the same predict without it merges them)") in capsys.readouterr().out
 
 
 def test_part_files_read_in_astropy_with_null_strings(catalog):

@@ -130,7 +130,7 @@ def test_worker_killed_mid_run_gives_identical_catalog(syn_store, random_bundle,
 
 def test_part_files_dictionary_encode_strings_only(reference):
     """Part files: strings dictionary-encoded, numbers plain (zstd either way), with the VO metadata."""
-    part = next((Path(reference) / cat.DATASET_DIR).glob("**/part-*.parquet"))
+    part = next((Path(reference) / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*.parquet"))
     meta = pq.ParquetFile(part).metadata
     encodings = {meta.schema.column(i).path: meta.row_group(0).column(i).encodings for i in range(meta.num_columns)}
     assert "RLE_DICTIONARY" in encodings["source_id"] and "RLE_DICTIONARY" in encodings["survey"]
@@ -370,6 +370,46 @@ def test_read_engines_give_the_same_catalog(syn_store, random_bundle, cluster_cl
     assert not (tmp_path / "other" / cat.RUN_DIR / "blocks").exists()
 
 
+def _files_by_leaf(path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in sorted((Path(path) / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*.parquet")):
+        out.setdefault(f.parent.name, []).append(f.name)
+    return out
+
+
+def test_predict_merges_each_leaf_into_one_file_and_no_merge_keeps_the_part_files(syn_store, random_bundle,
+                                                                                  cluster_client, reference, tmp_path):
+    """predict merges each leaf's part files into one file after the last block (the reference catalog: one file per
+    leaf, valid for hats' strict check). With merge=False the part files stay, with the same rows; predict again on
+    that catalog with merging predicts no block, merges the leaves, and gives the reference's files."""
+    from hats.io.validation import is_valid_catalog
+
+    ref = _files_by_leaf(reference)
+    assert all(len(files) == 1 for files in ref.values())
+    assert any(files == [f"{leaf}.parquet"] for leaf, files in ref.items())  # some leaves were merged
+    assert is_valid_catalog(reference, strict=True)
+    assert json.loads((Path(reference) / "run_manifest.json").read_text())["settings"]["merge_leaves"] is True
+
+    path = str(tmp_path / "catalog")
+    kw = dict(client=cluster_client[1], progress=False, torch_threads=1)
+    kept = run_predict(syn_store, random_bundle, path, merge=False, **kw)
+    parts = _files_by_leaf(path)
+    several = {leaf: files for leaf, files in parts.items() if len(files) > 1}
+    assert kept.leaves_merged == 0 and several and set(parts) == set(ref)
+    assert all(f.startswith("part-") for files in parts.values() for f in files)
+    assert_same_catalog(path, reference)
+
+    merged = run_predict(syn_store, random_bundle, path, **kw)
+    assert merged.blocks_skipped == merged.blocks
+    assert (merged.leaves_merged, merged.files_merged) == (len(several), sum(map(len, several.values())))
+    assert _files_by_leaf(path) == ref
+    for leaf, (name,) in ref.items():
+        a, b = (pq.read_table(next((Path(p) / cat.DATASET_DIR).glob(f"Norder=*/Dir=*/{leaf}/{name}")))
+                for p in (path, reference))
+        assert a.equals(b, check_metadata=True), leaf
+    assert_same_catalog(path, reference)
+
+
 def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store, random_bundle, cluster_client,
                                                                       reference, tmp_path, monkeypatch):
     """A worker killed inside ``_atomic_write`` leaves ``.part-….tmp`` in a leaf; its task is retried
@@ -379,7 +419,7 @@ def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store,
 
     def planting(catalog_path):
         calls.append(catalog_path)
-        if len(calls) == 2:  # the call in finalize_catalog: every block is done
+        if len(calls) == 3:  # predict's start, merge_leaves, then finalize_catalog's: every block is done
             leaf = next((Path(catalog_path) / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*"))
             (leaf / ".part-sdss-000000.parquet.0123abcd.tmp").write_bytes(b"PAR1 half a part file")
         return real(catalog_path)
@@ -387,7 +427,7 @@ def test_finalize_removes_a_part_file_half_written_by_a_killed_worker(syn_store,
     monkeypatch.setattr(cat, "read_block_done", planting)
     summary = run_predict(syn_store, random_bundle, str(path), client=cluster_client[1], progress=False,
                           torch_threads=1)
-    assert len(calls) == 2 and summary.rows + summary.rejects == SHARD_ROWS * N_SHARDS
+    assert len(calls) == 3 and summary.rows + summary.rejects == SHARD_ROWS * N_SHARDS
     assert not list(path.glob("**/.*.tmp"))
     assert_same_catalog(path, reference)
 
@@ -523,10 +563,13 @@ def test_io_workers_read_and_write_and_give_the_same_catalog(syn_store, random_b
     stages = {}
     for t in ts.data:
         key = str(t["key"])
-        stage = "read" if key.endswith("-read") else "model" if key.endswith("-model") else "write"
+        stage = ("merge" if key.startswith("merge-") else "read" if key.endswith("-read") else
+                 "model" if key.endswith("-model") else "write")
         stages.setdefault(stage, []).append(t["worker"])
-    assert {k: len(v) for k, v in stages.items()} == {"read": N_SHARDS, "model": N_SHARDS, "write": N_SHARDS}
-    assert set(stages["read"]) <= io and set(stages["write"]) <= io  # never on the model worker
+    assert summary.leaves_merged > 0
+    assert {k: len(v) for k, v in stages.items()} == {"read": N_SHARDS, "model": N_SHARDS, "write": N_SHARDS,
+                                                      "merge": summary.leaves_merged}
+    assert set(stages["read"]) | set(stages["write"]) | set(stages["merge"]) <= io  # never on the model worker
     manifest = json.loads((tmp_path / "catalog" / "run_manifest.json").read_text())
     assert manifest["settings"]["io_workers"] == 2
     assert manifest["settings"]["read_engine"] == ("tensorstore" if importlib.util.find_spec("tensorstore") else "zarr")
@@ -796,6 +839,7 @@ def test_predict_after_more_ingest_adds_only_the_new_blocks(random_bundle, clust
         grown = run_predict(st, str(random_bundle), path, **kw)
     assert (grown.blocks, grown.blocks_skipped, grown.inputs, grown.rows, grown.rejects) == (4, 2, 24, 22, 2)
     assert grown.order == first.order  # a catalog keeps its HEALPix order (--overwrite re-partitions)
+    assert all(len(files) == 1 for files in _files_by_leaf(path).values())  # new blocks merged into merged leaves
     assert [r.getMessage() for r in caplog.records if "re-partitions" in r.getMessage()] == [
         f"{path} holds 22 rows at HEALPix order {first.order} (about 0 per leaf on an all-sky spread); order "
         f"{first.order + 2} suits it: predict --overwrite --order {first.order + 2} re-partitions it"]

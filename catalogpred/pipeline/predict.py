@@ -1,5 +1,6 @@
-"""Predict on Dask: finished store shards → catalog blocks, one task per shard (:func:`run_predict`), then
-finalize (HATS metadata, accounting, run manifest).
+"""Predict on Dask: finished store shards → catalog blocks, one task per shard (:func:`run_predict`), then one
+task per HEALPix leaf that merges its part files into one file (:func:`merge_leaves`), then finalize (HATS
+metadata, accounting, run manifest).
 
 :func:`plan_predict` checks the bundles against the store and lists the blocks without a cluster
 (``predict --dry-run``). A catalog is resumed only by the run that made it (:func:`_check_resumable`); a block
@@ -23,11 +24,11 @@ from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch
                        resolve_compile, resolve_device, retire_unfit_workers, shared_path)
 from ..errors import CatalogError, ConfigError, RejectReason
 from ..surveys import column_docs
-from ..tasks import block_key, infer_block, predict_block, read_block, write_block
+from ..tasks import block_key, infer_block, merge_leaf, predict_block, read_block, write_block
 from .runner import PipelineError, n_workers, reasons_lines, run_bounded, versions
 
 __all__ = ["run_predict", "plan_predict", "PredictPlan", "PredictSummary", "DEFAULT_BATCH", "check_catalog_target",
-           "predict_order"]
+           "predict_order", "merge_leaves"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class PredictSummary:
     seconds_read: float = 0.0  #: task-seconds reading the store (metadata + flux)
     seconds_write: float = 0.0  #: task-seconds writing Parquet (part files, rejects, done markers)
     seconds_finalize: float = 0.0  #: wall seconds of finalize_catalog after the blocks (metadata, checks)
+    seconds_merge: float = 0.0  #: wall seconds merging leaves' part files after the blocks (merge_leaves)
+    leaves_merged: int = 0  #: leaves whose part files were merged into one file
+    files_merged: int = 0  #: files merged into those leaves' files
     order: int = 0
     blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
     settings: dict = field(default_factory=dict)  #: device, precision, batch size, compile, ...
@@ -62,7 +66,10 @@ class PredictSummary:
                  f"  rejects          {self.rejects:>9,d}",
                  f"  HEALPix order    {self.order:>9d}",
                  *([f"  settings         {' '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
-                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; finalize {self.seconds_finalize:.2f} s)",
+                 f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; merge {self.seconds_merge:.2f} s, "
+                 f"finalize {self.seconds_finalize:.2f} s)",
+                 *([f"  merged leaves    {self.leaves_merged:>9,d}   ({self.files_merged:,d} files into one file each)"]
+                   if self.leaves_merged else []),
                  f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
                  f"write {self.seconds_write:.1f} s (summed over tasks)"]
         return "\n".join(lines + reasons_lines(self.reasons))
@@ -228,7 +235,7 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
                 torch_threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                 catalog_name: str | None = None, surveys: list[str] | None = None,
                 blocks_per_gpu: int = BLOCKS_PER_GPU, compile: str | bool = "auto",
-                read_engine: str = "auto") -> PredictSummary:
+                read_engine: str = "auto", merge: bool = True) -> PredictSummary:
     """Predict every finished shard of the store into a HATS catalog at ``catalog_path``.
 
     ``bundle_path`` is one bundle or a list: each survey group uses the bundle whose grid it is
@@ -252,6 +259,11 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
     TensorStore by default where it is installed, else zarr-python (same values).
 
+    ``merge`` (default True): after the last block, merge the part files of each HEALPix leaf (one per block that
+    has rows in it) into one file (:func:`merge_leaves`), so that a query opens one file per leaf. Without it a
+    catalog of millions of rows holds tens of thousands of small files, and scanning it is tens of times slower
+    (README, "One file per leaf").
+
     One predict at a time writes a catalog, and none starts while an ingest writes its store
     (:mod:`catalogpred.runlock`; :class:`~catalogpred.runlock.BusyError` otherwise). Several predicts may read
     one store into different catalogs.
@@ -262,13 +274,13 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
         return _predict(store_path, bundle_path, catalog_path, client=client, overwrite=overwrite, precision=precision,
                         batch_size=batch_size, order=order, torch_threads=torch_threads, device=device,
                         progress=progress, catalog_name=catalog_name, surveys=surveys, blocks_per_gpu=blocks_per_gpu,
-                        compile=compile, read_engine=read_engine)
+                        compile=compile, read_engine=read_engine, merge=merge)
 
 
 def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwrite: bool, precision: str,
              batch_size: int | None, order: int | None, torch_threads: int | None, device: str, progress: bool | None,
              catalog_name: str | None, surveys: list[str] | None, blocks_per_gpu: int, compile: str | bool,
-             read_engine: str) -> PredictSummary:
+             read_engine: str, merge: bool) -> PredictSummary:
     """:func:`run_predict` with the catalog's lock held."""
     t0 = time.perf_counter()
     if order is not None and not 0 <= order <= cat.SPATIAL_INDEX_ORDER:
@@ -392,6 +404,7 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                      **({"blocks_per_gpu": blocks_per_gpu, "gpu_workers": n_workers(client, resources)}
                         if resources else {}),
                      **({"io_workers": n_io} if n_io else {}),
+                     "merge_leaves": merge,  # each leaf's part files merged into one file (merge_leaves)
                      # what read the shards on the workers ("auto" resolves there); a re-run that ran no block
                      # keeps what the earlier run recorded
                      "read_engine": ",".join(sorted({r.get("read_engine") or read_engine for r in results.values()}))
@@ -408,6 +421,13 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     summary.settings = {k: v for k, v in manifest["settings"].items()
                         if k in ("device", "precision", "batch_size", "compile", "blocks_per_gpu", "gpu_workers",
                                  "io_workers", "read_engine", "write_threads")}
+    if merge:
+        t_merge = time.perf_counter()
+        merged = merge_leaves(client, catalog_path, order, manifest["blocks"], progress=progress,
+                              resources=IO_RESOURCE if n_io else None, checked_workers=checked, shared=shared)
+        summary.seconds_merge = time.perf_counter() - t_merge
+        summary.leaves_merged, summary.files_merged = merged["leaves"], merged["files"]
+        manifest["merged_leaves"] = {**merged, "wall_seconds": summary.seconds_merge}
     t_finalize = time.perf_counter()
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest,
@@ -437,6 +457,48 @@ def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> N
     elif path.is_dir() and any(path.iterdir()) and not plan_file.exists():
         raise CatalogError(f"{catalog_path} exists and is not a catalogpred catalog (no {cat.RUN_DIR}/plan.json in "
                            "it); choose another --catalog (a new path or an empty directory)")
+
+
+def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, progress=None,
+                 resources: dict | None = None, checked_workers=(), shared: list[str] | None = None) -> dict:
+    """Merge the part files of every HEALPix leaf (at ``order``) that holds more than one into one file, one Dask
+    task per leaf (:func:`catalogpred.tasks.merge_leaf`), once the ``blocks`` are done (their done markers say
+    which blocks have rows in which leaf). Returns ``{"leaves", "files", "rows", "seconds"}``: the leaves merged,
+    the files merged into them, their rows, and the task-seconds.
+
+    A block writes one part file per leaf it has rows in, so a run of tens of thousands of blocks leaves tens of
+    thousands of small files; merging them is the reduce step of hats-import, done here after the blocks so that
+    the blocks' writes stay independent and resumable. A leaf is merged atomically (its file is renamed into place,
+    then its part files are deleted), so a run stopped while merging is finished by the next one.
+
+    Raises :class:`PipelineError` if a leaf fails on every retry (its part files are kept: the catalog is left
+    unfinalized, and re-running the same command, or with ``--no-merge``, finishes it).
+    """
+    done = cat.read_block_done(catalog_path)
+    parts = {b: done[b]["pixels"] for b in blocks if done.get(b, {}).get("pixels")}
+    todo = cat.leaves_to_merge(catalog_path, order, parts)
+    if not todo:
+        return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0}
+    args = [(catalog_path, order, pixel, leaf_blocks) for pixel, leaf_blocks in todo]
+    keys = [f"merge-{pixel}-{os.urandom(4).hex()}" for pixel, _ in todo]
+
+    def visible(key, result) -> str | None:
+        """None if the leaf's file is there as this client sees the catalog (its worker shares it)."""
+        f = result.get("file")
+        return None if f is None or os.path.exists(f) else f"the merged leaf file {f} is not there"
+
+    on_new = (lambda addrs: retire_unfit_workers(client, addrs, shared)) if shared else None
+    results, errors = run_bounded(client, merge_leaf, args, {}, desc="merge leaves", keys=keys, progress=progress,
+                                  resources=resources, verify=visible, checked_workers=checked_workers,
+                                  on_new_workers=on_new)
+    if errors:
+        raise PipelineError(f"merging {len(errors)} of {len(todo)} HEALPix leaves failed on every retry (e.g. "
+                            f"{next(iter(errors.values()))}); their part files are kept: re-run the same command "
+                            "to finish (or with --no-merge)")
+    return {"leaves": sum(1 for r in results.values() if r["merged"]),
+            "files": sum(r["merged"] for r in results.values()),
+            "rows": sum(r["rows"] or 0 for r in results.values()),
+            "seconds": sum(r["seconds"] for r in results.values())}
 
 
 def _earlier_settings(catalog_path) -> dict:

@@ -4,6 +4,8 @@ manifest, columns) and :func:`format_info`, its text report.
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
     h29 = t.column("_healpix_29").to_numpy()
     moc_cells = len(np.unique(h29 >> (2 * (SPATIAL_INDEX_ORDER - moc_order)))) if len(h29) else 0
     models = [_model_summary(m) for m in _manifest_models(manifest)]
+    files = q.files()
     columns = []
     for f in q.schema:
         md = _field_meta(f)
@@ -46,6 +49,8 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
         "rows_per_survey": surveys,
         "order": q.order,
         "leaves": len(q.pixels),
+        "files": len(files),  # data files; one per leaf unless predict ran with --no-merge
+        "leaves_of_several_files": sum(n > 1 for n in Counter(os.path.dirname(f) for f in files).values()),
         "area_deg2": {"leaves": len(q.pixels) * SKY_AREA_DEG2 / (12 * 4 ** q.order),
                       "moc": moc_cells * SKY_AREA_DEG2 / (12 * 4 ** moc_order), "moc_order": moc_order,
                       "moc_cells": moc_cells},
@@ -132,6 +137,11 @@ def format_info(info: dict, width: int = 70) -> str:
     out.append(f"  sky       {a['moc']:.2f} deg2 covered (MOC of the rows at order {a['moc_order']}, "
                f"{a['moc_cells']} cells); leaves {info['leaves']} HEALPix pixels at order {info['order']} "
                f"= {a['leaves']:.1f} deg2")
+    if info["leaves_of_several_files"]:
+        out.append(f"  files     {info['files']:,d} Parquet files: {info['leaves_of_several_files']:,d} leaves hold "
+                   "several (written with predict --no-merge; the same predict without it merges them)")
+    else:
+        out.append(f"  files     {info['files']:,d} Parquet files, one per leaf")
     for m in info["models"]:
         surveys = f", surveys {', '.join(m['surveys'])}" if m.get("surveys") else ""
         out.append(f"  model     {m.get('model_id', '?')} (kind {m.get('kind', '?')}, grid {m.get('grid', '?')}{surveys})")

@@ -1,0 +1,194 @@
+"""Merging each HEALPix leaf's part files into one file after the last block (``catalog.merge_leaf``,
+``pipeline.merge_leaves``): the rows, their order, the atomic protocol, and what finalize makes of merged leaves.
+
+Catalogs are written the way predict writes them (``bench/bench_query.py::build_catalog``: ``write_fragment``,
+done markers, ``finalize_catalog``), without a model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import bench_query
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from catalogpred import catalog as cat
+from catalogpred.errors import CatalogError
+from catalogpred.query import open_catalog
+
+ORDER = 1
+N_ROWS, BLOCK_ROWS = 3000, 500  # 6 blocks, each with rows in most of the 48 leaves of order 1
+
+
+def _build(path: Path) -> tuple[list[str], dict]:
+    bench_query.build_catalog(path, N_ROWS, block_rows=BLOCK_ROWS, order=ORDER, vo_table=True)
+    blocks = [f"bench-{b:06d}" for b in range(N_ROWS // BLOCK_ROWS)]
+    kw = dict(catalog_name="c", order=ORDER, blocks=blocks, columns=bench_query._columns(), expected_inputs=N_ROWS,
+              manifest={})
+    return blocks, kw
+
+
+def _parts(path: Path) -> dict[str, list[int]]:
+    return {b: d["pixels"] for b, d in cat.read_block_done(path).items()}
+
+
+def _files_by_leaf(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*.parquet")):
+        out.setdefault(f.parent.name, []).append(f.name)
+    return out
+
+
+def _rows(path: Path):
+    return pq.ParquetDataset(path / cat.DATASET_DIR).read().sort_by("source_id")
+
+
+@pytest.fixture
+def unmerged(tmp_path) -> tuple[Path, list[str], dict]:
+    path = tmp_path / "catalog"
+    blocks, kw = _build(path)
+    return path, blocks, kw
+
+
+def test_merging_leaves_keeps_every_row_once_in_one_sorted_file_per_leaf(unmerged):
+    from hats.io.validation import is_valid_catalog
+
+    path, blocks, kw = unmerged
+    before = _rows(path)
+    by_leaf = _files_by_leaf(path)
+    assert max(len(v) for v in by_leaf.values()) == len(blocks)  # a part file per block in a leaf
+    assert not is_valid_catalog(str(path), strict=True)  # hats' strict check wants one file per leaf
+    todo = cat.leaves_to_merge(path, ORDER, _parts(path))
+    assert [p for p, _ in todo] == sorted(int(leaf.split("=")[1]) for leaf, f in by_leaf.items() if len(f) > 1)
+    results = [cat.merge_leaf(path, ORDER, pixel, leaf_blocks) for pixel, leaf_blocks in todo]
+    assert sum(r["rows"] for r in results) == sum(
+        n for d in cat.read_block_done(path).values() for p, n in d["pixels"].items() if int(p) in dict(todo))
+    assert sum(r["deleted"] for r in results) == sum(r["merged"] for r in results)
+
+    after = _files_by_leaf(path)
+    assert set(after) == set(by_leaf)
+    for leaf, files in after.items():
+        assert files == ([f"{leaf}.parquet"] if len(by_leaf[leaf]) > 1 else by_leaf[leaf]), leaf
+    merged = sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/Npix=*.parquet"))
+    for f in merged:
+        t = pq.read_table(f)
+        h = t.column("_healpix_29").to_numpy()
+        assert np.all(np.diff(h) >= 0)  # sorted within the leaf, as hats-import sorts one
+        assert cat.merged_blocks(f) == sorted(b for b, px in _parts(path).items() if f.parent.name[5:] in px)
+        md = t.schema.metadata
+        assert md[b"IVOA.VOTable-Parquet.version"] == b"1.0"  # the part files' schema metadata, kept
+        longest = max(len(s) for s in t.column("source_id").to_pylist())
+        assert int(md[b"table::len::source_id"]) >= longest  # astropy's string widths, for the whole leaf
+        assert t.schema.field("w1_mag").metadata == pq.read_schema(f).field("w1_mag").metadata  # units kept
+    after_rows = _rows(path)
+    assert after_rows.equals(before)  # the same rows, values and all
+    assert cat.leaves_to_merge(path, ORDER, _parts(path)) == []  # nothing left to merge
+
+    counts = cat.finalize_catalog(path, **kw)
+    assert counts["catalog_rows"] == N_ROWS
+    md = pq.read_metadata(path / cat.DATASET_DIR / "_metadata")
+    listed = {md.row_group(i).column(0).file_path for i in range(md.num_row_groups)}
+    assert listed == {os.path.relpath(f, path / cat.DATASET_DIR)
+                      for f in (path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*.parquet")}
+    common = pq.read_schema(path / cat.DATASET_DIR / "_common_metadata").metadata
+    assert cat.MERGED_BLOCKS_KEY not in common and not [k for k in common if k.startswith(b"table::len::")]
+    assert is_valid_catalog(str(path), strict=True)
+    q = open_catalog(path)
+    assert q.count() == N_ROWS and len(q.files()) == len(by_leaf)
+
+
+def test_a_stopped_merge_is_finished_by_the_next_merge_or_by_finalize(unmerged):
+    """A merge killed before its rename leaves a temporary file (ignored, then deleted by finalize) and every part
+    file. The merged file is renamed into place before the part files are deleted; part files it already holds are
+    what a merge killed in between leaves, and either the next merge of the leaf or finalize deletes them."""
+    path, blocks, kw = unmerged
+    pixel, leaf_blocks = cat.leaves_to_merge(path, ORDER, _parts(path))[0]
+    # stopped before the rename: a half-written merged file under its temporary name, the part files all there
+    half = Path(cat.merged_path(path, ORDER, pixel)).with_name(f".Npix={pixel}.parquet.0123abcd.tmp")
+    half.write_bytes(b"PAR1 half a merged file")
+    assert (pixel, leaf_blocks) in cat.leaves_to_merge(path, ORDER, _parts(path))  # not counted as a data file
+    kept = {b: Path(cat.part_path(path, ORDER, pixel, b)).read_bytes() for b in leaf_blocks[:2]}
+    cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
+    for b, data in kept.items():  # as if the merge stopped before deleting them
+        Path(cat.part_path(path, ORDER, pixel, b)).write_bytes(data)
+    assert (pixel, leaf_blocks) in cat.leaves_to_merge(path, ORDER, _parts(path))
+    again = cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
+    assert (again["merged"], again["deleted"], again["rows"]) == (0, 2, None)
+    assert _files_by_leaf(path)[f"Npix={pixel}"] == [f"Npix={pixel}.parquet"]
+
+    for b, data in kept.items():  # and again, with finalize next
+        Path(cat.part_path(path, ORDER, pixel, b)).write_bytes(data)
+    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
+    assert _files_by_leaf(path)[f"Npix={pixel}"] == [f"Npix={pixel}.parquet"]
+    assert len(_rows(path)) == N_ROWS and not half.exists()  # finalize deletes what a killed writer left
+
+
+def test_a_merged_leaf_takes_in_the_blocks_of_a_grown_store(unmerged):
+    """A catalog whose store grew: new blocks write part files into leaves merged by the earlier run; the next merge
+    merges them with the merged file, and finalize before that merge counts both."""
+    path, blocks, kw = unmerged
+    earlier = blocks[:4]
+    done = cat.read_block_done(path)
+    for pixel, leaf_blocks in cat.leaves_to_merge(path, ORDER, {b: done[b]["pixels"] for b in earlier}):
+        cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
+    by_leaf = _files_by_leaf(path)
+    assert any(len(v) > 1 and f"{leaf}.parquet" in v for leaf, v in by_leaf.items())  # merged + the newer blocks
+    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS  # a merged file and part files: both count
+    before = _rows(path)
+    for pixel, leaf_blocks in cat.leaves_to_merge(path, ORDER, _parts(path)):
+        r = cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
+        assert cat.merged_blocks(r["file"]) == leaf_blocks
+    assert all(len(v) == 1 for v in _files_by_leaf(path).values())
+    assert _rows(path).equals(before)
+    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
+
+
+def test_merge_and_finalize_refuse_what_the_run_did_not_write(unmerged):
+    """A source_id in a leaf twice, a missing part file, or a merged file holding a block the run did not finish:
+    refused with the reason, and the leaf left as it was."""
+    path, blocks, kw = unmerged
+    pixel, leaf_blocks = cat.leaves_to_merge(path, ORDER, _parts(path))[0]
+    leaf = Path(cat.pixel_dir(path, ORDER, pixel))
+    copy = Path(cat.part_path(path, ORDER, pixel, "bench-copy"))
+    shutil.copy(cat.part_path(path, ORDER, pixel, leaf_blocks[0]), copy)  # its rows written twice
+    listing = sorted(os.listdir(leaf))
+    n = pq.read_metadata(copy).num_rows
+    with pytest.raises(CatalogError, match=f"leaf {pixel} holds {n} source_id values twice"):
+        cat.merge_leaf(path, ORDER, pixel, leaf_blocks + ["bench-copy"])
+    assert sorted(os.listdir(leaf)) == listing  # nothing written, nothing deleted
+    copy.unlink()
+
+    with pytest.raises(CatalogError, match="1 part files of finished blocks are missing"):
+        cat.merge_leaf(path, ORDER, pixel, leaf_blocks + ["bench-lost"])
+    r = cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
+    with pytest.raises(CatalogError, match="holds rows of blocks that are not finished blocks of this run"):
+        cat.merge_leaf(path, ORDER, pixel, leaf_blocks[1:])
+    marker = Path(cat.block_done_path(path, leaf_blocks[0]))
+    os.replace(marker, marker.with_suffix(".aside"))  # the block is not a finished block of this run
+    with pytest.raises(CatalogError, match="holds rows of blocks that are not finished blocks of this run"):
+        cat.finalize_catalog(path, **{**kw, "blocks": [b for b in blocks if b != leaf_blocks[0]],
+                                      "expected_inputs": N_ROWS - BLOCK_ROWS})
+    os.replace(marker.with_suffix(".aside"), marker)
+    # a merged file without the list of its blocks (not written by catalogpred) is refused too
+    t = pq.read_table(r["file"])
+    pq.write_table(t.replace_schema_metadata({k: v for k, v in t.schema.metadata.items()
+                                              if k != cat.MERGED_BLOCKS_KEY}), r["file"])
+    with pytest.raises(CatalogError, match="does not list the blocks it holds"):
+        cat.finalize_catalog(path, **kw)
+
+
+def test_the_merge_benchmark_runs(tmp_path, monkeypatch):
+    """bench_query's merge rows at a tiny size: the merge through predict's merge_leaves on a real 2-process local
+    cluster, and the same rows from the filter and the cone before and after it."""
+    monkeypatch.setattr(bench_query, "MERGE_QUICK", (4000, 1000))
+    rows = bench_query.merge_rows(tmp_path, quick=True, repeats=1)
+    merge, flt, cone, fin = rows
+    assert merge["name"].startswith("merge: ") and " part files into " in merge["name"] and merge["value"] > 0
+    assert "4,000 rows" in merge["note"]
+    assert flt["pass"] and cone["pass"] and flt["ratio"] > 0 and fin["baseline"] > 0
+    path = tmp_path / "merge-4000-1000"
+    assert all(len(files) == 1 for files in _files_by_leaf(path).values())
+    assert open_catalog(path).count() == 4000
