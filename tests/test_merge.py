@@ -192,3 +192,36 @@ def test_the_merge_benchmark_runs(tmp_path, monkeypatch):
     path = tmp_path / "merge-4000-1000"
     assert all(len(files) == 1 for files in _files_by_leaf(path).values())
     assert open_catalog(path).count() == 4000
+
+
+def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unmerged, caplog):
+    """pipeline.merge_leaves on a real (in-process) Dask cluster: one task per leaf of several files; a leaf of more
+    than max_rows rows keeps its part files, with a warning naming the order that re-partitions the catalog."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from catalogpred.pipeline import merge_leaves
+
+    path, blocks, kw = unmerged
+    rows: dict[int, int] = {}
+    for d in cat.read_block_done(path).values():
+        for p, n in d["pixels"].items():
+            rows[int(p)] = rows.get(int(p), 0) + n
+    several = [p for p, _ in cat.leaves_to_merge(path, ORDER, _parts(path))]
+    cap = sorted(rows[p] for p in several)[len(several) // 2]  # half the leaves are larger
+    large = [p for p in several if rows[p] > cap]
+    assert large
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client, caplog.at_level(logging.WARNING, logger="catalogpred.pipeline"):
+        out = merge_leaves(client, str(path), ORDER, blocks, progress=False, max_rows=cap)
+    assert out["leaves"] == len(several) - len(large)
+    assert out["rows"] == sum(rows[p] for p in several if p not in large)
+    assert [r.getMessage() for r in caplog.records if "keep their part files" in r.getMessage()] == [
+        f"{len(large)} HEALPix leaves at order {ORDER} hold more than {cap:,d} rows each (e.g. leaf {large[0]}: "
+        f"{rows[large[0]]:,d} rows) and keep their part files: a merge holds its leaf in a worker's memory. "
+        f"predict --overwrite --order {ORDER + 1} re-partitions the catalog into smaller leaves"]
+    by_leaf = _files_by_leaf(path)
+    assert all(len(by_leaf[f"Npix={p}"]) > 1 for p in large)
+    assert all(by_leaf[f"Npix={p}"] == [f"Npix={p}.parquet"] for p in several if p not in large)
+    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS

@@ -353,10 +353,12 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
 
     # hats imports (and the VO table is built) while the blocks run rather than after them (set-up above is done)
     cat.import_finalize_deps_in_background(columns)
-    footers = cat.FooterReader(catalog_path, order)  # read as blocks finish, not all after the last one
+    # part-file footers read as blocks finish, not all after the last one; merging the leaves replaces the part files
+    # of most leaves, and finalize reads the merged files' footers instead
+    footers = None if merge else cat.FooterReader(catalog_path, order)
 
     def block_done(key, summary):
-        if summary.get("pixels"):
+        if footers is not None and summary.get("pixels"):
             footers.block_done(summary["block"], summary["pixels"])
 
     def visible(key, summary) -> str | None:
@@ -431,7 +433,7 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     t_finalize = time.perf_counter()
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest,
-                                  footers=footers.footers())
+                                  footers=footers.footers() if footers is not None else None)
     summary.seconds_finalize = time.perf_counter() - t_finalize
     summary.rows, summary.rejects, summary.reasons = counts["catalog_rows"], counts["rejects"], counts["rejects_by_reason"]
     suited = cat.choose_order(summary.rows)
@@ -459,8 +461,14 @@ def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> N
                            "it); choose another --catalog (a new path or an empty directory)")
 
 
+#: rows above which a leaf is not merged (a merge task holds its leaf in memory about twice: some 0.3-0.5 KB per
+#: row of predict's columns); ``choose_order`` aims at 20,000 rows per leaf on an all-sky spread
+MERGE_MAX_ROWS = 1_000_000
+
+
 def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, progress=None,
-                 resources: dict | None = None, checked_workers=(), shared: list[str] | None = None) -> dict:
+                 resources: dict | None = None, checked_workers=(), shared: list[str] | None = None,
+                 max_rows: int = MERGE_MAX_ROWS) -> dict:
     """Merge the part files of every HEALPix leaf (at ``order``) that holds more than one into one file, one Dask
     task per leaf (:func:`catalogpred.tasks.merge_leaf`), once the ``blocks`` are done (their done markers say
     which blocks have rows in which leaf). Returns ``{"leaves", "files", "rows", "seconds"}``: the leaves merged,
@@ -471,12 +479,26 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
     the blocks' writes stay independent and resumable. A leaf is merged atomically (its file is renamed into place,
     then its part files are deleted), so a run stopped while merging is finished by the next one.
 
+    A leaf of more than ``max_rows`` rows keeps its part files, with a warning that names the order that
+    re-partitions the catalog (a catalog grown far beyond the rows its order was chosen for).
+
     Raises :class:`PipelineError` if a leaf fails on every retry (its part files are kept: the catalog is left
     unfinalized, and re-running the same command, or with ``--no-merge``, finishes it).
     """
     done = cat.read_block_done(catalog_path)
     parts = {b: done[b]["pixels"] for b in blocks if done.get(b, {}).get("pixels")}
-    todo = cat.leaves_to_merge(catalog_path, order, parts)
+    rows: dict[int, int] = {}
+    for pixels in parts.values():
+        for p, n in pixels.items():
+            rows[int(p)] = rows.get(int(p), 0) + int(n)
+    todo, too_large = [], []
+    for pixel, leaf_blocks in cat.leaves_to_merge(catalog_path, order, parts):
+        (todo if rows[pixel] <= max_rows else too_large).append((pixel, leaf_blocks))
+    if too_large:
+        log.warning("%d HEALPix leaves at order %d hold more than %s rows each (e.g. leaf %d: %s rows) and keep their "
+                    "part files: a merge holds its leaf in a worker's memory. predict --overwrite --order %d "
+                    "re-partitions the catalog into smaller leaves", len(too_large), order, f"{max_rows:,d}",
+                    too_large[0][0], f"{rows[too_large[0][0]]:,d}", order + 1)
     if not todo:
         return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0}
     args = [(catalog_path, order, pixel, leaf_blocks) for pixel, leaf_blocks in todo]
