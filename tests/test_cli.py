@@ -314,8 +314,10 @@ def test_predict_order_is_checked_first_and_dry_run_reports_it(tmp_path, capsys,
     assert main([*predict, "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["order"] == 1 and plan["resume"] is False  # choose_order: 1 for a few rows
-    assert main([*predict, "--dry-run", "--order", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["order"] == 4
+    assert plan["merge_leaves"] is True  # each leaf's part files merged into one file, by default
+    assert main([*predict, "--dry-run", "--order", "4", "--no-merge"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["order"] == 4 and plan["merge_leaves"] is False
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     assert "HEALPix order of the leaves, 0-29" in " ".join(capsys.readouterr().out.split())

@@ -510,9 +510,11 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
         return None if f is None or os.path.exists(f) else f"the merged leaf file {f} is not there"
 
     on_new = (lambda addrs: retire_unfit_workers(client, addrs, shared)) if shared else None
+    # a merge is short (milliseconds to a second): every thread of a worker gets one, with as many queued behind
+    threads = max((int(w.get("nthreads") or 1) for w in client.scheduler_info()["workers"].values()), default=1)
     results, errors = run_bounded(client, merge_leaf, args, {}, desc="merge leaves", keys=keys, progress=progress,
                                   resources=resources, verify=visible, checked_workers=checked_workers,
-                                  on_new_workers=on_new)
+                                  on_new_workers=on_new, tasks_per_worker=threads)
     if errors:
         raise PipelineError(f"merging {len(errors)} of {len(todo)} HEALPix leaves failed on every retry (e.g. "
                             f"{next(iter(errors.values()))}); their part files are kept: re-run the same command "
