@@ -320,6 +320,7 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
 
     Raises CatalogError if a merged file holds a block that is not in ``parts`` (another run's).
     """
+    catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
     expected: dict[str, tuple[int, str]] = {}
     leftovers: list[str] = []
     for pixel, blocks in _pixel_blocks(parts).items():
@@ -344,8 +345,9 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
 def leaves_to_merge(catalog_path, order: int, parts: dict[str, list[int]]) -> list[tuple[int, list[str]]]:
     """``[(pixel, its blocks)]`` of the leaves that hold more than one data file now, for :func:`merge_leaf`, from
     ``parts`` (block key -> its HEALPix pixels at ``order``: the done markers'). A leaf of one file is left alone."""
+    catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
     by_leaf: dict[str, int] = {}
-    for path in _listed_files(Path(catalog_path) / DATASET_DIR):
+    for path in _listed_files(catalog_path / DATASET_DIR):
         leaf = os.path.dirname(path)
         by_leaf[leaf] = by_leaf.get(leaf, 0) + 1
     return [(pixel, sorted(blocks)) for pixel, blocks in sorted(_pixel_blocks(parts).items())
@@ -749,7 +751,8 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
         If a listed part file is missing or unreadable, a data file in the dataset is not listed (a leaf or part
         file of another run), or the part files do not share one schema.
     """
-    dataset = Path(catalog_path) / DATASET_DIR
+    catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
+    dataset = catalog_path / DATASET_DIR
     found = _listed_files(dataset)
     expected, leftovers = expected_files(catalog_path, order, parts, found)
     for path in leftovers:  # part files a merged leaf file holds: a merge stopped after its rename left them

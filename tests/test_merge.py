@@ -225,3 +225,16 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
     assert all(len(by_leaf[f"Npix={p}"]) > 1 for p in large)
     assert all(by_leaf[f"Npix={p}"] == [f"Npix={p}.parquet"] for p in several if p not in large)
     assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
+
+
+def test_leaves_to_merge_and_finalize_take_a_path_spelled_any_way(unmerged, monkeypatch):
+    """A relative catalog path with ``./`` or a trailing slash names the same files as the absolute one."""
+    path, blocks, kw = unmerged
+    monkeypatch.chdir(path.parent)
+    want = cat.leaves_to_merge(path, ORDER, _parts(path))
+    for spelled in (f"./{path.name}", f"{path.name}/", str(path) + "/"):
+        assert cat.leaves_to_merge(spelled, ORDER, _parts(path)) == want, spelled
+    for pixel, leaf_blocks in want:
+        cat.merge_leaf(f"./{path.name}/", ORDER, pixel, leaf_blocks)
+    assert cat.finalize_catalog(f"./{path.name}", **kw)["catalog_rows"] == N_ROWS
+    assert cat.write_dataset_metadata(f"./{path.name}/", ORDER, _parts(path), kw["columns"])
