@@ -23,8 +23,11 @@ Everything is measured in one run, each figure against a baseline of the same ru
    With ``--parts …,host``, the CPU side of one GPU worker process on any machine: read, an emulated
    model step (the H100's: 27 ms of GPU, the GIL released, and 10 ms of Python per block) and write,
    from 1 and 2 block threads, with each read engine and switch interval, and with each number of
-   part-file writer threads (``--write-threads 2,1``, as ``$CATALOGPRED_WRITE_THREADS``), and with
-   several such processes (``--procs 2``, as ``predict --workers-per-gpu 2``), each with its own GIL.
+   part-file writer threads (``--write-threads 2,1``, as ``$CATALOGPRED_WRITE_THREADS``), with each
+   part-file format (``--part-formats arrow,parquet``: Arrow, what ``predict`` writes when it merges the
+   leaves, and Parquet, ``predict --no-merge``'s), and with several such processes (``--procs 2``, as
+   ``predict --workers-per-gpu 2``), each with its own GIL. Then finalize, and the merge of the leaves from
+   Parquet and from Arrow part files.
    With ``--parts …,blocks``, also what one worker process can do without Dask: ``read_shard`` from 1-8
    threads, and :func:`~catalogpred.tasks.predict_block` (read, bf16 model, Parquet) from 1, 2 and 4
    threads, eager and compiled. The split of task time into read, model, write and the rest (Arrow tables, HEALPix index) under
@@ -519,24 +522,26 @@ def _emulated_infer(block: dict, gpu_ms: float, python_ms: float) -> dict:
 
 
 def _host_block(store_path: str, shard: int, cat_path: str, order: int, columns: list, engine: str,
-                model_ms=EMULATED_MODEL_MS) -> dict:
+                model_ms=EMULATED_MODEL_MS, part_format: str = "arrow") -> dict:
     """What a GPU worker does with one block, the model emulated: ``read_block``, :func:`_emulated_infer`,
-    ``write_block``."""
+    ``write_block`` (part files in ``part_format``: ``arrow`` as ``predict`` writes them when it merges the
+    leaves, its default; ``parquet`` as ``predict --no-merge`` does)."""
     from catalogpred.tasks import read_block, write_block
 
     t0 = time.perf_counter()
     block = read_block(store_path, "sdss", shard, device="cuda", engine=engine)
-    return write_block(_emulated_infer(block, *model_ms), cat_path, order, columns, started=t0)
+    return write_block(_emulated_infer(block, *model_ms), cat_path, order, columns, started=t0,
+                       part_format=part_format)
 
 
 def _host_process(store_path: str, shards: list, cat_path: str, order: int, columns: list, engine: str,
-                  threads: int, model_ms=EMULATED_MODEL_MS) -> list[dict]:
+                  threads: int, model_ms=EMULATED_MODEL_MS, part_format: str = "arrow") -> list[dict]:
     """One emulated GPU worker process (:func:`host_rows`): ``shards`` from ``threads`` block threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda sh: _host_block(store_path, sh, cat_path, order, columns, engine, model_ms),
-                             shards))
+        return list(pool.map(lambda sh: _host_block(store_path, sh, cat_path, order, columns, engine, model_ms,
+                                                    part_format), shards))
 
 
 def _host_warm(store_path: str, engine: str) -> int:
@@ -549,12 +554,15 @@ def _host_warm(store_path: str, engine: str) -> int:
 
 
 def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms=(None,), threads=(1, 2),
-              repeats: int = 3, write_threads=(None,), procs=(1,), save=None) -> list[dict]:
+              repeats: int = 3, write_threads=(None,), procs=(1,), part_formats=("arrow",),
+              save=None) -> list[dict]:
     """The host side of one GPU worker process, on any machine: read_block, an emulated model step
     (:data:`EMULATED_MODEL_MS`) and write_block over every shard of the store from 1 and 2 threads (blocks
     sharing a GPU), with each read engine and GIL switch interval, and with the last engine (TensorStore, the
     default, where installed) and each further number of part-file writer threads (``write_threads``, None:
-    catalogpred's default). With ``procs`` above 1, also that many such processes (``predict
+    catalogpred's default), and each further part-file format (``part_formats``: the first, ``arrow``, is what
+    ``predict`` writes when it merges the leaves; ``parquet`` is ``predict --no-merge``'s, and what every run
+    wrote until 2026-11-28). With ``procs`` above 1, also that many such processes (``predict
     --workers-per-gpu``), each with 1 and 2 block threads and its share of the shards: each has its own
     interpreter lock. Not a GPU figure: what the CPU side allows when the model step costs what it cost
     on the H100, and the GPU has room for more (it was busy 20 % of the time). ``save(rows)``: as in
@@ -571,12 +579,14 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
     engines = ["zarr"] + (["tensorstore"] if store.resolve_read_engine("auto", store_path) == "tensorstore" else [])
     default_switch = sys.getswitchinterval()
     rows, base = [], None
-    configs = ([(e, sw, write_threads[0], 1) for e in engines for sw in switch_ms]
-               + [(engines[-1], switch_ms[0], w, 1) for w in write_threads[1:]]
-               + [(engines[-1], switch_ms[0], write_threads[0], p) for p in procs if p > 1])
-    for engine, sw, writer, n_procs in configs:
+    f0 = part_formats[0]
+    configs = ([(e, sw, write_threads[0], 1, f0) for e in engines for sw in switch_ms]
+               + [(engines[-1], switch_ms[0], w, 1, f0) for w in write_threads[1:]]
+               + [(engines[-1], switch_ms[0], write_threads[0], 1, f) for f in part_formats[1:]]
+               + [(engines[-1], switch_ms[0], write_threads[0], p, f0) for p in procs if p > 1])
+    for engine, sw, writer, n_procs, fmt in configs:
         for t in threads:
-            cat_path = str(root / f"host-{engine}-{sw}-{t}-{writer}-{n_procs}")
+            cat_path = str(root / f"host-{engine}-{sw}-{t}-{writer}-{n_procs}-{fmt}")
             sys.setswitchinterval(default_switch if sw is None else sw / 1e3)
             best = None
             try:
@@ -587,7 +597,8 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
                         os.environ["CATALOGPRED_WRITE_THREADS"] = str(writer)
                     if n_procs == 1:
                         def one_round():
-                            return _host_process(store_path, shards, cat_path, order, columns, engine, t, model_ms)
+                            return _host_process(store_path, shards, cat_path, order, columns, engine, t, model_ms,
+                                                 fmt)
                     else:  # spawned processes inherit the environment set above
                         pool = stack.enter_context(ProcessPoolExecutor(
                             n_procs, mp_context=multiprocessing.get_context("spawn")))
@@ -595,7 +606,7 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
 
                         def one_round():
                             parts = pool.map(_host_process, *zip(*[
-                                (store_path, shards[i::n_procs], cat_path, order, columns, engine, t, model_ms)
+                                (store_path, shards[i::n_procs], cat_path, order, columns, engine, t, model_ms, fmt)
                                 for i in range(n_procs)]))
                             return [r for part in parts for r in part]
                     for _ in range(repeats):
@@ -617,7 +628,7 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
             rows.append({
                 "name": f"host side of {who}, reader {engine}"
                         + (f", switch interval {sw:g} ms" if sw is not None else "")
-                        + f", part files from {writer or cat.default_write_threads()} thread(s)"
+                        + f", {fmt} part files from {writer or cat.default_write_threads()} thread(s)"
                         + f" (model emulated: {model_ms[0]:g} ms GPU + {model_ms[1]:g} ms Python per block)",
                 "value": rate, "unit": "spectra/s", "baseline": base, "ratio": rate / base,
                 "note": f"best of {repeats}; ms per block: read {ms['read']:.0f}, model {ms['model']:.0f}, "
@@ -630,12 +641,12 @@ def host_rows(root: Path, store_path: str, model_ms=EMULATED_MODEL_MS, switch_ms
 
 def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
     """``finalize_catalog`` after the host side of a GPU worker (:func:`host_rows`, 2 block threads) wrote the
-    catalog: with the part files' footers read as the blocks finished (``predict`` reads them in a thread of its
-    client while the workers run: here before the timer) against reading them all in finalize (the baseline).
-    Best of ``repeats`` each; the metadata files are rewritten each time. Then predict's merge of the leaves'
-    part files (:func:`~catalogpred.catalog.merge_leaf` in threads), and finalize once after it."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    catalog as ``predict --no-merge`` does (Parquet part files): with the part files' footers read as the blocks
+    finished (``predict`` reads them in a thread of its client while the workers run: here before the timer)
+    against reading them all in finalize (the baseline). Best of ``repeats`` each; the metadata files are rewritten
+    each time. Then predict's merge of the leaves (:func:`~catalogpred.catalog.merge_leaf` in threads) from those
+    Parquet part files, and from the Arrow part files that ``predict`` writes when it merges (its default), each
+    followed by finalize, once."""
     from catalogpred import catalog as cat
     from catalogpred import store
     from catalogpred.tasks import block_key
@@ -644,8 +655,10 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
     columns, order = _predict_columns(store_path)
     n = store.read_meta(store_path, "sdss", ["status"]).num_rows  # the inputs finalize accounts for
     cat_path = str(root / "finalize")
-    res = _host_process(store_path, shards, cat_path, order, columns, "auto", 2)
+    res = _host_process(store_path, shards, cat_path, order, columns, "auto", 2, part_format="parquet")
     cat.import_finalize_deps_in_background(columns).join()
+    finalize_kw = dict(catalog_name="bench", order=order, blocks=[block_key("sdss", s) for s in shards],
+                       columns=columns, expected_inputs=n, manifest={})
     best = {}
     for how in ("all footers in finalize", "footers read as blocks finished"):
         for _ in range(repeats):
@@ -656,9 +669,7 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
                     reader.block_done(r["block"], r["pixels"])
                 footers = reader.footers()
             t0 = time.perf_counter()
-            counts = cat.finalize_catalog(cat_path, catalog_name="bench", order=order,
-                                          blocks=[block_key("sdss", s) for s in shards], columns=columns,
-                                          expected_inputs=n, manifest={}, footers=footers)
+            counts = cat.finalize_catalog(cat_path, **finalize_kw, footers=footers)
             best[how] = min(best.get(how, float("inf")), time.perf_counter() - t0)
     parts = sum(len(r["pixels"]) for r in res)
     base = best["all footers in finalize"]
@@ -667,26 +678,45 @@ def finalize_rows(root: Path, store_path: str, repeats: int = 3) -> list[dict]:
             for how, t in best.items()]
     # predict's merge of each leaf's part files (before finalize), here from threads as in a GPU worker's task slots
     threads = min(4, os.cpu_count() or 1)
+    merge = {"parquet": _merge_and_finalize(cat_path, order, res, threads, finalize_kw)}
+    shutil.rmtree(cat_path, ignore_errors=True)
+    arrow_path = str(root / "finalize-arrow")
+    res_arrow = _host_process(store_path, shards, arrow_path, order, columns, "auto", 2, part_format="arrow")
+    merge["arrow"] = _merge_and_finalize(arrow_path, order, res_arrow, threads, finalize_kw)
+    shutil.rmtree(arrow_path, ignore_errors=True)
+    for m in merge.values():
+        assert m["rows"] == counts["catalog_rows"]
+    base_merge = merge["parquet"]["merge_s"]
+    return rows + [
+        {"name": f"merge: {m['files']} {fmt} part files into {m['leaves']} leaf files, {threads} threads",
+         "value": m["merge_s"], "unit": "s", "baseline": base_merge, "ratio": m["merge_s"] / base_merge,
+         "note": "predict's merge_leaves after the last block (one task per leaf); "
+                 + ("from the Arrow part files predict writes when it merges (its default)" if fmt == "arrow" else
+                    "from Parquet part files (the baseline: predict --no-merge's, merged by a later run)")}
+        for fmt, m in merge.items()] + [
+        {"name": f"finalize after the merge from {fmt} part files", "value": m["finalize_s"], "unit": "s",
+         "baseline": base, "ratio": m["finalize_s"] / base,
+         "note": "one run; merge + finalize after it against finalize on the Parquet part files: "
+                 f"{m['merge_s'] + m['finalize_s']:.3f} against {best['footers read as blocks finished']:.3f} s"}
+        for fmt, m in merge.items()]
+
+
+def _merge_and_finalize(cat_path: str, order: int, res: list[dict], threads: int, finalize_kw: dict) -> dict:
+    """Merge every leaf of the catalog the blocks ``res`` wrote at ``cat_path`` from ``threads`` threads, then
+    finalize it: the seconds of each, the files merged, the leaves and the catalog's rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catalogpred import catalog as cat
+
     todo = cat.leaves_to_merge(cat_path, order, {r["block"]: r["pixels"] for r in res})
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         merged = list(pool.map(lambda leaf: cat.merge_leaf(cat_path, order, *leaf), todo))
     t_merge = time.perf_counter() - t0
     t0 = time.perf_counter()
-    counts_after = cat.finalize_catalog(cat_path, catalog_name="bench", order=order,
-                                        blocks=[block_key("sdss", s) for s in shards], columns=columns,
-                                        expected_inputs=n, manifest={})
-    t_after = time.perf_counter() - t0
-    assert counts_after["catalog_rows"] == counts["catalog_rows"]
-    files = sum(r["merged"] for r in merged)
-    shutil.rmtree(cat_path, ignore_errors=True)
-    return rows + [
-        {"name": f"merge: {files} of the {parts} part files into {len(merged)} leaf files, {threads} threads",
-         "value": t_merge, "unit": "s", "note": "predict's merge_leaves after the last block (one task per leaf); "
-                                                "the other leaves hold one part file"},
-        {"name": "finalize after the merge, all footers in finalize", "value": t_after, "unit": "s", "baseline": base,
-         "ratio": t_after / base, "note": "one run; merge + finalize after it against finalize on the part files: "
-                                          f"{t_merge + t_after:.3f} against {best['footers read as blocks finished']:.3f} s"}]
+    counts = cat.finalize_catalog(cat_path, **finalize_kw)
+    return {"merge_s": t_merge, "finalize_s": time.perf_counter() - t0, "files": sum(r["merged"] for r in merged),
+            "leaves": len(merged), "rows": counts["catalog_rows"]}
 
 
 # ----------------------------------------------------------------------------------------- 4. end to end
@@ -899,6 +929,7 @@ def run(dev: str, quick: bool, bundle: str | None, out: Path, json_path: str | N
             if "host" in parts:
                 rows += host_rows(root, stores["large"], switch_ms=size.get("switch_ms", (None,)),
                                   repeats=size["repeats"], write_threads=size.get("write_threads", (None,)),
+                                  part_formats=size.get("part_formats", ("arrow",)),
                                   procs=size.get("procs", (1,)), save=save)
                 rows += finalize_rows(root, stores["large"], repeats=size["repeats"])
                 save()
@@ -949,6 +980,10 @@ def main(argv=None) -> int:
                    help="part-file writer threads per block (CATALOGPRED_WRITE_THREADS), the first for every config "
                         "and the others for the plain configs, e.g. 8,1 (default: catalogpred's, the CPU count up "
                         "to 8)")
+    p.add_argument("--part-formats", default=None,
+                   help="part-file formats in the host emulation (--parts host), the first for every config and "
+                        "the others for the plain configs, e.g. arrow,parquet (default: arrow, predict's when it "
+                        "merges the leaves)")
     p.add_argument("--n-large", type=int, default=None,
                    help="spectra in the end-to-end store (default 100,000). More spreads predict's fixed costs "
                         "(start-up, finalize: ~0.4 s at 100,000 on 2 cores) over more blocks, as in a survey run")
@@ -977,6 +1012,9 @@ def main(argv=None) -> int:
     if args.write_threads:
         for v in SIZES.values():
             v["write_threads"] = tuple(int(x) for x in args.write_threads.split(","))
+    if args.part_formats:
+        for v in SIZES.values():
+            v["part_formats"] = tuple(args.part_formats.split(","))
     if args.n_large:
         for v in SIZES.values():
             v["n_large"] = args.n_large

@@ -97,12 +97,14 @@ def _block(rng: np.random.Generator, start: int, n: int, schema: pa.Schema, ra=N
 
 
 def build_catalog(path, n_rows: int, *, seed: int = 6, block_rows: int = BLOCK_ROWS, order: int | None = None,
-                  ra=None, dec=None, vo_table: bool = False) -> dict:
+                  ra=None, dec=None, vo_table: bool = False, part_format: str = "parquet", finalize: bool = True):
     """Write a synthetic ``n_rows`` catalog at ``path`` the way ``predict`` does; returns the finalize counts.
 
     Positions are uniform on the sphere unless ``ra``/``dec`` (deg, length ``n_rows``) are given;
     ``order`` defaults to :func:`catalogpred.catalog.choose_order` of the row count. With ``vo_table`` every part
-    file carries the VO-Parquet table, as predict's do (their footers are 3-4x larger).
+    file carries the VO-Parquet table, as predict's do (their footers are 3-4x larger). ``part_format``: as in
+    ``write_fragment`` (``arrow``: part files to merge, which finalize refuses). Without ``finalize``, the blocks'
+    part files and done markers only, and None.
     """
     path = Path(path)
     if path.exists():
@@ -119,11 +121,13 @@ def build_catalog(path, n_rows: int, *, seed: int = 6, block_rows: int = BLOCK_R
         stop = min(start + block_rows, n_rows)
         pos = (None, None) if ra is None else (np.asarray(ra[start:stop], float), np.asarray(dec[start:stop], float))
         table = _block(rng, start, stop - start, schema, *pos)
-        pixels = cat.write_fragment(path, table, order, key)
+        pixels = cat.write_fragment(path, table, order, key, part_format=part_format)
         cat.write_block_done(path, key, {"block": key, "n_rows": table.num_rows,
                                          "pixels": {str(k): v for k, v in pixels.items()}},
                              cat.REJECTS_SCHEMA.empty_table())
         blocks.append(key)
+    if not finalize:
+        return None
     manifest = {"catalogpred_run": "bench", "model": {"model_id": "bench-1+00000000", "kind": "bench"},
                 "settings": {"order": order}, "blocks": blocks}
     return cat.finalize_catalog(path, catalog_name="catalogpred_bench", order=order, blocks=blocks, columns=columns,
@@ -377,8 +381,9 @@ MERGE_QUICK = (100_000, 4096)
 def merge_rows(out: Path, quick: bool, repeats: int = 2) -> list[dict]:
     """What merging each leaf's part files into one file (predict's default since 2026-11-28) costs, and what it
     gains: a column filter that scans every leaf, a 1° cone and finalize, on the catalog as the blocks wrote it
-    (the baseline, ``predict --no-merge``) and after :func:`~catalogpred.pipeline.merge_leaves` on a 2-process
-    local cluster (predict's local default on 2 cores). The catalog is rebuilt each run (the merge changes it).
+    (the baseline, ``predict --no-merge``: Parquet part files) and after :func:`~catalogpred.pipeline.merge_leaves`
+    on a 2-process local cluster (predict's local default on 2 cores). The catalog is rebuilt each run (the merge
+    changes it).
 
     Positions are uniform on the sky in every block, so every block has rows in every leaf: the worst case. A
     survey's blocks, ingested in plate or tile order, each touch a few leaves, and leave fewer, larger part files.
@@ -418,10 +423,11 @@ def merge_rows(out: Path, quick: bool, repeats: int = 2) -> list[dict]:
     layout = (f"{before['files']:,d} part files ({n_rows // block_rows + bool(n_rows % block_rows)} blocks of "
               f"{block_rows:,d} rows, each over the whole sky) against {after['files']:,d} merged leaf files")
     return [
-        {"name": f"merge: {merged['files']:,d} part files into {merged['leaves']:,d} leaf files ({label})",
+        {"name": f"merge: {merged['files']:,d} Parquet part files into {merged['leaves']:,d} leaf files ({label})",
          "value": merge_s, "unit": "s", "baseline": None, "ratio": None, "target": None,
          "note": f"merge_leaves on a 2-process local cluster; {merged['rows']:,d} rows; task-seconds "
-                 f"{merged['seconds']:.1f}"},
+                 f"{merged['seconds']:.1f}; predict --no-merge's part files (predict's own, when it merges, are "
+                 "Arrow files: faster to read, bench_gpu.py --parts host)"},
         {"name": f"query: column filter over every leaf, merged leaves ({label})", "value": after["filter_s"],
          "unit": "s", "baseline": before["filter_s"], "ratio": before["filter_s"] / max(after["filter_s"], 1e-9),
          "target": None, "pass": same,

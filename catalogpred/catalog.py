@@ -9,16 +9,18 @@ Layout::
       rejects.parquet                    every input spectrum that is not in the catalog, with its reason
       dataset/
         _common_metadata, _metadata      schema (with VO-Parquet units/UCDs/descriptions) and row-group footers
-        Norder=K/Dir=D/Npix=N/part-<block>.parquet    one file per (prediction block, HEALPix pixel) ...
+        Norder=K/Dir=D/Npix=N/part-<block>.arrow      one file per (prediction block, HEALPix pixel) ...
         Norder=K/Dir=D/Npix=N/Npix=N.parquet          ... merged into one file per leaf once the blocks are done
+        Norder=K/Dir=D/Npix=N/part-<block>.parquet    (predict --no-merge: the part files stay, as Parquet)
       _run/                              per-block done markers and rejects (resume state)
 
 All leaves use one fixed order K (chosen from the expected row count), and leaves
 are directories (``hats_npix_suffix=/``) so that concurrent tasks each write their own
 file. Part files are written to a temporary name and renamed: a retried task
 overwrites, never duplicates. After the last block, :func:`merge_leaf` merges each leaf's
-part files into one file (the file lists the blocks it holds), so that a query opens one
-file per leaf, as in a catalog hats-import writes. This module does no computation
+part files into one Parquet file (the file lists the blocks it holds), so that a query opens one
+file per leaf, as in a catalog hats-import writes. Part files that will be merged are written
+in the Arrow IPC format (:data:`PART_FORMATS`): cheaper to write in the GPU worker and to read back. This module does no computation
 scheduling (no Dask).
 
 Magnitudes are **Vega** (AllWISE ``w?mpro`` system); add 2.699, 3.339, 5.174, 6.620
@@ -106,7 +108,7 @@ def core_columns(n_latent: int) -> list[Column]:
                            f"Predicted 1-sigma uncertainty of {b}_mag (model only; combine with observed errors in quadrature "
                            "for chi = (m_pred - m_obs)/sqrt(sigma_pred^2 + sigma_obs^2))"))
     cols += [
-        Column("latent", pa.list_(pa.float32(), n_latent), "", "meta.code.class",
+        Column("latent", pa.list_(pa.field("element", pa.float32()), n_latent), "", "meta.code.class",
                f"spender encoder latents ({n_latent} values)"),
         Column("norm", pa.float64(), "1e-17 erg/(s cm2 Angstrom)", "phot.flux.density;em.opt",
                "spender normalisation: lower median of F_lambda in rest-frame 5300-5850 Angstrom"),
@@ -173,10 +175,16 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` under a temporary name, then rename it: as Arrow IPC if ``path`` ends in
+    ``.arrow``, else as Parquet (zstd, string columns dictionary-encoded)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536,
-                   use_dictionary=_dictionary_columns(table.schema))
+    if path.suffix == ".arrow":
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=65536,
+                       use_dictionary=_dictionary_columns(table.schema))
     os.replace(tmp, path)
 
 
@@ -209,10 +217,26 @@ def pixel_dir(catalog_path, order: int, pixel: int) -> Path:
     return Path(catalog_path) / DATASET_DIR / _leaf(order, pixel)
 
 
-def part_path(catalog_path, order: int, pixel: int, block_key: str) -> str:
-    """``<catalog>/dataset/Norder=K/Dir=D/Npix=N/part-<block>.parquet``, a string (finalize builds one per part file,
-    and pathlib's joins cost ~10 µs each)."""
-    return os.path.join(os.fspath(catalog_path), DATASET_DIR, _leaf(order, pixel), f"part-{block_key}.parquet")
+#: the formats of a block's part files: ``parquet`` (zstd, the catalog's own format: part files that stay, under
+#: ``predict --no-merge``) or ``arrow`` (the Arrow IPC file format, uncompressed: part files that the merge after the
+#: last block rewrites as one Parquet file per leaf, :func:`merge_leaf`). On 2 cores (pyarrow 26, the GPU benchmark's
+#: part files: 474 rows of 32 columns on average) an Arrow part file took 0.6 ms to write and 0.4 ms to read, a
+#: Parquet one 2.0 and 1.3 ms
+PART_FORMATS = {"parquet": ".parquet", "arrow": ".arrow"}
+
+
+def part_path(catalog_path, order: int, pixel: int, block_key: str, part_format: str = "parquet") -> str:
+    """``<catalog>/dataset/Norder=K/Dir=D/Npix=N/part-<block>.parquet`` (or ``.arrow``, :data:`PART_FORMATS`), a
+    string (finalize builds one per part file, and pathlib's joins cost ~10 µs each)."""
+    return os.path.join(os.fspath(catalog_path), DATASET_DIR, _leaf(order, pixel),
+                        f"part-{block_key}{PART_FORMATS[part_format]}")
+
+
+def _part_file(catalog_path, order: int, pixel: int, block_key: str, exists) -> str:
+    """Block ``block_key``'s part file in leaf ``pixel``: the Arrow one if ``exists(path)`` says it is there, else the
+    Parquet one (which may be missing too)."""
+    arrow = part_path(catalog_path, order, pixel, block_key, "arrow")
+    return arrow if exists(arrow) else part_path(catalog_path, order, pixel, block_key)
 
 
 def default_write_threads(*, cpu_worker: bool = False) -> int:
@@ -236,13 +260,16 @@ def _write_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,
-                   write_threads: int | None = None) -> dict[int, int]:
+                   write_threads: int | None = None, part_format: str = "parquet") -> dict[int, int]:
     """Split ``table`` by HEALPix pixel at ``order`` and write one part file per pixel, atomically, from up to
-    ``write_threads`` threads (default :func:`default_write_threads`; 1 writes them one after the other).
+    ``write_threads`` threads (default :func:`default_write_threads`; 1 writes them one after the other), in
+    ``part_format`` (:data:`PART_FORMATS`: ``arrow`` where :func:`merge_leaf` rewrites them after the last block).
 
     Returns ``{pixel: rows}``. Raises CatalogError if a ``source_id`` is in ``table`` twice: a part file never
     holds one twice (finalize relies on it, :func:`leaves_to_check`).
     """
+    if part_format not in PART_FORMATS:
+        raise ConfigError(f"part file format must be one of {sorted(PART_FORMATS)}, not {part_format!r}")
     if table.num_rows == 0:
         return {}
     if "source_id" in table.column_names:
@@ -262,7 +289,7 @@ def write_fragment(catalog_path, table: pa.Table, order: int, block_key: str, *,
 
     def write(part):
         p, lo, n = part
-        _atomic_write(table.slice(lo, n), Path(part_path(catalog_path, order, p, block_key)))
+        _atomic_write(table.slice(lo, n), Path(part_path(catalog_path, order, p, block_key, part_format)))
 
     threads = write_threads or default_write_threads()
     if threads > 1 and len(parts) > 1:
@@ -315,8 +342,9 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
     """The data files that the finished blocks ``parts`` (block key -> its HEALPix pixels at ``order``) leave in the
     dataset, given the files ``found`` there: ``{path: (pixel, block)}``, a merged leaf file with block ``""``.
     A leaf holds its merged file (:func:`merged_path`) if it has one, and the part files of the blocks that the
-    merged file does not hold. Also returns the part files that a merged file already holds: a merge stopped after
-    its rename leaves them, and they are to be deleted.
+    merged file does not hold (a block's Arrow part file if ``found`` has it, else its Parquet one). Also returns the
+    part files that a merged file already holds: a merge stopped after its rename leaves them, and they are to be
+    deleted.
 
     Raises CatalogError if a merged file holds a block that is not in ``parts`` (another run's).
     """
@@ -334,49 +362,62 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
                                    f"(e.g. {stray[:3]}); use --overwrite")
             expected[merged] = (pixel, "")
         for block in blocks:
-            path = part_path(catalog_path, order, pixel, block)
             if block not in held:
-                expected[path] = (pixel, block)
-            elif path in found:
-                leftovers.append(path)
+                expected[_part_file(catalog_path, order, pixel, block, found.__contains__)] = (pixel, block)
+            else:
+                leftovers += [p for p in (part_path(catalog_path, order, pixel, block, f) for f in PART_FORMATS)
+                              if p in found]
     return expected, leftovers
 
 
 def leaves_to_merge(catalog_path, order: int, parts: dict[str, list[int]]) -> list[tuple[int, list[str]]]:
-    """``[(pixel, its blocks)]`` of the leaves that hold more than one data file now, for :func:`merge_leaf`, from
-    ``parts`` (block key -> its HEALPix pixels at ``order``: the done markers'). A leaf of one file is left alone."""
+    """``[(pixel, its blocks)]`` of the leaves that hold a part file now, for :func:`merge_leaf`, from ``parts``
+    (block key -> its HEALPix pixels at ``order``: the done markers'). A leaf of its merged file alone is done."""
     catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
-    by_leaf: dict[str, int] = {}
-    for path in _listed_files(catalog_path / DATASET_DIR):
-        leaf = os.path.dirname(path)
-        by_leaf[leaf] = by_leaf.get(leaf, 0) + 1
+    with_parts = {os.path.dirname(path) for path in _listed_files(catalog_path / DATASET_DIR)
+                  if os.path.basename(path).startswith("part-")}
     return [(pixel, sorted(blocks)) for pixel, blocks in sorted(_pixel_blocks(parts).items())
-            if by_leaf.get(os.path.dirname(merged_path(catalog_path, order, pixel)), 0) > 1]
+            if os.path.dirname(merged_path(catalog_path, order, pixel)) in with_parts]
+
+
+def arrow_part_files(catalog_path) -> list[str]:
+    """The Arrow part files in the catalog's dataset: written to be merged (:func:`merge_leaf`), not merged yet."""
+    dataset = Path(catalog_path) / DATASET_DIR
+    return sorted(p for p in _listed_files(dataset) if p.endswith(PART_FORMATS["arrow"])) if dataset.exists() else []
 
 
 def _read_whole(path: str) -> pa.Table:
-    """Every row and column of the Parquet file ``path``. (``ParquetFile.read`` took 1.4 ms for a part file of the
-    query benchmark's 32 columns and ~20 rows, ``pq.read_table`` 2.1 ms: 2 cores, pyarrow 26.)"""
+    """Every row and column of the Parquet or Arrow IPC (``.arrow``) file ``path``. (For a part file of the query
+    benchmark's 32 columns and ~20 rows, ``ParquetFile.read`` took 1.4 ms, ``pq.read_table`` 2.1 ms: 2 cores,
+    pyarrow 26.)"""
+    if path.endswith(PART_FORMATS["arrow"]):
+        with pa.OSFile(path) as f:
+            return pa.ipc.open_file(f).read_all()
     with pq.ParquetFile(path) as f:
         return f.read()
 
 
-def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str]) -> dict:
-    """Merge the part files of the leaf ``pixel`` (HEALPix NESTED at ``order``) into one file,
+def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str], *, one_file: bool = True) -> dict:
+    """Merge the part files of the leaf ``pixel`` (HEALPix NESTED at ``order``) into one Parquet file,
     :func:`merged_path`, and delete them.
 
-    ``blocks`` are the finished blocks with rows in the leaf (their done markers' ``pixels``). Rows that the leaf's
-    merged file already holds (a leaf merged by an earlier run, whose store has grown since) are merged with the
-    part files of the other blocks. The merged file is sorted by ``_healpix_29`` then ``source_id`` (as hats-import
-    sorts a leaf), checked to hold every row of its sources and each ``source_id`` once, written under a temporary
-    name and renamed; only then are its part files deleted. A merge stopped after the rename leaves part files
-    that the merged file lists (:data:`MERGED_BLOCKS_KEY`): the next merge of the leaf, or finalize, deletes them.
-    A leaf of one part file is left as it is (it already is one file).
+    ``blocks`` are the finished blocks with rows in the leaf (their done markers' ``pixels``); a block's part file is
+    its Arrow one (``part_format="arrow"``, what ``predict`` writes when it merges) or its Parquet one. Rows that the
+    leaf's merged file already holds (a leaf merged by an earlier run, whose store has grown since) are merged with
+    the part files of the other blocks. The merged file is sorted by ``_healpix_29`` then ``source_id`` (as
+    hats-import sorts a leaf), checked to hold every row of its sources and each ``source_id`` once, written under a
+    temporary name and renamed; only then are its part files deleted. A merge stopped after the rename leaves part
+    files that the merged file lists (:data:`MERGED_BLOCKS_KEY`): the next merge of the leaf, or finalize, deletes
+    them. A leaf of one part file is written as its merged file too: a merged catalog's leaves are each one file,
+    named as hats names it.
 
-    The leaf is held in memory twice (read, then sorted): ``choose_order`` aims at about 20,000 rows per leaf.
+    The leaf is held in memory twice (read, then sorted): ``choose_order`` aims at about 20,000 rows per leaf. With
+    ``one_file=False`` (a leaf too large to hold) each Arrow part file is rewritten as its Parquet part file instead,
+    one at a time, and the leaf keeps a part file per block.
 
-    Returns ``{"pixel", "file", "rows", "merged", "deleted"}``: the leaf's one file, its rows (None if nothing was
-    merged), the files merged into it and the files deleted.
+    Returns ``{"pixel", "file", "rows", "merged", "rewritten", "deleted"}``: the leaf's one file (None with
+    ``one_file=False``), its rows (None if nothing was merged or rewritten), the files merged into it, the Arrow part
+    files rewritten as Parquet (``one_file=False``) and the files deleted.
 
     Raises
     ------
@@ -393,16 +434,19 @@ def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str]) -> dict:
         raise CatalogError(f"{target} holds rows of blocks that are not finished blocks of this run "
                            f"(e.g. {stray[:3]}); use --overwrite")
     new_blocks = sorted(set(blocks) - set(held))
-    new = [part_path(catalog_path, order, pixel, b) for b in new_blocks]
+    new = [_part_file(catalog_path, order, pixel, b, os.path.exists) for b in new_blocks]
     missing = [p for p in new if not os.path.exists(p)]
     if missing:
         raise CatalogError(f"{catalog_path}: {len(missing)} part files of finished blocks are missing "
                            f"(e.g. {missing[:2]}); use --overwrite")
-    leftovers = [p for p in (part_path(catalog_path, order, pixel, b) for b in held) if os.path.exists(p)]
-    if (not held and len(new) <= 1) or (held and not new):  # one file already, perhaps with leftovers
+    leftovers = [p for b in held for p in (part_path(catalog_path, order, pixel, b, f) for f in PART_FORMATS)
+                 if os.path.exists(p)]
+    if not one_file:
+        return _rewrite_as_parquet(pixel, new, leftovers)
+    if not new:  # merged already (perhaps with leftovers), or no rows
         for p in leftovers:
             Path(p).unlink(missing_ok=True)  # missing_ok: a second merge of the leaf (a retried task) may race it
-        return {"pixel": pixel, "file": target if held else (new[0] if new else None), "rows": None, "merged": 0,
+        return {"pixel": pixel, "file": target if held else None, "rows": None, "merged": 0, "rewritten": 0,
                 "deleted": len(leftovers)}
 
     sources = ([target] if held else []) + new
@@ -429,8 +473,24 @@ def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str]) -> dict:
     _atomic_write(table, Path(target))
     for p in new + leftovers:
         Path(p).unlink(missing_ok=True)
-    return {"pixel": pixel, "file": target, "rows": n_rows, "merged": len(sources),
+    return {"pixel": pixel, "file": target, "rows": n_rows, "merged": len(sources), "rewritten": 0,
             "deleted": len(new) + len(leftovers)}
+
+
+def _rewrite_as_parquet(pixel: int, parts: list[str], leftovers: list[str]) -> dict:
+    """:func:`merge_leaf` with ``one_file=False``: each Arrow file of ``parts`` written as the Parquet part file of
+    its block (atomically, then deleted), one at a time; ``leftovers`` deleted."""
+    rows = rewritten = 0
+    for p in parts:
+        if p.endswith(PART_FORMATS["arrow"]):
+            t = _read_whole(p)
+            _atomic_write(t, Path(p[:-len(PART_FORMATS["arrow"])] + PART_FORMATS["parquet"]))
+            Path(p).unlink(missing_ok=True)
+            rows, rewritten = rows + t.num_rows, rewritten + 1
+    for p in leftovers:
+        Path(p).unlink(missing_ok=True)
+    return {"pixel": pixel, "file": None, "rows": rows if rewritten else None, "merged": 0, "rewritten": rewritten,
+            "deleted": rewritten + len(leftovers)}
 
 
 #: the rejects table: every input spectrum that did not make it into the catalog.
@@ -748,8 +808,8 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
     Raises
     ------
     CatalogError
-        If a listed part file is missing or unreadable, a data file in the dataset is not listed (a leaf or part
-        file of another run), or the part files do not share one schema.
+        If a listed part file is missing or unreadable, or is an Arrow part file not merged yet, a data file in the
+        dataset is not listed (a leaf or part file of another run), or the part files do not share one schema.
     """
     catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
     dataset = catalog_path / DATASET_DIR
@@ -766,6 +826,11 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
     if missing:
         raise CatalogError(f"{catalog_path}: {len(missing)} part files of finished blocks are missing "
                            f"(e.g. {missing[:2]}); use --overwrite")
+    unmerged = sorted(p for p in expected if p.endswith(PART_FORMATS["arrow"]))
+    if unmerged:
+        raise CatalogError(f"{catalog_path}: {len(unmerged)} part files are Arrow files written to be merged into their "
+                           f"leaf's Parquet file (e.g. {unmerged[:2]}); run predict again, without --no-merge, to "
+                           "merge them")
     paths = sorted(expected, key=expected.get)  # by pixel, then block (a merged file first): as hats orders _metadata
     footers = footers or {}
     known = {p: footers[p] for p in paths if p in footers and footers[p].stat == found[p]}

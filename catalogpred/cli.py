@@ -288,9 +288,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                         "the GIL) or zarr-python; same values. auto: tensorstore where it is installed and the store "
                         "is a local path (default)")
     s.add_argument("--no-merge", dest="merge", action="store_false",
-                   help="keep each block's part file in each HEALPix leaf instead of merging every leaf's part files "
-                        "into one file after the last block (the default, as hats-import writes a catalog: queries "
-                        "open one file per leaf)")
+                   help="keep each block's part file (Parquet) in each HEALPix leaf instead of merging every leaf's "
+                        "part files (Arrow files) into one Parquet file after the last block (the default, as "
+                        "hats-import writes a catalog: queries open one file per leaf)")
     s.add_argument("--order", type=int, default=None,
                    help=f"HEALPix order of the leaves, {MIN_ORDER}-{MAX_ORDER} (default: from the row count, 1-7: "
                         "about 20,000 rows per leaf; a higher order makes more, smaller part files); a resumed "

@@ -297,24 +297,26 @@ def _set_torch_threads(n: int | None) -> None:
 
 def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, catalog_path: str, order: int,
                   schema_columns: list, *, precision: str = "fp32", batch_size: int = 256, device: str = "cpu",
-                  torch_threads: int | None = None, compile: bool = False, read_engine: str = "auto") -> dict:
+                  torch_threads: int | None = None, compile: bool = False, read_engine: str = "auto",
+                  part_format: str = "parquet") -> dict:
     """Predict one store shard and write its catalog part files, rejects and done marker, in one task:
     :func:`read_block`, :func:`infer_block` and :func:`write_block` in this process.
 
     ``precision``, ``batch_size``, ``compile``: as in :func:`~catalogpred.model.bundle.infer`;
-    ``read_engine``: as in :func:`~catalogpred.store.read_shard`.
+    ``read_engine``: as in :func:`~catalogpred.store.read_shard`; ``part_format``: as in :func:`write_block`.
 
     Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
-    "seconds_read", "seconds_write", "read_engine", "write_threads"}``: wall time of the task, of encoder +
-    head (``infer``), of the Zarr reads (metadata and flux) and of the Parquet writes (part files, rejects,
-    done marker), the engine that read the shard and the threads that wrote its part files.
+    "seconds_read", "seconds_write", "read_engine", "write_threads", "part_format"}``: wall time of the task, of
+    encoder + head (``infer``), of the Zarr reads (metadata and flux) and of the writes (part files, rejects,
+    done marker), the engine that read the shard, the threads that wrote its part files and their format.
     """
     t0 = time.perf_counter()
     block = read_block(store_path, survey, shard, device=device, engine=read_engine)
     pred = infer_block(block, bundle_path, precision=precision, batch_size=batch_size, device=device,
                        torch_threads=torch_threads, compile=compile)
     return write_block(pred, catalog_path, order, schema_columns, started=t0,
-                       write_threads=cat.default_write_threads(cpu_worker=device.startswith("cpu")))
+                       write_threads=cat.default_write_threads(cpu_worker=device.startswith("cpu")),
+                       part_format=part_format)
 
 
 def read_block(store_path: str, survey: str, shard: int, *, device: str = "cpu", engine: str = "auto") -> dict:
@@ -359,12 +361,13 @@ def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch
 
 
 def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list, *, started: float | None = None,
-                write_threads: int | None = None) -> dict:
+                write_threads: int | None = None, part_format: str = "parquet") -> dict:
     """Stage 3: flags, the catalog table, its part files, the rejects and the done marker of an
     :func:`infer_block` result. Returns the block summary (see :func:`predict_block`); ``seconds`` is
     from ``started`` (this process's ``perf_counter``) or, across processes, the sum of the stages.
-    ``write_threads``: as in :func:`~catalogpred.catalog.write_fragment` (default: a GPU or I/O worker's,
-    :func:`~catalogpred.catalog.default_write_threads`)."""
+    ``write_threads``, ``part_format``: as in :func:`~catalogpred.catalog.write_fragment` (default threads: a GPU
+    or I/O worker's, :func:`~catalogpred.catalog.default_write_threads`; ``arrow`` where the leaves are merged after
+    the last block). The done marker records the format."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     t0 = time.perf_counter()
@@ -443,30 +446,32 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
         schema = _schema(tuple(schema_columns))
         table = pa.Table.from_pydict(cols, schema=schema)
         tw = time.perf_counter()
-        pixels = cat.write_fragment(catalog_path, table, order, key, write_threads=write_threads)
+        pixels = cat.write_fragment(catalog_path, table, order, key, write_threads=write_threads,
+                                    part_format=part_format)
         t_write = time.perf_counter() - tw
         n_rows = table.num_rows
     rejects_table = pa.concat_tables([t.cast(cat.REJECTS_SCHEMA) for t in rejects])
     tw = time.perf_counter()
     cat.write_block_done(catalog_path, key, {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
-                                             "pixels": {str(k): v for k, v in pixels.items()}}, rejects_table)
+                                             "pixels": {str(k): v for k, v in pixels.items()},
+                                             "part_format": part_format}, rejects_table)
     t_write += time.perf_counter() - tw
     now = time.perf_counter()
     dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
                "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine"),
-               "write_threads": write_threads, "worker": worker_address()}
+               "write_threads": write_threads, "part_format": part_format, "worker": worker_address()}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary
 
 
-def merge_leaf(catalog_path: str, order: int, pixel: int, blocks: list[str]) -> dict:
+def merge_leaf(catalog_path: str, order: int, pixel: int, blocks: list[str], one_file: bool = True) -> dict:
     """One leaf's part files merged into one file after the last block (:func:`catalogpred.catalog.merge_leaf`):
     its summary, with ``seconds`` and ``worker``."""
     t0 = time.perf_counter()
-    out = cat.merge_leaf(catalog_path, order, pixel, blocks)
+    out = cat.merge_leaf(catalog_path, order, pixel, blocks, one_file=one_file)
     out.update(seconds=time.perf_counter() - t0, worker=worker_address())
     log.info("stage=merge leaf=%d files=%d rows=%s s=%.2f", pixel, out["merged"], out["rows"], out["seconds"])
     return out

@@ -472,16 +472,21 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
     pytest.importorskip("tensorstore")
     before = sys.getswitchinterval()
     monkeypatch.setitem(mod.SIZES, "quick", dict(mod.SIZES["quick"], n_large=2 * 4096, switch_ms=(5.0, 0.5),
-                                                 write_threads=(None, 1), procs=(1, 2)))
+                                                 write_threads=(None, 1), part_formats=("arrow", "parquet"),
+                                                 procs=(1, 2)))
     monkeypatch.delenv("CATALOGPRED_WRITE_THREADS", raising=False)
     rows = mod.run("cpu", True, None, tmp_path, None, ["reader", "host"])
     assert sys.getswitchinterval() == before and "CATALOGPRED_WRITE_THREADS" not in os.environ
     host = [r for r in rows if r["name"].startswith("host side of")]
-    assert len(host) == 12 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
+    assert len(host) == 14 and all(r["value"] > 0 and "ms per block: read" in r["note"] for r in host)
     assert sum("2 block thread(s), reader tensorstore, switch interval 0.5 ms" in r["name"] for r in host) == 1
+    assert all(", arrow part files from " in r["name"] for r in host[:8])  # predict's, where it merges
     # then one writer thread: with TensorStore (the default reader) at the first switch interval, 1 and 2 blocks
-    assert [r["name"].split(":")[1].split(" (")[0] for r in host[-4:-2]] == [
-        f" {t} block thread(s), reader tensorstore, switch interval 5 ms, part files from 1 thread(s)" for t in (1, 2)]
+    assert [r["name"].split(":")[1].split(" (")[0] for r in host[-6:-4]] == [
+        f" {t} block thread(s), reader tensorstore, switch interval 5 ms, arrow part files from 1 thread(s)"
+        for t in (1, 2)]
+    # then Parquet part files (predict --no-merge's)
+    assert all(", parquet part files from " in r["name"] for r in host[-4:-2])
     # then two worker processes (spawned, each with its share of the shards), 1 and 2 block threads each
     assert [r["name"].split(", reader")[0] for r in host[-2:]] == [
         f"host side of 2 GPU worker processes, {t} block thread(s) each" for t in (1, 2)]
@@ -492,7 +497,11 @@ def test_bench_gpu_reader_and_host_parts_on_the_cpu(tmp_path, monkeypatch):
     assert fin[1]["baseline"] == fin[0]["value"]
     # then predict's merge of the leaves' part files, and finalize after it
     merge = [r for r in rows if r["name"].startswith("merge: ") or r["name"].startswith("finalize after the merge")]
-    assert len(merge) == 2 and all(r["value"] > 0 for r in merge) and " part files into " in merge[0]["name"]
+    assert len(merge) == 4 and all(r["value"] > 0 for r in merge)
+    n = merge[0]["name"].split()[1]  # part files merged: the same number from Parquet (the baseline) and from Arrow
+    assert merge[0]["name"].startswith(f"merge: {n} parquet part files into ") and int(n) > 0
+    assert merge[1]["name"].startswith(f"merge: {n} arrow part files into ")
+    assert merge[1]["baseline"] == merge[0]["value"]
     rows = [r for r in rows if r not in host and r not in fin and r not in merge]
     names = [r["name"] for r in rows]
     assert len(rows) == 6 and all(r["value"] > 0 and r["unit"] == "spectra/s" for r in rows)

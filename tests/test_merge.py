@@ -2,7 +2,8 @@
 ``pipeline.merge_leaves``): the rows, their order, the atomic protocol, and what finalize makes of merged leaves.
 
 Catalogs are written the way predict writes them (``bench/bench_query.py::build_catalog``: ``write_fragment``,
-done markers, ``finalize_catalog``), without a model.
+done markers, ``finalize_catalog``), without a model: with Parquet part files (``predict --no-merge``, then merged) or
+Arrow ones (what ``predict`` writes when it merges: finalize refuses them until they are merged).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import bench_query
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,12 +25,18 @@ ORDER = 1
 N_ROWS, BLOCK_ROWS = 3000, 500  # 6 blocks, each with rows in most of the 48 leaves of order 1
 
 
-def _build(path: Path) -> tuple[list[str], dict]:
-    bench_query.build_catalog(path, N_ROWS, block_rows=BLOCK_ROWS, order=ORDER, vo_table=True)
+def _build(path: Path, part_format: str = "parquet") -> tuple[list[str], dict]:
+    bench_query.build_catalog(path, N_ROWS, block_rows=BLOCK_ROWS, order=ORDER, vo_table=True,
+                              part_format=part_format, finalize=part_format == "parquet")
     blocks = [f"bench-{b:06d}" for b in range(N_ROWS // BLOCK_ROWS)]
     kw = dict(catalog_name="c", order=ORDER, blocks=blocks, columns=bench_query._columns(), expected_inputs=N_ROWS,
               manifest={})
     return blocks, kw
+
+
+def _part(path: Path, pixel: int, block: str) -> str:
+    """Block ``block``'s part file in leaf ``pixel``, Arrow or Parquet."""
+    return cat._part_file(path, ORDER, pixel, block, os.path.exists)
 
 
 def _parts(path: Path) -> dict[str, list[int]]:
@@ -37,17 +45,26 @@ def _parts(path: Path) -> dict[str, list[int]]:
 
 def _files_by_leaf(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for f in sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*.parquet")):
+    for f in sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/[!._]*")):
         out.setdefault(f.parent.name, []).append(f.name)
     return out
 
 
 def _rows(path: Path):
-    return pq.ParquetDataset(path / cat.DATASET_DIR).read().sort_by("source_id")
+    """Every row of the catalog's data files, Parquet or Arrow, sorted by source_id."""
+    files = sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/[!._]*"))
+    return pa.concat_tables(cat._read_whole(str(f)).replace_schema_metadata(None) for f in files).sort_by("source_id")
+
+
+@pytest.fixture(params=["parquet", "arrow"])
+def unmerged(tmp_path, request) -> tuple[Path, list[str], dict]:
+    path = tmp_path / "catalog"
+    blocks, kw = _build(path, request.param)
+    return path, blocks, kw
 
 
 @pytest.fixture
-def unmerged(tmp_path) -> tuple[Path, list[str], dict]:
+def unmerged_parquet(tmp_path) -> tuple[Path, list[str], dict]:
     path = tmp_path / "catalog"
     blocks, kw = _build(path)
     return path, blocks, kw
@@ -60,9 +77,14 @@ def test_merging_leaves_keeps_every_row_once_in_one_sorted_file_per_leaf(unmerge
     before = _rows(path)
     by_leaf = _files_by_leaf(path)
     assert max(len(v) for v in by_leaf.values()) == len(blocks)  # a part file per block in a leaf
-    assert not is_valid_catalog(str(path), strict=True)  # hats' strict check wants one file per leaf
+    if (path / "hats.properties").exists():  # Parquet part files, finalized as they are (predict --no-merge)
+        assert not is_valid_catalog(str(path), strict=True)  # hats' strict check wants one file per leaf
+    else:
+        with pytest.raises(CatalogError, match=r"part files are Arrow files written to be merged .* run predict "
+                                               "again, without --no-merge"):
+            cat.finalize_catalog(path, **kw)
     todo = cat.leaves_to_merge(path, ORDER, _parts(path))
-    assert [p for p, _ in todo] == sorted(int(leaf.split("=")[1]) for leaf, f in by_leaf.items() if len(f) > 1)
+    assert [p for p, _ in todo] == sorted(int(leaf.split("=")[1]) for leaf in by_leaf)  # every leaf
     results = [cat.merge_leaf(path, ORDER, pixel, leaf_blocks) for pixel, leaf_blocks in todo]
     assert sum(r["rows"] for r in results) == sum(
         n for d in cat.read_block_done(path).values() for p, n in d["pixels"].items() if int(p) in dict(todo))
@@ -71,7 +93,7 @@ def test_merging_leaves_keeps_every_row_once_in_one_sorted_file_per_leaf(unmerge
     after = _files_by_leaf(path)
     assert set(after) == set(by_leaf)
     for leaf, files in after.items():
-        assert files == ([f"{leaf}.parquet"] if len(by_leaf[leaf]) > 1 else by_leaf[leaf]), leaf
+        assert files == [f"{leaf}.parquet"], leaf
     merged = sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/Npix=*.parquet"))
     for f in merged:
         t = pq.read_table(f)
@@ -110,17 +132,20 @@ def test_a_stopped_merge_is_finished_by_the_next_merge_or_by_finalize(unmerged):
     half = Path(cat.merged_path(path, ORDER, pixel)).with_name(f".Npix={pixel}.parquet.0123abcd.tmp")
     half.write_bytes(b"PAR1 half a merged file")
     assert (pixel, leaf_blocks) in cat.leaves_to_merge(path, ORDER, _parts(path))  # not counted as a data file
-    kept = {b: Path(cat.part_path(path, ORDER, pixel, b)).read_bytes() for b in leaf_blocks[:2]}
+    kept = {f: f.read_bytes() for f in (Path(_part(path, pixel, b)) for b in leaf_blocks[:2])}
     cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
-    for b, data in kept.items():  # as if the merge stopped before deleting them
-        Path(cat.part_path(path, ORDER, pixel, b)).write_bytes(data)
+    for f, data in kept.items():  # as if the merge stopped before deleting them
+        f.write_bytes(data)
     assert (pixel, leaf_blocks) in cat.leaves_to_merge(path, ORDER, _parts(path))
     again = cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
     assert (again["merged"], again["deleted"], again["rows"]) == (0, 2, None)
     assert _files_by_leaf(path)[f"Npix={pixel}"] == [f"Npix={pixel}.parquet"]
 
-    for b, data in kept.items():  # and again, with finalize next
-        Path(cat.part_path(path, ORDER, pixel, b)).write_bytes(data)
+    for pixel_, blocks_ in cat.leaves_to_merge(path, ORDER, _parts(path)):  # the other leaves
+        if pixel_ != pixel:
+            cat.merge_leaf(path, ORDER, pixel_, blocks_)
+    for f, data in kept.items():  # and again, with finalize next
+        f.write_bytes(data)
     assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
     assert _files_by_leaf(path)[f"Npix={pixel}"] == [f"Npix={pixel}.parquet"]
     assert len(_rows(path)) == N_ROWS and not half.exists()  # finalize deletes what a killed writer left
@@ -128,7 +153,8 @@ def test_a_stopped_merge_is_finished_by_the_next_merge_or_by_finalize(unmerged):
 
 def test_a_merged_leaf_takes_in_the_blocks_of_a_grown_store(unmerged):
     """A catalog whose store grew: new blocks write part files into leaves merged by the earlier run; the next merge
-    merges them with the merged file, and finalize before that merge counts both."""
+    merges them with the merged file. Finalize before that merge counts both (Parquet part files) or refuses the
+    Arrow ones."""
     path, blocks, kw = unmerged
     earlier = blocks[:4]
     done = cat.read_block_done(path)
@@ -136,7 +162,11 @@ def test_a_merged_leaf_takes_in_the_blocks_of_a_grown_store(unmerged):
         cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
     by_leaf = _files_by_leaf(path)
     assert any(len(v) > 1 and f"{leaf}.parquet" in v for leaf, v in by_leaf.items())  # merged + the newer blocks
-    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS  # a merged file and part files: both count
+    if any(f.endswith(".arrow") for v in by_leaf.values() for f in v):  # predict's: finalized once merged
+        with pytest.raises(CatalogError, match="Arrow files written to be merged"):
+            cat.finalize_catalog(path, **kw)
+    else:  # --no-merge part files next to merged files: both count
+        assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
     before = _rows(path)
     for pixel, leaf_blocks in cat.leaves_to_merge(path, ORDER, _parts(path)):
         r = cat.merge_leaf(path, ORDER, pixel, leaf_blocks)
@@ -152,10 +182,11 @@ def test_merge_and_finalize_refuse_what_the_run_did_not_write(unmerged):
     path, blocks, kw = unmerged
     pixel, leaf_blocks = cat.leaves_to_merge(path, ORDER, _parts(path))[0]
     leaf = Path(cat.pixel_dir(path, ORDER, pixel))
-    copy = Path(cat.part_path(path, ORDER, pixel, "bench-copy"))
-    shutil.copy(cat.part_path(path, ORDER, pixel, leaf_blocks[0]), copy)  # its rows written twice
+    src = Path(_part(path, pixel, leaf_blocks[0]))
+    copy = src.with_name(f"part-bench-copy{src.suffix}")
+    shutil.copy(src, copy)  # its rows written twice
     listing = sorted(os.listdir(leaf))
-    n = pq.read_metadata(copy).num_rows
+    n = cat._read_whole(str(copy)).num_rows
     with pytest.raises(CatalogError, match=f"leaf {pixel} holds {n} source_id values twice"):
         cat.merge_leaf(path, ORDER, pixel, leaf_blocks + ["bench-copy"])
     assert sorted(os.listdir(leaf)) == listing  # nothing written, nothing deleted
@@ -195,8 +226,9 @@ def test_the_merge_benchmark_runs(tmp_path, monkeypatch):
 
 
 def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unmerged, caplog):
-    """pipeline.merge_leaves on a real (in-process) Dask cluster: one task per leaf of several files; a leaf of more
-    than max_rows rows keeps its part files, with a warning naming the order that re-partitions the catalog."""
+    """pipeline.merge_leaves on a real (in-process) Dask cluster: one task per leaf; a leaf of more than max_rows
+    rows keeps its part files (Arrow ones rewritten as Parquet, one by one), with a warning naming the order that
+    re-partitions the catalog."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -204,6 +236,7 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
     from catalogpred.pipeline import merge_leaves
 
     path, blocks, kw = unmerged
+    arrow = bool(cat.arrow_part_files(path))
     rows: dict[int, int] = {}
     for d in cat.read_block_done(path).values():
         for p, n in d["pixels"].items():
@@ -223,6 +256,9 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
         f"predict --overwrite --order {ORDER + 1} re-partitions the catalog into smaller leaves"]
     by_leaf = _files_by_leaf(path)
     assert all(len(by_leaf[f"Npix={p}"]) > 1 for p in large)
+    assert all(f.startswith("part-") and f.endswith(".parquet") for p in large for f in by_leaf[f"Npix={p}"])
+    assert out["rewritten"] == (sum(len(by_leaf[f"Npix={p}"]) for p in large) if arrow else 0)
+    assert not cat.arrow_part_files(path)
     assert all(by_leaf[f"Npix={p}"] == [f"Npix={p}.parquet"] for p in several if p not in large)
     assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
 
@@ -238,3 +274,30 @@ def test_leaves_to_merge_and_finalize_take_a_path_spelled_any_way(unmerged, monk
         cat.merge_leaf(f"./{path.name}/", ORDER, pixel, leaf_blocks)
     assert cat.finalize_catalog(f"./{path.name}", **kw)["catalog_rows"] == N_ROWS
     assert cat.write_dataset_metadata(f"./{path.name}/", ORDER, _parts(path), kw["columns"])
+
+
+def test_arrow_and_parquet_part_files_merge_into_the_same_bytes(tmp_path):
+    """The merged leaf files do not depend on the part files' format: the same blocks written as Arrow (predict's,
+    when it merges) and as Parquet (predict --no-merge's, merged by a later run) merge into identical files, and a
+    leaf of one Arrow part file is written as its merged file too."""
+    made = {}
+    for fmt in ("arrow", "parquet"):
+        path = tmp_path / fmt
+        _build(path, fmt)
+        results = [cat.merge_leaf(path, ORDER, *leaf) for leaf in cat.leaves_to_merge(path, ORDER, _parts(path))]
+        assert all(r["file"] == cat.merged_path(path, ORDER, r["pixel"]) for r in results)
+        made[fmt] = {f.relative_to(path): f.read_bytes()
+                     for f in sorted((path / cat.DATASET_DIR).glob("Norder=*/Dir=*/Npix=*/*"))}
+    assert made["arrow"] == made["parquet"] and len(made["arrow"]) == 48  # every leaf of order 1
+
+    one = tmp_path / "one"  # one block: every leaf holds one part file
+    bench_query.build_catalog(one, 400, block_rows=400, order=ORDER, part_format="arrow", finalize=False)
+    todo = cat.leaves_to_merge(one, ORDER, _parts(one))
+    assert todo and all(len(b) == 1 for _, b in todo)
+    for leaf in todo:
+        assert cat.merge_leaf(one, ORDER, *leaf)["merged"] == 1
+    assert all(files == [f"{leaf}.parquet"] for leaf, files in _files_by_leaf(one).items())
+    blocks = sorted(_parts(one))
+    counts = cat.finalize_catalog(one, catalog_name="c", order=ORDER, blocks=blocks, columns=bench_query._columns(),
+                                  expected_inputs=400, manifest={})
+    assert counts["catalog_rows"] == 400

@@ -379,14 +379,15 @@ def _files_by_leaf(path) -> dict[str, list[str]]:
 
 def test_predict_merges_each_leaf_into_one_file_and_no_merge_keeps_the_part_files(syn_store, random_bundle,
                                                                                   cluster_client, reference, tmp_path):
-    """predict merges each leaf's part files into one file after the last block (the reference catalog: one file per
-    leaf, valid for hats' strict check). With merge=False the part files stay, with the same rows; predict again on
-    that catalog with merging predicts no block, merges the leaves, and gives the reference's files."""
+    """predict merges each leaf's part files (Arrow files) into one Parquet file after the last block (the reference
+    catalog: one file per leaf, valid for hats' strict check). With merge=False the part files are Parquet and stay,
+    with the same rows; predict again on that catalog with merging predicts no block, merges the leaves, and gives
+    the reference's files, with the same rows, values and metadata."""
     from hats.io.validation import is_valid_catalog
 
     ref = _files_by_leaf(reference)
-    assert all(len(files) == 1 for files in ref.values())
-    assert any(files == [f"{leaf}.parquet"] for leaf, files in ref.items())  # some leaves were merged
+    assert all(files == [f"{leaf}.parquet"] for leaf, files in ref.items())  # every leaf merged, hats' name
+    assert not list(Path(reference).glob("**/*.arrow"))
     assert is_valid_catalog(reference, strict=True)
     assert json.loads((Path(reference) / "run_manifest.json").read_text())["settings"]["merge_leaves"] is True
 
@@ -401,12 +402,41 @@ def test_predict_merges_each_leaf_into_one_file_and_no_merge_keeps_the_part_file
 
     merged = run_predict(syn_store, random_bundle, path, **kw)
     assert merged.blocks_skipped == merged.blocks
-    assert (merged.leaves_merged, merged.files_merged) == (len(several), sum(map(len, several.values())))
+    assert (merged.leaves_merged, merged.files_merged) == (len(parts), sum(map(len, parts.values())))
     assert _files_by_leaf(path) == ref
     for leaf, (name,) in ref.items():
         a, b = (pq.read_table(next((Path(p) / cat.DATASET_DIR).glob(f"Norder=*/Dir=*/{leaf}/{name}")))
                 for p in (path, reference))
         assert a.equals(b, check_metadata=True), leaf
+    assert_same_catalog(path, reference)
+
+
+def test_a_run_stopped_before_its_merge_is_finished_by_the_next_and_not_by_no_merge(
+        syn_store, random_bundle, cluster_client, reference, tmp_path, monkeypatch):
+    """A run stopped after its blocks, before its merge, leaves Arrow part files. predict --no-merge refuses them
+    (they are not a catalog's files) and says what to do; predict without it merges them and finalizes, running no
+    block again, and gives the reference catalog."""
+    from catalogpred.pipeline import predict as predict_mod
+
+    path = str(tmp_path / "catalog")
+    kw = dict(client=cluster_client[1], progress=False, torch_threads=1)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("stopped before the merge")
+
+    monkeypatch.setattr(predict_mod, "merge_leaves", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(syn_store, random_bundle, path, **kw)
+    monkeypatch.undo()
+    arrow = sorted(Path(path).glob(f"{cat.DATASET_DIR}/**/part-*.arrow"))
+    assert arrow and not list(Path(path).glob(f"{cat.DATASET_DIR}/**/*.parquet"))
+    assert all(d["part_format"] == "arrow" for d in cat.read_block_done(path).values())
+    with pytest.raises(ConfigError, match=f"--no-merge: {path} holds {len(arrow)} Arrow part files of an earlier "
+                                          "run.*run predict without --no-merge to finish it"):
+        run_predict(syn_store, random_bundle, path, merge=False, **kw)
+    done = run_predict(syn_store, random_bundle, path, **kw)
+    assert done.blocks_skipped == done.blocks and done.files_merged == len(arrow)
+    assert _files_by_leaf(path) == _files_by_leaf(reference)
     assert_same_catalog(path, reference)
 
 
@@ -467,7 +497,7 @@ def test_block_failing_on_every_retry_goes_to_rejects_then_resume_retries_it(
     manifest = json.loads((path / "run_manifest.json").read_text())
     assert list(manifest["failed_blocks"]) == [key]
     assert manifest["counts"]["rejects_by_reason"]["predict_error"] == SHARD_ROWS
-    assert not list((path / cat.DATASET_DIR).glob(f"**/part-{key}.parquet"))
+    assert not list((path / cat.DATASET_DIR).glob(f"**/part-{key}.*"))
     ref_ids = set(read_catalog(reference).column("source_id").to_pylist())
     got_ids = set(read_catalog(path).column("source_id").to_pylist())
     assert got_ids == ref_ids - {r["source_id"] for r in errs}

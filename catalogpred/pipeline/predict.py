@@ -335,6 +335,12 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     if read_engine not in store.READ_ENGINES:
         raise ConfigError(f"read engine must be one of {store.READ_ENGINES}, not {read_engine!r}")
     cat.default_write_threads()  # a bad $CATALOGPRED_WRITE_THREADS fails here, not in every block on the workers
+    # part files that the merge after the last block rewrites are Arrow IPC files: cheaper to write (in the GPU
+    # worker's block threads) and to read back than Parquet (cat.PART_FORMATS); without merging they are the
+    # catalog's Parquet files
+    part_format = "arrow" if merge else "parquet"
+    if not merge:
+        _check_no_arrow_parts(catalog_path)
     kwargs = dict(precision=precision, batch_size=batch_size, device=device, torch_threads=torch_threads,
                   compile=compile)
     args = [(str(store_path), s, sh, survey_bundle[s], catalog_path, order, columns) for s, sh in todo]
@@ -349,7 +355,7 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                               key=f"{key}-read", **io)
         pred = client.submit(infer_block, block, bundle_p, **kwargs, key=f"{key}-model", retries=2, pure=False,
                              resources=resources)
-        return client.submit(write_block, pred, catalog_p, order_, columns_, key=key, **io)
+        return client.submit(write_block, pred, catalog_p, order_, columns_, part_format=part_format, key=key, **io)
 
     # hats imports (and the VO table is built) while the blocks run rather than after them (set-up above is done)
     cat.import_finalize_deps_in_background(columns)
@@ -366,7 +372,8 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
         marker = cat.block_done_path(catalog_path, summary["block"])
         return None if os.path.exists(marker) else f"its done marker {marker} is not there"
 
-    results, errors = run_bounded(client, predict_block, args, {**kwargs, "read_engine": read_engine}, desc="predict",
+    results, errors = run_bounded(client, predict_block, args,
+                                  {**kwargs, "read_engine": read_engine, "part_format": part_format}, desc="predict",
                                   keys=keys, progress=progress, resources=resources, on_done=block_done,
                                   verify=visible, checked_workers=checked,
                                   on_new_workers=lambda addrs: retire_unfit_workers(client, addrs, shared),
@@ -445,6 +452,16 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     return summary
 
 
+def _check_no_arrow_parts(catalog_path: str) -> None:
+    """Refuse ``--no-merge`` on a catalog whose earlier run left Arrow part files to merge (it was stopped before
+    its merge): they are not a catalog's files until merged."""
+    arrow = cat.arrow_part_files(catalog_path)
+    if arrow:
+        raise ConfigError(f"--no-merge: {catalog_path} holds {len(arrow)} Arrow part files of an earlier run, to be "
+                          f"merged into their leaves' Parquet files (e.g. {arrow[0]}); run predict without --no-merge "
+                          "to finish it, or with --overwrite to start again")
+
+
 def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> None:
     """Whether predict may write ``catalog_path``: a new path, an empty directory, a catalog that predict made
     (resumed, or with ``overwrite`` replaced); never a file or another directory, and with ``overwrite`` never
@@ -469,21 +486,26 @@ MERGE_MAX_ROWS = 1_000_000
 def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, progress=None,
                  resources: dict | None = None, checked_workers=(), shared: list[str] | None = None,
                  max_rows: int = MERGE_MAX_ROWS) -> dict:
-    """Merge the part files of every HEALPix leaf (at ``order``) that holds more than one into one file, one Dask
-    task per leaf (:func:`catalogpred.tasks.merge_leaf`), once the ``blocks`` are done (their done markers say
-    which blocks have rows in which leaf). Returns ``{"leaves", "files", "rows", "seconds"}``: the leaves merged,
-    the files merged into them, their rows, and the task-seconds.
+    """Merge the part files of every HEALPix leaf (at ``order``) into one Parquet file, one Dask task per leaf
+    (:func:`catalogpred.tasks.merge_leaf`), once the ``blocks`` are done (their done markers say which blocks have
+    rows in which leaf). Returns ``{"leaves", "files", "rows", "seconds", "rewritten"}``: the leaves merged, the
+    files merged into them, their rows, the task-seconds, and the Arrow part files of too-large leaves rewritten.
 
     A block writes one part file per leaf it has rows in, so a run of tens of thousands of blocks leaves tens of
     thousands of small files; merging them is the reduce step of hats-import, done here after the blocks so that
     the blocks' writes stay independent and resumable. A leaf is merged atomically (its file is renamed into place,
     then its part files are deleted), so a run stopped while merging is finished by the next one.
 
-    A leaf of more than ``max_rows`` rows keeps its part files, with a warning that names the order that
-    re-partitions the catalog (a catalog grown far beyond the rows its order was chosen for).
+    The blocks of a merging run write their part files as Arrow IPC files (``part_format="arrow"``, cheaper to
+    write and to read back than Parquet: :data:`catalogpred.catalog.PART_FORMATS`). A leaf of one part file is written as its merged file too, so that every
+    leaf of the catalog is one Parquet file named as hats names it (``Npix=N.parquet``).
+
+    A leaf of more than ``max_rows`` rows keeps its part files (its Arrow ones each rewritten as Parquet), with a
+    warning that names the order that re-partitions the catalog (a catalog grown far beyond the rows its order was
+    chosen for). ``"rewritten"`` in the result counts those Arrow part files.
 
     Raises :class:`PipelineError` if a leaf fails on every retry (its part files are kept: the catalog is left
-    unfinalized, and re-running the same command, or with ``--no-merge``, finishes it).
+    unfinalized, and re-running the same command finishes it).
     """
     done = cat.read_block_done(catalog_path)
     parts = {b: done[b]["pixels"] for b in blocks if done.get(b, {}).get("pixels")}
@@ -499,10 +521,12 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
                     "part files: a merge holds its leaf in a worker's memory. predict --overwrite --order %d "
                     "re-partitions the catalog into smaller leaves", len(too_large), order, f"{max_rows:,d}",
                     too_large[0][0], f"{rows[too_large[0][0]]:,d}", order + 1)
-    if not todo:
-        return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0}
-    args = [(catalog_path, order, pixel, leaf_blocks) for pixel, leaf_blocks in todo]
-    keys = [f"merge-{pixel}-{os.urandom(4).hex()}" for pixel, _ in todo]
+    if not todo and not too_large:
+        return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0, "rewritten": 0}
+    # a too-large leaf: its Arrow part files (if any) rewritten as Parquet, one at a time
+    args = ([(catalog_path, order, pixel, leaf_blocks, True) for pixel, leaf_blocks in todo]
+            + [(catalog_path, order, pixel, leaf_blocks, False) for pixel, leaf_blocks in too_large])
+    keys = [f"merge-{a[2]}-{os.urandom(4).hex()}" for a in args]
 
     def visible(key, result) -> str | None:
         """None if the leaf's file is there as this client sees the catalog (its worker shares it)."""
@@ -516,13 +540,14 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
                                   resources=resources, verify=visible, checked_workers=checked_workers,
                                   on_new_workers=on_new, tasks_per_worker=threads)
     if errors:
-        raise PipelineError(f"merging {len(errors)} of {len(todo)} HEALPix leaves failed on every retry (e.g. "
+        raise PipelineError(f"merging {len(errors)} of {len(args)} HEALPix leaves failed on every retry (e.g. "
                             f"{next(iter(errors.values()))}); their part files are kept: re-run the same command "
-                            "to finish (or with --no-merge)")
+                            "to finish")
     return {"leaves": sum(1 for r in results.values() if r["merged"]),
             "files": sum(r["merged"] for r in results.values()),
-            "rows": sum(r["rows"] or 0 for r in results.values()),
-            "seconds": sum(r["seconds"] for r in results.values())}
+            "rows": sum(r["rows"] or 0 for r in results.values() if r["merged"]),
+            "seconds": sum(r["seconds"] for r in results.values()),
+            "rewritten": sum(r["rewritten"] for r in results.values())}
 
 
 def _earlier_settings(catalog_path) -> dict:
