@@ -20,8 +20,8 @@ file. Part files are written to a temporary name and renamed: a retried task
 overwrites, never duplicates. After the last block, :func:`merge_leaf` merges each leaf's
 part files into one Parquet file (the file lists the blocks it holds), so that a query opens one
 file per leaf, as in a catalog hats-import writes. Part files that will be merged are written
-in the Arrow IPC format (:data:`PART_FORMATS`): cheaper to write in the GPU worker and to read back. This module does no computation
-scheduling (no Dask).
+in the Arrow IPC format (:data:`PART_FORMATS`): cheaper to write in the GPU worker and to read
+back. This module does no computation scheduling (no Dask).
 
 Magnitudes are **Vega** (AllWISE ``w?mpro`` system); add 2.699, 3.339, 5.174, 6.620
 (W1..W4) for AB. χ convention: χ = (m_pred − m_obs)/sqrt(σ_pred² + σ_obs²).
@@ -828,9 +828,9 @@ def write_dataset_metadata(catalog_path, order: int, parts: dict[str, list[int]]
                            f"(e.g. {missing[:2]}); use --overwrite")
     unmerged = sorted(p for p in expected if p.endswith(PART_FORMATS["arrow"]))
     if unmerged:
-        raise CatalogError(f"{catalog_path}: {len(unmerged)} part files are Arrow files written to be merged into their "
-                           f"leaf's Parquet file (e.g. {unmerged[:2]}); run predict again, without --no-merge, to "
-                           "merge them")
+        raise CatalogError(f"{catalog_path}: {len(unmerged)} part files are Arrow files written to be merged into "
+                           f"their leaf's Parquet file (e.g. {unmerged[:2]}); run predict again, without --no-merge, "
+                           "to merge them")
     paths = sorted(expected, key=expected.get)  # by pixel, then block (a merged file first): as hats orders _metadata
     footers = footers or {}
     known = {p: footers[p] for p in paths if p in footers and footers[p].stat == found[p]}

@@ -497,8 +497,9 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
     then its part files are deleted), so a run stopped while merging is finished by the next one.
 
     The blocks of a merging run write their part files as Arrow IPC files (``part_format="arrow"``, cheaper to
-    write and to read back than Parquet: :data:`catalogpred.catalog.PART_FORMATS`). A leaf of one part file is written as its merged file too, so that every
-    leaf of the catalog is one Parquet file named as hats names it (``Npix=N.parquet``).
+    write and to read back than Parquet: :data:`catalogpred.catalog.PART_FORMATS`). A leaf of one part file is
+    written as its merged file too, so that every leaf of the catalog is one Parquet file named as hats names it
+    (``Npix=N.parquet``).
 
     A leaf of more than ``max_rows`` rows keeps its part files (its Arrow ones each rewritten as Parquet), with a
     warning that names the order that re-partitions the catalog (a catalog grown far beyond the rows its order was
