@@ -232,6 +232,11 @@ def part_path(catalog_path, order: int, pixel: int, block_key: str, part_format:
                         f"part-{block_key}{PART_FORMATS[part_format]}")
 
 
+def _part_paths(catalog_path, order: int, pixel: int, block_key: str) -> list[str]:
+    """Block ``block_key``'s part file in leaf ``pixel`` in each of :data:`PART_FORMATS`."""
+    return [part_path(catalog_path, order, pixel, block_key, f) for f in PART_FORMATS]
+
+
 def _part_file(catalog_path, order: int, pixel: int, block_key: str, exists) -> str:
     """Block ``block_key``'s part file in leaf ``pixel``: the Arrow one if ``exists(path)`` says it is there, else the
     Parquet one (which may be missing too)."""
@@ -365,8 +370,7 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
             if block not in held:
                 expected[_part_file(catalog_path, order, pixel, block, found.__contains__)] = (pixel, block)
             else:
-                leftovers += [p for p in (part_path(catalog_path, order, pixel, block, f) for f in PART_FORMATS)
-                              if p in found]
+                leftovers += [p for p in _part_paths(catalog_path, order, pixel, block) if p in found]
     return expected, leftovers
 
 
@@ -428,19 +432,20 @@ def merge_leaf(catalog_path, order: int, pixel: int, blocks: list[str], *, one_f
     import pyarrow.compute as pc
 
     target = merged_path(catalog_path, order, pixel)
-    held = merged_blocks(target) if os.path.exists(target) else []
+    leaf = os.path.dirname(target)  # listed once: each block's file is looked up in it, in either format
+    present = {os.path.join(leaf, name) for name in os.listdir(leaf)} if os.path.isdir(leaf) else set()
+    held = merged_blocks(target) if target in present else []
     stray = sorted(set(held) - set(blocks))
     if stray:
         raise CatalogError(f"{target} holds rows of blocks that are not finished blocks of this run "
                            f"(e.g. {stray[:3]}); use --overwrite")
     new_blocks = sorted(set(blocks) - set(held))
-    new = [_part_file(catalog_path, order, pixel, b, os.path.exists) for b in new_blocks]
-    missing = [p for p in new if not os.path.exists(p)]
+    new = [_part_file(catalog_path, order, pixel, b, present.__contains__) for b in new_blocks]
+    missing = [p for p in new if p not in present]
     if missing:
         raise CatalogError(f"{catalog_path}: {len(missing)} part files of finished blocks are missing "
                            f"(e.g. {missing[:2]}); use --overwrite")
-    leftovers = [p for b in held for p in (part_path(catalog_path, order, pixel, b, f) for f in PART_FORMATS)
-                 if os.path.exists(p)]
+    leftovers = [p for b in held for p in _part_paths(catalog_path, order, pixel, b) if p in present]
     if not one_file:
         return _rewrite_as_parquet(pixel, new, leftovers)
     if not new:  # merged already (perhaps with leftovers), or no rows
