@@ -85,6 +85,28 @@ def test_bundle_round_trip(tmp_path):
         infer(model, np.zeros((2, 100), np.float32), np.zeros(2), np.ones(2))
 
 
+def test_infer_calls_after_batch_once_per_batch_and_changes_nothing(tmp_path):
+    """CPU blocks trim freed memory after each encoder batch through this hook (catalogpred.tasks.infer_block)."""
+    from catalogpred.tasks import _trim_freed_memory
+
+    torch.manual_seed(2)
+    save_bundle(tmp_path / "m", SpectrumEncoder().eval(), IRHead().eval(), name="t", version="1", grid=SDSS_GRID,
+                card=ModelCard(kind="demo", summary="s"))
+    model = load_bundle(tmp_path / "m")
+    x = np.random.default_rng(3).normal(1, 0.1, (5, SDSS_GRID.n_pix)).astype(np.float32)
+    z, norm = np.full(5, 0.1), np.full(5, 10.0)
+    calls = []
+
+    def hook():
+        calls.append(1)
+        _trim_freed_memory()
+
+    got = infer(model, x, z, norm, batch_size=2, after_batch=hook)
+    assert len(calls) == 3  # batches of 2, 2 and 1 rows
+    for a, b in zip(got, infer(model, x, z, norm, batch_size=2)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_head_fit_is_calibrated_on_heteroscedastic_synthetic_data():
     rng = np.random.default_rng(0)
     n = 12000

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -320,10 +321,12 @@ def encode(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int = 256,
 
 
 def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size: int, precision: str,
-                      device: str, impl: str = "auto", compile: bool = False) -> torch.Tensor:
+                      device: str, impl: str = "auto", compile: bool = False,
+                      after_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Latents as a float32 tensor on ``device``: the block moves there once (one host-to-device copy
     on CUDA; on the CPU the batches are views of ``flux``), then batches are slices of it. With
-    ``compile`` the batches go through :func:`_compiled_forward` (the last one padded to ``batch_size``)."""
+    ``compile`` the batches go through :func:`_compiled_forward` (the last one padded to ``batch_size``).
+    ``after_batch`` is called after each batch, its activations freed (see :func:`infer`)."""
     if precision not in ("fp32", "bf16"):
         raise BundleError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if flux.ndim != 2 or flux.shape[1] != encoder.n_pix:
@@ -350,11 +353,15 @@ def _encode_on_device(encoder: SpectrumEncoder, flux: np.ndarray, *, batch_size:
             y = x[lo:lo + batch_size]
             s = fn(_padded(y, batch_size))[:len(y)] if fn is not None else _forward(encoder, y, impl, precision)
             out[lo:lo + len(s)] = s.float()
+            del s
+            if after_batch is not None:
+                after_batch()
     return out
 
 
 def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray, *, batch_size: int = 256,
-          precision: str = "fp32", with_ood: bool = False, compile: bool = False):
+          precision: str = "fp32", with_ood: bool = False, compile: bool = False,
+          after_batch: Callable[[], None] | None = None):
     """Run encoder and head on normalised spectra.
 
     Parameters
@@ -370,6 +377,9 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
     compile : bool
         Run the encoder through ``torch.compile`` (compiled once per process and batch size; the
         same latents to float32 rounding). Falls back to eager, with a warning, where it cannot compile.
+    after_batch : callable, optional
+        Called with no arguments after each encoder batch, once its activations are freed: a CPU worker
+        hands the freed memory back to the OS there (:func:`catalogpred.tasks.infer_block`).
 
     Returns
     -------
@@ -380,7 +390,7 @@ def infer(model: LoadedModel, flux: np.ndarray, z: np.ndarray, norm: np.ndarray,
         raise BundleError(f"flux has shape {flux.shape}, the model expects [n, {model.info.grid.n_pix}] "
                           f"({model.info.grid.name} grid)")
     lat_dev = _encode_on_device(model.encoder, flux, batch_size=batch_size, precision=precision, device=model.device,
-                               compile=compile)
+                               compile=compile, after_batch=after_batch)
     lat = lat_dev.cpu().numpy()
     ood = ood_score(lat, model.info.ood) if (with_ood and model.info.ood) else None
     if model.head is None:
