@@ -231,7 +231,7 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
     re-partitions the catalog."""
     import logging
 
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     from catalogpred.pipeline import merge_leaves
 
@@ -247,13 +247,20 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
     assert large
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client, caplog.at_level(logging.WARNING, logger="catalogpred.pipeline"):
-        out = merge_leaves(client, str(path), ORDER, blocks, progress=False, max_rows=cap)
+        with get_task_stream(client) as first:
+            out = merge_leaves(client, str(path), ORDER, blocks, progress=False, max_rows=cap)
+        # again: the too-large leaves now hold Parquet part files only, final as they are, so no merge task runs
+        with get_task_stream(client) as second:
+            again = merge_leaves(client, str(path), ORDER, blocks, progress=False, max_rows=cap)
+    merges = [[t for t in s.data if str(t["key"]).startswith("merge-")] for s in (first, second)]
+    assert len(merges[0]) == len(several) - len(large) + (len(large) if arrow else 0)
+    assert merges[1] == [] and again == {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0, "rewritten": 0}
     assert out["leaves"] == len(several) - len(large)
     assert out["rows"] == sum(rows[p] for p in several if p not in large)
-    assert [r.getMessage() for r in caplog.records if "keep their part files" in r.getMessage()] == [
+    assert [r.getMessage() for r in caplog.records if "keep their part files" in r.getMessage()] == 2 * [
         f"{len(large)} HEALPix leaves at order {ORDER} hold more than {cap:,d} rows each (e.g. leaf {large[0]}: "
         f"{rows[large[0]]:,d} rows) and keep their part files: a merge holds its leaf in a worker's memory. "
-        f"predict --overwrite --order {ORDER + 1} re-partitions the catalog into smaller leaves"]
+        f"predict --overwrite --order {ORDER + 1} re-partitions the catalog into smaller leaves"]  # at each merge
     by_leaf = _files_by_leaf(path)
     assert all(len(by_leaf[f"Npix={p}"]) > 1 for p in large)
     assert all(f.startswith("part-") and f.endswith(".parquet") for p in large for f in by_leaf[f"Npix={p}"])

@@ -517,16 +517,21 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
     todo, too_large = [], []
     for pixel, leaf_blocks in cat.leaves_to_merge(catalog_path, order, parts):
         (todo if rows[pixel] <= max_rows else too_large).append((pixel, leaf_blocks))
+    # a too-large leaf of Parquet part files only is final as it is: no task (paths spelled as the listing spells
+    # them: Path drops a "./" and a trailing "/")
+    with_arrow = {os.path.dirname(p) for p in cat.arrow_part_files(catalog_path)} if too_large else set()
+    to_rewrite = [(pixel, b) for pixel, b in too_large
+                  if os.path.dirname(cat.merged_path(Path(catalog_path), order, pixel)) in with_arrow]
     if too_large:
         log.warning("%d HEALPix leaves at order %d hold more than %s rows each (e.g. leaf %d: %s rows) and keep their "
                     "part files: a merge holds its leaf in a worker's memory. predict --overwrite --order %d "
                     "re-partitions the catalog into smaller leaves", len(too_large), order, f"{max_rows:,d}",
                     too_large[0][0], f"{rows[too_large[0][0]]:,d}", order + 1)
-    if not todo and not too_large:
+    if not todo and not to_rewrite:
         return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0, "rewritten": 0}
-    # a too-large leaf: its Arrow part files (if any) rewritten as Parquet, one at a time
+    # a too-large leaf with Arrow part files: each rewritten as Parquet, one at a time
     args = ([(catalog_path, order, pixel, leaf_blocks, True) for pixel, leaf_blocks in todo]
-            + [(catalog_path, order, pixel, leaf_blocks, False) for pixel, leaf_blocks in too_large])
+            + [(catalog_path, order, pixel, leaf_blocks, False) for pixel, leaf_blocks in to_rewrite])
     keys = [f"merge-{a[2]}-{os.urandom(4).hex()}" for a in args]
 
     def visible(key, result) -> str | None:
