@@ -374,12 +374,15 @@ def expected_files(catalog_path, order: int, parts: dict[str, list[int]],
     return expected, leftovers
 
 
-def leaves_to_merge(catalog_path, order: int, parts: dict[str, list[int]]) -> list[tuple[int, list[str]]]:
-    """``[(pixel, its blocks)]`` of the leaves that hold a part file now, for :func:`merge_leaf`, from ``parts``
-    (block key -> its HEALPix pixels at ``order``: the done markers'). A leaf of its merged file alone is done."""
+def leaves_to_merge(catalog_path, order: int, parts: dict[str, list[int]], *,
+                    part_format: str | None = None) -> list[tuple[int, list[str]]]:
+    """``[(pixel, its blocks)]`` of the leaves that hold a part file now (of ``part_format`` only, if given: a key
+    of :data:`PART_FORMATS`), for :func:`merge_leaf`, from ``parts`` (block key -> its HEALPix pixels at ``order``:
+    the done markers'). A leaf of its merged file alone is done."""
     catalog_path = Path(catalog_path)  # spelled as _listed_files spells what it finds ("./c/" -> "c")
+    suffix = PART_FORMATS[part_format] if part_format else ""
     with_parts = {os.path.dirname(path) for path in _listed_files(catalog_path / DATASET_DIR)
-                  if os.path.basename(path).startswith("part-")}
+                  if os.path.basename(path).startswith("part-") and path.endswith(suffix)}
     return [(pixel, sorted(blocks)) for pixel, blocks in sorted(_pixel_blocks(parts).items())
             if os.path.dirname(merged_path(catalog_path, order, pixel)) in with_parts]
 

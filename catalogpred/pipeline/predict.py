@@ -517,11 +517,10 @@ def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, pr
     todo, too_large = [], []
     for pixel, leaf_blocks in cat.leaves_to_merge(catalog_path, order, parts):
         (todo if rows[pixel] <= max_rows else too_large).append((pixel, leaf_blocks))
-    # a too-large leaf of Parquet part files only is final as it is: no task (paths spelled as the listing spells
-    # them: Path drops a "./" and a trailing "/")
-    with_arrow = {os.path.dirname(p) for p in cat.arrow_part_files(catalog_path)} if too_large else set()
-    to_rewrite = [(pixel, b) for pixel, b in too_large
-                  if os.path.dirname(cat.merged_path(Path(catalog_path), order, pixel)) in with_arrow]
+    # a too-large leaf of Parquet part files only is final as it is: no task
+    with_arrow = {p for p, _ in cat.leaves_to_merge(catalog_path, order, parts, part_format="arrow")} if too_large \
+        else set()
+    to_rewrite = [(pixel, b) for pixel, b in too_large if pixel in with_arrow]
     if too_large:
         log.warning("%d HEALPix leaves at order %d hold more than %s rows each (e.g. leaf %d: %s rows) and keep their "
                     "part files: a merge holds its leaf in a worker's memory. predict --overwrite --order %d "
