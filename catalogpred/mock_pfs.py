@@ -38,8 +38,7 @@ wavelength WCS ``CTYPE1='WAVE'``, ``CUNIT1='nm'``, ``CRVAL1`` = mid-λ, ``CRPIX1
 TRACT, PATCH, OBJID, RA, DEC, TARGETTYPE), SKY, COVAR (image 3×N), COVAR2, OBSERVATIONS, NOTES,
 FLUX_TABLE. The spectrum is sampled on the datamodel's ``WavelengthArray``, ``linspace(min, max, N)``,
 which that WCS describes as the datamodel reads it (0-based ``pixel_to_world(1.0 .. N)``: element i at
-FITS pixel i + 2; :func:`catalogpred.surveys.pfs.wcs_wavelength_angstrom`). The noise is drawn pixel by
-pixel, so COVAR's off-diagonal rows are 0; its diagonal is the variance of that noise.
+FITS pixel i + 2; :func:`catalogpred.surveys.pfs.wcs_wavelength_angstrom`).
 
 :func:`write_pfs_cozcandidates` — ``pfsCoZCandidates-%05d.fits`` % catId, as drp_1dpipe writes it:
 TARGET (targetId, catId, tract, patch, objId, nVisit, visitHash, ra, dec, targetType), WARNINGS,
@@ -58,7 +57,11 @@ absorption and emission lines, AGN, dust, redshift, distance), at PFS resolution
 in b/r/n) and a 1.05″ fibre, converted from F_λ to F_ν in nJy. Flux standards are 5500–7500 K
 blackbodies with Balmer and Ca absorption at AB 17–19; sky fibres hold sky-subtraction residuals.
 The noise is sky + source dominated (σ ≈ 250 nJy per 0.08 nm pixel in the optical sky continuum),
-larger at the arm ends and in the near-IR sky lines.
+larger at the arm ends and in the near-IR sky lines. It is drawn as the PFS pipeline makes it
+(:func:`arm_resampled_noise`): independently on each arm's native pixels (:data:`_ARM_STEP_NM`), then
+linearly interpolated onto the file's grid, as drp_stella's ``interpolateFlux`` resamples the arms. That
+correlates neighbouring pixels, and COVAR holds the exact variance and +1, +2 covariances of the noise drawn
+(rows 0, 1, 2; NaN or 0 where NO_DATA is, as the flux); COVAR2 the variances of 10 coarse-bin means.
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ __all__ = [
     "PFS_WAVE_NM",
     "plan_pfs_targets",
     "render_pfs_spectrum",
+    "arm_resampled_noise",
     "write_pfs_coadd",
     "write_pfs_object",
     "write_pfs_cozcandidates",
@@ -395,6 +399,68 @@ def _mask_bit(planes: dict, name: str) -> int:
     return 1 << planes[name] if name in planes else 0
 
 
+def arm_resampled_noise(wave_nm: np.ndarray, var: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noise on ``wave_nm`` as the PFS pipeline makes it, and its exact banded covariance.
+
+    Each arm's noise is drawn independently on that arm's native pixels (:data:`_ARM_STEP_NM` nm apart from
+    the arm's blue end), then linearly interpolated onto ``wave_nm``, as drp_stella's ``interpolateFlux``
+    resamples an arm. An output pixel between native pixels k and k+1 at fraction t gets
+    ``(1 - t) e_k + t e_k+1``; two output pixels that interpolate from a common native pixel are correlated.
+    Pixels take the arm :func:`_arm_of` gives them (the bluer one in overlaps: no covariance across an arm
+    boundary); pixels outside every arm get independent noise of variance ``var``.
+
+    Parameters
+    ----------
+    wave_nm : float64 [N]
+        Increasing output wavelengths (nm).
+    var : float64 [N]
+        Variance per output pixel (nJy²) that the noise should have; the native pixels get ``var``
+        (interpolated) divided by the arm's mean of ``(1 - t)² + t²``, so the output variance has this
+        level on average and beats with t about it.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    noise : float64 [N]
+        nJy.
+    band : float64 [3, N]
+        ``band[0]`` the variance of ``noise``, ``band[L, j] = Cov(noise_j, noise_j+L)`` for L = 1, 2 (0 for the
+        last L pixels): the rows of PFS COVAR, exact for the process drawn.
+    """
+    wave_nm = np.asarray(wave_nm, np.float64)
+    var = np.asarray(var, np.float64)
+    n = wave_nm.size
+    noise = np.zeros(n)
+    band = np.zeros((3, n))
+    arm = _arm_of(wave_nm)
+    outside = arm == ""
+    noise[outside] = np.sqrt(var[outside]) * rng.standard_normal(int(outside.sum()))
+    band[0, outside] = var[outside]
+    for a, (lo, hi) in ARMS_NM.items():
+        idx = np.flatnonzero(arm == a)  # contiguous: the arms are intervals and wave_nm increases
+        if idx.size == 0:
+            continue
+        step = _ARM_STEP_NM[a]
+        native = lo + step * np.arange(int(math.ceil((hi - lo) / step)) + 2)
+        k = np.clip(np.floor((wave_nm[idx] - lo) / step).astype(np.int64), 0, native.size - 2)
+        t = (wave_nm[idx] - native[k]) / step
+        weights = (1.0 - t, t)  # of native pixels k and k + 1
+        v = np.interp(native, wave_nm[idx], var[idx]) / np.mean(weights[0] ** 2 + weights[1] ** 2)
+        e = np.sqrt(v) * rng.standard_normal(native.size)
+        noise[idx] = weights[0] * e[k] + weights[1] * e[k + 1]
+        band[0, idx] = weights[0] ** 2 * v[k] + weights[1] ** 2 * v[k + 1]
+        for lag in (1, 2):  # Σ over native pixels m shared by j and j + lag of w_j(m) w_j+lag(m) v_m
+            if idx.size <= lag:
+                continue
+            c = np.zeros(idx.size - lag)
+            for da, wa in enumerate(weights):
+                for db, wb in enumerate(weights):
+                    m = k[:-lag] + da
+                    c += np.where(m == k[lag:] + db, wa[:-lag] * wb[lag:] * v[m], 0.0)
+            band[lag, idx[:-lag]] = c
+    return noise, band
+
+
 def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *, mask_planes: dict | None = None,
                         nan_no_data: bool | None = None) -> dict:
     """Compute one PFS spectrum (what the writers put in FLUX, MASK, SKY, COVAR).
@@ -414,7 +480,8 @@ def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *,
     dict
         ``flux`` f4 [N] nJy (noisy; NaN or 0 on NO_DATA), ``mask`` i4 [N], ``covar`` f4 [3, N]
         (variance nJy², +1 and +2 off-diagonals), ``sky`` f4 [N] nJy, ``model`` f8 [N] nJy (noise-free),
-        ``variance`` f8 [N] (= covar[0], NaN/0 on NO_DATA), ``sigma`` f8 [N] (finite everywhere).
+        ``variance`` f8 [N] (= covar[0], NaN/0 on NO_DATA), ``sigma`` f8 [N] (finite everywhere), ``band`` f8
+        [3, N] (the noise's variance and +1, +2 covariances everywhere, NO_DATA pixels included).
     """
     wave_nm = PFS_WAVE_NM if wave_nm is None else np.asarray(wave_nm, np.float64)
     planes = dict(MASK_PLANES if mask_planes is None else mask_planes)
@@ -429,8 +496,9 @@ def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *,
     finite_thru = np.where(np.isfinite(thru), thru, 6.0)
     # sky-line residuals (1 % of the line) are part of the noise the variance describes
     var = target.noise_scale * (7.0 * (sky + np.clip(model, 0, None)) + 80.0**2) * finite_thru + (0.01 * sky_lines) ** 2
-    sigma = np.sqrt(var)
-    flux = model + sigma * rng.standard_normal(n)
+    noise, band = arm_resampled_noise(wave_nm, var, rng)
+    sigma = np.sqrt(band[0])  # the exact standard deviation of the noise drawn
+    flux = model + noise
 
     mask = np.zeros(n, np.int64)
     no_data = ~np.isfinite(thru)
@@ -458,15 +526,18 @@ def render_pfs_spectrum(target: PfsTarget, wave_nm: np.ndarray | None = None, *,
         i = int(rng.integers(n // 4, 3 * n // 4))
         flux[i] = np.nan
         mask[i] |= _mask_bit(planes, "UNMASKEDNAN")
-    variance = var.copy()
-    flux[no_data] = np.nan if nan_no_data else 0.0
-    variance[no_data] = np.nan if nan_no_data else 0.0
-    covar = np.zeros((3, n), np.float64)
-    covar[0] = variance  # the noise is drawn pixel by pixel: no covariance with neighbours (rows 1 and 2)
+    fill = np.nan if nan_no_data else 0.0
+    flux[no_data] = fill
+    covar = band.copy()
+    for lag in range(3):  # no variance on NO_DATA pixels, nor covariance with them
+        covar[lag, no_data] = fill
+        if lag:
+            covar[lag, :-lag][no_data[lag:]] = fill
+    variance = covar[0].copy()
     if mask.max(initial=0) >= 1 << 31:
         raise ValueError("mask planes must use bits 0..30 (MASK is int32)")
     return {"flux": flux.astype(np.float32), "mask": mask.astype(np.int32), "covar": covar.astype(np.float32),
-            "sky": sky.astype(np.float32), "model": model, "variance": variance, "sigma": sigma}
+            "sky": sky.astype(np.float32), "model": model, "variance": variance, "sigma": sigma, "band": band}
 
 
 # ----------------------------------------------------------------------------------------------- HDU helpers
@@ -567,10 +638,15 @@ def _atomic_write(hdul, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _covar2(variance: np.ndarray) -> np.ndarray:
-    v = np.where(np.isfinite(variance), variance, 0.0)
-    chunks = np.array_split(v, _NCOARSE)
-    d = np.array([c.mean() / max(len(c), 1) for c in chunks])
+def _covar2(covar: np.ndarray) -> np.ndarray:
+    """COVAR2 [NCOARSE, NCOARSE] from COVAR [3, N]: on the diagonal the variance of the mean of each of
+    :data:`_NCOARSE` coarse bins (the banded covariance included), small correlations off it."""
+    c = np.where(np.isfinite(covar), covar, 0.0).astype(np.float64)
+    d = []
+    for idx in np.array_split(np.arange(c.shape[1]), _NCOARSE):
+        total = c[0, idx].sum() + 2.0 * c[1, idx[:-1]].sum() + 2.0 * c[2, idx[:-2]].sum()
+        d.append(total / max(len(idx), 1) ** 2)
+    d = np.array(d)
     c2 = 0.05 * np.sqrt(np.outer(d, d))
     np.fill_diagonal(c2, d)
     return c2.astype(np.float32)
@@ -707,7 +783,7 @@ def write_pfs_coadd(path: str | os.PathLike, targets: list[PfsTarget], *, kind: 
     hdus.append(component("sky", "SKY", "E", "nJy"))
     hdus.append(BinTableHDU.from_columns(
         [Column(f"row_{i}", "PE()", array=[r["covar"][i] for r in rendered]) for i in range(3)], name="COVAR"))
-    hdus.append(ImageHDU(data=np.array([_covar2(r["variance"]) for r in rendered]), name="COVAR2"))
+    hdus.append(ImageHDU(data=np.array([_covar2(r["covar"]) for r in rendered]), name="COVAR2"))
     hdus.append(BinTableHDU.from_columns([
         Column("targetId", "I", array=np.arange(n, dtype=np.int16)),
         Column("metadata", "PA()", array=[_metadata_yaml(t, planes, kind) for t in targets]),
@@ -798,7 +874,7 @@ def write_pfs_object(out_dir: str | os.PathLike, target: PfsTarget, *, wave_rang
                                    header=thead, name="TARGET")
     sky = ImageHDU(r["sky"], header=fa_header.copy(), name="SKY")
     covar = ImageHDU(r["covar"], header=fa_header.copy(), name="COVAR")
-    covar2 = ImageHDU(_covar2(r["variance"]), name="COVAR2")
+    covar2 = ImageHDU(_covar2(r["covar"]), name="COVAR2")
     obs = _observations([target])
     obs_hdu = BinTableHDU.from_columns([
         Column("visit", "J", array=np.array(obs["visit"], np.int32)),

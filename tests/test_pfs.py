@@ -137,7 +137,7 @@ def test_noise_is_what_the_variance_says(survey):
     t = survey.targets[0]
     r = render_pfs_spectrum(t)
     ok = np.isfinite(r["flux"]) & np.isfinite(r["variance"]) & (r["variance"] > 0) & (r["mask"] == 0)
-    chi2 = (r["flux"].astype(np.float64) - r["model"]) ** 2 / r["variance"]
+    chi2 = (r["flux"].astype(np.float64) - r["model"]) ** 2 / np.where(ok, r["variance"], 1.0)
     from catalogpred.mock_pfs import PFS_WAVE_NM, _sky_model_njy
 
     cont, lines = _sky_model_njy(PFS_WAVE_NM, 1.0)
@@ -458,22 +458,35 @@ def test_resampled_variance_includes_input_covariance():
     assert np.median(f[:, ok].var(axis=0) * iv[0, ok]) == pytest.approx(1.0, abs=0.03)
 
 
+def _with_covar(path, out, rows_1_2):
+    """A copy of the pfsObject ``path`` at ``out`` whose COVAR rows 1 and 2 are ``rows_1_2(sd)`` (sd: the
+    standard deviation per pixel, 0 where row 0 is not a positive number); returns the COVAR written."""
+    with fits.open(path) as h:
+        c = h["COVAR"].data.astype(np.float64)
+        sd = np.sqrt(np.where(np.isfinite(c[0]) & (c[0] > 0), c[0], 0.0))
+        c[1], c[2] = rows_1_2(sd)
+        h["COVAR"].data = c.astype(np.float32)
+        h.writeto(out)
+    return c.astype(np.float32).astype(np.float64)
+
+
 def test_covar_off_diagonals_enter_the_variance_off_the_desi_pixels(survey, coadd, tmp_path):
     """Legacy 0.1 nm pfsObject: COVAR rows 1-2 change the resampled ivar as resample(covar=...) says; the
     pixel-aligned pfsCoadd: they change nothing."""
     from catalogpred.spectra import fnu_njy_to_flam17
 
     path = next(p for p in survey.paths if p.name.startswith("pfsObject"))
-    corr = tmp_path / path.name
-    with fits.open(path) as h:
-        c = h["COVAR"].data.astype(np.float64)
-        sd = np.sqrt(np.where(np.isfinite(c[0]) & (c[0] > 0), c[0], 0.0))
-        c[1, :-1] = 0.3 * sd[:-1] * sd[1:]
-        c[2, :-2] = 0.1 * sd[:-2] * sd[2:]
-        h["COVAR"].data = c.astype(np.float32)
-        h.writeto(corr)
-        c32 = h["COVAR"].data.astype(np.float64)
-    a, b = read_spectra(path), read_spectra(corr)
+    zero, corr = tmp_path / "zero" / path.name, tmp_path / "corr" / path.name
+    zero.parent.mkdir(), corr.parent.mkdir()
+    _with_covar(path, zero, lambda sd: (np.zeros_like(sd), np.zeros_like(sd)))
+
+    def banded(sd):
+        r1, r2 = np.zeros_like(sd), np.zeros_like(sd)
+        r1[:-1], r2[:-2] = 0.3 * sd[:-1] * sd[1:], 0.1 * sd[:-2] * sd[2:]
+        return r1, r2
+
+    c32 = _with_covar(path, corr, banded)
+    a, b = read_spectra(zero), read_spectra(corr)
     np.testing.assert_array_equal(a.flux, b.flux)
     ok = (a.ivar[0] > 0) & (b.ivar[0] > 0)
     ratio = a.ivar[0, ok] / b.ivar[0, ok]  # = var with / var without covariance
@@ -503,6 +516,60 @@ def test_covar_off_diagonals_enter_the_variance_off_the_desi_pixels(survey, coad
         assert np.abs(rows["row_1"][0]).max() > 0
         h.writeto(aligned)
     np.testing.assert_array_equal(read_spectra(coadd).ivar, read_spectra(aligned).ivar)
+
+
+def test_mock_noise_has_the_covariance_its_covar_says():
+    """The mock draws noise on each arm's native pixels and interpolates it onto the file's grid, as drp_stella
+    resamples arms: the empirical variance and lag-1, lag-2 covariances of many draws are COVAR's rows 0-2,
+    neighbours within an arm are correlated, and pixels across an arm boundary are not."""
+    from catalogpred.mock_pfs import ARMS_NM, arm_resampled_noise
+
+    w = np.arange(600.0, 700.0, 0.08)  # the b (to 650 nm) and r arms, on pfsCoadd's 0.08 nm steps
+    var = 1.0 + 0.5 * np.sin(w / 3.0) ** 2
+    rng = np.random.default_rng(3)
+    draws, bands = zip(*(arm_resampled_noise(w, var, rng) for _ in range(4000)))
+    d, band = np.array(draws), bands[0]
+    assert all(np.array_equal(b, band) for b in bands)  # the covariance is the grid's, not the draw's
+    assert np.mean(band[0] / var) == pytest.approx(1.0, abs=1e-3)  # the variance level asked for, on average
+    for lag in (0, 1, 2):
+        emp = (d[:, :d.shape[1] - lag] * d[:, lag:]).mean(axis=0)
+        err = (emp - band[lag, :d.shape[1] - lag]) / np.sqrt(band[0, :d.shape[1] - lag] * band[0, lag:])
+        assert np.abs(err).mean() < 0.03 and np.abs(err).max() < 0.15  # 1/sqrt(4000) = 0.016 per pixel
+    rho1 = band[1, :-1] / np.sqrt(band[0, :-1] * band[0, 1:])
+    blue = w[:-1] <= ARMS_NM["b"][1]
+    edge = blue & (w[1:] > ARMS_NM["b"][1])  # the last b pixel and the first r pixel
+    assert edge.sum() == 1 and rho1[edge][0] == 0.0
+    assert 0.1 < rho1[blue & ~edge].mean() < 0.5 and 0.1 < rho1[~blue].mean() < 0.5
+
+
+def test_reader_ivar_is_the_variance_of_the_files_correlated_noise(tmp_path):
+    """End to end through the reader: on legacy 0.1 nm pfsObject files, resampled onto the DESI grid, χ² per
+    pixel of (flux − the same file's noise-free flux) with the reader's ivar averages 1. Their COVAR rows 1-2
+    enter it: read without them, every pixel's variance is as small or smaller."""
+    from catalogpred.mock_pfs import datamodel_wavelength_nm, render_pfs_spectrum, write_pfs_object
+
+    chi2, chi2_without, ratios = [], [], []
+    for t in plan_pfs_targets(4, seed=21):
+        path = write_pfs_object(tmp_path / "noisy", t)
+        model = render_pfs_spectrum(t, datamodel_wavelength_nm(350.0, 1260.0, 9101))["model"]
+        clean, zero = tmp_path / "clean" / path.name, tmp_path / "zero" / path.name
+        clean.parent.mkdir(exist_ok=True), zero.parent.mkdir(exist_ok=True)
+        with fits.open(path) as h:
+            f = h["FLUX"].data
+            h["FLUX"].data = np.where(np.isfinite(f), model, f).astype(np.float32)  # same NaNs: same pixels good
+            h.writeto(clean)
+        _with_covar(path, zero, lambda sd: (np.zeros_like(sd), np.zeros_like(sd)))
+        a, b, c = read_spectra(path), read_spectra(clean), read_spectra(zero)
+        ok = (a.ivar[0] > 0) & (b.ivar[0] > 0)
+        np.testing.assert_array_equal(ok, (c.ivar[0] > 0) & (b.ivar[0] > 0))
+        resid = a.flux[0, ok].astype(np.float64) - b.flux[0, ok]
+        chi2.append(resid**2 * a.ivar[0, ok])
+        chi2_without.append(resid**2 * c.ivar[0, ok])
+        ratios.append(c.ivar[0, ok] / a.ivar[0, ok])
+    chi2, chi2_without, ratios = map(np.concatenate, (chi2, chi2_without, ratios))
+    assert chi2.size > 20000 and chi2.mean() == pytest.approx(1.0, abs=0.03)
+    assert ratios.min() > 1 - 1e-5 and ratios.max() > 1.05  # the covariances only add variance here
+    assert chi2_without.mean() > chi2.mean()
 
 
 def test_resample_rejects_bad_input():
