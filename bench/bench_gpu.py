@@ -841,8 +841,9 @@ def e2e_rows(dev: str, root: Path, bundle: str, stores: dict, size: dict, bare_r
                "value": rate, "unit": "spectra/s", "baseline": bare_rate,
                "ratio": rate / bare_rate if bare_rate else None,
                "note": f"{busy}; task-s read {s.seconds_read:.1f}, model {s.seconds_model:.1f}, write "
-                       f"{s.seconds_write:.1f}; wall {wall:.1f} s, merge {s.seconds_merge:.2f} s ({s.files_merged} "
-                       f"files into {s.leaves_merged} leaves), finalize {s.seconds_finalize:.2f} s; "
+                       f"{s.seconds_write:.1f}; wall {wall:.1f} s, merge after the last block {s.seconds_merge:.2f} s "
+                       f"({s.files_merged} files into {s.leaves_merged} leaves, {s.leaves_merged_early} of them "
+                       f"as their blocks finished), finalize {s.seconds_finalize:.2f} s; "
                        f"cluster start {t_cluster:.0f} s; "
                        f"reader alone {reader_rate:,.0f}/s per thread"
                        + (f"; warm-up run with compilation {t_warm:.0f} s" if compile == "yes" else "")

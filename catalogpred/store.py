@@ -61,6 +61,7 @@ __all__ = [
     "record_ingest",
     "ingest_history",
     "read_meta",
+    "shard_positions",
     "read_flux",
     "read_shard",
     "READ_ENGINES",
@@ -482,6 +483,25 @@ def read_meta(store_path, survey: str, columns: list[str] | None = None, shard: 
     data = _read_arrays(store_path, survey, [f"meta/{n}" for n in need], lo, hi)
     keep = shard_ok & ((data["meta/status"] != RowStatus.EMPTY) | include_empty)
     return _meta_table(data, names, keep, np.arange(lo, hi, dtype=np.int64))
+
+
+def shard_positions(store_path, survey: str, shards, rows_per_read: int = 1 << 20):
+    """``(shard, ra, dec)`` for each shard of ``shards``, in increasing order: float64 [n] deg (ICRS) of its OK rows
+    (those a predict block can write to the catalog). Reads about ``rows_per_read`` rows of the three columns at a
+    time, so any store fits in memory."""
+    g, layout = open_survey(store_path, survey)
+    S = layout.shard_rows
+    shards = np.unique(np.asarray(list(shards), dtype=np.int64))
+    per = max(1, rows_per_read // S)
+    for i in range(0, len(shards), per):
+        batch = shards[i:i + per]
+        lo = int(batch[0]) * S
+        data = _read_arrays(store_path, survey, ["meta/ra", "meta/dec", "meta/status"], lo, (int(batch[-1]) + 1) * S)
+        for shard in batch:
+            rows = slice(int(shard) * S - lo, (int(shard) + 1) * S - lo)
+            ok = data["meta/status"][rows] == RowStatus.OK
+            yield int(shard), np.asarray(data["meta/ra"][rows][ok], np.float64), \
+                np.asarray(data["meta/dec"][rows][ok], np.float64)
 
 
 #: per process, ``(abspath, survey, engine) -> (stamp, layout, meta names, arrays)``: the open arrays that

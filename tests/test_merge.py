@@ -270,6 +270,44 @@ def test_merge_leaves_runs_a_task_per_leaf_and_leaves_a_too_large_leaf_alone(unm
     assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
 
 
+def test_leaf_merger_merges_a_leaf_when_its_planned_blocks_are_done(tmp_path):
+    """pipeline.merge.LeafMerger on a real (in-process) Dask cluster, told of the finished blocks one at a time: a
+    leaf is merged once every block the plan names for it is done, with the part files of all finished blocks, and
+    the others wait. Leaves of the last block that the plan left out are merged without its part files, and
+    merge_leaves after the last block merges those into them. The catalog ends with one file per leaf and every row
+    once."""
+    from distributed import Client, LocalCluster
+
+    from catalogpred.pipeline import merge_leaves
+    from catalogpred.pipeline.merge import LeafMerger
+
+    path = tmp_path / "catalog"
+    blocks, kw = _build(path, "arrow")
+    before, parts = _rows(path), _parts(path)
+    plan = {b: set(map(int, parts[b])) for b in blocks}
+    late = blocks[-1]
+    assert plan[late] == set(range(48))  # every block has rows in every leaf of order 1
+    wrong = set(range(24, 48))
+    plan[late] -= wrong  # the plan misses half the leaves that the last block writes into
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        merger = LeafMerger(client, str(path), ORDER, plan, {})
+        for b in blocks[:-1]:
+            merger.block_done(b, parts[b])
+        first = merger.finish()
+        assert {p for p in range(48) if os.path.exists(cat.merged_path(path, ORDER, p))} == wrong
+        assert first["leaves"] == len(wrong) and first["files"] == len(wrong) * (len(blocks) - 1)
+        assert all(os.path.exists(_part(path, p, late)) for p in range(48))  # the last block's part files wait
+        merger.block_done(late, parts[late])
+        done = merger.finish()
+        assert done["leaves"] == 48 and done["rows"] == N_ROWS - sum(parts[late][str(p)] for p in wrong)
+        rest = merge_leaves(client, str(path), ORDER, blocks, progress=False)
+    assert rest["leaves"] == len(wrong) and rest["files"] == 2 * len(wrong)  # each: its merged file, the late part
+    assert all(files == [f"{leaf}.parquet"] for leaf, files in _files_by_leaf(path).items())
+    assert _rows(path).equals(before)
+    assert cat.finalize_catalog(path, **kw)["catalog_rows"] == N_ROWS
+
+
 def test_leaves_to_merge_and_finalize_take_a_path_spelled_any_way(unmerged, monkeypatch):
     """A relative catalog path with ``./`` or a trailing slash names the same files as the absolute one."""
     path, blocks, kw = unmerged

@@ -411,6 +411,35 @@ def test_predict_merges_each_leaf_into_one_file_and_no_merge_keeps_the_part_file
     assert_same_catalog(path, reference)
 
 
+def test_a_leaf_is_merged_as_soon_as_its_blocks_are_done(random_bundle, cluster_client, tmp_path, monkeypatch):
+    """With blocks on separate parts of the sky (a synthetic plate per shard), each leaf is merged as soon as the
+    blocks with rows in it are done, while other blocks run: no leaf is left for the merge after the last block.
+    The catalog is the one that --no-merge gives, in one file per leaf, with its counts in the run manifest."""
+    from catalogpred.pipeline.merge import block_leaves
+
+    monkeypatch.setattr(bench_pipeline, "PLATE_ROWS", SHARD_ROWS)  # every shard a plate of its own
+    store_path = str(tmp_path / "store.zarr")
+    bench_pipeline.write_synthetic_store(store_path, SHARD_ROWS * N_SHARDS, shard_rows=SHARD_ROWS, chunk_rows=4,
+                                         n_rejected=N_REJECTED)
+    kw = dict(client=cluster_client[1], progress=False, torch_threads=1, order=2)
+    kept = run_predict(store_path, random_bundle, str(tmp_path / "kept"), merge=False, **kw)
+    summary = run_predict(store_path, random_bundle, str(tmp_path / "merged"), **kw)
+    assert kept.leaves_merged_early == kept.leaves_merged == 0
+    leaves = _files_by_leaf(tmp_path / "merged")
+    assert len(leaves) > 2 and all(files == [f"{leaf}.parquet"] for leaf, files in leaves.items())
+    # the plan from the store's positions names the leaves each block wrote into (no row of this store is rejected
+    # at predict time)
+    plan = block_leaves(store_path, [("sdss", s) for s in range(N_SHARDS)], 2)
+    assert {b: set(map(int, d["pixels"])) for b, d in cat.read_block_done(tmp_path / "merged").items()} == plan
+    assert summary.leaves_merged == summary.leaves_merged_early == len(leaves)
+    assert summary.files_merged == sum(map(len, _files_by_leaf(tmp_path / "kept").values()))
+    merged = json.loads((tmp_path / "merged" / "run_manifest.json").read_text())["merged_leaves"]
+    assert merged["as_blocks_finished"]["leaves"] == merged["leaves"] == len(leaves)
+    assert merged["wall_seconds"] == summary.seconds_merge
+    assert_same_catalog(tmp_path / "merged", tmp_path / "kept")
+    assert "of them as their blocks finished" in summary.table()
+
+
 def test_a_run_stopped_before_its_merge_is_finished_by_the_next_and_not_by_no_merge(
         syn_store, random_bundle, cluster_client, reference, tmp_path, monkeypatch):
     """A run stopped after its blocks, before its merge, leaves Arrow part files. predict --no-merge refuses them
@@ -425,6 +454,7 @@ def test_a_run_stopped_before_its_merge_is_finished_by_the_next_and_not_by_no_me
         raise KeyboardInterrupt("stopped before the merge")
 
     monkeypatch.setattr(predict_mod, "merge_leaves", stopped)
+    monkeypatch.setattr(predict_mod, "plan_in_background", lambda *a: {})  # no leaf merged while the blocks run
     with pytest.raises(KeyboardInterrupt):
         run_predict(syn_store, random_bundle, path, **kw)
     monkeypatch.undo()

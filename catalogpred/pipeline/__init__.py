@@ -2,8 +2,9 @@
 
 - :mod:`.ingest`: :func:`run_ingest`, input files → store shards (one task per shard), then the duplicate-id
   check and the per-file row check.
-- :mod:`.predict`: :func:`run_predict`, store shards → catalog blocks (one task per shard), then each HEALPix
-  leaf's part files merged into one file (:func:`merge_leaves`, one task per leaf), then finalize.
+- :mod:`.predict`: :func:`run_predict`, store shards → catalog blocks (one task per shard), then finalize.
+- :mod:`.merge`: each HEALPix leaf's part files merged into one file, one task per leaf: as soon as the leaf's last
+  block is done (:class:`~.merge.LeafMerger`), and after the last block for what is left (:func:`merge_leaves`).
 - :mod:`.training`: :func:`training_table_from_store`, latents on the cluster joined to WISE photometry.
 - :mod:`.runner`: what they share: the bounded task window with its progress bar (:func:`run_bounded`).
 
@@ -15,8 +16,9 @@ store size.
 """
 from .ingest import (FITS_PATTERNS, IngestSummary, _FileRows, expand_inputs, missing_ranges, plan_pieces,  # noqa: F401
                      plan_ranges, run_ingest)
+from .merge import merge_leaves  # noqa: F401
 from .predict import (DEFAULT_BATCH, PredictPlan, PredictSummary, check_catalog_target, plan_predict,  # noqa: F401
-                      merge_leaves, predict_order, run_predict)
+                      predict_order, run_predict)
 from .runner import PipelineError, n_workers, run_bounded  # noqa: F401
 from .training import training_table_from_store  # noqa: F401
 

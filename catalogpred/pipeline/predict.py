@@ -1,6 +1,6 @@
-"""Predict on Dask: finished store shards → catalog blocks, one task per shard (:func:`run_predict`), then one
-task per HEALPix leaf that merges its part files into one file (:func:`merge_leaves`), then finalize (HATS
-metadata, accounting, run manifest).
+"""Predict on Dask: finished store shards → catalog blocks, one task per shard (:func:`run_predict`); one task per
+HEALPix leaf that merges its part files into one file, as soon as the leaf's last block is done and, for what is
+left, after the last block (:mod:`.merge`); then finalize (HATS metadata, accounting, run manifest).
 
 :func:`plan_predict` checks the bundles against the store and lists the blocks without a cluster
 (``predict --dry-run``). A catalog is resumed only by the run that made it (:func:`_check_resumable`); a block
@@ -24,7 +24,8 @@ from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch
                        resolve_compile, resolve_device, retire_unfit_workers, shared_path)
 from ..errors import CatalogError, ConfigError, RejectReason
 from ..surveys import column_docs
-from ..tasks import block_key, infer_block, merge_leaf, predict_block, read_block, write_block
+from ..tasks import block_key, infer_block, predict_block, read_block, write_block
+from .merge import LeafMerger, merge_leaves, plan_in_background
 from .runner import PipelineError, n_workers, reasons_lines, run_bounded, versions
 
 __all__ = ["run_predict", "plan_predict", "PredictPlan", "PredictSummary", "DEFAULT_BATCH", "check_catalog_target",
@@ -48,9 +49,10 @@ class PredictSummary:
     seconds_read: float = 0.0  #: task-seconds reading the store (metadata + flux)
     seconds_write: float = 0.0  #: task-seconds writing Parquet (part files, rejects, done markers)
     seconds_finalize: float = 0.0  #: wall seconds of finalize_catalog after the blocks (metadata, checks)
-    seconds_merge: float = 0.0  #: wall seconds merging leaves' part files after the blocks (merge_leaves)
+    seconds_merge: float = 0.0  #: wall seconds merging leaves' part files after the last block (merge_leaves)
     leaves_merged: int = 0  #: leaves whose part files were merged into one file
     files_merged: int = 0  #: files merged into those leaves' files
+    leaves_merged_early: int = 0  #: of leaves_merged, those merged as soon as their blocks finished (LeafMerger)
     order: int = 0
     blocks_failed: int = 0  #: blocks that failed on every retry: their spectra are predict_error rejects
     settings: dict = field(default_factory=dict)  #: device, precision, batch size, compile, ...
@@ -68,8 +70,8 @@ class PredictSummary:
                  *([f"  settings         {' '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
                  f"  time             {self.seconds:>9.1f} s ({rate:,.0f} rows/s; merge {self.seconds_merge:.2f} s, "
                  f"finalize {self.seconds_finalize:.2f} s)",
-                 *([f"  merged leaves    {self.leaves_merged:>9,d}   ({self.files_merged:,d} files into one file each)"]
-                   if self.leaves_merged else []),
+                 *([f"  merged leaves    {self.leaves_merged:>9,d}   ({self.files_merged:,d} files into one file each; "
+                    f"{self.leaves_merged_early:,d} of them as their blocks finished)"] if self.leaves_merged else []),
                  f"  task time        read {self.seconds_read:.1f} s, model {self.seconds_model:.1f} s, "
                  f"write {self.seconds_write:.1f} s (summed over tasks)"]
         return "\n".join(lines + reasons_lines(self.reasons))
@@ -259,8 +261,10 @@ def run_predict(store_path: str, bundle_path, catalog_path: str, *, client, over
     (:data:`~catalogpred.store.READ_ENGINES`) is what reads a shard's numeric arrays on the workers:
     TensorStore by default where it is installed, else zarr-python (same values).
 
-    ``merge`` (default True): after the last block, merge the part files of each HEALPix leaf (one per block that
-    has rows in it) into one file (:func:`merge_leaves`), so that a query opens one file per leaf. Without it a
+    ``merge`` (default True): merge the part files of each HEALPix leaf (one per block that has rows in it) into one
+    file, so that a query opens one file per leaf: as soon as the leaf's last block is done, while other blocks run
+    (:class:`~.merge.LeafMerger`; which blocks have rows in which leaf is read from the store's positions), and after
+    the last block for the leaves left (:func:`merge_leaves`). Without it a
     catalog of millions of rows holds tens of thousands of small files, and scanning it is tens of times slower
     (README, "One file per leaf").
 
@@ -362,23 +366,35 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     # part-file footers read as blocks finish, not all after the last one; merging the leaves replaces the part files
     # of most leaves, and finalize reads the merged files' footers instead
     footers = None if merge else cat.FooterReader(catalog_path, order)
+    # a leaf is merged as soon as the last block with rows in it is done (which blocks those are is read from the
+    # store's positions in a thread meanwhile); whatever is left is merged after the last block
+    merger = LeafMerger(client, catalog_path, order, plan_in_background(str(store_path), todo, order), done,
+                        resources=IO_RESOURCE if n_io else None) if merge and todo else None
 
     def block_done(key, summary):
         if footers is not None and summary.get("pixels"):
             footers.block_done(summary["block"], summary["pixels"])
+        if merger is not None:
+            merger.block_done(summary["block"], summary.get("pixels") or {})
 
     def visible(key, summary) -> str | None:
         """None if the block's done marker is there as this client sees the catalog (its worker shares it)."""
         marker = cat.block_done_path(catalog_path, summary["block"])
         return None if os.path.exists(marker) else f"its done marker {marker} is not there"
 
-    results, errors = run_bounded(client, predict_block, args,
-                                  {**kwargs, "read_engine": read_engine, "part_format": part_format}, desc="predict",
-                                  keys=keys, progress=progress, resources=resources, on_done=block_done,
-                                  verify=visible, checked_workers=checked,
-                                  on_new_workers=lambda addrs: retire_unfit_workers(client, addrs, shared),
-                                  tasks_per_worker=blocks_per_gpu if resources else 1,
-                                  submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
+    try:
+        results, errors = run_bounded(client, predict_block, args,
+                                      {**kwargs, "read_engine": read_engine, "part_format": part_format}, desc="predict",
+                                      keys=keys, progress=progress, resources=resources, on_done=block_done,
+                                      verify=visible, checked_workers=checked,
+                                      on_new_workers=lambda addrs: retire_unfit_workers(client, addrs, shared),
+                                      tasks_per_worker=blocks_per_gpu if resources else 1,
+                                      submit=submit_split if n_io else None, io_resources=IO_RESOURCE if n_io else None)
+    except BaseException:
+        if merger is not None:
+            merger.cancel()
+        raise
+    early = merger.finish() if merger is not None else {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0}
     if errors and not results and len(todo) > 1:
         raise PipelineError(f"all {len(todo)} prediction blocks failed (e.g. {next(iter(errors.values()))}); "
                             "re-run the same command to resume")
@@ -435,8 +451,11 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
         merged = merge_leaves(client, catalog_path, order, manifest["blocks"], progress=progress,
                               resources=IO_RESOURCE if n_io else None, checked_workers=checked, shared=shared)
         summary.seconds_merge = time.perf_counter() - t_merge
-        summary.leaves_merged, summary.files_merged = merged["leaves"], merged["files"]
-        manifest["merged_leaves"] = {**merged, "wall_seconds": summary.seconds_merge}
+        summary.leaves_merged = merged["leaves"] + early["leaves"]
+        summary.files_merged = merged["files"] + early["files"]
+        summary.leaves_merged_early = early["leaves"]
+        manifest["merged_leaves"] = {**{k: merged[k] + early.get(k, 0) for k in merged},
+                                     "wall_seconds": summary.seconds_merge, "as_blocks_finished": early}
     t_finalize = time.perf_counter()
     counts = cat.finalize_catalog(catalog_path, catalog_name=catalog_name or Path(catalog_path).name, order=order,
                                   blocks=manifest["blocks"], columns=columns, expected_inputs=inputs, manifest=manifest,
@@ -476,83 +495,6 @@ def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> N
     elif path.is_dir() and any(path.iterdir()) and not plan_file.exists():
         raise CatalogError(f"{catalog_path} exists and is not a catalogpred catalog (no {cat.RUN_DIR}/plan.json in "
                            "it); choose another --catalog (a new path or an empty directory)")
-
-
-#: rows above which a leaf is not merged (a merge task holds its leaf in memory about twice: 400 B per row of the
-#: demo catalog's 54 columns in Arrow, measured); ``choose_order`` aims at 20,000 rows per leaf on an all-sky spread
-MERGE_MAX_ROWS = 1_000_000
-
-
-def merge_leaves(client, catalog_path: str, order: int, blocks: list[str], *, progress=None,
-                 resources: dict | None = None, checked_workers=(), shared: list[str] | None = None,
-                 max_rows: int = MERGE_MAX_ROWS) -> dict:
-    """Merge the part files of every HEALPix leaf (at ``order``) into one Parquet file, one Dask task per leaf
-    (:func:`catalogpred.tasks.merge_leaf`), once the ``blocks`` are done (their done markers say which blocks have
-    rows in which leaf). Returns ``{"leaves", "files", "rows", "seconds", "rewritten"}``: the leaves merged, the
-    files merged into them, their rows, the task-seconds, and the Arrow part files of too-large leaves rewritten.
-
-    A block writes one part file per leaf it has rows in, so a run of tens of thousands of blocks leaves tens of
-    thousands of small files; merging them is the reduce step of hats-import, done here after the blocks so that
-    the blocks' writes stay independent and resumable. A leaf is merged atomically (its file is renamed into place,
-    then its part files are deleted), so a run stopped while merging is finished by the next one.
-
-    The blocks of a merging run write their part files as Arrow IPC files (``part_format="arrow"``, cheaper to
-    write and to read back than Parquet: :data:`catalogpred.catalog.PART_FORMATS`). A leaf of one part file is
-    written as its merged file too, so that every leaf of the catalog is one Parquet file named as hats names it
-    (``Npix=N.parquet``).
-
-    A leaf of more than ``max_rows`` rows keeps its part files (its Arrow ones each rewritten as Parquet), with a
-    warning that names the order that re-partitions the catalog (a catalog grown far beyond the rows its order was
-    chosen for). ``"rewritten"`` in the result counts those Arrow part files.
-
-    Raises :class:`PipelineError` if a leaf fails on every retry (its part files are kept: the catalog is left
-    unfinalized, and re-running the same command finishes it).
-    """
-    done = cat.read_block_done(catalog_path)
-    parts = {b: done[b]["pixels"] for b in blocks if done.get(b, {}).get("pixels")}
-    rows: dict[int, int] = {}
-    for pixels in parts.values():
-        for p, n in pixels.items():
-            rows[int(p)] = rows.get(int(p), 0) + int(n)
-    todo, too_large = [], []
-    for pixel, leaf_blocks in cat.leaves_to_merge(catalog_path, order, parts):
-        (todo if rows[pixel] <= max_rows else too_large).append((pixel, leaf_blocks))
-    # a too-large leaf of Parquet part files only is final as it is: no task
-    with_arrow = {p for p, _ in cat.leaves_to_merge(catalog_path, order, parts, part_format="arrow")} if too_large \
-        else set()
-    to_rewrite = [(pixel, b) for pixel, b in too_large if pixel in with_arrow]
-    if too_large:
-        log.warning("%d HEALPix leaves at order %d hold more than %s rows each (e.g. leaf %d: %s rows) and keep their "
-                    "part files: a merge holds its leaf in a worker's memory. predict --overwrite --order %d "
-                    "re-partitions the catalog into smaller leaves", len(too_large), order, f"{max_rows:,d}",
-                    too_large[0][0], f"{rows[too_large[0][0]]:,d}", order + 1)
-    if not todo and not to_rewrite:
-        return {"leaves": 0, "files": 0, "rows": 0, "seconds": 0.0, "rewritten": 0}
-    # a too-large leaf with Arrow part files: each rewritten as Parquet, one at a time
-    args = ([(catalog_path, order, pixel, leaf_blocks, True) for pixel, leaf_blocks in todo]
-            + [(catalog_path, order, pixel, leaf_blocks, False) for pixel, leaf_blocks in to_rewrite])
-    keys = [f"merge-{a[2]}-{os.urandom(4).hex()}" for a in args]
-
-    def visible(key, result) -> str | None:
-        """None if the leaf's file is there as this client sees the catalog (its worker shares it)."""
-        f = result.get("file")
-        return None if f is None or os.path.exists(f) else f"the merged leaf file {f} is not there"
-
-    on_new = (lambda addrs: retire_unfit_workers(client, addrs, shared)) if shared else None
-    # a merge is short (milliseconds to a second): every thread of a worker gets one, with as many queued behind
-    threads = max((int(w.get("nthreads") or 1) for w in client.scheduler_info()["workers"].values()), default=1)
-    results, errors = run_bounded(client, merge_leaf, args, {}, desc="merge leaves", keys=keys, progress=progress,
-                                  resources=resources, verify=visible, checked_workers=checked_workers,
-                                  on_new_workers=on_new, tasks_per_worker=threads)
-    if errors:
-        raise PipelineError(f"merging {len(errors)} of {len(args)} HEALPix leaves failed on every retry (e.g. "
-                            f"{next(iter(errors.values()))}); their part files are kept: re-run the same command "
-                            "to finish")
-    return {"leaves": sum(1 for r in results.values() if r["merged"]),
-            "files": sum(r["merged"] for r in results.values()),
-            "rows": sum(r["rows"] or 0 for r in results.values() if r["merged"]),
-            "seconds": sum(r["seconds"] for r in results.values()),
-            "rewritten": sum(r["rewritten"] for r in results.values())}
 
 
 def _earlier_settings(catalog_path) -> dict:
