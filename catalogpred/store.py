@@ -489,7 +489,7 @@ def shard_positions(store_path, survey: str, shards, rows_per_read: int = 1 << 2
     """``(shard, ra, dec)`` for each shard of ``shards``, in increasing order: float64 [n] deg (ICRS) of its OK rows
     (those a predict block can write to the catalog). Reads about ``rows_per_read`` rows of the three columns at a
     time, so any store fits in memory."""
-    g, layout = open_survey(store_path, survey)
+    _, layout = open_survey(store_path, survey)
     S = layout.shard_rows
     shards = np.unique(np.asarray(list(shards), dtype=np.int64))
     per = max(1, rows_per_read // S)

@@ -36,11 +36,10 @@ MERGE_MAX_ROWS = 1_000_000
 
 def block_leaves(store_path: str, blocks: list[tuple[str, int]], order: int) -> dict[str, set[int]]:
     """``{block key: HEALPix pixels (NESTED, at order)}``: the leaves each block of ``blocks`` ((survey, shard)) can
-    write rows into, from the positions of its OK rows in the store (deg, ICRS), computed as the block computes its
-    rows' ``_healpix_29`` (hats' ``radec2pix``, cdshealpix) and shifted to ``order``. A block writes into a subset of
-    them: rows it rejects (a NaN prediction) write nothing."""
-    from astropy.coordinates import Latitude, Longitude
-    from cdshealpix.nested import lonlat_to_healpix
+    write rows into, from the positions of its OK rows in the store (deg, ICRS), with the function the block computes
+    its rows' ``_healpix_29`` with (hats' ``compute_spatial_index``), shifted to ``order``. A block writes into a
+    subset of them: rows it rejects (a NaN prediction) write nothing."""
+    from hats.pixel_math.spatial_index import compute_spatial_index
 
     shift = 2 * (cat.SPATIAL_INDEX_ORDER - order)
     out: dict[str, set[int]] = {}
@@ -50,8 +49,7 @@ def block_leaves(store_path: str, blocks: list[tuple[str, int]], order: int) -> 
     for survey, shards in by_survey.items():
         for shard, ra, dec in store.shard_positions(store_path, survey, shards):
             ra, placed = check_positions(ra, dec)
-            h29 = lonlat_to_healpix(Longitude(ra[placed], unit="deg"), Latitude(dec[placed], unit="deg"),
-                                    cat.SPATIAL_INDEX_ORDER).astype(np.int64)
+            h29 = compute_spatial_index(ra[placed], dec[placed]).astype(np.int64)
             out[block_key(survey, shard)] = set(np.unique(h29 >> shift).tolist())
     return out
 
@@ -75,7 +73,7 @@ class LeafMerger:
         self.resources, self.max_rows = resources, max_rows
         self._plan = leaves
         self._leaves_of: dict[str, set[int]] | None = None
-        self._waiting: Counter = Counter()
+        self._waiting: Counter = Counter()  # leaf -> blocks of the plan not done yet (set once the plan is ready)
         self._pending: list[str] = []  # finished blocks not yet counted (the plan was not ready)
         self._leaf_blocks: dict[int, list[str]] = defaultdict(list)
         self._leaf_rows: Counter = Counter()
@@ -84,7 +82,6 @@ class LeafMerger:
                 self._add_rows(block, marker.get("pixels") or {})
         self._futures: dict = {}  # Dask key -> future, merges in flight
         self.results: list[dict] = []
-        self.failed: dict[str, str] = {}
 
     def _add_rows(self, block: str, pixels: dict) -> None:
         for pixel, n in pixels.items():
@@ -141,9 +138,8 @@ class LeafMerger:
             try:
                 self.results.append(fut.result())
             except Exception as exc:  # noqa: BLE001 - merge_leaves tries the leaf again after the last block
-                self.failed[key] = f"{type(exc).__name__}: {exc}"
-                log.warning("merging a leaf while the blocks ran failed (%s); it is merged after the last block",
-                            self.failed[key])
+                log.warning("merging a leaf while the blocks ran failed (%s: %s); it is merged after the last block",
+                            type(exc).__name__, exc)
             fut.release()
             del self._futures[key]
 
