@@ -323,16 +323,16 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
     them, ``t_compiled``; the worker RSS high-water mark after them, ``maxrss_compiled``). With ``fixed_cost``, predict once more on the
     finished catalog: every block is skipped, so the run is predict's fixed cost, set-up and finalize
     (``t_fixed``, ``t_finalize``)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from catalogpred.cluster import local_cpu_cluster
     from catalogpred.pipeline import run_predict
 
     st = root / f"{name}.zarr"
     write_synthetic_store(st, n_rows, shard_rows=size["shard_rows"], chunk_rows=size["chunk_rows"])
     flux = _flux_of(str(st)) if baselines else None
     runs, t_par, t_one, peak = [], [], [], {}
-    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with local_cpu_cluster(N_WORKERS, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False, overwrite=True,
                     compile="no")
         for _ in range(repeats):

@@ -35,7 +35,7 @@ __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
            "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
-           "retire_unfit_workers", "retire_workers", "worker_address"]
+           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "local_cpu_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ BLOCKS_PER_GPU = 2
 #: also decoding the shard and writing Parquet under one interpreter lock with its other blocks
 #: (measured on an H100: the model step was 37 ms of a block's 136 ms; that lock bounds a GPU worker).
 IO_RESOURCE = {"IO": 1}
+
+#: environment a CPU worker process starts with (on top of Dask's ``distributed.nanny.pre-spawn-environ``):
+#: one glibc malloc arena, so the worker's task thread allocates from the main heap, as a bare process
+#: does. A thread's own arena cannot hold a chunk over 64 MiB (glibc's ``HEAP_MAX_SIZE``), so every conv
+#: output of an encoder batch (128 MB at batch 64) would be a fresh ``mmap``, page-faulted in and unmapped
+#: again each batch. Measured (2 cores, one torch thread, 256 SDSS spectra, a predict worker's allocator
+#: settings): the encoder took 3.28-3.80 s in a thread against 3.24-3.41 s in the main thread with 615k
+#: against 414k page faults; with one arena 3.03-3.45 s against 3.14-3.36 s, 376k faults in both.
+#: Set before the process starts (glibc reads it once); a worker the nanny restarts gets it again.
+CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 
 
 def gpu_task_resources(blocks_per_gpu: int = BLOCKS_PER_GPU) -> dict:
@@ -199,7 +209,7 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
     >>> with dask_client(scheduler="tcp://10.0.0.5:8786", wait_workers=8) as client:  # doctest: +SKIP
     ...     run_predict("/shared/store.zarr", "/shared/model", "/shared/catalog", client=client)
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     check_scheduler_args(scheduler, scheduler_file)
     check_workers_per_gpu(workers_per_gpu, device=device, local=not (scheduler or scheduler_file))
@@ -223,8 +233,8 @@ def dask_client(n_workers: int | None = None, *, threads_per_worker: int = 1, sc
         n, threads_per_worker = len(cluster.workers) * workers_per_gpu, blocks_per_gpu
     else:
         n = n_workers or default_n_workers()
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=dashboard, memory_limit=memory_limit, silence_logs=logging.WARNING)
+        cluster = local_cpu_cluster(n, threads_per_worker=threads_per_worker, dashboard_address=dashboard,
+                                    memory_limit=memory_limit, silence_logs=logging.WARNING)
     client = Client(cluster)
     client.register_plugin(one_line_task_errors(), name="catalogpred-one-line-task-errors")
     if dashboard:
@@ -390,6 +400,19 @@ def share_gpus(cluster, client, workers_per_gpu: int) -> None:
     cluster.scale(len(cluster.worker_spec))  # starts the new specs (SpecCluster._correct_state)
     client.wait_for_workers(len(cluster.worker_spec))
     log.info("%d worker processes per GPU", workers_per_gpu)
+
+
+def local_cpu_cluster(n_workers: int, *, threads_per_worker: int = 1, **kwargs):
+    """A ``distributed.LocalCluster`` of ``n_workers`` worker processes started with :data:`CPU_WORKER_ENVIRON`
+    (``kwargs`` go to ``LocalCluster``; ``dashboard_address`` defaults to none). The local default of
+    :func:`dask_client`, and what the benchmarks time."""
+    import dask
+    from distributed import LocalCluster
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **CPU_WORKER_ENVIRON}
+    kwargs.setdefault("dashboard_address", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):  # read by each Nanny as it starts
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, **kwargs)
 
 
 def _local_cuda_cluster(n_workers: int | None, memory_limit, blocks_per_gpu: int = BLOCKS_PER_GPU,
