@@ -6,7 +6,8 @@
 Inputs are mock survey files (:mod:`catalogpred.mock`, :mod:`catalogpred.mock_survey`) written once
 into ``bench-output/ingest-{quick,full}/`` (reused while their parameters match; ``--rebuild``).
 Each measurement is a ``catalogpred.pipeline.run_ingest`` into a fresh store on a
-``LocalCluster(n_workers=2, threads_per_worker=1)``; the clock covers the whole call (input
+``catalogpred.cluster.local_cpu_cluster(2)`` (the local default: 2 single-threaded worker processes, one
+malloc arena each); the clock covers the whole call (input
 expansion, content detection, planning, every shard, the duplicate-id check). The cluster is started
 and warmed (one tiny ingest, so workers have imported catalogpred) before any clock starts. The full
 run times each ingest (and the baseline) twice and keeps the faster, since on a shared machine other
@@ -141,7 +142,9 @@ def _ingest(client, inputs: list[str], tmp: Path, name: str, repeats: int = 1) -
 
 def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
     """Build or reuse the inputs, start a 2-worker cluster, measure; rows for the shared bench table."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from catalogpred.cluster import local_cpu_cluster
 
     out = Path(out) if out is not None else REPO / "bench-output"
     dirs, build_s = build_inputs(out, quick, rebuild)
@@ -155,8 +158,7 @@ def run(quick: bool = False, *, out=None, rebuild: bool = False) -> list[dict]:
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=out))
     try:
-        with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with local_cpu_cluster(N_WORKERS, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             # warm-up (not timed): workers import catalogpred and open one file of each kind
             warm = [str(spec_files[0]), str(next(dirs["spplate"].glob("spPlate-*.fits"))),
                     str(next(dirs["desi"].rglob("coadd-*.fits")))]

@@ -1,4 +1,5 @@
-"""Pipeline overhead and worker memory of ``catalogpred predict`` on a 2-worker LocalCluster.
+"""Pipeline overhead and worker memory of ``catalogpred predict`` on a 2-worker LocalCluster (the local default,
+:func:`catalogpred.cluster.local_cpu_cluster`).
 
     python bench/bench_pipeline.py            # see SIZES["full"]
     python bench/bench_pipeline.py --quick    # smoke run (CI-sized)

@@ -389,8 +389,9 @@ def merge_rows(out: Path, quick: bool, repeats: int = 2) -> list[dict]:
     Positions are uniform on the sky in every block, so every block has rows in every leaf: the worst case. A
     survey's blocks, ingested in plate or tile order, each touch a few leaves, and leave fewer, larger part files.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from catalogpred.cluster import local_cpu_cluster
     from catalogpred.pipeline import merge_leaves
 
     n_rows, block_rows = MERGE_QUICK if quick else MERGE_FULL
@@ -413,8 +414,7 @@ def merge_rows(out: Path, quick: bool, repeats: int = 2) -> list[dict]:
 
     before = measure_layout()
     build_catalog(path, n_rows, block_rows=block_rows, vo_table=True, part_format="arrow", finalize=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with local_cpu_cluster(2) as cluster, Client(cluster) as client:
         client.run(lambda: None)  # the workers are up before the timer
         t0 = time.perf_counter()
         merged = merge_leaves(client, str(path), order, blocks, progress=False)

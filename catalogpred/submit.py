@@ -14,7 +14,9 @@ GPU jobs (``gpus_per_job=G``) start ``dask cuda worker`` (dask-cuda: one worker 
 visible GPU) with ``--resources GPU=1``, request the GPUs from the batch system
 (SLURM ``--gres=gpu:G``, PBS ``ngpus=G``), and split the job's cores and memory
 between the G workers. CPU jobs use jobqueue's default worker command
-(``python -m distributed.cli.dask_worker``, what ``dask worker`` runs).
+(``python -m distributed.cli.dask_worker``, what ``dask worker`` runs), and their job script
+exports :data:`catalogpred.cluster.CPU_WORKER_ENVIRON` (one malloc arena per worker process, as the
+local default) unless the prologue or ``--env`` sets it.
 
 Examples
 --------
@@ -210,6 +212,11 @@ def job_kwargs(system: str, *, cores: int | None = None, memory: str | None = No
         if not sep or not _ENV_NAME.match(name):
             raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
         prologue.append(f"export {name}={shlex.quote(value)}")
+    if not gpus_per_job:  # CPU workers start as the local default does (cluster.CPU_WORKER_ENVIRON)
+        from .cluster import CPU_WORKER_ENVIRON
+
+        prologue += [f"export {name}={shlex.quote(value)}" for name, value in CPU_WORKER_ENVIRON.items()
+                     if not any(re.search(rf"\b{name}=", line) for line in prologue)]
     kw["job_script_prologue"] = prologue
 
     extra_args = list(conf("worker-extra-args") or [])

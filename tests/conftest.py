@@ -46,11 +46,12 @@ def sdss_files() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def client():
-    """A real two-process LocalCluster, shared by the session."""
-    from distributed import Client, LocalCluster
+    """A real two-process LocalCluster (the one ``dask_client`` starts by default), shared by the session."""
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+    from catalogpred.cluster import local_cpu_cluster
+
+    cluster = local_cpu_cluster(2, silence_logs=logging.ERROR)
     c = Client(cluster)
     yield c
     c.close()

@@ -91,6 +91,7 @@ def test_slurm_gpu_job_script(capsys, tmp_path, no_batch_system):
     assert "--nthreads 8 " in worker and "--memory-limit 29.80GiB" in worker  # one GPU: the whole job
     assert "--nworkers" not in worker and "--nanny" not in worker  # dask cuda worker has neither
     assert "export FOO='bar baz'" in script.splitlines()
+    assert "MALLOC_ARENA_MAX" not in script  # GPU workers run several blocks in threads: not measured there
     if IN_VENV:
         assert f"source {sys.prefix}/bin/activate" in script.splitlines()
     assert script.index("export FOO") < script.index(worker)
@@ -107,7 +108,11 @@ def test_slurm_cpu_job_script(capsys, tmp_path, no_batch_system):
     assert worker.startswith(f"{sys.executable} -m distributed.cli.dask_worker tcp://<scheduler-address>:8786 ")
     assert "--nthreads 4 " in worker and "--nworkers 4" in worker and "--nanny" in worker
     assert "--memory-limit 14.90GiB" in worker and "--resources" not in worker
+    # CPU workers start as the local default does: one malloc arena (cluster.CPU_WORKER_ENVIRON), set before them
+    assert script.index("export MALLOC_ARENA_MAX=1\n") < script.index(worker)
     _bash_n(script, tmp_path)
+    own = _dry_run(capsys, "slurm", "--dry-run", "--jobs", "1", "--cores", "16", "--memory", "64GB", "--env", "MALLOC_ARENA_MAX=4")
+    assert "export MALLOC_ARENA_MAX=4" in own.splitlines() and "MALLOC_ARENA_MAX=1" not in own  # the user's wins
 
 
 def test_pbs_gpu_and_cpu_job_scripts(capsys, tmp_path, no_batch_system):

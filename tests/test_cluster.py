@@ -1,0 +1,55 @@
+"""The local CPU cluster that ``ingest`` and ``predict`` start by default (:func:`catalogpred.cluster.dask_client`)."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+
+def _malloc_heaps_after_a_task_allocates() -> tuple[str | None, int]:
+    """Run in a worker task (a thread of the worker process): allocate and free 128 MB, as an encoder batch
+    does, then count the malloc arenas glibc reports (``malloc_info``'s ``<heap nr=...>`` elements)."""
+    import numpy as np
+
+    a = np.ones(32 * 2**20, np.float32)  # 128 MB, touched
+    del a
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "malloc_info.xml")
+        fp = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        text = open(path).read()
+    return os.environ.get("MALLOC_ARENA_MAX"), len(re.findall(r"<heap nr=", text))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs Linux (/proc)")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_info"),
+                    reason="needs glibc (malloc_info)")
+def test_cpu_workers_allocate_from_one_malloc_arena_also_after_a_restart():
+    """A CPU worker's task thread allocates from the process's main heap, as a bare process does, and not from
+    an arena of its own, whose chunks over 64 MiB would be fresh mmaps each encoder batch. The nanny starts
+    the worker with ``MALLOC_ARENA_MAX=1`` (``CPU_WORKER_ENVIRON``) and starts a replacement with it too."""
+    from catalogpred.cluster import CPU_WORKER_ENVIRON, dask_client
+
+    assert CPU_WORKER_ENVIRON == {"MALLOC_ARENA_MAX": "1"}
+    # the check can tell: a thread of a process started without the setting gets an arena of its own
+    if b"MALLOC_ARENA_MAX=" not in open("/proc/self/environ", "rb").read():  # this process's environment at start
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(_malloc_heaps_after_a_task_allocates).result()[1] >= 2
+    with dask_client(1, memory_limit=None) as client:
+        before = client.submit(_malloc_heaps_after_a_task_allocates, pure=False).result()
+        pid = client.run(os.getpid)
+        client.restart()
+        assert client.run(os.getpid) != pid  # a new worker process
+        after = client.submit(_malloc_heaps_after_a_task_allocates, pure=False).result()
+    assert before == after == ("1", 1)
