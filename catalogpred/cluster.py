@@ -35,7 +35,7 @@ __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
            "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
-           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "local_cpu_cluster"]
+           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "LOCAL_CPU_CONFIG", "local_cpu_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,23 @@ IO_RESOURCE = {"IO": 1}
 #: against 414k page faults; with one arena 3.03-3.45 s against 3.14-3.36 s, 376k faults in both.
 #: Set before the process starts (glibc reads it once); a worker the nanny restarts gets it again.
 CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
+#: Dask's periodic housekeeping on the local CPU cluster, less often than Dask's defaults (in brackets), where
+#: the user's Dask config leaves them at those defaults. On a small machine every worker core is busy with a
+#: block, so whatever else wakes up takes its time from the blocks: idle, Dask's defaults cost 0.35-0.4 CPU-s
+#: per worker and 0.4-0.5 in the scheduler's process every 10 s (2 cores; 5-6 % of the machine), and in a
+#: 1,024-spectrum predict on 2 workers the scheduler's process alone used 0.6 CPU-s of the run's 8.6 s.
+#: None of these changes what a run computes: ``tick`` only times the event loop (for its "unresponsive"
+#: warnings), ``system-monitor`` samples CPU and memory for the dashboard, ``memory.monitor-interval`` is how
+#: often a worker compares its memory with its pause/terminate limits (a CPU block grows by ~0.25 GB per
+#: encoder batch of ~0.5 s), and work stealing balances queued tasks (predict keeps 2 per worker).
+LOCAL_CPU_CONFIG = {
+    "distributed.admin.tick.interval": "1s",  # [20ms]
+    "distributed.admin.system-monitor.interval": "2s",  # [500ms]
+    "distributed.worker.memory.monitor-interval": "500ms",  # [100ms]
+    "distributed.scheduler.work-stealing-interval": "500ms",  # [100ms]
+}
+#: ... and without a dashboard, nobody looks at the workers' statistical profiler (it samples every 10 ms)
+LOCAL_CPU_CONFIG_NO_DASHBOARD = {"distributed.worker.profile.enabled": False}
 
 
 def gpu_task_resources(blocks_per_gpu: int = BLOCKS_PER_GPU) -> dict:
@@ -404,14 +421,21 @@ def share_gpus(cluster, client, workers_per_gpu: int) -> None:
 
 def local_cpu_cluster(n_workers: int, *, threads_per_worker: int = 1, **kwargs):
     """A ``distributed.LocalCluster`` of ``n_workers`` worker processes started with :data:`CPU_WORKER_ENVIRON`
-    (``kwargs`` go to ``LocalCluster``; ``dashboard_address`` defaults to none). The local default of
+    and Dask's housekeeping at :data:`LOCAL_CPU_CONFIG` (``kwargs`` go to ``LocalCluster``;
+    ``dashboard_address`` defaults to none, and then the workers' profiler is off too). The local default of
     :func:`dask_client`, and what the benchmarks time."""
     import dask
     from distributed import LocalCluster
 
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **CPU_WORKER_ENVIRON}
     kwargs.setdefault("dashboard_address", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):  # read by each Nanny as it starts
+    config = {"distributed.nanny.pre-spawn-environ": {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+                                                      **CPU_WORKER_ENVIRON}}
+    defaults = dask.config.merge(*dask.config.defaults)
+    quiet = {**LOCAL_CPU_CONFIG, **({} if kwargs["dashboard_address"] else LOCAL_CPU_CONFIG_NO_DASHBOARD)}
+    for key, value in quiet.items():  # what the user's Dask config sets is theirs
+        if dask.config.get(key, None) == dask.config.get(key, None, config=defaults):
+            config[key] = value
+    with dask.config.set(config):  # read by the scheduler and each Nanny as they start; nannies pass it on
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, **kwargs)
 
 

@@ -53,3 +53,27 @@ def test_cpu_workers_allocate_from_one_malloc_arena_also_after_a_restart():
         assert client.run(os.getpid) != pid  # a new worker process
         after = client.submit(_malloc_heaps_after_a_task_allocates, pure=False).result()
     assert before == after == ("1", 1)
+
+
+def test_local_cpu_cluster_housekeeping_is_less_frequent_unless_the_user_configured_it():
+    """The scheduler and the workers run Dask's periodic housekeeping at ``LOCAL_CPU_CONFIG``; a value the user's
+    Dask config sets is kept; the workers' profiler is off without a dashboard and on with one."""
+    import dask
+    from distributed import Client
+
+    from catalogpred.cluster import LOCAL_CPU_CONFIG, local_cpu_cluster
+
+    keys = [*LOCAL_CPU_CONFIG, "distributed.worker.profile.enabled"]
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}):  # the user's own setting
+        with local_cpu_cluster(1) as cluster, Client(cluster) as client:
+            (seen,) = client.run(lambda: [dask.config.get(k) for k in keys]).values()
+            scheduler_tick_ms = cluster.scheduler.periodic_callbacks["tick"].callback_time
+    expected = {**LOCAL_CPU_CONFIG, "distributed.admin.tick.interval": "50ms", "distributed.worker.profile.enabled": False}
+    assert dict(zip(keys, seen)) == expected
+    assert scheduler_tick_ms == 50
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's config is as it was
+    with local_cpu_cluster(1, dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        (seen,) = client.run(lambda: [dask.config.get(k) for k in keys]).values()
+        scheduler_tick_ms = cluster.scheduler.periodic_callbacks["tick"].callback_time
+    assert dict(zip(keys, seen)) == {**LOCAL_CPU_CONFIG, "distributed.worker.profile.enabled": True}
+    assert scheduler_tick_ms == 1000
