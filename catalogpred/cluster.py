@@ -2,7 +2,8 @@
 
 The local default is a ``distributed.LocalCluster`` with one single-threaded worker
 process per core (torch gets its threads explicitly from the tasks, since Dask
-workers start with ``OMP_NUM_THREADS=1``). ``scheduler`` / ``scheduler_file``
+workers start with ``OMP_NUM_THREADS=1``), each with one malloc arena and less of Dask's
+periodic housekeeping (:func:`local_cpu_cluster`). ``scheduler`` / ``scheduler_file``
 connect to a cluster that already exists (SLURM, PBS, Kubernetes, …; see ``deploy/``
 and :mod:`catalogpred.submit`).
 
@@ -35,7 +36,8 @@ __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
            "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
-           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "LOCAL_CPU_CONFIG", "local_cpu_cluster"]
+           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "LOCAL_CPU_CONFIG",
+           "local_cpu_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 #: None of these changes what a run computes: ``tick`` only times the event loop (for its "unresponsive"
 #: warnings), ``system-monitor`` samples CPU and memory for the dashboard, ``memory.monitor-interval`` is how
 #: often a worker compares its memory with its pause/terminate limits (a CPU block grows by ~0.25 GB per
-#: encoder batch of ~0.5 s), and work stealing balances queued tasks (predict keeps 2 per worker).
+#: encoder batch of ~1 s), and work stealing balances queued tasks (predict keeps 2 per worker).
 LOCAL_CPU_CONFIG = {
     "distributed.admin.tick.interval": "1s",  # [20ms]
     "distributed.admin.system-monitor.interval": "2s",  # [500ms]
