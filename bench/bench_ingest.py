@@ -7,8 +7,8 @@ Inputs are mock survey files (:mod:`catalogpred.mock`, :mod:`catalogpred.mock_su
 into ``bench-output/ingest-{quick,full}/`` (reused while their parameters match; ``--rebuild``).
 Each measurement is a ``catalogpred.pipeline.run_ingest`` into a fresh store on a
 ``catalogpred.cluster.local_cpu_cluster(2)`` (the local default: 2 single-threaded worker processes, one
-malloc arena each); the clock covers the whole call (input
-expansion, content detection, planning, every shard, the duplicate-id check). The cluster is started
+malloc arena each); the clock covers the whole call (input expansion, content detection, planning, every
+shard, the duplicate-id check). The cluster is started
 and warmed (one tiny ingest, so workers have imported catalogpred) before any clock starts. The full
 run times each ingest (and the baseline) twice and keeps the faster, since on a shared machine other
 processes only ever slow a run down; it also reports a CPU-bound rate (rows per worker CPU-second,

@@ -28,8 +28,8 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
   the runs). The machine may be shared, so the pipeline run and both baselines are interleaved and
   repeated (best of ``REPEATS``). Each pipeline run gets a fresh cluster and a warm-up predict, and the
   baselines run once that cluster is closed: an idle Dask cluster's housekeeping takes CPU time from
-  whatever else runs on these 2 cores, and that is the pipeline's cost, not the baseline's. A second, load-independent figure comes from the pipeline run alone:
-  worker time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
+  whatever else runs on these 2 cores, and that is the pipeline's cost, not the baseline's. A second,
+  load-independent figure comes from the pipeline run alone: worker time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
 - **Compiled predict.** ``run_predict(compile="yes")`` on the same ``N_small`` rows against the eager
   ``run_predict`` above, after a warm-up run in which each worker compiles the encoder (its time is
   reported, not counted: a large run pays it once per worker).
@@ -336,7 +336,7 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
     st = root / f"{name}.zarr"
     write_synthetic_store(st, n_rows, shard_rows=size["shard_rows"], chunk_rows=size["chunk_rows"])
     flux = _flux_of(str(st)) if baselines else None
-    runs, t_par, t_one, peak, maxrss, comp = [], [], [], {}, 0, {}
+    runs, t_par, t_one, peak_sampled, maxrss, comp = [], [], [], 0, 0, {}
     for i in range(repeats):
         with local_cpu_cluster(N_WORKERS, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             run_predict(warm_store, bundle, str(root / f"{name}-warm-cat"), client=client, progress=False,
@@ -346,8 +346,7 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
                 summary = run_predict(str(st), bundle, str(root / f"{name}-cat"), client=client, progress=False,
                                       overwrite=True, compile="no")
                 runs.append((time.perf_counter() - t0, summary))
-            for addr, v in sampler.peak.items():
-                peak[f"{i}-{addr}"] = v
+            peak_sampled = max(peak_sampled, *sampler.peak.values())
             maxrss = max(maxrss, *_worker_maxrss(client).values())
             if i == repeats - 1:
                 comp = _after_the_last_repeat(client, st, bundle, root, name, warm_store, summary, repeats,
@@ -358,7 +357,7 @@ def predict_run(root: Path, bundle: str, n_rows: int, size: dict, name: str, war
     seconds, summary = min(runs, key=lambda r: r[0])
     assert summary.rows + summary.rejects == n_rows, summary.table()
     return {"store": str(st), "seconds": seconds, "rows": summary.rows, "blocks": summary.blocks,
-            "peak_sampled": max(peak.values()), "maxrss": maxrss, "seconds_model": summary.seconds_model,
+            "peak_sampled": peak_sampled, "maxrss": maxrss, "seconds_model": summary.seconds_model,
             "t_par": min(t_par) if t_par else None, "t_one": min(t_one) if t_one else None,
             "n_flux": len(flux) if flux is not None else None, **comp}
 

@@ -75,9 +75,9 @@ IO_RESOURCE = {"IO": 1}
 CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 #: Dask's periodic housekeeping on the local CPU cluster, less often than Dask's defaults (in brackets), where
 #: the user's Dask config leaves them at those defaults. On a small machine every worker core is busy with a
-#: block, so whatever else wakes up takes its time from the blocks: idle, Dask's defaults cost 0.35-0.4 CPU-s
-#: per worker and 0.4-0.5 in the scheduler's process every 10 s (2 cores; 5-6 % of the machine), and in a
-#: 1,024-spectrum predict on 2 workers the scheduler's process alone used 0.6 CPU-s of the run's 8.6 s.
+#: block, so whatever else wakes up takes its time from the blocks: idle, Dask's defaults cost 0.35-0.43 CPU-s
+#: per worker and 0.4-0.56 in the scheduler's process every 10 s (2 cores; 5-7 % of the machine), and in
+#: 1,024-spectrum predicts of 8.3-9.1 s on 2 workers the scheduler's process alone used 0.56-0.69 CPU-s.
 #: None of these changes what a run computes: ``tick`` only times the event loop (for its "unresponsive"
 #: warnings), ``system-monitor`` samples CPU and memory for the dashboard, ``memory.monitor-interval`` is how
 #: often a worker compares its memory with its pause/terminate limits (a CPU block grows by ~0.25 GB per

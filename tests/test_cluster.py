@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from catalogpred.tasks import _glibc
 
 
 def _malloc_heaps_after_a_task_allocates() -> tuple[str | None, int]:
@@ -18,7 +19,7 @@ def _malloc_heaps_after_a_task_allocates() -> tuple[str | None, int]:
 
     a = np.ones(32 * 2**20, np.float32)  # 128 MB, touched
     del a
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
     libc.fopen.restype = ctypes.c_void_p
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.fclose.argtypes = [ctypes.c_void_p]
@@ -33,8 +34,7 @@ def _malloc_heaps_after_a_task_allocates() -> tuple[str | None, int]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs Linux (/proc)")
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_info"),
-                    reason="needs glibc (malloc_info)")
+@pytest.mark.skipif(not hasattr(_glibc(), "malloc_info"), reason="needs glibc (malloc_info)")
 def test_cpu_workers_allocate_from_one_malloc_arena_also_after_a_restart():
     """A CPU worker's task thread allocates from the process's main heap, as a bare process does, and not from
     an arena of its own, whose chunks over 64 MiB would be fresh mmaps each encoder batch. The nanny starts

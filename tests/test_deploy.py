@@ -111,7 +111,8 @@ def test_slurm_cpu_job_script(capsys, tmp_path, no_batch_system):
     # CPU workers start as the local default does: one malloc arena (cluster.CPU_WORKER_ENVIRON), set before them
     assert script.index("export MALLOC_ARENA_MAX=1\n") < script.index(worker)
     _bash_n(script, tmp_path)
-    own = _dry_run(capsys, "slurm", "--dry-run", "--jobs", "1", "--cores", "16", "--memory", "64GB", "--env", "MALLOC_ARENA_MAX=4")
+    own = _dry_run(capsys, "slurm", "--dry-run", "--jobs", "1", "--cores", "16", "--memory", "64GB",
+                   "--env", "MALLOC_ARENA_MAX=4")
     assert "export MALLOC_ARENA_MAX=4" in own.splitlines() and "MALLOC_ARENA_MAX=1" not in own  # the user's wins
 
 
