@@ -22,6 +22,9 @@ paths must mean the same thing on the client and on every worker:
   join a running job (adaptive scaling, a replaced node) are checked as they come
   (:func:`retire_unfit_workers`), and a finished task whose outputs the client
   cannot see has its worker retired and runs again (``pipeline.run_bounded``).
+- Every task of a run is submitted through :func:`same_code`: it runs only on a worker
+  whose catalogpred code is the client's, so a worker that joins between two of the
+  run's checks cannot write part of a catalog with other code before it is retired.
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ import functools
 import logging
 import os
 
-from .errors import ConfigError
+from .errors import ConfigError, WorkerCodeError
 
 __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "default_torch_threads",
            "TASKS_IN_FLIGHT_PER_WORKER", "gpu_count", "resolve_device", "GPU_RESOURCE", "BLOCKS_PER_GPU",
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
            "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
-           "retire_unfit_workers", "retire_workers", "worker_address", "CPU_WORKER_ENVIRON", "LOCAL_CPU_CONFIG",
+           "retire_unfit_workers", "retire_workers", "worker_address", "same_code", "CPU_WORKER_ENVIRON",
+           "LOCAL_CPU_CONFIG",
            "local_cpu_cluster"]
 
 log = logging.getLogger(__name__)
@@ -616,6 +620,28 @@ def source_fingerprint() -> str:
 def _worker_fingerprint() -> str:
     """:func:`source_fingerprint` as the worker that runs this computes it (sent by reference, run there)."""
     return source_fingerprint()
+
+
+def same_code(fn):
+    """``fn`` as a Dask task that runs only where catalogpred's code is this process's: a callable for
+    ``client.submit`` that, in the worker, compares the worker's :func:`source_fingerprint` with this one and
+    raises :class:`~catalogpred.errors.WorkerCodeError` (with the worker's address) instead of calling ``fn``
+    where they differ. :func:`check_workers` checks the workers at the start of a run and
+    :func:`retire_unfit_workers` those that join at the run's recounts; this covers a worker that joins between
+    two recounts and is handed a task at once (the scheduler's queue, work stealing). The check costs one
+    string comparison per task (a worker computes its fingerprint once)."""
+    return functools.partial(_run_if_same_code, fn, source_fingerprint())
+
+
+def _run_if_same_code(fn, source: str, /, *args, **kwargs):
+    theirs = source_fingerprint()
+    if theirs != source:
+        addr = worker_address()
+        raise WorkerCodeError(f"Dask worker {addr} runs other catalogpred code than the client that submitted the task "
+                              f"{getattr(fn, '__name__', fn)} (source {theirs} against {source}); the task did not "
+                              "run there: install the same commit for client and workers (deploy/README.md, version "
+                              "table)", addr)
+    return fn(*args, **kwargs)
 
 
 def _write_token(directory: str) -> str | None:

@@ -20,6 +20,7 @@ __all__ = [
     "BundleError",
     "CatalogError",
     "ConfigError",
+    "WorkerCodeError",
     "RejectReason",
     "is_transient",
 ]
@@ -51,6 +52,18 @@ class CatalogError(CatalogpredError, OSError):
 
 class ConfigError(CatalogpredError, ValueError):
     """Arguments or configuration values that cannot work together."""
+
+
+class WorkerCodeError(ConfigError):
+    """A task reached a Dask worker that runs other catalogpred code than the client that submitted it, and did
+    not run there. ``worker`` is that worker's address (None outside a worker)."""
+
+    def __init__(self, message: str, worker: str | None = None):
+        super().__init__(message)
+        self.worker = worker
+
+    def __reduce__(self):  # pickled from the worker to the client with its address
+        return type(self), (str(self), self.worker)
 
 
 def is_transient(exc: BaseException) -> bool:

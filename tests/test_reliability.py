@@ -805,6 +805,93 @@ def test_run_bounded_stops_when_an_output_never_shows(cluster_client, monkeypatc
     assert looks.count(keys[0]) == runner.RESUBMITS + 1 and sorted(finished) == sorted(keys[1:])
 
 
+def _in_worker_writing(directory: str):
+    """A task for the runner: a file ``ran-<i>-<worker port>`` in ``directory``, and the worker's address (made
+    here, so that it travels by value also to a worker that cannot import this test module)."""
+    def task(i: int) -> dict:
+        from catalogpred.cluster import worker_address
+
+        addr = worker_address()
+        Path(directory, f"ran-{i}-{addr.rsplit(':', 1)[-1]}").write_text(addr)
+        return {"i": i, "worker": addr}
+
+    return task
+
+
+def test_a_task_does_not_run_on_a_worker_with_other_catalogpred_code(tmp_path, caplog):
+    """A `dask worker` that imports another copy of catalogpred (the same version, one file edited: another commit)
+    is the only worker when the run starts, and the run's checks have not seen it (it joined between two). Each
+    task that reaches it stops before it runs (``cluster.same_code``), the worker is retired, and the tasks run again
+    on a worker with this client's code, which joins once the other is gone: nothing ran on the other worker."""
+    import subprocess
+    import sys
+
+    from distributed import Client, LocalCluster
+
+    import catalogpred
+
+    alt = tmp_path / "alt"
+    shutil.copytree(Path(catalogpred.__file__).parent, alt / "catalogpred",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(alt / "catalogpred" / "store.py", "a") as f:
+        f.write("# another commit\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        other = subprocess.Popen(
+            [Path(sys.executable).parent / "dask", "worker", cluster.scheduler_address, "--nthreads", "1",
+             "--no-dashboard", "--name", "other-code", "--local-directory", tmp_path / "w"],
+            env={**os.environ, "PYTHONPATH": str(alt)}, stdout=open(tmp_path / "other.log", "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            client.wait_for_workers(1, timeout=90)
+            addr = next(iter(client.scheduler_info()["workers"]))
+            assert client.run(lambda: __import__("catalogpred").__file__)[addr].startswith(str(alt))
+
+            def then_a_fit_worker():  # once the other one is retired
+                if wait_for(lambda: addr not in client.scheduler_info()["workers"], 120):
+                    cluster.scale(1)
+
+            joins = threading.Thread(target=then_a_fit_worker, daemon=True)
+            joins.start()
+            with caplog.at_level(logging.ERROR, logger="catalogpred.pipeline.runner"):
+                results, errors = run_bounded(client, _in_worker_writing(str(out)), [(i,) for i in range(4)], {},
+                                              desc="t", keys=[f"code-{i}-{os.urandom(3).hex()}" for i in range(4)],
+                                              progress=False, checked_workers=[addr])
+            assert errors == {} and sorted(r["i"] for r in results.values()) == list(range(4))
+            assert addr not in {r["worker"] for r in results.values()}
+            assert wait_for(lambda: other.poll() is not None, 60)  # retired: its process ended
+        finally:
+            if other.poll() is None:
+                os.killpg(other.pid, signal.SIGKILL)
+                other.wait()
+    port = addr.rsplit(":", 1)[-1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"ran-{r['i']}-{r['worker'].rsplit(':', 1)[-1]}"
+                                                           for r in results.values())
+    assert not list(out.glob(f"ran-*-{port}"))  # nothing ran there
+    assert f"Dask worker {addr} runs other catalogpred code than the client" in caplog.text
+    assert "retiring that worker and running the task again" in caplog.text
+
+
+def _other_code_everywhere(i):
+    from catalogpred.errors import WorkerCodeError
+
+    raise WorkerCodeError("Dask worker (none) runs other catalogpred code than the client", None)
+
+
+def test_run_bounded_stops_when_a_task_finds_only_workers_with_other_code(cluster_client):
+    """A task that reaches a worker with other code on every one of its 1 + RESUBMITS submissions stops the run
+    with an error that says so; it is not an error of the task's data (no rejects)."""
+    from catalogpred.pipeline import runner
+
+    keys = [f"code-{i}-{os.urandom(3).hex()}" for i in range(2)]
+    with pytest.raises(PipelineError, match=rf"2 tasks reached only Dask workers with other catalogpred code than this "
+                                            rf"client, {runner.RESUBMITS + 1} times"):
+        run_bounded(cluster_client[1], _other_code_everywhere, [(i,) for i in range(2)], {}, desc="t", keys=keys,
+                    progress=False)
+
+
 def _allocate_and_report(n_bytes: int) -> int:
     """In a worker: touch ``n_bytes`` of memory, free it, and return the process's peak RSS."""
     from catalogpred.cluster import peak_rss_bytes

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from .. import runlock, store
-from ..cluster import check_workers, retire_unfit_workers, shared_path
+from ..cluster import check_workers, retire_unfit_workers, same_code, shared_path
 from ..errors import ConfigError, RejectReason
 from ..surveys import get_reader, readers, survey_from_name
 from ..tasks import detect_survey, ingest_shard
@@ -237,7 +237,8 @@ def _ingest(inputs: list[str], store_path: str, *, client, survey: str, shard_ro
     summary = IngestSummary(store=str(store_path))
     file_rejects: dict[str, str] = {}
     try:
-        detected = client.gather(client.map(detect_survey, paths, pure=False, batch_size=256, retries=2))
+        detected = client.gather(client.map(same_code(detect_survey), paths, key="detect_survey", pure=False,
+                                            batch_size=256, retries=2))
     except (OSError, MemoryError) as exc:  # the machine's errors (EIO, ...), raised after Dask's retries
         raise PipelineError(f"reading the inputs failed ({type(exc).__name__}: {exc}); nothing was ingested, "
                             "re-run the same command") from exc

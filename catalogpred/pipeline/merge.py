@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import catalog as cat
 from .. import store
-from ..cluster import retire_unfit_workers
+from ..cluster import retire_unfit_workers, same_code
 from ..spectra import check_positions
 from ..tasks import block_key, merge_leaf
 from .runner import PipelineError, run_bounded
@@ -124,8 +124,8 @@ class LeafMerger:
         if not blocks or self._leaf_rows[pixel] > self.max_rows:  # no rows after all; or left to merge_leaves
             return
         key = f"merge-{pixel}-{os.urandom(4).hex()}"
-        self._futures[key] = self.client.submit(merge_leaf, self.catalog_path, self.order, pixel, blocks, True,
-                                                key=key, retries=2, pure=False, resources=self.resources)
+        self._futures[key] = self.client.submit(same_code(merge_leaf), self.catalog_path, self.order, pixel, blocks,
+                                                True, key=key, retries=2, pure=False, resources=self.resources)
 
     def _collect(self, wait: bool) -> None:
         if wait and self._futures:

@@ -21,7 +21,7 @@ import numpy as np
 from .. import catalog as cat
 from .. import runlock, store
 from ..cluster import (BLOCKS_PER_GPU, IO_RESOURCE, check_workers, default_torch_threads, gpu_task_resources,
-                       resolve_compile, resolve_device, retire_unfit_workers, shared_path)
+                       resolve_compile, resolve_device, retire_unfit_workers, same_code, shared_path)
 from ..errors import CatalogError, ConfigError, RejectReason
 from ..surveys import column_docs
 from ..tasks import block_key, infer_block, predict_block, read_block, write_block
@@ -355,11 +355,12 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
         """A block as three tasks: read and write on I/O workers, the model where ``resources`` allow."""
         store_p, survey, shard, bundle_p, catalog_p, order_, columns_ = a
         io = dict(retries=2, pure=False, resources=IO_RESOURCE)
-        block = client.submit(read_block, store_p, survey, shard, device=device, engine=read_engine,
+        block = client.submit(same_code(read_block), store_p, survey, shard, device=device, engine=read_engine,
                               key=f"{key}-read", **io)
-        pred = client.submit(infer_block, block, bundle_p, **kwargs, key=f"{key}-model", retries=2, pure=False,
-                             resources=resources)
-        return client.submit(write_block, pred, catalog_p, order_, columns_, part_format=part_format, key=key, **io)
+        pred = client.submit(same_code(infer_block), block, bundle_p, **kwargs, key=f"{key}-model", retries=2,
+                             pure=False, resources=resources)
+        return client.submit(same_code(write_block), pred, catalog_p, order_, columns_, part_format=part_format,
+                             key=key, **io)
 
     # hats imports (and the VO table is built) while the blocks run rather than after them (set-up above is done)
     cat.import_finalize_deps_in_background(columns)

@@ -7,8 +7,8 @@ import sys
 import time
 
 from .. import __version__
-from ..cluster import TASKS_IN_FLIGHT_PER_WORKER, retire_workers
-from ..errors import CatalogError
+from ..cluster import TASKS_IN_FLIGHT_PER_WORKER, retire_workers, same_code
+from ..errors import CatalogError, WorkerCodeError
 
 __all__ = ["PipelineError", "run_bounded", "n_workers", "progress_bar", "progress_line", "duration_text", "reasons_lines",
            "versions"]
@@ -74,7 +74,8 @@ def _count(workers: dict, resources: dict | None) -> int:
     return sum(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers.values())
 
 
-#: times a task whose outputs the client cannot see (:func:`run_bounded`'s ``verify``) is submitted again
+#: times a task whose outputs the client cannot see (:func:`run_bounded`'s ``verify``), or that reached a worker
+#: with other catalogpred code, is submitted again
 RESUBMITS = 2
 
 
@@ -103,6 +104,10 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     names whoever holds the result, and retiring a worker moves its results to others (tried: it retired a
     shared worker in ``tests/test_remote_cluster.py``).
 
+    Every task runs through :func:`~catalogpred.cluster.same_code` (a ``submit`` must do the same): a task that
+    reaches a worker with other catalogpred code does not run there; that worker is retired and the task submitted
+    again, at most :data:`RESUBMITS` times, as above.
+
     ``progress``: True/False shows a progress bar or not; None shows it on a terminal, and elsewhere (a batch
     job's log) logs a :func:`progress_line` every :data:`PROGRESS_LOG_S` seconds instead.
     """
@@ -119,7 +124,19 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
     in_flight: dict[str, tuple] = {}  # Dask key -> (item key, args)
     tries: dict[str, int] = {}  # item key -> submissions so far
     unseen: dict[str, str] = {}  # item key -> why its outputs are not visible, after its last try
+    wrong_code: dict[str, str] = {}  # item key -> the error of its last try, on a worker with other code
     retired: set[str] = set()
+    task = same_code(fn)
+
+    def again(key, args, worker) -> bool:
+        """Retire ``worker`` (once) and queue the item again if it has tries left; False if it has none."""
+        if worker and worker not in retired:
+            retired.add(worker)
+            retire_workers(client, [worker])
+        if tries[key] > RESUBMITS:
+            return False
+        pending.append((key, args))
+        return True
 
     def recount():
         now = time.monotonic()
@@ -143,7 +160,7 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
             n = tries[key] = tries.get(key, 0) + 1
             dkey = key if n == 1 else f"{key}~{n}"  # a new Dask key: the finished first try may still be known
             ac.add(submit(dkey, args) if submit is not None
-                   else client.submit(fn, *args, **kwargs, key=dkey, retries=2, pure=False, resources=resources))
+                   else client.submit(task, *args, **kwargs, key=dkey, retries=2, pure=False, resources=resources))
             in_flight[dkey] = (key, args)
 
     ac = as_completed(loop=client.loop)  # not the default client's loop: a process may hold several clients
@@ -152,6 +169,12 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
         key, args = in_flight.pop(fut.key)
         try:
             res = fut.result()
+        except WorkerCodeError as exc:  # not the task's data: the worker's software
+            retry = tries[key] <= RESUBMITS
+            log.error("task %s: %s; %s", key, exc, "retiring that worker and running the task again" if retry
+                      else "giving up on the task")
+            if not again(key, args, exc.worker):
+                wrong_code[key] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
             if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
                 _lost_scheduler(client)
@@ -165,19 +188,14 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
                     on_done(key, res)
             else:
                 worker = res.get("worker") if isinstance(res, dict) else None
-                again = tries[key] <= RESUBMITS
                 log.error("task %s finished on Dask worker %s, but %s: that worker does not write where this client "
                           "reads (a node-local /tmp or scratch?); %s", key, worker or "(unknown)", problem,
-                          "retiring it and running the task again" if again else "giving up on the task")
-                if worker and worker not in retired:
-                    retired.add(worker)
-                    retire_workers(client, [worker])
-                if again:
-                    pending.append((key, args))
-                else:
+                          "retiring it and running the task again" if tries[key] <= RESUBMITS
+                          else "giving up on the task")
+                if not again(key, args, worker):
                     unseen[key] = f"{problem} (last on Dask worker {worker or '(unknown)'})"
         fut.release()
-        if key in results or key in errors or key in unseen:
+        if key in results or key in errors or key in unseen or key in wrong_code:
             bar.update(1)
             done += 1
         now = time.monotonic()
@@ -186,6 +204,12 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
             last_line = now
         fill(ac)
     bar.close()
+    if wrong_code:
+        key, why = next(iter(wrong_code.items()))
+        raise PipelineError(f"{len(wrong_code)} tasks reached only Dask workers with other catalogpred code than "
+                            f"this client, {RESUBMITS + 1} times (e.g. {key}: {why}); those workers are retired. "
+                            "Install the same commit for client and workers (deploy/README.md, version table); "
+                            "finished tasks are kept: re-run the same command to resume")
     if unseen:
         key, why = next(iter(unseen.items()))
         raise PipelineError(f"{len(unseen)} tasks finished {RESUBMITS + 1} times, but their outputs are not visible "

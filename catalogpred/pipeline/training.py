@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from .. import store
-from ..cluster import shared_path
+from ..cluster import same_code, shared_path
 from ..errors import ConfigError
 
 __all__ = ["training_table_from_store"]
@@ -95,7 +95,7 @@ def training_table_from_store(store_path: str, photometry_path: str, encoder_bun
         rows = grp["row"].to_numpy()
         for chunk in np.array_split(rows, max(1, len(rows) // 2048)):
             futures.append((grp.index[np.isin(rows, chunk)],
-                            client.submit(encode_rows, store_path, name, chunk, encoder_bundle, pure=False)))
+                            client.submit(same_code(encode_rows), store_path, name, chunk, encoder_bundle, pure=False)))
     latents = np.zeros((len(m), info.n_latent), np.float32)
     for index, fut in futures:
         latents[m.index.get_indexer(index)] = fut.result()
