@@ -805,6 +805,48 @@ def test_run_bounded_stops_when_an_output_never_shows(cluster_client, monkeypatc
     assert looks.count(keys[0]) == runner.RESUBMITS + 1 and sorted(finished) == sorted(keys[1:])
 
 
+def test_run_bounded_says_when_no_worker_is_left_and_goes_on_when_one_joins(monkeypatch, caplog):
+    """Every worker leaves mid-run (a batch job's walltime): the run logs that its tasks wait for a worker instead of
+    showing a progress bar that does not move, and completes once a worker joins."""
+    from distributed import Client, LocalCluster
+
+    from catalogpred.pipeline import runner
+
+    monkeypatch.setattr(runner, "WORKERLESS_LOG_S", 0.4)
+    said = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            if "no Dask worker has been connected for" in record.getMessage():
+                said.set()
+
+    seen = Seen()
+    logging.getLogger("catalogpred.pipeline.runner").addHandler(seen)
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+            def back_when_said():  # or after 30 s without the line, so that the test fails rather than hangs
+                said.wait(30)
+                cluster.scale(1)
+
+            def on_done(key, res):
+                if len(results_seen) == 0:
+                    cluster.scale(0)  # every worker leaves
+                    threading.Thread(target=back_when_said, daemon=True).start()
+                results_seen.append(key)
+
+            results_seen = []
+            with caplog.at_level(logging.WARNING, logger="catalogpred.pipeline.runner"):
+                results, errors = run_bounded(client, _slow_identity, [(i, 0.2) for i in range(6)], {}, desc="predict",
+                                              keys=[f"gone-{i}-{os.urandom(3).hex()}" for i in range(6)],
+                                              progress=False, on_done=on_done)
+    finally:
+        logging.getLogger("catalogpred.pipeline.runner").removeHandler(seen)
+    assert said.is_set() and not errors and sorted(r[0] for r in results.values()) == list(range(6))
+    line = next(r.getMessage() for r in caplog.records if "no Dask worker" in r.getMessage())
+    assert line.startswith("predict: no Dask worker has been connected for ") and " tasks wait for one" in line
+
+
 def _in_worker_writing(directory: str):
     """A task for the runner: a file ``ran-<i>-<worker port>`` in ``directory``, and the worker's address (made
     here, so that it travels by value also to a worker that cannot import this test module)."""

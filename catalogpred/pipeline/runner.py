@@ -2,8 +2,10 @@
 results and errors (:func:`run_bounded`), and the software versions a run manifest records."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 import time
 
 from .. import __version__
@@ -18,6 +20,11 @@ log = logging.getLogger(__name__)
 #: seconds between two progress lines in the log when the progress bar is off because stderr is not a
 #: terminal (a batch job's log file); ``--no-progress`` and ``-q`` turn the lines off too
 PROGRESS_LOG_S = 60.0
+
+
+#: seconds during which no connected worker can take the tasks of a run before :func:`run_bounded` says so in the
+#: log, and again after as many: the workers of a batch job end with its walltime, and the run waits for new ones
+WORKERLESS_LOG_S = 60.0
 
 
 class PipelineError(CatalogError):
@@ -164,45 +171,46 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
             in_flight[dkey] = (key, args)
 
     ac = as_completed(loop=client.loop)  # not the default client's loop: a process may hold several clients
-    fill(ac)
-    for fut in ac:
-        key, args = in_flight.pop(fut.key)
-        try:
-            res = fut.result()
-        except WorkerCodeError as exc:  # not the task's data: the worker's software
-            retry = tries[key] <= RESUBMITS
-            log.error("task %s: %s; %s", key, exc, "retiring that worker and running the task again" if retry
-                      else "giving up on the task")
-            if not again(key, args, exc.worker):
-                wrong_code[key] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
-            if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
-                _lost_scheduler(client)
-            errors[key] = f"{type(exc).__name__}: {exc}"
-            log.error("task %s failed: %s", key, errors[key])
-        else:
-            problem = _verified(verify, key, res) if verify is not None else None
-            if problem is None:
-                results[key] = res
-                if on_done is not None:
-                    on_done(key, res)
-            else:
-                worker = res.get("worker") if isinstance(res, dict) else None
-                log.error("task %s finished on Dask worker %s, but %s: that worker does not write where this client "
-                          "reads (a node-local /tmp or scratch?); %s", key, worker or "(unknown)", problem,
-                          "retiring it and running the task again" if tries[key] <= RESUBMITS
-                          else "giving up on the task")
-                if not again(key, args, worker):
-                    unseen[key] = f"{problem} (last on Dask worker {worker or '(unknown)'})"
-        fut.release()
-        if key in results or key in errors or key in unseen or key in wrong_code:
-            bar.update(1)
-            done += 1
-        now = time.monotonic()
-        if log_lines and now - last_line >= PROGRESS_LOG_S and done < len(arg_list):
-            log.info("%s", progress_line(desc, done, len(arg_list), now - started))
-            last_line = now
+    with _say_when_workerless(client, resources, desc, lambda: len(in_flight) + len(pending)):
         fill(ac)
+        for fut in ac:
+            key, args = in_flight.pop(fut.key)
+            try:
+                res = fut.result()
+            except WorkerCodeError as exc:  # not the task's data: the worker's software
+                retry = tries[key] <= RESUBMITS
+                log.error("task %s: %s; %s", key, exc, "retiring that worker and running the task again" if retry
+                          else "giving up on the task")
+                if not again(key, args, exc.worker):
+                    wrong_code[key] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
+                if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
+                    _lost_scheduler(client)
+                errors[key] = f"{type(exc).__name__}: {exc}"
+                log.error("task %s failed: %s", key, errors[key])
+            else:
+                problem = _verified(verify, key, res) if verify is not None else None
+                if problem is None:
+                    results[key] = res
+                    if on_done is not None:
+                        on_done(key, res)
+                else:
+                    worker = res.get("worker") if isinstance(res, dict) else None
+                    log.error("task %s finished on Dask worker %s, but %s: that worker does not write where this "
+                              "client reads (a node-local /tmp or scratch?); %s", key, worker or "(unknown)", problem,
+                              "retiring it and running the task again" if tries[key] <= RESUBMITS
+                              else "giving up on the task")
+                    if not again(key, args, worker):
+                        unseen[key] = f"{problem} (last on Dask worker {worker or '(unknown)'})"
+            fut.release()
+            if key in results or key in errors or key in unseen or key in wrong_code:
+                bar.update(1)
+                done += 1
+            now = time.monotonic()
+            if log_lines and now - last_line >= PROGRESS_LOG_S and done < len(arg_list):
+                log.info("%s", progress_line(desc, done, len(arg_list), now - started))
+                last_line = now
+            fill(ac)
     bar.close()
     if wrong_code:
         key, why = next(iter(wrong_code.items()))
@@ -217,6 +225,42 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
                             "every worker mounts the store and catalog at the same path (deploy/README.md); finished "
                             "tasks are kept: re-run the same command to resume")
     return results, errors
+
+
+@contextlib.contextmanager
+def _say_when_workerless(client, resources: dict | None, desc: str, waiting):
+    """While in the block, a thread logs a warning every :data:`WORKERLESS_LOG_S` seconds during which no connected
+    worker offers ``resources`` (any worker when None) and ``waiting()`` tasks wait: a run that waits for workers
+    says so instead of showing a progress bar that does not move."""
+    stop = threading.Event()
+
+    def watch():
+        since = None
+        while not stop.wait(min(5.0, WORKERLESS_LOG_S / 4)):
+            try:
+                n = _count(client.scheduler_info().get("workers", {}), resources)
+            except Exception:  # noqa: BLE001 - the scheduler is gone: the run's own loop reports that
+                return
+            now, n_waiting = time.monotonic(), waiting()
+            if n or not n_waiting:
+                since = None
+            elif since is None:
+                since = now
+            elif now - since >= WORKERLESS_LOG_S:
+                what = " offering " + ", ".join(f"{k}={v}" for k, v in resources.items()) if resources else ""
+                log.warning("%s: no Dask worker%s has been connected for %s; %d tasks wait for one. The run goes on "
+                            "when workers join (a batch job's workers end with its walltime: submit more); Ctrl-C "
+                            "stops it, finished work is kept and a re-run resumes", desc, what,
+                            duration_text(now - since), n_waiting)
+                since = now
+
+    thread = threading.Thread(target=watch, name="catalogpred-workerless", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 #: seconds :func:`_verified` waits before each new look at a finished task's missing output
