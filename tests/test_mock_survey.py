@@ -131,7 +131,7 @@ def test_desi_coadd_layout(desi):
 def test_desi_columns_match_the_real_files(desi):
     real_coadd, real_rr = DESI_DIR / "coadd-sv3-dark-26065.fits", DESI_DIR / "redrock-special-dark-27247.fits"
     if not real_coadd.exists() or not real_rr.exists():
-        pytest.skip(f"real DESI files not found at {DESI_DIR}")
+        pytest.skip(f"real DESI files not found at {DESI_DIR} (a fresh clone has no ../shared; CI does)")
     for hdu in ("FIBERMAP", "EXP_FIBERMAP", "SCORES"):
         real = fitsio.FITS(str(real_coadd))[hdu].get_rec_dtype()[0]
         mock = fitsio.FITS(str(desi.coadd_paths[0]))[hdu].get_rec_dtype()[0]
