@@ -40,8 +40,7 @@ __all__ = ["default_n_workers", "dask_client", "shared_path", "check_workers", "
            "gpu_task_resources", "COMPILE_AUTO_ROWS", "resolve_compile", "IO_RESOURCE", "add_io_workers",
            "share_gpus", "check_workers_per_gpu", "DEFAULT_DASHBOARD", "wait_for_workers", "worker_problems",
            "retire_unfit_workers", "retire_workers", "worker_address", "same_code", "CPU_WORKER_ENVIRON",
-           "LOCAL_CPU_CONFIG",
-           "local_cpu_cluster"]
+           "LOCAL_CPU_CONFIG", "local_cpu_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -637,10 +636,10 @@ def _run_if_same_code(fn, source: str, /, *args, **kwargs):
     theirs = source_fingerprint()
     if theirs != source:
         addr = worker_address()
-        raise WorkerCodeError(f"Dask worker {addr} runs other catalogpred code than the client that submitted the task "
-                              f"{getattr(fn, '__name__', fn)} (source {theirs} against {source}); the task did not "
-                              "run there: install the same commit for client and workers (deploy/README.md, version "
-                              "table)", addr)
+        raise WorkerCodeError(f"Dask worker {addr} runs other catalogpred code than the client that submitted the "
+                              f"task {getattr(fn, '__name__', fn)} (source {theirs} against {source}); the task did "
+                              "not run there: install the same commit for client and workers (deploy/README.md, "
+                              "version table)", addr)
     return fn(*args, **kwargs)
 
 
