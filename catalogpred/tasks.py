@@ -304,6 +304,30 @@ def _schema(columns: tuple) -> pa.Schema:
                                               "IVOA.VOTable-Parquet.content": cat.vo_table_xml(list(columns))})
 
 
+@functools.lru_cache(maxsize=4)
+def model_runtime(device: str) -> dict:
+    """What runs a block's model in this process, for the run manifest (``model_runtime``): the versions of the
+    packages whose arithmetic the predictions come from, torch's build included (``2.13.0+cpu``,
+    ``2.13.0+cu130``), and the device, ``"cpu: <model name>"`` or ``"cuda: <GPU name>"`` (bf16 results differ
+    in their rounding from one device to another). Often not the client's: GPU workers run a CUDA build of torch."""
+    import platform
+
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "device": f"{dev.type}: {name}"}
+
+
 def _set_torch_threads(n: int | None) -> None:
     import torch
 
@@ -323,9 +347,10 @@ def predict_block(store_path: str, survey: str, shard: int, bundle_path: str, ca
     ``read_engine``: as in :func:`~catalogpred.store.read_shard`; ``part_format``: as in :func:`write_block`.
 
     Returns ``{"block", "n_rows", "n_rejects", "pixels": {pixel: rows}, "seconds", "seconds_model",
-    "seconds_read", "seconds_write", "read_engine", "write_threads", "part_format"}``: wall time of the task, of
-    encoder + head (``infer``), of the Zarr reads (metadata and flux) and of the writes (part files, rejects,
-    done marker), the engine that read the shard, the threads that wrote its part files and their format.
+    "seconds_read", "seconds_write", "read_engine", "write_threads", "part_format", "worker", "runtime"}``: wall
+    time of the task, of encoder + head (``infer``), of the Zarr reads (metadata and flux) and of the writes (part
+    files, rejects, done marker), the engine that read the shard, the threads that wrote its part files and their
+    format, the worker, and what ran the model (:func:`model_runtime`, also in the done marker).
     """
     t0 = time.perf_counter()
     block = read_block(store_path, survey, shard, device=device, engine=read_engine)
@@ -355,7 +380,8 @@ def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch
                 device: str = "cpu", torch_threads: int | None = None, compile: bool = False) -> dict:
     """Stage 2: encoder and head on a :func:`read_block` result. Returns it without ``flux`` and with
     ``latents`` float32 [n_OK, S], ``mean``/``sigma`` float32 [n_OK, 4] Vega mag (None without a head),
-    ``ood`` float32 [n_OK] (or None), ``model_id``, ``ood_threshold`` and ``seconds_model``."""
+    ``ood`` float32 [n_OK] (or None), ``model_id``, ``ood_threshold``, ``seconds_model`` and ``runtime``
+    (:func:`model_runtime`; None when the block has no spectrum to predict)."""
     from .model.bundle import cached_model, infer
 
     _keep_freed_memory(TRIM_MIB[f"predict-{device.split(':')[0]}"])
@@ -363,7 +389,8 @@ def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch
     out = {k: v for k, v in block.items() if k != "flux"}
     meta, flux = block["meta"], block["flux"]
     ok = meta.column("status").to_numpy() == store.RowStatus.OK
-    out.update(latents=None, mean=None, sigma=None, ood=None, model_id=None, ood_threshold=None, seconds_model=0.0)
+    out.update(latents=None, mean=None, sigma=None, ood=None, model_id=None, ood_threshold=None, seconds_model=0.0,
+               runtime=None)
     if ok.any():
         model = cached_model(bundle_path, device)
         good = meta.filter(pa.array(ok))
@@ -375,6 +402,7 @@ def infer_block(block: dict, bundle_path: str, *, precision: str = "fp32", batch
         out["seconds_model"] = time.perf_counter() - tm
         out["model_id"] = model.info.model_id
         out["ood_threshold"] = model.info.ood["threshold"] if model.info.ood else None
+        out["runtime"] = model_runtime(device)
     return out
 
 
@@ -472,14 +500,16 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
     tw = time.perf_counter()
     cat.write_block_done(catalog_path, key, {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                                              "pixels": {str(k): v for k, v in pixels.items()},
-                                             "part_format": part_format}, rejects_table)
+                                             "part_format": part_format, "runtime": pred.get("runtime")},
+                        rejects_table)
     t_write += time.perf_counter() - tw
     now = time.perf_counter()
     dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
     summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
                "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
                "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine"),
-               "write_threads": write_threads, "part_format": part_format, "worker": worker_address()}
+               "write_threads": write_threads, "part_format": part_format, "worker": worker_address(),
+               "runtime": pred.get("runtime")}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary

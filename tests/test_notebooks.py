@@ -64,9 +64,17 @@ def test_commands_on_demo(demo, tmp_path, capsys):
     assert model["kind"] == "demo" and "not the published spender model" in model["card"]["summary"]
     assert set(model["card"]["metrics"]) == {"w1", "w2", "w3", "w4"}
     assert info["manifest"]["counts"]["rejects"] == 7 and 0 < info["area_deg2"]["moc"] < 100
+    import torch
+
+    (runtime,) = info["manifest"]["model_runtime"]  # what ran the model in the workers: here, this machine's CPU
+    assert runtime["torch"] == torch.__version__ and runtime["device"].startswith("cpu: ")
+    markers = [json.loads(f.read_text()) for f in (demo / "catalog" / "_run" / "blocks").glob("*.json")]
+    assert runtime["blocks"] == sum(1 for m in markers if m["runtime"]) >= 1
+    assert all(m["runtime"] == {k: v for k, v in runtime.items() if k != "blocks"} for m in markers if m["runtime"])
     assert main(["info", cat]) == 0
     out = capsys.readouterr().out
     assert "DEMO bundle" in out and "rejects by reason" in out and "sdss" in out
+    assert f"model ran on: {runtime['device']}; torch {torch.__version__}, " in out
     dest = tmp_path / "matched.vot"
     assert main(["crossmatch", cat, phot, "--radius", "1.5", "--columns", "source_id,plate,fiberid,w1_mag",
                  "-o", str(dest)]) == 0

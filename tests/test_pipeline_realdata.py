@@ -204,3 +204,8 @@ def test_killed_predict_resumes_to_identical_catalog(tmp_path, sdss_files, clien
     assert list(a["source_id"]) == list(b["source_id"])
     np.testing.assert_allclose(a["w1_mag"], b["w1_mag"], rtol=1e-6)
     assert pq.read_table(killed / "rejects.parquet").num_rows == 1
+    # what ran the model: the killed run's blocks (from their done markers) and the resumed run's, 13 with a spectrum
+    import torch
+
+    (runtime,) = json.loads((killed / "run_manifest.json").read_text())["model_runtime"]
+    assert runtime["blocks"] == 13 and runtime["torch"] == torch.__version__ and runtime["device"].startswith("cpu")

@@ -967,6 +967,32 @@ def test_worker_peak_rss_is_its_own_not_the_spawning_process(tmp_path):
     assert after > before + 250e6 and after < 800e6
 
 
+def test_the_manifest_counts_what_ran_the_model_of_every_block(caplog):
+    """``model_runtime`` of the run manifest: this run's blocks from their results, earlier runs' from their done
+    markers (one written before catalogpred recorded it: "not recorded"); no count for blocks without a spectrum to
+    predict or that failed; and a warning when the blocks ran on more than one setup."""
+    from catalogpred.pipeline.predict import _model_runtimes
+
+    cpu = {"python": "3.11.7", "numpy": "2.4.6", "torch": "2.13.0+cpu", "device": "cpu: Intel Xeon"}
+    gpu = {**cpu, "torch": "2.13.0+cu130", "device": "cuda: NVIDIA H100 80GB HBM3"}
+    done = {"b0": {"n_rows": 5, "runtime": cpu}, "b1": {"n_rows": 5, "runtime": cpu},
+            "b2": {"n_rows": 4},  # an older marker
+            "b3": {"n_rows": 0, "runtime": None},  # every spectrum of it rejected at ingest
+            "b4": {"n_rows": 0, "error": "RuntimeError: ..."}}  # failed last time, and again now
+    results = {"k5": {"block": "b5", "runtime": gpu}, "k6": {"block": "b6", "runtime": gpu},
+               "k7": {"block": "b7", "runtime": gpu}}
+    blocks = [f"b{i}" for i in range(8)]
+    with caplog.at_level(logging.WARNING, logger="catalogpred.pipeline.predict"):
+        got = _model_runtimes("cat", blocks, done, results)
+    assert got == [{**gpu, "blocks": 3}, {**cpu, "blocks": 2}, {"device": "not recorded", "blocks": 1}]
+    assert "the blocks of cat ran the model on 3 different software versions or devices" in caplog.text
+    assert "cuda: NVIDIA H100 80GB HBM3; torch 2.13.0+cu130, numpy 2.4.6, python 3.11.7 (3 blocks)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="catalogpred.pipeline.predict"):
+        assert _model_runtimes("cat", blocks[5:], done, results) == [{**gpu, "blocks": 3}]
+    assert not caplog.records
+
+
 def test_resume_refuses_another_store_a_recreated_one_and_other_columns(random_bundle, desi_bundle, cluster_client,
                                                                         tmp_path):
     """A catalog path resumes only the run that made it: not another store, not the same path re-created (each

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,7 +439,8 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                      # part-file writer threads per block on the workers (catalog.default_write_threads)
                      **({"write_threads": ",".join(map(str, sorted(writers)))} if writers else
                         {"write_threads": earlier["write_threads"]} if "write_threads" in earlier else {})},
-        "versions": versions(),
+        "versions": versions(),  # the client's; what ran the model on the workers is model_runtime
+        "model_runtime": _model_runtimes(catalog_path, [block_key(s, sh) for s, sh in blocks], done, results),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
         "blocks": [block_key(s, sh) for s, sh in blocks],
         "failed_blocks": failed,
@@ -496,6 +498,37 @@ def check_catalog_target(catalog_path, *, overwrite: bool = False, keep=()) -> N
     elif path.is_dir() and any(path.iterdir()) and not plan_file.exists():
         raise CatalogError(f"{catalog_path} exists and is not a catalogpred catalog (no {cat.RUN_DIR}/plan.json in "
                            "it); choose another --catalog (a new path or an empty directory)")
+
+
+def _model_runtimes(catalog_path: str, blocks: list[str], done: dict, results: dict) -> list[dict]:
+    """The run manifest's ``model_runtime``: each distinct :func:`~catalogpred.tasks.model_runtime` that ran the
+    model of the catalog's ``blocks``, with how many blocks it ran (most first). This run's blocks count from their
+    ``results``, earlier runs' from their done markers (``done``, read when this run started; one written before
+    catalogpred recorded it counts as ``{"device": "not recorded"}``). Blocks without a spectrum to predict, and
+    blocks that failed, do not count. Logs a warning when the blocks ran on more than one."""
+    ran = {r["block"]: r.get("runtime") for r in results.values()}
+    counts: Counter = Counter()
+    for b in blocks:
+        if b in ran:
+            runtime = ran[b]
+        elif b in done and not done[b].get("error"):
+            runtime = done[b].get("runtime", {"device": "not recorded"} if done[b].get("n_rows") else None)
+        else:
+            continue
+        if runtime:
+            counts[json.dumps(runtime, sort_keys=True)] += 1
+    runtimes = [{**json.loads(k), "blocks": n} for k, n in counts.most_common()]
+    if len(runtimes) > 1:
+        log.warning("the blocks of %s ran the model on %d different software versions or devices; their predictions "
+                    "may differ in floating-point rounding (run_manifest.json, model_runtime): %s", catalog_path,
+                    len(runtimes), "; ".join(_runtime_text(r) for r in runtimes))
+    return runtimes
+
+
+def _runtime_text(runtime: dict) -> str:
+    """``cuda: NVIDIA H100 80GB HBM3; torch 2.13.0+cu130, numpy 2.3.4, python 3.12.3 (12 blocks)``."""
+    libs = ", ".join(f"{k} {runtime[k]}" for k in ("torch", "numpy", "python") if k in runtime)
+    return f"{runtime.get('device', '?')}{'; ' + libs if libs else ''} ({runtime.get('blocks', 0)} blocks)"
 
 
 def _earlier_settings(catalog_path) -> dict:

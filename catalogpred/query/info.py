@@ -56,7 +56,7 @@ def catalog_info(path, *, moc_order: int = 8) -> dict:
                       "moc_cells": moc_cells},
         "models": models,
         "manifest": {k: manifest.get(k) for k in ("created", "catalogpred_run", "store", "surveys", "settings", "counts",
-                                                  "versions") if k in manifest},
+                                                  "versions", "model_runtime") if k in manifest},
         "magnitude_system": q.properties.get("catalogpred_magnitude_system", ""),
         "columns": columns,
     }
@@ -163,6 +163,10 @@ def format_info(info: dict, width: int = 70) -> str:
         settings = man.get("settings") or {}
         if settings:
             out.append("    settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        for rt in man.get("model_runtime") or []:  # what ran the model on the workers, per distinct setup
+            libs = ", ".join(f"{k} {rt[k]}" for k in ("torch", "numpy", "python") if k in rt)
+            out.append(f"    model ran on: {rt.get('device', '?')}{'; ' + libs if libs else ''} "
+                       f"({rt.get('blocks', 0):,d} blocks)")
     if info.get("magnitude_system"):
         out.append(f"  magnitudes {info['magnitude_system']}")
     out.append("  columns:")
