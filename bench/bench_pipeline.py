@@ -29,7 +29,8 @@ Measured, all in the same run, after a warm-up predict (workers import catalogpr
   repeated (best of ``REPEATS``). Each pipeline run gets a fresh cluster and a warm-up predict, and the
   baselines run once that cluster is closed: an idle Dask cluster's housekeeping takes CPU time from
   whatever else runs on these 2 cores, and that is the pipeline's cost, not the baseline's. A second,
-  load-independent figure comes from the pipeline run alone: worker time / time inside encoder + head − 1 (``seconds_model`` summed over tasks).
+  load-independent figure comes from the pipeline run alone: worker time / time inside encoder + head − 1
+  (``seconds_model`` summed over tasks).
 - **Compiled predict.** ``run_predict(compile="yes")`` on the same ``N_small`` rows against the eager
   ``run_predict`` above, after a warm-up run in which each worker compiles the encoder (its time is
   reported, not counted: a large run pays it once per worker).

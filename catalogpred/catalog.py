@@ -541,6 +541,13 @@ def read_block_done(catalog_path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(run.glob("*.json"))}
 
 
+def runtime_text(runtime: dict) -> str:
+    """One entry of a run manifest's ``model_runtime`` (what ran the model of some blocks) as text:
+    ``cuda: NVIDIA H100 80GB HBM3; torch 2.13.0+cu130, numpy 2.3.4, python 3.12.3 (12 blocks)``."""
+    libs = ", ".join(f"{k} {runtime[k]}" for k in ("torch", "numpy", "python") if k in runtime)
+    return f"{runtime.get('device', '?')}{'; ' + libs if libs else ''} ({runtime.get('blocks', 0):,d} blocks)"
+
+
 def _model_ids(manifest: dict) -> str:
     """Every model id of a run, comma-separated (the run manifest's ``models``, by survey; else its ``model``)."""
     ids = [m.get("model_id", "") for m in (manifest.get("models") or {}).values() if isinstance(m, dict)]

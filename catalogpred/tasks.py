@@ -497,19 +497,17 @@ def write_block(pred: dict, catalog_path: str, order: int, schema_columns: list,
         t_write = time.perf_counter() - tw
         n_rows = table.num_rows
     rejects_table = pa.concat_tables([t.cast(cat.REJECTS_SCHEMA) for t in rejects])
+    marker = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
+              "pixels": {str(k): v for k, v in pixels.items()}, "part_format": part_format,
+              "runtime": pred.get("runtime")}
     tw = time.perf_counter()
-    cat.write_block_done(catalog_path, key, {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
-                                             "pixels": {str(k): v for k, v in pixels.items()},
-                                             "part_format": part_format, "runtime": pred.get("runtime")},
-                        rejects_table)
+    cat.write_block_done(catalog_path, key, marker, rejects_table)
     t_write += time.perf_counter() - tw
     now = time.perf_counter()
     dt = now - started if started is not None else pred["seconds_read"] + pred["seconds_model"] + (now - t0)
-    summary = {"block": key, "n_rows": n_rows, "n_rejects": rejects_table.num_rows,
-               "pixels": {str(k): v for k, v in pixels.items()}, "seconds": dt, "seconds_model": pred["seconds_model"],
-               "seconds_read": pred["seconds_read"], "seconds_write": t_write, "read_engine": pred.get("read_engine"),
-               "write_threads": write_threads, "part_format": part_format, "worker": worker_address(),
-               "runtime": pred.get("runtime")}
+    summary = {**marker, "seconds": dt, "seconds_model": pred["seconds_model"], "seconds_read": pred["seconds_read"],
+               "seconds_write": t_write, "read_engine": pred.get("read_engine"), "write_threads": write_threads,
+               "worker": worker_address()}
     log.info("stage=predict block=%s rows=%d rejects=%d s=%.2f model_s=%.2f", key, n_rows, rejects_table.num_rows, dt,
              pred["seconds_model"])
     return summary

@@ -352,16 +352,17 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     keys = [f"predict-{block_key(s, sh)}-{os.urandom(4).hex()}" for s, sh in todo]
     n_io = n_workers(client, IO_RESOURCE)  # with I/O workers, a block is three tasks (submit_split)
 
+    read_task, infer_task, write_task = same_code(read_block), same_code(infer_block), same_code(write_block)
+
     def submit_split(key, a):
         """A block as three tasks: read and write on I/O workers, the model where ``resources`` allow."""
         store_p, survey, shard, bundle_p, catalog_p, order_, columns_ = a
         io = dict(retries=2, pure=False, resources=IO_RESOURCE)
-        block = client.submit(same_code(read_block), store_p, survey, shard, device=device, engine=read_engine,
+        block = client.submit(read_task, store_p, survey, shard, device=device, engine=read_engine,
                               key=f"{key}-read", **io)
-        pred = client.submit(same_code(infer_block), block, bundle_p, **kwargs, key=f"{key}-model", retries=2,
-                             pure=False, resources=resources)
-        return client.submit(same_code(write_block), pred, catalog_p, order_, columns_, part_format=part_format,
-                             key=key, **io)
+        pred = client.submit(infer_task, block, bundle_p, **kwargs, key=f"{key}-model", retries=2, pure=False,
+                             resources=resources)
+        return client.submit(write_task, pred, catalog_p, order_, columns_, part_format=part_format, key=key, **io)
 
     # hats imports (and the VO table is built) while the blocks run rather than after them (set-up above is done)
     cat.import_finalize_deps_in_background(columns)
@@ -414,6 +415,7 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
     summary.seconds_write = sum(r["seconds_write"] for r in results.values())
     writers = {r["write_threads"] for r in results.values() if r.get("write_threads")}
     earlier = _earlier_settings(catalog_path) if not results else {}
+    block_keys = [block_key(s, sh) for s, sh in blocks]
     manifest = {
         "catalogpred_run": "predict",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -440,9 +442,9 @@ def _predict(store_path: str, bundle_path, catalog_path: str, *, client, overwri
                      **({"write_threads": ",".join(map(str, sorted(writers)))} if writers else
                         {"write_threads": earlier["write_threads"]} if "write_threads" in earlier else {})},
         "versions": versions(),  # the client's; what ran the model on the workers is model_runtime
-        "model_runtime": _model_runtimes(catalog_path, [block_key(s, sh) for s, sh in blocks], done, results),
+        "model_runtime": _model_runtimes(catalog_path, block_keys, done, results),
         "ingest_runs": {name: store.ingest_history(store_path, name) for name in chosen},
-        "blocks": [block_key(s, sh) for s, sh in blocks],
+        "blocks": block_keys,
         "failed_blocks": failed,
         "units": {"w?_mag": "Vega mag (AllWISE w?mpro)", "norm": "1e-17 erg/s/cm2/Angstrom", "ra/dec": "deg ICRS"},
     }
@@ -521,14 +523,8 @@ def _model_runtimes(catalog_path: str, blocks: list[str], done: dict, results: d
     if len(runtimes) > 1:
         log.warning("the blocks of %s ran the model on %d different software versions or devices; their predictions "
                     "may differ in floating-point rounding (run_manifest.json, model_runtime): %s", catalog_path,
-                    len(runtimes), "; ".join(_runtime_text(r) for r in runtimes))
+                    len(runtimes), "; ".join(cat.runtime_text(r) for r in runtimes))
     return runtimes
-
-
-def _runtime_text(runtime: dict) -> str:
-    """``cuda: NVIDIA H100 80GB HBM3; torch 2.13.0+cu130, numpy 2.3.4, python 3.12.3 (12 blocks)``."""
-    libs = ", ".join(f"{k} {runtime[k]}" for k in ("torch", "numpy", "python") if k in runtime)
-    return f"{runtime.get('device', '?')}{'; ' + libs if libs else ''} ({runtime.get('blocks', 0)} blocks)"
 
 
 def _earlier_settings(catalog_path) -> dict:

@@ -178,10 +178,10 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
             try:
                 res = fut.result()
             except WorkerCodeError as exc:  # not the task's data: the worker's software
-                retry = tries[key] <= RESUBMITS
-                log.error("task %s: %s; %s", key, exc, "retiring that worker and running the task again" if retry
+                retried = again(key, args, exc.worker)
+                log.error("task %s: %s; %s", key, exc, "retiring that worker and running the task again" if retried
                           else "giving up on the task")
-                if not again(key, args, exc.worker):
+                if not retried:
                     wrong_code[key] = str(exc)
             except Exception as exc:  # noqa: BLE001 - a task failed on every retry: report, keep going
                 if client.status not in ("running", "newly-created"):  # not the task: the scheduler is gone
@@ -196,11 +196,11 @@ def run_bounded(client, fn, arg_list: list[tuple], kwargs: dict, *, desc: str, k
                         on_done(key, res)
                 else:
                     worker = res.get("worker") if isinstance(res, dict) else None
+                    retried = again(key, args, worker)
                     log.error("task %s finished on Dask worker %s, but %s: that worker does not write where this "
                               "client reads (a node-local /tmp or scratch?); %s", key, worker or "(unknown)", problem,
-                              "retiring it and running the task again" if tries[key] <= RESUBMITS
-                              else "giving up on the task")
-                    if not again(key, args, worker):
+                              "retiring it and running the task again" if retried else "giving up on the task")
+                    if not retried:
                         unseen[key] = f"{problem} (last on Dask worker {worker or '(unknown)'})"
             fut.release()
             if key in results or key in errors or key in unseen or key in wrong_code:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..catalog import SPATIAL_INDEX_ORDER
+from ..catalog import SPATIAL_INDEX_ORDER, runtime_text
 from .catalog_query import open_catalog
 from .convert import _field_meta
 from .regions import SKY_AREA_DEG2
@@ -164,9 +164,7 @@ def format_info(info: dict, width: int = 70) -> str:
         if settings:
             out.append("    settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         for rt in man.get("model_runtime") or []:  # what ran the model on the workers, per distinct setup
-            libs = ", ".join(f"{k} {rt[k]}" for k in ("torch", "numpy", "python") if k in rt)
-            out.append(f"    model ran on: {rt.get('device', '?')}{'; ' + libs if libs else ''} "
-                       f"({rt.get('blocks', 0):,d} blocks)")
+            out.append(f"    model ran on: {runtime_text(rt)}")
     if info.get("magnitude_system"):
         out.append(f"  magnitudes {info['magnitude_system']}")
     out.append("  columns:")
